@@ -6,13 +6,16 @@
 //! missing, record) → frames (polars) → render (tables, figures, Markdown, HTML).
 //! `data`, `models`, `train`, `methods` and `metrics` are what cells compute with.
 
+pub mod artifacts;
 pub mod cache;
+pub mod cli;
 pub mod data;
 pub mod exec;
 pub mod frames;
 pub mod methods;
 pub mod metrics;
 pub mod models;
+pub mod params;
 pub mod plan;
 pub mod render;
 pub mod rng;

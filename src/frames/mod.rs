@@ -1,1 +1,328 @@
-//! (in progress)
+//! Frames: every measured number of a report as polars DataFrames, written as parquet (exact,
+//! what re-rendering reads) and CSV (for people and other tools) beside the report.
+//!
+//! - `results`: one row per run and analysis epoch: experiment, run label, cell key, seed,
+//!   status, every resolved parameter, every metric (null where not measured);
+//! - `per_class`: one row per run, analysis epoch and class: training count, group, test
+//!   accuracy, classifier-row norm;
+//! - `objects`: the raw tensors kept per analysis epoch (safetensors in the store), by hash.
+//!
+//! Frames are built from cell records only; rendering reads frames only.
+
+use std::collections::BTreeMap;
+use std::fs::File;
+use std::path::{Path, PathBuf};
+
+use polars::prelude::*;
+
+use crate::cache::{CellStatus, Store, StoreError};
+use crate::exec::{read_output, CellOutcome, Execution};
+use crate::methods::supervised::RunRecord;
+use crate::params::{ParamValue, Params};
+use crate::plan::Plan;
+
+/// Errors of building, writing or reading frames.
+#[derive(Debug, thiserror::Error)]
+pub enum FrameError {
+    #[error("polars: {0}")]
+    Polars(#[from] PolarsError),
+    #[error("{path}: {source}")]
+    Io { path: PathBuf, source: std::io::Error },
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("cell {key}: {message}")]
+    Cell { key: String, message: String },
+    #[error("frame {path}: {message}")]
+    Shape { path: PathBuf, message: String },
+}
+
+/// One row of `results`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ResultRow {
+    pub experiment: String,
+    pub run: String,
+    pub key: String,
+    pub seed: u64,
+    pub status: String,
+    pub reason: Option<String>,
+    pub epoch: Option<i64>,
+    pub params: Params,
+    pub metrics: BTreeMap<String, Option<f64>>,
+}
+
+/// One row of `per_class`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ClassRow {
+    pub experiment: String,
+    pub run: String,
+    pub key: String,
+    pub epoch: i64,
+    pub class: i64,
+    pub train_count: i64,
+    pub group: String,
+    pub test_accuracy: Option<f64>,
+    pub classifier_norm: f64,
+}
+
+/// One row of `objects`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ObjectRow {
+    pub key: String,
+    pub epoch: i64,
+    pub name: String,
+    pub sha256: String,
+}
+
+/// Everything the renderer needs.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Frames {
+    pub results: Vec<ResultRow>,
+    pub per_class: Vec<ClassRow>,
+    pub objects: Vec<ObjectRow>,
+    /// Names of the parameter columns, sorted.
+    pub param_names: Vec<String>,
+    pub metric_names: Vec<String>,
+}
+
+/// Collect frames from the executed plan's training cells.
+pub fn collect(plan: &Plan, exec: &Execution, store: &dyn Store, metric_names: &[&str]) -> Result<Frames, FrameError> {
+    let mut f = Frames { metric_names: metric_names.iter().map(|s| s.to_string()).collect(), ..Default::default() };
+    let mut param_names: Vec<String> = plan.runs.first().map(|r| r.params.keys().cloned().collect()).unwrap_or_default();
+    param_names.sort();
+    f.param_names = param_names;
+    let mut seen_objects = std::collections::BTreeSet::new();
+    for run in &plan.runs {
+        let cell = &plan.cells[run.cell];
+        let outcome = &exec.outcomes[run.cell];
+        let base = |status: &str, reason: Option<String>, epoch: Option<i64>, metrics: BTreeMap<String, Option<f64>>| ResultRow {
+            experiment: run.experiment.clone(),
+            run: run.label.clone(),
+            key: cell.key.clone(),
+            seed: run.seed,
+            status: status.to_string(),
+            reason,
+            epoch,
+            params: run.params.clone(),
+            metrics,
+        };
+        let empty: BTreeMap<String, Option<f64>> = f.metric_names.iter().map(|m| (m.clone(), None)).collect();
+        let record = match outcome {
+            CellOutcome::Failed(reason) => {
+                f.results.push(base("error", Some(reason.clone()), None, empty));
+                continue;
+            }
+            CellOutcome::Cached(r) | CellOutcome::Ran(r) => r,
+        };
+        let Some(bytes) = read_output(store, record, "metrics.json")? else {
+            f.results.push(base("error", Some("metrics.json missing from the store".into()), None, empty));
+            continue;
+        };
+        let rr: RunRecord = serde_json::from_slice(&bytes).map_err(|e| FrameError::Cell { key: cell.key.clone(), message: format!("metrics.json: {e}") })?;
+        let status = if record.status == CellStatus::Failed { "failed" } else { "ok" };
+        if rr.epochs.is_empty() {
+            f.results.push(base(status, record.reason.clone(), None, empty.clone()));
+        }
+        for e in &rr.epochs {
+            let metrics = f.metric_names.iter().map(|m| (m.clone(), e.metrics.get(m).copied())).collect();
+            f.results.push(base(status, record.reason.clone(), Some(e.epoch as i64), metrics));
+            for c in &e.per_class {
+                f.per_class.push(ClassRow {
+                    experiment: run.experiment.clone(),
+                    run: run.label.clone(),
+                    key: cell.key.clone(),
+                    epoch: e.epoch as i64,
+                    class: c.class as i64,
+                    train_count: c.train_count as i64,
+                    group: c.group.clone(),
+                    test_accuracy: c.test_accuracy,
+                    classifier_norm: c.classifier_norm,
+                });
+            }
+            if seen_objects.insert((cell.key.clone(), e.epoch)) {
+                if let Some(h) = record.outputs.get(&e.analysis_object) {
+                    f.objects.push(ObjectRow { key: cell.key.clone(), epoch: e.epoch as i64, name: e.analysis_object.clone(), sha256: h.clone() });
+                }
+            }
+        }
+    }
+    Ok(f)
+}
+
+fn param_series(name: &str, values: &[&ParamValue]) -> Column {
+    let col = format!("param_{name}");
+    match values.first() {
+        Some(ParamValue::Float(_)) | Some(ParamValue::Int(_)) if values.iter().any(|v| matches!(v, ParamValue::Float(_))) => {
+            Column::new(col.into(), values.iter().map(|v| v.as_f64()).collect::<Vec<_>>())
+        }
+        Some(ParamValue::Int(_)) => Column::new(col.into(), values.iter().map(|v| v.as_i64()).collect::<Vec<_>>()),
+        Some(ParamValue::Bool(_)) => Column::new(col.into(), values.iter().map(|v| v.as_bool()).collect::<Vec<_>>()),
+        _ => Column::new(col.into(), values.iter().map(|v| v.as_str().map(String::from)).collect::<Vec<_>>()),
+    }
+}
+
+impl Frames {
+    /// The `results` frame.
+    pub fn results_frame(&self) -> Result<DataFrame, FrameError> {
+        let r = &self.results;
+        let mut cols = vec![
+            Column::new("experiment".into(), r.iter().map(|x| x.experiment.clone()).collect::<Vec<_>>()),
+            Column::new("run".into(), r.iter().map(|x| x.run.clone()).collect::<Vec<_>>()),
+            Column::new("key".into(), r.iter().map(|x| x.key.clone()).collect::<Vec<_>>()),
+            Column::new("seed".into(), r.iter().map(|x| x.seed as i64).collect::<Vec<_>>()),
+            Column::new("status".into(), r.iter().map(|x| x.status.clone()).collect::<Vec<_>>()),
+            Column::new("reason".into(), r.iter().map(|x| x.reason.clone()).collect::<Vec<_>>()),
+            Column::new("epoch".into(), r.iter().map(|x| x.epoch).collect::<Vec<_>>()),
+        ];
+        for p in &self.param_names {
+            let vals: Vec<&ParamValue> = r.iter().filter_map(|x| x.params.get(p)).collect();
+            if vals.len() == r.len() {
+                cols.push(param_series(p, &vals));
+            }
+        }
+        for m in &self.metric_names {
+            cols.push(Column::new(m.as_str().into(), r.iter().map(|x| x.metrics.get(m).copied().flatten()).collect::<Vec<_>>()));
+        }
+        Ok(DataFrame::new_infer_height(cols)?)
+    }
+
+    pub fn per_class_frame(&self) -> Result<DataFrame, FrameError> {
+        let r = &self.per_class;
+        Ok(DataFrame::new_infer_height(vec![
+            Column::new("experiment".into(), r.iter().map(|x| x.experiment.clone()).collect::<Vec<_>>()),
+            Column::new("run".into(), r.iter().map(|x| x.run.clone()).collect::<Vec<_>>()),
+            Column::new("key".into(), r.iter().map(|x| x.key.clone()).collect::<Vec<_>>()),
+            Column::new("epoch".into(), r.iter().map(|x| x.epoch).collect::<Vec<_>>()),
+            Column::new("class".into(), r.iter().map(|x| x.class).collect::<Vec<_>>()),
+            Column::new("train_count".into(), r.iter().map(|x| x.train_count).collect::<Vec<_>>()),
+            Column::new("group".into(), r.iter().map(|x| x.group.clone()).collect::<Vec<_>>()),
+            Column::new("test_accuracy".into(), r.iter().map(|x| x.test_accuracy).collect::<Vec<_>>()),
+            Column::new("classifier_norm".into(), r.iter().map(|x| x.classifier_norm).collect::<Vec<_>>()),
+        ])?)
+    }
+
+    pub fn objects_frame(&self) -> Result<DataFrame, FrameError> {
+        let r = &self.objects;
+        Ok(DataFrame::new_infer_height(vec![
+            Column::new("key".into(), r.iter().map(|x| x.key.clone()).collect::<Vec<_>>()),
+            Column::new("epoch".into(), r.iter().map(|x| x.epoch).collect::<Vec<_>>()),
+            Column::new("name".into(), r.iter().map(|x| x.name.clone()).collect::<Vec<_>>()),
+            Column::new("sha256".into(), r.iter().map(|x| x.sha256.clone()).collect::<Vec<_>>()),
+        ])?)
+    }
+
+    /// Write the three frames as parquet and CSV into `dir`; returns the paths written.
+    pub fn write(&self, dir: &Path) -> Result<Vec<PathBuf>, FrameError> {
+        std::fs::create_dir_all(dir).map_err(|source| FrameError::Io { path: dir.to_path_buf(), source })?;
+        let mut out = Vec::new();
+        for (name, mut df) in [("results", self.results_frame()?), ("per_class", self.per_class_frame()?), ("objects", self.objects_frame()?)] {
+            let pq = dir.join(format!("{name}.parquet"));
+            let file = File::create(&pq).map_err(|source| FrameError::Io { path: pq.clone(), source })?;
+            ParquetWriter::new(file).finish(&mut df)?;
+            out.push(pq);
+            let csv = dir.join(format!("{name}.csv"));
+            let mut file = File::create(&csv).map_err(|source| FrameError::Io { path: csv.clone(), source })?;
+            CsvWriter::new(&mut file).include_header(true).finish(&mut df)?;
+            out.push(csv);
+        }
+        Ok(out)
+    }
+
+    /// Read frames back from the parquet files in `dir` (what re-rendering uses).
+    pub fn read(dir: &Path, metric_names: &[&str]) -> Result<Frames, FrameError> {
+        let read = |name: &str| -> Result<DataFrame, FrameError> {
+            let p = dir.join(format!("{name}.parquet"));
+            let file = File::open(&p).map_err(|source| FrameError::Io { path: p.clone(), source })?;
+            Ok(ParquetReader::new(file).finish()?)
+        };
+        let res = read("results")?;
+        let pc = read("per_class")?;
+        let ob = read("objects")?;
+        let p = dir.join("results.parquet");
+        let shape = |m: String| FrameError::Shape { path: p.clone(), message: m };
+        let strs = |df: &DataFrame, c: &str| -> Result<Vec<Option<String>>, FrameError> {
+            Ok(df.column(c)?.str()?.into_iter().map(|o| o.map(String::from)).collect())
+        };
+        let ints = |df: &DataFrame, c: &str| -> Result<Vec<Option<i64>>, FrameError> { Ok(df.column(c)?.i64()?.into_iter().collect()) };
+        let floats = |df: &DataFrame, c: &str| -> Result<Vec<Option<f64>>, FrameError> { Ok(df.column(c)?.f64()?.into_iter().collect()) };
+
+        let mut frames = Frames { metric_names: metric_names.iter().map(|s| s.to_string()).collect(), ..Default::default() };
+        let n = res.height();
+        let (exp, run, key, status, reason) = (strs(&res, "experiment")?, strs(&res, "run")?, strs(&res, "key")?, strs(&res, "status")?, strs(&res, "reason")?);
+        let (seed, epoch) = (ints(&res, "seed")?, ints(&res, "epoch")?);
+        let mut params: Vec<Params> = vec![Params::new(); n];
+        for col in res.get_columns() {
+            let Some(pname) = col.name().as_str().strip_prefix("param_") else { continue };
+            frames.param_names.push(pname.to_string());
+            match col.dtype() {
+                DataType::Float64 => {
+                    for (i, v) in col.f64()?.into_iter().enumerate() {
+                        if let Some(v) = v {
+                            params[i].insert(pname.to_string(), ParamValue::Float(v));
+                        }
+                    }
+                }
+                DataType::Int64 => {
+                    for (i, v) in col.i64()?.into_iter().enumerate() {
+                        if let Some(v) = v {
+                            params[i].insert(pname.to_string(), ParamValue::Int(v));
+                        }
+                    }
+                }
+                DataType::Boolean => {
+                    for (i, v) in col.bool()?.into_iter().enumerate() {
+                        if let Some(v) = v {
+                            params[i].insert(pname.to_string(), ParamValue::Bool(v));
+                        }
+                    }
+                }
+                _ => {
+                    for (i, v) in col.str()?.into_iter().enumerate() {
+                        if let Some(v) = v {
+                            params[i].insert(pname.to_string(), ParamValue::Str(v.to_string()));
+                        }
+                    }
+                }
+            }
+        }
+        let mut metric_cols = BTreeMap::new();
+        for m in &frames.metric_names {
+            metric_cols.insert(m.clone(), floats(&res, m)?);
+        }
+        for i in 0..n {
+            let get = |v: &Vec<Option<String>>, what: &str| v[i].clone().ok_or_else(|| shape(format!("row {i}: `{what}` is null")));
+            frames.results.push(ResultRow {
+                experiment: get(&exp, "experiment")?,
+                run: get(&run, "run")?,
+                key: get(&key, "key")?,
+                seed: seed[i].unwrap_or(0).max(0) as u64,
+                status: get(&status, "status")?,
+                reason: reason[i].clone(),
+                epoch: epoch[i],
+                params: std::mem::take(&mut params[i]),
+                metrics: metric_cols.iter().map(|(m, v)| (m.clone(), v[i])).collect(),
+            });
+        }
+        let (e, r, k, g) = (strs(&pc, "experiment")?, strs(&pc, "run")?, strs(&pc, "key")?, strs(&pc, "group")?);
+        let (ep, cl, tc) = (ints(&pc, "epoch")?, ints(&pc, "class")?, ints(&pc, "train_count")?);
+        let (ta, cn) = (floats(&pc, "test_accuracy")?, floats(&pc, "classifier_norm")?);
+        for i in 0..pc.height() {
+            frames.per_class.push(ClassRow {
+                experiment: e[i].clone().unwrap_or_default(),
+                run: r[i].clone().unwrap_or_default(),
+                key: k[i].clone().unwrap_or_default(),
+                epoch: ep[i].unwrap_or(0),
+                class: cl[i].unwrap_or(0),
+                train_count: tc[i].unwrap_or(0),
+                group: g[i].clone().unwrap_or_default(),
+                test_accuracy: ta[i],
+                classifier_norm: cn[i].unwrap_or(f64::NAN),
+            });
+        }
+        let (k, nm, h) = (strs(&ob, "key")?, strs(&ob, "name")?, strs(&ob, "sha256")?);
+        let ep = ints(&ob, "epoch")?;
+        for i in 0..ob.height() {
+            frames.objects.push(ObjectRow { key: k[i].clone().unwrap_or_default(), epoch: ep[i].unwrap_or(0), name: nm[i].clone().unwrap_or_default(), sha256: h[i].clone().unwrap_or_default() });
+        }
+        Ok(frames)
+    }
+}

@@ -1,1 +1,245 @@
-//! (in progress)
+//! Rendering: a report's frames and its spec's table, figure and claim declarations, through
+//! its minijinja template, into Markdown, one self-contained HTML file, SVG figures and CSV
+//! tables. Rendering reads frames only — it never trains and never reads the store — so a
+//! report re-renders byte-identically from its committed frames.
+//!
+//! The template is Markdown with calls: `{{ table("id") }}`, `{{ figure("id") }}`,
+//! `{{ claim("id") }}`, plus `report`, `profile`, `overrides`, `experiments` and `claims`
+//! variables. It is rendered twice: once with Markdown snippets, once with HTML snippets that
+//! the Markdown-to-HTML pass keeps as they are.
+
+pub mod claims;
+pub mod figure;
+pub mod summary;
+pub mod table;
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use minijinja::{context, Environment, Value};
+use serde::Serialize;
+
+use crate::frames::Frames;
+use crate::spec::Spec;
+use claims::ClaimResult;
+
+/// Errors of rendering, each naming what failed.
+#[derive(Debug, thiserror::Error)]
+pub enum RenderError {
+    #[error("template {path}: {source}")]
+    Template { path: PathBuf, source: minijinja::Error },
+    #[error("{path}: {source}")]
+    Io { path: PathBuf, source: std::io::Error },
+    #[error(transparent)]
+    Figure(#[from] figure::FigureError),
+    #[error("{0}")]
+    Unknown(String),
+}
+
+/// Paths of everything rendered.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Rendered {
+    pub markdown: PathBuf,
+    pub html: PathBuf,
+    pub figures: Vec<PathBuf>,
+    pub tables: Vec<PathBuf>,
+    pub claims: Vec<ClaimSummary>,
+}
+
+/// A claim's verdict, for `--json` and `verify`.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct ClaimSummary {
+    pub id: String,
+    pub verdict: String,
+    pub measured: String,
+    pub gate: bool,
+}
+
+/// Everything computed from the frames before any text is written.
+struct Computed {
+    tables: BTreeMap<String, table::Table>,
+    figures: BTreeMap<String, (String, String)>, // id → (title, svg)
+    claims: Vec<ClaimResult>,
+}
+
+fn compute(spec: &Spec, frames: &Frames) -> Result<Computed, RenderError> {
+    let mut tables = BTreeMap::new();
+    for t in &spec.tables {
+        let exp = spec.experiment(&t.experiment).ok_or_else(|| RenderError::Unknown(format!("table `{}`: unknown experiment `{}`", t.id, t.experiment)))?;
+        tables.insert(t.id.clone(), table::build(t, exp, frames));
+    }
+    let mut figures = BTreeMap::new();
+    for f in &spec.figures {
+        let exp = spec.experiment(&f.experiment).ok_or_else(|| RenderError::Unknown(format!("figure `{}`: unknown experiment `{}`", f.id, f.experiment)))?;
+        figures.insert(f.id.clone(), (f.title.clone(), figure::svg(f, exp, frames)?));
+    }
+    let claims = spec.claims.iter().map(|c| claims::evaluate(c, frames)).collect();
+    Ok(Computed { tables, figures, claims })
+}
+
+/// The claims' verdicts alone (for `verify`).
+pub fn claim_results(spec: &Spec, frames: &Frames) -> Vec<ClaimResult> {
+    spec.claims.iter().map(|c| claims::evaluate(c, frames)).collect()
+}
+
+#[derive(Clone, Copy, PartialEq)]
+enum Mode {
+    Markdown,
+    Html,
+}
+
+/// Drop blank lines so that an HTML snippet stays one HTML block inside Markdown.
+fn one_block(s: &str) -> String {
+    s.lines().filter(|l| !l.trim().is_empty()).collect::<Vec<_>>().join("\n")
+}
+
+fn render_template(spec: &Spec, frames: &Frames, c: &Arc<Computed>, mode: Mode) -> Result<String, RenderError> {
+    let tpl_path = spec.root.join("templates").join(&spec.report.template);
+    let source = std::fs::read_to_string(&tpl_path).map_err(|source| RenderError::Io { path: tpl_path.clone(), source })?;
+    let mut env = Environment::new();
+    env.set_undefined_behavior(minijinja::UndefinedBehavior::Strict);
+    let profile = spec.profile.clone();
+    {
+        let c = c.clone();
+        env.add_function("table", move |id: String| -> Result<Value, minijinja::Error> {
+            let t = c.tables.get(&id).ok_or_else(|| minijinja::Error::new(minijinja::ErrorKind::InvalidOperation, format!("no table `{id}` in the spec")))?;
+            Ok(Value::from_safe_string(match mode {
+                Mode::Markdown => table::markdown(t),
+                Mode::Html => format!("\n{}\n", one_block(&table::html(t, &profile))),
+            }))
+        });
+    }
+    {
+        let c = c.clone();
+        env.add_function("figure", move |id: String| -> Result<Value, minijinja::Error> {
+            let (title, svg) = c.figures.get(&id).ok_or_else(|| minijinja::Error::new(minijinja::ErrorKind::InvalidOperation, format!("no figure `{id}` in the spec")))?;
+            Ok(Value::from_safe_string(match mode {
+                Mode::Markdown => format!("![{title}](figures/{id}.svg)\n\n*Figure {id}: {title}*\n"),
+                Mode::Html => {
+                    let svg = svg.trim_start_matches(|ch| ch != '<');
+                    let svg = svg.strip_prefix("<?xml version=\"1.0\" encoding=\"UTF-8\"?>").unwrap_or(svg);
+                    format!("\n<figure class=\"figure\" id=\"figure-{id}\">{}<figcaption><b>Figure {id}:</b> {}</figcaption></figure>\n", one_block(svg), title.replace('<', "&lt;"))
+                }
+            }))
+        });
+    }
+    {
+        let c = c.clone();
+        env.add_function("claim", move |id: String| -> Result<Value, minijinja::Error> {
+            let r = c.claims.iter().find(|r| r.id == id).ok_or_else(|| minijinja::Error::new(minijinja::ErrorKind::InvalidOperation, format!("no claim `{id}` in the spec")))?;
+            Ok(Value::from_safe_string(match mode {
+                Mode::Markdown => claims::markdown(r),
+                Mode::Html => format!("\n{}\n", claims::html(r)),
+            }))
+        });
+    }
+    env.add_template_owned(spec.report.template.clone(), source).map_err(|source| RenderError::Template { path: tpl_path.clone(), source })?;
+    let tpl = env.get_template(&spec.report.template).map_err(|source| RenderError::Template { path: tpl_path.clone(), source })?;
+    let experiments: Vec<Value> = spec
+        .experiments
+        .iter()
+        .map(|e| Value::from_serialize(serde_json::json!({"id": e.id, "title": e.title, "description": e.description, "axes": e.axes, "runs": e.runs.len(), "seeds": e.seeds})))
+        .collect();
+    let claims: Vec<Value> = c.claims.iter().map(|r| Value::from_serialize(serde_json::json!({"id": r.id, "text": r.text, "verdict": r.verdict(), "measured": r.measured}))).collect();
+    let body = tpl
+        .render(context! {
+            report => Value::from_serialize(&spec.report),
+            profile => spec.profile.clone(),
+            overrides => spec.overrides.clone(),
+            experiments => experiments,
+            claims => claims,
+        })
+        .map_err(|source| RenderError::Template { path: tpl_path.clone(), source })?;
+    Ok(format!("{}\n{}", body.trim_end(), appendix(spec, frames, mode)))
+}
+
+/// Sections every report ends with: failed runs, then where each number came from.
+fn appendix(spec: &Spec, frames: &Frames, mode: Mode) -> String {
+    let mut out = String::new();
+    let mut runs: Vec<(&str, &str, &str, u64, &str, Option<&String>)> = Vec::new();
+    for r in &frames.results {
+        let item = (r.experiment.as_str(), r.run.as_str(), r.key.as_str(), r.seed, r.status.as_str(), r.reason.as_ref());
+        if !runs.iter().any(|x| x.0 == item.0 && x.1 == item.1) {
+            runs.push(item);
+        }
+    }
+    let failed: Vec<_> = runs.iter().filter(|r| r.4 != "ok").collect();
+    if !failed.is_empty() {
+        out.push_str("\n## Failed runs\n\nThese runs produced no usable result; the tables and figures above leave them out.\n\n");
+        for r in failed {
+            out.push_str(&format!("- `{}` {} (cell `{}`): {}\n", r.0, r.1, &r.2[..12.min(r.2.len())], r.5.map_or("failed", |s| s.as_str())));
+        }
+    }
+    out.push_str(&format!(
+        "\n## Provenance\n\nProfile `{}`{}. Every number above comes from the training cells below; a cell's key is the sha256 of everything that determines it (`reprise status {} --explain KEY` prints it).\n\n",
+        spec.profile,
+        if spec.overrides.is_empty() { String::new() } else { format!(", overrides `{}`", spec.overrides.join("`, `")) },
+        spec.rel_path()
+    ));
+    if mode == Mode::Html {
+        out.push_str("<details><summary>Cells</summary>\n\n");
+    }
+    out.push_str("| experiment | run | seed | status | cell key |\n|---|---|---|---|---|\n");
+    for r in &runs {
+        out.push_str(&format!("| {} | {} | {} | {} | `{}` |\n", r.0, r.1, r.3, r.4, r.2));
+    }
+    if mode == Mode::Html {
+        out.push_str("\n</details>\n");
+    }
+    out
+}
+
+const CSS: &str = "body{font-family:system-ui,-apple-system,'Segoe UI',sans-serif;max-width:1000px;margin:2em auto;padding:0 1em;line-height:1.5;color:#222}\
+table{border-collapse:collapse;margin:.5em 0;font-size:.92em}th,td{border:1px solid #ccc;padding:.25em .6em}th{background:#f4f4f4}\
+td.num{text-align:right;font-variant-numeric:tabular-nums}td.ref{color:#555;font-style:italic}\
+figure{margin:1.2em 0}figcaption{font-size:.92em;color:#333;margin:.3em 0}svg{max-width:100%;height:auto}\
+.claim{border-left:4px solid #999;padding:.4em .8em;margin:.6em 0;background:#fafafa}.claim.holds{border-color:#2a9d3a}.claim.fails{border-color:#c62828}\
+code{background:#f4f4f4;padding:0 .2em}p.caption{font-size:.9em;color:#555}";
+
+/// Render `spec`'s report from `frames` into `out_dir`.
+pub fn render(spec: &Spec, frames: &Frames, out_dir: &Path) -> Result<Rendered, RenderError> {
+    let computed = Arc::new(compute(spec, frames)?);
+    let io = |path: &Path| {
+        let path = path.to_path_buf();
+        move |source| RenderError::Io { path, source }
+    };
+    for sub in ["figures", "tables"] {
+        std::fs::create_dir_all(out_dir.join(sub)).map_err(io(&out_dir.join(sub)))?;
+    }
+    let mut rendered = Rendered::default();
+    for (id, (_, svg)) in &computed.figures {
+        let p = out_dir.join("figures").join(format!("{id}.svg"));
+        std::fs::write(&p, svg).map_err(io(&p))?;
+        rendered.figures.push(p);
+    }
+    for (id, t) in &computed.tables {
+        let p = out_dir.join("tables").join(format!("{id}.csv"));
+        std::fs::write(&p, table::csv(t)).map_err(io(&p))?;
+        rendered.tables.push(p);
+    }
+    let md = render_template(spec, frames, &computed, Mode::Markdown)?;
+    let p = out_dir.join("report.md");
+    std::fs::write(&p, &md).map_err(io(&p))?;
+    rendered.markdown = p;
+
+    let html_md = render_template(spec, frames, &computed, Mode::Html)?;
+    let mut opts = pulldown_cmark::Options::empty();
+    opts.insert(pulldown_cmark::Options::ENABLE_TABLES);
+    let parser = pulldown_cmark::Parser::new_ext(&html_md, opts);
+    let mut body = String::new();
+    pulldown_cmark::html::push_html(&mut body, parser);
+    let base_path = spec.root.join("templates").join("base.html.j2");
+    let base = std::fs::read_to_string(&base_path).map_err(io(&base_path))?;
+    let mut env = Environment::new();
+    env.add_template_owned("base.html.j2", base).map_err(|source| RenderError::Template { path: base_path.clone(), source })?;
+    let html = env
+        .get_template("base.html.j2")
+        .and_then(|t| t.render(context! { title => spec.report.title.clone(), css => Value::from_safe_string(CSS.to_string()), body => Value::from_safe_string(body) }))
+        .map_err(|source| RenderError::Template { path: base_path.clone(), source })?;
+    let p = out_dir.join("report.html");
+    std::fs::write(&p, html).map_err(io(&p))?;
+    rendered.html = p;
+    rendered.claims = computed.claims.iter().map(|r| ClaimSummary { id: r.id.clone(), verdict: r.verdict().to_string(), measured: r.measured.clone(), gate: r.gate }).collect();
+    Ok(rendered)
+}

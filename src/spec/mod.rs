@@ -1,1 +1,793 @@
-//! (in progress)
+//! Report specs: TOML files under `reports/`, parsed, overridden (profiles, `--set`) and
+//! validated into a [`Spec`] that the planner consumes.
+//!
+//! A spec names a report (`[report]`), the data sets it uses (`[data.NAME]`), default training
+//! parameters (`[defaults]`), experiments that sweep parameter grids over seeds
+//! (`[experiments.ID]`), and the tables, figures and claims its template shows. Profiles
+//! (`[profiles.NAME]`) are nothing but parameter overrides written as dotted paths, applied in
+//! the same way as `--set key.path=value` on the command line, and validated like the file.
+//! Every problem is reported with its place (file:line:col, or the override that caused it),
+//! a message and a hint, all at once.
+
+pub mod diag;
+pub mod locate;
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+pub use diag::{Diagnostic, Origin, SpecError};
+use diag::LineIndex;
+use locate::Locator;
+
+use crate::methods;
+use crate::params::{self, ParamDef, ParamValue, Params};
+
+/// The profile used when none is named.
+pub const DEFAULT_PROFILE: &str = "quick";
+
+/// `[report]`: what the report is and how it is drawn.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct ReportSection {
+    /// Short name; also the folder of its committed outputs under `artifacts/`.
+    pub id: String,
+    pub title: String,
+    /// The research document the report reproduces (informational).
+    #[serde(default)]
+    pub document: Option<String>,
+    /// Template under `templates/`.
+    pub template: String,
+    /// The method (algorithm) that trains this report's runs. Default `supervised`.
+    #[serde(default = "default_method")]
+    pub method: String,
+    #[serde(default)]
+    pub description: Option<String>,
+}
+
+fn default_method() -> String {
+    "supervised".to_string()
+}
+
+/// `[data.NAME]`: a data set from a manifest and how it is split.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct DataDecl {
+    /// Manifest name: `data-manifests/<manifest>.toml`.
+    pub manifest: String,
+    /// Images per class held out as the balanced test set. Ignored when the manifest has its
+    /// own test files (roles `train` and `test`).
+    #[serde(default = "default_test_per_class")]
+    pub test_per_class: usize,
+    /// Seed of the train/test split. Default 0.
+    #[serde(default)]
+    pub split_seed: u64,
+}
+
+fn default_test_per_class() -> usize {
+    100
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ExperimentFile {
+    title: String,
+    #[serde(default)]
+    description: Option<String>,
+    #[serde(default)]
+    params: toml::Table,
+    #[serde(default)]
+    grid: toml::Table,
+    #[serde(default = "default_seeds")]
+    seeds: Vec<u64>,
+}
+
+fn default_seeds() -> Vec<u64> {
+    vec![0]
+}
+
+/// One value or a list of them (`y = "nc1"` or `y = ["nc1", "nc3"]`).
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(untagged)]
+pub enum OneOrMany {
+    One(String),
+    Many(Vec<String>),
+}
+
+impl OneOrMany {
+    pub fn to_vec(&self) -> Vec<String> {
+        match self {
+            OneOrMany::One(s) => vec![s.clone()],
+            OneOrMany::Many(v) => v.clone(),
+        }
+    }
+}
+
+/// Published numbers printed beside ours in a table, by row label.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct ReferenceDecl {
+    /// Column header, e.g. "document (CIFAR-10-LT, ResNet-32)".
+    pub label: String,
+    /// Row label (the values of the table's row parameters joined by " / ") → the published
+    /// value as printed.
+    pub values: BTreeMap<String, String>,
+    #[serde(default)]
+    pub note: Option<String>,
+}
+
+/// `[[tables]]`: final-epoch metrics of one experiment, one row per grid point, mean ± std over
+/// seeds.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct TableDecl {
+    pub id: String,
+    pub experiment: String,
+    pub title: String,
+    /// Parameters that label the rows. Default: the experiment's grid axes.
+    #[serde(default)]
+    pub rows: Vec<String>,
+    pub metrics: Vec<String>,
+    #[serde(default)]
+    pub reference: Option<ReferenceDecl>,
+    #[serde(default)]
+    pub caption: Option<String>,
+}
+
+/// Kinds of figure.
+#[derive(Debug, Clone, Copy, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum FigureKind {
+    /// Final-epoch metric against a parameter (`x`), one line per `series` value.
+    Line,
+    /// Metric against epoch, one line per run (or per `series` value, averaged over seeds).
+    Epochs,
+    /// Bars of the training count per class, coloured by group.
+    Classes,
+}
+
+/// `[[figures]]`.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct FigureDecl {
+    pub id: String,
+    pub experiment: String,
+    pub title: String,
+    pub kind: FigureKind,
+    #[serde(default)]
+    pub x: Option<String>,
+    #[serde(default)]
+    pub x_log: bool,
+    #[serde(default)]
+    pub y_log: bool,
+    /// Metric(s); several make a panel each.
+    #[serde(default = "default_y")]
+    pub y: OneOrMany,
+    #[serde(default)]
+    pub series: Option<String>,
+    #[serde(default)]
+    pub caption: Option<String>,
+}
+
+fn default_y() -> OneOrMany {
+    OneOrMany::Many(Vec::new())
+}
+
+/// Kinds of claim check.
+#[derive(Debug, Clone, Copy, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum ClaimKind {
+    /// Spearman rank correlation of the final `metric` with parameter `x` over the runs has the
+    /// sign of `direction` and magnitude ≥ `min_strength`.
+    Trend,
+    /// mean(metric | a) − mean(metric | b) lies in [min, max].
+    Compare,
+    /// metric at the last analysis epoch − metric at the first, averaged over the runs, lies in
+    /// [min, max].
+    Change,
+}
+
+/// `[[claims]]`: a statement of the document checked on our numbers.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct ClaimDecl {
+    pub id: String,
+    /// The claim in words, as the report prints it.
+    pub text: String,
+    pub experiment: String,
+    pub kind: ClaimKind,
+    pub metric: String,
+    #[serde(default)]
+    pub x: Option<String>,
+    /// `increasing` or `decreasing` (trend claims).
+    #[serde(default)]
+    pub direction: Option<String>,
+    #[serde(default)]
+    pub min_strength: Option<f64>,
+    /// Selections of runs by parameter values (compare claims).
+    #[serde(default)]
+    pub a: Option<toml::Table>,
+    #[serde(default)]
+    pub b: Option<toml::Table>,
+    #[serde(default)]
+    pub min: Option<f64>,
+    #[serde(default)]
+    pub max: Option<f64>,
+    /// Whether `reprise verify` fails when the claim does not hold. Default false: most claims
+    /// are findings to report, not guarantees.
+    #[serde(default)]
+    pub gate: bool,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SpecFile {
+    report: ReportSection,
+    #[serde(default)]
+    data: BTreeMap<String, DataDecl>,
+    #[serde(default)]
+    defaults: toml::Table,
+    #[serde(default)]
+    experiments: BTreeMap<String, ExperimentFile>,
+    #[serde(default)]
+    tables: Vec<TableDecl>,
+    #[serde(default)]
+    figures: Vec<FigureDecl>,
+    #[serde(default)]
+    claims: Vec<ClaimDecl>,
+    #[serde(default)]
+    profiles: BTreeMap<String, toml::Table>,
+}
+
+/// One training run: a grid point of an experiment with one seed.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RunSpec {
+    /// The grid point's values for the experiment's axes, e.g. {imbalance: 0.1}.
+    pub point: Params,
+    /// Every parameter of the method, resolved.
+    pub params: Params,
+    pub seed: u64,
+}
+
+impl RunSpec {
+    /// "imbalance=0.1 seed=0".
+    pub fn label(&self) -> String {
+        let mut parts: Vec<String> = self.point.iter().map(|(k, v)| format!("{k}={v}")).collect();
+        parts.push(format!("seed={}", self.seed));
+        parts.join(" ")
+    }
+}
+
+/// An experiment with its grid expanded.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Experiment {
+    pub id: String,
+    pub title: String,
+    pub description: Option<String>,
+    /// Grid parameters, in the order the spec lists them.
+    pub axes: Vec<String>,
+    pub seeds: Vec<u64>,
+    pub runs: Vec<RunSpec>,
+}
+
+/// A validated spec with one profile and the overrides applied.
+#[derive(Debug, Clone)]
+pub struct Spec {
+    /// The spec file as given on the command line (for messages only; never hashed).
+    pub path: PathBuf,
+    /// Project root: the folder holding `reports/`, `templates/`, `data-manifests/`.
+    pub root: PathBuf,
+    pub profile: String,
+    /// The overrides applied, as `key.path=value` text (profile entries first, then `--set`).
+    pub overrides: Vec<String>,
+    pub report: ReportSection,
+    pub data: BTreeMap<String, DataDecl>,
+    pub experiments: Vec<Experiment>,
+    pub tables: Vec<TableDecl>,
+    pub figures: Vec<FigureDecl>,
+    pub claims: Vec<ClaimDecl>,
+}
+
+impl Spec {
+    /// The spec's path relative to the project root (`reports/x.toml`), for printed text that
+    /// must not depend on where the command was run from.
+    pub fn rel_path(&self) -> String {
+        let abs = std::fs::canonicalize(&self.path).unwrap_or_else(|_| self.path.clone());
+        abs.strip_prefix(&self.root).map(|p| p.to_string_lossy().replace('\\', "/")).unwrap_or_else(|_| self.path.display().to_string())
+    }
+
+    pub fn experiment(&self, id: &str) -> Option<&Experiment> {
+        self.experiments.iter().find(|e| e.id == id)
+    }
+}
+
+/// Errors of loading a spec.
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    #[error("cannot read spec {path}: {source}")]
+    Io { path: PathBuf, source: std::io::Error },
+    #[error("{0}")]
+    Invalid(#[from] SpecError),
+}
+
+/// An override: a dotted path and a value.
+#[derive(Debug, Clone)]
+struct Override {
+    path: Vec<String>,
+    value: toml::Value,
+    origin: Origin,
+    text: String,
+}
+
+/// Load and validate `path` with `profile` and the command-line overrides (`key.path=value`).
+pub fn load(path: &Path, profile: &str, sets: &[String]) -> Result<Spec, LoadError> {
+    let text = std::fs::read_to_string(path).map_err(|source| LoadError::Io { path: path.to_path_buf(), source })?;
+    let root = project_root(path);
+    Ok(parse(&text, path, &root, profile, sets)?)
+}
+
+/// The project root of a spec: the parent of its `reports/` folder, or its own folder.
+pub fn project_root(spec_path: &Path) -> PathBuf {
+    let abs = std::fs::canonicalize(spec_path).unwrap_or_else(|_| spec_path.to_path_buf());
+    let dir = abs.parent().map(Path::to_path_buf).unwrap_or_default();
+    if dir.file_name().is_some_and(|n| n == "reports") {
+        dir.parent().map(Path::to_path_buf).unwrap_or(dir)
+    } else {
+        dir
+    }
+}
+
+/// Parse and validate spec text (see [`load`]).
+pub fn parse(text: &str, path: &Path, root: &Path, profile: &str, sets: &[String]) -> Result<Spec, SpecError> {
+    let shown = path.display().to_string();
+    let lines = LineIndex::new(text);
+    let locator = Locator::new(text);
+
+    // 1. The file itself, typed: syntax, unknown keys and wrong types, with toml's span.
+    let file: SpecFile = toml::from_str(text).map_err(|e| SpecError { diagnostics: vec![toml_error(&e, &shown, &lines)] })?;
+    let mut diags = Vec::new();
+    let data_names: Vec<String> = file.data.keys().cloned().collect();
+    let Some(schema) = methods::schema(&file.report.method) else {
+        let names: Vec<String> = methods::NAMES.iter().map(|s| s.to_string()).collect();
+        return Err(SpecError {
+            diagnostics: vec![Diagnostic {
+                origin: lines.origin(&shown, locator.span(&segs("report.method"))),
+                message: format!("unknown method `{}`", file.report.method),
+                hint: Some(params::suggest(&file.report.method, &names)),
+            }],
+        });
+    };
+
+    // 2. Overrides: the profile's entries, then --set, applied to the document tree.
+    let mut overrides = Vec::new();
+    if profile != DEFAULT_PROFILE || file.profiles.contains_key(profile) {
+        match file.profiles.get(profile) {
+            Some(entries) => {
+                for (k, v) in entries {
+                    let span = locator.key_span(&[String::from("profiles"), profile.to_string(), k.clone()]);
+                    let (line, col, _) = lines.locate(span.map_or(0, |s| s.start));
+                    overrides.push(Override {
+                        path: segs(k),
+                        value: v.clone(),
+                        origin: Origin::Profile { name: profile.to_string(), path: shown.clone(), line, col },
+                        text: format!("{k}={}", inline_value(v)),
+                    });
+                }
+            }
+            None => {
+                let mut names: Vec<String> = file.profiles.keys().cloned().collect();
+                if !names.iter().any(|n| n == DEFAULT_PROFILE) {
+                    names.insert(0, DEFAULT_PROFILE.to_string());
+                }
+                return Err(SpecError {
+                    diagnostics: vec![Diagnostic {
+                        origin: Origin::FileOnly { path: shown },
+                        message: format!("unknown profile `{profile}`"),
+                        hint: Some(params::suggest(profile, &names)),
+                    }],
+                });
+            }
+        }
+    }
+    for s in sets {
+        match parse_set(s) {
+            Ok((path, value)) => overrides.push(Override { path, value, origin: Origin::Override { arg: s.clone() }, text: s.clone() }),
+            Err(msg) => diags.push(Diagnostic { origin: Origin::Override { arg: s.clone() }, message: msg, hint: Some("write `--set section.key=value`, e.g. `--set defaults.epochs=5`".into()) }),
+        }
+    }
+    if !diags.is_empty() {
+        return Err(SpecError { diagnostics: diags });
+    }
+
+    let file = if overrides.is_empty() {
+        file
+    } else {
+        let mut tree: toml::Value = toml::from_str(text).map_err(|e| SpecError { diagnostics: vec![toml_error(&e, &shown, &lines)] })?;
+        for o in &overrides {
+            if let Err((msg, hint)) = apply_override(&mut tree, o, schema) {
+                diags.push(Diagnostic { origin: o.origin.clone(), message: msg, hint });
+            }
+        }
+        if !diags.is_empty() {
+            return Err(SpecError { diagnostics: diags });
+        }
+        match SpecFile::deserialize(tree) {
+            Ok(f) => f,
+            Err(e) => {
+                let origin = overrides.last().map(|o| o.origin.clone()).unwrap_or(Origin::FileOnly { path: shown.clone() });
+                return Err(SpecError { diagnostics: vec![Diagnostic { origin, message: format!("after applying the overrides: {}", e.message()), hint: None }] });
+            }
+        }
+    };
+
+    // 3. Semantics, every problem at once. Places changed by an override are blamed on it.
+    let place = |path: &[String], key: bool| -> Origin {
+        for o in overrides.iter().rev() {
+            let n = o.path.len().min(path.len());
+            if o.path[..n] == path[..n] {
+                return o.origin.clone();
+            }
+        }
+        let span = if key { locator.key_span(path) } else { locator.span(path) };
+        lines.origin(&shown, span)
+    };
+    let mut diags = Vec::new();
+    let mut err = |path: Vec<String>, key: bool, message: String, hint: Option<String>| {
+        diags.push(Diagnostic { origin: place(&path, key), message, hint });
+    };
+
+    if file.report.id.is_empty() || !file.report.id.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_') {
+        err(segs("report.id"), false, format!("report id `{}` must be a non-empty name of letters, digits, `-` and `_`", file.report.id), Some("it names the report's folder under artifacts/".into()));
+    }
+    if !root.join("templates").join(&file.report.template).is_file() {
+        err(segs("report.template"), false, format!("template `{}` not found in {}", file.report.template, root.join("templates").display()), None);
+    }
+    for (name, d) in &file.data {
+        if d.test_per_class == 0 {
+            err(vec!["data".into(), name.clone(), "test_per_class".into()], false, "`test_per_class` must be at least 1".into(), None);
+        }
+    }
+
+    // Defaults: schema defaults overlaid with [defaults].
+    let mut base = Params::new();
+    for def in schema {
+        base.insert(def.name.to_string(), def.default.value());
+    }
+    check_params(&file.defaults, &["defaults"], schema, &data_names, &mut base, &mut err);
+
+    let mut experiments = Vec::new();
+    for (id, ef) in &file.experiments {
+        let at = |rest: &str| -> Vec<String> {
+            let mut v = vec!["experiments".to_string(), id.clone()];
+            v.extend(segs(rest));
+            v
+        };
+        let mut params = base.clone();
+        check_params(&ef.params, &["experiments", id, "params"], schema, &data_names, &mut params, &mut err);
+        if ef.seeds.is_empty() {
+            err(at("seeds"), false, format!("experiment `{id}` has an empty list of seeds"), Some("give at least one seed, e.g. `seeds = [0]`".into()));
+        }
+        let mut axes: Vec<(String, Vec<ParamValue>)> = Vec::new();
+        for (k, v) in &ef.grid {
+            let Some(def) = schema.iter().find(|d| d.name == k) else {
+                err(at(&format!("grid.{k}")), true, format!("unknown parameter `{k}` in the grid of `{id}`"), Some(params::suggest(k, &schema_names(schema))));
+                continue;
+            };
+            let Some(list) = v.as_array() else {
+                err(at(&format!("grid.{k}")), false, format!("grid entry `{k}` must be a list of values"), Some(format!("write `{k} = [a, b, ...]`")));
+                continue;
+            };
+            if list.is_empty() {
+                err(at(&format!("grid.{k}")), false, format!("grid entry `{k}` of `{id}` is empty: the experiment would have no runs"), Some("list at least one value".into()));
+                continue;
+            }
+            let mut vals = Vec::new();
+            for (i, item) in list.iter().enumerate() {
+                let path = at(&format!("grid.{k}.{i}"));
+                match params::from_toml(item) {
+                    Some(pv) => match def.check(&pv, &data_names) {
+                        Ok(ok) => vals.push(ok),
+                        Err((m, h)) => err(path, false, m, h),
+                    },
+                    None => err(path, false, format!("grid values of `{k}` must be plain values"), None),
+                }
+            }
+            axes.push((k.clone(), vals));
+        }
+        let mut runs = Vec::new();
+        for point in cartesian(&axes) {
+            for &seed in &ef.seeds {
+                let mut p = params.clone();
+                for (k, v) in &point {
+                    p.insert(k.clone(), v.clone());
+                }
+                runs.push(RunSpec { point: point.clone(), params: p, seed });
+            }
+        }
+        experiments.push(Experiment {
+            id: id.clone(),
+            title: ef.title.clone(),
+            description: ef.description.clone(),
+            axes: axes.iter().map(|(k, _)| k.clone()).collect(),
+            seeds: ef.seeds.clone(),
+            runs,
+        });
+    }
+    // Method-specific checks that involve several parameters at once.
+    for e in &experiments {
+        for r in &e.runs {
+            if let Err((key, msg, hint)) = methods::check_run(&file.report.method, &r.params) {
+                let path = if e.axes.contains(&key) { vec!["experiments".into(), e.id.clone(), "grid".into(), key] } else { vec!["experiments".into(), e.id.clone()] };
+                err(path, true, format!("experiment `{}` ({}): {msg}", e.id, r.label()), hint);
+                break;
+            }
+        }
+    }
+
+    let exp_ids: Vec<String> = experiments.iter().map(|e| e.id.clone()).collect();
+    let metric_names: Vec<String> = methods::metrics(&file.report.method).iter().map(|s| s.to_string()).collect();
+    let param_names = schema_names(schema);
+    let mut ids = std::collections::BTreeSet::new();
+    let mut check_exp = |path: Vec<String>, e: &str, err: &mut dyn FnMut(Vec<String>, bool, String, Option<String>)| -> bool {
+        if exp_ids.iter().any(|x| x == e) {
+            true
+        } else {
+            err(path, false, format!("unknown experiment `{e}`"), Some(params::suggest(e, &exp_ids)));
+            false
+        }
+    };
+    let check_metric = |path: Vec<String>, m: &str, err: &mut dyn FnMut(Vec<String>, bool, String, Option<String>)| {
+        if !metric_names.iter().any(|x| x == m) {
+            err(path, false, format!("unknown metric `{m}`"), Some(params::suggest(m, &metric_names)));
+        }
+    };
+    let check_param = |path: Vec<String>, p: &str, err: &mut dyn FnMut(Vec<String>, bool, String, Option<String>)| {
+        if !param_names.iter().any(|x| x == p) {
+            err(path, false, format!("unknown parameter `{p}`"), Some(params::suggest(p, &param_names)));
+        }
+    };
+    for (i, t) in file.tables.iter().enumerate() {
+        let at = |rest: &str| segs(&format!("tables.{i}.{rest}"));
+        if !ids.insert(t.id.clone()) {
+            err(at("id"), false, format!("duplicate table/figure/claim id `{}`", t.id), None);
+        }
+        check_exp(at("experiment"), &t.experiment, &mut err);
+        if t.metrics.is_empty() {
+            err(at("metrics"), false, format!("table `{}` lists no metrics", t.id), None);
+        }
+        for (j, m) in t.metrics.iter().enumerate() {
+            check_metric(at(&format!("metrics.{j}")), m, &mut err);
+        }
+        for (j, r) in t.rows.iter().enumerate() {
+            check_param(at(&format!("rows.{j}")), r, &mut err);
+        }
+    }
+    for (i, f) in file.figures.iter().enumerate() {
+        let at = |rest: &str| segs(&format!("figures.{i}.{rest}"));
+        if !ids.insert(f.id.clone()) {
+            err(at("id"), false, format!("duplicate table/figure/claim id `{}`", f.id), None);
+        }
+        check_exp(at("experiment"), &f.experiment, &mut err);
+        for (j, m) in f.y.to_vec().iter().enumerate() {
+            check_metric(at(&format!("y.{j}")), m, &mut err);
+        }
+        if f.kind != FigureKind::Classes && f.y.to_vec().is_empty() {
+            err(at("kind"), false, format!("figure `{}` needs `y`, the metric(s) to plot", f.id), None);
+        }
+        if f.kind == FigureKind::Line && f.x.is_none() {
+            err(at("kind"), false, format!("line figure `{}` needs `x`, the parameter on the horizontal axis", f.id), None);
+        }
+        if let Some(x) = &f.x {
+            check_param(at("x"), x, &mut err);
+        }
+        if let Some(s) = &f.series {
+            check_param(at("series"), s, &mut err);
+        }
+    }
+    for (i, c) in file.claims.iter().enumerate() {
+        let at = |rest: &str| segs(&format!("claims.{i}.{rest}"));
+        if !ids.insert(c.id.clone()) {
+            err(at("id"), false, format!("duplicate table/figure/claim id `{}`", c.id), None);
+        }
+        check_exp(at("experiment"), &c.experiment, &mut err);
+        check_metric(at("metric"), &c.metric, &mut err);
+        match c.kind {
+            ClaimKind::Trend => {
+                match &c.x {
+                    Some(x) => check_param(at("x"), x, &mut err),
+                    None => err(at("kind"), false, format!("trend claim `{}` needs `x`", c.id), None),
+                }
+                if !matches!(c.direction.as_deref(), Some("increasing") | Some("decreasing")) {
+                    err(at("direction"), false, format!("trend claim `{}` needs `direction = \"increasing\"` or `\"decreasing\"`", c.id), None);
+                }
+            }
+            ClaimKind::Compare => {
+                for (side, sel) in [("a", &c.a), ("b", &c.b)] {
+                    match sel {
+                        None => err(at("kind"), false, format!("compare claim `{}` needs `{side}`, a selection such as `{{ loss = \"ce\" }}`", c.id), None),
+                        Some(t) => {
+                            for k in t.keys() {
+                                check_param(at(&format!("{side}.{k}")), k, &mut err);
+                            }
+                        }
+                    }
+                }
+            }
+            ClaimKind::Change => {}
+        }
+        if c.min.is_none() && c.max.is_none() && c.kind != ClaimKind::Trend {
+            err(at("kind"), false, format!("claim `{}` needs `min` and/or `max`", c.id), None);
+        }
+    }
+    if !diags.is_empty() {
+        return Err(SpecError { diagnostics: diags });
+    }
+
+    Ok(Spec {
+        path: path.to_path_buf(),
+        root: root.to_path_buf(),
+        profile: profile.to_string(),
+        overrides: overrides.iter().map(|o| o.text.clone()).collect(),
+        report: file.report,
+        data: file.data,
+        experiments,
+        tables: file.tables,
+        figures: file.figures,
+        claims: file.claims,
+    })
+}
+
+fn schema_names(schema: &[ParamDef]) -> Vec<String> {
+    schema.iter().map(|d| d.name.to_string()).collect()
+}
+
+/// Check a table of parameters against the schema, writing valid values into `out`.
+fn check_params(
+    table: &toml::Table,
+    at: &[&str],
+    schema: &[ParamDef],
+    data_names: &[String],
+    out: &mut Params,
+    err: &mut dyn FnMut(Vec<String>, bool, String, Option<String>),
+) {
+    for (k, v) in table {
+        let mut path: Vec<String> = at.iter().map(|s| s.to_string()).collect();
+        path.push(k.clone());
+        let Some(def) = schema.iter().find(|d| d.name == k) else {
+            err(path, true, format!("unknown parameter `{k}`"), Some(params::suggest(k, &schema_names(schema))));
+            continue;
+        };
+        match params::from_toml(v) {
+            Some(pv) => match def.check(&pv, data_names) {
+                Ok(ok) => {
+                    out.insert(k.clone(), ok);
+                }
+                Err((m, h)) => err(path, false, m, h),
+            },
+            None => err(path, false, format!("`{k}` must be a single value"), Some("lists of values belong in an experiment's `grid`".into())),
+        }
+    }
+}
+
+/// Every combination of the axes' values, in order (the last axis varies fastest).
+fn cartesian(axes: &[(String, Vec<ParamValue>)]) -> Vec<Params> {
+    let mut out = vec![Params::new()];
+    for (k, vals) in axes {
+        let mut next = Vec::with_capacity(out.len() * vals.len());
+        for p in &out {
+            for v in vals {
+                let mut q = p.clone();
+                q.insert(k.clone(), v.clone());
+                next.push(q);
+            }
+        }
+        out = next;
+    }
+    out
+}
+
+fn segs(path: &str) -> Vec<String> {
+    path.split('.').map(String::from).collect()
+}
+
+fn inline_value(v: &toml::Value) -> String {
+    match v {
+        toml::Value::String(s) => s.clone(),
+        other => other.to_string(),
+    }
+}
+
+/// `key.path=value`: the value is read as TOML (`5`, `0.1`, `true`, `[1, 2]`, `"x"`), or as a
+/// bare string when it is not valid TOML (`--set defaults.model=cnn`).
+fn parse_set(s: &str) -> Result<(Vec<String>, toml::Value), String> {
+    let (k, v) = s.split_once('=').ok_or_else(|| format!("`{s}` is not of the form key.path=value"))?;
+    let k = k.trim();
+    if k.is_empty() || k.split('.').any(str::is_empty) {
+        return Err(format!("`{k}` is not a dotted key path"));
+    }
+    let v = v.trim();
+    let value = match toml::from_str::<toml::Table>(&format!("v = {v}")) {
+        Ok(mut t) => t.remove("v").unwrap_or_else(|| toml::Value::String(v.to_string())),
+        Err(_) => toml::Value::String(v.to_string()),
+    };
+    Ok((segs(k), value))
+}
+
+/// Apply one override to the document tree. The path must name an existing key, or a parameter
+/// of the method inside `defaults`, an experiment's `params` or `grid`.
+fn apply_override(tree: &mut toml::Value, o: &Override, schema: &[ParamDef]) -> Result<(), (String, Option<String>)> {
+    let shown = o.path.join(".");
+    let (last, parents) = o.path.split_last().ok_or_else(|| ("empty key path".to_string(), None))?;
+    let param_section = matches!(parents.first().map(String::as_str), Some("defaults"))
+        || (parents.len() == 3 && parents[0] == "experiments" && (parents[2] == "params" || parents[2] == "grid"));
+    let mut node = tree;
+    for (i, seg) in parents.iter().enumerate() {
+        let here = o.path[..i].join(".");
+        node = match node {
+            toml::Value::Table(t) => {
+                if !t.contains_key(seg) {
+                    // Sections a spec may leave out are created on demand.
+                    let creatable = (i == 0 && seg == "defaults") || (i == 2 && param_section);
+                    if !creatable {
+                        let known: Vec<String> = t.keys().cloned().collect();
+                        let place = if here.is_empty() { "the spec".to_string() } else { format!("`{here}`") };
+                        return Err((format!("`{shown}`: {place} has no key `{seg}`"), Some(params::suggest(seg, &known))));
+                    }
+                    t.insert(seg.clone(), toml::Value::Table(toml::Table::new()));
+                }
+                t.get_mut(seg).ok_or_else(|| (format!("`{shown}`: cannot reach `{seg}`"), None))?
+            }
+            toml::Value::Array(a) => {
+                let idx: usize = seg.parse().map_err(|_| (format!("`{shown}`: `{here}` is a list; index it with a number"), None))?;
+                let len = a.len();
+                a.get_mut(idx).ok_or_else(|| (format!("`{shown}`: `{here}` has {len} entries"), None))?
+            }
+            _ => return Err((format!("`{shown}`: `{here}` is a value, not a section"), None)),
+        };
+    }
+    let toml::Value::Table(t) = node else {
+        return Err((format!("`{shown}`: the parent of `{last}` is not a section"), None));
+    };
+    if param_section {
+        if !schema.iter().any(|d| d.name == last) {
+            return Err((format!("`{shown}`: unknown parameter `{last}`"), Some(params::suggest(last, &schema_names(schema)))));
+        }
+    } else if !t.contains_key(last) {
+        let known: Vec<String> = t.keys().cloned().collect();
+        return Err((format!("`{shown}`: no key `{last}` to override"), Some(params::suggest(last, &known))));
+    }
+    t.insert(last.clone(), o.value.clone());
+    Ok(())
+}
+
+/// A toml parse or type error as a diagnostic, with "did you mean" for unknown keys.
+fn toml_error(e: &toml::de::Error, path: &str, lines: &LineIndex) -> Diagnostic {
+    let msg = e.message().trim().to_string();
+    let mut hint = None;
+    // serde's wording: "unknown field `lne`, expected one of `a`, `b`" (or "expected `a`").
+    if let Some(rest) = msg.strip_prefix("unknown field `") {
+        if let Some((word, tail)) = rest.split_once('`') {
+            let cands: Vec<String> = tail.split('`').skip(1).step_by(2).map(String::from).collect();
+            if !cands.is_empty() {
+                hint = Some(params::suggest(word, &cands));
+            }
+        }
+    } else if msg.contains("unknown variant `") {
+        if let Some(rest) = msg.split("unknown variant `").nth(1) {
+            if let Some((word, tail)) = rest.split_once('`') {
+                let cands: Vec<String> = tail.split('`').skip(1).step_by(2).map(String::from).collect();
+                if !cands.is_empty() {
+                    hint = Some(params::suggest(word, &cands));
+                }
+            }
+        }
+    } else if msg.starts_with("missing field") {
+        hint = Some("add the field; see the README's spec reference".into());
+    }
+    let message = msg.lines().next().unwrap_or("invalid TOML").to_string();
+    Diagnostic { origin: lines.origin(path, e.span()), message, hint }
+}
+
+#[cfg(test)]
+mod tests;

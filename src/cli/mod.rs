@@ -1,0 +1,143 @@
+//! The command line: `reprise run | status | render | verify | gc`. Each subcommand is a small
+//! file; this one holds the argument types and what they share (finding specs, the store, the
+//! output folder, exit codes).
+
+pub mod gc;
+pub mod run;
+pub mod status;
+pub mod verify;
+
+use std::path::{Path, PathBuf};
+
+use clap::{Args, Parser, Subcommand};
+
+use crate::cache::{LocalStore, CACHE_ENV};
+use crate::spec::{self, Spec, DEFAULT_PROFILE};
+
+/// Exit code: everything fine.
+pub const EXIT_OK: i32 = 0;
+/// Exit code: a check failed (verify), or cells could not be computed.
+pub const EXIT_FAILED: i32 = 1;
+/// Exit code: bad usage, an invalid spec or bad data.
+pub const EXIT_USAGE: i32 = 2;
+
+#[derive(Parser, Debug)]
+#[command(name = "reprise", version, about = "Regenerate the tables and figures of ML papers from declarative report specs.", after_help = "Exit codes: 0 ok; 1 a check failed or cells could not be computed; 2 usage, spec or data error.")]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Plan, run what is missing (with progress bars on a terminal), and render.
+    Run(run::RunArgs),
+    /// What is cached, stale or missing, and why.
+    Status(status::StatusArgs),
+    /// Render from the cache only; missing cells are an error naming them.
+    Render(run::RenderArgs),
+    /// Check committed reports: hashes, byte-identical re-render, gated claims.
+    Verify(verify::VerifyArgs),
+    /// Remove store objects that no lock file or recent run refers to.
+    Gc(gc::GcArgs),
+}
+
+/// Options every command that reads a spec shares.
+#[derive(Args, Debug, Clone)]
+pub struct SpecOpts {
+    /// Profile: a set of parameter overrides named in the spec (`quick` is the default).
+    #[arg(long, default_value = DEFAULT_PROFILE)]
+    pub profile: String,
+    /// Override a parameter, e.g. `--set experiments.exp2.grid.imbalance=[0.1,0.01]` or
+    /// `--set defaults.epochs=5`; repeatable, validated like the file.
+    #[arg(long = "set", value_name = "KEY.PATH=VALUE")]
+    pub sets: Vec<String>,
+    /// Cache directory (default: `artifacts/store` of the project, or $REPRISE_CACHE).
+    #[arg(long, value_name = "DIR")]
+    pub cache: Option<PathBuf>,
+}
+
+/// Run a parsed command line; returns the exit code.
+pub fn main_with(cli: Cli) -> i32 {
+    let result = match cli.command {
+        Command::Run(a) => run::run(&a),
+        Command::Render(a) => run::render_only(&a),
+        Command::Status(a) => status::status(&a),
+        Command::Verify(a) => verify::verify(&a),
+        Command::Gc(a) => gc::gc(&a),
+    };
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            // Spec errors carry their own formatting; others get anyhow's chain of context.
+            if let Some(se) = e.downcast_ref::<spec::LoadError>() {
+                eprintln!("{se}");
+                return EXIT_USAGE;
+            }
+            eprintln!("error: {e:#}");
+            if e.downcast_ref::<UsageError>().is_some() {
+                EXIT_USAGE
+            } else {
+                EXIT_FAILED
+            }
+        }
+    }
+}
+
+/// A usage or input error (exit code 2).
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct UsageError(pub String);
+
+/// The specs named, or every `reports/*.toml` of the current project when none is.
+pub fn find_specs(given: &[PathBuf]) -> anyhow::Result<Vec<PathBuf>> {
+    if !given.is_empty() {
+        for p in given {
+            if !p.is_file() {
+                return Err(UsageError(format!("spec {} not found", p.display())).into());
+            }
+        }
+        return Ok(given.to_vec());
+    }
+    let dir = Path::new("reports");
+    let mut specs: Vec<PathBuf> = std::fs::read_dir(dir)
+        .map_err(|e| UsageError(format!("no spec given and cannot read {}: {e} (run from the project root or name a spec)", dir.display())))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|x| x == "toml"))
+        .collect();
+    specs.sort();
+    if specs.is_empty() {
+        return Err(UsageError("no spec given and reports/ holds no .toml file".into()).into());
+    }
+    Ok(specs)
+}
+
+pub fn load_spec(path: &Path, opts: &SpecOpts) -> anyhow::Result<Spec> {
+    Ok(spec::load(path, &opts.profile, &opts.sets)?)
+}
+
+/// The store: `--cache`, else $REPRISE_CACHE, else the project's `artifacts/store`.
+pub fn open_store(spec_root: &Path, opts: &SpecOpts) -> anyhow::Result<LocalStore> {
+    let dir = match (&opts.cache, std::env::var_os(CACHE_ENV)) {
+        (Some(d), _) => d.clone(),
+        (None, Some(d)) if !d.is_empty() => PathBuf::from(d),
+        _ => spec_root.join("artifacts").join("store"),
+    };
+    Ok(LocalStore::open(&dir)?)
+}
+
+/// Where a report's outputs go: `artifacts/<id>` for the default profile, else
+/// `artifacts/<id>-<profile>`.
+pub fn out_dir(spec: &Spec) -> PathBuf {
+    let name = if spec.profile == DEFAULT_PROFILE { spec.report.id.clone() } else { format!("{}-{}", spec.report.id, spec.profile) };
+    spec.root.join("artifacts").join(name)
+}
+
+/// A path relative to the current directory when it lies below it (for messages and JSON).
+pub fn shown(p: &Path) -> String {
+    let cwd = std::env::current_dir().ok().and_then(|c| std::fs::canonicalize(c).ok());
+    match cwd.and_then(|c| p.strip_prefix(&c).ok().map(Path::to_path_buf)) {
+        Some(rel) => rel.display().to_string(),
+        None => p.display().to_string(),
+    }
+}

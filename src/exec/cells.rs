@@ -1,0 +1,130 @@
+//! Computing one cell of each kind from its upstream records.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use serde::{Deserialize, Serialize};
+
+use super::CellOutcome;
+use crate::cache::{CellRecord, CellStatus, Store, StoreError};
+use crate::data::{self, ImageSet};
+use crate::methods::{self, Outcome, Progress, TrainInputs};
+use crate::plan::{CellKind, Plan};
+
+/// Decoded data sets by object hash, so that many training cells share one copy.
+#[derive(Default)]
+pub struct Memo {
+    images: Mutex<HashMap<String, Arc<ImageSet>>>,
+}
+
+/// `split.json`.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct SplitOutput {
+    pub train: Vec<usize>,
+    pub test: Vec<usize>,
+}
+
+/// `subset.json`.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct SubsetOutput {
+    pub train: Vec<usize>,
+    pub counts: Vec<usize>,
+}
+
+/// A problem computing a cell that is not the store's fault: becomes `CellOutcome::Failed`.
+struct CellFailure(String);
+
+impl<E: std::fmt::Display> From<E> for CellFailure {
+    fn from(e: E) -> Self {
+        CellFailure(e.to_string())
+    }
+}
+
+fn load_images(store: &dyn Store, memo: &Memo, rec: &CellRecord) -> Result<Arc<ImageSet>, CellFailure> {
+    let hash = rec.outputs.get("images.safetensors").ok_or_else(|| CellFailure("data cell has no images".into()))?;
+    if let Some(img) = memo.images.lock().ok().and_then(|m| m.get(hash).cloned()) {
+        return Ok(img);
+    }
+    let bytes = store.get(hash)?.ok_or_else(|| CellFailure(format!("object {hash} vanished or is corrupt; run again to recompute it")))?;
+    let img = Arc::new(ImageSet::from_safetensors_bytes(&bytes)?);
+    if let Ok(mut m) = memo.images.lock() {
+        m.insert(hash.clone(), img.clone());
+    }
+    Ok(img)
+}
+
+fn load_json<T: for<'de> Deserialize<'de>>(store: &dyn Store, rec: &CellRecord, name: &str) -> Result<T, CellFailure> {
+    let hash = rec.outputs.get(name).ok_or_else(|| CellFailure(format!("upstream cell has no `{name}`")))?;
+    let bytes = store.get(hash)?.ok_or_else(|| CellFailure(format!("object {hash} vanished or is corrupt; run again to recompute it")))?;
+    Ok(serde_json::from_slice(&bytes)?)
+}
+
+fn json<T: Serialize>(v: &T) -> Result<Vec<u8>, CellFailure> {
+    Ok(serde_json::to_vec(v)?)
+}
+
+/// Look up or compute cell `i`. `inputs` are the records of its upstream cells in order.
+pub fn run_cell(plan: &Plan, i: usize, inputs: &[CellRecord], store: &dyn Store, memo: &Memo, progress: &dyn Progress, cache_only: bool) -> Result<CellOutcome, StoreError> {
+    let cell = &plan.cells[i];
+    if let Some(r) = store.get_record(&cell.key)? {
+        return Ok(CellOutcome::Cached(r));
+    }
+    if cache_only {
+        return Ok(CellOutcome::Failed(format!("not in the cache (key {})", &cell.key[..12])));
+    }
+    let _lock = store.lock(&cell.key)?;
+    // Another process may have computed it while we waited for the lock.
+    if let Some(r) = store.get_record(&cell.key)? {
+        return Ok(CellOutcome::Cached(r));
+    }
+    let start = Instant::now();
+    let computed = compute(cell.kind.clone(), inputs, store, memo, progress);
+    let (objects, status, reason) = match computed {
+        Ok(Outcome::Done(objects)) => (objects, CellStatus::Ok, None),
+        Ok(Outcome::Failed { reason, objects }) => (objects, CellStatus::Failed, Some(reason)),
+        Err(CellFailure(msg)) => return Ok(CellOutcome::Failed(msg)),
+    };
+    let mut outputs = BTreeMap::new();
+    for (name, bytes) in &objects {
+        outputs.insert(name.clone(), store.put(bytes)?);
+    }
+    let record = CellRecord { key: cell.key.clone(), kind: cell.kind.name().to_string(), status, reason, outputs, seconds: start.elapsed().as_secs_f64() };
+    // The record goes last: its presence means every output is in place.
+    store.put_record(&record)?;
+    Ok(CellOutcome::Ran(record))
+}
+
+fn compute(kind: CellKind, inputs: &[CellRecord], store: &dyn Store, memo: &Memo, progress: &dyn Progress) -> Result<Outcome, CellFailure> {
+    let mut objects = BTreeMap::new();
+    match kind {
+        CellKind::Dataset { manifest, root } => {
+            let images = manifest.load_images(&root, None)?;
+            objects.insert("images.safetensors".to_string(), images.to_safetensors_bytes());
+        }
+        CellKind::Split { test_per_class, seed } => {
+            let images = load_images(store, memo, &inputs[0])?;
+            let (train, test) = data::balanced_split(&images.labels, images.num_classes, test_per_class, seed)?;
+            objects.insert("split.json".to_string(), json(&SplitOutput { train, test })?);
+        }
+        CellKind::Subset { imbalance, seed } => {
+            let images = load_images(store, memo, &inputs[0])?;
+            let split: SplitOutput = load_json(store, &inputs[1], "split.json")?;
+            let train = data::long_tail_subset(&images.labels, &split.train, images.num_classes, imbalance, seed)?;
+            let mut counts = vec![0usize; images.num_classes];
+            for &t in &train {
+                counts[images.labels[t] as usize] += 1;
+            }
+            objects.insert("subset.json".to_string(), json(&SubsetOutput { train, counts })?);
+        }
+        CellKind::Train { method, params, seed } => {
+            let m = methods::get(method).ok_or_else(|| CellFailure(format!("unknown method `{method}`")))?;
+            let images = load_images(store, memo, &inputs[0])?;
+            let split: SplitOutput = load_json(store, &inputs[1], "split.json")?;
+            let subset: SubsetOutput = load_json(store, &inputs[2], "subset.json")?;
+            let ti = TrainInputs { data: &images, train: &subset.train, test: &split.test };
+            return Ok(m.run(&params, seed, &ti, progress)?);
+        }
+    }
+    Ok(Outcome::Done(objects))
+}

@@ -1,0 +1,415 @@
+//! Supervised training on a long-tailed subset with neural-collapse analysis (document 001).
+//!
+//! One run trains a classifier (no bias) with the chosen loss and optimiser, and every
+//! `analyze_freq` epochs (and at the last epoch) measures test accuracy overall, per group and
+//! per class, and the neural-collapse metrics of the penultimate features of the training set.
+//! The raw features, labels, predictions and classifier weights of each analysis epoch are kept
+//! as a safetensors object so that anyone can recompute the metrics independently.
+
+use std::collections::BTreeMap;
+
+use candle_core::{DType, Device, Tensor, D};
+use candle_nn::{VarBuilder, VarMap};
+use serde::{Deserialize, Serialize};
+
+use super::{Method, MethodError, Outcome, Progress, TrainInputs};
+use crate::data::ImageSet;
+use crate::metrics::{self, Centering, NcInput};
+use crate::models::{self, Classifier, ModelConfig, ModelKind};
+use crate::params::{DefaultValue as Dv, ParamDef, ParamKind as K, Params};
+use crate::rng::Rng;
+use crate::train::{self, LossKind, OptimConfig, OptimizerKind, Optimizer};
+
+/// The method.
+pub struct Supervised;
+
+const MODELS: &[&str] = &["mlp", "cnn", "resnet", "vit"];
+const LOSSES: &[&str] = &["ce", "focal", "logit_adjustment", "balanced_softmax"];
+const OPTIMIZERS: &[&str] = &["sgd", "adam", "adamw", "rmsprop"];
+const SCHEDULES: &[&str] = &["constant", "cosine"];
+const CENTERINGS: &[&str] = &["global", "balanced"];
+
+static SCHEMA: &[ParamDef] = &[
+    ParamDef { name: "dataset", kind: K::DataName, default: Dv::Str("mnist"), doc: "a data set declared under [data]" },
+    ParamDef { name: "imbalance", kind: K::Float { min: 0.0, max: 1.0, min_exclusive: true }, default: Dv::Float(0.01), doc: "imbalance factor f = n_min/n_max; n_i = floor(n_max·f^(i/(C−1))); 1 is balanced" },
+    ParamDef { name: "data_seed", kind: K::Int { min: 0, max: i64::MAX }, default: Dv::Int(0), doc: "seed of the per-class shuffle that picks the long-tailed subset" },
+    ParamDef { name: "model", kind: K::Choice(MODELS), default: Dv::Str("mlp"), doc: "backbone" },
+    ParamDef { name: "width", kind: K::Int { min: 1, max: 64 }, default: Dv::Int(1), doc: "width multiplier of the backbone" },
+    ParamDef { name: "vit_final_norm", kind: K::Bool, default: Dv::Bool(true), doc: "keep the ViT's final LayerNorm (false replaces it by the identity)" },
+    ParamDef { name: "loss", kind: K::Choice(LOSSES), default: Dv::Str("ce"), doc: "training loss" },
+    ParamDef { name: "focal_gamma", kind: K::Float { min: 0.0, max: 10.0, min_exclusive: false }, default: Dv::Float(2.0), doc: "focusing parameter γ of the focal loss" },
+    ParamDef { name: "la_tau", kind: K::Float { min: 0.0, max: 10.0, min_exclusive: false }, default: Dv::Float(1.0), doc: "temperature τ of logit adjustment" },
+    ParamDef { name: "optimizer", kind: K::Choice(OPTIMIZERS), default: Dv::Str("sgd"), doc: "optimiser" },
+    ParamDef { name: "lr", kind: K::Float { min: 0.0, max: 10.0, min_exclusive: true }, default: Dv::Float(0.05), doc: "learning rate" },
+    ParamDef { name: "lr_schedule", kind: K::Choice(SCHEDULES), default: Dv::Str("cosine"), doc: "learning-rate schedule over the epochs" },
+    ParamDef { name: "momentum", kind: K::Float { min: 0.0, max: 0.999, min_exclusive: false }, default: Dv::Float(0.9), doc: "momentum (SGD, RMSprop)" },
+    ParamDef { name: "weight_decay", kind: K::Float { min: 0.0, max: 1.0, min_exclusive: false }, default: Dv::Float(5e-4), doc: "weight decay (L2 for SGD/Adam/RMSprop, decoupled for AdamW)" },
+    ParamDef { name: "drift_penalty", kind: K::Float { min: 0.0, max: 1000.0, min_exclusive: false }, default: Dv::Float(0.0), doc: "weight of the drift penalty ‖batch mean − mean of batch class means‖²" },
+    ParamDef { name: "epochs", kind: K::Int { min: 1, max: 100_000 }, default: Dv::Int(30), doc: "training epochs" },
+    ParamDef { name: "batch_size", kind: K::Int { min: 1, max: 1_000_000 }, default: Dv::Int(128), doc: "batch size" },
+    ParamDef { name: "analyze_freq", kind: K::Int { min: 1, max: 100_000 }, default: Dv::Int(5), doc: "analyse every this many epochs (and at the last)" },
+    ParamDef { name: "centering", kind: K::Choice(CENTERINGS), default: Dv::Str("global"), doc: "mean that centres class means in NC1–NC3: sample mean (global) or class-balanced mean" },
+];
+
+/// Metric columns, per analysis epoch. Accuracies are percentages on the balanced test set;
+/// NC metrics are measured on the training set's features.
+static METRICS: &[&str] = &[
+    "train_loss",
+    "train_accuracy",
+    "accuracy",
+    "balanced_accuracy",
+    "head_accuracy",
+    "medium_accuracy",
+    "tail_accuracy",
+    "nc1",
+    "nc2_equinorm_features",
+    "nc2_equinorm_classifier",
+    "nc2_equiangular_features",
+    "nc2_equiangular_classifier",
+    "nc3",
+    "nc4",
+    "drift_abs",
+    "drift_norm",
+    "minority_cosine",
+];
+
+/// Resolved, typed parameters of one run.
+#[derive(Debug, Clone)]
+struct Config {
+    model: ModelKind,
+    width: usize,
+    vit_final_norm: bool,
+    loss: LossKind,
+    optim: OptimConfig,
+    cosine: bool,
+    drift_penalty: f64,
+    epochs: usize,
+    batch_size: usize,
+    analyze_freq: usize,
+    centering: Centering,
+}
+
+fn get_f(p: &Params, k: &str) -> Result<f64, MethodError> {
+    p.get(k).and_then(|v| v.as_f64()).ok_or_else(|| MethodError::Invalid(format!("parameter `{k}` missing or not a number")))
+}
+fn get_i(p: &Params, k: &str) -> Result<usize, MethodError> {
+    p.get(k).and_then(|v| v.as_i64()).map(|i| i.max(0) as usize).ok_or_else(|| MethodError::Invalid(format!("parameter `{k}` missing or not an integer")))
+}
+fn get_s<'a>(p: &'a Params, k: &str) -> Result<&'a str, MethodError> {
+    p.get(k).and_then(|v| v.as_str()).ok_or_else(|| MethodError::Invalid(format!("parameter `{k}` missing or not a string")))
+}
+
+impl Config {
+    fn from_params(p: &Params) -> Result<Self, MethodError> {
+        let model = match get_s(p, "model")? {
+            "mlp" => ModelKind::Mlp,
+            "cnn" => ModelKind::Cnn,
+            "resnet" => ModelKind::Resnet,
+            "vit" => ModelKind::Vit,
+            other => return Err(MethodError::Invalid(format!("unknown model `{other}`"))),
+        };
+        let loss = match get_s(p, "loss")? {
+            "ce" => LossKind::Ce,
+            "focal" => LossKind::Focal { gamma: get_f(p, "focal_gamma")? },
+            "logit_adjustment" => LossKind::LogitAdjustment { tau: get_f(p, "la_tau")? },
+            "balanced_softmax" => LossKind::BalancedSoftmax,
+            other => return Err(MethodError::Invalid(format!("unknown loss `{other}`"))),
+        };
+        let kind = match get_s(p, "optimizer")? {
+            "sgd" => OptimizerKind::Sgd,
+            "adam" => OptimizerKind::Adam,
+            "adamw" => OptimizerKind::Adamw,
+            "rmsprop" => OptimizerKind::Rmsprop,
+            other => return Err(MethodError::Invalid(format!("unknown optimizer `{other}`"))),
+        };
+        // RMSprop's momentum is 0 unless asked for, as in PyTorch; the spec's `momentum`
+        // (default 0.9) is SGD's.
+        let momentum = match kind {
+            OptimizerKind::Sgd => get_f(p, "momentum")?,
+            _ => 0.0,
+        };
+        let optim = OptimConfig {
+            kind,
+            lr: get_f(p, "lr")?,
+            momentum,
+            weight_decay: get_f(p, "weight_decay")?,
+            beta1: 0.9,
+            beta2: 0.999,
+            eps: 1e-8,
+            alpha: 0.99,
+        };
+        Ok(Config {
+            model,
+            width: get_i(p, "width")?,
+            vit_final_norm: p.get("vit_final_norm").and_then(|v| v.as_bool()).unwrap_or(true),
+            loss,
+            optim,
+            cosine: get_s(p, "lr_schedule")? == "cosine",
+            drift_penalty: get_f(p, "drift_penalty")?,
+            epochs: get_i(p, "epochs")?,
+            batch_size: get_i(p, "batch_size")?,
+            analyze_freq: get_i(p, "analyze_freq")?,
+            centering: if get_s(p, "centering")? == "balanced" { Centering::Balanced } else { Centering::Global },
+        })
+    }
+}
+
+/// One analysis epoch's measurements (the `metrics.json` object is a list of these).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct EpochRecord {
+    pub epoch: usize,
+    /// Metric name → value (absent metrics, e.g. minority cosine with one tail class, are left out).
+    pub metrics: BTreeMap<String, f64>,
+    /// Per class: training count, test accuracy (%), classifier row norm.
+    pub per_class: Vec<ClassRecord>,
+    /// Name of the safetensors object with this epoch's raw features.
+    pub analysis_object: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct ClassRecord {
+    pub class: usize,
+    pub train_count: usize,
+    pub group: String,
+    pub test_accuracy: Option<f64>,
+    pub classifier_norm: f64,
+}
+
+/// Everything a training cell records besides its raw tensors.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct RunRecord {
+    pub epochs: Vec<EpochRecord>,
+    pub train_counts: Vec<usize>,
+    pub failure: Option<String>,
+}
+
+impl Method for Supervised {
+    fn name(&self) -> &'static str {
+        "supervised"
+    }
+
+    fn version(&self) -> u32 {
+        1
+    }
+
+    fn schema(&self) -> &'static [ParamDef] {
+        SCHEMA
+    }
+
+    fn metrics(&self) -> &'static [&'static str] {
+        METRICS
+    }
+
+    fn data_params(&self) -> &'static [&'static str] {
+        &["dataset", "imbalance", "data_seed"]
+    }
+
+    fn check_run(&self, p: &Params) -> Result<(), (String, String, Option<String>)> {
+        if let (Some(e), Some(a)) = (p.get("epochs").and_then(|v| v.as_i64()), p.get("analyze_freq").and_then(|v| v.as_i64())) {
+            if a > e {
+                return Err(("analyze_freq".into(), format!("analyze_freq = {a} exceeds epochs = {e}"), Some("the last epoch is always analysed; lower analyze_freq".into())));
+            }
+        }
+        Ok(())
+    }
+
+    fn run(&self, params: &Params, seed: u64, inputs: &TrainInputs, progress: &dyn Progress) -> Result<Outcome, MethodError> {
+        let cfg = Config::from_params(params)?;
+        train_run(&cfg, seed, inputs, progress)
+    }
+}
+
+/// Gather `idx` into an N×C×H×W tensor scaled to [−1, 1], and its labels.
+fn batch(data: &ImageSet, idx: &[usize], dev: &Device) -> Result<(Tensor, Tensor), MethodError> {
+    let dim = data.dim();
+    let mut px = Vec::with_capacity(idx.len() * dim);
+    let mut ys = Vec::with_capacity(idx.len());
+    for &i in idx {
+        px.extend(data.pixels[i * dim..(i + 1) * dim].iter().map(|v| v * 2.0 - 1.0));
+        ys.push(data.labels[i]);
+    }
+    let x = Tensor::from_vec(px, (idx.len(), data.channels, data.height, data.width), dev)?;
+    let y = Tensor::from_vec(ys, idx.len(), dev)?;
+    Ok((x, y))
+}
+
+/// Features and predictions of `idx` in evaluation mode, in chunks.
+fn evaluate(model: &dyn Classifier, data: &ImageSet, idx: &[usize], dev: &Device) -> Result<(Vec<f32>, Vec<u32>), MethodError> {
+    let mut feats = Vec::with_capacity(idx.len() * model.feature_dim());
+    let mut preds = Vec::with_capacity(idx.len());
+    for chunk in idx.chunks(512) {
+        let (x, _) = batch(data, chunk, dev)?;
+        let (f, logits) = model.forward(&x, false)?;
+        feats.extend(f.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?);
+        preds.extend(logits.argmax(D::Minus1)?.to_dtype(DType::U32)?.to_vec1::<u32>()?);
+    }
+    Ok((feats, preds))
+}
+
+fn train_run(cfg: &Config, seed: u64, inputs: &TrainInputs, progress: &dyn Progress) -> Result<Outcome, MethodError> {
+    let dev = Device::Cpu;
+    let data = inputs.data;
+    let c = data.num_classes;
+    let mut counts = vec![0usize; c];
+    for &i in inputs.train {
+        counts[data.labels[i] as usize] += 1;
+    }
+    let groups = metrics::groups_by_rank(&counts);
+    let minority: Vec<usize> = (0..c).filter(|&k| groups[k] == metrics::Group::Tail).collect();
+
+    let varmap = VarMap::new();
+    let vb = VarBuilder::from_varmap(&varmap, DType::F32, &dev);
+    let mcfg = ModelConfig {
+        kind: cfg.model,
+        channels: data.channels,
+        height: data.height,
+        width: data.width,
+        num_classes: c,
+        width_mult: cfg.width,
+        vit_final_norm: cfg.vit_final_norm,
+    };
+    let model = models::build(&mcfg, vb)?;
+    models::seeded_init(&varmap, seed)?;
+    let mut opt = Optimizer::new(varmap.all_vars(), &cfg.optim)?;
+
+    let mut order: Vec<usize> = inputs.train.to_vec();
+    let mut rng = Rng::derive(seed, "batch-order");
+    let steps_per_epoch = order.len().div_ceil(cfg.batch_size.max(1));
+    let total_steps = (steps_per_epoch * cfg.epochs).max(1);
+    let mut step = 0usize;
+    let mut record = RunRecord { epochs: Vec::new(), train_counts: counts.clone(), failure: None };
+    let mut objects = BTreeMap::new();
+
+    for epoch in 1..=cfg.epochs {
+        rng.shuffle(&mut order);
+        let mut loss_sum = 0.0f64;
+        let mut seen = 0usize;
+        for chunk in order.chunks(cfg.batch_size.max(1)) {
+            if cfg.cosine {
+                let t = step as f64 / total_steps as f64;
+                opt.set_lr(cfg.optim.lr * 0.5 * (1.0 + (std::f64::consts::PI * t).cos()));
+            }
+            let (x, y) = batch(data, chunk, &dev)?;
+            let (feats, logits) = model.forward(&x, true)?;
+            let mut loss = train::loss(&cfg.loss, &logits, &y, &counts)?;
+            if cfg.drift_penalty > 0.0 {
+                let labels: Vec<u32> = chunk.iter().map(|&i| data.labels[i]).collect();
+                loss = (loss + (train::drift_penalty(&feats, &labels, c)? * cfg.drift_penalty)?)?;
+            }
+            let l = loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+            if !l.is_finite() {
+                let reason = format!("the training loss became {l} at epoch {epoch}, step {step}: the run diverged");
+                record.failure = Some(reason.clone());
+                objects.insert("metrics.json".to_string(), to_json(&record)?);
+                return Ok(Outcome::Failed { reason, objects });
+            }
+            opt.backward_step(&loss)?;
+            loss_sum += l * chunk.len() as f64;
+            seen += chunk.len();
+            step += 1;
+        }
+        progress.epoch(epoch, cfg.epochs, "");
+        if epoch % cfg.analyze_freq == 0 || epoch == cfg.epochs {
+            let (rec, tensors) = analyse(model.as_ref(), cfg, inputs, &counts, &groups, &minority, epoch, loss_sum / seen.max(1) as f64)?;
+            objects.insert(rec.analysis_object.clone(), tensors);
+            record.epochs.push(rec);
+        }
+    }
+    objects.insert("metrics.json".to_string(), to_json(&record)?);
+    let weights = varmap.data().lock().map_err(|_| MethodError::Invalid("the model's variables are poisoned".into()))?.iter().map(|(k, v)| (k.clone(), v.as_tensor().clone())).collect::<BTreeMap<_, _>>();
+    objects.insert("model.safetensors".to_string(), safetensors_bytes(&weights)?);
+    Ok(Outcome::Done(objects))
+}
+
+fn to_json<T: Serialize>(v: &T) -> Result<Vec<u8>, MethodError> {
+    serde_json::to_vec_pretty(v).map_err(|e| MethodError::Invalid(format!("cannot serialise metrics: {e}")))
+}
+
+/// Serialise named tensors in sorted order (stable bytes for stable hashes).
+pub fn safetensors_bytes(tensors: &BTreeMap<String, Tensor>) -> Result<Vec<u8>, MethodError> {
+    let views: Vec<(String, Tensor)> = tensors.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+    let mut buf = Vec::new();
+    candle_core::safetensors::save_to_writer(&views, &mut buf).map_err(MethodError::Candle)?;
+    Ok(buf)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn analyse(
+    model: &dyn Classifier,
+    cfg: &Config,
+    inputs: &TrainInputs,
+    counts: &[usize],
+    groups: &[metrics::Group],
+    minority: &[usize],
+    epoch: usize,
+    train_loss: f64,
+) -> Result<(EpochRecord, Vec<u8>), MethodError> {
+    let dev = Device::Cpu;
+    let data = inputs.data;
+    let c = data.num_classes;
+    let (feats, preds) = evaluate(model, data, inputs.train, &dev)?;
+    let labels: Vec<u32> = inputs.train.iter().map(|&i| data.labels[i]).collect();
+    let w = model.classifier().to_dtype(DType::F32)?;
+    let d = model.feature_dim();
+    let wv: Vec<f32> = w.flatten_all()?.to_vec1::<f32>()?;
+    let nc = metrics::neural_collapse(&NcInput {
+        features: &feats,
+        n: labels.len(),
+        d,
+        labels: &labels,
+        predictions: &preds,
+        classifier: &wv,
+        num_classes: c,
+        minority,
+        centering: cfg.centering,
+    })
+    .map_err(|e| MethodError::Metrics(e.to_string()))?;
+    let train_acc = metrics::accuracy(&labels, &preds, groups);
+    let (_, test_preds) = evaluate(model, data, inputs.test, &dev)?;
+    let test_labels: Vec<u32> = inputs.test.iter().map(|&i| data.labels[i]).collect();
+    let acc = metrics::accuracy(&test_labels, &test_preds, groups);
+
+    let mut m = BTreeMap::new();
+    let pct = |x: f64| 100.0 * x;
+    m.insert("train_loss".to_string(), train_loss);
+    m.insert("train_accuracy".to_string(), pct(train_acc.overall));
+    m.insert("accuracy".to_string(), pct(acc.overall));
+    m.insert("balanced_accuracy".to_string(), pct(acc.balanced));
+    for (name, v) in [("head_accuracy", acc.head), ("medium_accuracy", acc.medium), ("tail_accuracy", acc.tail)] {
+        if let Some(v) = v {
+            m.insert(name.to_string(), pct(v));
+        }
+    }
+    m.insert("nc1".into(), nc.nc1);
+    m.insert("nc2_equinorm_features".into(), nc.nc2_equinorm_features);
+    m.insert("nc2_equinorm_classifier".into(), nc.nc2_equinorm_classifier);
+    m.insert("nc2_equiangular_features".into(), nc.nc2_equiangular_features);
+    m.insert("nc2_equiangular_classifier".into(), nc.nc2_equiangular_classifier);
+    m.insert("nc3".into(), nc.nc3);
+    m.insert("nc4".into(), nc.nc4);
+    m.insert("drift_abs".into(), nc.drift_abs);
+    m.insert("drift_norm".into(), nc.drift_norm);
+    if let Some(mc) = nc.minority_cosine {
+        m.insert("minority_cosine".into(), mc);
+    }
+    let per_class = (0..c)
+        .map(|k| {
+            let row = &wv[k * d..(k + 1) * d];
+            ClassRecord {
+                class: k,
+                train_count: counts[k],
+                group: format!("{:?}", groups[k]).to_lowercase(),
+                test_accuracy: acc.per_class.get(k).copied().flatten().map(pct),
+                classifier_norm: row.iter().map(|v| f64::from(*v) * f64::from(*v)).sum::<f64>().sqrt(),
+            }
+        })
+        .collect();
+    let name = format!("analysis/e{epoch:04}.safetensors");
+    let mut t = BTreeMap::new();
+    t.insert("features".to_string(), Tensor::from_vec(feats, (labels.len(), d), &dev)?);
+    t.insert("labels".to_string(), Tensor::from_vec(labels.clone(), labels.len(), &dev)?);
+    t.insert("predictions".to_string(), Tensor::from_vec(preds, labels.len(), &dev)?);
+    t.insert("classifier".to_string(), w);
+    let bytes = safetensors_bytes(&t)?;
+    Ok((EpochRecord { epoch, metrics: m, per_class, analysis_object: name }, bytes))
+}
