@@ -162,3 +162,92 @@ pub fn gini(counts: &[usize]) -> Option<f64> {
     }
     Some(abs_diff / (2.0 * c * c * mean))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use Group::{Head, Medium, Tail};
+
+    #[test]
+    fn accuracy_by_hand() {
+        // Class 0: 3 samples, 2 right; class 1: 2 samples, 1 right; class 2: 1 sample, wrong;
+        // class 3: no sample.
+        let y = [0u32, 0, 0, 1, 1, 2];
+        let p = [0u32, 0, 1, 1, 0, 0];
+        let r = accuracy(&y, &p, &[Head, Medium, Tail, Tail]);
+        assert_eq!(r.overall, 0.5);
+        assert_eq!(
+            r.per_class,
+            vec![Some(2.0 / 3.0), Some(0.5), Some(0.0), None]
+        );
+        // Mean over the 3 present classes: (2/3 + 1/2 + 0)/3 = 7/18.
+        assert!((r.balanced - 7.0 / 18.0).abs() < 1e-15);
+        assert_eq!(
+            (r.head, r.medium, r.tail),
+            (Some(2.0 / 3.0), Some(0.5), Some(0.0))
+        );
+        // Head pools classes 0–2 sample-wise: 3/6; no sample is medium or tail.
+        let r = accuracy(&y, &p, &[Head, Head, Head, Tail]);
+        assert_eq!((r.head, r.medium, r.tail), (Some(0.5), None, None));
+        // A prediction outside the classes is just wrong.
+        assert_eq!(accuracy(&[0, 1], &[0, 9], &[Head, Tail]).overall, 0.5);
+    }
+
+    #[test]
+    fn accuracy_errors() {
+        assert_eq!(
+            try_accuracy(&[], &[], &[Head]),
+            Err(MetricsError::NoSamples)
+        );
+        assert!(matches!(
+            try_accuracy(&[0], &[0, 1], &[Head]),
+            Err(MetricsError::Shape { .. })
+        ));
+        assert!(matches!(
+            try_accuracy(&[0, 2], &[0, 1], &[Head, Tail]),
+            Err(MetricsError::ClassOutOfRange {
+                index: 1,
+                value: 2,
+                ..
+            })
+        ));
+    }
+
+    #[test]
+    #[should_panic(expected = "accuracy")]
+    fn accuracy_panics_on_invalid_input() {
+        accuracy(&[0, 1], &[0], &[Head, Tail]);
+    }
+
+    #[test]
+    fn groups_from_counts_and_ranks() {
+        assert_eq!(
+            groups_by_count(&[500, 100, 20, 19, 5], 100, 19),
+            vec![Head, Head, Medium, Tail, Tail]
+        );
+        // Descending: 100(3) 50(1) 20(6) | 7(9) 5(0) 5(2) 5(5) | 5(7) 1(4) 0(8): the tie at 5
+        // keeps class order, so class 7 is the one that falls into the tail.
+        let counts = [5, 50, 5, 100, 1, 5, 20, 5, 0, 7];
+        assert_eq!(
+            groups_by_rank(&counts),
+            vec![Medium, Head, Medium, Head, Tail, Medium, Head, Tail, Tail, Medium]
+        );
+        assert_eq!(groups_by_rank(&[3, 9]), vec![Medium, Medium]);
+        assert_eq!(groups_by_rank(&[1, 2, 3]), vec![Tail, Medium, Head]);
+        assert!(groups_by_rank(&[]).is_empty());
+    }
+
+    #[test]
+    fn imbalance_summaries() {
+        assert_eq!(imbalance_ratio(&[100, 0, 10, 25]), Some(10.0));
+        assert_eq!(imbalance_ratio(&[0, 0]), None);
+        assert_eq!(imbalance_ratio(&[]), None);
+        assert_eq!(gini(&[7, 7, 7, 7]), Some(0.0));
+        // [1, 3]: Σ|n_i − n_j| over the 4 ordered pairs = 4, mean 2 → 4 / (2·4·2) = 1/4.
+        assert_eq!(gini(&[1, 3]), Some(0.25));
+        // [0, 0, 0, 4]: 6 ordered pairs differ by 4 → 24 / (2·16·1) = 3/4 = (C−1)/C, the maximum.
+        assert_eq!(gini(&[0, 0, 0, 4]), Some(0.75));
+        assert_eq!(gini(&[0, 0]), None);
+        assert_eq!(gini(&[]), None);
+    }
+}

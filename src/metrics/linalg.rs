@@ -66,7 +66,10 @@ pub(crate) fn jacobi_eigen(matrix: &[f64], n: usize) -> SymEigen {
             }
         }
     }
-    SymEigen { values: (0..n).map(|k| a[k * n + k]).collect(), vectors: v }
+    SymEigen {
+        values: (0..n).map(|k| a[k * n + k]).collect(),
+        vectors: v,
+    }
 }
 
 pub(crate) fn dot(a: &[f64], b: &[f64]) -> f64 {
@@ -121,7 +124,9 @@ mod tests {
                     .map(|k| e.vectors[i * n + k] * e.values[k] * e.vectors[j * n + k])
                     .sum();
                 assert!((rec - a[i * n + j]).abs() < 1e-12, "A[{i}][{j}]");
-                let orth: f64 = (0..n).map(|k| e.vectors[k * n + i] * e.vectors[k * n + j]).sum();
+                let orth: f64 = (0..n)
+                    .map(|k| e.vectors[k * n + i] * e.vectors[k * n + j])
+                    .sum();
                 let want = if i == j { 1.0 } else { 0.0 };
                 assert!((orth - want).abs() < 1e-12, "VᵀV[{i}][{j}]");
             }
