@@ -28,6 +28,7 @@ const LOSSES: &[&str] = &["ce", "focal", "logit_adjustment", "balanced_softmax"]
 const OPTIMIZERS: &[&str] = &["sgd", "adam", "adamw", "rmsprop"];
 const SCHEDULES: &[&str] = &["constant", "cosine"];
 const CENTERINGS: &[&str] = &["global", "balanced"];
+const DEVICES: &[&str] = &["cpu", "cuda"];
 
 static SCHEMA: &[ParamDef] = &[
     ParamDef { name: "dataset", kind: K::DataName, default: Dv::Str("mnist"), doc: "a data set declared under [data]" },
@@ -48,6 +49,7 @@ static SCHEMA: &[ParamDef] = &[
     ParamDef { name: "epochs", kind: K::Int { min: 1, max: 100_000 }, default: Dv::Int(30), doc: "training epochs" },
     ParamDef { name: "batch_size", kind: K::Int { min: 1, max: 1_000_000 }, default: Dv::Int(128), doc: "batch size" },
     ParamDef { name: "analyze_freq", kind: K::Int { min: 1, max: 100_000 }, default: Dv::Int(5), doc: "analyse every this many epochs (and at the last)" },
+    ParamDef { name: "device", kind: K::Choice(DEVICES), default: Dv::Str("cpu"), doc: "where to train: cpu, or cuda (needs a build with --features cuda)" },
     ParamDef { name: "centering", kind: K::Choice(CENTERINGS), default: Dv::Str("global"), doc: "mean that centres class means in NC1–NC3: sample mean (global) or class-balanced mean" },
 ];
 
@@ -87,6 +89,7 @@ struct Config {
     batch_size: usize,
     analyze_freq: usize,
     centering: Centering,
+    cuda: bool,
 }
 
 fn get_f(p: &Params, k: &str) -> Result<f64, MethodError> {
@@ -150,6 +153,7 @@ impl Config {
             batch_size: get_i(p, "batch_size")?,
             analyze_freq: get_i(p, "analyze_freq")?,
             centering: if get_s(p, "centering")? == "balanced" { Centering::Balanced } else { Centering::Global },
+            cuda: p.get("device").and_then(|v| v.as_str()) == Some("cuda"),
         })
     }
 }
@@ -201,7 +205,7 @@ impl Method for Supervised {
     }
 
     fn data_params(&self) -> &'static [&'static str] {
-        &["dataset", "imbalance", "data_seed"]
+        &["dataset", "imbalance", "data_seed", "device"]
     }
 
     fn check_run(&self, p: &Params) -> Result<(), (String, String, Option<String>)> {
@@ -246,8 +250,19 @@ fn evaluate(model: &dyn Classifier, data: &ImageSet, idx: &[usize], dev: &Device
     Ok((feats, preds))
 }
 
+/// The device a run asks for; CUDA needs a build with `--features cuda` and a GPU.
+fn device(cfg: &Config) -> Result<Device, MethodError> {
+    if !cfg.cuda {
+        return Ok(Device::Cpu);
+    }
+    if !candle_core::utils::cuda_is_available() {
+        return Err(MethodError::Invalid("device = \"cuda\" but this build of reprise has no CUDA support: rebuild with `cargo build --release --features cuda` on a machine with the CUDA toolkit, or set device = \"cpu\"".into()));
+    }
+    Ok(Device::new_cuda(0)?)
+}
+
 fn train_run(cfg: &Config, seed: u64, inputs: &TrainInputs, progress: &dyn Progress) -> Result<Outcome, MethodError> {
-    let dev = Device::Cpu;
+    let dev = device(cfg)?;
     let data = inputs.data;
     let c = data.num_classes;
     let mut counts = vec![0usize; c];
@@ -310,13 +325,13 @@ fn train_run(cfg: &Config, seed: u64, inputs: &TrainInputs, progress: &dyn Progr
         }
         progress.epoch(epoch, cfg.epochs, "");
         if epoch % cfg.analyze_freq == 0 || epoch == cfg.epochs {
-            let (rec, tensors) = analyse(model.as_ref(), cfg, inputs, &counts, &groups, &minority, epoch, loss_sum / seen.max(1) as f64)?;
+            let (rec, tensors) = analyse(model.as_ref(), &dev, cfg, inputs, &counts, &groups, &minority, epoch, loss_sum / seen.max(1) as f64)?;
             objects.insert(rec.analysis_object.clone(), tensors);
             record.epochs.push(rec);
         }
     }
     objects.insert("metrics.json".to_string(), to_json(&record)?);
-    let weights = varmap.data().lock().map_err(|_| MethodError::Invalid("the model's variables are poisoned".into()))?.iter().map(|(k, v)| (k.clone(), v.as_tensor().clone())).collect::<BTreeMap<_, _>>();
+    let weights = varmap.data().lock().map_err(|_| MethodError::Invalid("the model's variables are poisoned".into()))?.iter().map(|(k, v)| Ok((k.clone(), v.as_tensor().to_device(&Device::Cpu)?))).collect::<Result<BTreeMap<_, _>, candle_core::Error>>()?;
     objects.insert("model.safetensors".to_string(), safetensors_bytes(&weights)?);
     Ok(Outcome::Done(objects))
 }
@@ -336,6 +351,7 @@ pub fn safetensors_bytes(tensors: &BTreeMap<String, Tensor>) -> Result<Vec<u8>, 
 #[allow(clippy::too_many_arguments)]
 fn analyse(
     model: &dyn Classifier,
+    dev: &Device,
     cfg: &Config,
     inputs: &TrainInputs,
     counts: &[usize],
@@ -344,12 +360,11 @@ fn analyse(
     epoch: usize,
     train_loss: f64,
 ) -> Result<(EpochRecord, Vec<u8>), MethodError> {
-    let dev = Device::Cpu;
     let data = inputs.data;
     let c = data.num_classes;
-    let (feats, preds) = evaluate(model, data, inputs.train, &dev)?;
+    let (feats, preds) = evaluate(model, data, inputs.train, dev)?;
     let labels: Vec<u32> = inputs.train.iter().map(|&i| data.labels[i]).collect();
-    let w = model.classifier().to_dtype(DType::F32)?;
+    let w = model.classifier().to_dtype(DType::F32)?.to_device(&Device::Cpu)?;
     let d = model.feature_dim();
     let wv: Vec<f32> = w.flatten_all()?.to_vec1::<f32>()?;
     let nc = metrics::neural_collapse(&NcInput {
@@ -365,7 +380,7 @@ fn analyse(
     })
     .map_err(|e| MethodError::Metrics(e.to_string()))?;
     let train_acc = metrics::accuracy(&labels, &preds, groups);
-    let (_, test_preds) = evaluate(model, data, inputs.test, &dev)?;
+    let (_, test_preds) = evaluate(model, data, inputs.test, dev)?;
     let test_labels: Vec<u32> = inputs.test.iter().map(|&i| data.labels[i]).collect();
     let acc = metrics::accuracy(&test_labels, &test_preds, groups);
 
@@ -398,7 +413,7 @@ fn analyse(
             ClassRecord {
                 class: k,
                 train_count: counts[k],
-                group: format!("{:?}", groups[k]).to_lowercase(),
+                group: group_name(groups[k]).to_string(),
                 test_accuracy: acc.per_class.get(k).copied().flatten().map(pct),
                 classifier_norm: row.iter().map(|v| f64::from(*v) * f64::from(*v)).sum::<f64>().sqrt(),
             }
@@ -406,10 +421,19 @@ fn analyse(
         .collect();
     let name = format!("analysis/e{epoch:04}.safetensors");
     let mut t = BTreeMap::new();
-    t.insert("features".to_string(), Tensor::from_vec(feats, (labels.len(), d), &dev)?);
-    t.insert("labels".to_string(), Tensor::from_vec(labels.clone(), labels.len(), &dev)?);
-    t.insert("predictions".to_string(), Tensor::from_vec(preds, labels.len(), &dev)?);
+    let cpu = Device::Cpu;
+    t.insert("features".to_string(), Tensor::from_vec(feats, (labels.len(), d), &cpu)?);
+    t.insert("labels".to_string(), Tensor::from_vec(labels.clone(), labels.len(), &cpu)?);
+    t.insert("predictions".to_string(), Tensor::from_vec(preds, labels.len(), &cpu)?);
     t.insert("classifier".to_string(), w);
     let bytes = safetensors_bytes(&t)?;
     Ok((EpochRecord { epoch, metrics: m, per_class, analysis_object: name }, bytes))
+}
+
+fn group_name(g: metrics::Group) -> &'static str {
+    match g {
+        metrics::Group::Head => "head",
+        metrics::Group::Medium => "medium",
+        metrics::Group::Tail => "tail",
+    }
 }

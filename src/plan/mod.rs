@@ -150,7 +150,6 @@ fn material(kind: &str, version: u32, params: BTreeMap<String, String>, upstream
 /// Plan every cell of `spec`.
 pub fn plan(spec: &Spec) -> Result<Plan, PlanError> {
     let method: &'static dyn Method = methods::get(&spec.report.method).ok_or_else(|| PlanError::Method(spec.report.method.clone()))?;
-    let device = "cpu";
     let mut b = Builder { cells: Vec::new(), index: HashMap::new() };
     let mut manifests: HashMap<String, (usize, usize)> = HashMap::new(); // data name → (dataset cell, split cell)
     let mut runs = Vec::new();
@@ -185,15 +184,18 @@ pub fn plan(spec: &Spec) -> Result<Plan, PlanError> {
             let m = material("subset", SUBSET_VERSION, p, vec![b.cells[ds].key.clone(), b.cells[split].key.clone()], Some(data_seed), "any");
             let subset = b.add(format!("subset/{data_name}/imbalance={}", ParamValue::Float(imbalance)), CellKind::Subset { imbalance, seed: data_seed }, m, vec![ds, split]);
 
+            // The device class goes into the key on its own: CPU and GPU results differ in the
+            // last bits, so they are different cells.
+            let device = run.params.get("device").and_then(ParamValue::as_str).unwrap_or("cpu").to_string();
             let mut train_params = run.params.clone();
             for k in method.data_params() {
                 train_params.remove(*k);
             }
             let canon: BTreeMap<String, String> = train_params.iter().map(|(k, v)| (k.clone(), v.canonical())).collect();
             let up = vec![b.cells[ds].key.clone(), b.cells[split].key.clone(), b.cells[subset].key.clone()];
-            let m = material(&format!("train:{}", method.name()), method.version(), canon, up, Some(run.seed), device);
+            let m = material(&format!("train:{}", method.name()), method.version(), canon, up, Some(run.seed), &device);
             let name = format!("train/{}/{}", exp.id, run.label());
-            let cell = b.add(name, CellKind::Train { method: method.name(), params: train_params, seed: run.seed }, m, vec![ds, split, subset]);
+            let cell = b.add(name, CellKind::Train { method: method.name(), params: run.params.clone(), seed: run.seed }, m, vec![ds, split, subset]);
             runs.push(PlannedRun { experiment: exp.id.clone(), label: run.label(), point: run.point.clone(), params: run.params.clone(), seed: run.seed, cell });
         }
     }

@@ -79,8 +79,16 @@ struct ExperimentFile {
     params: toml::Table,
     #[serde(default)]
     grid: toml::Table,
+    /// Explicit parameter combinations (e.g. an optimiser with its own learning rate),
+    /// combined with every grid point.
+    #[serde(default)]
+    points: Vec<toml::Table>,
     #[serde(default = "default_seeds")]
     seeds: Vec<u64>,
+    /// Profiles this experiment runs in (default: all). Elsewhere it is planned with no runs
+    /// and its tables say so.
+    #[serde(default)]
+    profiles: Vec<String>,
 }
 
 fn default_seeds() -> Vec<u64> {
@@ -262,6 +270,8 @@ impl RunSpec {
 /// An experiment with its grid expanded.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Experiment {
+    /// False when the experiment is limited to other profiles: it then has no runs.
+    pub active: bool,
     pub id: String,
     pub title: String,
     pub description: Option<String>,
@@ -495,8 +505,26 @@ pub fn parse(text: &str, path: &Path, root: &Path, profile: &str, sets: &[String
             }
             axes.push((k.clone(), vals));
         }
+        let mut explicit: Vec<Params> = Vec::new();
+        for (i, table) in ef.points.iter().enumerate() {
+            let mut p = Params::new();
+            check_params(table, &["experiments", id, "points", &i.to_string()], schema, &data_names, &mut p, &mut err);
+            for k in p.keys() {
+                if ef.grid.contains_key(k) {
+                    err(at(&format!("points.{i}.{k}")), true, format!("`{k}` is both a grid axis and set by a point of `{id}`"), Some("keep each parameter in one place".into()));
+                }
+                if !axes.iter().any(|(a, _)| a == k) {
+                    axes.push((k.clone(), Vec::new()));
+                }
+            }
+            explicit.push(p);
+        }
+        if explicit.is_empty() {
+            explicit.push(Params::new());
+        }
+        let grid_axes: Vec<(String, Vec<ParamValue>)> = axes.iter().filter(|(_, v)| !v.is_empty()).cloned().collect();
         let mut runs = Vec::new();
-        for point in cartesian(&axes) {
+        for point in cartesian(&grid_axes).into_iter().flat_map(|g| explicit.iter().map(move |e| { let mut q = g.clone(); q.extend(e.clone()); q })) {
             for &seed in &ef.seeds {
                 let mut p = params.clone();
                 for (k, v) in &point {
@@ -505,7 +533,12 @@ pub fn parse(text: &str, path: &Path, root: &Path, profile: &str, sets: &[String
                 runs.push(RunSpec { point: point.clone(), params: p, seed });
             }
         }
+        let active = ef.profiles.is_empty() || ef.profiles.iter().any(|p| p == profile);
+        if !active {
+            runs.clear();
+        }
         experiments.push(Experiment {
+            active,
             id: id.clone(),
             title: ef.title.clone(),
             description: ef.description.clone(),
