@@ -139,10 +139,11 @@ fn edit_distance(a: &str, b: &str) -> usize {
 /// The candidate closest to `word`, if it is close enough to be a plausible typo.
 fn closest<'a>(word: &str, candidates: impl IntoIterator<Item = &'a str>) -> Option<&'a str> {
     let limit = (word.chars().count() / 3).max(2);
+    // A strict prefix of a candidate ("csv" for "csv-gz") counts as close, whatever its distance.
     candidates
         .into_iter()
         .map(|c| (edit_distance(word, c), c))
-        .filter(|&(d, _)| d > 0 && d <= limit)
+        .filter(|&(d, c)| d > 0 && (d <= limit || (word.len() >= 3 && c.starts_with(word))))
         .min_by_key(|&(d, _)| d)
         .map(|(_, c)| c)
 }
@@ -168,6 +169,23 @@ fn typo_hint(message: &str) -> Option<String> {
     let known = backquoted_after(message, "expected");
     let best = closest(unknown, known.iter().copied())?;
     Some(format!("did you mean `{best}`?"))
+}
+
+/// Where the unknown key of an "unknown field `x`" message is written, at or after `from`. The
+/// parser reports such errors at the start of the enclosing table; the key itself is more useful.
+fn key_position(text: &str, from: usize, message: &str) -> Option<usize> {
+    let key = *backquoted_after(message, "unknown field").first()?;
+    let mut offset = from.min(text.len());
+    for line in text.get(offset..)?.split_inclusive('\n') {
+        let trimmed = line.trim_start();
+        if let Some(rest) = trimmed.strip_prefix(key) {
+            if rest.trim_start().starts_with('=') {
+                return Some(offset + (line.len() - trimmed.len()));
+            }
+        }
+        offset += line.len();
+    }
+    None
 }
 
 /// 1-based line and column of byte offset `at` in `text`.
@@ -229,7 +247,8 @@ impl Manifest {
             let message = e.message().trim().to_string();
             let at = match e.span() {
                 Some(span) => {
-                    let (line, col) = line_col(text, span.start);
+                    let start = key_position(text, span.start, &message).unwrap_or(span.start);
+                    let (line, col) = line_col(text, start);
                     format!("line {line}, column {col}: ")
                 }
                 None => String::new(),
@@ -516,4 +535,259 @@ fn append(mut acc: ImageSet, next: ImageSet, path: &Path) -> Result<ImageSet, Da
     acc.labels.extend(next.labels);
     acc.num_classes = acc.num_classes.max(next.num_classes);
     Ok(acc)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn crate_root() -> &'static Path {
+        Path::new(env!("CARGO_MANIFEST_DIR"))
+    }
+
+    fn manifest_path(name: &str) -> PathBuf {
+        crate_root().join("data-manifests").join(name)
+    }
+
+    #[test]
+    fn embedded_mnist_5k_loads_balanced() {
+        let m = Manifest::load(&manifest_path("mnist-5k.toml")).unwrap();
+        assert_eq!(m.name, "mnist-5k");
+        m.verify(crate_root()).unwrap();
+        let set = m.load_images(crate_root(), None).unwrap();
+        assert_eq!((set.len(), set.channels, set.height, set.width), (5000, 1, 28, 28));
+        assert_eq!(set.num_classes, 10);
+        assert_eq!(set.class_counts(), vec![500; 10]);
+        assert!(set.pixels.iter().all(|&v| (0.0..=1.0).contains(&v)));
+        assert_eq!(set.pixels.iter().cloned().fold(0.0f32, f32::max), 1.0);
+        assert_eq!(m.load_images(crate_root(), Some("all")).unwrap(), set);
+    }
+
+    #[test]
+    fn embedded_optdigits_loads() {
+        let m = Manifest::load(&manifest_path("optdigits-8x8.toml")).unwrap();
+        let set = m.load_images(crate_root(), None).unwrap();
+        assert_eq!((set.len(), set.channels, set.height, set.width), (1797, 1, 8, 8));
+        let counts = set.class_counts();
+        assert_eq!(counts.len(), 10);
+        assert!(counts.iter().all(|&c| (174..=183).contains(&c)), "{counts:?}");
+        assert!(set.pixels.iter().all(|&v| (0.0..=1.0).contains(&v)));
+        assert_eq!(set.pixels.iter().cloned().fold(0.0f32, f32::max), 1.0);
+    }
+
+    #[test]
+    fn load_all_finds_both_embedded_manifests() {
+        let all = Manifest::load_all(&crate_root().join("data-manifests")).unwrap();
+        let names: Vec<&str> = all.iter().map(|m| m.name.as_str()).collect();
+        assert!(names.contains(&"mnist-5k") && names.contains(&"optdigits-8x8"), "{names:?}");
+    }
+
+    #[test]
+    fn altered_hash_is_a_mismatch_naming_both_hashes() {
+        let text = std::fs::read_to_string(manifest_path("optdigits-8x8.toml")).unwrap();
+        let real = "09f66e6debdee2cd2b5ae59e0d6abbb73fc2b0e0185d2e1957e9ebb51e23aa22";
+        let fake = "00f66e6debdee2cd2b5ae59e0d6abbb73fc2b0e0185d2e1957e9ebb51e23aa22";
+        assert!(text.contains(real));
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("altered.toml");
+        std::fs::write(&p, text.replace(real, fake)).unwrap();
+        let m = Manifest::load(&p).unwrap();
+        let err = m.load_images(crate_root(), None).unwrap_err();
+        let msg = err.to_string();
+        match err {
+            DataError::HashMismatch {
+                path,
+                expected,
+                actual,
+            } => {
+                assert!(path.ends_with("data/optdigits_8x8.csv.gz"));
+                assert_eq!((expected.as_str(), actual.as_str()), (fake, real));
+            }
+            other => panic!("expected HashMismatch, got {other:?}"),
+        }
+        assert!(msg.contains(real) && msg.contains(fake) && msg.contains("optdigits_8x8.csv.gz"), "{msg}");
+        assert!(msg.contains("re-download") && msg.contains("update"), "{msg}");
+        assert!(matches!(m.verify(crate_root()), Err(DataError::HashMismatch { .. })));
+    }
+
+    const MINIMAL: &str = r#"
+name = "tiny"
+description = "three 2x2 images"
+classes = ["a", "b", "c"]
+licence = "CC0"
+source = "made up in a test"
+citation = "none"
+
+[format]
+kind = "csv-gz"
+channels = 1
+height = 2
+width = 2
+max_value = 4.0
+
+[[files]]
+path = "d/tiny.csv"
+sha256 = "SHA"
+role = "train"
+"#;
+
+    /// A tempdir holding `d/tiny.csv` with `csv`, and MINIMAL pointing at it.
+    fn tiny_setup(csv: &str) -> (tempfile::TempDir, String) {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir(dir.path().join("d")).unwrap();
+        let p = dir.path().join("d/tiny.csv");
+        std::fs::write(&p, csv).unwrap();
+        let text = MINIMAL.replace("SHA", &sha256_file(&p).unwrap());
+        (dir, text)
+    }
+
+    fn manifest_error(text: &str) -> (String, Option<String>) {
+        match Manifest::from_toml_str(text, Path::new("m/x.toml")).unwrap_err() {
+            e @ DataError::Manifest { .. } => {
+                let msg = e.to_string();
+                assert!(msg.starts_with("m/x.toml: "), "{msg}");
+                let DataError::Manifest { hint, .. } = e else { unreachable!() };
+                (msg, hint)
+            }
+            other => panic!("expected a Manifest error, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn loads_a_minimal_manifest_by_role() {
+        let (dir, text) = tiny_setup("0,1,2,3,1\n4,4,0,0,0\n");
+        let m = Manifest::from_toml_str(&text, Path::new("tiny.toml")).unwrap();
+        let set = m.load_images(dir.path(), Some("train")).unwrap();
+        assert_eq!((set.len(), set.num_classes), (2, 3));
+        assert_eq!(set.class_counts(), vec![1, 1, 0]);
+        let err = m.load_images(dir.path(), Some("trian")).unwrap_err();
+        assert!(matches!(&err, DataError::Manifest { hint: Some(h), .. } if h.contains("\"train\"")), "{err}");
+    }
+
+    #[test]
+    fn labels_beyond_the_class_list_are_an_error() {
+        let (dir, text) = tiny_setup("0,1,2,3,1\n4,4,0,0,3\n");
+        let m = Manifest::from_toml_str(&text, Path::new("tiny.toml")).unwrap();
+        let msg = m.load_images(dir.path(), None).unwrap_err().to_string();
+        assert!(msg.contains("tiny.csv") && msg.contains("image 1") && msg.contains("label 3"), "{msg}");
+    }
+
+    #[test]
+    fn unknown_keys_name_line_column_and_suggest() {
+        let (_dir, text) = tiny_setup("0,0,0,0,0\n");
+        let (msg, hint) = manifest_error(&text.replace("licence =", "licnce ="));
+        assert!(msg.contains("line 5, column 1") && msg.contains("unknown field `licnce`"), "{msg}");
+        assert_eq!(hint.as_deref(), Some("did you mean `licence`?"));
+        assert!(msg.contains("did you mean `licence`?"), "{msg}");
+
+        // Reported where the key is written (line 11), not at the `[format]` header.
+        let (msg, hint) = manifest_error(&text.replace("channels =", "chanels ="));
+        assert!(msg.contains("line 11, column 1: unknown field `chanels`"), "{msg}");
+        assert_eq!(hint.as_deref(), Some("did you mean `channels`?"));
+
+        let (msg, hint) = manifest_error(&text.replace("role =", "rol ="));
+        assert!(msg.contains("rol"), "{msg}");
+        assert_eq!(hint.as_deref(), Some("did you mean `role`?"));
+
+        let (msg, hint) = manifest_error(&text.replace("\"csv-gz\"", "\"csv-zg\""));
+        assert!(msg.contains("csv-zg"), "{msg}");
+        assert_eq!(hint.as_deref(), Some("did you mean `csv-gz`?"));
+
+        let (_, hint) = manifest_error(&text.replace("\"csv-gz\"", "\"csv\""));
+        assert_eq!(hint.as_deref(), Some("did you mean `csv-gz`?"));
+
+        let (_, hint) = manifest_error(&text.replace("licence =", "frobnicate ="));
+        assert_eq!(hint, None);
+        let (msg, _) = manifest_error(&text.replace("citation = \"none\"", ""));
+        assert!(msg.contains("citation"), "{msg}");
+    }
+
+    #[test]
+    fn validation_errors() {
+        let (_dir, text) = tiny_setup("0,0,0,0,0\n");
+        let sha = text.lines().find(|l| l.starts_with("sha256")).unwrap().to_string();
+        let (msg, hint) = manifest_error(&text.replace(&sha, "sha256 = \"abc\""));
+        assert!(msg.contains("files[0] (d/tiny.csv): sha256 must be 64"), "{msg}");
+        assert!(hint.unwrap().contains("sha256sum d/tiny.csv"));
+        let (msg, _) = manifest_error(&text.replace("d/tiny.csv", "../tiny.csv"));
+        assert!(msg.contains("must be relative"), "{msg}");
+        let (msg, _) = manifest_error(&text.replace("max_value = 4.0", "max_value = 0.0"));
+        assert!(msg.contains("max_value"), "{msg}");
+        let (msg, _) = manifest_error(&text.replace("[\"a\", \"b\", \"c\"]", "[\"a\", \"a\"]"));
+        assert!(msg.contains("appears twice"), "{msg}");
+    }
+
+    #[test]
+    fn content_id_ignores_cosmetics_but_not_content() {
+        let (_dir, text) = tiny_setup("0,0,0,0,0\n");
+        let id = |t: &str| Manifest::from_toml_str(t, Path::new("x.toml")).unwrap().content_id();
+        let base = id(&text);
+        assert_eq!(base.len(), 64);
+        assert_eq!(id(&text.replace("d/tiny.csv", "elsewhere/tiny.csv")), base);
+        assert_eq!(id(&text.replace("three 2x2 images", "other words")), base);
+        assert_eq!(id(&text.replace("name = \"tiny\"", "name = \"renamed\"")), base);
+        assert_ne!(id(&text.replace("max_value = 4.0", "max_value = 5.0")), base);
+        assert_ne!(id(&text.replace("role = \"train\"", "role = \"test\"")), base);
+        let sha = text.lines().find(|l| l.starts_with("sha256")).unwrap().to_string();
+        assert_ne!(id(&text.replace(&sha, &format!("sha256 = \"{}\"", "0".repeat(64)))), base);
+        let real = Manifest::load(&manifest_path("mnist-5k.toml")).unwrap();
+        assert_eq!(real.content_id(), real.content_id());
+        assert_ne!(real.content_id(), base);
+    }
+
+    #[test]
+    fn idx_manifest_reads_split_roles() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut images = vec![0, 0, 8, 3, 0, 0, 0, 2, 0, 0, 0, 1, 0, 0, 0, 1];
+        images.extend([0u8, 255]);
+        let labels = vec![0, 0, 8, 1, 0, 0, 0, 2, 1, 0];
+        std::fs::write(dir.path().join("ti"), &images).unwrap();
+        std::fs::write(dir.path().join("tl"), &labels).unwrap();
+        let sha = |n: &str| sha256_file(&dir.path().join(n)).unwrap();
+        let text = format!(
+            r#"name = "idx"
+description = ""
+classes = ["x", "y"]
+licence = ""
+source = ""
+citation = ""
+format = {{ kind = "idx" }}
+files = [
+  {{ path = "ti", sha256 = "{}", role = "train-images" }},
+  {{ path = "tl", sha256 = "{}", role = "train-labels" }},
+]
+"#,
+            sha("ti"),
+            sha("tl")
+        );
+        let m = Manifest::from_toml_str(&text, Path::new("idx.toml")).unwrap();
+        let set = m.load_images(dir.path(), Some("train")).unwrap();
+        assert_eq!((set.labels.clone(), set.pixels.clone(), set.num_classes), (vec![1, 0], vec![0.0, 1.0], 2));
+        let err = m.load_images(dir.path(), None).unwrap_err();
+        assert!(err.to_string().contains("no file with role \"images\""), "{err}");
+        let (msg, _) = manifest_error(&text.replace("kind = \"idx\"", "kind = \"idx\", extra = 1"));
+        assert!(msg.contains("extra"), "{msg}");
+    }
+
+    #[test]
+    fn sha256_of_known_bytes_and_missing_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("abc");
+        std::fs::write(&p, "abc").unwrap();
+        assert_eq!(
+            sha256_file(&p).unwrap(),
+            "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
+        );
+        let err = sha256_file(&dir.path().join("nope")).unwrap_err();
+        assert!(matches!(err, DataError::Io { .. }) && err.to_string().contains("nope"));
+    }
+
+    #[test]
+    fn edit_distance_and_closest() {
+        assert_eq!(edit_distance("kitten", "sitting"), 3);
+        assert_eq!(edit_distance("", "abc"), 3);
+        assert_eq!(edit_distance("same", "same"), 0);
+        assert_eq!(closest("widht", ["width", "height"]), Some("width"));
+        assert_eq!(closest("zzzzzz", ["width", "height"]), None);
+    }
 }
