@@ -230,7 +230,14 @@ mod tests {
             }
         );
         let err = balanced_split(&[0, 1, 7], 3, 0, 0).unwrap_err();
-        assert!(matches!(err, DeriveError::LabelOutOfRange { index: 2, label: 7, .. }));
+        assert!(matches!(
+            err,
+            DeriveError::LabelOutOfRange {
+                index: 2,
+                label: 7,
+                ..
+            }
+        ));
     }
 
     #[test]
@@ -264,14 +271,20 @@ mod tests {
             }
         );
         let msg = err.to_string();
-        assert!(msg.contains("class 5") && msg.contains("larger imbalance factor"), "{msg}");
+        assert!(
+            msg.contains("class 5") && msg.contains("larger imbalance factor"),
+            "{msg}"
+        );
         assert!(matches!(
             long_tail_subset(&l, &pool, 10, 0.0, 0),
             Err(DeriveError::BadImbalanceFactor { .. })
         ));
         assert!(matches!(
             long_tail_subset(&l, &[1000], 10, 0.5, 0),
-            Err(DeriveError::PoolIndexOutOfRange { index: 1000, len: 100 })
+            Err(DeriveError::PoolIndexOutOfRange {
+                index: 1000,
+                len: 100
+            })
         ));
     }
 }

@@ -397,7 +397,10 @@ pub fn load_cifar(paths: &[PathBuf], variant: CifarVariant) -> Result<ImageSet, 
     if paths.is_empty() {
         return Err(DataError::format(
             Path::new("<no files>"),
-            format!("load_cifar needs at least one {} batch file", variant.name()),
+            format!(
+                "load_cifar needs at least one {} batch file",
+                variant.name()
+            ),
         ));
     }
     let rec = variant.record_len();
@@ -409,7 +412,10 @@ pub fn load_cifar(paths: &[PathBuf], variant: CifarVariant) -> Result<ImageSet, 
         if bytes.is_empty() {
             return Err(DataError::format(
                 path,
-                format!("file is empty: expected {rec}-byte {} records", variant.name()),
+                format!(
+                    "file is empty: expected {rec}-byte {} records",
+                    variant.name()
+                ),
             ));
         }
         if bytes.len() % rec != 0 {
@@ -484,7 +490,10 @@ fn decode_image(bytes: &[u8]) -> Result<Raster, String> {
     let raster = decoded
         .unwrap_or_else(|_| Err("the image decoder crashed on these (malformed) bytes".into()))?;
     if raster.height == 0 || raster.width == 0 {
-        return Err(format!("image is {}×{}, which holds no pixels", raster.height, raster.width));
+        return Err(format!(
+            "image is {}×{}, which holds no pixels",
+            raster.height, raster.width
+        ));
     }
     Ok(raster)
 }
@@ -492,7 +501,9 @@ fn decode_image(bytes: &[u8]) -> Result<Raster, String> {
 fn decode_png(bytes: &[u8]) -> Result<Raster, String> {
     let mut decoder = png::Decoder::new(Cursor::new(bytes));
     decoder.set_transformations(png::Transformations::EXPAND | png::Transformations::STRIP_16);
-    let mut reader = decoder.read_info().map_err(|e| format!("invalid PNG: {e}"))?;
+    let mut reader = decoder
+        .read_info()
+        .map_err(|e| format!("invalid PNG: {e}"))?;
     let mut buf = vec![0u8; reader.output_buffer_size()];
     let info = reader
         .next_frame(&mut buf)
@@ -571,7 +582,8 @@ fn to_chw(r: &Raster, channels: usize) -> Vec<f32> {
                 }
             }
             (_, 1) => {
-                let y = 0.299 * f32::from(px[0]) + 0.587 * f32::from(px[1]) + 0.114 * f32::from(px[2]);
+                let y =
+                    0.299 * f32::from(px[0]) + 0.587 * f32::from(px[1]) + 0.114 * f32::from(px[2]);
                 out[p] = (y / 255.0).clamp(0.0, 1.0);
             }
             _ => {
@@ -587,7 +599,12 @@ fn to_chw(r: &Raster, channels: usize) -> Vec<f32> {
 /// Bilinear resampling of channel-major planes from `h×w` to `th×tw`, sampling at pixel centres
 /// (`src = (dst + 0.5)·scale − 0.5`, clamped to the edge) without antialiasing, like
 /// OpenCV's `INTER_LINEAR` and PyTorch's `interpolate(mode="bilinear", align_corners=False)`.
-fn resize_bilinear(src: &[f32], channels: usize, (h, w): (usize, usize), (th, tw): (usize, usize)) -> Vec<f32> {
+fn resize_bilinear(
+    src: &[f32],
+    channels: usize,
+    (h, w): (usize, usize),
+    (th, tw): (usize, usize),
+) -> Vec<f32> {
     let coords = |dst_len: usize, src_len: usize| -> Vec<(usize, usize, f32)> {
         let scale = src_len as f32 / dst_len as f32;
         (0..dst_len)
@@ -647,7 +664,9 @@ pub fn load_parquet_images(
     }
     if let Some((h, w)) = size {
         if h == 0 || w == 0 {
-            return Err(bad(format!("requested image size {h}×{w} must be positive")));
+            return Err(bad(format!(
+                "requested image size {h}×{w} must be positive"
+            )));
         }
     }
     let columns = vec![image_column.into(), label_column.into()];
@@ -700,7 +719,9 @@ pub fn load_parquet_images(
 
     let mut labels = Vec::with_capacity(df.height());
     for row in 0..label_ca.len() {
-        let l = label_ca.get(row).ok_or_else(|| bad(format!("row {row}: label in {label_column:?} is null")))?;
+        let l = label_ca
+            .get(row)
+            .ok_or_else(|| bad(format!("row {row}: label in {label_column:?} is null")))?;
         let l = u32::try_from(l)
             .ok()
             .filter(|&l| u64::from(l) < MAX_INFERRED_CLASSES)
@@ -781,7 +802,10 @@ mod tests {
 
     /// The message of a Format error (which names the file), failing on any other error.
     fn format_message(err: DataError) -> String {
-        assert!(matches!(err, DataError::Format { .. }), "expected a Format error, got {err:?}");
+        assert!(
+            matches!(err, DataError::Format { .. }),
+            "expected a Format error, got {err:?}"
+        );
         err.to_string()
     }
 
@@ -823,7 +847,10 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let p = write(dir.path(), "bad.csv", b"0,1,2,3,1\n4,4,x,0,0\n");
         let msg = format_message(load_csv(&p, &LAYOUT).unwrap_err());
-        assert!(msg.contains("bad.csv") && msg.contains("line 2, field 3"), "{msg}");
+        assert!(
+            msg.contains("bad.csv") && msg.contains("line 2, field 3"),
+            "{msg}"
+        );
         assert!(msg.contains("\"x\""), "{msg}");
     }
 
@@ -831,14 +858,30 @@ mod tests {
     fn csv_malformed_cases() {
         let dir = tempfile::tempdir().unwrap();
         let cases: &[(&str, &[u8], &str)] = &[
-            ("short.csv", b"0,1,2,3,1\n0,1,2\n", "line 2: expected 5 comma-separated fields"),
-            ("range.csv", b"0,1,2,5,1\n", "line 1, field 4: pixel value 5 is outside"),
+            (
+                "short.csv",
+                b"0,1,2,3,1\n0,1,2\n",
+                "line 2: expected 5 comma-separated fields",
+            ),
+            (
+                "range.csv",
+                b"0,1,2,5,1\n",
+                "line 1, field 4: pixel value 5 is outside",
+            ),
             ("neg.csv", b"0,1,2,3,-1\n", "line 1, field 5 (the label)"),
             ("frac.csv", b"0,1,2,3,1.5\n", "line 1, field 5 (the label)"),
             ("empty.csv", b"", "no rows"),
             ("blank.csv", b"\n  \n", "no rows"),
-            ("utf.csv", b"0,1,\xff,3,1\n", "byte offset 4: not valid UTF-8"),
-            ("fake.csv.gz", b"0,1,2,3,1\n", "does not start with the gzip magic"),
+            (
+                "utf.csv",
+                b"0,1,\xff,3,1\n",
+                "byte offset 4: not valid UTF-8",
+            ),
+            (
+                "fake.csv.gz",
+                b"0,1,2,3,1\n",
+                "does not start with the gzip magic",
+            ),
             ("empty.csv.gz", b"", "does not start with the gzip magic"),
         ];
         for (name, bytes, needle) in cases {
@@ -854,7 +897,10 @@ mod tests {
         let full = gz(CSV.repeat(50).as_bytes());
         let p = write(dir.path(), "cut.csv.gz", &full[..full.len() / 2]);
         let msg = format_message(load_csv(&p, &LAYOUT).unwrap_err());
-        assert!(msg.contains("cut.csv.gz") && msg.contains("gzip stream is corrupt or truncated"), "{msg}");
+        assert!(
+            msg.contains("cut.csv.gz") && msg.contains("gzip stream is corrupt or truncated"),
+            "{msg}"
+        );
     }
 
     #[test]
@@ -896,7 +942,10 @@ mod tests {
             labels: vec![7, 0, 3],
             num_classes: 8,
         };
-        let (i, l) = (write(dir.path(), "i.idx", &images), write(dir.path(), "l.idx", &labels));
+        let (i, l) = (
+            write(dir.path(), "i.idx", &images),
+            write(dir.path(), "l.idx", &labels),
+        );
         assert_eq!(load_idx(&i, &l).unwrap(), expected);
         let (i, l) = (
             write(dir.path(), "i.idx.gz", &gz(&images)),
@@ -915,7 +964,10 @@ mod tests {
 
         // Swapped files: wrong magic, with a hint.
         let msg = format_message(load_idx(&lab, &img).unwrap_err());
-        assert!(msg.contains("byte offset 0") && msg.contains("0x00000803") && msg.contains("swapped"), "{msg}");
+        assert!(
+            msg.contains("byte offset 0") && msg.contains("0x00000803") && msg.contains("swapped"),
+            "{msg}"
+        );
 
         let other = write(dir.path(), "other", b"\x00\x00\x0d\x03rest");
         let msg = format_message(load_idx(&other, &lab).unwrap_err());
@@ -923,7 +975,10 @@ mod tests {
 
         let cut = write(dir.path(), "cut", &images[..images.len() - 1]);
         let msg = format_message(load_idx(&cut, &lab).unwrap_err());
-        assert!(msg.contains("cut") && msg.contains("truncated") && msg.contains("3×2×2 = 12"), "{msg}");
+        assert!(
+            msg.contains("cut") && msg.contains("truncated") && msg.contains("3×2×2 = 12"),
+            "{msg}"
+        );
 
         let head = write(dir.path(), "head", &images[..10]);
         assert!(format_message(load_idx(&head, &lab).unwrap_err()).contains("truncated header"));
@@ -936,7 +991,10 @@ mod tests {
 
         let two = write(dir.path(), "two", &idx_labels(&[1, 2]));
         let msg = format_message(load_idx(&img, &two).unwrap_err());
-        assert!(msg.contains("holds 2 labels") && msg.contains("3 images"), "{msg}");
+        assert!(
+            msg.contains("holds 2 labels") && msg.contains("3 images"),
+            "{msg}"
+        );
 
         let z = gz(&images);
         let badgz = write(dir.path(), "img.gz", &z[..z.len() - 6]);
@@ -954,10 +1012,23 @@ mod tests {
     #[test]
     fn cifar10_round_trip_across_files() {
         let dir = tempfile::tempdir().unwrap();
-        let a = write(dir.path(), "data_batch_1.bin", &[cifar_record(&[3], 10), cifar_record(&[9], 20)].concat());
+        let a = write(
+            dir.path(),
+            "data_batch_1.bin",
+            &[cifar_record(&[3], 10), cifar_record(&[9], 20)].concat(),
+        );
         let b = write(dir.path(), "data_batch_2.bin", &cifar_record(&[0], 30));
         let set = load_cifar(&[a, b], CifarVariant::Cifar10).unwrap();
-        assert_eq!((set.len(), set.channels, set.height, set.width, set.num_classes), (3, 3, 32, 32, 10));
+        assert_eq!(
+            (
+                set.len(),
+                set.channels,
+                set.height,
+                set.width,
+                set.num_classes
+            ),
+            (3, 3, 32, 32, 10)
+        );
         assert_eq!(set.labels, vec![3, 9, 0]);
         let expected: Vec<f32> = [10u8, 20, 30]
             .iter()
@@ -970,11 +1041,18 @@ mod tests {
     #[test]
     fn cifar100_fine_and_coarse() {
         let dir = tempfile::tempdir().unwrap();
-        let p = write(dir.path(), "train.bin", &[cifar_record(&[19, 99], 1), cifar_record(&[4, 55], 2)].concat());
+        let p = write(
+            dir.path(),
+            "train.bin",
+            &[cifar_record(&[19, 99], 1), cifar_record(&[4, 55], 2)].concat(),
+        );
         let fine = load_cifar(std::slice::from_ref(&p), CifarVariant::Cifar100Fine).unwrap();
         assert_eq!((fine.labels.clone(), fine.num_classes), (vec![99, 55], 100));
         let coarse = load_cifar(std::slice::from_ref(&p), CifarVariant::Cifar100Coarse).unwrap();
-        assert_eq!((coarse.labels.clone(), coarse.num_classes), (vec![19, 4], 20));
+        assert_eq!(
+            (coarse.labels.clone(), coarse.num_classes),
+            (vec![19, 4], 20)
+        );
         assert_eq!(fine.pixels, coarse.pixels);
     }
 
@@ -984,18 +1062,36 @@ mod tests {
         let good = [cifar_record(&[1], 0), cifar_record(&[2], 0)].concat();
         let cut = write(dir.path(), "cut.bin", &[&good[..], &[1, 2, 3]].concat());
         let msg = format_message(load_cifar(&[cut], CifarVariant::Cifar10).unwrap_err());
-        assert!(msg.contains("cut.bin") && msg.contains("not a multiple of the 3073-byte") && msg.contains("record 2 (byte offset 6146)"), "{msg}");
+        assert!(
+            msg.contains("cut.bin")
+                && msg.contains("not a multiple of the 3073-byte")
+                && msg.contains("record 2 (byte offset 6146)"),
+            "{msg}"
+        );
 
-        let bad = write(dir.path(), "label.bin", &[cifar_record(&[1], 0), cifar_record(&[10], 0)].concat());
+        let bad = write(
+            dir.path(),
+            "label.bin",
+            &[cifar_record(&[1], 0), cifar_record(&[10], 0)].concat(),
+        );
         let msg = format_message(load_cifar(&[bad], CifarVariant::Cifar10).unwrap_err());
-        assert!(msg.contains("record 1 (byte offset 3073): label 10 is out of range"), "{msg}");
+        assert!(
+            msg.contains("record 1 (byte offset 3073): label 10 is out of range"),
+            "{msg}"
+        );
 
         let empty = write(dir.path(), "empty.bin", b"");
-        assert!(format_message(load_cifar(&[empty], CifarVariant::Cifar10).unwrap_err()).contains("file is empty"));
+        assert!(
+            format_message(load_cifar(&[empty], CifarVariant::Cifar10).unwrap_err())
+                .contains("file is empty")
+        );
 
         // A CIFAR-10 file read as CIFAR-100 has the wrong record length.
         let ten = write(dir.path(), "ten.bin", &good);
-        assert!(format_message(load_cifar(&[ten], CifarVariant::Cifar100Fine).unwrap_err()).contains("3074-byte"));
+        assert!(
+            format_message(load_cifar(&[ten], CifarVariant::Cifar100Fine).unwrap_err())
+                .contains("3074-byte")
+        );
         assert!(load_cifar(&[], CifarVariant::Cifar10).is_err());
     }
 
@@ -1019,23 +1115,35 @@ mod tests {
     }
 
     fn write_parquet(path: &Path, columns: Vec<Series>) {
-        let mut df = DataFrame::new_infer_height(columns.into_iter().map(Into::into).collect()).unwrap();
+        let mut df =
+            DataFrame::new_infer_height(columns.into_iter().map(Into::into).collect()).unwrap();
         let mut f = std::fs::File::create(path).unwrap();
         ParquetWriter::new(&mut f).finish(&mut df).unwrap();
     }
 
     /// Three 2×3 grey images with distinct pixels.
     fn grey_images() -> Vec<Vec<u8>> {
-        (0..3u8).map(|k| (0..6u8).map(|i| k * 60 + i * 7).collect()).collect()
+        (0..3u8)
+            .map(|k| (0..6u8).map(|i| k * 60 + i * 7).collect())
+            .collect()
     }
 
     #[test]
     fn parquet_binary_png_round_trip() {
         let dir = tempfile::tempdir().unwrap();
         let raw = grey_images();
-        let pngs: Vec<Vec<u8>> = raw.iter().map(|d| png_bytes(3, 2, png::ColorType::Grayscale, d)).collect();
+        let pngs: Vec<Vec<u8>> = raw
+            .iter()
+            .map(|d| png_bytes(3, 2, png::ColorType::Grayscale, d))
+            .collect();
         let p = dir.path().join("t.parquet");
-        write_parquet(&p, vec![binary_series("img", &pngs), Series::new("label".into(), [2i64, 0, 1])]);
+        write_parquet(
+            &p,
+            vec![
+                binary_series("img", &pngs),
+                Series::new("label".into(), [2i64, 0, 1]),
+            ],
+        );
         let set = load_parquet_images(&p, "img", "label", None).unwrap();
         let expected = ImageSet {
             channels: 1,
@@ -1053,7 +1161,12 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         // 1×2 images, interleaved RGB(A): pixel 0 = (10, 20, 30), pixel 1 = (40, 50, 60).
         let rgb = png_bytes(2, 1, png::ColorType::Rgb, &[10, 20, 30, 40, 50, 60]);
-        let rgba = png_bytes(2, 1, png::ColorType::Rgba, &[10, 20, 30, 0, 40, 50, 60, 255]);
+        let rgba = png_bytes(
+            2,
+            1,
+            png::ColorType::Rgba,
+            &[10, 20, 30, 0, 40, 50, 60, 255],
+        );
         let bytes = binary_series("bytes", &[rgb, rgba]);
         let paths = Series::new("path".into(), ["a.png", "b.png"]);
         let image = StructChunked::from_series("image".into(), 2, [bytes, paths].iter())
@@ -1064,7 +1177,10 @@ mod tests {
         let set = load_parquet_images(&p, "image", "label", None).unwrap();
         assert_eq!((set.channels, set.height, set.width), (3, 1, 2));
         // Channel-major: R plane, G plane, B plane; alpha dropped.
-        let one: Vec<f32> = [10u8, 40, 20, 50, 30, 60].iter().map(|&b| f32::from(b) / 255.0).collect();
+        let one: Vec<f32> = [10u8, 40, 20, 50, 30, 60]
+            .iter()
+            .map(|&b| f32::from(b) / 255.0)
+            .collect();
         assert_eq!(set.pixels, [one.clone(), one].concat());
         assert_eq!(set.labels, vec![1, 1]);
     }
@@ -1075,12 +1191,24 @@ mod tests {
         let grey = png_bytes(1, 1, png::ColorType::Grayscale, &[100]);
         let rgb = png_bytes(1, 1, png::ColorType::Rgb, &[255, 0, 0]);
         let p = dir.path().join("mixed.parquet");
-        write_parquet(&p, vec![binary_series("img", &[grey.clone(), rgb.clone()]), Series::new("y".into(), [0i32, 1])]);
+        write_parquet(
+            &p,
+            vec![
+                binary_series("img", &[grey.clone(), rgb.clone()]),
+                Series::new("y".into(), [0i32, 1]),
+            ],
+        );
         let set = load_parquet_images(&p, "img", "y", None).unwrap();
         assert_eq!(set.channels, 1);
         assert!((set.pixels[1] - 0.299).abs() < 1e-5, "{:?}", set.pixels);
 
-        write_parquet(&p, vec![binary_series("img", &[rgb, grey]), Series::new("y".into(), [0i32, 1])]);
+        write_parquet(
+            &p,
+            vec![
+                binary_series("img", &[rgb, grey]),
+                Series::new("y".into(), [0i32, 1]),
+            ],
+        );
         let set = load_parquet_images(&p, "img", "y", None).unwrap();
         assert_eq!(set.channels, 3);
         assert_eq!(&set.pixels[3..], &[100.0 / 255.0; 3]);
@@ -1092,9 +1220,18 @@ mod tests {
         let small = png_bytes(2, 1, png::ColorType::Grayscale, &[0, 255]);
         let big = png_bytes(4, 1, png::ColorType::Grayscale, &[7, 7, 7, 7]);
         let p = dir.path().join("sizes.parquet");
-        write_parquet(&p, vec![binary_series("img", &[big, small]), Series::new("y".into(), [0i64, 1])]);
+        write_parquet(
+            &p,
+            vec![
+                binary_series("img", &[big, small]),
+                Series::new("y".into(), [0i64, 1]),
+            ],
+        );
         let msg = format_message(load_parquet_images(&p, "img", "y", None).unwrap_err());
-        assert!(msg.contains("row 1: image is 1×2 but row 0 is 1×4"), "{msg}");
+        assert!(
+            msg.contains("row 1: image is 1×2 but row 0 is 1×4"),
+            "{msg}"
+        );
         let set = load_parquet_images(&p, "img", "y", Some((1, 4))).unwrap();
         assert_eq!(set.pixels[..4], [7.0 / 255.0; 4]);
         assert_eq!(set.pixels[4..], [0.0, 0.25, 0.75, 1.0]);
@@ -1107,7 +1244,9 @@ mod tests {
         assert_eq!(&out[..4], &[0.0, 0.25, 0.75, 1.0]);
         // Shrinking a uniform image keeps it uniform; identity is exact.
         let src = vec![0.5f32; 2 * 6 * 6];
-        assert!(resize_bilinear(&src, 2, (6, 6), (3, 2)).iter().all(|&v| v == 0.5));
+        assert!(resize_bilinear(&src, 2, (6, 6), (3, 2))
+            .iter()
+            .all(|&v| v == 0.5));
         let ramp: Vec<f32> = (0..12).map(|i| i as f32).collect();
         assert_eq!(resize_bilinear(&ramp, 1, (3, 4), (3, 4)), ramp);
     }
@@ -1129,7 +1268,7 @@ mod tests {
         j.extend(table(0x00, 0x0a)); // DC: category 10
         j.extend(table(0x10, 0x00)); // AC: end of block
         j.extend([0xff, 0xda, 0x00, 0x08, 1, 1, 0x00, 0, 63, 0]); // SOS
-        // "0" (DC cat 10) + "1000000000" (+512) + "0" (EOB), padded with ones.
+                                                                  // "0" (DC cat 10) + "1000000000" (+512) + "0" (EOB), padded with ones.
         j.extend([0b0100_0000, 0b0000_1111]);
         j.extend([0xff, 0xd9]); // EOI
         j
@@ -1139,18 +1278,45 @@ mod tests {
     fn parquet_jpeg_and_bad_image_bytes() {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("jpeg.parquet");
-        write_parquet(&p, vec![binary_series("img", &[tiny_jpeg()]), Series::new("y".into(), [4i64])]);
+        write_parquet(
+            &p,
+            vec![
+                binary_series("img", &[tiny_jpeg()]),
+                Series::new("y".into(), [4i64]),
+            ],
+        );
         let set = load_parquet_images(&p, "img", "y", None).unwrap();
         assert_eq!((set.channels, set.height, set.width), (1, 8, 8));
-        assert!(set.pixels.iter().all(|&v| (v - 192.0 / 255.0).abs() < 1.5 / 255.0), "{:?}", set.pixels);
+        assert!(
+            set.pixels
+                .iter()
+                .all(|&v| (v - 192.0 / 255.0).abs() < 1.5 / 255.0),
+            "{:?}",
+            set.pixels
+        );
 
         let png = png_bytes(1, 1, png::ColorType::Grayscale, &[1]);
         let garbage = b"GIF89a....".to_vec();
         let cut = png[..png.len() - 20].to_vec();
-        write_parquet(&p, vec![binary_series("img", &[png.clone(), garbage, cut]), Series::new("y".into(), [0i64, 0, 0])]);
+        write_parquet(
+            &p,
+            vec![
+                binary_series("img", &[png.clone(), garbage, cut]),
+                Series::new("y".into(), [0i64, 0, 0]),
+            ],
+        );
         let msg = format_message(load_parquet_images(&p, "img", "y", None).unwrap_err());
-        assert!(msg.contains("row 1: image bytes are neither PNG") && msg.contains("47 49 46 38"), "{msg}");
-        write_parquet(&p, vec![binary_series("img", &[png.clone(), png[..png.len() - 20].to_vec()]), Series::new("y".into(), [0i64, 0])]);
+        assert!(
+            msg.contains("row 1: image bytes are neither PNG") && msg.contains("47 49 46 38"),
+            "{msg}"
+        );
+        write_parquet(
+            &p,
+            vec![
+                binary_series("img", &[png.clone(), png[..png.len() - 20].to_vec()]),
+                Series::new("y".into(), [0i64, 0]),
+            ],
+        );
         let msg = format_message(load_parquet_images(&p, "img", "y", None).unwrap_err());
         assert!(msg.contains("row 1: invalid PNG"), "{msg}");
     }
@@ -1158,11 +1324,25 @@ mod tests {
     #[test]
     fn parquet_column_errors() {
         let dir = tempfile::tempdir().unwrap();
-        let pngs: Vec<Vec<u8>> = grey_images().iter().map(|d| png_bytes(3, 2, png::ColorType::Grayscale, d)).collect();
+        let pngs: Vec<Vec<u8>> = grey_images()
+            .iter()
+            .map(|d| png_bytes(3, 2, png::ColorType::Grayscale, d))
+            .collect();
         let p = dir.path().join("cols.parquet");
-        write_parquet(&p, vec![binary_series("img", &pngs), Series::new("label".into(), [0i64, -1, 1])]);
+        write_parquet(
+            &p,
+            vec![
+                binary_series("img", &pngs),
+                Series::new("label".into(), [0i64, -1, 1]),
+            ],
+        );
         let msg = format_message(load_parquet_images(&p, "image", "label", None).unwrap_err());
-        assert!(msg.contains("cols.parquet") && msg.contains("no column \"image\"") && msg.contains("\"img\""), "{msg}");
+        assert!(
+            msg.contains("cols.parquet")
+                && msg.contains("no column \"image\"")
+                && msg.contains("\"img\""),
+            "{msg}"
+        );
         let msg = format_message(load_parquet_images(&p, "img", "labels", None).unwrap_err());
         assert!(msg.contains("no column \"labels\""), "{msg}");
         let msg = format_message(load_parquet_images(&p, "img", "label", None).unwrap_err());
@@ -1171,7 +1351,8 @@ mod tests {
         assert!(msg.contains("column \"label\" has type"), "{msg}");
 
         let notparquet = write(dir.path(), "x.parquet", b"PAR1 but not really");
-        let msg = format_message(load_parquet_images(&notparquet, "img", "label", None).unwrap_err());
+        let msg =
+            format_message(load_parquet_images(&notparquet, "img", "label", None).unwrap_err());
         assert!(msg.contains("x.parquet"), "{msg}");
     }
 }

@@ -81,7 +81,9 @@ impl FormatSpec {
                 label_column,
                 size,
             } => {
-                s += &format!("format.image_column={image_column:?}\nformat.label_column={label_column:?}\n");
+                s += &format!(
+                    "format.image_column={image_column:?}\nformat.label_column={label_column:?}\n"
+                );
                 if let Some([h, w]) = size {
                     s += &format!("format.size={h}x{w}\n");
                 }
@@ -197,7 +199,9 @@ fn line_col(text: &str, at: usize) -> (usize, usize) {
 }
 
 fn is_sha256_hex(s: &str) -> bool {
-    s.len() == 64 && s.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+    s.len() == 64
+        && s.bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
 }
 
 /// The lower-case hex sha256 of a file, read in 1 MiB chunks.
@@ -288,7 +292,9 @@ impl Manifest {
         }
         for (i, c) in self.classes.iter().enumerate() {
             if self.classes[..i].contains(c) {
-                return Err(self.error(format!("class name {c:?} appears twice in `classes`"), None));
+                return Err(
+                    self.error(format!("class name {c:?} appears twice in `classes`"), None)
+                );
             }
         }
         for (i, f) in self.files.iter().enumerate() {
@@ -477,7 +483,12 @@ impl Manifest {
     /// Checks every label of `set` (read from `path`) against `classes` and sets `num_classes`.
     fn check_labels(&self, mut set: ImageSet, path: &Path) -> Result<ImageSet, DataError> {
         let k = self.classes.len();
-        if let Some((i, l)) = set.labels.iter().enumerate().find(|(_, &l)| l as usize >= k) {
+        if let Some((i, l)) = set
+            .labels
+            .iter()
+            .enumerate()
+            .find(|(_, &l)| l as usize >= k)
+        {
             return Err(DataError::format(
                 path,
                 format!(
@@ -555,7 +566,10 @@ mod tests {
         assert_eq!(m.name, "mnist-5k");
         m.verify(crate_root()).unwrap();
         let set = m.load_images(crate_root(), None).unwrap();
-        assert_eq!((set.len(), set.channels, set.height, set.width), (5000, 1, 28, 28));
+        assert_eq!(
+            (set.len(), set.channels, set.height, set.width),
+            (5000, 1, 28, 28)
+        );
         assert_eq!(set.num_classes, 10);
         assert_eq!(set.class_counts(), vec![500; 10]);
         assert!(set.pixels.iter().all(|&v| (0.0..=1.0).contains(&v)));
@@ -567,10 +581,16 @@ mod tests {
     fn embedded_optdigits_loads() {
         let m = Manifest::load(&manifest_path("optdigits-8x8.toml")).unwrap();
         let set = m.load_images(crate_root(), None).unwrap();
-        assert_eq!((set.len(), set.channels, set.height, set.width), (1797, 1, 8, 8));
+        assert_eq!(
+            (set.len(), set.channels, set.height, set.width),
+            (1797, 1, 8, 8)
+        );
         let counts = set.class_counts();
         assert_eq!(counts.len(), 10);
-        assert!(counts.iter().all(|&c| (174..=183).contains(&c)), "{counts:?}");
+        assert!(
+            counts.iter().all(|&c| (174..=183).contains(&c)),
+            "{counts:?}"
+        );
         assert!(set.pixels.iter().all(|&v| (0.0..=1.0).contains(&v)));
         assert_eq!(set.pixels.iter().cloned().fold(0.0f32, f32::max), 1.0);
     }
@@ -579,7 +599,10 @@ mod tests {
     fn load_all_finds_both_embedded_manifests() {
         let all = Manifest::load_all(&crate_root().join("data-manifests")).unwrap();
         let names: Vec<&str> = all.iter().map(|m| m.name.as_str()).collect();
-        assert!(names.contains(&"mnist-5k") && names.contains(&"optdigits-8x8"), "{names:?}");
+        assert!(
+            names.contains(&"mnist-5k") && names.contains(&"optdigits-8x8"),
+            "{names:?}"
+        );
     }
 
     #[test]
@@ -605,9 +628,18 @@ mod tests {
             }
             other => panic!("expected HashMismatch, got {other:?}"),
         }
-        assert!(msg.contains(real) && msg.contains(fake) && msg.contains("optdigits_8x8.csv.gz"), "{msg}");
-        assert!(msg.contains("re-download") && msg.contains("update"), "{msg}");
-        assert!(matches!(m.verify(crate_root()), Err(DataError::HashMismatch { .. })));
+        assert!(
+            msg.contains(real) && msg.contains(fake) && msg.contains("optdigits_8x8.csv.gz"),
+            "{msg}"
+        );
+        assert!(
+            msg.contains("re-download") && msg.contains("update"),
+            "{msg}"
+        );
+        assert!(matches!(
+            m.verify(crate_root()),
+            Err(DataError::HashMismatch { .. })
+        ));
     }
 
     const MINIMAL: &str = r#"
@@ -646,7 +678,9 @@ role = "train"
             e @ DataError::Manifest { .. } => {
                 let msg = e.to_string();
                 assert!(msg.starts_with("m/x.toml: "), "{msg}");
-                let DataError::Manifest { hint, .. } = e else { unreachable!() };
+                let DataError::Manifest { hint, .. } = e else {
+                    unreachable!()
+                };
                 (msg, hint)
             }
             other => panic!("expected a Manifest error, got {other:?}"),
@@ -661,7 +695,10 @@ role = "train"
         assert_eq!((set.len(), set.num_classes), (2, 3));
         assert_eq!(set.class_counts(), vec![1, 1, 0]);
         let err = m.load_images(dir.path(), Some("trian")).unwrap_err();
-        assert!(matches!(&err, DataError::Manifest { hint: Some(h), .. } if h.contains("\"train\"")), "{err}");
+        assert!(
+            matches!(&err, DataError::Manifest { hint: Some(h), .. } if h.contains("\"train\"")),
+            "{err}"
+        );
     }
 
     #[test]
@@ -669,20 +706,29 @@ role = "train"
         let (dir, text) = tiny_setup("0,1,2,3,1\n4,4,0,0,3\n");
         let m = Manifest::from_toml_str(&text, Path::new("tiny.toml")).unwrap();
         let msg = m.load_images(dir.path(), None).unwrap_err().to_string();
-        assert!(msg.contains("tiny.csv") && msg.contains("image 1") && msg.contains("label 3"), "{msg}");
+        assert!(
+            msg.contains("tiny.csv") && msg.contains("image 1") && msg.contains("label 3"),
+            "{msg}"
+        );
     }
 
     #[test]
     fn unknown_keys_name_line_column_and_suggest() {
         let (_dir, text) = tiny_setup("0,0,0,0,0\n");
         let (msg, hint) = manifest_error(&text.replace("licence =", "licnce ="));
-        assert!(msg.contains("line 5, column 1") && msg.contains("unknown field `licnce`"), "{msg}");
+        assert!(
+            msg.contains("line 5, column 1") && msg.contains("unknown field `licnce`"),
+            "{msg}"
+        );
         assert_eq!(hint.as_deref(), Some("did you mean `licence`?"));
         assert!(msg.contains("did you mean `licence`?"), "{msg}");
 
         // Reported where the key is written (line 11), not at the `[format]` header.
         let (msg, hint) = manifest_error(&text.replace("channels =", "chanels ="));
-        assert!(msg.contains("line 11, column 1: unknown field `chanels`"), "{msg}");
+        assert!(
+            msg.contains("line 11, column 1: unknown field `chanels`"),
+            "{msg}"
+        );
         assert_eq!(hint.as_deref(), Some("did you mean `channels`?"));
 
         let (msg, hint) = manifest_error(&text.replace("role =", "rol ="));
@@ -705,9 +751,16 @@ role = "train"
     #[test]
     fn validation_errors() {
         let (_dir, text) = tiny_setup("0,0,0,0,0\n");
-        let sha = text.lines().find(|l| l.starts_with("sha256")).unwrap().to_string();
+        let sha = text
+            .lines()
+            .find(|l| l.starts_with("sha256"))
+            .unwrap()
+            .to_string();
         let (msg, hint) = manifest_error(&text.replace(&sha, "sha256 = \"abc\""));
-        assert!(msg.contains("files[0] (d/tiny.csv): sha256 must be 64"), "{msg}");
+        assert!(
+            msg.contains("files[0] (d/tiny.csv): sha256 must be 64"),
+            "{msg}"
+        );
         assert!(hint.unwrap().contains("sha256sum d/tiny.csv"));
         let (msg, _) = manifest_error(&text.replace("d/tiny.csv", "../tiny.csv"));
         assert!(msg.contains("must be relative"), "{msg}");
@@ -720,16 +773,36 @@ role = "train"
     #[test]
     fn content_id_ignores_cosmetics_but_not_content() {
         let (_dir, text) = tiny_setup("0,0,0,0,0\n");
-        let id = |t: &str| Manifest::from_toml_str(t, Path::new("x.toml")).unwrap().content_id();
+        let id = |t: &str| {
+            Manifest::from_toml_str(t, Path::new("x.toml"))
+                .unwrap()
+                .content_id()
+        };
         let base = id(&text);
         assert_eq!(base.len(), 64);
         assert_eq!(id(&text.replace("d/tiny.csv", "elsewhere/tiny.csv")), base);
         assert_eq!(id(&text.replace("three 2x2 images", "other words")), base);
-        assert_eq!(id(&text.replace("name = \"tiny\"", "name = \"renamed\"")), base);
-        assert_ne!(id(&text.replace("max_value = 4.0", "max_value = 5.0")), base);
-        assert_ne!(id(&text.replace("role = \"train\"", "role = \"test\"")), base);
-        let sha = text.lines().find(|l| l.starts_with("sha256")).unwrap().to_string();
-        assert_ne!(id(&text.replace(&sha, &format!("sha256 = \"{}\"", "0".repeat(64)))), base);
+        assert_eq!(
+            id(&text.replace("name = \"tiny\"", "name = \"renamed\"")),
+            base
+        );
+        assert_ne!(
+            id(&text.replace("max_value = 4.0", "max_value = 5.0")),
+            base
+        );
+        assert_ne!(
+            id(&text.replace("role = \"train\"", "role = \"test\"")),
+            base
+        );
+        let sha = text
+            .lines()
+            .find(|l| l.starts_with("sha256"))
+            .unwrap()
+            .to_string();
+        assert_ne!(
+            id(&text.replace(&sha, &format!("sha256 = \"{}\"", "0".repeat(64)))),
+            base
+        );
         let real = Manifest::load(&manifest_path("mnist-5k.toml")).unwrap();
         assert_eq!(real.content_id(), real.content_id());
         assert_ne!(real.content_id(), base);
@@ -762,9 +835,15 @@ files = [
         );
         let m = Manifest::from_toml_str(&text, Path::new("idx.toml")).unwrap();
         let set = m.load_images(dir.path(), Some("train")).unwrap();
-        assert_eq!((set.labels.clone(), set.pixels.clone(), set.num_classes), (vec![1, 0], vec![0.0, 1.0], 2));
+        assert_eq!(
+            (set.labels.clone(), set.pixels.clone(), set.num_classes),
+            (vec![1, 0], vec![0.0, 1.0], 2)
+        );
         let err = m.load_images(dir.path(), None).unwrap_err();
-        assert!(err.to_string().contains("no file with role \"images\""), "{err}");
+        assert!(
+            err.to_string().contains("no file with role \"images\""),
+            "{err}"
+        );
         let (msg, _) = manifest_error(&text.replace("kind = \"idx\"", "kind = \"idx\", extra = 1"));
         assert!(msg.contains("extra"), "{msg}");
     }

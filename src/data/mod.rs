@@ -192,10 +192,12 @@ impl ImageSet {
             .map_err(|e| bad(format!("not a valid safetensors file: {e}")))?;
         let (_, header) = safetensors::SafeTensors::read_metadata(bytes)
             .map_err(|e| bad(format!("not a valid safetensors header: {e}")))?;
-        let meta = header
-            .metadata()
-            .as_ref()
-            .ok_or_else(|| bad("safetensors metadata is missing (expected channels, height, width, num_classes)".into()))?;
+        let meta = header.metadata().as_ref().ok_or_else(|| {
+            bad(
+                "safetensors metadata is missing (expected channels, height, width, num_classes)"
+                    .into(),
+            )
+        })?;
         let field = |key: &str| -> Result<usize, DataError> {
             let v = meta
                 .get(key)
@@ -218,8 +220,7 @@ impl ImageSet {
         let labels = st
             .tensor("labels")
             .map_err(|e| bad(format!("tensor `labels`: {e}")))?;
-        if pixels.dtype() != safetensors::Dtype::F32 || labels.dtype() != safetensors::Dtype::U32
-        {
+        if pixels.dtype() != safetensors::Dtype::F32 || labels.dtype() != safetensors::Dtype::U32 {
             return Err(bad(format!(
                 "expected `pixels` F32 and `labels` U32, found {:?} and {:?}",
                 pixels.dtype(),
