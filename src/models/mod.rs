@@ -1,1 +1,371 @@
-//! (in progress)
+//! The networks that cells train: a small MLP, CNN, ResNet and ViT behind one `Classifier` trait.
+//!
+//! Methods (losses, re-weighting, post-hoc corrections, feature statistics) need the same two
+//! things from every network: the penultimate features and a bias-free linear classifier on top of
+//! them. This module exposes exactly that, builds each architecture from a `ModelConfig` with
+//! stable variable names (they name checkpoint tensors), and owns the seeded initialisation so a
+//! spec's seed pins the initial weights on every machine, independently of candle's own RNG.
+//!
+//! All architectures are sized for quick CPU runs and accept both 28×28 and 8×8 inputs.
+
+pub mod cnn;
+pub mod mlp;
+pub mod resnet;
+pub mod vit;
+
+use candle_core::{DType, Tensor, D};
+use candle_nn::VarMap;
+
+use crate::rng::Rng;
+
+/// Which architecture to build.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ModelKind {
+    Mlp,
+    Cnn,
+    Resnet,
+    Vit,
+}
+
+fn default_width_mult() -> usize {
+    1
+}
+
+fn default_true() -> bool {
+    true
+}
+
+/// Shape of the input and output and the few architecture knobs the specs vary.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct ModelConfig {
+    /// Architecture (required).
+    pub kind: ModelKind,
+    /// Input channels C of the N×C×H×W input (required).
+    pub channels: usize,
+    /// Input height H (required).
+    pub height: usize,
+    /// Input width W (required).
+    pub width: usize,
+    /// Number of classes, the classifier's output size (required).
+    pub num_classes: usize,
+    /// Multiplies every hidden size and channel count. Default 1.
+    #[serde(default = "default_width_mult")]
+    pub width_mult: usize,
+    /// ViT only: apply the final LayerNorm before the features (the ablation sets it to false,
+    /// replacing the norm with identity). Default true.
+    #[serde(default = "default_true")]
+    pub vit_final_norm: bool,
+}
+
+impl ModelConfig {
+    /// A config with the defaults for `width_mult` (1) and `vit_final_norm` (true).
+    pub fn new(
+        kind: ModelKind,
+        channels: usize,
+        height: usize,
+        width: usize,
+        num_classes: usize,
+    ) -> Self {
+        ModelConfig {
+            kind,
+            channels,
+            height,
+            width,
+            num_classes,
+            width_mult: 1,
+            vit_final_norm: true,
+        }
+    }
+}
+
+/// A network split into penultimate features and a bias-free linear classifier.
+pub trait Classifier: Send + Sync {
+    /// Penultimate features, N×D (after any final normalisation, before the classifier).
+    fn features(&self, x: &Tensor, train: bool) -> candle_core::Result<Tensor>;
+    /// Classifier weights C×D (no bias).
+    fn classifier(&self) -> &Tensor;
+    fn feature_dim(&self) -> usize;
+    /// (features, logits) in one pass; logits = features · classifierᵀ, N×C.
+    fn forward(&self, x: &Tensor, train: bool) -> candle_core::Result<(Tensor, Tensor)> {
+        let f = self.features(x, train)?;
+        let logits = f.matmul(&self.classifier().t()?)?;
+        Ok((f, logits))
+    }
+}
+
+/// Build the network described by `cfg`, creating its variables through `vb`.
+///
+/// Variables get candle's default initialisation; call [`seeded_init`] on the backing `VarMap`
+/// for a reproducible one.
+pub fn build(
+    cfg: &ModelConfig,
+    vb: candle_nn::VarBuilder,
+) -> candle_core::Result<Box<dyn Classifier>> {
+    if cfg.channels == 0 || cfg.height == 0 || cfg.width == 0 || cfg.num_classes == 0 {
+        candle_core::bail!("model config has a zero dimension: {cfg:?}");
+    }
+    if cfg.width_mult == 0 {
+        candle_core::bail!("model config: width_mult must be at least 1");
+    }
+    Ok(match cfg.kind {
+        ModelKind::Mlp => Box::new(mlp::Mlp::new(cfg, vb)?),
+        ModelKind::Cnn => Box::new(cnn::Cnn::new(cfg, vb)?),
+        ModelKind::Resnet => Box::new(resnet::ResNet::new(cfg, vb)?),
+        ModelKind::Vit => Box::new(vit::Vit::new(cfg, vb)?),
+    })
+}
+
+/// Standard deviation of the ViT cls token and position embedding at initialisation.
+const TOKEN_INIT_STD: f64 = 0.02;
+
+/// Overwrite every variable in `varmap` with a seeded initialisation.
+///
+/// Variables are visited in sorted name order and all values are drawn, in row-major order, from
+/// one stream `Rng::derive(seed, "model-init")`, so the result depends only on the seed and the
+/// set of variable names and shapes. The rule, by variable:
+///
+/// * name ending in `cls_token` or `pos_embed` (ViT): N(0, 0.02²);
+/// * any other tensor of rank ≥ 2 (linear and conv weights): U(−b, b) with
+///   b = √3 / √fan_in = √(3 / fan_in), fan_in = product of all dimensions but the first
+///   (in·kh·kw for a conv, in for a linear). This is Kaiming-uniform with gain 1, i.e. variance
+///   1/fan_in;
+/// * rank ≤ 1 named `…weight` (norm-layer scales) or `…running_var`: 1;
+/// * every other rank ≤ 1 tensor (biases, norm shifts, `running_mean`): 0.
+pub fn seeded_init(varmap: &VarMap, seed: u64) -> candle_core::Result<()> {
+    let data = varmap
+        .data()
+        .lock()
+        .map_err(|_| candle_core::Error::Msg("VarMap lock poisoned".into()))?;
+    let mut names: Vec<&String> = data.keys().collect();
+    names.sort();
+    let mut rng = Rng::derive(seed, "model-init");
+    for name in names {
+        let var = &data[name];
+        let dims = var.dims().to_vec();
+        let n: usize = dims.iter().product();
+        let values: Vec<f64> = if name.ends_with("cls_token") || name.ends_with("pos_embed") {
+            (0..n).map(|_| TOKEN_INIT_STD * rng.normal()).collect()
+        } else if dims.len() >= 2 {
+            let fan_in: usize = dims[1..].iter().product();
+            let bound = (3.0 / fan_in.max(1) as f64).sqrt();
+            (0..n).map(|_| rng.uniform(-bound, bound)).collect()
+        } else if name.ends_with("weight") || name.ends_with("running_var") {
+            vec![1.0; n]
+        } else {
+            vec![0.0; n]
+        };
+        let t = Tensor::from_vec(values, dims.as_slice(), var.device())?.to_dtype(var.dtype())?;
+        var.set(&t)?;
+    }
+    Ok(())
+}
+
+/// LayerNorm over the last dimension, built from differentiable primitives.
+///
+/// candle-nn's `LayerNorm` takes a fused kernel without a backward pass for contiguous inputs,
+/// so the transformer uses this one. Variables: `weight` (scale, init 1) and `bias` (shift,
+/// init 0); eps 1e-5 as in PyTorch.
+#[derive(Debug, Clone)]
+pub(crate) struct LayerNorm {
+    weight: Tensor,
+    bias: Tensor,
+    eps: f64,
+}
+
+impl LayerNorm {
+    pub(crate) fn new(dim: usize, vb: candle_nn::VarBuilder) -> candle_core::Result<Self> {
+        let weight = vb.get_with_hints(dim, "weight", candle_nn::Init::Const(1.0))?;
+        let bias = vb.get_with_hints(dim, "bias", candle_nn::Init::Const(0.0))?;
+        Ok(LayerNorm {
+            weight,
+            bias,
+            eps: 1e-5,
+        })
+    }
+
+    pub(crate) fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        let mean = x.mean_keepdim(D::Minus1)?;
+        let xc = x.broadcast_sub(&mean)?;
+        let var = xc.sqr()?.mean_keepdim(D::Minus1)?;
+        let xn = xc.broadcast_div(&(var + self.eps)?.sqrt()?)?;
+        xn.broadcast_mul(&self.weight)?.broadcast_add(&self.bias)
+    }
+}
+
+/// Softmax over the last dimension from differentiable primitives (candle-nn's
+/// `softmax_last_dim` is a fused kernel without a backward pass).
+pub(crate) fn softmax_last(x: &Tensor) -> candle_core::Result<Tensor> {
+    let max = x.max_keepdim(D::Minus1)?.detach();
+    let e = x.broadcast_sub(&max)?.exp()?;
+    e.broadcast_div(&e.sum_keepdim(D::Minus1)?)
+}
+
+/// The classifier weight, C×D, shared by all architectures under the name `classifier.weight`.
+pub(crate) fn classifier_weight(
+    num_classes: usize,
+    dim: usize,
+    vb: candle_nn::VarBuilder,
+) -> candle_core::Result<Tensor> {
+    let bound = 1.0 / (dim as f64).sqrt();
+    vb.pp("classifier").get_with_hints(
+        (num_classes, dim),
+        "weight",
+        candle_nn::Init::Uniform {
+            lo: -bound,
+            up: bound,
+        },
+    )
+}
+
+/// The dtype reprise builds and trains models in (inputs are N×C×H×W f32); pass it to
+/// `VarBuilder::from_varmap`.
+pub const MODEL_DTYPE: DType = DType::F32;
+
+#[cfg(test)]
+pub(crate) mod test_support {
+    //! Shared checks for the per-model tests: output shapes and one SGD step lowering the loss.
+    use super::*;
+    use candle_core::Device;
+    use candle_nn::VarBuilder;
+
+    use crate::train::optim::{OptimConfig, Optimizer};
+
+    /// A deterministic N×C×H×W batch and labels.
+    pub fn batch(n: usize, c: usize, h: usize, w: usize, classes: usize) -> (Tensor, Tensor) {
+        let mut rng = Rng::new(11);
+        let xs: Vec<f32> = (0..n * c * h * w).map(|_| rng.normal() as f32).collect();
+        let ys: Vec<u32> = (0..n).map(|i| (i % classes) as u32).collect();
+        let x = Tensor::from_vec(xs, (n, c, h, w), &Device::Cpu).unwrap();
+        let y = Tensor::from_vec(ys, n, &Device::Cpu).unwrap();
+        (x, y)
+    }
+
+    pub fn build_seeded(cfg: &ModelConfig, seed: u64) -> (VarMap, Box<dyn Classifier>) {
+        let varmap = VarMap::new();
+        let vb = VarBuilder::from_varmap(&varmap, MODEL_DTYPE, &Device::Cpu);
+        let model = build(cfg, vb).unwrap();
+        seeded_init(&varmap, seed).unwrap();
+        (varmap, model)
+    }
+
+    pub fn check_shapes(kind: ModelKind, expected_dim: usize) {
+        for &(h, w) in &[(28usize, 28usize), (8, 8)] {
+            let cfg = ModelConfig::new(kind, 1, h, w, 10);
+            let (_vm, model) = build_seeded(&cfg, 1);
+            assert_eq!(model.feature_dim(), expected_dim);
+            assert_eq!(model.classifier().dims(), &[10, expected_dim]);
+            let (x, _) = batch(5, 1, h, w, 10);
+            for train in [true, false] {
+                let (f, logits) = model.forward(&x, train).unwrap();
+                assert_eq!(f.dims(), &[5, expected_dim], "{kind:?} {h}x{w}");
+                assert_eq!(logits.dims(), &[5, 10], "{kind:?} {h}x{w}");
+                let f2 = model.features(&x, train).unwrap();
+                assert_eq!(f2.dims(), &[5, expected_dim]);
+            }
+        }
+    }
+
+    pub fn check_sgd_step_lowers_loss(kind: ModelKind, lr: f64) {
+        let cfg = ModelConfig::new(kind, 1, 8, 8, 4);
+        let (varmap, model) = build_seeded(&cfg, 3);
+        let (x, y) = batch(32, 1, 8, 8, 4);
+        let ce = |train: bool| {
+            let (_, logits) = model.forward(&x, train).unwrap();
+            candle_nn::loss::cross_entropy(&logits, &y).unwrap()
+        };
+        let before = ce(true);
+        let mut opt = Optimizer::new(varmap.all_vars(), &OptimConfig::sgd(lr)).unwrap();
+        opt.backward_step(&before).unwrap();
+        let before = before.to_scalar::<f32>().unwrap();
+        let after = ce(true).to_scalar::<f32>().unwrap();
+        assert!(after < before, "{kind:?}: loss {before} -> {after}");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+    use candle_nn::VarBuilder;
+
+    #[test]
+    fn config_serde_defaults() {
+        let cfg: ModelConfig = serde_json::from_str(
+            r#"{"kind":"vit","channels":1,"height":28,"width":28,"num_classes":10}"#,
+        )
+        .unwrap();
+        assert_eq!(cfg, ModelConfig::new(ModelKind::Vit, 1, 28, 28, 10));
+        assert_eq!(serde_json::to_string(&ModelKind::Resnet).unwrap(), "\"resnet\"");
+    }
+
+    #[test]
+    fn seeded_init_is_reproducible_and_follows_the_rule() {
+        let cfg = ModelConfig::new(ModelKind::Vit, 1, 8, 8, 3);
+        let vm_a = VarMap::new();
+        let vm_b = VarMap::new();
+        let _a = build(&cfg, VarBuilder::from_varmap(&vm_a, DType::F32, &Device::Cpu)).unwrap();
+        let _b = build(&cfg, VarBuilder::from_varmap(&vm_b, DType::F32, &Device::Cpu)).unwrap();
+        seeded_init(&vm_a, 42).unwrap();
+        seeded_init(&vm_b, 42).unwrap();
+        let da = vm_a.data().lock().unwrap();
+        let db = vm_b.data().lock().unwrap();
+        for (name, va) in da.iter() {
+            let a = va.as_tensor().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            let b = db[name].as_tensor().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            assert_eq!(a, b, "{name}");
+            let dims = va.dims();
+            if name.ends_with("cls_token") || name.ends_with("pos_embed") {
+                assert!(a.iter().all(|v| v.abs() < 0.2), "{name}");
+            } else if dims.len() >= 2 {
+                let fan_in: usize = dims[1..].iter().product();
+                let bound = (3.0 / fan_in as f64).sqrt() as f32;
+                assert!(a.iter().all(|v| v.abs() <= bound), "{name}");
+                assert!(a.iter().any(|v| v.abs() > bound / 2.0), "{name}");
+            } else if name.ends_with("weight") {
+                assert!(a.iter().all(|&v| v == 1.0), "{name}");
+            } else {
+                assert!(a.iter().all(|&v| v == 0.0), "{name}");
+            }
+        }
+        drop(db);
+        let vm_c = VarMap::new();
+        let _c = build(&cfg, VarBuilder::from_varmap(&vm_c, DType::F32, &Device::Cpu)).unwrap();
+        seeded_init(&vm_c, 43).unwrap();
+        let w_a = da["classifier.weight"].as_tensor().flatten_all().unwrap();
+        let w_c = vm_c.data().lock().unwrap()["classifier.weight"]
+            .as_tensor()
+            .flatten_all()
+            .unwrap();
+        assert_ne!(w_a.to_vec1::<f32>().unwrap(), w_c.to_vec1::<f32>().unwrap());
+    }
+
+    #[test]
+    fn layer_norm_and_softmax_match_candle_and_backprop() {
+        // candle's fused layer norm only runs in f32/f16, so compare in f32 ...
+        let vm = VarMap::new();
+        let ln = LayerNorm::new(4, VarBuilder::from_varmap(&vm, DType::F32, &Device::Cpu)).unwrap();
+        let xs = vec![1.0f64, 2.0, 4.0, -1.0, 0.5, 0.5, 3.0, 2.0];
+        let x32 = Tensor::from_vec(xs.iter().map(|&v| v as f32).collect::<Vec<_>>(), (2, 4), &Device::Cpu)
+            .unwrap();
+        let ours = ln.forward(&x32).unwrap();
+        let reference = candle_nn::ops::layer_norm(&x32, &ln.weight, &ln.bias, 1e-5).unwrap();
+        let diff = (ours - reference).unwrap().abs().unwrap().max_all().unwrap();
+        assert!(diff.to_scalar::<f32>().unwrap() < 1e-5);
+        // ... and by hand in f64: row [1, 2, 4, −1] has mean 1.5 and variance
+        // (0.25 + 0.25 + 6.25 + 6.25)/4 = 3.25, so its first entry maps to −0.5/√(3.25 + 1e-5).
+        let vm = VarMap::new();
+        let ln = LayerNorm::new(4, VarBuilder::from_varmap(&vm, DType::F64, &Device::Cpu)).unwrap();
+        let x = candle_core::Var::from_vec(xs, (2, 4), &Device::Cpu).unwrap();
+        let y = ln.forward(x.as_tensor()).unwrap().to_vec2::<f64>().unwrap();
+        assert!((y[0][0] + 0.5 / (3.25f64 + 1e-5).sqrt()).abs() < 1e-12);
+        let g = ln.forward(x.as_tensor()).unwrap().sqr().unwrap().sum_all().unwrap().backward().unwrap();
+        assert!(g.get(&ln.weight).is_some());
+        let s = softmax_last(x.as_tensor()).unwrap();
+        let sref = candle_nn::ops::softmax_last_dim(x.as_tensor()).unwrap();
+        let diff = (&s - sref).unwrap().abs().unwrap().max_all().unwrap();
+        assert!(diff.to_scalar::<f64>().unwrap() < 1e-12);
+        let g = s.sqr().unwrap().sum_all().unwrap().backward().unwrap();
+        assert!(g.get(x.as_tensor()).is_some());
+    }
+}

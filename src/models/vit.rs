@@ -1,0 +1,191 @@
+//! A tiny Vision Transformer, the architecture of the document's final-norm ablation.
+//!
+//! Patch embedding is a conv with kernel = stride = patch, patch = H/4 (28×28 → 7, 8×8 → 2, so
+//! 16 tokens for square inputs), embedding dim 64·m; a learned cls token and position embedding;
+//! 2 pre-norm transformer blocks (4 heads, MLP 128·m with exact (erf) GELU); then the final
+//! LayerNorm, applied only if `vit_final_norm` (otherwise identity, and its variables are not
+//! created); features = the cls token (D = 64·m) → classifier (no bias). m = `width_mult`.
+//!
+//! Variables: `patch_embed.{weight,bias}`, `cls_token` (1×1×D), `pos_embed` (1×(T+1)×D),
+//! `blocks.{0,1}.norm1.*`, `blocks.{0,1}.attn.qkv.*`, `blocks.{0,1}.attn.proj.*`,
+//! `blocks.{0,1}.norm2.*`, `blocks.{0,1}.mlp.fc1.*`, `blocks.{0,1}.mlp.fc2.*`, `norm.*`
+//! (only with the final norm), `classifier.weight`; `*` is `weight` and `bias`.
+
+use candle_core::{Module, Tensor};
+use candle_nn::{conv2d, linear, Conv2d, Conv2dConfig, Linear, VarBuilder};
+
+use super::{classifier_weight, softmax_last, Classifier, LayerNorm, ModelConfig};
+
+const DEPTH: usize = 2;
+const HEADS: usize = 4;
+
+#[derive(Debug, Clone)]
+struct Attention {
+    qkv: Linear,
+    proj: Linear,
+    heads: usize,
+}
+
+impl Attention {
+    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        let (n, t, d) = x.dims3()?;
+        let dh = d / self.heads;
+        // N×T×3D → 3×N×H×T×dh
+        let qkv = self
+            .qkv
+            .forward(x)?
+            .reshape((n, t, 3, self.heads, dh))?
+            .permute((2, 0, 3, 1, 4))?;
+        let q = qkv.get(0)?.contiguous()?;
+        let k = qkv.get(1)?.contiguous()?;
+        let v = qkv.get(2)?.contiguous()?;
+        let scores = (q.matmul(&k.t()?.contiguous()?)? * (1.0 / (dh as f64).sqrt()))?;
+        let attn = softmax_last(&scores)?;
+        let out = attn.matmul(&v)?.transpose(1, 2)?.reshape((n, t, d))?;
+        self.proj.forward(&out)
+    }
+}
+
+#[derive(Debug, Clone)]
+struct Block {
+    norm1: LayerNorm,
+    attn: Attention,
+    norm2: LayerNorm,
+    fc1: Linear,
+    fc2: Linear,
+}
+
+impl Block {
+    fn new(dim: usize, mlp: usize, vb: VarBuilder) -> candle_core::Result<Self> {
+        let va = vb.pp("attn");
+        let vm = vb.pp("mlp");
+        Ok(Block {
+            norm1: LayerNorm::new(dim, vb.pp("norm1"))?,
+            attn: Attention {
+                qkv: linear(dim, 3 * dim, va.pp("qkv"))?,
+                proj: linear(dim, dim, va.pp("proj"))?,
+                heads: HEADS,
+            },
+            norm2: LayerNorm::new(dim, vb.pp("norm2"))?,
+            fc1: linear(dim, mlp, vm.pp("fc1"))?,
+            fc2: linear(mlp, dim, vm.pp("fc2"))?,
+        })
+    }
+
+    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        let x = (x + self.attn.forward(&self.norm1.forward(x)?)?)?;
+        let h = self.fc1.forward(&self.norm2.forward(&x)?)?.gelu_erf()?;
+        x + self.fc2.forward(&h)?
+    }
+}
+
+/// Patch embedding, cls token, position embedding, pre-norm blocks, optional final norm.
+#[derive(Debug, Clone)]
+pub struct Vit {
+    patch_embed: Conv2d,
+    cls_token: Tensor,
+    pos_embed: Tensor,
+    blocks: Vec<Block>,
+    norm: Option<LayerNorm>,
+    classifier: Tensor,
+    dim: usize,
+}
+
+impl Vit {
+    pub fn new(cfg: &ModelConfig, vb: VarBuilder) -> candle_core::Result<Self> {
+        let patch = cfg.height / 4;
+        if patch == 0 || cfg.height % patch != 0 || cfg.width % patch != 0 {
+            candle_core::bail!(
+                "vit: patch size H/4 = {patch} must divide the {}×{} input",
+                cfg.height,
+                cfg.width
+            );
+        }
+        let tokens = (cfg.height / patch) * (cfg.width / patch);
+        let dim = 64 * cfg.width_mult;
+        let mlp = 128 * cfg.width_mult;
+        let embed_cfg = Conv2dConfig {
+            stride: patch,
+            ..Default::default()
+        };
+        let token_init = candle_nn::Init::Randn {
+            mean: 0.0,
+            stdev: 0.02,
+        };
+        let blocks = (0..DEPTH)
+            .map(|i| Block::new(dim, mlp, vb.pp("blocks").pp(i)))
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        let norm = if cfg.vit_final_norm {
+            Some(LayerNorm::new(dim, vb.pp("norm"))?)
+        } else {
+            None
+        };
+        Ok(Vit {
+            patch_embed: conv2d(cfg.channels, dim, patch, embed_cfg, vb.pp("patch_embed"))?,
+            cls_token: vb.get_with_hints((1, 1, dim), "cls_token", token_init)?,
+            pos_embed: vb.get_with_hints((1, tokens + 1, dim), "pos_embed", token_init)?,
+            blocks,
+            norm,
+            classifier: classifier_weight(cfg.num_classes, dim, vb)?,
+            dim,
+        })
+    }
+}
+
+impl Classifier for Vit {
+    fn features(&self, x: &Tensor, _train: bool) -> candle_core::Result<Tensor> {
+        let n = x.dim(0)?;
+        // N×D×h×w → N×T×D
+        let patches = self.patch_embed.forward(x)?.flatten_from(2)?.transpose(1, 2)?;
+        let cls = self.cls_token.broadcast_as((n, 1, self.dim))?;
+        let mut h = Tensor::cat(&[&cls, &patches], 1)?.broadcast_add(&self.pos_embed)?;
+        for block in &self.blocks {
+            h = block.forward(&h)?;
+        }
+        // LayerNorm acts per token, so normalising only the cls token gives the same features.
+        let cls = h.narrow(1, 0, 1)?.squeeze(1)?;
+        match &self.norm {
+            Some(norm) => norm.forward(&cls),
+            None => Ok(cls),
+        }
+    }
+
+    fn classifier(&self) -> &Tensor {
+        &self.classifier
+    }
+
+    fn feature_dim(&self) -> usize {
+        self.dim
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::models::{test_support, ModelKind};
+
+    #[test]
+    fn shapes() {
+        test_support::check_shapes(ModelKind::Vit, 64);
+    }
+
+    #[test]
+    fn sgd_step_lowers_loss() {
+        test_support::check_sgd_step_lowers_loss(ModelKind::Vit, 0.01);
+    }
+
+    #[test]
+    fn final_norm_ablation_drops_the_norm() {
+        let mut cfg = ModelConfig::new(ModelKind::Vit, 1, 8, 8, 3);
+        let (vm, _) = test_support::build_seeded(&cfg, 1);
+        assert!(vm.data().lock().unwrap().contains_key("norm.weight"));
+        cfg.vit_final_norm = false;
+        let (vm, model) = test_support::build_seeded(&cfg, 1);
+        assert!(!vm.data().lock().unwrap().contains_key("norm.weight"));
+        let (x, _) = test_support::batch(4, 1, 8, 8, 3);
+        let f = model.features(&x, false).unwrap();
+        // Without the norm the cls features are not standardised per row.
+        let m = f.mean(1).unwrap().abs().unwrap().max_all().unwrap();
+        assert!(m.to_scalar::<f32>().unwrap() > 1e-4);
+    }
+}
