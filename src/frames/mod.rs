@@ -240,43 +240,43 @@ impl Frames {
         let p = dir.join("results.parquet");
         let shape = |m: String| FrameError::Shape { path: p.clone(), message: m };
         let strs = |df: &DataFrame, c: &str| -> Result<Vec<Option<String>>, FrameError> {
-            Ok(df.column(c)?.str()?.into_iter().map(|o| o.map(String::from)).collect())
+            Ok(df.column(c)?.str()?.iter().map(|o| o.map(String::from)).collect())
         };
-        let ints = |df: &DataFrame, c: &str| -> Result<Vec<Option<i64>>, FrameError> { Ok(df.column(c)?.i64()?.into_iter().collect()) };
-        let floats = |df: &DataFrame, c: &str| -> Result<Vec<Option<f64>>, FrameError> { Ok(df.column(c)?.f64()?.into_iter().collect()) };
+        let ints = |df: &DataFrame, c: &str| -> Result<Vec<Option<i64>>, FrameError> { Ok(df.column(c)?.i64()?.iter().collect()) };
+        let floats = |df: &DataFrame, c: &str| -> Result<Vec<Option<f64>>, FrameError> { Ok(df.column(c)?.f64()?.iter().collect()) };
 
         let mut frames = Frames { metric_names: metric_names.iter().map(|s| s.to_string()).collect(), ..Default::default() };
         let n = res.height();
         let (exp, run, key, status, reason) = (strs(&res, "experiment")?, strs(&res, "run")?, strs(&res, "key")?, strs(&res, "status")?, strs(&res, "reason")?);
         let (seed, epoch) = (ints(&res, "seed")?, ints(&res, "epoch")?);
         let mut params: Vec<Params> = vec![Params::new(); n];
-        for col in res.get_columns() {
+        for col in res.columns() {
             let Some(pname) = col.name().as_str().strip_prefix("param_") else { continue };
             frames.param_names.push(pname.to_string());
             match col.dtype() {
                 DataType::Float64 => {
-                    for (i, v) in col.f64()?.into_iter().enumerate() {
+                    for (i, v) in col.f64()?.iter().enumerate() {
                         if let Some(v) = v {
                             params[i].insert(pname.to_string(), ParamValue::Float(v));
                         }
                     }
                 }
                 DataType::Int64 => {
-                    for (i, v) in col.i64()?.into_iter().enumerate() {
+                    for (i, v) in col.i64()?.iter().enumerate() {
                         if let Some(v) = v {
                             params[i].insert(pname.to_string(), ParamValue::Int(v));
                         }
                     }
                 }
                 DataType::Boolean => {
-                    for (i, v) in col.bool()?.into_iter().enumerate() {
+                    for (i, v) in col.bool()?.iter().enumerate() {
                         if let Some(v) = v {
                             params[i].insert(pname.to_string(), ParamValue::Bool(v));
                         }
                     }
                 }
                 _ => {
-                    for (i, v) in col.str()?.into_iter().enumerate() {
+                    for (i, v) in col.str()?.iter().enumerate() {
                         if let Some(v) = v {
                             params[i].insert(pname.to_string(), ParamValue::Str(v.to_string()));
                         }

@@ -342,10 +342,7 @@ fn to_json<T: Serialize>(v: &T) -> Result<Vec<u8>, MethodError> {
 
 /// Serialise named tensors in sorted order (stable bytes for stable hashes).
 pub fn safetensors_bytes(tensors: &BTreeMap<String, Tensor>) -> Result<Vec<u8>, MethodError> {
-    let views: Vec<(String, Tensor)> = tensors.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
-    let mut buf = Vec::new();
-    candle_core::safetensors::save_to_writer(&views, &mut buf).map_err(MethodError::Candle)?;
-    Ok(buf)
+    safetensors::serialize(tensors.iter().map(|(k, v)| (k.as_str(), v)), None).map_err(|e| MethodError::Invalid(format!("cannot serialise tensors: {e}")))
 }
 
 #[allow(clippy::too_many_arguments)]

@@ -28,7 +28,7 @@ impl<'a> Node<'a> {
                 Some((t.span(), Node::Table(t)))
             }
             Node::Item(Item::Value(v)) | Node::Value(v) => match v {
-                Value::InlineTable(t) => t.get_key_value(seg).map(|(k, v)| (k.span(), Node::Value(v))),
+                Value::InlineTable(t) => t.get_key_value(seg).map(|(k, v)| (k.span(), Node::Item(v))),
                 Value::Array(a) => {
                     let e = a.get(seg.parse::<usize>().ok()?)?;
                     Some((e.span(), Node::Value(e)))

@@ -562,7 +562,7 @@ pub fn parse(text: &str, path: &Path, root: &Path, profile: &str, sets: &[String
     let metric_names: Vec<String> = methods::metrics(&file.report.method).iter().map(|s| s.to_string()).collect();
     let param_names = schema_names(schema);
     let mut ids = std::collections::BTreeSet::new();
-    let mut check_exp = |path: Vec<String>, e: &str, err: &mut dyn FnMut(Vec<String>, bool, String, Option<String>)| -> bool {
+    let check_exp = |path: Vec<String>, e: &str, err: &mut dyn FnMut(Vec<String>, bool, String, Option<String>)| -> bool {
         if exp_ids.iter().any(|x| x == e) {
             true
         } else {
