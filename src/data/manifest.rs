@@ -432,10 +432,6 @@ impl Manifest {
         for f in &selected {
             verify_file(root, f)?;
         }
-        if let FormatSpec::CifarBinary { variant } = self.format {
-            let paths: Vec<PathBuf> = selected.iter().map(|f| root.join(&f.path)).collect();
-            return formats::load_cifar(&paths, variant);
-        }
         let mut out: Option<ImageSet> = None;
         for f in selected {
             let path = root.join(&f.path);
@@ -464,9 +460,15 @@ impl Manifest {
                     label_column,
                     size.map(|[h, w]| (h, w)),
                 )?,
-                // Both handled above, before this loop.
-                FormatSpec::Idx {} | FormatSpec::CifarBinary { .. } => {
-                    unreachable!("idx and cifar-binary return earlier")
+                FormatSpec::CifarBinary { variant } => {
+                    formats::load_cifar(std::slice::from_ref(&path), *variant)?
+                }
+                // Read in image/label pairs above, before this loop; kept as an error rather
+                // than a panic should that branch ever change.
+                FormatSpec::Idx {} => {
+                    return Err(
+                        self.error("idx files are read in pairs, not one by one".into(), None)
+                    )
                 }
             };
             let set = self.check_labels(set, &path)?;
@@ -846,6 +848,55 @@ files = [
         );
         let (msg, _) = manifest_error(&text.replace("kind = \"idx\"", "kind = \"idx\", extra = 1"));
         assert!(msg.contains("extra"), "{msg}");
+    }
+
+    #[test]
+    fn cifar_manifest_selects_files_by_role() {
+        let dir = tempfile::tempdir().unwrap();
+        let record = |label: u8| {
+            let mut r = vec![label];
+            r.extend([label; 3072]);
+            r
+        };
+        std::fs::write(dir.path().join("b1"), [record(1), record(2)].concat()).unwrap();
+        std::fs::write(dir.path().join("b2"), record(3)).unwrap();
+        std::fs::write(dir.path().join("t"), record(9)).unwrap();
+        let sha = |n: &str| sha256_file(&dir.path().join(n)).unwrap();
+        let classes: Vec<String> = (0..10).map(|i| format!("\"c{i}\"")).collect();
+        let text = format!(
+            r#"name = "cifar"
+description = ""
+classes = [{}]
+licence = ""
+source = ""
+citation = ""
+format = {{ kind = "cifar-binary", variant = "cifar10" }}
+files = [
+  {{ path = "b1", sha256 = "{}", role = "train" }},
+  {{ path = "b2", sha256 = "{}", role = "train" }},
+  {{ path = "t", sha256 = "{}", role = "test" }},
+]
+"#,
+            classes.join(", "),
+            sha("b1"),
+            sha("b2"),
+            sha("t")
+        );
+        let m = Manifest::from_toml_str(&text, Path::new("cifar.toml")).unwrap();
+        assert_eq!(m.roles(), vec!["train", "test"]);
+        let train = m.load_images(dir.path(), Some("train")).unwrap();
+        assert_eq!(
+            (train.labels.clone(), train.num_classes),
+            (vec![1, 2, 3], 10)
+        );
+        assert_eq!(train.pixels.len(), 3 * 3072);
+        assert_eq!(
+            m.load_images(dir.path(), Some("test")).unwrap().labels,
+            vec![9]
+        );
+        assert_eq!(m.load_images(dir.path(), None).unwrap().len(), 4);
+        let (msg, _) = manifest_error(&text.replace("\"cifar10\"", "\"cifar100-fine\""));
+        assert!(msg.contains("100 classes but `classes` lists 10"), "{msg}");
     }
 
     #[test]
