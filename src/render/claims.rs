@@ -84,9 +84,9 @@ pub fn evaluate(c: &ClaimDecl, frames: &Frames) -> ClaimResult {
                 r.holds = Some(within(c, d));
                 r.value = Some(d);
                 r.measured = format!(
-                    "{} difference {:+} ({} vs {}; n = {} and {}; {})",
+                    "{} difference {} ({} vs {}; n = {} and {}; {})",
                     c.metric,
-                    fmt_value(&c.metric, d),
+                    signed(&c.metric, d),
                     fmt_value(&c.metric, sa.mean),
                     fmt_value(&c.metric, sb.mean),
                     sa.n,
@@ -112,11 +112,21 @@ pub fn evaluate(c: &ClaimDecl, frames: &Frames) -> ClaimResult {
             if let Some(s) = Stat::of(&diffs) {
                 r.holds = Some(within(c, s.mean));
                 r.value = Some(s.mean);
-                r.measured = format!("mean change of {} from the first to the last analysis epoch {:+} over {} runs ({})", c.metric, fmt_value(&c.metric, s.mean), s.n, bounds(c));
+                r.measured = format!("mean change of {} from the first to the last analysis epoch {} over {} runs ({})", c.metric, signed(&c.metric, s.mean), s.n, bounds(c));
             }
         }
     }
     r
+}
+
+/// A value with an explicit sign.
+fn signed(metric: &str, v: f64) -> String {
+    let s = fmt_value(metric, v);
+    if v > 0.0 {
+        format!("+{s}")
+    } else {
+        s
+    }
 }
 
 pub fn markdown(r: &ClaimResult) -> String {
