@@ -289,6 +289,41 @@ mod tests {
     use candle_core::Device;
     use candle_nn::VarBuilder;
 
+    /// Wall time of one SGD training step (forward, cross-entropy, backward, update) per model,
+    /// batch 128 of 28×28×1 input (and 8×8×1 for comparison). Run with `cargo test --lib -- --ignored --nocapture speed`.
+    #[test]
+    #[ignore]
+    fn speed_of_one_training_step() {
+        use crate::train::optim::{OptimConfig, Optimizer};
+        const STEPS: u32 = 20;
+        for (side, kind) in [28usize, 8].into_iter().flat_map(|side| {
+            [
+                ModelKind::Mlp,
+                ModelKind::Cnn,
+                ModelKind::Resnet,
+                ModelKind::Vit,
+            ]
+            .map(|k| (side, k))
+        }) {
+            let cfg = ModelConfig::new(kind, 1, side, side, 10);
+            let (varmap, model) = test_support::build_seeded(&cfg, 1);
+            let (x, y) = test_support::batch(128, 1, side, side, 10);
+            let mut opt = Optimizer::new(varmap.all_vars(), &OptimConfig::sgd(0.01)).unwrap();
+            let mut step = || {
+                let (_, logits) = model.forward(&x, true).unwrap();
+                let l = candle_nn::loss::cross_entropy(&logits, &y).unwrap();
+                opt.backward_step(&l).unwrap();
+            };
+            step(); // warm-up, not timed
+            let start = std::time::Instant::now();
+            for _ in 0..STEPS {
+                step();
+            }
+            let ms = start.elapsed().as_secs_f64() * 1000.0 / f64::from(STEPS);
+            println!("{kind:?}: {ms:.1} ms/step (batch 128, {side}x{side}x1, SGD)");
+        }
+    }
+
     #[test]
     fn config_serde_defaults() {
         let cfg: ModelConfig = serde_json::from_str(
@@ -296,7 +331,10 @@ mod tests {
         )
         .unwrap();
         assert_eq!(cfg, ModelConfig::new(ModelKind::Vit, 1, 28, 28, 10));
-        assert_eq!(serde_json::to_string(&ModelKind::Resnet).unwrap(), "\"resnet\"");
+        assert_eq!(
+            serde_json::to_string(&ModelKind::Resnet).unwrap(),
+            "\"resnet\""
+        );
     }
 
     #[test]
@@ -304,15 +342,33 @@ mod tests {
         let cfg = ModelConfig::new(ModelKind::Vit, 1, 8, 8, 3);
         let vm_a = VarMap::new();
         let vm_b = VarMap::new();
-        let _a = build(&cfg, VarBuilder::from_varmap(&vm_a, DType::F32, &Device::Cpu)).unwrap();
-        let _b = build(&cfg, VarBuilder::from_varmap(&vm_b, DType::F32, &Device::Cpu)).unwrap();
+        let _a = build(
+            &cfg,
+            VarBuilder::from_varmap(&vm_a, DType::F32, &Device::Cpu),
+        )
+        .unwrap();
+        let _b = build(
+            &cfg,
+            VarBuilder::from_varmap(&vm_b, DType::F32, &Device::Cpu),
+        )
+        .unwrap();
         seeded_init(&vm_a, 42).unwrap();
         seeded_init(&vm_b, 42).unwrap();
         let da = vm_a.data().lock().unwrap();
         let db = vm_b.data().lock().unwrap();
         for (name, va) in da.iter() {
-            let a = va.as_tensor().flatten_all().unwrap().to_vec1::<f32>().unwrap();
-            let b = db[name].as_tensor().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            let a = va
+                .as_tensor()
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap();
+            let b = db[name]
+                .as_tensor()
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap();
             assert_eq!(a, b, "{name}");
             let dims = va.dims();
             if name.ends_with("cls_token") || name.ends_with("pos_embed") {
@@ -330,7 +386,11 @@ mod tests {
         }
         drop(db);
         let vm_c = VarMap::new();
-        let _c = build(&cfg, VarBuilder::from_varmap(&vm_c, DType::F32, &Device::Cpu)).unwrap();
+        let _c = build(
+            &cfg,
+            VarBuilder::from_varmap(&vm_c, DType::F32, &Device::Cpu),
+        )
+        .unwrap();
         seeded_init(&vm_c, 43).unwrap();
         let w_a = da["classifier.weight"].as_tensor().flatten_all().unwrap();
         let w_c = vm_c.data().lock().unwrap()["classifier.weight"]
@@ -346,11 +406,20 @@ mod tests {
         let vm = VarMap::new();
         let ln = LayerNorm::new(4, VarBuilder::from_varmap(&vm, DType::F32, &Device::Cpu)).unwrap();
         let xs = vec![1.0f64, 2.0, 4.0, -1.0, 0.5, 0.5, 3.0, 2.0];
-        let x32 = Tensor::from_vec(xs.iter().map(|&v| v as f32).collect::<Vec<_>>(), (2, 4), &Device::Cpu)
-            .unwrap();
+        let x32 = Tensor::from_vec(
+            xs.iter().map(|&v| v as f32).collect::<Vec<_>>(),
+            (2, 4),
+            &Device::Cpu,
+        )
+        .unwrap();
         let ours = ln.forward(&x32).unwrap();
         let reference = candle_nn::ops::layer_norm(&x32, &ln.weight, &ln.bias, 1e-5).unwrap();
-        let diff = (ours - reference).unwrap().abs().unwrap().max_all().unwrap();
+        let diff = (ours - reference)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap();
         assert!(diff.to_scalar::<f32>().unwrap() < 1e-5);
         // ... and by hand in f64: row [1, 2, 4, −1] has mean 1.5 and variance
         // (0.25 + 0.25 + 6.25 + 6.25)/4 = 3.25, so its first entry maps to −0.5/√(3.25 + 1e-5).
@@ -359,7 +428,15 @@ mod tests {
         let x = candle_core::Var::from_vec(xs, (2, 4), &Device::Cpu).unwrap();
         let y = ln.forward(x.as_tensor()).unwrap().to_vec2::<f64>().unwrap();
         assert!((y[0][0] + 0.5 / (3.25f64 + 1e-5).sqrt()).abs() < 1e-12);
-        let g = ln.forward(x.as_tensor()).unwrap().sqr().unwrap().sum_all().unwrap().backward().unwrap();
+        let g = ln
+            .forward(x.as_tensor())
+            .unwrap()
+            .sqr()
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
         assert!(g.get(&ln.weight).is_some());
         let s = softmax_last(x.as_tensor()).unwrap();
         let sref = candle_nn::ops::softmax_last_dim(x.as_tensor()).unwrap();

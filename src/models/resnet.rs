@@ -12,7 +12,9 @@
 //! `classifier.weight`, where `bn.*` is `weight`, `bias`, `running_mean`, `running_var`.
 
 use candle_core::{Module, ModuleT, Tensor};
-use candle_nn::{batch_norm, conv2d_no_bias, BatchNorm, BatchNormConfig, Conv2d, Conv2dConfig, VarBuilder};
+use candle_nn::{
+    batch_norm, conv2d_no_bias, BatchNorm, BatchNormConfig, Conv2d, Conv2dConfig, VarBuilder,
+};
 
 use super::{classifier_weight, Classifier, ModelConfig};
 
@@ -114,7 +116,12 @@ impl ResNet {
         let mut cin = widths[0];
         for (i, &cout) in widths.iter().enumerate() {
             let stride = if i == 0 { 1 } else { 2 };
-            stages.push(BasicBlock::new(cin, cout, stride, vb.pp(format!("stage{}", i + 1)))?);
+            stages.push(BasicBlock::new(
+                cin,
+                cout,
+                stride,
+                vb.pp(format!("stage{}", i + 1)),
+            )?);
             cin = cout;
         }
         let dim = widths[2];

@@ -94,7 +94,7 @@ pub struct Vit {
 impl Vit {
     pub fn new(cfg: &ModelConfig, vb: VarBuilder) -> candle_core::Result<Self> {
         let patch = cfg.height / 4;
-        if patch == 0 || cfg.height % patch != 0 || cfg.width % patch != 0 {
+        if patch == 0 || !cfg.height.is_multiple_of(patch) || !cfg.width.is_multiple_of(patch) {
             candle_core::bail!(
                 "vit: patch size H/4 = {patch} must divide the {}×{} input",
                 cfg.height,
@@ -136,7 +136,11 @@ impl Classifier for Vit {
     fn features(&self, x: &Tensor, _train: bool) -> candle_core::Result<Tensor> {
         let n = x.dim(0)?;
         // N×D×h×w → N×T×D
-        let patches = self.patch_embed.forward(x)?.flatten_from(2)?.transpose(1, 2)?;
+        let patches = self
+            .patch_embed
+            .forward(x)?
+            .flatten_from(2)?
+            .transpose(1, 2)?;
         let cls = self.cls_token.broadcast_as((n, 1, self.dim))?;
         let mut h = Tensor::cat(&[&cls, &patches], 1)?.broadcast_add(&self.pos_embed)?;
         for block in &self.blocks {

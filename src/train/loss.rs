@@ -41,7 +41,11 @@ pub fn loss(
 ) -> candle_core::Result<Tensor> {
     let (n, c) = logits.dims2()?;
     if targets.dims() != [n] {
-        candle_core::bail!("loss: targets {:?} do not match logits {:?}", targets.shape(), logits.shape());
+        candle_core::bail!(
+            "loss: targets {:?} do not match logits {:?}",
+            targets.shape(),
+            logits.shape()
+        );
     }
     let z = match kind {
         LossKind::Ce | LossKind::Focal { .. } => logits.clone(),
@@ -74,7 +78,8 @@ pub fn loss(
                 }
                 others[i * c + y as usize] = 0.0;
             }
-            let others = Tensor::from_vec(others, (n, c), logits.device())?.to_dtype(logits.dtype())?;
+            let others =
+                Tensor::from_vec(others, (n, c), logits.device())?.to_dtype(logits.dtype())?;
             let one_minus_p = (logp.exp()? * others)?.sum(1)?;
             let floor = Tensor::full(FOCAL_FLOOR, n, logits.device())?.to_dtype(logits.dtype())?;
             let weight = (one_minus_p.maximum(&floor)?.log()? * *gamma)?.exp()?;
@@ -113,13 +118,18 @@ pub fn drift_penalty(
 ) -> candle_core::Result<Tensor> {
     let (n, _) = features.dims2()?;
     if targets.len() != n || n == 0 {
-        candle_core::bail!("drift_penalty: {} targets for {n} feature rows", targets.len());
+        candle_core::bail!(
+            "drift_penalty: {} targets for {n} feature rows",
+            targets.len()
+        );
     }
     let mut counts = vec![0usize; num_classes];
     for &y in targets {
         match counts.get_mut(y as usize) {
             Some(k) => *k += 1,
-            None => candle_core::bail!("drift_penalty: target {y} out of range for {num_classes} classes"),
+            None => candle_core::bail!(
+                "drift_penalty: target {y} out of range for {num_classes} classes"
+            ),
         }
     }
     let present = counts.iter().filter(|&&k| k > 0).count() as f64;
@@ -214,13 +224,19 @@ mod tests {
             let fp = scalar(&f(&t2(&plus, rows, cols)));
             let fm = scalar(&f(&t2(&minus, rows, cols)));
             let fd = (fp - fm) / (2.0 * EPS);
-            assert!((fd - g[i]).abs() < 1e-6, "element {i}: autograd {} vs fd {fd}", g[i]);
+            assert!(
+                (fd - g[i]).abs() < 1e-6,
+                "element {i}: autograd {} vs fd {fd}",
+                g[i]
+            );
         }
     }
 
     #[test]
     fn loss_gradients_match_finite_differences() {
-        let z = [0.3, -1.2, 2.0, 0.1, 0.5, 0.5, -0.7, 1.5, -2.0, 0.0, 3.0, 1.0];
+        let z = [
+            0.3, -1.2, 2.0, 0.1, 0.5, 0.5, -0.7, 1.5, -2.0, 0.0, 3.0, 1.0,
+        ];
         let y = Tensor::new(&[2u32, 0, 1], &Device::Cpu).unwrap();
         let counts = [50usize, 5, 1, 0];
         for kind in all_kinds() {
@@ -230,7 +246,9 @@ mod tests {
 
     #[test]
     fn drift_penalty_gradient_matches_finite_differences() {
-        let f = [0.3, -1.2, 2.0, 0.1, 0.5, 0.5, -0.7, 1.5, -2.0, 0.0, 3.0, 1.0];
+        let f = [
+            0.3, -1.2, 2.0, 0.1, 0.5, 0.5, -0.7, 1.5, -2.0, 0.0, 3.0, 1.0,
+        ];
         check_grad(&f, 4, 3, &|x| drift_penalty(x, &[1, 1, 0, 2], 3).unwrap());
     }
 
@@ -244,7 +262,13 @@ mod tests {
             let l = loss(&kind, var.as_tensor(), &y, &[3, 1]).unwrap();
             assert!(l.to_scalar::<f32>().unwrap().is_finite(), "{kind:?}");
             let g = l.backward().unwrap();
-            let g = g.get(var.as_tensor()).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            let g = g
+                .get(var.as_tensor())
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap();
             assert!(g.iter().all(|v| v.is_finite()), "{kind:?}: {g:?}");
         }
     }

@@ -82,7 +82,11 @@ impl OptimConfig {
             kind,
             lr,
             momentum: if kind == OptimizerKind::Sgd { 0.9 } else { 0.0 },
-            weight_decay: if kind == OptimizerKind::Adamw { 0.01 } else { 0.0 },
+            weight_decay: if kind == OptimizerKind::Adamw {
+                0.01
+            } else {
+                0.0
+            },
             beta1: 0.9,
             beta2: 0.999,
             eps: 1e-8,
@@ -120,7 +124,11 @@ impl OptimConfig {
             }
         };
         check(self.lr.is_finite() && self.lr >= 0.0, "lr", self.lr)?;
-        check(self.momentum.is_finite() && self.momentum >= 0.0, "momentum", self.momentum)?;
+        check(
+            self.momentum.is_finite() && self.momentum >= 0.0,
+            "momentum",
+            self.momentum,
+        )?;
         check(
             self.weight_decay.is_finite() && self.weight_decay >= 0.0,
             "weight_decay",
@@ -335,7 +343,10 @@ mod tests {
             let t = (t + 1) as f64;
             close(
                 theta,
-                &[1.0 - 0.1 * t * 0.5 / (0.5 + 1e-8), 1.0 + 0.1 * t * 2.0 / (2.0 + 1e-8)],
+                &[
+                    1.0 - 0.1 * t * 0.5 / (0.5 + 1e-8),
+                    1.0 + 0.1 * t * 2.0 / (2.0 + 1e-8),
+                ],
             );
         }
         // Adam with L2 wd 0.5, θ0 = [1], g = [0.5], lr 0.1:
@@ -351,7 +362,10 @@ mod tests {
         let g2 = 0.5 + 0.5 * t1;
         let m = 0.09 + 0.1 * g2;
         let v = 0.999 * 0.001 + 0.001 * g2 * g2;
-        close(&th[1], &[t1 - 0.1 * (m / 0.19) / ((v / 0.001999).sqrt() + 1e-8)]);
+        close(
+            &th[1],
+            &[t1 - 0.1 * (m / 0.19) / ((v / 0.001999).sqrt() + 1e-8)],
+        );
     }
 
     #[test]
