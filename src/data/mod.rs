@@ -157,13 +157,18 @@ impl ImageSet {
         let pixel_bytes: Vec<u8> = self.pixels.iter().flat_map(|v| v.to_le_bytes()).collect();
         let label_bytes: Vec<u8> = self.labels.iter().flat_map(|v| v.to_le_bytes()).collect();
         let n = self.len();
+        // safetensors writes its metadata map in the map's iteration order, which for a
+        // HashMap changes from run to run; one entry holding sorted JSON keeps the bytes (and so
+        // the cache's content hashes) identical across runs.
+        let mut fields = std::collections::BTreeMap::new();
+        fields.insert("format", "reprise-imageset-v1".to_string());
+        fields.insert("channels", self.channels.to_string());
+        fields.insert("height", self.height.to_string());
+        fields.insert("width", self.width.to_string());
+        fields.insert("num_classes", self.num_classes.to_string());
+        fields.insert("len", n.to_string());
         let mut meta = HashMap::new();
-        meta.insert("format".to_string(), "reprise-imageset-v1".to_string());
-        meta.insert("channels".to_string(), self.channels.to_string());
-        meta.insert("height".to_string(), self.height.to_string());
-        meta.insert("width".to_string(), self.width.to_string());
-        meta.insert("num_classes".to_string(), self.num_classes.to_string());
-        meta.insert("len".to_string(), n.to_string());
+        meta.insert("imageset".to_string(), serde_json::to_string(&fields).unwrap_or_default());
         // The views below are built from this set's own vectors with the shapes they have, so
         // `TensorView::new` and `serialize` can only fail if `pixels.len() != N·C·H·W`, which
         // every constructor in this module upholds.
@@ -192,12 +197,14 @@ impl ImageSet {
             .map_err(|e| bad(format!("not a valid safetensors file: {e}")))?;
         let (_, header) = safetensors::SafeTensors::read_metadata(bytes)
             .map_err(|e| bad(format!("not a valid safetensors header: {e}")))?;
-        let meta = header.metadata().as_ref().ok_or_else(|| {
+        let raw = header.metadata().as_ref().and_then(|m| m.get("imageset")).ok_or_else(|| {
             bad(
                 "safetensors metadata is missing (expected channels, height, width, num_classes)"
                     .into(),
             )
         })?;
+        let meta: std::collections::BTreeMap<String, String> = serde_json::from_str(raw)
+            .map_err(|e| bad(format!("safetensors metadata `imageset` is not valid JSON: {e}")))?;
         let field = |key: &str| -> Result<usize, DataError> {
             let v = meta
                 .get(key)

@@ -64,10 +64,22 @@ fn json<T: Serialize>(v: &T) -> Result<Vec<u8>, CellFailure> {
     Ok(serde_json::to_vec(v)?)
 }
 
+/// The record of `key` if every output it names reads back with its hash. A corrupt output is
+/// removed (and reported by the store), so the cell counts as missing and is recomputed.
+fn intact_record(store: &dyn Store, key: &str) -> Result<Option<CellRecord>, StoreError> {
+    let Some(r) = store.get_record(key)? else { return Ok(None) };
+    for hash in r.outputs.values() {
+        if store.get(hash)?.is_none() {
+            return Ok(None);
+        }
+    }
+    Ok(Some(r))
+}
+
 /// Look up or compute cell `i`. `inputs` are the records of its upstream cells in order.
 pub fn run_cell(plan: &Plan, i: usize, inputs: &[CellRecord], store: &dyn Store, memo: &Memo, progress: &dyn Progress, cache_only: bool) -> Result<CellOutcome, StoreError> {
     let cell = &plan.cells[i];
-    if let Some(r) = store.get_record(&cell.key)? {
+    if let Some(r) = intact_record(store, &cell.key)? {
         return Ok(CellOutcome::Cached(r));
     }
     if cache_only {
@@ -75,7 +87,7 @@ pub fn run_cell(plan: &Plan, i: usize, inputs: &[CellRecord], store: &dyn Store,
     }
     let _lock = store.lock(&cell.key)?;
     // Another process may have computed it while we waited for the lock.
-    if let Some(r) = store.get_record(&cell.key)? {
+    if let Some(r) = intact_record(store, &cell.key)? {
         return Ok(CellOutcome::Cached(r));
     }
     let start = Instant::now();

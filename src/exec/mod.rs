@@ -136,6 +136,7 @@ impl Progress for BarProgress {
 /// Execute `plan` against `store`.
 pub fn execute(plan: &Plan, store: &dyn Store, opts: &ExecOptions) -> Result<Execution, ExecError> {
     let start = Instant::now();
+    limit_tensor_threads(opts.threads_per_job);
     let n = plan.cells.len();
     let shared = Mutex::new(Shared { states: vec![State::Waiting; n], outcomes: vec![None; n], fatal: None });
     let wake = Condvar::new();
@@ -241,6 +242,20 @@ pub fn execute(plan: &Plan, store: &dyn Store, opts: &ExecOptions) -> Result<Exe
     }
     let outcomes = s.outcomes.into_iter().map(|o| o.unwrap_or_else(|| CellOutcome::Failed("not run".into()))).collect();
     Ok(Execution { outcomes, seconds: start.elapsed().as_secs_f64(), corruptions: store.take_corruptions() })
+}
+
+/// candle sizes its CPU kernels' parallelism from `RAYON_NUM_THREADS` (read once); with several
+/// cells at once, more threads than cores make small models several times slower (its worker
+/// threads spin while they wait). Set it before the first tensor operation unless the user did.
+fn limit_tensor_threads(n: usize) {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        if std::env::var_os("RAYON_NUM_THREADS").is_none() {
+            // SAFETY-relevant only for concurrent env access: this runs before any worker
+            // thread of ours exists, and candle reads the variable lazily afterwards.
+            std::env::set_var("RAYON_NUM_THREADS", n.max(1).to_string());
+        }
+    });
 }
 
 /// Read a cell's named output from the store.

@@ -561,7 +561,7 @@ pub fn parse(text: &str, path: &Path, root: &Path, profile: &str, sets: &[String
     let exp_ids: Vec<String> = experiments.iter().map(|e| e.id.clone()).collect();
     let metric_names: Vec<String> = methods::metrics(&file.report.method).iter().map(|s| s.to_string()).collect();
     let param_names = schema_names(schema);
-    let mut ids = std::collections::BTreeSet::new();
+    let (mut table_ids, mut figure_ids, mut claim_ids) = (std::collections::BTreeSet::new(), std::collections::BTreeSet::new(), std::collections::BTreeSet::new());
     let check_exp = |path: Vec<String>, e: &str, err: &mut dyn FnMut(Vec<String>, bool, String, Option<String>)| -> bool {
         if exp_ids.iter().any(|x| x == e) {
             true
@@ -582,8 +582,8 @@ pub fn parse(text: &str, path: &Path, root: &Path, profile: &str, sets: &[String
     };
     for (i, t) in file.tables.iter().enumerate() {
         let at = |rest: &str| segs(&format!("tables.{i}.{rest}"));
-        if !ids.insert(t.id.clone()) {
-            err(at("id"), false, format!("duplicate table/figure/claim id `{}`", t.id), None);
+        if !table_ids.insert(t.id.clone()) {
+            err(at("id"), false, format!("duplicate table id `{}`", t.id), None);
         }
         check_exp(at("experiment"), &t.experiment, &mut err);
         if t.metrics.is_empty() {
@@ -598,8 +598,8 @@ pub fn parse(text: &str, path: &Path, root: &Path, profile: &str, sets: &[String
     }
     for (i, f) in file.figures.iter().enumerate() {
         let at = |rest: &str| segs(&format!("figures.{i}.{rest}"));
-        if !ids.insert(f.id.clone()) {
-            err(at("id"), false, format!("duplicate table/figure/claim id `{}`", f.id), None);
+        if !figure_ids.insert(f.id.clone()) {
+            err(at("id"), false, format!("duplicate figure id `{}`", f.id), None);
         }
         check_exp(at("experiment"), &f.experiment, &mut err);
         for (j, m) in f.y.to_vec().iter().enumerate() {
@@ -620,8 +620,8 @@ pub fn parse(text: &str, path: &Path, root: &Path, profile: &str, sets: &[String
     }
     for (i, c) in file.claims.iter().enumerate() {
         let at = |rest: &str| segs(&format!("claims.{i}.{rest}"));
-        if !ids.insert(c.id.clone()) {
-            err(at("id"), false, format!("duplicate table/figure/claim id `{}`", c.id), None);
+        if !claim_ids.insert(c.id.clone()) {
+            err(at("id"), false, format!("duplicate claim id `{}`", c.id), None);
         }
         check_exp(at("experiment"), &c.experiment, &mut err);
         check_metric(at("metric"), &c.metric, &mut err);

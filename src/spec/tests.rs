@@ -110,7 +110,7 @@ fn wrong_type_is_reported() {
 fn malformed_toml_is_located() {
     let text = BASE.replace("epochs = 3", "epochs = ");
     let e = parse_err(&text, "quick", &[]);
-    assert!(matches!(e.diagnostics[0].origin, Origin::File { line: 12, .. }), "{e}");
+    assert!(matches!(e.diagnostics[0].origin, Origin::File { line: 11, .. }), "{e}");
 }
 
 #[test]
@@ -162,5 +162,5 @@ fn unknown_metric_in_a_table_is_located() {
     let text = format!("{BASE}\n[[tables]]\nid = \"t\"\nexperiment = \"e1\"\ntitle = \"T\"\nmetrics = [\"acuracy\"]\n");
     let e = parse_err(&text, "quick", &[]);
     assert_eq!(e.diagnostics[0].hint.as_deref(), Some("did you mean `accuracy`?"));
-    assert!(matches!(e.diagnostics[0].origin, Origin::File { line: 25, .. }), "{e}");
+    assert!(matches!(e.diagnostics[0].origin, Origin::File { line: 23, .. }), "{e}");
 }
