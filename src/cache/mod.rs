@@ -4,8 +4,9 @@
 //! Layout under the store's root (default `artifacts/store`, or `--cache DIR`, or the
 //! environment variable `REPRISE_CACHE`):
 //! - `objects/ab/abcdef…` — output bytes, named by their sha256;
-//! - `cells/<key>.json` — the record of a finished cell (its outputs' names and hashes), itself
-//!   carrying the sha256 of its body;
+//! - `cells/<key>.json` — the record of a finished cell (its outputs' names and hashes): a first
+//!   line with the sha256 of the JSON body that follows it, so a damaged record is detected
+//!   byte for byte (no re-serialisation, whose float printing could differ);
 //! - `tmp/` — writes in progress: every write goes to a temporary file there, is flushed and
 //!   synced, then renamed into place, so a crash never leaves a partial object under its name;
 //! - `locks/<key>.lock` — advisory locks so that two runs on one store never compute the same
@@ -64,11 +65,6 @@ pub struct CellRecord {
     pub seconds: f64,
 }
 
-#[derive(Serialize, Deserialize)]
-struct SealedRecord {
-    sha256: String,
-    record: CellRecord,
-}
 
 /// A problem found while reading (a corrupt object), reported to the user and then recomputed.
 #[derive(Debug, Clone, PartialEq)]
@@ -320,9 +316,9 @@ impl Store for LocalStore {
     }
 
     fn put_record(&self, record: &CellRecord) -> Result<(), StoreError> {
-        let body = serde_json::to_vec(record).map_err(|e| StoreError::Io { path: self.record_path(&record.key), source: io::Error::other(e) })?;
-        let sealed = SealedRecord { sha256: sha256_hex(&body), record: record.clone() };
-        let bytes = serde_json::to_vec_pretty(&sealed).map_err(|e| StoreError::Io { path: self.record_path(&record.key), source: io::Error::other(e) })?;
+        let body = serde_json::to_vec_pretty(record).map_err(|e| StoreError::Io { path: self.record_path(&record.key), source: io::Error::other(e) })?;
+        let mut bytes = format!("{}\n", sha256_hex(&body)).into_bytes();
+        bytes.extend_from_slice(&body);
         self.write_atomic(&self.record_path(&record.key), &bytes)
     }
 
@@ -333,25 +329,21 @@ impl Store for LocalStore {
             Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
             Err(source) => return Err(StoreError::Io { path: p, source }),
         };
-        let sealed: SealedRecord = match serde_json::from_slice(&bytes) {
-            Ok(s) => s,
-            Err(_) => {
-                self.note_corruption(Corruption { path: p.clone(), expected: "a cell record".into(), actual: "unreadable JSON".into() });
-                let _ = fs::remove_file(&p);
-                return Ok(None);
-            }
+        let (seal, body) = match bytes.iter().position(|&b| b == b'\n') {
+            Some(i) => (String::from_utf8_lossy(&bytes[..i]).to_string(), &bytes[i + 1..]),
+            None => (String::new(), &bytes[..]),
         };
-        let body = serde_json::to_vec(&sealed.record).unwrap_or_default();
-        let actual = sha256_hex(&body);
-        if actual != sealed.sha256 || sealed.record.key != key {
-            self.note_corruption(Corruption { path: p.clone(), expected: sealed.sha256, actual });
+        let actual = sha256_hex(body);
+        let record: Option<CellRecord> = if actual == seal { serde_json::from_slice(body).ok() } else { None };
+        let Some(record) = record.filter(|r| r.key == key) else {
+            self.note_corruption(Corruption { path: p.clone(), expected: seal, actual });
             let _ = fs::remove_file(&p);
             return Ok(None);
-        }
-        if !sealed.record.outputs.values().all(|h| self.contains(h)) {
+        };
+        if !record.outputs.values().all(|h| self.contains(h)) {
             return Ok(None);
         }
-        Ok(Some(sealed.record))
+        Ok(Some(record))
     }
 
     fn lock(&self, key: &str) -> Result<CellLock, StoreError> {

@@ -13,7 +13,7 @@ use crate::cache::{LocalStore, Store};
 
 use crate::exec::{self, CellOutcome, ExecOptions, Execution};
 use crate::frames::{self, Frames};
-use crate::plan::{self, Plan};
+use crate::plan::{self, CellKind, Plan};
 use crate::render::{self, Rendered};
 use crate::spec::Spec;
 use crate::methods;
@@ -129,13 +129,32 @@ pub fn run(args: &RunArgs) -> anyhow::Result<i32> {
                 r.exec.seconds,
                 shown(&r.rendered.markdown)
             );
-            for f in failures(&r) {
-                eprintln!("  failed: {} — {}", f["cell"].as_str().unwrap_or(""), f["reason"].as_str().unwrap_or(""));
+            // Root causes in full; cells that failed only because an upstream cell did, counted.
+            let all = failures(&r);
+            let mut downstream = 0;
+            for f in &all {
+                let reason = f["reason"].as_str().unwrap_or("");
+                if reason.starts_with(exec::UPSTREAM_FAILED) {
+                    downstream += 1;
+                } else {
+                    eprintln!("  failed: {} — {reason}", f["cell"].as_str().unwrap_or(""));
+                }
+            }
+            if downstream > 0 {
+                eprintln!("  ({downstream} more cell(s) not run because an upstream cell failed)");
             }
         }
         runs.push(r);
     }
-    let code = if runs.iter().any(|r| errors(r) > 0) { EXIT_FAILED } else { EXIT_OK };
+    // Bad input data (a missing file, a wrong hash, a malformed file) is the user's to fix: exit 2.
+    let bad_data = runs.iter().any(|r| r.plan.cells.iter().zip(&r.exec.outcomes).any(|(c, o)| matches!(c.kind, CellKind::Dataset { .. }) && matches!(o, CellOutcome::Failed(_))));
+    let code = if bad_data {
+        super::EXIT_USAGE
+    } else if runs.iter().any(|r| errors(r) > 0) {
+        EXIT_FAILED
+    } else {
+        EXIT_OK
+    };
     if args.json {
         let v = if runs.len() == 1 {
             let mut v = report_json(&runs[0]);

@@ -113,8 +113,13 @@ pub struct Manifest {
     pub description: String,
     pub format: FormatSpec,
     pub files: Vec<FileEntry>,
-    /// Class names; label `i` is `classes[i]`.
+    /// Class names; label `i` is `classes[i]`. May be left empty when `num_classes` is given
+    /// (the names are then "0", "1", …).
+    #[serde(default)]
     pub classes: Vec<String>,
+    /// Number of classes, for data sets with too many to list (e.g. 1,000).
+    #[serde(default)]
+    pub num_classes: Option<usize>,
     pub licence: String,
     pub source: String,
     pub citation: String,
@@ -123,20 +128,7 @@ pub struct Manifest {
     pub path: PathBuf,
 }
 
-/// Levenshtein distance between two strings, by characters.
-fn edit_distance(a: &str, b: &str) -> usize {
-    let b: Vec<char> = b.chars().collect();
-    let mut prev: Vec<usize> = (0..=b.len()).collect();
-    for (i, ca) in a.chars().enumerate() {
-        let mut cur = vec![i + 1; b.len() + 1];
-        for (j, &cb) in b.iter().enumerate() {
-            let subst = prev[j] + usize::from(ca != cb);
-            cur[j + 1] = subst.min(prev[j + 1] + 1).min(cur[j] + 1);
-        }
-        prev = cur;
-    }
-    prev[b.len()]
-}
+use crate::params::levenshtein as edit_distance;
 
 /// The candidate closest to `word`, if it is close enough to be a plausible typo.
 fn closest<'a>(word: &str, candidates: impl IntoIterator<Item = &'a str>) -> Option<&'a str> {
@@ -264,6 +256,16 @@ impl Manifest {
             }
         })?;
         m.path = path.to_path_buf();
+        if m.classes.is_empty() {
+            if let Some(n) = m.num_classes {
+                m.classes = (0..n).map(|i| i.to_string()).collect();
+            }
+        }
+        if let Some(n) = m.num_classes {
+            if n != m.classes.len() {
+                return Err(m.error(format!("`num_classes` = {n} but `classes` lists {}", m.classes.len()), Some("give one of the two, or make them agree".into())));
+            }
+        }
         m.validate()?;
         Ok(m)
     }
@@ -299,7 +301,7 @@ impl Manifest {
         }
         for (i, f) in self.files.iter().enumerate() {
             let shown = f.path.display();
-            if !is_sha256_hex(&f.sha256) {
+            if !is_sha256_hex(&f.sha256) && f.sha256 != UNPINNED {
                 return Err(self.error(
                     format!(
                         "files[{i}] ({shown}): sha256 must be 64 lower-case hex digits, found {:?}",
@@ -518,9 +520,27 @@ impl Manifest {
     }
 }
 
+/// The `sha256` of a file that this project could not obtain to hash (a data set too large to
+/// ship, with no published sha256). Such a manifest plans and keys normally but refuses to load
+/// until a user who has the file pins its hash.
+pub const UNPINNED: &str = "unpinned";
+
 fn verify_file(root: &Path, f: &FileEntry) -> Result<(), DataError> {
     let path = root.join(&f.path);
+    if !path.is_file() {
+        return Err(DataError::Io {
+            path: path.clone(),
+            source: std::io::Error::new(std::io::ErrorKind::NotFound, "data file not found: obtain it from the manifest's `source` and place it at this path"),
+        });
+    }
     let actual = sha256_file(&path)?;
+    if f.sha256 == UNPINNED {
+        return Err(DataError::Manifest {
+            path: path.clone(),
+            message: format!("the manifest pins no sha256 for this file; its sha256 is {actual}"),
+            hint: Some(format!("check the file against its source, then write `sha256 = \"{actual}\"` into the manifest")),
+        });
+    }
     if actual != f.sha256 {
         return Err(DataError::HashMismatch {
             path,

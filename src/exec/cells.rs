@@ -111,13 +111,33 @@ fn compute(kind: CellKind, inputs: &[CellRecord], store: &dyn Store, memo: &Memo
     let mut objects = BTreeMap::new();
     match kind {
         CellKind::Dataset { manifest, root } => {
-            let images = manifest.load_images(&root, None)?;
-            objects.insert("images.safetensors".to_string(), images.to_safetensors_bytes());
+            let roles = manifest.roles();
+            if roles.contains(&"train") && roles.contains(&"test") {
+                // A data set with its own test files keeps them as the test set: the training
+                // images come first, then the test images, and `roles.json` says where.
+                let mut images = manifest.load_images(&root, Some("train"))?;
+                let test = manifest.load_images(&root, Some("test"))?;
+                let n_train = images.len();
+                images.pixels.extend_from_slice(&test.pixels);
+                images.labels.extend_from_slice(&test.labels);
+                let split = SplitOutput { train: (0..n_train).collect(), test: (n_train..images.len()).collect() };
+                objects.insert("roles.json".to_string(), json(&split)?);
+                objects.insert("images.safetensors".to_string(), images.to_safetensors_bytes());
+            } else {
+                let images = manifest.load_images(&root, None)?;
+                objects.insert("images.safetensors".to_string(), images.to_safetensors_bytes());
+            }
         }
         CellKind::Split { test_per_class, seed } => {
-            let images = load_images(store, memo, &inputs[0])?;
-            let (train, test) = data::balanced_split(&images.labels, images.num_classes, test_per_class, seed)?;
-            objects.insert("split.json".to_string(), json(&SplitOutput { train, test })?);
+            if inputs[0].outputs.contains_key("roles.json") {
+                // The data set's own split; `test_per_class` does not apply.
+                let split: SplitOutput = load_json(store, &inputs[0], "roles.json")?;
+                objects.insert("split.json".to_string(), json(&split)?);
+            } else {
+                let images = load_images(store, memo, &inputs[0])?;
+                let (train, test) = data::balanced_split(&images.labels, images.num_classes, test_per_class, seed)?;
+                objects.insert("split.json".to_string(), json(&SplitOutput { train, test })?);
+            }
         }
         CellKind::Subset { imbalance, seed } => {
             let images = load_images(store, memo, &inputs[0])?;

@@ -49,6 +49,9 @@ impl ExecOptions {
     }
 }
 
+/// How the failure of a cell whose upstream failed begins.
+pub const UPSTREAM_FAILED: &str = "upstream cell failed";
+
 /// What happened to one cell.
 #[derive(Debug, Clone, PartialEq)]
 pub enum CellOutcome {
@@ -171,7 +174,7 @@ pub fn execute(plan: &Plan, store: &dyn Store, opts: &ExecOptions) -> Result<Exe
                                 if s.states[i] == State::Waiting && plan.cells[i].upstream.iter().any(|&u| s.states[u] == State::Failed) {
                                     s.states[i] = State::Failed;
                                     let up: Vec<String> = plan.cells[i].upstream.iter().filter(|&&u| s.states[u] == State::Failed).map(|&u| plan.cells[u].name.clone()).collect();
-                                    s.outcomes[i] = Some(CellOutcome::Failed(format!("upstream cell failed: {}", up.join(", "))));
+                                    s.outcomes[i] = Some(CellOutcome::Failed(format!("{UPSTREAM_FAILED}: {}", up.join(", "))));
                                     total.inc(1);
                                     changed = true;
                                 }

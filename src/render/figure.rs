@@ -188,10 +188,22 @@ pub fn svg(decl: &FigureDecl, exp: &Experiment, frames: &Frames) -> Result<Strin
     Ok(out)
 }
 
+/// A placeholder for a figure whose runs produced nothing (failed, or not in this profile).
+fn no_data(title: &str) -> Result<String, String> {
+    let mut out = String::new();
+    {
+        let root = SVGBackend::with_string(&mut out, (640, 120)).into_drawing_area();
+        root.fill(&WHITE).map_err(|e| e.to_string())?;
+        root.draw(&Text::new(format!("{title}: no data (no usable run)"), (20, 50), ("sans-serif", 15))).map_err(|e| e.to_string())?;
+        root.present().map_err(|e| e.to_string())?;
+    }
+    Ok(out)
+}
+
 /// Training count per class of the experiment's first run, coloured by group.
 fn classes_svg(decl: &FigureDecl, exp: &Experiment, frames: &Frames) -> Result<String, String> {
     let Some(first) = frames.per_class.iter().find(|r| r.experiment == exp.id) else {
-        return Err("no per-class data".into());
+        return no_data(&decl.title);
     };
     let rows: Vec<_> = frames.per_class.iter().filter(|r| r.experiment == exp.id && r.key == first.key && r.epoch == first.epoch).collect();
     let max = rows.iter().map(|r| r.train_count).max().unwrap_or(1).max(1) as f64;

@@ -79,6 +79,9 @@ fn headers(t: &Table) -> Vec<String> {
 
 /// Markdown (GitHub-flavoured table); the last column names the cells.
 pub fn markdown(t: &Table) -> String {
+    if t.rows.is_empty() {
+        return format!("**Table {}: {}** — no runs in this profile.\n", t.id, t.title);
+    }
     let mut h = headers(t);
     h.push("cells".into());
     let mut out = format!("**Table {}: {}**\n\n| {} |\n|{}|\n", t.id, t.title, h.join(" | "), vec!["---"; h.len()].join("|"));
@@ -106,6 +109,9 @@ fn esc(s: &str) -> String {
 
 /// HTML; every number's tooltip names its cells, seeds and the profile.
 pub fn html(t: &Table, profile: &str) -> String {
+    if t.rows.is_empty() {
+        return format!("<p><b>Table {}: {}</b> — no runs in the <code>{}</code> profile.</p>", esc(&t.id), esc(&t.title), esc(profile));
+    }
     let mut out = format!("<figure class=\"table\" id=\"table-{}\"><figcaption><b>Table {}:</b> {}</figcaption><table><thead><tr>", esc(&t.id), esc(&t.id), esc(&t.title));
     for h in headers(t) {
         out.push_str(&format!("<th>{}</th>", esc(&h)));
