@@ -107,10 +107,18 @@ pub fn run_cell(plan: &Plan, i: usize, inputs: &[CellRecord], store: &dyn Store,
     Ok(CellOutcome::Ran(record))
 }
 
+/// The images of labels 0..k, in their order, as a k-class set.
+fn first_classes(images: &ImageSet, k: usize) -> ImageSet {
+    let keep: Vec<usize> = (0..images.len()).filter(|&i| (images.labels[i] as usize) < k).collect();
+    let mut sub = images.subset(&keep);
+    sub.num_classes = k;
+    sub
+}
+
 fn compute(kind: CellKind, inputs: &[CellRecord], store: &dyn Store, memo: &Memo, progress: &dyn Progress) -> Result<Outcome, CellFailure> {
     let mut objects = BTreeMap::new();
     match kind {
-        CellKind::Dataset { manifest, root } => {
+        CellKind::Dataset { manifest, root, classes } => {
             let roles = manifest.roles();
             if roles.contains(&"train") && roles.contains(&"test") {
                 // A data set with its own test files keeps them as the test set: the training
@@ -121,10 +129,22 @@ fn compute(kind: CellKind, inputs: &[CellRecord], store: &dyn Store, memo: &Memo
                 images.pixels.extend_from_slice(&test.pixels);
                 images.labels.extend_from_slice(&test.labels);
                 let split = SplitOutput { train: (0..n_train).collect(), test: (n_train..images.len()).collect() };
+                let (images, split) = match classes {
+                    Some(k) => {
+                        let n_train = split.train.iter().filter(|&&i| (images.labels[i] as usize) < k).count();
+                        let sub = first_classes(&images, k);
+                        let n = sub.len();
+                        (sub, SplitOutput { train: (0..n_train).collect(), test: (n_train..n).collect() })
+                    }
+                    None => (images, split),
+                };
                 objects.insert("roles.json".to_string(), json(&split)?);
                 objects.insert("images.safetensors".to_string(), images.to_safetensors_bytes());
             } else {
-                let images = manifest.load_images(&root, None)?;
+                let mut images = manifest.load_images(&root, None)?;
+                if let Some(k) = classes {
+                    images = first_classes(&images, k);
+                }
                 objects.insert("images.safetensors".to_string(), images.to_safetensors_bytes());
             }
         }

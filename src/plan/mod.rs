@@ -54,7 +54,7 @@ impl KeyMaterial {
 #[derive(Debug, Clone)]
 pub enum CellKind {
     /// Load and verify a data set from its manifest.
-    Dataset { manifest: Box<Manifest>, root: PathBuf },
+    Dataset { manifest: Box<Manifest>, root: PathBuf, classes: Option<usize> },
     /// Split into a training pool and a balanced test set. Upstream: dataset.
     Split { test_per_class: usize, seed: u64 },
     /// Long-tailed subset of the training pool. Upstream: dataset, split.
@@ -167,8 +167,21 @@ pub fn plan(spec: &Spec) -> Result<Plan, PlanError> {
                     let manifest = Manifest::load(&mpath).map_err(|source| PlanError::Data { name: data_name.clone(), source })?;
                     let mut p = BTreeMap::new();
                     p.insert("content_id".to_string(), manifest.content_id());
+                    if let Some(c) = decl.classes {
+                        if c > manifest.classes.len() {
+                            return Err(PlanError::Data {
+                                name: data_name.clone(),
+                                source: DataError::Manifest {
+                                    path: mpath.clone(),
+                                    message: format!("the spec asks for {c} classes but the data set has {}", manifest.classes.len()),
+                                    hint: Some(format!("set `classes` of [data.{data_name}] to at most {}", manifest.classes.len())),
+                                },
+                            });
+                        }
+                        p.insert("classes".to_string(), c.to_string());
+                    }
                     let m = material("dataset", DATASET_VERSION, p, vec![], None, "any");
-                    let ds = b.add(format!("data/{data_name}"), CellKind::Dataset { manifest: Box::new(manifest), root: spec.root.clone() }, m, vec![]);
+                    let ds = b.add(format!("data/{data_name}"), CellKind::Dataset { manifest: Box::new(manifest), root: spec.root.clone(), classes: decl.classes }, m, vec![]);
                     let mut p = BTreeMap::new();
                     p.insert("test_per_class".to_string(), decl.test_per_class.to_string());
                     let m = material("split", SPLIT_VERSION, p, vec![b.cells[ds].key.clone()], Some(decl.split_seed), "any");

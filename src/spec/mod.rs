@@ -63,6 +63,9 @@ pub struct DataDecl {
     /// Seed of the train/test split. Default 0.
     #[serde(default)]
     pub split_seed: u64,
+    /// Use only the first N classes (labels 0..N). Default: all of the manifest's classes.
+    #[serde(default)]
+    pub classes: Option<usize>,
 }
 
 fn default_test_per_class() -> usize {
@@ -456,6 +459,9 @@ pub fn parse(text: &str, path: &Path, root: &Path, profile: &str, sets: &[String
     for (name, d) in &file.data {
         if d.test_per_class == 0 {
             err(vec!["data".into(), name.clone(), "test_per_class".into()], false, "`test_per_class` must be at least 1".into(), None);
+        }
+        if d.classes.is_some_and(|c| c < 2) {
+            err(vec!["data".into(), name.clone(), "classes".into()], false, "`classes` must be at least 2".into(), None);
         }
     }
 
