@@ -284,8 +284,9 @@ impl Store for LocalStore {
     fn put(&self, bytes: &[u8]) -> Result<String, StoreError> {
         let hash = sha256_hex(bytes);
         let dest = self.object_path(&hash);
-        // Content addressing makes an existing, intact object the same bytes.
-        let intact = fs::metadata(&dest).is_ok_and(|m| m.len() == bytes.len() as u64);
+        // An object already in place is kept only if it reads back with its hash: a damaged
+        // copy of the same length must not survive a recomputation.
+        let intact = fs::read(&dest).is_ok_and(|old| sha256_hex(&old) == hash);
         if !intact {
             self.write_atomic(&dest, bytes)?;
         }

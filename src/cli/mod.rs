@@ -123,7 +123,8 @@ pub fn open_store(spec_root: &Path, opts: &SpecOpts) -> anyhow::Result<LocalStor
         (None, Some(d)) if !d.is_empty() => PathBuf::from(d),
         _ => spec_root.join("artifacts").join("store"),
     };
-    Ok(LocalStore::open(&dir)?)
+    // A cache that cannot be created or written is the user's to fix (exit 2).
+    LocalStore::open(&dir).map_err(|e| UsageError(e.to_string()).into())
 }
 
 /// Where a report's outputs go: `artifacts/<id>` for the default profile, else

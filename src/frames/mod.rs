@@ -15,6 +15,7 @@ use std::path::{Path, PathBuf};
 
 use polars::prelude::*;
 
+use crate::artifacts::write_atomic;
 use crate::cache::{CellStatus, Store, StoreError};
 use crate::exec::{read_output, CellOutcome, Execution};
 use crate::methods::supervised::RunRecord;
@@ -216,12 +217,14 @@ impl Frames {
         let mut out = Vec::new();
         for (name, mut df) in [("results", self.results_frame()?), ("per_class", self.per_class_frame()?), ("objects", self.objects_frame()?)] {
             let pq = dir.join(format!("{name}.parquet"));
-            let file = File::create(&pq).map_err(|source| FrameError::Io { path: pq.clone(), source })?;
-            ParquetWriter::new(file).finish(&mut df)?;
+            let mut buf = Vec::new();
+            ParquetWriter::new(&mut buf).finish(&mut df)?;
+            write_atomic(&pq, &buf).map_err(|source| FrameError::Io { path: pq.clone(), source })?;
             out.push(pq);
             let csv = dir.join(format!("{name}.csv"));
-            let mut file = File::create(&csv).map_err(|source| FrameError::Io { path: csv.clone(), source })?;
-            CsvWriter::new(&mut file).include_header(true).finish(&mut df)?;
+            let mut buf = Vec::new();
+            CsvWriter::new(&mut buf).include_header(true).finish(&mut df)?;
+            write_atomic(&csv, &buf).map_err(|source| FrameError::Io { path: csv.clone(), source })?;
             out.push(csv);
         }
         Ok(out)

@@ -325,7 +325,18 @@ fn train_run(cfg: &Config, seed: u64, inputs: &TrainInputs, progress: &dyn Progr
         }
         progress.epoch(epoch, cfg.epochs, "");
         if epoch % cfg.analyze_freq == 0 || epoch == cfg.epochs {
-            let (rec, tensors) = analyse(model.as_ref(), &dev, cfg, inputs, &counts, &groups, &minority, epoch, loss_sum / seen.max(1) as f64)?;
+            let (rec, tensors) = match analyse(model.as_ref(), &dev, cfg, inputs, &counts, &groups, &minority, epoch, loss_sum / seen.max(1) as f64) {
+                Ok(x) => x,
+                // Degenerate features (e.g. every ReLU dead after a too-large step) are a
+                // property of this configuration: record the run as failed, like a divergence.
+                Err(MethodError::Metrics(m)) => {
+                    let reason = format!("analysis at epoch {epoch} failed: {m}");
+                    record.failure = Some(reason.clone());
+                    objects.insert("metrics.json".to_string(), to_json(&record)?);
+                    return Ok(Outcome::Failed { reason, objects });
+                }
+                Err(e) => return Err(e),
+            };
             objects.insert(rec.analysis_object.clone(), tensors);
             record.epochs.push(rec);
         }

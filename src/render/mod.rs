@@ -20,6 +20,7 @@ use std::sync::Arc;
 use minijinja::{context, Environment, Value};
 use serde::Serialize;
 
+use crate::artifacts::write_atomic;
 use crate::frames::Frames;
 use crate::spec::Spec;
 use claims::ClaimResult;
@@ -210,17 +211,17 @@ pub fn render(spec: &Spec, frames: &Frames, out_dir: &Path) -> Result<Rendered, 
     let mut rendered = Rendered::default();
     for (id, (_, svg)) in &computed.figures {
         let p = out_dir.join("figures").join(format!("{id}.svg"));
-        std::fs::write(&p, svg).map_err(io(&p))?;
+        write_atomic(&p, svg.as_bytes()).map_err(io(&p))?;
         rendered.figures.push(p);
     }
     for (id, t) in &computed.tables {
         let p = out_dir.join("tables").join(format!("{id}.csv"));
-        std::fs::write(&p, table::csv(t)).map_err(io(&p))?;
+        write_atomic(&p, table::csv(t).as_bytes()).map_err(io(&p))?;
         rendered.tables.push(p);
     }
     let md = render_template(spec, frames, &computed, Mode::Markdown)?;
     let p = out_dir.join("report.md");
-    std::fs::write(&p, &md).map_err(io(&p))?;
+    write_atomic(&p, md.as_bytes()).map_err(io(&p))?;
     rendered.markdown = p;
 
     let html_md = render_template(spec, frames, &computed, Mode::Html)?;
@@ -238,7 +239,7 @@ pub fn render(spec: &Spec, frames: &Frames, out_dir: &Path) -> Result<Rendered, 
         .and_then(|t| t.render(context! { title => spec.report.title.clone(), css => Value::from_safe_string(CSS.to_string()), body => Value::from_safe_string(body) }))
         .map_err(|source| RenderError::Template { path: base_path.clone(), source })?;
     let p = out_dir.join("report.html");
-    std::fs::write(&p, html).map_err(io(&p))?;
+    write_atomic(&p, html.as_bytes()).map_err(io(&p))?;
     rendered.html = p;
     rendered.claims = computed.claims.iter().map(|r| ClaimSummary { id: r.id.clone(), verdict: r.verdict().to_string(), measured: r.measured.clone(), gate: r.gate }).collect();
     Ok(rendered)
