@@ -647,6 +647,23 @@ pub fn load_parquet_images(
     label_column: &str,
     size: Option<(usize, usize)>,
 ) -> Result<ImageSet, DataError> {
+    // polars' Parquet reader can panic on a malformed footer rather than return an error
+    // (found by tests/fuzz.rs); a damaged file must be an error naming it, never a crash.
+    std::panic::catch_unwind(|| read_parquet_images(path, image_column, label_column, size))
+        .unwrap_or_else(|_| {
+            Err(DataError::format(
+                path,
+                "malformed Parquet file: the reader failed on its metadata".to_string(),
+            ))
+        })
+}
+
+fn read_parquet_images(
+    path: &Path,
+    image_column: &str,
+    label_column: &str,
+    size: Option<(usize, usize)>,
+) -> Result<ImageSet, DataError> {
     let bad = |m: String| DataError::format(path, m);
     let file = std::fs::File::open(path).map_err(|e| DataError::io(path, e))?;
     let mut reader = ParquetReader::new(file);

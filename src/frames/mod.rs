@@ -235,7 +235,10 @@ impl Frames {
         let read = |name: &str| -> Result<DataFrame, FrameError> {
             let p = dir.join(format!("{name}.parquet"));
             let file = File::open(&p).map_err(|source| FrameError::Io { path: p.clone(), source })?;
-            Ok(ParquetReader::new(file).finish()?)
+            // polars can panic on a damaged footer; a tampered frame must be an error.
+            std::panic::catch_unwind(|| ParquetReader::new(file).finish())
+                .map_err(|_| FrameError::Shape { path: p.clone(), message: "malformed Parquet file".into() })?
+                .map_err(FrameError::from)
         };
         let res = read("results")?;
         let pc = read("per_class")?;
