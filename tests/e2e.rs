@@ -152,3 +152,103 @@ fn verify_passes_then_catches_a_tampered_file() {
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("tables/imb.csv"));
 }
+
+/// Cell name → key, from `status --json`.
+fn keys_by_name(dir: &Path, extra: &[&str]) -> std::collections::BTreeMap<String, String> {
+    let mut args = vec!["status", "reports/tiny.toml", "--json"];
+    args.extend_from_slice(extra);
+    let out = reprise(dir, &args);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    v["cells"].as_array().unwrap().iter().map(|c| (c["cell"].as_str().unwrap().to_string(), c["key"].as_str().unwrap().to_string())).collect()
+}
+
+/// Names whose key differs between two plans (over the names both have).
+fn changed(a: &std::collections::BTreeMap<String, String>, b: &std::collections::BTreeMap<String, String>) -> Vec<String> {
+    a.iter().filter(|(n, k)| b.get(*n).is_some_and(|k2| k2 != *k)).map(|(n, _)| n.clone()).collect()
+}
+
+#[test]
+fn every_input_of_a_key_changes_it_and_only_downstream() {
+    let p = project("e2e-keys");
+    let base = keys_by_name(p.path(), &[]);
+    // A parameter of one experiment: that experiment's training cells only.
+    let lr = keys_by_name(p.path(), &["--set", "experiments.imb.params.lr=0.01"]);
+    assert_eq!(changed(&base, &lr), vec!["train/imb/imbalance=0.1 seed=0", "train/imb/imbalance=1.0 seed=0"]);
+    // The seed.
+    let seeds = keys_by_name(p.path(), &["--set", "experiments.loss.seeds=[0]", "--set", "experiments.imb.seeds=[7]"]);
+    assert!(seeds.keys().any(|n| n.ends_with("seed=7")));
+    assert_eq!(seeds.len(), base.len());
+    // A profile's overrides (epochs for every run): every training cell, no data cell.
+    let long = keys_by_name(p.path(), &["--profile", "long"]);
+    let mut expect: Vec<String> = base.keys().filter(|n| n.starts_with("train/")).cloned().collect();
+    expect.sort();
+    assert_eq!(changed(&base, &long), expect);
+    // The data's bytes (and so its pinned hash): every cell, through the Merkle chain.
+    let data = p.path().join("data/optdigits_8x8.csv.gz");
+    let mut bytes = std::fs::read(&data).unwrap();
+    let old_hash = reprise::cache::sha256_hex(&bytes);
+    bytes.push(0); // gzip ignores trailing garbage only in some readers; the hash changes regardless
+    std::fs::write(&data, &bytes).unwrap();
+    let manifest = p.path().join("data-manifests/optdigits-8x8.toml");
+    let text = std::fs::read_to_string(&manifest).unwrap().replace(&old_hash, &reprise::cache::sha256_hex(&bytes));
+    std::fs::write(&manifest, text).unwrap();
+    let new = keys_by_name(p.path(), &[]);
+    assert_eq!(changed(&base, &new).len(), base.len());
+}
+
+#[test]
+fn gc_removes_what_nothing_refers_to_and_render_needs_the_cache() {
+    let p = project("e2e-gc");
+    run_json(p.path(), &[]);
+    let changed = run_json(p.path(), &["--set", "defaults.epochs=3"]);
+    assert_eq!(cells(&changed).2, 4);
+    let out = reprise(p.path(), &["gc"]);
+    assert!(out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("removed"));
+    // The current report is whole; the superseded training cells are gone.
+    assert_eq!(cells(&run_json(p.path(), &["--set", "defaults.epochs=3"])).2, 0);
+    assert_eq!(cells(&run_json(p.path(), &[])).2, 4);
+    // `render` works from the cache alone, and names what is missing when it cannot.
+    let out = reprise(p.path(), &["render", "reports/tiny.toml"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = reprise(p.path(), &["render", "reports/tiny.toml", "--set", "defaults.epochs=4"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("train/imb/imbalance=1.0 seed=0"));
+}
+
+/// A data set with its own test files (CIFAR-10 layout, written here) keeps them as the test set.
+#[test]
+fn official_test_split_of_a_cifar_manifest_is_used() {
+    let p = project("e2e-cifar");
+    let dir = p.path().join("data/tiny-cifar");
+    std::fs::create_dir_all(&dir).unwrap();
+    let record = |label: u8, v: u8| -> Vec<u8> {
+        let mut r = vec![label];
+        r.extend(std::iter::repeat_n(v, 3072));
+        r
+    };
+    let train: Vec<u8> = (0..40u8).flat_map(|i| record(i % 10, i * 3)).collect();
+    let test: Vec<u8> = (0..20u8).flat_map(|i| record(i % 10, 200 - i)).collect();
+    std::fs::write(dir.join("train.bin"), &train).unwrap();
+    std::fs::write(dir.join("test.bin"), &test).unwrap();
+    let sha = |b: &[u8]| reprise::cache::sha256_hex(b);
+    let manifest = format!(
+        "name = \"tiny-cifar\"\ndescription = \"test\"\nclasses = [\"0\",\"1\",\"2\",\"3\",\"4\",\"5\",\"6\",\"7\",\"8\",\"9\"]\nlicence = \"test\"\nsource = \"test\"\ncitation = \"test\"\n[format]\nkind = \"cifar-binary\"\nvariant = \"cifar10\"\n[[files]]\npath = \"data/tiny-cifar/train.bin\"\nsha256 = \"{}\"\nrole = \"train\"\n[[files]]\npath = \"data/tiny-cifar/test.bin\"\nsha256 = \"{}\"\nrole = \"test\"\n",
+        sha(&train),
+        sha(&test)
+    );
+    std::fs::write(p.path().join("data-manifests/tiny-cifar.toml"), manifest).unwrap();
+    let spec = p.path().join("reports/tiny.toml");
+    let text = std::fs::read_to_string(&spec).unwrap().replace("manifest = \"optdigits-8x8\"", "manifest = \"tiny-cifar\"").replace("grid = { imbalance = [1.0, 0.1] }", "grid = { imbalance = [1.0, 0.5] }");
+    std::fs::write(&spec, text).unwrap();
+    let v = run_json(p.path(), &["--set", "defaults.imbalance=0.5", "--set", "defaults.model=cnn"]);
+    assert_eq!(cells(&v).3, 0, "{v}");
+    let lock: Value = serde_json::from_slice(&std::fs::read(p.path().join("artifacts/tiny/lock.json")).unwrap()).unwrap();
+    let split = lock["cells"].as_array().unwrap().iter().find(|c| c["name"] == "split/optdigits").unwrap();
+    let h = split["outputs"]["split.json"].as_str().unwrap();
+    let obj = std::fs::read(p.path().join("artifacts/store/objects").join(&h[..2]).join(h)).unwrap();
+    let s: Value = serde_json::from_slice(&obj).unwrap();
+    assert_eq!(s["train"].as_array().unwrap().len(), 40);
+    assert_eq!(s["test"].as_array().unwrap().len(), 20);
+}

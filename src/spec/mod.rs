@@ -792,12 +792,25 @@ fn apply_override(tree: &mut toml::Value, o: &Override, schema: &[ParamDef]) -> 
         if !schema.iter().any(|d| d.name == last) {
             return Err((format!("`{shown}`: unknown parameter `{last}`"), Some(params::suggest(last, &schema_names(schema)))));
         }
-    } else if !t.contains_key(last) {
-        let known: Vec<String> = t.keys().cloned().collect();
+    } else if !t.contains_key(last) && !optional_fields(parents).contains(&last.as_str()) {
+        let mut known: Vec<String> = t.keys().cloned().collect();
+        known.extend(optional_fields(parents).iter().map(|s| s.to_string()));
+        known.sort();
+        known.dedup();
         return Err((format!("`{shown}`: no key `{last}` to override"), Some(params::suggest(last, &known))));
     }
     t.insert(last.clone(), o.value.clone());
     Ok(())
+}
+
+/// Fields a section may leave out that an override may still set.
+fn optional_fields(parents: &[String]) -> &'static [&'static str] {
+    match parents.iter().map(String::as_str).collect::<Vec<_>>().as_slice() {
+        ["experiments", _] => &["description", "params", "grid", "points", "seeds", "profiles"],
+        ["data", _] => &["test_per_class", "split_seed", "classes"],
+        ["report"] => &["document", "method", "description"],
+        _ => &[],
+    }
 }
 
 /// A toml parse or type error as a diagnostic, with "did you mean" for unknown keys.
