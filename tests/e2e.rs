@@ -252,3 +252,26 @@ fn official_test_split_of_a_cifar_manifest_is_used() {
     assert_eq!(s["train"].as_array().unwrap().len(), 40);
     assert_eq!(s["test"].as_array().unwrap().len(), 20);
 }
+
+/// The raw artifacts let anyone recompute the metrics: the numpy reference script reads the
+/// safetensors objects from the cache and must agree with the frames. Needs python3 with numpy
+/// (CI installs it); without it the test says so and checks nothing else.
+#[test]
+fn metrics_recompute_independently_from_the_raw_artifacts() {
+    let has_numpy = std::process::Command::new("python3").args(["-c", "import numpy"]).status().is_ok_and(|s| s.success());
+    if !has_numpy {
+        eprintln!("SKIPPED: python3 with numpy is not installed (pip install numpy); .ci/run installs it");
+        return;
+    }
+    let p = project("e2e-recompute");
+    run_json(p.path(), &[]);
+    let out = std::process::Command::new("python3")
+        .arg(repo().join("tests/reference/recompute_from_artifacts.py"))
+        .arg(p.path().join("artifacts/tiny"))
+        .arg(p.path().join("artifacts/store"))
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}{}", String::from_utf8_lossy(&out.stderr));
+    assert!(text.contains("recomputed 8 analysis objects, 0 mismatches"), "{text}");
+}

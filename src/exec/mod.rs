@@ -148,6 +148,9 @@ pub fn execute(plan: &Plan, store: &dyn Store, opts: &ExecOptions) -> Result<Exe
     let total = multi.add(ProgressBar::new(n as u64));
     total.set_style(ProgressStyle::with_template("{prefix:>8} [{bar:30}] {pos}/{len} cells  {elapsed_precise}  {msg}").unwrap_or_else(|_| ProgressStyle::default_bar()).progress_chars("=> "));
     total.set_prefix("reprise");
+    if draw {
+        total.enable_steady_tick(Duration::from_millis(500));
+    }
     let memo = cells::Memo::default();
 
     std::thread::scope(|scope| {
