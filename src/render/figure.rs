@@ -47,7 +47,7 @@ fn tr(v: f64, log: bool) -> f64 {
 }
 
 fn lines_for(decl: &FigureDecl, exp: &Experiment, frames: &Frames, metric: &str) -> Vec<Line> {
-    let series: Vec<String> = decl.series.iter().cloned().collect();
+    let series: Vec<String> = decl.series.as_ref().map(|s| s.to_vec()).unwrap_or_default();
     match decl.kind {
         FigureKind::Line => {
             let x = decl.x.clone().unwrap_or_default();

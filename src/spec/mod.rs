@@ -176,7 +176,8 @@ pub struct FigureDecl {
     #[serde(default = "default_y")]
     pub y: OneOrMany,
     #[serde(default)]
-    pub series: Option<String>,
+    /// Parameter(s) whose values make the lines; one line per combination.
+    pub series: Option<OneOrMany>,
     #[serde(default)]
     pub caption: Option<String>,
 }
@@ -620,8 +621,8 @@ pub fn parse(text: &str, path: &Path, root: &Path, profile: &str, sets: &[String
         if let Some(x) = &f.x {
             check_param(at("x"), x, &mut err);
         }
-        if let Some(s) = &f.series {
-            check_param(at("series"), s, &mut err);
+        for (j, s) in f.series.as_ref().map(OneOrMany::to_vec).unwrap_or_default().iter().enumerate() {
+            check_param(at(&format!("series.{j}")), s, &mut err);
         }
     }
     for (i, c) in file.claims.iter().enumerate() {
