@@ -174,8 +174,26 @@ fn compute(kind: CellKind, inputs: &[CellRecord], store: &dyn Store, memo: &Memo
             let images = load_images(store, memo, &inputs[0])?;
             let split: SplitOutput = load_json(store, &inputs[1], "split.json")?;
             let subset: SubsetOutput = load_json(store, &inputs[2], "subset.json")?;
-            let ti = TrainInputs { data: &images, train: &subset.train, test: &split.test };
+            let pretrained = match inputs.get(3) {
+                Some(rec) => {
+                    let mut objects = BTreeMap::new();
+                    for (name, hash) in &rec.outputs {
+                        let bytes = store.get(hash)?.ok_or_else(|| CellFailure(format!("object {hash} vanished or is corrupt; run again to recompute it")))?;
+                        objects.insert(name.clone(), bytes);
+                    }
+                    Some(objects)
+                }
+                None => None,
+            };
+            let ti = TrainInputs { data: &images, train: &subset.train, test: &split.test, pretrained: pretrained.as_ref() };
             return Ok(m.run(&params, seed, &ti, progress)?);
+        }
+        CellKind::Pretrain { method, pretraining } => {
+            let m = methods::get(method).ok_or_else(|| CellFailure(format!("unknown method `{method}`")))?;
+            let images = load_images(store, memo, &inputs[0])?;
+            let split: SplitOutput = load_json(store, &inputs[1], "split.json")?;
+            let ti = TrainInputs { data: &images, train: &split.train, test: &split.test, pretrained: None };
+            return Ok(m.pretrain(&pretraining, &ti, progress)?);
         }
     }
     Ok(Outcome::Done(objects))

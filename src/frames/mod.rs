@@ -18,7 +18,7 @@ use polars::prelude::*;
 use crate::artifacts::write_atomic;
 use crate::cache::{CellStatus, Store, StoreError};
 use crate::exec::{read_output, CellOutcome, Execution};
-use crate::methods::supervised::RunRecord;
+use crate::methods::RunRecord;
 use crate::params::{ParamValue, Params};
 use crate::plan::Plan;
 
@@ -63,6 +63,8 @@ pub struct ClassRow {
     pub group: String,
     pub test_accuracy: Option<f64>,
     pub classifier_norm: f64,
+    /// Method-specific per-class values (one column each in the frame).
+    pub extra: BTreeMap<String, Option<f64>>,
 }
 
 /// One row of `objects`.
@@ -137,6 +139,7 @@ pub fn collect(plan: &Plan, exec: &Execution, store: &dyn Store, metric_names: &
                     group: c.group.clone(),
                     test_accuracy: c.test_accuracy,
                     classifier_norm: c.classifier_norm,
+                    extra: c.extra.iter().map(|(k, v)| (k.clone(), Some(*v))).collect(),
                 });
             }
             if seen_objects.insert((cell.key.clone(), e.epoch)) {
@@ -188,7 +191,8 @@ impl Frames {
 
     pub fn per_class_frame(&self) -> Result<DataFrame, FrameError> {
         let r = &self.per_class;
-        Ok(DataFrame::new_infer_height(vec![
+        let extras: std::collections::BTreeSet<&String> = r.iter().flat_map(|x| x.extra.keys()).collect();
+        let mut cols = vec![
             Column::new("experiment".into(), r.iter().map(|x| x.experiment.clone()).collect::<Vec<_>>()),
             Column::new("run".into(), r.iter().map(|x| x.run.clone()).collect::<Vec<_>>()),
             Column::new("key".into(), r.iter().map(|x| x.key.clone()).collect::<Vec<_>>()),
@@ -198,7 +202,11 @@ impl Frames {
             Column::new("group".into(), r.iter().map(|x| x.group.clone()).collect::<Vec<_>>()),
             Column::new("test_accuracy".into(), r.iter().map(|x| x.test_accuracy).collect::<Vec<_>>()),
             Column::new("classifier_norm".into(), r.iter().map(|x| x.classifier_norm).collect::<Vec<_>>()),
-        ])?)
+        ];
+        for e in extras {
+            cols.push(Column::new(e.as_str().into(), r.iter().map(|x| x.extra.get(e).copied().flatten()).collect::<Vec<_>>()));
+        }
+        Ok(DataFrame::new_infer_height(cols)?)
     }
 
     pub fn objects_frame(&self) -> Result<DataFrame, FrameError> {
@@ -311,6 +319,13 @@ impl Frames {
         let (e, r, k, g) = (strs(&pc, "experiment")?, strs(&pc, "run")?, strs(&pc, "key")?, strs(&pc, "group")?);
         let (ep, cl, tc) = (ints(&pc, "epoch")?, ints(&pc, "class")?, ints(&pc, "train_count")?);
         let (ta, cn) = (floats(&pc, "test_accuracy")?, floats(&pc, "classifier_norm")?);
+        const FIXED: [&str; 9] = ["experiment", "run", "key", "epoch", "class", "train_count", "group", "test_accuracy", "classifier_norm"];
+        let mut extra_cols = Vec::new();
+        for col in pc.columns() {
+            if !FIXED.contains(&col.name().as_str()) {
+                extra_cols.push((col.name().to_string(), floats(&pc, col.name().as_str())?));
+            }
+        }
         for i in 0..pc.height() {
             frames.per_class.push(ClassRow {
                 experiment: e[i].clone().unwrap_or_default(),
@@ -322,6 +337,7 @@ impl Frames {
                 group: g[i].clone().unwrap_or_default(),
                 test_accuracy: ta[i],
                 classifier_norm: cn[i].unwrap_or(f64::NAN),
+                extra: extra_cols.iter().map(|(k, v)| (k.clone(), v[i])).collect(),
             });
         }
         let (k, nm, h) = (strs(&ob, "key")?, strs(&ob, "name")?, strs(&ob, "sha256")?);

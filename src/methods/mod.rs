@@ -9,6 +9,8 @@ pub mod supervised;
 use std::collections::BTreeMap;
 
 use crate::data::ImageSet;
+use serde::{Deserialize, Serialize};
+
 use crate::params::{ParamDef, Params};
 
 /// Names of the known methods.
@@ -21,6 +23,8 @@ pub struct TrainInputs<'a> {
     pub train: &'a [usize],
     /// Indices of the balanced test set.
     pub test: &'a [usize],
+    /// The outputs of the run's pretraining cell, by name (see [`Method::pretraining`]).
+    pub pretrained: Option<&'a BTreeMap<String, Vec<u8>>>,
 }
 
 /// Progress reports from inside a cell (epochs), shown by the executor's progress bars.
@@ -56,6 +60,51 @@ pub enum MethodError {
     Invalid(String),
 }
 
+/// One analysis epoch's measurements. Every method writes its `metrics.json` as a
+/// [`RunRecord`], which the frames stage reads.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct EpochRecord {
+    pub epoch: usize,
+    /// Metric name → value (absent metrics, e.g. minority cosine with one tail class, are left out).
+    pub metrics: BTreeMap<String, f64>,
+    /// Per class: training count, test accuracy (%), classifier row norm.
+    pub per_class: Vec<ClassRecord>,
+    /// Name of the safetensors object with this epoch's raw tensors (empty if none).
+    #[serde(default)]
+    pub analysis_object: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct ClassRecord {
+    pub class: usize,
+    pub train_count: usize,
+    pub group: String,
+    pub test_accuracy: Option<f64>,
+    pub classifier_norm: f64,
+    /// Method-specific per-class values (e.g. a learned per-class factor), by name.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub extra: BTreeMap<String, f64>,
+}
+
+/// Everything a training cell records besides its raw tensors.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct RunRecord {
+    pub epochs: Vec<EpochRecord>,
+    pub train_counts: Vec<usize>,
+    pub failure: Option<String>,
+}
+
+/// A pretraining cell a run needs (e.g. a backbone trained on a balanced source task). Every run
+/// with the same data set, parameters and seed shares its one output.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Pretraining {
+    /// The `[data.NAME]` set it trains on (its training split).
+    pub dataset: String,
+    /// Everything that determines the pretrained weights (goes into the cell's key).
+    pub params: Params,
+    pub seed: u64,
+}
+
 /// One paper's algorithm.
 pub trait Method: Send + Sync {
     fn name(&self) -> &'static str;
@@ -64,10 +113,23 @@ pub trait Method: Send + Sync {
     fn schema(&self) -> &'static [ParamDef];
     /// Metric columns this method records per analysis epoch.
     fn metrics(&self) -> &'static [&'static str];
+    /// Method-specific per-class values it records (`ClassRecord::extra`), which `class_epochs`
+    /// figures can plot besides `test_accuracy` and `classifier_norm`.
+    fn class_metrics(&self) -> &'static [&'static str] {
+        &[]
+    }
     /// Cross-parameter checks: Err((parameter, message, hint)).
     fn check_run(&self, params: &Params) -> Result<(), (String, String, Option<String>)>;
     /// Parameters that only shape the upstream data cells, left out of the training key.
     fn data_params(&self) -> &'static [&'static str];
+    /// The pretraining this run needs, if any.
+    fn pretraining(&self, _params: &Params) -> Option<Pretraining> {
+        None
+    }
+    /// Compute a pretraining cell: its objects become `TrainInputs::pretrained` of the runs.
+    fn pretrain(&self, _p: &Pretraining, _inputs: &TrainInputs, _progress: &dyn Progress) -> Result<Outcome, MethodError> {
+        Err(MethodError::Invalid(format!("method `{}` has no pretraining", self.name())))
+    }
     /// Train and analyse one run.
     fn run(&self, params: &Params, seed: u64, inputs: &TrainInputs, progress: &dyn Progress) -> Result<Outcome, MethodError>;
 }
@@ -86,6 +148,15 @@ pub fn schema(name: &str) -> Option<&'static [ParamDef]> {
 
 pub fn metrics(name: &str) -> &'static [&'static str] {
     get(name).map_or(&[], |m| m.metrics())
+}
+
+/// Per-class columns a `class_epochs` figure may plot for method `name`.
+pub fn class_metrics(name: &str) -> Vec<String> {
+    let mut v: Vec<String> = ["test_accuracy", "classifier_norm", "train_count"].iter().map(|s| s.to_string()).collect();
+    if let Some(m) = get(name) {
+        v.extend(m.class_metrics().iter().map(|s| s.to_string()));
+    }
+    v
 }
 
 pub fn check_run(name: &str, params: &Params) -> Result<(), (String, String, Option<String>)> {

@@ -10,9 +10,9 @@ use std::collections::BTreeMap;
 
 use candle_core::{DType, Device, Tensor, D};
 use candle_nn::{VarBuilder, VarMap};
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 
-use super::{Method, MethodError, Outcome, Progress, TrainInputs};
+use super::{ClassRecord, EpochRecord, Method, MethodError, Outcome, Progress, RunRecord, TrainInputs};
 use crate::data::ImageSet;
 use crate::metrics::{self, Centering, NcInput};
 use crate::models::{self, Classifier, ModelConfig, ModelKind};
@@ -156,35 +156,6 @@ impl Config {
             cuda: p.get("device").and_then(|v| v.as_str()) == Some("cuda"),
         })
     }
-}
-
-/// One analysis epoch's measurements (the `metrics.json` object is a list of these).
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-pub struct EpochRecord {
-    pub epoch: usize,
-    /// Metric name → value (absent metrics, e.g. minority cosine with one tail class, are left out).
-    pub metrics: BTreeMap<String, f64>,
-    /// Per class: training count, test accuracy (%), classifier row norm.
-    pub per_class: Vec<ClassRecord>,
-    /// Name of the safetensors object with this epoch's raw features.
-    pub analysis_object: String,
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-pub struct ClassRecord {
-    pub class: usize,
-    pub train_count: usize,
-    pub group: String,
-    pub test_accuracy: Option<f64>,
-    pub classifier_norm: f64,
-}
-
-/// Everything a training cell records besides its raw tensors.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-pub struct RunRecord {
-    pub epochs: Vec<EpochRecord>,
-    pub train_counts: Vec<usize>,
-    pub failure: Option<String>,
 }
 
 impl Method for Supervised {
@@ -424,6 +395,7 @@ fn analyse(
                 group: group_name(groups[k]).to_string(),
                 test_accuracy: acc.per_class.get(k).copied().flatten().map(pct),
                 classifier_norm: row.iter().map(|v| f64::from(*v) * f64::from(*v)).sum::<f64>().sqrt(),
+                extra: BTreeMap::new(),
             }
         })
         .collect();

@@ -18,7 +18,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::cache::sha256_hex;
 use crate::data::{DataError, Manifest};
-use crate::methods::{self, Method};
+use crate::methods::{self, Method, Pretraining};
 use crate::params::{ParamValue, Params};
 use crate::spec::Spec;
 
@@ -59,7 +59,11 @@ pub enum CellKind {
     Split { test_per_class: usize, seed: u64 },
     /// Long-tailed subset of the training pool. Upstream: dataset, split.
     Subset { imbalance: f64, seed: u64 },
-    /// One training run of a method. Upstream: dataset, split, subset.
+    /// A method's pretraining (e.g. a backbone on a balanced source task). Upstream: dataset,
+    /// split of the source data.
+    Pretrain { method: &'static str, pretraining: Pretraining },
+    /// One training run of a method. Upstream: dataset, split, subset, and the pretraining
+    /// cell when the method has one.
     Train { method: &'static str, params: Params, seed: u64 },
 }
 
@@ -69,6 +73,7 @@ impl CellKind {
             CellKind::Dataset { .. } => "dataset",
             CellKind::Split { .. } => "split",
             CellKind::Subset { .. } => "subset",
+            CellKind::Pretrain { .. } => "pretrain",
             CellKind::Train { .. } => "train",
         }
     }
@@ -147,49 +152,52 @@ fn material(kind: &str, version: u32, params: BTreeMap<String, String>, upstream
     KeyMaterial { kind: kind.to_string(), version, params, upstream, seed, dtype: "f32".to_string(), device: device.to_string() }
 }
 
+/// The data set and split cells of `[data.NAME]`, planned once per name.
+fn data_cells(spec: &Spec, b: &mut Builder, memo: &mut HashMap<String, (usize, usize)>, data_name: &str) -> Result<(usize, usize), PlanError> {
+    if let Some(&v) = memo.get(data_name) {
+        return Ok(v);
+    }
+    let decl = spec.data.get(data_name).ok_or_else(|| PlanError::Data {
+        name: data_name.to_string(),
+        source: DataError::Manifest { path: spec.path.clone(), message: format!("data set `{data_name}` is not declared"), hint: None },
+    })?;
+    let mpath = manifest_path(&spec.root, &decl.manifest);
+    let manifest = Manifest::load(&mpath).map_err(|source| PlanError::Data { name: data_name.to_string(), source })?;
+    let mut p = BTreeMap::new();
+    p.insert("content_id".to_string(), manifest.content_id());
+    if let Some(c) = decl.classes {
+        if c > manifest.classes.len() {
+            return Err(PlanError::Data {
+                name: data_name.to_string(),
+                source: DataError::Manifest {
+                    path: mpath.clone(),
+                    message: format!("the spec asks for {c} classes but the data set has {}", manifest.classes.len()),
+                    hint: Some(format!("set `classes` of [data.{data_name}] to at most {}", manifest.classes.len())),
+                },
+            });
+        }
+        p.insert("classes".to_string(), c.to_string());
+    }
+    let m = material("dataset", DATASET_VERSION, p, vec![], None, "any");
+    let ds = b.add(format!("data/{data_name}"), CellKind::Dataset { manifest: Box::new(manifest), root: spec.root.clone(), classes: decl.classes }, m, vec![]);
+    let mut p = BTreeMap::new();
+    p.insert("test_per_class".to_string(), decl.test_per_class.to_string());
+    let m = material("split", SPLIT_VERSION, p, vec![b.cells[ds].key.clone()], Some(decl.split_seed), "any");
+    let split = b.add(format!("split/{data_name}"), CellKind::Split { test_per_class: decl.test_per_class, seed: decl.split_seed }, m, vec![ds]);
+    memo.insert(data_name.to_string(), (ds, split));
+    Ok((ds, split))
+}
+
 /// Plan every cell of `spec`.
 pub fn plan(spec: &Spec) -> Result<Plan, PlanError> {
     let method: &'static dyn Method = methods::get(&spec.report.method).ok_or_else(|| PlanError::Method(spec.report.method.clone()))?;
     let mut b = Builder { cells: Vec::new(), index: HashMap::new() };
-    let mut manifests: HashMap<String, (usize, usize)> = HashMap::new(); // data name → (dataset cell, split cell)
+    let mut memo: HashMap<String, (usize, usize)> = HashMap::new();
     let mut runs = Vec::new();
     for exp in &spec.experiments {
         for run in &exp.runs {
             let data_name = run.params.get("dataset").and_then(ParamValue::as_str).unwrap_or_default().to_string();
-            let (ds, split) = match manifests.get(&data_name) {
-                Some(&v) => v,
-                None => {
-                    let decl = spec.data.get(&data_name).ok_or_else(|| PlanError::Data {
-                        name: data_name.clone(),
-                        source: DataError::Manifest { path: spec.path.clone(), message: format!("data set `{data_name}` is not declared"), hint: None },
-                    })?;
-                    let mpath = manifest_path(&spec.root, &decl.manifest);
-                    let manifest = Manifest::load(&mpath).map_err(|source| PlanError::Data { name: data_name.clone(), source })?;
-                    let mut p = BTreeMap::new();
-                    p.insert("content_id".to_string(), manifest.content_id());
-                    if let Some(c) = decl.classes {
-                        if c > manifest.classes.len() {
-                            return Err(PlanError::Data {
-                                name: data_name.clone(),
-                                source: DataError::Manifest {
-                                    path: mpath.clone(),
-                                    message: format!("the spec asks for {c} classes but the data set has {}", manifest.classes.len()),
-                                    hint: Some(format!("set `classes` of [data.{data_name}] to at most {}", manifest.classes.len())),
-                                },
-                            });
-                        }
-                        p.insert("classes".to_string(), c.to_string());
-                    }
-                    let m = material("dataset", DATASET_VERSION, p, vec![], None, "any");
-                    let ds = b.add(format!("data/{data_name}"), CellKind::Dataset { manifest: Box::new(manifest), root: spec.root.clone(), classes: decl.classes }, m, vec![]);
-                    let mut p = BTreeMap::new();
-                    p.insert("test_per_class".to_string(), decl.test_per_class.to_string());
-                    let m = material("split", SPLIT_VERSION, p, vec![b.cells[ds].key.clone()], Some(decl.split_seed), "any");
-                    let split = b.add(format!("split/{data_name}"), CellKind::Split { test_per_class: decl.test_per_class, seed: decl.split_seed }, m, vec![ds]);
-                    manifests.insert(data_name.clone(), (ds, split));
-                    (ds, split)
-                }
-            };
+            let (ds, split) = data_cells(spec, &mut b, &mut memo, &data_name)?;
             let imbalance = run.params.get("imbalance").and_then(ParamValue::as_f64).unwrap_or(1.0);
             let data_seed = run.params.get("data_seed").and_then(ParamValue::as_i64).unwrap_or(0).max(0) as u64;
             let mut p = BTreeMap::new();
@@ -200,15 +208,23 @@ pub fn plan(spec: &Spec) -> Result<Plan, PlanError> {
             // The device class goes into the key on its own: CPU and GPU results differ in the
             // last bits, so they are different cells.
             let device = run.params.get("device").and_then(ParamValue::as_str).unwrap_or("cpu").to_string();
+            let mut upstream = vec![ds, split, subset];
+            if let Some(pt) = method.pretraining(&run.params) {
+                let (pds, psplit) = data_cells(spec, &mut b, &mut memo, &pt.dataset)?;
+                let canon = pt.params.iter().map(|(k, v)| (k.clone(), v.canonical())).collect();
+                let m = material(&format!("pretrain:{}", method.name()), method.version(), canon, vec![b.cells[pds].key.clone(), b.cells[psplit].key.clone()], Some(pt.seed), &device);
+                let name = format!("pretrain/{}/{}", pt.dataset, &m.key()[..8]);
+                upstream.push(b.add(name, CellKind::Pretrain { method: method.name(), pretraining: pt }, m, vec![pds, psplit]));
+            }
             let mut train_params = run.params.clone();
             for k in method.data_params() {
                 train_params.remove(*k);
             }
             let canon: BTreeMap<String, String> = train_params.iter().map(|(k, v)| (k.clone(), v.canonical())).collect();
-            let up = vec![b.cells[ds].key.clone(), b.cells[split].key.clone(), b.cells[subset].key.clone()];
+            let up = upstream.iter().map(|&u| b.cells[u].key.clone()).collect();
             let m = material(&format!("train:{}", method.name()), method.version(), canon, up, Some(run.seed), &device);
             let name = format!("train/{}/{}", exp.id, run.label());
-            let cell = b.add(name, CellKind::Train { method: method.name(), params: run.params.clone(), seed: run.seed }, m, vec![ds, split, subset]);
+            let cell = b.add(name, CellKind::Train { method: method.name(), params: run.params.clone(), seed: run.seed }, m, upstream);
             runs.push(PlannedRun { experiment: exp.id.clone(), label: run.label(), point: run.point.clone(), params: run.params.clone(), seed: run.seed, cell });
         }
     }

@@ -24,10 +24,30 @@ const PALETTE: [RGBColor; 8] = [
     RGBColor(127, 127, 127),
 ];
 
-/// One line of a panel: name and (x, mean, std) points.
+/// One line of a panel: name, (x, mean, std) points, and a colour when it means something
+/// (the group of a class).
 struct Line {
     name: String,
     points: Vec<(f64, f64, f64)>,
+    color: Option<RGBColor>,
+}
+
+fn group_color(group: &str) -> RGBColor {
+    match group {
+        "head" => PALETTE[0],
+        "medium" => PALETTE[1],
+        _ => PALETTE[3],
+    }
+}
+
+/// A per-class value of a `per_class` row by column name.
+fn class_value(r: &crate::frames::ClassRow, name: &str) -> Option<f64> {
+    match name {
+        "test_accuracy" => r.test_accuracy,
+        "classifier_norm" => Some(r.classifier_norm),
+        "train_count" => Some(r.train_count as f64),
+        other => r.extra.get(other).copied().flatten(),
+    }
 }
 
 /// Errors while drawing (plotters' own errors are turned into text).
@@ -64,7 +84,26 @@ fn lines_for(decl: &FigureDecl, exp: &Experiment, frames: &Frames, metric: &str)
                     }
                     let mut points: Vec<(f64, f64, f64)> = by_x.values().filter_map(|(xv, ys)| Stat::of(ys).map(|s| (*xv, s.mean, s.std))).collect();
                     points.sort_by(|a, b| a.0.total_cmp(&b.0));
-                    Line { name: series_name(&series, &label), points }
+                    Line { name: series_name(&series, &label), points, color: None }
+                })
+                .collect()
+        }
+        FigureKind::ClassEpochs => {
+            let rows: Vec<_> = frames.per_class.iter().filter(|r| r.experiment == exp.id).collect();
+            let mut classes: Vec<(i64, String)> = rows.iter().map(|r| (r.class, r.group.clone())).collect();
+            classes.sort();
+            classes.dedup_by_key(|c| c.0);
+            classes
+                .into_iter()
+                .map(|(class, group)| {
+                    let mut by_epoch: BTreeMap<i64, Vec<f64>> = BTreeMap::new();
+                    for r in rows.iter().filter(|r| r.class == class) {
+                        if let Some(v) = class_value(r, metric).filter(|v| v.is_finite()) {
+                            by_epoch.entry(r.epoch).or_default().push(v);
+                        }
+                    }
+                    let points = by_epoch.iter().filter_map(|(e, ys)| Stat::of(ys).map(|s| (*e as f64, s.mean, s.std))).collect();
+                    Line { name: format!("class {class} ({group})"), points, color: Some(group_color(&group)) }
                 })
                 .collect()
         }
@@ -82,7 +121,7 @@ fn lines_for(decl: &FigureDecl, exp: &Experiment, frames: &Frames, metric: &str)
                         }
                     }
                     let points = by_epoch.iter().filter_map(|(e, ys)| Stat::of(ys).map(|s| (*e as f64, s.mean, s.std))).collect();
-                    Line { name: series_name(&series, &label), points }
+                    Line { name: series_name(&series, &label), points, color: None }
                 })
                 .collect()
         }
@@ -163,7 +202,7 @@ pub fn svg(decl: &FigureDecl, exp: &Experiment, frames: &Frames) -> Result<Strin
                 .draw()
                 .map_err(|e| fail(&e))?;
             for (i, line) in lines.iter().enumerate() {
-                let color = PALETTE[i % PALETTE.len()];
+                let color = line.color.unwrap_or(PALETTE[i % PALETTE.len()]);
                 let data: Vec<(f64, f64)> = line.points.iter().map(|p| (tr(p.0, x_log), tr(p.1, decl.y_log))).collect();
                 chart
                     .draw_series(LineSeries::new(data.clone(), color.stroke_width(2)))

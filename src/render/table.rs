@@ -3,7 +3,7 @@
 
 use super::summary::{self, fmt_stat, Stat};
 use crate::frames::Frames;
-use crate::spec::{Experiment, TableDecl};
+use crate::spec::{Experiment, RefValue, TableDecl};
 
 /// A computed table.
 #[derive(Debug, Clone)]
@@ -23,6 +23,8 @@ pub struct TableRow {
     pub labels: Vec<String>,
     pub stats: Vec<Option<Stat>>,
     pub reference: Option<String>,
+    /// Published values per metric, printed beside ours.
+    pub metric_refs: std::collections::BTreeMap<String, String>,
     /// Cell keys of the runs in this row, and their seeds.
     pub keys: Vec<String>,
     pub seeds: Vec<u64>,
@@ -37,11 +39,16 @@ pub fn build(decl: &TableDecl, exp: &Experiment, frames: &Frames) -> Table {
         .into_iter()
         .map(|(labels, group)| {
             let stats = decl.metrics.iter().map(|m| Stat::of(&summary::values(&group, m))).collect();
-            let reference = decl.reference.as_ref().and_then(|r| r.values.get(&labels.join(" / ")).cloned());
+            let published = decl.reference.as_ref().and_then(|r| r.values.get(&labels.join(" / ")).cloned());
+            let (reference, metric_refs) = match published {
+                Some(RefValue::Row(v)) => (Some(v), Default::default()),
+                Some(RefValue::PerMetric(m)) => (None, m),
+                None => (None, Default::default()),
+            };
             let mut keys: Vec<String> = group.iter().map(|r| r.key.clone()).collect();
             keys.dedup();
             let failures = group.iter().filter(|r| r.status != "ok").map(|r| format!("{}: {}", r.run, r.reason.clone().unwrap_or_else(|| r.status.clone()))).collect();
-            TableRow { labels, stats, reference, keys, seeds: group.iter().map(|r| r.seed).collect(), failures }
+            TableRow { labels, stats, reference, metric_refs, keys, seeds: group.iter().map(|r| r.seed).collect(), failures }
         })
         .collect();
     Table {
@@ -57,11 +64,20 @@ pub fn build(decl: &TableDecl, exp: &Experiment, frames: &Frames) -> Table {
 }
 
 fn cell_text(t: &Table, row: &TableRow, j: usize) -> String {
-    match &row.stats[j] {
+    let ours = match &row.stats[j] {
         Some(s) => fmt_stat(&t.metrics[j], s),
         None if !row.failures.is_empty() => "failed".to_string(),
         None => "–".to_string(),
+    };
+    match row.metric_refs.get(&t.metrics[j]) {
+        Some(r) => format!("{ours} (doc {r})"),
+        None => ours,
     }
+}
+
+/// Whether a table shows a separate reference column (one published value per row).
+fn has_ref_column(t: &Table) -> bool {
+    t.reference_label.is_some() && t.rows.iter().any(|r| r.reference.is_some())
 }
 
 fn short(key: &str) -> &str {
@@ -71,7 +87,7 @@ fn short(key: &str) -> &str {
 fn headers(t: &Table) -> Vec<String> {
     let mut h = t.row_params.clone();
     h.extend(t.metrics.iter().cloned());
-    if let Some(r) = &t.reference_label {
+    if let Some(r) = t.reference_label.as_ref().filter(|_| has_ref_column(t)) {
         h.push(r.clone());
     }
     h
@@ -88,7 +104,7 @@ pub fn markdown(t: &Table) -> String {
     for row in &t.rows {
         let mut cells = row.labels.clone();
         cells.extend((0..t.metrics.len()).map(|j| cell_text(t, row, j)));
-        if t.reference_label.is_some() {
+        if has_ref_column(t) {
             cells.push(row.reference.clone().unwrap_or_else(|| "–".into()));
         }
         cells.push(row.keys.iter().map(|k| format!("`{}`", short(k))).collect::<Vec<_>>().join(" "));
@@ -127,7 +143,7 @@ pub fn html(t: &Table, profile: &str) -> String {
         for j in 0..t.metrics.len() {
             out.push_str(&format!("<td class=\"num\" title=\"{}\">{}</td>", esc(&tip), esc(&cell_text(t, row, j))));
         }
-        if t.reference_label.is_some() {
+        if has_ref_column(t) {
             out.push_str(&format!("<td class=\"ref\">{}</td>", esc(&row.reference.clone().unwrap_or_else(|| "–".into()))));
         }
         out.push_str("</tr>");
@@ -145,17 +161,18 @@ pub fn csv(t: &Table) -> String {
     let q = |s: &str| if s.contains([',', '"', '\n']) { format!("\"{}\"", s.replace('"', "\"\"")) } else { s.to_string() };
     let mut h: Vec<String> = t.row_params.clone();
     for m in &t.metrics {
-        h.extend([format!("{m}_mean"), format!("{m}_std"), format!("{m}_n")]);
+        h.extend([format!("{m}_mean"), format!("{m}_std"), format!("{m}_n"), format!("{m}_document")]);
     }
     h.extend(["reference".to_string(), "cells".to_string()]);
     let mut out = h.iter().map(|s| q(s)).collect::<Vec<_>>().join(",") + "\n";
     for row in &t.rows {
         let mut cells: Vec<String> = row.labels.clone();
-        for s in &row.stats {
+        for (s, m) in row.stats.iter().zip(&t.metrics) {
             match s {
                 Some(s) => cells.extend([format!("{}", s.mean), format!("{}", s.std), s.n.to_string()]),
                 None => cells.extend([String::new(), String::new(), "0".into()]),
             }
+            cells.push(row.metric_refs.get(m).cloned().unwrap_or_default());
         }
         cells.push(row.reference.clone().unwrap_or_default());
         cells.push(row.keys.join(" "));

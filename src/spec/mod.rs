@@ -122,10 +122,18 @@ pub struct ReferenceDecl {
     /// Column header, e.g. "document (CIFAR-10-LT, ResNet-32)".
     pub label: String,
     /// Row label (the values of the table's row parameters joined by " / ") → the published
-    /// value as printed.
-    pub values: BTreeMap<String, String>,
+    /// value as printed, or a table of metric → published value printed beside each of ours.
+    pub values: BTreeMap<String, RefValue>,
     #[serde(default)]
     pub note: Option<String>,
+}
+
+/// A published value: one for the row, or one per metric.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(untagged)]
+pub enum RefValue {
+    Row(String),
+    PerMetric(BTreeMap<String, String>),
 }
 
 /// `[[tables]]`: final-epoch metrics of one experiment, one row per grid point, mean ± std over
@@ -156,6 +164,9 @@ pub enum FigureKind {
     Epochs,
     /// Bars of the training count per class, coloured by group.
     Classes,
+    /// A per-class value (`y`) across epochs, one line per class, coloured by group.
+    #[serde(rename = "class_epochs")]
+    ClassEpochs,
 }
 
 /// `[[figures]]`.
@@ -610,7 +621,14 @@ pub fn parse(text: &str, path: &Path, root: &Path, profile: &str, sets: &[String
         }
         check_exp(at("experiment"), &f.experiment, &mut err);
         for (j, m) in f.y.to_vec().iter().enumerate() {
-            check_metric(at(&format!("y.{j}")), m, &mut err);
+            if f.kind == FigureKind::ClassEpochs {
+                let names = methods::class_metrics(&file.report.method);
+                if !names.iter().any(|n| n == m) {
+                    err(at(&format!("y.{j}")), false, format!("unknown per-class value `{m}`"), Some(params::suggest(m, &names)));
+                }
+            } else {
+                check_metric(at(&format!("y.{j}")), m, &mut err);
+            }
         }
         if f.kind != FigureKind::Classes && f.y.to_vec().is_empty() {
             err(at("kind"), false, format!("figure `{}` needs `y`, the metric(s) to plot", f.id), None);
