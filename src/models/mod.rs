@@ -9,7 +9,9 @@
 //! All architectures are sized for quick CPU runs and accept both 28×28 and 8×8 inputs.
 
 pub mod cnn;
+pub mod conv;
 pub mod mlp;
+pub mod pool;
 pub mod resnet;
 pub mod vit;
 

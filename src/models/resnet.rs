@@ -11,11 +11,10 @@
 //! `stage{1,2,3}.{bn1,bn2}.*`, `stage{2,3}.shortcut.conv.weight`, `stage{2,3}.shortcut.bn.*`,
 //! `classifier.weight`, where `bn.*` is `weight`, `bias`, `running_mean`, `running_var`.
 
-use candle_core::{Module, ModuleT, Tensor};
-use candle_nn::{
-    batch_norm, conv2d_no_bias, BatchNorm, BatchNormConfig, Conv2d, Conv2dConfig, VarBuilder,
-};
+use candle_core::{ModuleT, Tensor};
+use candle_nn::{batch_norm, BatchNorm, BatchNormConfig, VarBuilder};
 
+use super::conv::Conv;
 use super::{classifier_weight, Classifier, ModelConfig};
 
 fn conv(
@@ -24,13 +23,8 @@ fn conv(
     kernel: usize,
     stride: usize,
     vb: VarBuilder,
-) -> candle_core::Result<Conv2d> {
-    let cfg = Conv2dConfig {
-        padding: kernel / 2,
-        stride,
-        ..Default::default()
-    };
-    conv2d_no_bias(cin, cout, kernel, cfg, vb)
+) -> candle_core::Result<Conv> {
+    Conv::new(cin, cout, kernel, stride, kernel / 2, false, vb)
 }
 
 fn bn(channels: usize, vb: VarBuilder) -> candle_core::Result<BatchNorm> {
@@ -41,7 +35,7 @@ fn bn(channels: usize, vb: VarBuilder) -> candle_core::Result<BatchNorm> {
 /// Convolution followed by BatchNorm.
 #[derive(Debug, Clone)]
 struct ConvBn {
-    conv: Conv2d,
+    conv: Conv,
     bn: BatchNorm,
 }
 
