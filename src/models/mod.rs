@@ -1,4 +1,5 @@
-//! The networks that cells train: a small MLP, CNN, ResNet and ViT behind one `Classifier` trait.
+//! The networks that cells train: a small MLP, CNN, ResNet, ViT and Conv-4 behind one `Classifier`
+//! trait.
 //!
 //! Methods (losses, re-weighting, post-hoc corrections, feature statistics) need the same two
 //! things from every network: the penultimate features and a bias-free linear classifier on top of
@@ -10,6 +11,7 @@
 
 pub mod cnn;
 pub mod conv;
+pub mod conv4;
 pub mod mlp;
 pub mod pool;
 pub mod resnet;
@@ -28,6 +30,7 @@ pub enum ModelKind {
     Cnn,
     Resnet,
     Vit,
+    Conv4,
 }
 
 fn default_width_mult() -> usize {
@@ -115,6 +118,7 @@ pub fn build(
         ModelKind::Cnn => Box::new(cnn::Cnn::new(cfg, vb)?),
         ModelKind::Resnet => Box::new(resnet::ResNet::new(cfg, vb)?),
         ModelKind::Vit => Box::new(vit::Vit::new(cfg, vb)?),
+        ModelKind::Conv4 => Box::new(conv4::Conv4::new(cfg, vb)?),
     })
 }
 
@@ -304,6 +308,7 @@ mod tests {
                 ModelKind::Cnn,
                 ModelKind::Resnet,
                 ModelKind::Vit,
+                ModelKind::Conv4,
             ]
             .map(|k| (side, k))
         }) {
@@ -336,6 +341,10 @@ mod tests {
         assert_eq!(
             serde_json::to_string(&ModelKind::Resnet).unwrap(),
             "\"resnet\""
+        );
+        assert_eq!(
+            serde_json::to_string(&ModelKind::Conv4).unwrap(),
+            "\"conv4\""
         );
     }
 
