@@ -11,10 +11,11 @@
 //! Variables: `block{1,2,3,4}.conv.weight`, `block{1,2,3,4}.bn.*` (`weight`, `bias`,
 //! `running_mean`, `running_var`), `classifier.weight`.
 
-use candle_core::{ModuleT, Tensor};
-use candle_nn::{batch_norm, BatchNorm, BatchNormConfig, VarBuilder};
+use candle_core::Tensor;
+use candle_nn::VarBuilder;
 
 use super::conv::Conv;
+use super::norm::BatchNorm2d;
 use super::pool::max_pool2d;
 use super::{classifier_weight, Classifier, ModelConfig};
 
@@ -23,7 +24,7 @@ const BLOCKS: usize = 4;
 #[derive(Debug, Clone)]
 struct Block {
     conv: Conv,
-    bn: BatchNorm,
+    bn: BatchNorm2d,
     pool: bool,
 }
 
@@ -50,7 +51,7 @@ impl Conv4 {
             blocks.push(Block {
                 conv: Conv::new(cin, width, 3, 1, 1, false, vb.pp("conv"))?,
                 // PyTorch defaults: eps 1e-5, momentum 0.1.
-                bn: batch_norm(width, BatchNormConfig::default(), vb.pp("bn"))?,
+                bn: BatchNorm2d::new(width, vb.pp("bn"))?,
                 pool,
             });
             cin = width;
@@ -68,7 +69,7 @@ impl Classifier for Conv4 {
     fn features(&self, x: &Tensor, train: bool) -> candle_core::Result<Tensor> {
         let mut h = x.clone();
         for b in &self.blocks {
-            h = b.bn.forward_t(&b.conv.forward(&h)?, train)?.relu()?;
+            h = b.bn.forward(&b.conv.forward(&h)?, train, true)?;
             if b.pool {
                 h = max_pool2d(&h, 2)?;
             }

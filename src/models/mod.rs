@@ -13,6 +13,7 @@ pub mod cnn;
 pub mod conv;
 pub mod conv4;
 pub mod mlp;
+pub mod norm;
 pub mod pool;
 pub mod resnet;
 pub mod vit;
