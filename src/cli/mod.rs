@@ -2,6 +2,7 @@
 //! file; this one holds the argument types and what they share (finding specs, the store, the
 //! output folder, exit codes).
 
+pub mod bench;
 pub mod gc;
 pub mod run;
 pub mod status;
@@ -40,6 +41,8 @@ pub enum Command {
     Verify(verify::VerifyArgs),
     /// Remove store objects that no lock file or recent run refers to.
     Gc(gc::GcArgs),
+    /// Time training steps against PyTorch, the store's hashing and (optionally) a report.
+    Bench(bench::BenchArgs),
 }
 
 /// Options every command that reads a spec shares.
@@ -65,6 +68,7 @@ pub fn main_with(cli: Cli) -> i32 {
         Command::Status(a) => status::status(&a),
         Command::Verify(a) => verify::verify(&a),
         Command::Gc(a) => gc::gc(&a),
+        Command::Bench(a) => bench::bench(&a),
     };
     match result {
         Ok(code) => code,

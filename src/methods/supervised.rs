@@ -23,7 +23,7 @@ use crate::train::{self, LossKind, OptimConfig, OptimizerKind, Optimizer};
 /// The method.
 pub struct Supervised;
 
-const MODELS: &[&str] = &["mlp", "cnn", "resnet", "vit"];
+const MODELS: &[&str] = &["mlp", "cnn", "resnet", "vit", "conv4"];
 const LOSSES: &[&str] = &["ce", "focal", "logit_adjustment", "balanced_softmax"];
 const OPTIMIZERS: &[&str] = &["sgd", "adam", "adamw", "rmsprop"];
 const SCHEDULES: &[&str] = &["constant", "cosine"];
@@ -109,6 +109,7 @@ impl Config {
             "cnn" => ModelKind::Cnn,
             "resnet" => ModelKind::Resnet,
             "vit" => ModelKind::Vit,
+            "conv4" => ModelKind::Conv4,
             other => return Err(MethodError::Invalid(format!("unknown model `{other}`"))),
         };
         let loss = match get_s(p, "loss")? {

@@ -7,15 +7,17 @@
 //! `classifier.weight`.
 
 use candle_core::{Module, Tensor};
-use candle_nn::{conv2d, linear, Conv2d, Conv2dConfig, Linear, VarBuilder};
+use candle_nn::{linear, Linear, VarBuilder};
 
+use super::conv::Conv;
+use super::pool::max_pool2d;
 use super::{classifier_weight, Classifier, ModelConfig};
 
 /// Two conv/ReLU/max-pool stages, a hidden linear layer and a bias-free classifier.
 #[derive(Debug, Clone)]
 pub struct Cnn {
-    conv1: Conv2d,
-    conv2: Conv2d,
+    conv1: Conv,
+    conv2: Conv,
     fc: Linear,
     classifier: Tensor,
     dim: usize,
@@ -34,13 +36,9 @@ impl Cnn {
         let c1 = 32 * cfg.width_mult;
         let c2 = 64 * cfg.width_mult;
         let dim = 128 * cfg.width_mult;
-        let pad1 = Conv2dConfig {
-            padding: 1,
-            ..Default::default()
-        };
         Ok(Cnn {
-            conv1: conv2d(cfg.channels, c1, 3, pad1, vb.pp("conv1"))?,
-            conv2: conv2d(c1, c2, 3, pad1, vb.pp("conv2"))?,
+            conv1: Conv::new(cfg.channels, c1, 3, 1, 1, true, vb.pp("conv1"))?,
+            conv2: Conv::new(c1, c2, 3, 1, 1, true, vb.pp("conv2"))?,
             fc: linear(c2 * h * w, dim, vb.pp("fc"))?,
             classifier: classifier_weight(cfg.num_classes, dim, vb)?,
             dim,
@@ -50,8 +48,8 @@ impl Cnn {
 
 impl Classifier for Cnn {
     fn features(&self, x: &Tensor, _train: bool) -> candle_core::Result<Tensor> {
-        let h = self.conv1.forward(x)?.relu()?.max_pool2d(2)?;
-        let h = self.conv2.forward(&h)?.relu()?.max_pool2d(2)?;
+        let h = max_pool2d(&self.conv1.forward_relu(x)?, 2)?;
+        let h = max_pool2d(&self.conv2.forward_relu(&h)?, 2)?;
         self.fc.forward(&h.flatten_from(1)?)?.relu()
     }
 

@@ -1,4 +1,5 @@
-//! The networks that cells train: a small MLP, CNN, ResNet and ViT behind one `Classifier` trait.
+//! The networks that cells train: a small MLP, CNN, ResNet, ViT and Conv-4 behind one `Classifier`
+//! trait.
 //!
 //! Methods (losses, re-weighting, post-hoc corrections, feature statistics) need the same two
 //! things from every network: the penultimate features and a bias-free linear classifier on top of
@@ -9,7 +10,11 @@
 //! All architectures are sized for quick CPU runs and accept both 28×28 and 8×8 inputs.
 
 pub mod cnn;
+pub mod conv;
+pub mod conv4;
 pub mod mlp;
+pub mod norm;
+pub mod pool;
 pub mod resnet;
 pub mod vit;
 
@@ -26,6 +31,7 @@ pub enum ModelKind {
     Cnn,
     Resnet,
     Vit,
+    Conv4,
 }
 
 fn default_width_mult() -> usize {
@@ -113,6 +119,7 @@ pub fn build(
         ModelKind::Cnn => Box::new(cnn::Cnn::new(cfg, vb)?),
         ModelKind::Resnet => Box::new(resnet::ResNet::new(cfg, vb)?),
         ModelKind::Vit => Box::new(vit::Vit::new(cfg, vb)?),
+        ModelKind::Conv4 => Box::new(conv4::Conv4::new(cfg, vb)?),
     })
 }
 
@@ -302,6 +309,7 @@ mod tests {
                 ModelKind::Cnn,
                 ModelKind::Resnet,
                 ModelKind::Vit,
+                ModelKind::Conv4,
             ]
             .map(|k| (side, k))
         }) {
@@ -334,6 +342,10 @@ mod tests {
         assert_eq!(
             serde_json::to_string(&ModelKind::Resnet).unwrap(),
             "\"resnet\""
+        );
+        assert_eq!(
+            serde_json::to_string(&ModelKind::Conv4).unwrap(),
+            "\"conv4\""
         );
     }
 

@@ -11,11 +11,11 @@
 //! `stage{1,2,3}.{bn1,bn2}.*`, `stage{2,3}.shortcut.conv.weight`, `stage{2,3}.shortcut.bn.*`,
 //! `classifier.weight`, where `bn.*` is `weight`, `bias`, `running_mean`, `running_var`.
 
-use candle_core::{Module, ModuleT, Tensor};
-use candle_nn::{
-    batch_norm, conv2d_no_bias, BatchNorm, BatchNormConfig, Conv2d, Conv2dConfig, VarBuilder,
-};
+use candle_core::Tensor;
+use candle_nn::VarBuilder;
 
+use super::conv::Conv;
+use super::norm::BatchNorm2d;
 use super::{classifier_weight, Classifier, ModelConfig};
 
 fn conv(
@@ -24,30 +24,30 @@ fn conv(
     kernel: usize,
     stride: usize,
     vb: VarBuilder,
-) -> candle_core::Result<Conv2d> {
-    let cfg = Conv2dConfig {
-        padding: kernel / 2,
-        stride,
-        ..Default::default()
-    };
-    conv2d_no_bias(cin, cout, kernel, cfg, vb)
+) -> candle_core::Result<Conv> {
+    Conv::new(cin, cout, kernel, stride, kernel / 2, false, vb)
 }
 
-fn bn(channels: usize, vb: VarBuilder) -> candle_core::Result<BatchNorm> {
+fn bn(channels: usize, vb: VarBuilder) -> candle_core::Result<BatchNorm2d> {
     // PyTorch defaults: eps 1e-5, momentum 0.1.
-    batch_norm(channels, BatchNormConfig::default(), vb)
+    BatchNorm2d::new(channels, vb)
 }
 
 /// Convolution followed by BatchNorm.
 #[derive(Debug, Clone)]
 struct ConvBn {
-    conv: Conv2d,
-    bn: BatchNorm,
+    conv: Conv,
+    bn: BatchNorm2d,
 }
 
 impl ConvBn {
     fn forward(&self, x: &Tensor, train: bool) -> candle_core::Result<Tensor> {
-        self.bn.forward_t(&self.conv.forward(x)?, train)
+        self.bn.forward(&self.conv.forward(x)?, train, false)
+    }
+
+    /// `relu(forward(x))`, the ReLU fused into the BatchNorm.
+    fn forward_relu(&self, x: &Tensor, train: bool) -> candle_core::Result<Tensor> {
+        self.bn.forward(&self.conv.forward(x)?, train, true)
     }
 }
 
@@ -85,7 +85,7 @@ impl BasicBlock {
     }
 
     fn forward(&self, x: &Tensor, train: bool) -> candle_core::Result<Tensor> {
-        let h = self.first.forward(x, train)?.relu()?;
+        let h = self.first.forward_relu(x, train)?;
         let h = self.second.forward(&h, train)?;
         let skip = match &self.shortcut {
             Some(s) => s.forward(x, train)?,
@@ -136,7 +136,7 @@ impl ResNet {
 
 impl Classifier for ResNet {
     fn features(&self, x: &Tensor, train: bool) -> candle_core::Result<Tensor> {
-        let mut h = self.stem.forward(x, train)?.relu()?;
+        let mut h = self.stem.forward_relu(x, train)?;
         for block in &self.stages {
             h = block.forward(&h, train)?;
         }

@@ -12,8 +12,9 @@
 //! (only with the final norm), `classifier.weight`; `*` is `weight` and `bias`.
 
 use candle_core::{Module, Tensor};
-use candle_nn::{conv2d, linear, Conv2d, Conv2dConfig, Linear, VarBuilder};
+use candle_nn::{linear, Linear, VarBuilder};
 
+use super::conv::Conv;
 use super::{classifier_weight, softmax_last, Classifier, LayerNorm, ModelConfig};
 
 const DEPTH: usize = 2;
@@ -82,7 +83,7 @@ impl Block {
 /// Patch embedding, cls token, position embedding, pre-norm blocks, optional final norm.
 #[derive(Debug, Clone)]
 pub struct Vit {
-    patch_embed: Conv2d,
+    patch_embed: Conv,
     cls_token: Tensor,
     pos_embed: Tensor,
     blocks: Vec<Block>,
@@ -104,10 +105,6 @@ impl Vit {
         let tokens = (cfg.height / patch) * (cfg.width / patch);
         let dim = 64 * cfg.width_mult;
         let mlp = 128 * cfg.width_mult;
-        let embed_cfg = Conv2dConfig {
-            stride: patch,
-            ..Default::default()
-        };
         let token_init = candle_nn::Init::Randn {
             mean: 0.0,
             stdev: 0.02,
@@ -121,7 +118,7 @@ impl Vit {
             None
         };
         Ok(Vit {
-            patch_embed: conv2d(cfg.channels, dim, patch, embed_cfg, vb.pp("patch_embed"))?,
+            patch_embed: Conv::new(cfg.channels, dim, patch, patch, 0, true, vb.pp("patch_embed"))?,
             cls_token: vb.get_with_hints((1, 1, dim), "cls_token", token_init)?,
             pos_embed: vb.get_with_hints((1, tokens + 1, dim), "pos_embed", token_init)?,
             blocks,

@@ -1,0 +1,251 @@
+"""PyTorch reference for `reprise bench`: the same models, data, batch, optimiser and threads.
+
+`reprise bench` runs this script (with Debian's python3-torch) next to its own training loop so
+that both speeds come from one run on one machine. Each architecture mirrors src/models/*.rs
+exactly: layer sizes, which layers have a bias (the classifier never does), BatchNorm, pooling,
+the ViT's pre-norm blocks with exact GELU and a cls-token readout. Data: the first
+128·⌊5000/128⌋ images of data/mnist_5k.csv.gz in file order, values/255 scaled to [-1, 1] as
+src/methods/supervised.rs does; SGD lr 0.05 momentum 0.9, cross-entropy. Each step is timed on
+its own after the warm-up steps and the median is reported, which is robust to other processes
+sharing the machine.
+
+Usage: python3 bench/pytorch_reference.py [--model NAME]... [--threads N] [--steps N]
+       [--warmup N] [--batch N] [--data PATH] [--json]
+"""
+
+import argparse
+import gzip
+import json
+import math
+import os
+import sys
+import time
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+class Mlp(nn.Module):
+    """flatten → Linear(CHW, 256m) → ReLU → Linear(256m, 128m) → ReLU → classifier."""
+
+    def __init__(self, c, h, w, classes, m=1):
+        super().__init__()
+        self.fc1 = nn.Linear(c * h * w, 256 * m)
+        self.fc2 = nn.Linear(256 * m, 128 * m)
+        self.classifier = nn.Linear(128 * m, classes, bias=False)
+
+    def forward(self, x):
+        x = F.relu(self.fc1(x.flatten(1)))
+        return self.classifier(F.relu(self.fc2(x)))
+
+
+class Cnn(nn.Module):
+    """conv3×3(32m) → ReLU → pool → conv3×3(64m) → ReLU → pool → Linear(128m) → ReLU → classifier."""
+
+    def __init__(self, c, h, w, classes, m=1):
+        super().__init__()
+        self.conv1 = nn.Conv2d(c, 32 * m, 3, padding=1)
+        self.conv2 = nn.Conv2d(32 * m, 64 * m, 3, padding=1)
+        self.fc = nn.Linear(64 * m * (h // 4) * (w // 4), 128 * m)
+        self.classifier = nn.Linear(128 * m, classes, bias=False)
+
+    def forward(self, x):
+        x = F.max_pool2d(F.relu(self.conv1(x)), 2)
+        x = F.max_pool2d(F.relu(self.conv2(x)), 2)
+        return self.classifier(F.relu(self.fc(x.flatten(1))))
+
+
+class ConvBn(nn.Module):
+    def __init__(self, cin, cout, k, stride):
+        super().__init__()
+        self.conv = nn.Conv2d(cin, cout, k, stride, padding=k // 2, bias=False)
+        self.bn = nn.BatchNorm2d(cout)
+
+    def forward(self, x):
+        return self.bn(self.conv(x))
+
+
+class BasicBlock(nn.Module):
+    def __init__(self, cin, cout, stride):
+        super().__init__()
+        self.first = ConvBn(cin, cout, 3, stride)
+        self.second = ConvBn(cout, cout, 3, 1)
+        self.shortcut = ConvBn(cin, cout, 1, stride) if stride != 1 or cin != cout else None
+
+    def forward(self, x):
+        h = self.second(F.relu(self.first(x)))
+        skip = self.shortcut(x) if self.shortcut is not None else x
+        return F.relu(h + skip)
+
+
+class ResNet(nn.Module):
+    """stem conv/BN/ReLU (16m) → blocks 16m, 32m, 64m (stride 1, 2, 2) → global mean → classifier."""
+
+    def __init__(self, c, h, w, classes, m=1):
+        super().__init__()
+        widths = [16 * m, 32 * m, 64 * m]
+        self.stem = ConvBn(c, widths[0], 3, 1)
+        stages, cin = [], widths[0]
+        for i, cout in enumerate(widths):
+            stages.append(BasicBlock(cin, cout, 1 if i == 0 else 2))
+            cin = cout
+        self.stages = nn.Sequential(*stages)
+        self.classifier = nn.Linear(widths[2], classes, bias=False)
+
+    def forward(self, x):
+        h = self.stages(F.relu(self.stem(x)))
+        return self.classifier(h.flatten(2).mean(2))
+
+
+class Attention(nn.Module):
+    def __init__(self, d, heads):
+        super().__init__()
+        self.qkv = nn.Linear(d, 3 * d)
+        self.proj = nn.Linear(d, d)
+        self.heads = heads
+
+    def forward(self, x):
+        n, t, d = x.shape
+        dh = d // self.heads
+        qkv = self.qkv(x).reshape(n, t, 3, self.heads, dh).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv[0], qkv[1], qkv[2]
+        attn = ((q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(dh))).softmax(-1)
+        return self.proj((attn @ v).transpose(1, 2).reshape(n, t, d))
+
+
+class Block(nn.Module):
+    def __init__(self, d, mlp, heads):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(d, eps=1e-5)
+        self.attn = Attention(d, heads)
+        self.norm2 = nn.LayerNorm(d, eps=1e-5)
+        self.fc1 = nn.Linear(d, mlp)
+        self.fc2 = nn.Linear(mlp, d)
+
+    def forward(self, x):
+        x = x + self.attn(self.norm1(x))
+        return x + self.fc2(F.gelu(self.fc1(self.norm2(x))))
+
+
+class Vit(nn.Module):
+    """patch conv (patch = H/4, dim 64m) + cls token + position embedding → 2 pre-norm blocks
+    (4 heads, MLP 128m, exact GELU) → final LayerNorm of the cls token → classifier."""
+
+    def __init__(self, c, h, w, classes, m=1):
+        super().__init__()
+        patch, d = h // 4, 64 * m
+        tokens = (h // patch) * (w // patch)
+        self.patch_embed = nn.Conv2d(c, d, patch, stride=patch)
+        self.cls_token = nn.Parameter(torch.randn(1, 1, d) * 0.02)
+        self.pos_embed = nn.Parameter(torch.randn(1, tokens + 1, d) * 0.02)
+        self.blocks = nn.Sequential(*[Block(d, 128 * m, 4) for _ in range(2)])
+        self.norm = nn.LayerNorm(d, eps=1e-5)
+        self.classifier = nn.Linear(d, classes, bias=False)
+
+    def forward(self, x):
+        n = x.shape[0]
+        p = self.patch_embed(x).flatten(2).transpose(1, 2)
+        h = torch.cat([self.cls_token.expand(n, -1, -1), p], 1) + self.pos_embed
+        h = self.blocks(h)
+        return self.classifier(self.norm(h[:, 0]))
+
+
+class Conv4(nn.Module):
+    """4 × [conv3×3 (32m, no bias) → BN → ReLU → maxpool 2 (skipped below 2×2)] → flatten → classifier."""
+
+    def __init__(self, c, h, w, classes, m=1):
+        super().__init__()
+        width = 32 * m
+        self.convs, self.bns, self.pools = nn.ModuleList(), nn.ModuleList(), []
+        cin = c
+        for _ in range(4):
+            pool = h >= 2 and w >= 2
+            if pool:
+                h, w = h // 2, w // 2
+            self.convs.append(nn.Conv2d(cin, width, 3, padding=1, bias=False))
+            self.bns.append(nn.BatchNorm2d(width))
+            self.pools.append(pool)
+            cin = width
+        self.classifier = nn.Linear(width * h * w, classes, bias=False)
+
+    def forward(self, x):
+        for conv, bn, pool in zip(self.convs, self.bns, self.pools):
+            x = F.relu(bn(conv(x)))
+            if pool:
+                x = F.max_pool2d(x, 2)
+        return self.classifier(x.flatten(1))
+
+
+# name → (class, width multiplier); the names `reprise bench` uses.
+MODELS = {
+    "mlp-512": (Mlp, 2),  # 784-512-256-10
+    "mlp": (Mlp, 1),  # 784-256-128-10, the report's MLP
+    "cnn": (Cnn, 1),
+    "resnet": (ResNet, 1),
+    "vit": (Vit, 1),
+    "conv4": (Conv4, 1),
+}
+
+
+def load_batches(path, batch):
+    """The first ⌊N/batch⌋ full batches of the CSV (784 pixels then the label per row)."""
+    with gzip.open(path, "rt") as f:
+        rows = np.loadtxt(f, delimiter=",", dtype=np.float32)
+    x = torch.from_numpy(rows[:, :784] / 255.0 * 2.0 - 1.0).reshape(-1, 1, 28, 28).contiguous()
+    y = torch.from_numpy(rows[:, 784].astype(np.int64))
+    n = (len(y) // batch) * batch
+    return list(zip(x[:n].split(batch), y[:n].split(batch)))
+
+
+def bench(name, batches, steps, warmup):
+    cls, m = MODELS[name]
+    torch.manual_seed(0)
+    model = cls(1, 28, 28, 10, m)
+    model.train()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    times = []
+    for i in range(warmup + steps):
+        x, y = batches[i % len(batches)]
+        t0 = time.perf_counter()
+        opt.zero_grad(set_to_none=True)
+        loss = F.cross_entropy(model(x), y)
+        loss.backward()
+        opt.step()
+        if i >= warmup:
+            times.append(time.perf_counter() - t0)
+    med = sorted(times)[len(times) // 2]
+    return {
+        "model": name,
+        "median_step_s": med,
+        "samples_per_s": len(batches[0][1]) / med,
+        "step_s": times,
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+    }
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--model", action="append", choices=sorted(MODELS))
+    ap.add_argument("--threads", type=int, default=os.cpu_count())
+    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--batch", type=int, default=128)
+    ap.add_argument("--data", default="data/mnist_5k.csv.gz")
+    ap.add_argument("--json", action="store_true", help="one JSON object per model on stdout")
+    a = ap.parse_args()
+    torch.set_num_threads(a.threads)
+    batches = load_batches(a.data, a.batch)
+    for name in a.model or list(MODELS):
+        r = bench(name, batches, a.steps, a.warmup)
+        if a.json:
+            print(json.dumps(r), flush=True)
+        else:
+            print(f"{name:8} {r['samples_per_s']:10.0f} samples/s  "
+                  f"({1000 * r['median_step_s']:.1f} ms/step, {r['threads']} threads)", flush=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,393 @@
+//! `reprise bench`: training speed against PyTorch, the store's hashing throughput, and
+//! (optionally) the cold and warm time of a report.
+//!
+//! Speed claims about the training loop are only meaningful next to a reference measured on the
+//! same machine at the same time, so this command trains each model on the embedded MNIST images
+//! and then runs `bench/pytorch_reference.py`, which builds the same architectures in PyTorch and
+//! trains them on the same batches with the same optimiser and thread count. Both sides time
+//! every step separately after a warm-up and report the median (robust to other processes on a
+//! shared machine); the table gives samples/s for each and their ratio. Run it from the project
+//! root (it reads `data-manifests/mnist-5k.toml`). `bench/README.md` records the latest figures.
+
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use candle_core::{Device, Tensor};
+use candle_nn::{VarBuilder, VarMap};
+use clap::Args;
+use serde_json::json;
+
+use super::{UsageError, EXIT_OK};
+use crate::data::{ImageSet, Manifest};
+use crate::models::{self, ModelConfig, ModelKind, MODEL_DTYPE};
+use crate::train::{OptimConfig, Optimizer};
+
+/// Environment variable that turns on the report timings (like `--reports`).
+pub const REPORTS_ENV: &str = "REPRISE_BENCH_REPORTS";
+
+const BATCH: usize = 128;
+const LR: f64 = 0.05;
+
+#[derive(Args, Debug)]
+pub struct BenchArgs {
+    /// Threads for candle, rayon and PyTorch (default: $RAYON_NUM_THREADS, else the number of
+    /// cores).
+    #[arg(long)]
+    pub threads: Option<usize>,
+    /// Timed training steps per model (after the warm-up).
+    #[arg(long, default_value_t = 20)]
+    pub steps: usize,
+    /// Untimed steps before timing.
+    #[arg(long, default_value_t = 3)]
+    pub warmup: usize,
+    /// Models to time, comma-separated (default: all of mlp-512, mlp, cnn, resnet, vit, conv4).
+    #[arg(long, value_delimiter = ',')]
+    pub models: Vec<String>,
+    /// Skip the PyTorch reference.
+    #[arg(long)]
+    pub no_pytorch: bool,
+    /// Python interpreter with PyTorch (Debian: `apt-get install python3-torch`).
+    #[arg(long, default_value = "/usr/bin/python3")]
+    pub python: PathBuf,
+    /// The PyTorch reference script.
+    #[arg(long, default_value = "bench/pytorch_reference.py")]
+    pub script: PathBuf,
+    /// Size in MiB of the temporary file whose hashing is timed (0 skips).
+    #[arg(long, default_value_t = 1024)]
+    pub hash_mib: usize,
+    /// Also time `reprise run` of a report, cold (empty cache) and warm (all cached), in a
+    /// temporary copy of the project; takes minutes. Also on with REPRISE_BENCH_REPORTS=1.
+    #[arg(long)]
+    pub reports: bool,
+    /// The report timed by `--reports`.
+    #[arg(long, default_value = "reports/neural-collapse.toml")]
+    pub report: PathBuf,
+    /// Print one JSON object with every measurement after the table.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// A model of the benchmark: its name (shared with the PyTorch script), a description and the
+/// config it is built from (28×28×1 input, 10 classes).
+fn model_config(name: &str) -> Option<(&'static str, ModelConfig)> {
+    let cfg = |kind| ModelConfig::new(kind, 1, 28, 28, 10);
+    Some(match name {
+        "mlp-512" => (
+            "MLP 784-512-256-10",
+            ModelConfig {
+                width_mult: 2,
+                ..cfg(ModelKind::Mlp)
+            },
+        ),
+        "mlp" => ("MLP 784-256-128-10 (report)", cfg(ModelKind::Mlp)),
+        "cnn" => ("CNN conv32-pool-conv64-pool-fc128", cfg(ModelKind::Cnn)),
+        "resnet" => ("small ResNet (16/32/64)", cfg(ModelKind::Resnet)),
+        "vit" => ("tiny ViT (dim 64, 2 blocks)", cfg(ModelKind::Vit)),
+        "conv4" => ("Conv-4 (32 channels)", cfg(ModelKind::Conv4)),
+        _ => return None,
+    })
+}
+
+const ALL_MODELS: &[&str] = &["mlp-512", "mlp", "cnn", "resnet", "vit", "conv4"];
+
+/// One model's timing on one side.
+#[derive(Debug, Clone)]
+struct Timing {
+    median_step_s: f64,
+    samples_per_s: f64,
+}
+
+impl Timing {
+    fn from_steps(mut steps: Vec<f64>) -> Option<Self> {
+        if steps.is_empty() {
+            return None;
+        }
+        steps.sort_by(f64::total_cmp);
+        let median = steps[steps.len() / 2];
+        Some(Timing {
+            median_step_s: median,
+            samples_per_s: BATCH as f64 / median,
+        })
+    }
+}
+
+pub fn bench(a: &BenchArgs) -> anyhow::Result<i32> {
+    let threads = set_threads(a.threads)?;
+    let names: Vec<String> = if a.models.is_empty() {
+        ALL_MODELS.iter().map(|s| s.to_string()).collect()
+    } else {
+        a.models.clone()
+    };
+    for n in &names {
+        if model_config(n).is_none() {
+            return Err(UsageError(format!("unknown model {n:?}; known: {}", ALL_MODELS.join(", "))).into());
+        }
+    }
+    if a.steps == 0 {
+        return Err(UsageError("--steps must be at least 1".into()).into());
+    }
+    println!("machine: {} ({} cores), {threads} threads", cpu_model(), num_cores());
+    let data = Manifest::load(Path::new("data-manifests/mnist-5k.toml"))
+        .and_then(|m| m.load_images(Path::new("."), None))
+        .context("loading the embedded MNIST images (run `reprise bench` from the project root)")?;
+    let batches = make_batches(&data)?;
+    let torch = if a.no_pytorch { None } else { torch_version(&a.python) };
+    match (&torch, a.no_pytorch) {
+        (Some(v), _) => println!("PyTorch {v} ({})", a.python.display()),
+        (None, false) => println!("PyTorch not importable with {}: ratios skipped", a.python.display()),
+        (None, true) => {}
+    }
+    println!(
+        "training step: batch {BATCH}, SGD lr {LR} momentum 0.9, cross-entropy, median of {} steps after {} warm-up\n",
+        a.steps, a.warmup
+    );
+    println!("{:<8} {:<36} {:>12} {:>12} {:>7}", "model", "", "ours/s", "PyTorch/s", "ratio");
+    let mut rows = Vec::new();
+    for name in &names {
+        let Some((desc, cfg)) = model_config(name) else { continue };
+        let ours = time_ours(&cfg, &batches, a.steps, a.warmup).with_context(|| format!("training {name}"))?;
+        let theirs = match &torch {
+            Some(_) => match time_pytorch(a, name, threads) {
+                Ok(t) => Some(t),
+                Err(e) => {
+                    eprintln!("PyTorch reference for {name} failed: {e:#}");
+                    None
+                }
+            },
+            None => None,
+        };
+        let ratio = theirs.as_ref().map(|t| ours.samples_per_s / t.samples_per_s);
+        println!(
+            "{:<8} {:<36} {:>12.0} {:>12} {:>7}",
+            name,
+            desc,
+            ours.samples_per_s,
+            theirs.as_ref().map_or("-".into(), |t| format!("{:.0}", t.samples_per_s)),
+            ratio.map_or("-".into(), |r| format!("{r:.2}")),
+        );
+        rows.push(json!({
+            "model": name,
+            "description": desc,
+            "ours_samples_per_s": ours.samples_per_s,
+            "ours_median_step_ms": ours.median_step_s * 1e3,
+            "pytorch_samples_per_s": theirs.as_ref().map(|t| t.samples_per_s),
+            "pytorch_median_step_ms": theirs.as_ref().map(|t| t.median_step_s * 1e3),
+            "ratio": ratio,
+        }));
+    }
+    let hash = if a.hash_mib > 0 {
+        let gbps = time_hashing(a.hash_mib).context("timing the store's hashing")?;
+        println!("\nstore hashing (sha256_file, {} MiB in the page cache): {gbps:.2} GB/s", a.hash_mib);
+        Some(gbps)
+    } else {
+        None
+    };
+    let reports_on = a.reports || std::env::var(REPORTS_ENV).is_ok_and(|v| !v.is_empty() && v != "0");
+    let report = if reports_on {
+        let (cold, warm) = time_report(&a.report)?;
+        println!(
+            "report {}: cold {:.1} s (empty cache), warm {:.2} s (all cached)",
+            a.report.display(),
+            cold.as_secs_f64(),
+            warm.as_secs_f64()
+        );
+        Some(json!({"report": a.report.display().to_string(), "cold_s": cold.as_secs_f64(), "warm_s": warm.as_secs_f64()}))
+    } else {
+        println!("(report cold/warm times: pass --reports or set {REPORTS_ENV}=1; takes minutes)");
+        None
+    };
+    if a.json {
+        let out = json!({
+            "cpu": cpu_model(),
+            "cores": num_cores(),
+            "threads": threads,
+            "pytorch": torch,
+            "steps": a.steps,
+            "warmup": a.warmup,
+            "models": rows,
+            "hash_gb_per_s": hash,
+            "report": report,
+        });
+        println!("{}", serde_json::to_string(&out)?);
+    }
+    Ok(EXIT_OK)
+}
+
+/// Fix the thread count of rayon (our convolution, candle's kernels) and of candle's GEMM, which
+/// reads RAYON_NUM_THREADS; must run before either is first used.
+fn set_threads(requested: Option<usize>) -> anyhow::Result<usize> {
+    let from_env = std::env::var("RAYON_NUM_THREADS").ok().and_then(|v| v.parse::<usize>().ok()).filter(|&n| n > 0);
+    let threads = requested.or(from_env).unwrap_or_else(num_cores).max(1);
+    std::env::set_var("RAYON_NUM_THREADS", threads.to_string());
+    if rayon::ThreadPoolBuilder::new().num_threads(threads).build_global().is_err() && rayon::current_num_threads() != threads {
+        bail!("rayon's thread pool was already started with {} threads", rayon::current_num_threads());
+    }
+    Ok(threads)
+}
+
+fn num_cores() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get())
+}
+
+/// The CPU's model name from /proc/cpuinfo (Linux), else "unknown CPU".
+fn cpu_model() -> String {
+    std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|s| s.lines().find(|l| l.starts_with("model name")).and_then(|l| l.split(':').nth(1)).map(|m| m.trim().to_string()))
+        .unwrap_or_else(|| "unknown CPU".into())
+}
+
+/// The first ⌊N/128⌋ full batches in file order, scaled to [−1, 1] as the supervised method does.
+fn make_batches(data: &ImageSet) -> anyhow::Result<Vec<(Tensor, Tensor)>> {
+    let dim = data.dim();
+    let shape = (BATCH, data.channels, data.height, data.width);
+    (0..data.len() / BATCH)
+        .map(|b| {
+            let r = b * BATCH..(b + 1) * BATCH;
+            let px: Vec<f32> = data.pixels[r.start * dim..r.end * dim].iter().map(|v| v * 2.0 - 1.0).collect();
+            let x = Tensor::from_vec(px, shape, &Device::Cpu)?;
+            let y = Tensor::from_vec(data.labels[r].to_vec(), BATCH, &Device::Cpu)?;
+            Ok((x, y))
+        })
+        .collect()
+}
+
+fn time_ours(cfg: &ModelConfig, batches: &[(Tensor, Tensor)], steps: usize, warmup: usize) -> anyhow::Result<Timing> {
+    let varmap = VarMap::new();
+    let model = models::build(cfg, VarBuilder::from_varmap(&varmap, MODEL_DTYPE, &Device::Cpu))?;
+    models::seeded_init(&varmap, 0)?;
+    let mut opt = Optimizer::new(varmap.all_vars(), &OptimConfig::sgd(LR))?;
+    let mut times = Vec::with_capacity(steps);
+    for i in 0..warmup + steps {
+        let (x, y) = &batches[i % batches.len()];
+        let t0 = Instant::now();
+        let (_, logits) = model.forward(x, true)?;
+        let loss = candle_nn::loss::cross_entropy(&logits, y)?;
+        opt.backward_step(&loss)?;
+        if i >= warmup {
+            times.push(t0.elapsed().as_secs_f64());
+        }
+    }
+    Timing::from_steps(times).context("no steps timed")
+}
+
+/// PyTorch's version, if `python` can import it.
+fn torch_version(python: &Path) -> Option<String> {
+    let out = Command::new(python).args(["-c", "import torch; print(torch.__version__)"]).output().ok()?;
+    out.status.success().then(|| String::from_utf8_lossy(&out.stdout).trim().to_string())
+}
+
+fn time_pytorch(a: &BenchArgs, name: &str, threads: usize) -> anyhow::Result<Timing> {
+    let out = Command::new(&a.python)
+        .arg(&a.script)
+        .args(["--json", "--model", name])
+        .args(["--threads", &threads.to_string(), "--steps", &a.steps.to_string(), "--warmup", &a.warmup.to_string()])
+        .args(["--batch", &BATCH.to_string(), "--data", "data/mnist_5k.csv.gz"])
+        .env("OMP_NUM_THREADS", threads.to_string())
+        .env("OPENBLAS_NUM_THREADS", threads.to_string())
+        .output()
+        .with_context(|| format!("running {} {}", a.python.display(), a.script.display()))?;
+    if !out.status.success() {
+        bail!("{}", String::from_utf8_lossy(&out.stderr).trim());
+    }
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let line = stdout.lines().rev().find(|l| l.starts_with('{')).context("no JSON line in the script's output")?;
+    let v: serde_json::Value = serde_json::from_str(line)?;
+    let steps: Vec<f64> = v["step_s"].as_array().context("no step_s")?.iter().filter_map(|s| s.as_f64()).collect();
+    Timing::from_steps(steps).context("the script timed no steps")
+}
+
+/// Hash a `mib` MiB file (just written, so in the page cache) three times; the median, in GB/s.
+fn time_hashing(mib: usize) -> anyhow::Result<f64> {
+    struct Remove(PathBuf);
+    impl Drop for Remove {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_file(&self.0);
+        }
+    }
+    let path = std::env::temp_dir().join(format!("reprise-bench-hash-{}.bin", std::process::id()));
+    let guard = Remove(path.clone());
+    {
+        let mut f = std::io::BufWriter::new(std::fs::File::create(&path)?);
+        let mut state = 0x9E37_79B9_7F4A_7C15u64;
+        let mut chunk = vec![0u8; 1 << 20];
+        for _ in 0..mib {
+            for word in chunk.chunks_exact_mut(8) {
+                state ^= state << 13;
+                state ^= state >> 7;
+                state ^= state << 17;
+                word.copy_from_slice(&state.to_le_bytes());
+            }
+            f.write_all(&chunk)?;
+        }
+        f.flush()?;
+    }
+    // Read it once so that the timings measure hashing, not the disk.
+    let mut f = std::fs::File::open(&path)?;
+    let mut buf = vec![0u8; 1 << 20];
+    while f.read(&mut buf)? > 0 {}
+    let mut secs = Vec::new();
+    for _ in 0..3 {
+        let t0 = Instant::now();
+        crate::cache::sha256_file(&path)?;
+        secs.push(t0.elapsed().as_secs_f64());
+    }
+    drop(guard);
+    secs.sort_by(f64::total_cmp);
+    Ok((mib << 20) as f64 / secs[1] / 1e9)
+}
+
+/// Cold and warm wall time of `reprise run <report> --cache <empty dir>` in a temporary copy of
+/// the project (so the committed artifacts are not touched).
+fn time_report(report: &Path) -> anyhow::Result<(Duration, Duration)> {
+    let tmp = std::env::temp_dir().join(format!("reprise-bench-report-{}", std::process::id()));
+    struct RemoveDir(PathBuf);
+    impl Drop for RemoveDir {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+    let _guard = RemoveDir(tmp.clone());
+    for dir in ["reports", "templates", "data", "data-manifests"] {
+        if Path::new(dir).is_dir() {
+            copy_dir(Path::new(dir), &tmp.join(dir))?;
+        }
+    }
+    let exe = std::env::current_exe().context("locating the reprise binary")?;
+    let cache = tmp.join("store");
+    let run = || -> anyhow::Result<Duration> {
+        let t0 = Instant::now();
+        let status = Command::new(&exe)
+            .current_dir(&tmp)
+            .arg("run")
+            .arg(report)
+            .arg("--cache")
+            .arg(&cache)
+            .stdout(std::process::Stdio::null())
+            .status()?;
+        if !status.success() {
+            bail!("`reprise run {}` failed ({status})", report.display());
+        }
+        Ok(t0.elapsed())
+    };
+    let cold = run().context("cold run")?;
+    let warm = run().context("warm run")?;
+    Ok((cold, warm))
+}
+
+fn copy_dir(from: &Path, to: &Path) -> anyhow::Result<()> {
+    std::fs::create_dir_all(to)?;
+    for entry in std::fs::read_dir(from)? {
+        let entry = entry?;
+        let target = to.join(entry.file_name());
+        if entry.file_type()?.is_dir() {
+            copy_dir(&entry.path(), &target)?;
+        } else {
+            std::fs::copy(entry.path(), &target)?;
+        }
+    }
+    Ok(())
+}

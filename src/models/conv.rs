@@ -1,0 +1,831 @@
+//! Fast CPU convolution: im2col + GEMM forward and backward, as a candle custom op.
+//!
+//! candle 0.11's CPU `conv2d` is a direct loop and its input gradient goes through an even slower
+//! `conv_transpose2d`; on a 2-core machine that made the CNN several times slower per training step
+//! than PyTorch. This module computes a 2-D convolution (NCHW, f32, groups 1, dilation 1) per
+//! sample as one GEMM of the weight with an im2col patch matrix, fuses the bias and an optional
+//! ReLU into the pass that finishes the output, and computes the gradients as GEMMs too:
+//! grad-weight = Σₙ gOₙ · colsₙᵀ and grad-input = col2im(Wᵀ · gOₙ). The batch is split across
+//! rayon's threads, each with its own scratch buffers, so no two threads write the same memory.
+//!
+//! On other devices or dtypes [`conv2d`] falls back to candle's own `conv2d` (plus bias and ReLU
+//! as tensor ops), so the same model code runs with `--features cuda`. [`Conv`] is the layer the
+//! models use; it creates its variables through candle-nn, so their names (`<prefix>.weight`,
+//! `<prefix>.bias`), shapes and default initialisation are those of `candle_nn::Conv2d`.
+
+use candle_core::{CpuStorage, CustomOp2, CustomOp3, DType, Layout, Shape, Storage, Tensor};
+use candle_nn::{Conv2dConfig, VarBuilder};
+use rayon::prelude::*;
+
+/// The sizes of one convolution.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Geom {
+    n: usize,
+    c: usize,
+    h: usize,
+    w: usize,
+    o: usize,
+    kh: usize,
+    kw: usize,
+    stride: usize,
+    pad: usize,
+    ho: usize,
+    wo: usize,
+}
+
+impl Geom {
+    fn new(x: &[usize], w: &[usize], stride: usize, pad: usize) -> candle_core::Result<Geom> {
+        let (&[n, c, h, wd], &[o, c2, kh, kw]) = (x, w) else {
+            candle_core::bail!("conv2d: expected a 4-d input and weight, got {x:?} and {w:?}")
+        };
+        if c != c2 {
+            candle_core::bail!("conv2d: input has {c} channels but the weight expects {c2}");
+        }
+        if stride == 0 || kh == 0 || kw == 0 {
+            candle_core::bail!("conv2d: stride and kernel size must be positive");
+        }
+        if h + 2 * pad < kh || wd + 2 * pad < kw {
+            candle_core::bail!("conv2d: kernel {kh}×{kw} larger than the padded {h}×{wd} input");
+        }
+        Ok(Geom {
+            n,
+            c,
+            h,
+            w: wd,
+            o,
+            kh,
+            kw,
+            stride,
+            pad,
+            ho: (h + 2 * pad - kh) / stride + 1,
+            wo: (wd + 2 * pad - kw) / stride + 1,
+        })
+    }
+
+    /// Rows of the patch matrix: C·kh·kw.
+    fn k(&self) -> usize {
+        self.c * self.kh * self.kw
+    }
+
+    /// Output pixels per channel: Ho·Wo.
+    fn p(&self) -> usize {
+        self.ho * self.wo
+    }
+
+    fn in_len(&self) -> usize {
+        self.c * self.h * self.w
+    }
+
+    fn out_len(&self) -> usize {
+        self.o * self.p()
+    }
+
+    /// A 1×1 convolution with stride 1 and no padding: the input already is the patch matrix.
+    fn pointwise(&self) -> bool {
+        self.kh == 1 && self.kw == 1 && self.stride == 1 && self.pad == 0
+    }
+}
+
+/// The output positions [lo, hi) along one axis whose input position o·s + j − pad falls inside
+/// [0, len), for kernel offset `j`.
+fn valid_range(out: usize, len: usize, s: usize, j: usize, pad: usize) -> (usize, usize) {
+    let lo = if pad > j { (pad - j).div_ceil(s) } else { 0 };
+    let hi = if len + pad > j { ((len - 1 + pad - j) / s + 1).min(out) } else { 0 };
+    (lo.min(hi), hi)
+}
+
+/// Fill `cols` (K×P, row (c, i, j), column (oy, ox)) with x[c, oy·s + i − pad, ox·s + j − pad],
+/// zero outside the input. `x` is one sample, C×H×W.
+fn im2col(g: &Geom, x: &[f32], cols: &mut [f32]) {
+    let (p, plane) = (g.p(), g.h * g.w);
+    let mut rows = cols.chunks_exact_mut(p);
+    for c in 0..g.c {
+        let xc = &x[c * plane..(c + 1) * plane];
+        for i in 0..g.kh {
+            let (ylo, yhi) = valid_range(g.ho, g.h, g.stride, i, g.pad);
+            for j in 0..g.kw {
+                let (xlo, xhi) = valid_range(g.wo, g.w, g.stride, j, g.pad);
+                let Some(row) = rows.next() else { return };
+                for (oy, d) in row.chunks_exact_mut(g.wo).enumerate() {
+                    if oy < ylo || oy >= yhi {
+                        d.fill(0.0);
+                        continue;
+                    }
+                    let iy = oy * g.stride + i - g.pad;
+                    let src = &xc[iy * g.w..(iy + 1) * g.w];
+                    d[..xlo].fill(0.0);
+                    d[xhi..].fill(0.0);
+                    if g.stride == 1 {
+                        let off = xlo + j - g.pad;
+                        d[xlo..xhi].copy_from_slice(&src[off..off + (xhi - xlo)]);
+                    } else {
+                        for (ox, v) in d.iter_mut().enumerate().take(xhi).skip(xlo) {
+                            *v = src[ox * g.stride + j - g.pad];
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// The adjoint of [`im2col`]: add every entry of `cols` (K×P) into the input position it was read
+/// from. `gx` is one sample, C×H×W.
+fn col2im(g: &Geom, cols: &[f32], gx: &mut [f32]) {
+    let (p, plane) = (g.p(), g.h * g.w);
+    let mut rows = cols.chunks_exact(p);
+    for c in 0..g.c {
+        let gc = &mut gx[c * plane..(c + 1) * plane];
+        for i in 0..g.kh {
+            let (ylo, yhi) = valid_range(g.ho, g.h, g.stride, i, g.pad);
+            for j in 0..g.kw {
+                let (xlo, xhi) = valid_range(g.wo, g.w, g.stride, j, g.pad);
+                let Some(row) = rows.next() else { return };
+                for oy in ylo..yhi {
+                    let d = &row[oy * g.wo..(oy + 1) * g.wo];
+                    let iy = oy * g.stride + i - g.pad;
+                    let dst = &mut gc[iy * g.w..(iy + 1) * g.w];
+                    if g.stride == 1 {
+                        let off = xlo + j - g.pad;
+                        for (a, b) in dst[off..off + (xhi - xlo)].iter_mut().zip(&d[xlo..xhi]) {
+                            *a += *b;
+                        }
+                    } else {
+                        for (ox, v) in d.iter().enumerate().take(xhi).skip(xlo) {
+                            dst[ox * g.stride + j - g.pad] += *v;
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// A read-only strided matrix over a slice: element (r, c) is `data[r·rs + c·cs]`.
+#[derive(Clone, Copy)]
+struct Mat<'a> {
+    data: &'a [f32],
+    rows: usize,
+    cols: usize,
+    rs: usize,
+    cs: usize,
+}
+
+impl<'a> Mat<'a> {
+    fn row_major(data: &'a [f32], rows: usize, cols: usize) -> Self {
+        Mat {
+            data,
+            rows,
+            cols,
+            rs: cols,
+            cs: 1,
+        }
+    }
+
+    fn t(self) -> Self {
+        Mat {
+            data: self.data,
+            rows: self.cols,
+            cols: self.rows,
+            rs: self.cs,
+            cs: self.rs,
+        }
+    }
+
+    /// Every element lies inside `data`.
+    fn in_bounds(&self) -> bool {
+        self.rows == 0
+            || self.cols == 0
+            || (self.rows - 1) * self.rs + (self.cols - 1) * self.cs < self.data.len()
+    }
+}
+
+/// `dst` (row-major a.rows × b.cols) = a·b, or dst + a·b when `accumulate`.
+fn matmul(dst: &mut [f32], a: Mat, b: Mat, accumulate: bool, par: gemm::Parallelism) {
+    let (m, k, n) = (a.rows, a.cols, b.cols);
+    // Invariant of every call site (sizes derive from one `Geom`); checking it here is what makes
+    // the raw-pointer call below sound, so a violation must stop rather than read out of bounds.
+    assert!(
+        b.rows == k && dst.len() == m * n && a.in_bounds() && b.in_bounds(),
+        "conv matmul: inconsistent shapes"
+    );
+    if m == 0 || n == 0 {
+        return;
+    }
+    // SAFETY: all three matrices lie inside their slices (asserted above), `dst` is exclusively
+    // borrowed and does not alias `a` or `b`.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            dst.as_mut_ptr(),
+            1,
+            n as isize,
+            accumulate,
+            a.data.as_ptr(),
+            a.cs as isize,
+            a.rs as isize,
+            b.data.as_ptr(),
+            b.cs as isize,
+            b.rs as isize,
+            1.0f32,
+            1.0f32,
+            false,
+            false,
+            false,
+            par,
+        );
+    }
+}
+
+/// How to split a batch of `n` samples: samples per task, and the parallelism inside each GEMM
+/// (only when there are fewer samples than threads).
+fn split(n: usize) -> (usize, gemm::Parallelism) {
+    let threads = rayon::current_num_threads().max(1);
+    if n >= threads {
+        (n.div_ceil(threads), gemm::Parallelism::None)
+    } else {
+        (1, gemm::Parallelism::Rayon(threads))
+    }
+}
+
+/// ReLU that keeps NaN (so a diverging run still shows a NaN loss).
+#[inline]
+fn relu(v: f32) -> f32 {
+    if v < 0.0 {
+        0.0
+    } else {
+        v
+    }
+}
+
+/// Add the bias and apply the ReLU to one sample's O×P output.
+fn epilogue(out: &mut [f32], p: usize, bias: Option<&[f32]>, apply_relu: bool) {
+    match (bias, apply_relu) {
+        (None, false) => {}
+        (None, true) => out.iter_mut().for_each(|v| *v = relu(*v)),
+        (Some(b), r) => {
+            for (row, &bo) in out.chunks_exact_mut(p).zip(b) {
+                if r {
+                    row.iter_mut().for_each(|v| *v = relu(*v + bo));
+                } else {
+                    row.iter_mut().for_each(|v| *v += bo);
+                }
+            }
+        }
+    }
+}
+
+fn forward(g: &Geom, x: &[f32], w: &[f32], bias: Option<&[f32]>, apply_relu: bool) -> Vec<f32> {
+    let (k, p, ol, il) = (g.k(), g.p(), g.out_len(), g.in_len());
+    let mut out = vec![0f32; g.n * ol];
+    if ol == 0 {
+        return out;
+    }
+    let wm = Mat::row_major(w, g.o, k);
+    let (per, par) = split(g.n);
+    out.par_chunks_mut(per * ol)
+        .enumerate()
+        .for_each(|(t, chunk)| {
+            let mut cols = if g.pointwise() {
+                Vec::new()
+            } else {
+                vec![0f32; k * p]
+            };
+            for (i, out_n) in chunk.chunks_exact_mut(ol).enumerate() {
+                let n = t * per + i;
+                let x_n = &x[n * il..(n + 1) * il];
+                let patches = if g.pointwise() {
+                    x_n
+                } else {
+                    im2col(g, x_n, &mut cols);
+                    &cols
+                };
+                matmul(out_n, wm, Mat::row_major(patches, k, p), false, par);
+                epilogue(out_n, p, bias, apply_relu);
+            }
+        });
+    out
+}
+
+/// Which gradients to compute, and from what.
+struct BackwardInputs<'a> {
+    x: &'a [f32],
+    w: &'a [f32],
+    /// The op's output, present when the op applied a ReLU (its mask).
+    res: Option<&'a [f32]>,
+    grad: &'a [f32],
+    need_x: bool,
+    need_w: bool,
+    need_b: bool,
+}
+
+/// Gradients w.r.t. the input (N×C×H×W, if asked), the weight (O×K) and the bias (O).
+fn backward(g: &Geom, a: &BackwardInputs) -> (Option<Vec<f32>>, Vec<f32>, Vec<f32>) {
+    let (k, p, ol, il) = (g.k(), g.p(), g.out_len(), g.in_len());
+    let (per, par) = split(g.n);
+    let tasks = g.n.div_ceil(per.max(1));
+    let mut gx = if a.need_x {
+        vec![0f32; g.n * il]
+    } else {
+        Vec::new()
+    };
+    let gx_chunks: Vec<Option<&mut [f32]>> = if a.need_x && il > 0 {
+        gx.chunks_mut(per * il).map(Some).collect()
+    } else {
+        (0..tasks).map(|_| None).collect()
+    };
+    let wm = Mat::row_major(a.w, g.o, k);
+    let partials: Vec<(Vec<f32>, Vec<f32>)> = gx_chunks
+        .into_par_iter()
+        .enumerate()
+        .map(|(t, mut gx_chunk)| {
+            let first = t * per;
+            let count = per.min(g.n.saturating_sub(first));
+            let mut gw = vec![0f32; if a.need_w { g.o * k } else { 0 }];
+            let mut gb = vec![0f32; if a.need_b { g.o } else { 0 }];
+            let mut cols = vec![0f32; if a.need_w && !g.pointwise() { k * p } else { 0 }];
+            let mut gcols = vec![0f32; if a.need_x && !g.pointwise() { k * p } else { 0 }];
+            let mut masked = vec![0f32; if a.res.is_some() { ol } else { 0 }];
+            for i in 0..count {
+                let n = first + i;
+                let mut go = &a.grad[n * ol..(n + 1) * ol];
+                if let Some(res) = a.res {
+                    let r = &res[n * ol..(n + 1) * ol];
+                    for ((m, &gv), &rv) in masked.iter_mut().zip(go).zip(r) {
+                        *m = if rv > 0.0 { gv } else { 0.0 };
+                    }
+                    go = &masked;
+                }
+                if a.need_b {
+                    for (b, row) in gb.iter_mut().zip(go.chunks_exact(p)) {
+                        *b += row.iter().sum::<f32>();
+                    }
+                }
+                let gom = Mat::row_major(go, g.o, p);
+                if a.need_w {
+                    let x_n = &a.x[n * il..(n + 1) * il];
+                    let patches = if g.pointwise() {
+                        x_n
+                    } else {
+                        im2col(g, x_n, &mut cols);
+                        &cols
+                    };
+                    matmul(&mut gw, gom, Mat::row_major(patches, k, p).t(), true, par);
+                }
+                if let Some(chunk) = gx_chunk.as_deref_mut() {
+                    let gx_n = &mut chunk[i * il..(i + 1) * il];
+                    if g.pointwise() {
+                        matmul(gx_n, wm.t(), gom, false, par);
+                    } else {
+                        matmul(&mut gcols, wm.t(), gom, false, par);
+                        col2im(g, &gcols, gx_n);
+                    }
+                }
+            }
+            (gw, gb)
+        })
+        .collect();
+    let mut gw = vec![0f32; if a.need_w { g.o * k } else { 0 }];
+    let mut gb = vec![0f32; if a.need_b { g.o } else { 0 }];
+    for (pw, pb) in &partials {
+        gw.iter_mut().zip(pw).for_each(|(a, b)| *a += *b);
+        gb.iter_mut().zip(pb).for_each(|(a, b)| *a += *b);
+    }
+    (a.need_x.then_some(gx), gw, gb)
+}
+
+/// The f32 elements of a contiguous CPU storage.
+fn cpu_f32<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> candle_core::Result<&'a [f32]> {
+    let CpuStorage::F32(v) = s else {
+        candle_core::bail!("fast conv: the {what} must be f32")
+    };
+    match l.contiguous_offsets() {
+        Some((a, b)) => Ok(&v[a..b]),
+        None => candle_core::bail!("fast conv: the {what} must be contiguous"),
+    }
+}
+
+/// The f32 elements of a tensor's CPU storage (the tensor must be contiguous).
+fn storage_f32<'a>(s: &'a Storage, l: &Layout, what: &str) -> candle_core::Result<&'a [f32]> {
+    match s {
+        Storage::Cpu(c) => cpu_f32(c, l, what),
+        _ => candle_core::bail!("fast conv: the {what} is not on the CPU"),
+    }
+}
+
+/// The convolution op: inputs (x, weight) or (x, weight, bias).
+#[derive(Debug, Clone, Copy)]
+struct ConvOp {
+    stride: usize,
+    pad: usize,
+    relu: bool,
+}
+
+impl ConvOp {
+    fn fwd(
+        &self,
+        x: (&CpuStorage, &Layout),
+        w: (&CpuStorage, &Layout),
+        b: Option<(&CpuStorage, &Layout)>,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let g = Geom::new(x.1.dims(), w.1.dims(), self.stride, self.pad)?;
+        let xs = cpu_f32(x.0, x.1, "input")?;
+        let ws = cpu_f32(w.0, w.1, "weight")?;
+        let bs = match b {
+            Some((s, l)) => {
+                let v = cpu_f32(s, l, "bias")?;
+                if v.len() != g.o {
+                    candle_core::bail!("conv2d: bias has {} entries for {} outputs", v.len(), g.o);
+                }
+                Some(v)
+            }
+            None => None,
+        };
+        let out = forward(&g, xs, ws, bs, self.relu);
+        Ok((CpuStorage::F32(out), Shape::from((g.n, g.o, g.ho, g.wo))))
+    }
+
+    #[allow(clippy::type_complexity)]
+    fn bwd_tensors(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        b: Option<&Tensor>,
+        res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let g = Geom::new(x.dims(), w.dims(), self.stride, self.pad)?;
+        let need_x = x.track_op();
+        let need_w = w.track_op();
+        let need_b = b.is_some_and(Tensor::track_op);
+        let (xc, wc, gc) = (x.contiguous()?, w.contiguous()?, grad.contiguous()?);
+        let rc = if self.relu {
+            Some(res.contiguous()?)
+        } else {
+            None
+        };
+        let (xg, wg, gg) = (
+            xc.storage_and_layout(),
+            wc.storage_and_layout(),
+            gc.storage_and_layout(),
+        );
+        let rg = rc.as_ref().map(Tensor::storage_and_layout);
+        let inputs = BackwardInputs {
+            x: storage_f32(&xg.0, xg.1, "input")?,
+            w: storage_f32(&wg.0, wg.1, "weight")?,
+            res: match &rg {
+                Some((s, l)) => Some(storage_f32(s, l, "output")?),
+                None => None,
+            },
+            grad: storage_f32(&gg.0, gg.1, "output gradient")?,
+            need_x,
+            need_w,
+            need_b,
+        };
+        let (gx, gw, gb) = backward(&g, &inputs);
+        let dev = x.device();
+        let gx = match gx {
+            Some(v) => Some(Tensor::from_vec(v, x.shape(), dev)?),
+            None => None,
+        };
+        let gw = if need_w {
+            Some(Tensor::from_vec(gw, w.shape(), dev)?)
+        } else {
+            None
+        };
+        let gb = match b {
+            Some(b) if need_b => Some(Tensor::from_vec(gb, b.shape(), dev)?),
+            _ => None,
+        };
+        Ok((gx, gw, gb))
+    }
+}
+
+impl CustomOp2 for ConvOp {
+    fn name(&self) -> &'static str {
+        "im2col-conv2d"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        self.fwd((s1, l1), (s2, l2), None)
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+        let (gx, gw, _) = self.bwd_tensors(x, w, None, res, grad)?;
+        Ok((gx, gw))
+    }
+}
+
+impl CustomOp3 for ConvOp {
+    fn name(&self) -> &'static str {
+        "im2col-conv2d-bias"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        self.fwd((s1, l1), (s2, l2), Some((s3, l3)))
+    }
+
+    #[allow(clippy::type_complexity)]
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        b: &Tensor,
+        res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        self.bwd_tensors(x, w, Some(b), res, grad)
+    }
+}
+
+/// Whether the fast path handles these tensors (f32 on the CPU).
+fn fast_path(tensors: &[Option<&Tensor>]) -> bool {
+    tensors
+        .iter()
+        .flatten()
+        .all(|t| t.device().is_cpu() && t.dtype() == DType::F32)
+}
+
+/// `relu?(conv2d(x, w) + b)`: x N×C×H×W, w O×C×kh×kw, b of length O; symmetric stride and
+/// padding, groups 1, dilation 1. im2col + GEMM on the CPU in f32, candle's `conv2d` otherwise.
+pub fn conv2d(
+    x: &Tensor,
+    w: &Tensor,
+    b: Option<&Tensor>,
+    stride: usize,
+    padding: usize,
+    apply_relu: bool,
+) -> candle_core::Result<Tensor> {
+    if !fast_path(&[Some(x), Some(w), b]) {
+        return reference_conv2d(x, w, b, stride, padding, apply_relu);
+    }
+    let op = ConvOp {
+        stride,
+        pad: padding,
+        relu: apply_relu,
+    };
+    let (x, w) = (x.contiguous()?, w.contiguous()?);
+    match b {
+        Some(b) => x.apply_op3(&w, &b.contiguous()?, op),
+        None => x.apply_op2(&w, op),
+    }
+}
+
+/// The same computation from candle's own operations (the fallback, and the tests' reference).
+pub fn reference_conv2d(
+    x: &Tensor,
+    w: &Tensor,
+    b: Option<&Tensor>,
+    stride: usize,
+    padding: usize,
+    apply_relu: bool,
+) -> candle_core::Result<Tensor> {
+    let y = x.conv2d(w, padding, stride, 1, 1)?;
+    let y = match b {
+        Some(b) => y.broadcast_add(&b.reshape((1, (), 1, 1))?)?,
+        None => y,
+    };
+    if apply_relu {
+        y.relu()
+    } else {
+        Ok(y)
+    }
+}
+
+/// A square-kernel convolution layer with the variables of `candle_nn::Conv2d`.
+#[derive(Debug, Clone)]
+pub struct Conv {
+    weight: Tensor,
+    bias: Option<Tensor>,
+    stride: usize,
+    padding: usize,
+}
+
+impl Conv {
+    /// `cin → cout` channels, `kernel`×`kernel`, with or without a bias; variables `weight`
+    /// (cout×cin×k×k) and `bias` (cout) under `vb`, initialised as candle-nn does.
+    pub fn new(
+        cin: usize,
+        cout: usize,
+        kernel: usize,
+        stride: usize,
+        padding: usize,
+        bias: bool,
+        vb: VarBuilder,
+    ) -> candle_core::Result<Self> {
+        let cfg = Conv2dConfig {
+            padding,
+            stride,
+            ..Default::default()
+        };
+        let layer = if bias {
+            candle_nn::conv2d(cin, cout, kernel, cfg, vb)?
+        } else {
+            candle_nn::conv2d_no_bias(cin, cout, kernel, cfg, vb)?
+        };
+        Ok(Conv {
+            weight: layer.weight().clone(),
+            bias: layer.bias().cloned(),
+            stride,
+            padding,
+        })
+    }
+
+    pub fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        conv2d(
+            x,
+            &self.weight,
+            self.bias.as_ref(),
+            self.stride,
+            self.padding,
+            false,
+        )
+    }
+
+    /// `relu(forward(x))`, fused on the CPU.
+    pub fn forward_relu(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        conv2d(
+            x,
+            &self.weight,
+            self.bias.as_ref(),
+            self.stride,
+            self.padding,
+            true,
+        )
+    }
+
+    pub fn weight(&self) -> &Tensor {
+        &self.weight
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::rng::Rng;
+    use candle_core::{Device, Var};
+
+    fn randn(rng: &mut Rng, dims: &[usize]) -> Tensor {
+        let n: usize = dims.iter().product();
+        let v: Vec<f32> = (0..n).map(|_| rng.normal() as f32).collect();
+        Tensor::from_vec(v, dims, &Device::Cpu).unwrap()
+    }
+
+    /// max |a − b| ≤ tol · max(max |b|, 1).
+    fn assert_close(a: &Tensor, b: &Tensor, tol: f32, what: &str) {
+        assert_eq!(a.dims(), b.dims(), "{what}: shapes");
+        let a = a.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let b = b.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let scale = b.iter().fold(1f32, |m, v| m.max(v.abs()));
+        let diff = a.iter().zip(&b).fold(0f32, |m, (x, y)| m.max((x - y).abs()));
+        assert!(diff <= tol * scale, "{what}: max diff {diff} (scale {scale})");
+    }
+
+    /// Values and gradients (w.r.t. input, weight, bias) of the fast op against candle's.
+    fn check(shape: (usize, usize, usize, usize, usize, usize, usize, usize), bias: bool, relu: bool) {
+        let (n, c, h, w, o, k, stride, pad) = shape;
+        let mut rng = Rng::new((n * 1000 + c * 100 + k * 10 + stride + pad) as u64);
+        let x = Var::from_tensor(&randn(&mut rng, &[n, c, h, w])).unwrap();
+        let wt = Var::from_tensor(&randn(&mut rng, &[o, c, k, k])).unwrap();
+        let b = Var::from_tensor(&randn(&mut rng, &[o])).unwrap();
+        let b_opt = bias.then_some(b.as_tensor());
+        let fast = conv2d(x.as_tensor(), wt.as_tensor(), b_opt, stride, pad, relu).unwrap();
+        let slow =
+            reference_conv2d(x.as_tensor(), wt.as_tensor(), b_opt, stride, pad, relu).unwrap();
+        let what = format!("{shape:?} bias {bias} relu {relu}");
+        assert_close(&fast, &slow, 1e-5, &format!("{what}: values"));
+        // A random linear functional of the output, so every output entry gets its own weight.
+        let r = randn(&mut rng, slow.dims());
+        let gf = (&fast * &r).unwrap().sum_all().unwrap().backward().unwrap();
+        let gs = (&slow * &r).unwrap().sum_all().unwrap().backward().unwrap();
+        for (name, v) in [("input", &x), ("weight", &wt)] {
+            let (a, b) = (gf.get(v.as_tensor()).unwrap(), gs.get(v.as_tensor()).unwrap());
+            assert_close(a, b, 1e-4, &format!("{what}: grad {name}"));
+        }
+        if bias {
+            let (a, bb) = (gf.get(b.as_tensor()).unwrap(), gs.get(b.as_tensor()).unwrap());
+            assert_close(a, bb, 1e-4, &format!("{what}: grad bias"));
+        } else {
+            assert!(gf.get(b.as_tensor()).is_none());
+        }
+    }
+
+    const SHAPES: &[(usize, usize, usize, usize, usize, usize, usize, usize)] = &[
+        // (n, c, h, w, o, k, stride, pad)
+        (1, 3, 9, 9, 5, 3, 1, 1),
+        (5, 3, 9, 7, 5, 3, 2, 1),
+        (5, 6, 10, 10, 7, 1, 1, 0),
+        (1, 5, 8, 8, 3, 1, 2, 0),
+        (5, 2, 12, 11, 9, 7, 1, 0),
+        (5, 3, 8, 8, 5, 7, 2, 1),
+        (1, 3, 14, 14, 6, 7, 7, 0),
+        (5, 13, 7, 7, 11, 3, 2, 0),
+        (5, 1, 6, 5, 3, 3, 1, 1),
+        (2, 9, 5, 5, 10, 1, 1, 1),
+    ];
+
+    #[test]
+    fn matches_candle_values_and_gradients() {
+        for &shape in SHAPES {
+            for (bias, relu) in [(false, false), (true, false), (true, true), (false, true)] {
+                check(shape, bias, relu);
+            }
+        }
+    }
+
+    #[test]
+    fn input_gradient_is_skipped_for_untracked_inputs() {
+        let mut rng = Rng::new(3);
+        let x = randn(&mut rng, &[2, 3, 6, 6]);
+        let w = Var::from_tensor(&randn(&mut rng, &[4, 3, 3, 3])).unwrap();
+        let y = conv2d(&x, w.as_tensor(), None, 1, 1, false).unwrap();
+        let g = y.sum_all().unwrap().backward().unwrap();
+        assert!(g.get(&x).is_none());
+        assert!(g.get(w.as_tensor()).is_some());
+    }
+
+    #[test]
+    fn finite_differences_agree_with_the_gradient() {
+        // The loss Σ r·conv(x, w) + b is linear in each of x, w and b, so central differences are
+        // exact up to rounding; step 1e-2 keeps f32 rounding well below the tolerance.
+        let mut rng = Rng::new(17);
+        let (x0, w0, b0) = (
+            randn(&mut rng, &[2, 2, 5, 4]),
+            randn(&mut rng, &[3, 2, 3, 3]),
+            randn(&mut rng, &[3]),
+        );
+        let r = randn(&mut rng, &[2, 3, 3, 2]);
+        let loss = |x: &Tensor, w: &Tensor, b: &Tensor| {
+            let y = conv2d(x, w, Some(b), 2, 1, false).unwrap();
+            (y * &r).unwrap().sum_all().unwrap()
+        };
+        let (xv, wv, bv) = (
+            Var::from_tensor(&x0).unwrap(),
+            Var::from_tensor(&w0).unwrap(),
+            Var::from_tensor(&b0).unwrap(),
+        );
+        let grads = loss(xv.as_tensor(), wv.as_tensor(), bv.as_tensor())
+            .backward()
+            .unwrap();
+        let eps = 1e-2f32;
+        for which in 0..3 {
+            let base = [&x0, &w0, &b0][which];
+            let analytic = grads
+                .get([&xv, &wv, &bv][which].as_tensor())
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap();
+            let flat = base.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            for i in 0..flat.len() {
+                let shifted = |d: f32| {
+                    let mut v = flat.clone();
+                    v[i] += d;
+                    let t = Tensor::from_vec(v, base.dims(), &Device::Cpu).unwrap();
+                    let mut args = [x0.clone(), w0.clone(), b0.clone()];
+                    args[which] = t;
+                    loss(&args[0], &args[1], &args[2]).to_scalar::<f32>().unwrap()
+                };
+                let fd = (shifted(eps) - shifted(-eps)) / (2.0 * eps);
+                let tol = 1e-2 * (1.0 + analytic[i].abs());
+                assert!((fd - analytic[i]).abs() < tol, "arg {which} entry {i}: fd {fd} vs {}", analytic[i]);
+            }
+        }
+    }
+
+    #[test]
+    fn layer_keeps_candle_variable_names() {
+        let vm = candle_nn::VarMap::new();
+        let vb = VarBuilder::from_varmap(&vm, DType::F32, &Device::Cpu);
+        Conv::new(3, 4, 3, 1, 1, true, vb.pp("a")).unwrap();
+        Conv::new(3, 4, 1, 2, 0, false, vb.pp("b")).unwrap();
+        let data = vm.data().lock().unwrap();
+        let mut names: Vec<_> = data.keys().cloned().collect();
+        names.sort();
+        assert_eq!(names, ["a.bias", "a.weight", "b.weight"]);
+        assert_eq!(data["a.weight"].dims(), &[4, 3, 3, 3]);
+    }
+}

@@ -1,0 +1,389 @@
+//! Fused training-mode BatchNorm (optionally followed by ReLU) for N×C×H×W tensors on the CPU.
+//!
+//! candle-nn's `BatchNorm` builds its training-mode forward pass from about fifteen tensor
+//! operations (a transposed copy, means, broadcasts, a transpose back) and autograd adds two or
+//! three more per operation backward; on the ResNet those passes over the largest activations cost
+//! more than the convolutions. This op computes the per-channel statistics in one pass, normalises
+//! (and applies the ReLU) in a second, and backward needs two more, with the closed-form BatchNorm
+//! gradient. Statistics are summed in f32 lanes per plane and combined in f64.
+//!
+//! [`BatchNorm2d`] creates its variables through `candle_nn::batch_norm` (same names, shapes and
+//! initialisation: `weight`, `bias`, `running_mean`, `running_var`; PyTorch's eps 1e-5 and
+//! momentum 0.1) and updates the running statistics exactly as candle-nn does: biased batch
+//! variance for normalising, the unbiased one (×M/(M−1), M = N·H·W) for the running variance.
+//! Evaluation mode, other devices and other dtypes use candle-nn's own layer.
+
+use std::sync::{Arc, OnceLock};
+
+use candle_core::{CpuStorage, CustomOp3, DType, Layout, ModuleT, Shape, Storage, Tensor, Var};
+use candle_nn::{BatchNormConfig, VarBuilder};
+use rayon::prelude::*;
+
+/// Per-channel batch statistics of one forward pass.
+#[derive(Debug)]
+struct Stats {
+    mean: Vec<f64>,
+    /// Biased variance.
+    var: Vec<f64>,
+}
+
+/// Sum of a slice in 8 independent f32 lanes (vectorisable), combined in f64.
+#[inline]
+fn lane_sum(v: &[f32], f: impl Fn(f32) -> f32) -> f64 {
+    let mut acc = [0f32; 8];
+    let chunks = v.chunks_exact(8);
+    let tail = chunks.remainder();
+    for c in chunks {
+        for (a, &x) in acc.iter_mut().zip(c) {
+            *a += f(x);
+        }
+    }
+    acc.iter().map(|&a| f64::from(a)).sum::<f64>() + tail.iter().map(|&x| f64::from(f(x))).sum::<f64>()
+}
+
+/// Σ f(a_i, b_i) in 8 f32 lanes, combined in f64.
+#[inline]
+fn lane_sum2(a: &[f32], b: &[f32], f: impl Fn(f32, f32) -> f32) -> f64 {
+    let mut acc = [0f32; 8];
+    let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
+    let (ta, tb) = (ca.remainder(), cb.remainder());
+    for (x, y) in ca.zip(cb) {
+        for ((s, &u), &v) in acc.iter_mut().zip(x).zip(y) {
+            *s += f(u, v);
+        }
+    }
+    acc.iter().map(|&s| f64::from(s)).sum::<f64>() + ta.iter().zip(tb).map(|(&u, &v)| f64::from(f(u, v))).sum::<f64>()
+}
+
+/// Σ f(a_i, b_i, c_i) in 8 f32 lanes, combined in f64.
+#[inline]
+fn lane_sum3(a: &[f32], b: &[f32], c: &[f32], f: impl Fn(f32, f32, f32) -> f32) -> f64 {
+    let mut acc = [0f32; 8];
+    let (ca, cb, cc) = (a.chunks_exact(8), b.chunks_exact(8), c.chunks_exact(8));
+    let (ta, tb, tc) = (ca.remainder(), cb.remainder(), cc.remainder());
+    for ((x, y), z) in ca.zip(cb).zip(cc) {
+        for (((s, &u), &v), &w) in acc.iter_mut().zip(x).zip(y).zip(z) {
+            *s += f(u, v, w);
+        }
+    }
+    let tail: f64 = ta.iter().zip(tb).zip(tc).map(|((&u, &v), &w)| f64::from(f(u, v, w))).sum();
+    acc.iter().map(|&s| f64::from(s)).sum::<f64>() + tail
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Dims {
+    n: usize,
+    c: usize,
+    hw: usize,
+}
+
+impl Dims {
+    fn of(dims: &[usize]) -> candle_core::Result<Dims> {
+        let &[n, c, h, w] = dims else {
+            candle_core::bail!("batch-norm: expected an N×C×H×W input, got {dims:?}")
+        };
+        Ok(Dims { n, c, hw: h * w })
+    }
+
+    /// Elements per channel, N·H·W.
+    fn m(&self) -> usize {
+        self.n * self.hw
+    }
+
+    /// The H×W planes of channel `ch`.
+    fn planes<'a>(&self, v: &'a [f32], ch: usize) -> impl Iterator<Item = &'a [f32]> + 'a {
+        let (c, hw) = (self.c, self.hw);
+        (0..self.n).map(move |i| &v[(i * c + ch) * hw..(i * c + ch + 1) * hw])
+    }
+}
+
+/// Training-mode BatchNorm (and ReLU): inputs x, weight, bias.
+struct BnOp {
+    eps: f64,
+    relu: bool,
+    /// Written by the forward pass; read by the layer (running statistics) and by backward.
+    stats: Arc<OnceLock<Stats>>,
+}
+
+fn cpu_f32<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> candle_core::Result<&'a [f32]> {
+    let CpuStorage::F32(v) = s else {
+        candle_core::bail!("fused batch-norm: the {what} must be f32")
+    };
+    match l.contiguous_offsets() {
+        Some((a, b)) => Ok(&v[a..b]),
+        None => candle_core::bail!("fused batch-norm: the {what} must be contiguous"),
+    }
+}
+
+fn storage_f32<'a>(s: &'a Storage, l: &Layout, what: &str) -> candle_core::Result<&'a [f32]> {
+    match s {
+        Storage::Cpu(c) => cpu_f32(c, l, what),
+        _ => candle_core::bail!("fused batch-norm: the {what} is not on the CPU"),
+    }
+}
+
+impl CustomOp3 for BnOp {
+    fn name(&self) -> &'static str {
+        "fused-batch-norm"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let d = Dims::of(l1.dims())?;
+        let x = cpu_f32(s1, l1, "input")?;
+        let w = cpu_f32(s2, l2, "weight")?;
+        let b = cpu_f32(s3, l3, "bias")?;
+        if w.len() != d.c || b.len() != d.c {
+            candle_core::bail!("fused batch-norm: {} channels but weight/bias of {}/{}", d.c, w.len(), b.len());
+        }
+        let m = d.m().max(1) as f64;
+        let (mean, var): (Vec<f64>, Vec<f64>) = (0..d.c)
+            .into_par_iter()
+            .map(|ch| {
+                let mean = d.planes(x, ch).map(|p| lane_sum(p, |v| v)).sum::<f64>() / m;
+                let mf = mean as f32;
+                let var = d.planes(x, ch).map(|p| lane_sum(p, |v| (v - mf) * (v - mf))).sum::<f64>() / m;
+                (mean, var)
+            })
+            .unzip();
+        // y = x·a + c per channel, a = w/√(var+eps), c = b − mean·a.
+        let scale: Vec<f32> = (0..d.c).map(|ch| (f64::from(w[ch]) / (var[ch] + self.eps).sqrt()) as f32).collect();
+        let shift: Vec<f32> = (0..d.c).map(|ch| (f64::from(b[ch]) - mean[ch] * f64::from(scale[ch])) as f32).collect();
+        let mut out = vec![0f32; x.len()];
+        if d.hw > 0 {
+            out.par_chunks_mut(d.hw).zip(x.par_chunks(d.hw)).enumerate().for_each(|(i, (o, xi))| {
+                let (a, c) = (scale[i % d.c], shift[i % d.c]);
+                if self.relu {
+                    for (o, &v) in o.iter_mut().zip(xi) {
+                        let y = v * a + c;
+                        *o = if y < 0.0 { 0.0 } else { y };
+                    }
+                } else {
+                    for (o, &v) in o.iter_mut().zip(xi) {
+                        *o = v * a + c;
+                    }
+                }
+            });
+        }
+        // A second forward with the same op instance cannot happen (candle makes one per call).
+        let _ = self.stats.set(Stats { mean, var });
+        Ok((CpuStorage::F32(out), Shape::from(l1.dims())))
+    }
+
+    #[allow(clippy::type_complexity)]
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        b: &Tensor,
+        res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let Some(stats) = self.stats.get() else {
+            candle_core::bail!("fused batch-norm: backward before forward")
+        };
+        let d = Dims::of(x.dims())?;
+        let (xc, wc, gc, rc) = (x.contiguous()?, w.contiguous()?, grad.contiguous()?, res.contiguous()?);
+        let (xg, wg, gg, rg) = (xc.storage_and_layout(), wc.storage_and_layout(), gc.storage_and_layout(), rc.storage_and_layout());
+        let xs = storage_f32(&xg.0, xg.1, "input")?;
+        let ws = storage_f32(&wg.0, wg.1, "weight")?;
+        let gs = storage_f32(&gg.0, gg.1, "output gradient")?;
+        let rs = storage_f32(&rg.0, rg.1, "output")?;
+        let relu = self.relu;
+        let dy = |g: f32, r: f32| if relu && r <= 0.0 { 0.0 } else { g };
+        let m = d.m().max(1) as f64;
+        // Per channel: Σ dy and Σ dy·(x − mean).
+        let sums: Vec<(f64, f64)> = (0..d.c)
+            .into_par_iter()
+            .map(|ch| {
+                let mf = stats.mean[ch] as f32;
+                let mut sdy = 0f64;
+                let mut sdyx = 0f64;
+                for ((gp, rp), xp) in d.planes(gs, ch).zip(d.planes(rs, ch)).zip(d.planes(xs, ch)) {
+                    sdy += lane_sum2(gp, rp, dy);
+                    sdyx += lane_sum3(gp, rp, xp, |g, r, v| dy(g, r) * (v - mf));
+                }
+                (sdy, sdyx)
+            })
+            .collect();
+        let invstd: Vec<f64> = stats.var.iter().map(|v| 1.0 / (v + self.eps).sqrt()).collect();
+        let dev = x.device();
+        let gw: Vec<f32> = (0..d.c).map(|ch| (sums[ch].1 * invstd[ch]) as f32).collect();
+        let gb: Vec<f32> = sums.iter().map(|s| s.0 as f32).collect();
+        let gx = if x.track_op() {
+            // dx = k1·dy + k2·x + k3 per channel (the closed form of the BatchNorm gradient).
+            let coef: Vec<(f32, f32, f32)> = (0..d.c)
+                .map(|ch| {
+                    let (sdy, sdyx) = sums[ch];
+                    let k1 = f64::from(ws[ch]) * invstd[ch];
+                    let k2 = -k1 * invstd[ch] * invstd[ch] * sdyx / m;
+                    let k3 = -k1 * sdy / m - k2 * stats.mean[ch];
+                    (k1 as f32, k2 as f32, k3 as f32)
+                })
+                .collect();
+            let mut gx = vec![0f32; xs.len()];
+            if d.hw > 0 {
+                gx.par_chunks_mut(d.hw)
+                    .zip(xs.par_chunks(d.hw))
+                    .zip(gs.par_chunks(d.hw).zip(rs.par_chunks(d.hw)))
+                    .enumerate()
+                    .for_each(|(i, ((o, xp), (gp, rp)))| {
+                        let (k1, k2, k3) = coef[i % d.c];
+                        for (((o, &v), &g), &r) in o.iter_mut().zip(xp).zip(gp).zip(rp) {
+                            *o = k1 * dy(g, r) + k2 * v + k3;
+                        }
+                    });
+            }
+            Some(Tensor::from_vec(gx, x.shape(), dev)?)
+        } else {
+            None
+        };
+        let gw = w.track_op().then(|| Tensor::from_vec(gw, w.shape(), dev)).transpose()?;
+        let gb = b.track_op().then(|| Tensor::from_vec(gb, b.shape(), dev)).transpose()?;
+        Ok((gx, gw, gb))
+    }
+}
+
+/// BatchNorm over the channels of N×C×H×W inputs, with candle-nn's variables.
+#[derive(Debug, Clone)]
+pub struct BatchNorm2d {
+    bn: candle_nn::BatchNorm,
+    running_mean: Var,
+    running_var: Var,
+}
+
+impl BatchNorm2d {
+    /// `channels` features, PyTorch's defaults (eps 1e-5, momentum 0.1), variables `weight`,
+    /// `bias`, `running_mean`, `running_var` under `vb`.
+    pub fn new(channels: usize, vb: VarBuilder) -> candle_core::Result<Self> {
+        let bn = candle_nn::batch_norm(channels, BatchNormConfig::default(), vb)?;
+        // The running statistics are variables of the VarMap, so these share their storage.
+        let running_mean = Var::from_tensor(bn.running_mean())?;
+        let running_var = Var::from_tensor(bn.running_var())?;
+        Ok(BatchNorm2d {
+            bn,
+            running_mean,
+            running_var,
+        })
+    }
+
+    /// Batch statistics (and a running-statistics update) when `train`, running statistics
+    /// otherwise; then a ReLU if `relu`.
+    pub fn forward(&self, x: &Tensor, train: bool, relu: bool) -> candle_core::Result<Tensor> {
+        let Some((w, b)) = self.bn.weight_and_bias() else {
+            candle_core::bail!("batch-norm without affine parameters is not supported")
+        };
+        let fast = [x, w, b].iter().all(|t| t.device().is_cpu() && t.dtype() == DType::F32) && x.rank() == 4;
+        if !(train && fast) {
+            let y = self.bn.forward_t(x, train)?;
+            return if relu { y.relu() } else { Ok(y) };
+        }
+        let stats = Arc::new(OnceLock::new());
+        let op = BnOp {
+            eps: self.bn.eps(),
+            relu,
+            stats: stats.clone(),
+        };
+        let y = x.contiguous()?.apply_op3(w, b, op)?;
+        let Some(s) = stats.get() else {
+            candle_core::bail!("fused batch-norm: the forward pass left no statistics")
+        };
+        // As candle-nn: running ← running·(1 − momentum) + stat·momentum, with the unbiased
+        // variance (×M/(M−1)) for the running variance.
+        let mom = self.bn.momentum();
+        let (n, _, h, wd) = x.dims4()?;
+        let m = (n * h * wd) as f64;
+        let update = |var: &Var, stat: &[f64], factor: f64| -> candle_core::Result<()> {
+            let old = var.as_tensor().to_vec1::<f32>()?;
+            let new: Vec<f32> = old
+                .iter()
+                .zip(stat)
+                .map(|(&r, &s)| r * (1.0 - mom) as f32 + (s * factor) as f32)
+                .collect();
+            var.set(&Tensor::from_vec(new, old.len(), var.device())?)
+        };
+        update(&self.running_mean, &s.mean, mom)?;
+        update(&self.running_var, &s.var, mom * m / (m - 1.0))?;
+        Ok(y)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::rng::Rng;
+    use candle_core::Device;
+    use candle_nn::VarMap;
+
+    fn max_rel_diff(a: &Tensor, b: &Tensor) -> f32 {
+        let a = a.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let b = b.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        assert_eq!(a.len(), b.len());
+        let scale = b.iter().fold(1f32, |m, v| m.max(v.abs()));
+        a.iter().zip(&b).fold(0f32, |m, (x, y)| m.max((x - y).abs())) / scale
+    }
+
+    /// Values, gradients and running statistics against candle-nn's BatchNorm (+ candle's ReLU).
+    #[test]
+    fn matches_candle_batch_norm() {
+        for &(n, c, h, w) in &[(5usize, 3usize, 7usize, 6usize), (2, 8, 4, 4), (1, 2, 3, 5)] {
+            for relu in [false, true] {
+                let mut rng = Rng::new((n * 100 + c * 10 + h) as u64);
+                let vm = VarMap::new();
+                let vb = VarBuilder::from_varmap(&vm, DType::F32, &Device::Cpu);
+                let ours = BatchNorm2d::new(c, vb.pp("a")).unwrap();
+                let theirs = candle_nn::batch_norm(c, BatchNormConfig::default(), vb.pp("b")).unwrap();
+                // Non-trivial affine parameters, the same in both.
+                {
+                    let data = vm.data().lock().unwrap();
+                    for name in ["weight", "bias"] {
+                        let v: Vec<f32> = (0..c).map(|_| rng.normal() as f32).collect();
+                        let t = Tensor::from_vec(v, c, &Device::Cpu).unwrap();
+                        data[&format!("a.{name}")].set(&t).unwrap();
+                        data[&format!("b.{name}")].set(&t).unwrap();
+                    }
+                }
+                let xv: Vec<f32> = (0..n * c * h * w).map(|_| (rng.normal() * 2.0 + 0.5) as f32).collect();
+                let x = Var::from_vec(xv, (n, c, h, w), &Device::Cpu).unwrap();
+                let r: Vec<f32> = (0..n * c * h * w).map(|_| rng.normal() as f32).collect();
+                let r = Tensor::from_vec(r, (n, c, h, w), &Device::Cpu).unwrap();
+                for step in 0..2 {
+                    let ya = ours.forward(x.as_tensor(), true, relu).unwrap();
+                    let yb = theirs.forward_t(x.as_tensor(), true).unwrap();
+                    let yb = if relu { yb.relu().unwrap() } else { yb };
+                    let what = format!("{n}x{c}x{h}x{w} relu {relu} step {step}");
+                    assert!(max_rel_diff(&ya, &yb) < 1e-5, "{what}: values");
+                    let ga = (&ya * &r).unwrap().sum_all().unwrap().backward().unwrap();
+                    let gb = (&yb * &r).unwrap().sum_all().unwrap().backward().unwrap();
+                    let var = |name: &str| vm.data().lock().unwrap()[name].as_tensor().clone();
+                    let pairs = [
+                        (x.as_tensor().clone(), x.as_tensor().clone()),
+                        (var("a.weight"), var("b.weight")),
+                        (var("a.bias"), var("b.bias")),
+                    ];
+                    for (i, (ta, tb)) in pairs.iter().enumerate() {
+                        let d = max_rel_diff(ga.get(ta).unwrap(), gb.get(tb).unwrap());
+                        assert!(d < 1e-4, "{what}: gradient {i}: {d}");
+                    }
+                    for stat in ["running_mean", "running_var"] {
+                        let data = vm.data().lock().unwrap();
+                        let d = max_rel_diff(data[&format!("a.{stat}")].as_tensor(), data[&format!("b.{stat}")].as_tensor());
+                        assert!(d < 1e-5, "{what}: {stat}");
+                    }
+                }
+                // Evaluation mode is candle-nn's own computation on the same running statistics.
+                let ya = ours.forward(x.as_tensor(), false, relu).unwrap();
+                let yb = theirs.forward_t(x.as_tensor(), false).unwrap();
+                let yb = if relu { yb.relu().unwrap() } else { yb };
+                assert!(max_rel_diff(&ya, &yb) < 1e-5);
+            }
+        }
+    }
+}

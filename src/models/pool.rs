@@ -1,0 +1,261 @@
+//! Fast CPU max-pooling (kernel = stride) with a direct backward pass, as a candle custom op.
+//!
+//! candle 0.11 computes the max-pool gradient from tensor operations: upsample the output, compare
+//! it with the input, average-pool the mask, upsample again and multiply, five passes and as many
+//! temporaries over the largest activation of a CNN. This op scans each window once forward and
+//! once backward.
+//!
+//! Which gradient: candle's formula gives each of the t tied maxima of a k×k window
+//! grad·t/k², so a unique maximum receives grad/k² (a quarter of it for 2×2 pooling) rather than
+//! the whole gradient that PyTorch (and the definition of the derivative) gives it. The models
+//! keep candle's numbers ([`GRADIENT`] is [`PoolGradient::Candle`]) so that results computed before
+//! this module existed stay valid; [`PoolGradient::FirstMax`] is PyTorch's rule (the whole
+//! gradient to the first maximum in row-major order). Changing [`GRADIENT`] changes the training
+//! of every pooled model and so needs a new method version.
+//!
+//! Windows that do not fit are dropped (floor) in the forward pass as in candle and PyTorch; for
+//! such inputs candle's backward misaligns its upsampled mask, so in `Candle` mode those inputs
+//! go through candle's own op to keep its exact numbers. On other devices or dtypes
+//! [`max_pool2d`] is candle's `max_pool2d`.
+
+use candle_core::{CpuStorage, CustomOp1, DType, Layout, Shape, Storage, Tensor};
+use rayon::prelude::*;
+
+/// Position, within one H×W plane, of the first maximum of the k×k window at (oy, ox).
+#[inline]
+fn argmax(plane: &[f32], w: usize, k: usize, oy: usize, ox: usize) -> usize {
+    let mut best = (oy * k) * w + ox * k;
+    let mut best_v = plane[best];
+    for i in 0..k {
+        let row = (oy * k + i) * w + ox * k;
+        for (j, &v) in plane[row..row + k].iter().enumerate() {
+            if v > best_v {
+                best_v = v;
+                best = row + j;
+            }
+        }
+    }
+    best
+}
+
+/// How the gradient of a window's output is shared among the window's inputs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PoolGradient {
+    /// candle 0.11's rule: each of the t maxima receives grad·t/k².
+    Candle,
+    /// PyTorch's rule: the first maximum (row-major) receives the whole gradient.
+    FirstMax,
+}
+
+/// The rule the models use (see the module documentation before changing it).
+pub const GRADIENT: PoolGradient = PoolGradient::Candle;
+
+/// Max-pooling with a k×k window and stride k.
+#[derive(Debug, Clone, Copy)]
+struct MaxPool {
+    k: usize,
+    gradient: PoolGradient,
+}
+
+/// (planes N·C, H, W, Ho, Wo) of a 4-d input, checking that at least one window fits.
+fn pool_dims(dims: &[usize], k: usize) -> candle_core::Result<(usize, usize, usize, usize, usize)> {
+    let &[n, c, h, w] = dims else {
+        candle_core::bail!("max_pool2d: expected a 4-d input, got {dims:?}")
+    };
+    if k == 0 || h < k || w < k {
+        candle_core::bail!("max_pool2d: kernel {k} does not fit the {h}×{w} input");
+    }
+    Ok((n * c, h, w, h / k, w / k))
+}
+
+impl CustomOp1 for MaxPool {
+    fn name(&self) -> &'static str {
+        "max-pool2d"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (planes, h, w, ho, wo) = pool_dims(l.dims(), self.k)?;
+        let CpuStorage::F32(v) = s else {
+            candle_core::bail!("max_pool2d: fast path needs f32")
+        };
+        let Some((a, b)) = l.contiguous_offsets() else {
+            candle_core::bail!("max_pool2d: fast path needs a contiguous input")
+        };
+        let x = &v[a..b];
+        let k = self.k;
+        let mut out = vec![0f32; planes * ho * wo];
+        if !out.is_empty() {
+            out.par_chunks_mut(ho * wo)
+                .zip(x.par_chunks(h * w))
+                .for_each(|(o, plane)| {
+                    for oy in 0..ho {
+                        for ox in 0..wo {
+                            o[oy * wo + ox] = plane[argmax(plane, w, k, oy, ox)];
+                        }
+                    }
+                });
+        }
+        let dims = l.dims();
+        Ok((
+            CpuStorage::F32(out),
+            Shape::from((dims[0], dims[1], ho, wo)),
+        ))
+    }
+
+    fn bwd(
+        &self,
+        arg: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<Option<Tensor>> {
+        let (planes, h, w, ho, wo) = pool_dims(arg.dims(), self.k)?;
+        let (xc, gc) = (arg.contiguous()?, grad.contiguous()?);
+        let (xs, gs) = (xc.storage_and_layout(), gc.storage_and_layout());
+        let x = f32_slice(&xs.0, xs.1)?;
+        let g = f32_slice(&gs.0, gs.1)?;
+        let k = self.k;
+        let mut gx = vec![0f32; planes * h * w];
+        if !gx.is_empty() && ho * wo > 0 {
+            gx.par_chunks_mut(h * w)
+                .zip(x.par_chunks(h * w))
+                .zip(g.par_chunks(ho * wo))
+                .for_each(|((gxp, plane), gp)| {
+                    for oy in 0..ho {
+                        for ox in 0..wo {
+                            let g = gp[oy * wo + ox];
+                            let best = argmax(plane, w, k, oy, ox);
+                            match self.gradient {
+                                PoolGradient::FirstMax => gxp[best] += g,
+                                PoolGradient::Candle => {
+                                    let m = plane[best];
+                                    let window = |i: usize| (oy * k + i) * w + ox * k;
+                                    let ties = (0..k)
+                                        .map(|i| plane[window(i)..window(i) + k].iter().filter(|&&v| v == m).count())
+                                        .sum::<usize>();
+                                    let share = g * (ties as f32 / (k * k) as f32);
+                                    for i in 0..k {
+                                        let row = window(i);
+                                        for (d, &v) in gxp[row..row + k].iter_mut().zip(&plane[row..row + k]) {
+                                            if v == m {
+                                                *d += share;
+                                            }
+                                        }
+                                    }
+                                }
+                            }
+                        }
+                    }
+                });
+        }
+        Ok(Some(Tensor::from_vec(gx, arg.shape(), arg.device())?))
+    }
+}
+
+fn f32_slice<'a>(s: &'a Storage, l: &Layout) -> candle_core::Result<&'a [f32]> {
+    let Storage::Cpu(CpuStorage::F32(v)) = s else {
+        candle_core::bail!("max_pool2d: fast path needs f32 on the CPU")
+    };
+    match l.contiguous_offsets() {
+        Some((a, b)) => Ok(&v[a..b]),
+        None => candle_core::bail!("max_pool2d: fast path needs contiguous tensors"),
+    }
+}
+
+/// Max-pooling with a `k`×`k` window and stride `k` over an N×C×H×W tensor, with the models'
+/// gradient rule [`GRADIENT`].
+pub fn max_pool2d(x: &Tensor, k: usize) -> candle_core::Result<Tensor> {
+    max_pool2d_with(x, k, GRADIENT)
+}
+
+/// Max-pooling with a chosen gradient rule.
+pub fn max_pool2d_with(x: &Tensor, k: usize, gradient: PoolGradient) -> candle_core::Result<Tensor> {
+    let (_, _, h, w) = x.dims4()?;
+    let exact_fit = k > 0 && h % k == 0 && w % k == 0;
+    let fast = x.device().is_cpu() && x.dtype() == DType::F32;
+    match gradient {
+        PoolGradient::Candle if !(fast && exact_fit) => x.max_pool2d(k),
+        PoolGradient::FirstMax if !fast => candle_core::bail!(
+            "max_pool2d: the first-max gradient is implemented for f32 on the CPU only"
+        ),
+        _ => x.contiguous()?.apply_op1(MaxPool { k, gradient }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::rng::Rng;
+    use candle_core::{Device, Var};
+
+    #[test]
+    fn matches_candle_values_and_gradients_without_ties() {
+        let mut rng = Rng::new(5);
+        for &(n, c, h, w, k) in &[(2usize, 3usize, 8usize, 8usize, 2usize), (1, 2, 7, 9, 2), (3, 1, 9, 6, 3)] {
+            let v: Vec<f32> = (0..n * c * h * w).map(|_| rng.normal() as f32).collect();
+            let x = Var::from_vec(v, (n, c, h, w), &Device::Cpu).unwrap();
+            let fast = max_pool2d_with(x.as_tensor(), k, PoolGradient::FirstMax).unwrap();
+            let slow = x.as_tensor().max_pool2d(k).unwrap();
+            assert_eq!(fast.dims(), slow.dims());
+            let d = (&fast - &slow).unwrap().abs().unwrap().max_all().unwrap();
+            assert_eq!(d.to_scalar::<f32>().unwrap(), 0.0);
+            let r: Vec<f32> = (0..fast.elem_count()).map(|_| rng.normal() as f32).collect();
+            let r = Tensor::from_vec(r, fast.dims(), &Device::Cpu).unwrap();
+            let gf = (&fast * &r).unwrap().sum_all().unwrap().backward().unwrap();
+            let gf = gf.get(x.as_tensor()).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            // Reference: each window's maximum receives its output's gradient.
+            let xs = x.as_tensor().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            let rs = r.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            let (ho, wo) = (h / k, w / k);
+            let mut expect = vec![0f32; xs.len()];
+            for p in 0..n * c {
+                for oy in 0..ho {
+                    for ox in 0..wo {
+                        let idx = (0..k * k)
+                            .map(|t| p * h * w + (oy * k + t / k) * w + ox * k + t % k)
+                            .max_by(|&a, &b| xs[a].total_cmp(&xs[b]))
+                            .unwrap();
+                        expect[idx] += rs[p * ho * wo + oy * wo + ox];
+                    }
+                }
+            }
+            assert_eq!(gf, expect, "{n}x{c}x{h}x{w} k {k}");
+        }
+    }
+
+    #[test]
+    fn ties_send_the_gradient_to_the_first_maximum() {
+        let x = Var::from_vec(vec![1f32, 1.0, 0.0, 1.0], (1, 1, 2, 2), &Device::Cpu).unwrap();
+        let y = max_pool2d_with(x.as_tensor(), 2, PoolGradient::FirstMax).unwrap();
+        let g = y.sum_all().unwrap().backward().unwrap();
+        let g = g.get(x.as_tensor()).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        assert_eq!(g, [1.0, 0.0, 0.0, 0.0]);
+    }
+
+    /// The models' default reproduces candle's own max-pool gradient exactly, ties included
+    /// (inputs rounded to a coarse grid so that windows hold tied maxima).
+    #[test]
+    fn candle_mode_matches_candle_exactly() {
+        let mut rng = Rng::new(9);
+        for &(n, c, h, w, k) in &[(2usize, 3usize, 8usize, 8usize, 2usize), (1, 2, 7, 9, 2), (3, 2, 9, 6, 3)] {
+            let v: Vec<f32> = (0..n * c * h * w).map(|_| (rng.normal() * 1.5).round() as f32).collect();
+            let x = Var::from_vec(v, (n, c, h, w), &Device::Cpu).unwrap();
+            let fast = max_pool2d(x.as_tensor(), k).unwrap();
+            let slow = x.as_tensor().max_pool2d(k).unwrap();
+            let r: Vec<f32> = (0..fast.elem_count()).map(|_| rng.normal() as f32).collect();
+            let r = Tensor::from_vec(r, fast.dims(), &Device::Cpu).unwrap();
+            let grad = |y: &Tensor| {
+                let g = (y * &r).unwrap().sum_all().unwrap().backward().unwrap();
+                g.get(x.as_tensor()).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap()
+            };
+            assert_eq!(fast.flatten_all().unwrap().to_vec1::<f32>().unwrap(), slow.flatten_all().unwrap().to_vec1::<f32>().unwrap());
+            let (gf, gs) = (grad(&fast), grad(&slow));
+            let diff = gf.iter().zip(&gs).fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+            assert!(diff <= 1e-6, "{n}x{c}x{h}x{w} k {k}: {diff}");
+        }
+        // A unique maximum of a 2×2 window gets a quarter of the gradient (candle's rule).
+        let x = Var::from_vec(vec![1f32, 2.0, 0.0, 3.0], (1, 1, 2, 2), &Device::Cpu).unwrap();
+        let g = max_pool2d(x.as_tensor(), 2).unwrap().sum_all().unwrap().backward().unwrap();
+        let g = g.get(x.as_tensor()).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        assert_eq!(g, [0.0, 0.0, 0.0, 0.25]);
+    }
+}
