@@ -3,6 +3,7 @@
 //! output folder, exit codes).
 
 pub mod gc;
+pub mod notebook;
 pub mod run;
 pub mod status;
 pub mod verify;
@@ -40,6 +41,8 @@ pub enum Command {
     Verify(verify::VerifyArgs),
     /// Remove store objects that no lock file or recent run refers to.
     Gc(gc::GcArgs),
+    /// Write the report's Jupyter notebook (evcxr Rust kernel) from the cache; prints its path.
+    Notebook(notebook::NotebookArgs),
 }
 
 /// Options every command that reads a spec shares.
@@ -65,6 +68,7 @@ pub fn main_with(cli: Cli) -> i32 {
         Command::Status(a) => status::status(&a),
         Command::Verify(a) => verify::verify(&a),
         Command::Gc(a) => gc::gc(&a),
+        Command::Notebook(a) => notebook::notebook(&a),
     };
     match result {
         Ok(code) => code,
