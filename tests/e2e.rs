@@ -1,35 +1,13 @@
 //! End-to-end tests of the `reprise` binary on a tiny project (fixtures/tiny): the 8×8 digits,
 //! an MLP, two epochs. Each test copies the fixture into its own temporary project.
 
+mod common;
+
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+
+use common::{project, reprise};
 
 use serde_json::Value;
-
-fn repo() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-}
-
-/// A fresh project: the fixture's reports and templates, the real base template, manifest and
-/// data file.
-fn project(name: &str) -> tempfile::TempDir {
-    let dir = tempfile::Builder::new().prefix(name).tempdir().unwrap();
-    let p = dir.path();
-    for sub in ["reports", "templates", "data-manifests", "data"] {
-        std::fs::create_dir_all(p.join(sub)).unwrap();
-    }
-    let fx = repo().join("tests/fixtures/tiny");
-    std::fs::copy(fx.join("reports/tiny.toml"), p.join("reports/tiny.toml")).unwrap();
-    std::fs::copy(fx.join("templates/tiny.md.j2"), p.join("templates/tiny.md.j2")).unwrap();
-    std::fs::copy(repo().join("templates/base.html.j2"), p.join("templates/base.html.j2")).unwrap();
-    std::fs::copy(repo().join("data-manifests/optdigits-8x8.toml"), p.join("data-manifests/optdigits-8x8.toml")).unwrap();
-    std::fs::copy(repo().join("data/optdigits_8x8.csv.gz"), p.join("data/optdigits_8x8.csv.gz")).unwrap();
-    dir
-}
-
-fn reprise(cwd: &Path, args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_reprise")).args(args).current_dir(cwd).env_remove("REPRISE_CACHE").output().unwrap()
-}
 
 fn run_json(cwd: &Path, extra: &[&str]) -> Value {
     let mut args = vec!["run", "reports/tiny.toml", "--json", "--jobs", "2"];
