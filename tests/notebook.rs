@@ -240,3 +240,38 @@ fn the_validator_catches_what_jupyter_rejects() {
         assert!(p.iter().any(|x| x.contains(want)), "no `{want}` in {p:?}");
     }
 }
+
+/// The main report's notebook, from its committed frames: the calls in template order, each
+/// prose piece as report.md has it.
+#[test]
+fn the_neural_collapse_template_splits_into_prose_and_its_calls() {
+    use reprise::render::{self, Call, Part};
+    let spec = reprise::spec::load(&repo().join("reports/neural-collapse.toml"), "quick", &[]).unwrap();
+    let plan = reprise::plan::plan(&spec).unwrap();
+    let out = repo().join("artifacts/neural-collapse");
+    let frames = reprise::frames::Frames::read(&out.join("frames"), reprise::methods::metrics(plan.method)).unwrap();
+    let parts = render::parts(&spec, &frames).unwrap();
+
+    let template = std::fs::read_to_string(repo().join("templates/neural-collapse.md.j2")).unwrap();
+    let mut in_template = Vec::new();
+    for piece in template.split("{{ ").skip(1) {
+        for call in [Call::Table, Call::Figure, Call::Claim] {
+            if let Some(rest) = piece.strip_prefix(&format!("{}(\"", call.name())) {
+                in_template.push((call, rest.split('"').next().unwrap().to_string()));
+            }
+        }
+    }
+    let calls: Vec<(Call, String)> = parts.iter().filter_map(|p| if let Part::Call(c, id) = p { Some((*c, id.clone())) } else { None }).collect();
+    assert_eq!(calls, in_template);
+    assert_eq!(calls.iter().filter(|c| c.0 == Call::Table).count(), spec.tables.len());
+    assert_eq!(calls.iter().filter(|c| c.0 == Call::Figure).count(), spec.figures.len());
+
+    let md = std::fs::read_to_string(out.join("report.md")).unwrap();
+    for p in &parts {
+        if let Part::Prose(text) = p {
+            assert!(md.contains(text.as_str()), "prose not in report.md:\n{text}");
+        }
+    }
+    assert!(matches!(&parts[0], Part::Prose(t) if t.starts_with("# Neural Collapse in Imbalanced Learning")));
+    assert!(matches!(parts.last(), Some(Part::Prose(t)) if t.contains("## Provenance")));
+}
