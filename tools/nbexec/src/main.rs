@@ -72,6 +72,24 @@ fn main() -> ExitCode {
     }
 }
 
+/// Let the evcxr child process find the standard library's shared object. evcxr links each
+/// cell with `-C prefer-dynamic` and relies on an rpath relative to its build folder, which
+/// misses the toolchain when EVCXR_TMPDIR and rustup's home share a parent folder below the
+/// file-system root (e.g. both under $HOME): the child's `dlopen` then fails.
+fn find_std_dylib() {
+    let Ok(out) = std::process::Command::new("rustc").args(["--print", "target-libdir"]).output() else { return };
+    let libdir = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    if libdir.is_empty() {
+        return;
+    }
+    let current = std::env::var("LD_LIBRARY_PATH").unwrap_or_default();
+    if !current.split(':').any(|p| p == libdir) {
+        let joined = if current.is_empty() { libdir } else { format!("{libdir}:{current}") };
+        // Still single-threaded here: no other thread reads the environment.
+        std::env::set_var("LD_LIBRARY_PATH", joined);
+    }
+}
+
 /// Run every code cell; Ok(false) when one failed.
 fn run(args: &Args) -> Result<bool, String> {
     let path = std::fs::canonicalize(&args.notebook).map_err(|e| format!("{}: {e}", args.notebook.display()))?;
@@ -84,6 +102,7 @@ fn run(args: &Args) -> Result<bool, String> {
     std::env::set_current_dir(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
 
     let start = Instant::now();
+    find_std_dylib();
     let (mut ctx, outputs) = evcxr::CommandContext::new().map_err(|e| format!("starting evcxr: {e}"))?;
     eprintln!("nbexec: evcxr started in {:.1} s (EVCXR_TMPDIR={})", start.elapsed().as_secs_f64(), std::env::var("EVCXR_TMPDIR").unwrap_or_else(|_| "a temporary folder".into()));
     let (stdout, stderr): (Lines, Lines) = Default::default();
