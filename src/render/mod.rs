@@ -6,7 +6,9 @@
 //! The template is Markdown with calls: `{{ table("id") }}`, `{{ figure("id") }}`,
 //! `{{ claim("id") }}`, plus `report`, `profile`, `overrides`, `experiments` and `claims`
 //! variables. It is rendered twice: once with Markdown snippets, once with HTML snippets that
-//! the Markdown-to-HTML pass keeps as they are.
+//! the Markdown-to-HTML pass keeps as they are. A notebook renders it a third time with a
+//! marker at each call and splits the text there ([`parts`]); [`table`], [`figure`], [`claim`]
+//! and [`figure_html`] give one piece as the report shows it.
 
 pub mod claims;
 pub mod figure;
