@@ -60,6 +60,10 @@ else
   notebooks+=("$proj/$(cd "$proj" && REPRISE_CACHE= "$reprise" notebook reports/tiny.toml)")
 fi
 
+# evcxr resolves the notebook's `:dep` in its own crate; starting its lock file from ours builds
+# the versions `cargo test` builds (it keeps its lock file between runs after that).
+[ -f "$cache/evcxr/Cargo.lock" ] || cp "$repo/Cargo.lock" "$cache/evcxr/Cargo.lock"
+
 status=0
 for nb in "${notebooks[@]}"; do
   executed="${nb%.ipynb}.executed.ipynb"
