@@ -15,6 +15,7 @@ pub mod frames;
 pub mod methods;
 pub mod metrics;
 pub mod models;
+pub mod notebook;
 pub mod params;
 pub mod plan;
 pub mod render;

@@ -4,6 +4,7 @@
 
 pub mod bench;
 pub mod gc;
+pub mod notebook;
 pub mod run;
 pub mod status;
 pub mod verify;
@@ -43,6 +44,8 @@ pub enum Command {
     Gc(gc::GcArgs),
     /// Time training steps against PyTorch, the store's hashing and (optionally) a report.
     Bench(bench::BenchArgs),
+    /// Write the report's Jupyter notebook (evcxr Rust kernel) from the cache; prints its path.
+    Notebook(notebook::NotebookArgs),
 }
 
 /// Options every command that reads a spec shares.
@@ -69,6 +72,7 @@ pub fn main_with(cli: Cli) -> i32 {
         Command::Verify(a) => verify::verify(&a),
         Command::Gc(a) => gc::gc(&a),
         Command::Bench(a) => bench::bench(&a),
+        Command::Notebook(a) => notebook::notebook(&a),
     };
     match result {
         Ok(code) => code,

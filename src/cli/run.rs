@@ -173,18 +173,41 @@ pub fn run(args: &RunArgs) -> anyhow::Result<i32> {
     Ok(code)
 }
 
-pub fn render_only(args: &RenderArgs) -> anyhow::Result<i32> {
-    let spec = load_spec(&args.spec, &args.opts)?;
+/// A report planned and looked up in the cache alone: nothing was computed.
+pub struct Cached {
+    pub spec: Spec,
+    pub plan: Plan,
+    pub exec: Execution,
+    pub store: LocalStore,
+}
+
+/// Cells that a cache-only lookup did not find, each with the reason.
+#[derive(Debug, thiserror::Error)]
+#[error("{} cell(s) are not in the cache {store}; run `reprise run {spec}` first:\n{}", cells.len(), cells.join("\n"))]
+pub struct MissingCells {
+    pub store: String,
+    pub spec: String,
+    pub cells: Vec<String>,
+}
+
+/// Load, plan and look every cell up in the cache without computing any; a missing cell is a
+/// [`MissingCells`] error (what `render` and notebooks open reports with).
+pub fn from_cache(spec_path: &Path, opts: &SpecOpts) -> anyhow::Result<Cached> {
+    let spec = load_spec(spec_path, opts)?;
     let plan = plan::plan(&spec).map_err(|e| super::UsageError(e.to_string()))?;
-    let store = open_store(&spec.root, &args.opts)?;
-    let opts = ExecOptions { cache_only: true, progress: false, ..ExecOptions::with_jobs(None) };
-    let exec = exec::execute(&plan, &store, &opts)?;
+    let store = open_store(&spec.root, opts)?;
+    let exec_opts = ExecOptions { cache_only: true, progress: false, ..ExecOptions::with_jobs(None) };
+    let exec = exec::execute(&plan, &store, &exec_opts)?;
     let missing: Vec<String> = plan.cells.iter().zip(&exec.outcomes).filter(|(_, o)| matches!(o, CellOutcome::Failed(_))).map(|(c, o)| format!("  {} ({})", c.name, o.failure().unwrap_or_default())).collect();
     if !missing.is_empty() {
-        eprintln!("error: {} cell(s) are not in the cache {}; run `reprise run {}` first:\n{}", missing.len(), store.location(), args.spec.display(), missing.join("\n"));
-        return Ok(EXIT_FAILED);
+        return Err(MissingCells { store: store.location(), spec: spec_path.display().to_string(), cells: missing }.into());
     }
-    let r = finish(spec, plan, exec, &store)?;
+    Ok(Cached { spec, plan, exec, store })
+}
+
+pub fn render_only(args: &RenderArgs) -> anyhow::Result<i32> {
+    let c = from_cache(&args.spec, &args.opts)?;
+    let r = finish(c.spec, c.plan, c.exec, &c.store)?;
     eprintln!("rendered {}", shown(&r.rendered.markdown));
     Ok(EXIT_OK)
 }

@@ -248,10 +248,19 @@ impl Frames {
                 .map_err(|_| FrameError::Shape { path: p.clone(), message: "malformed Parquet file".into() })?
                 .map_err(FrameError::from)
         };
-        let res = read("results")?;
-        let pc = read("per_class")?;
-        let ob = read("objects")?;
-        let p = dir.join("results.parquet");
+        Frames::from_dataframes(&read("results")?, &read("per_class")?, &read("objects")?, metric_names, &dir.join("results.parquet"))
+    }
+
+    /// These frames as reading them back from their files gives them (parameter columns
+    /// keep one type each, for instance), without writing files: what a report renders from.
+    pub fn round_trip(&self) -> Result<Frames, FrameError> {
+        let names: Vec<&str> = self.metric_names.iter().map(String::as_str).collect();
+        Frames::from_dataframes(&self.results_frame()?, &self.per_class_frame()?, &self.objects_frame()?, &names, Path::new("results (in memory)"))
+    }
+
+    /// Frames from the three DataFrames; `path` names the results frame in errors.
+    fn from_dataframes(res: &DataFrame, pc: &DataFrame, ob: &DataFrame, metric_names: &[&str], path: &Path) -> Result<Frames, FrameError> {
+        let p = path.to_path_buf();
         let shape = |m: String| FrameError::Shape { path: p.clone(), message: m };
         let strs = |df: &DataFrame, c: &str| -> Result<Vec<Option<String>>, FrameError> {
             Ok(df.column(c)?.str()?.iter().map(|o| o.map(String::from)).collect())
@@ -261,8 +270,8 @@ impl Frames {
 
         let mut frames = Frames { metric_names: metric_names.iter().map(|s| s.to_string()).collect(), ..Default::default() };
         let n = res.height();
-        let (exp, run, key, status, reason) = (strs(&res, "experiment")?, strs(&res, "run")?, strs(&res, "key")?, strs(&res, "status")?, strs(&res, "reason")?);
-        let (seed, epoch) = (ints(&res, "seed")?, ints(&res, "epoch")?);
+        let (exp, run, key, status, reason) = (strs(res, "experiment")?, strs(res, "run")?, strs(res, "key")?, strs(res, "status")?, strs(res, "reason")?);
+        let (seed, epoch) = (ints(res, "seed")?, ints(res, "epoch")?);
         let mut params: Vec<Params> = vec![Params::new(); n];
         for col in res.columns() {
             let Some(pname) = col.name().as_str().strip_prefix("param_") else { continue };
@@ -300,7 +309,7 @@ impl Frames {
         }
         let mut metric_cols = BTreeMap::new();
         for m in &frames.metric_names {
-            metric_cols.insert(m.clone(), floats(&res, m)?);
+            metric_cols.insert(m.clone(), floats(res, m)?);
         }
         for i in 0..n {
             let get = |v: &Vec<Option<String>>, what: &str| v[i].clone().ok_or_else(|| shape(format!("row {i}: `{what}` is null")));
@@ -316,14 +325,14 @@ impl Frames {
                 metrics: metric_cols.iter().map(|(m, v)| (m.clone(), v[i])).collect(),
             });
         }
-        let (e, r, k, g) = (strs(&pc, "experiment")?, strs(&pc, "run")?, strs(&pc, "key")?, strs(&pc, "group")?);
-        let (ep, cl, tc) = (ints(&pc, "epoch")?, ints(&pc, "class")?, ints(&pc, "train_count")?);
-        let (ta, cn) = (floats(&pc, "test_accuracy")?, floats(&pc, "classifier_norm")?);
+        let (e, r, k, g) = (strs(pc, "experiment")?, strs(pc, "run")?, strs(pc, "key")?, strs(pc, "group")?);
+        let (ep, cl, tc) = (ints(pc, "epoch")?, ints(pc, "class")?, ints(pc, "train_count")?);
+        let (ta, cn) = (floats(pc, "test_accuracy")?, floats(pc, "classifier_norm")?);
         const FIXED: [&str; 9] = ["experiment", "run", "key", "epoch", "class", "train_count", "group", "test_accuracy", "classifier_norm"];
         let mut extra_cols = Vec::new();
         for col in pc.columns() {
             if !FIXED.contains(&col.name().as_str()) {
-                extra_cols.push((col.name().to_string(), floats(&pc, col.name().as_str())?));
+                extra_cols.push((col.name().to_string(), floats(pc, col.name().as_str())?));
             }
         }
         for i in 0..pc.height() {
@@ -340,8 +349,8 @@ impl Frames {
                 extra: extra_cols.iter().map(|(k, v)| (k.clone(), v[i])).collect(),
             });
         }
-        let (k, nm, h) = (strs(&ob, "key")?, strs(&ob, "name")?, strs(&ob, "sha256")?);
-        let ep = ints(&ob, "epoch")?;
+        let (k, nm, h) = (strs(ob, "key")?, strs(ob, "name")?, strs(ob, "sha256")?);
+        let ep = ints(ob, "epoch")?;
         for i in 0..ob.height() {
             frames.objects.push(ObjectRow { key: k[i].clone().unwrap_or_default(), epoch: ep[i].unwrap_or(0), name: nm[i].clone().unwrap_or_default(), sha256: h[i].clone().unwrap_or_default() });
         }

@@ -6,7 +6,9 @@
 //! The template is Markdown with calls: `{{ table("id") }}`, `{{ figure("id") }}`,
 //! `{{ claim("id") }}`, plus `report`, `profile`, `overrides`, `experiments` and `claims`
 //! variables. It is rendered twice: once with Markdown snippets, once with HTML snippets that
-//! the Markdown-to-HTML pass keeps as they are.
+//! the Markdown-to-HTML pass keeps as they are. A notebook renders it a third time with a
+//! marker at each call and splits the text there ([`parts`]); [`table`], [`figure`], [`claim`]
+//! and [`figure_html`] give one piece as the report shows it.
 
 pub mod claims;
 pub mod figure;
@@ -22,7 +24,7 @@ use serde::Serialize;
 
 use crate::artifacts::write_atomic;
 use crate::frames::Frames;
-use crate::spec::Spec;
+use crate::spec::{FigureDecl, Spec, TableDecl};
 use claims::ClaimResult;
 
 /// Errors of rendering, each naming what failed.
@@ -67,16 +69,55 @@ struct Computed {
 fn compute(spec: &Spec, frames: &Frames) -> Result<Computed, RenderError> {
     let mut tables = BTreeMap::new();
     for t in &spec.tables {
-        let exp = spec.experiment(&t.experiment).ok_or_else(|| RenderError::Unknown(format!("table `{}`: unknown experiment `{}`", t.id, t.experiment)))?;
-        tables.insert(t.id.clone(), table::build(t, exp, frames));
+        tables.insert(t.id.clone(), build_table(spec, t, frames)?);
     }
     let mut figures = BTreeMap::new();
     for f in &spec.figures {
-        let exp = spec.experiment(&f.experiment).ok_or_else(|| RenderError::Unknown(format!("figure `{}`: unknown experiment `{}`", f.id, f.experiment)))?;
-        figures.insert(f.id.clone(), (f.title.clone(), figure::svg(f, exp, frames)?));
+        figures.insert(f.id.clone(), (f.title.clone(), build_figure(spec, f, frames)?));
     }
-    let claims = spec.claims.iter().map(|c| claims::evaluate(c, frames)).collect();
+    let claims = claim_results(spec, frames);
     Ok(Computed { tables, figures, claims })
+}
+
+fn build_table(spec: &Spec, t: &TableDecl, frames: &Frames) -> Result<table::Table, RenderError> {
+    let exp = spec.experiment(&t.experiment).ok_or_else(|| RenderError::Unknown(format!("table `{}`: unknown experiment `{}`", t.id, t.experiment)))?;
+    Ok(table::build(t, exp, frames))
+}
+
+fn build_figure(spec: &Spec, f: &FigureDecl, frames: &Frames) -> Result<String, RenderError> {
+    let exp = spec.experiment(&f.experiment).ok_or_else(|| RenderError::Unknown(format!("figure `{}`: unknown experiment `{}`", f.id, f.experiment)))?;
+    Ok(figure::svg(f, exp, frames)?)
+}
+
+/// The error for an id the spec does not declare, listing those it does.
+fn unknown_id(spec: &Spec, what: &str, id: &str, known: Vec<&str>) -> RenderError {
+    RenderError::Unknown(format!("{}: no {what} `{id}` (declared: {})", spec.path.display(), if known.is_empty() { "none".to_string() } else { known.join(", ") }))
+}
+
+/// One table of the report, computed from `frames` exactly as the report shows it.
+pub fn table(spec: &Spec, frames: &Frames, id: &str) -> Result<table::Table, RenderError> {
+    let decl = spec.tables.iter().find(|t| t.id == id).ok_or_else(|| unknown_id(spec, "table", id, spec.tables.iter().map(|t| t.id.as_str()).collect()))?;
+    build_table(spec, decl, frames)
+}
+
+/// One figure of the report as SVG text, with its declaration (id, title).
+pub fn figure(spec: &Spec, frames: &Frames, id: &str) -> Result<(FigureDecl, String), RenderError> {
+    let decl = spec.figures.iter().find(|f| f.id == id).ok_or_else(|| unknown_id(spec, "figure", id, spec.figures.iter().map(|f| f.id.as_str()).collect()))?;
+    Ok((decl.clone(), build_figure(spec, decl, frames)?))
+}
+
+/// One claim's verdict.
+pub fn claim(spec: &Spec, frames: &Frames, id: &str) -> Result<ClaimResult, RenderError> {
+    let decl = spec.claims.iter().find(|c| c.id == id).ok_or_else(|| unknown_id(spec, "claim", id, spec.claims.iter().map(|c| c.id.as_str()).collect()))?;
+    Ok(claims::evaluate(decl, frames))
+}
+
+/// A figure as the HTML report shows it: the SVG inline (without its XML declaration) in a
+/// `<figure>` with its caption.
+pub fn figure_html(id: &str, title: &str, svg: &str) -> String {
+    let svg = svg.trim_start_matches(|ch| ch != '<');
+    let svg = svg.strip_prefix("<?xml version=\"1.0\" encoding=\"UTF-8\"?>").unwrap_or(svg);
+    format!("<figure class=\"figure\" id=\"figure-{id}\">{}<figcaption><b>Figure {id}:</b> {}</figcaption></figure>", one_block(svg), title.replace('<', "&lt;"))
 }
 
 /// The claims' verdicts alone (for `verify`).
@@ -88,6 +129,61 @@ pub fn claim_results(spec: &Spec, frames: &Frames) -> Vec<ClaimResult> {
 enum Mode {
     Markdown,
     Html,
+    /// Markdown prose with a marker at each call, split into [`Part`]s afterwards.
+    Notebook,
+}
+
+/// A template call: what a notebook shows in a code cell.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Call {
+    Table,
+    Figure,
+    Claim,
+}
+
+impl Call {
+    pub fn name(self) -> &'static str {
+        match self {
+            Call::Table => "table",
+            Call::Figure => "figure",
+            Call::Claim => "claim",
+        }
+    }
+}
+
+/// A piece of a report in template order: Markdown prose, or one table, figure or claim.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Part {
+    Prose(String),
+    Call(Call, String),
+}
+
+/// Bytes that cannot occur in a template's prose, around a call's kind and id.
+const MARK: char = '\u{1}';
+
+fn marker(call: Call, id: &str) -> String {
+    format!("{MARK}{}:{id}{MARK}", call.name())
+}
+
+/// The report in template order, as a notebook shows it: prose (Markdown, with the claims
+/// summary and the appendix) between the table, figure and claim calls. Blank prose between
+/// two calls is dropped.
+pub fn parts(spec: &Spec, frames: &Frames) -> Result<Vec<Part>, RenderError> {
+    let computed = Arc::new(compute(spec, frames)?);
+    let text = render_template(spec, frames, &computed, Mode::Notebook)?;
+    let mut parts = Vec::new();
+    for (i, piece) in text.split(MARK).enumerate() {
+        if i % 2 == 0 {
+            if !piece.trim().is_empty() {
+                parts.push(Part::Prose(piece.trim().to_string()));
+            }
+            continue;
+        }
+        let (kind, id) = piece.split_once(':').ok_or_else(|| RenderError::Unknown(format!("malformed call marker `{piece}`")))?;
+        let call = [Call::Table, Call::Figure, Call::Claim].into_iter().find(|c| c.name() == kind).ok_or_else(|| RenderError::Unknown(format!("unknown call `{kind}`")))?;
+        parts.push(Part::Call(call, id.to_string()));
+    }
+    Ok(parts)
 }
 
 /// Drop blank lines so that an HTML snippet stays one HTML block inside Markdown.
@@ -108,6 +204,7 @@ fn render_template(spec: &Spec, frames: &Frames, c: &Arc<Computed>, mode: Mode) 
             Ok(Value::from_safe_string(match mode {
                 Mode::Markdown => table::markdown(t),
                 Mode::Html => format!("\n{}\n", one_block(&table::html(t, &profile))),
+                Mode::Notebook => marker(Call::Table, &id),
             }))
         });
     }
@@ -117,11 +214,8 @@ fn render_template(spec: &Spec, frames: &Frames, c: &Arc<Computed>, mode: Mode) 
             let (title, svg) = c.figures.get(&id).ok_or_else(|| minijinja::Error::new(minijinja::ErrorKind::InvalidOperation, format!("no figure `{id}` in the spec")))?;
             Ok(Value::from_safe_string(match mode {
                 Mode::Markdown => format!("![{title}](figures/{id}.svg)\n\n*Figure {id}: {title}*\n"),
-                Mode::Html => {
-                    let svg = svg.trim_start_matches(|ch| ch != '<');
-                    let svg = svg.strip_prefix("<?xml version=\"1.0\" encoding=\"UTF-8\"?>").unwrap_or(svg);
-                    format!("\n<figure class=\"figure\" id=\"figure-{id}\">{}<figcaption><b>Figure {id}:</b> {}</figcaption></figure>\n", one_block(svg), title.replace('<', "&lt;"))
-                }
+                Mode::Html => format!("\n{}\n", figure_html(&id, title, svg)),
+                Mode::Notebook => marker(Call::Figure, &id),
             }))
         });
     }
@@ -132,6 +226,7 @@ fn render_template(spec: &Spec, frames: &Frames, c: &Arc<Computed>, mode: Mode) 
             Ok(Value::from_safe_string(match mode {
                 Mode::Markdown => claims::markdown(r),
                 Mode::Html => format!("\n{}\n", claims::html(r)),
+                Mode::Notebook => marker(Call::Claim, &id),
             }))
         });
     }
@@ -191,8 +286,11 @@ fn appendix(spec: &Spec, frames: &Frames, mode: Mode) -> String {
     out
 }
 
-const CSS: &str = "body{font-family:system-ui,-apple-system,'Segoe UI',sans-serif;max-width:1000px;margin:2em auto;padding:0 1em;line-height:1.5;color:#222}\
-table{border-collapse:collapse;margin:.5em 0;font-size:.92em}th,td{border:1px solid #ccc;padding:.25em .6em}th{background:#f4f4f4}\
+/// Styles of the HTML page itself.
+const PAGE_CSS: &str = "body{font-family:system-ui,-apple-system,'Segoe UI',sans-serif;max-width:1000px;margin:2em auto;padding:0 1em;line-height:1.5;color:#222}";
+
+/// Styles of tables, figures and claims, which a notebook's HTML outputs carry too.
+pub const COMPONENT_CSS: &str = "table{border-collapse:collapse;margin:.5em 0;font-size:.92em}th,td{border:1px solid #ccc;padding:.25em .6em}th{background:#f4f4f4}\
 td.num{text-align:right;font-variant-numeric:tabular-nums}td.ref{color:#555;font-style:italic}\
 figure{margin:1.2em 0}figcaption{font-size:.92em;color:#333;margin:.3em 0}svg{max-width:100%;height:auto}\
 .claim{border-left:4px solid #999;padding:.4em .8em;margin:.6em 0;background:#fafafa}.claim.holds{border-color:#2a9d3a}.claim.fails{border-color:#c62828}\
@@ -236,7 +334,7 @@ pub fn render(spec: &Spec, frames: &Frames, out_dir: &Path) -> Result<Rendered, 
     env.add_template_owned("base.html.j2", base).map_err(|source| RenderError::Template { path: base_path.clone(), source })?;
     let html = env
         .get_template("base.html.j2")
-        .and_then(|t| t.render(context! { title => spec.report.title.clone(), css => Value::from_safe_string(CSS.to_string()), body => Value::from_safe_string(body) }))
+        .and_then(|t| t.render(context! { title => spec.report.title.clone(), css => Value::from_safe_string(format!("{PAGE_CSS}{COMPONENT_CSS}")), body => Value::from_safe_string(body) }))
         .map_err(|source| RenderError::Template { path: base_path.clone(), source })?;
     let p = out_dir.join("report.html");
     write_atomic(&p, html.as_bytes()).map_err(io(&p))?;

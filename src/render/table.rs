@@ -119,7 +119,8 @@ pub fn markdown(t: &Table) -> String {
     out
 }
 
-fn esc(s: &str) -> String {
+/// Escape text for HTML content and attribute values.
+pub fn esc(s: &str) -> String {
     s.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;").replace('"', "&quot;")
 }
 
