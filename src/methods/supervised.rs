@@ -165,7 +165,10 @@ impl Method for Supervised {
     }
 
     fn version(&self) -> u32 {
-        1
+        // 2: convolutions, pooling and batch norm run through the fast CPU kernels (results
+        // differ from version 1 in the last bits). 3: the convolution's weight gradient is
+        // summed in a fixed order, whatever the thread count.
+        3
     }
 
     fn schema(&self) -> &'static [ParamDef] {

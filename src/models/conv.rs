@@ -239,15 +239,15 @@ fn matmul(dst: &mut [f32], a: Mat, b: Mat, accumulate: bool, par: gemm::Parallel
     }
 }
 
+/// Samples per parallel task. Fixed, never derived from the thread count: the weight gradient
+/// is summed per task and then over tasks in order, so the same chunking on every machine and
+/// under every `--jobs` gives bit-identical results.
+const SAMPLES_PER_TASK: usize = 4;
+
 /// How to split a batch of `n` samples: samples per task, and the parallelism inside each GEMM
-/// (only when there are fewer samples than threads).
+/// (none: tasks are the unit of parallelism, which keeps every sum's order fixed).
 fn split(n: usize) -> (usize, gemm::Parallelism) {
-    let threads = rayon::current_num_threads().max(1);
-    if n >= threads {
-        (n.div_ceil(threads), gemm::Parallelism::None)
-    } else {
-        (1, gemm::Parallelism::Rayon(threads))
-    }
+    (SAMPLES_PER_TASK.min(n.max(1)), gemm::Parallelism::None)
 }
 
 /// ReLU that keeps NaN (so a diverging run still shows a NaN loss).
@@ -827,5 +827,34 @@ mod tests {
         names.sort();
         assert_eq!(names, ["a.bias", "a.weight", "b.weight"]);
         assert_eq!(data["a.weight"].dims(), &[4, 3, 3, 3]);
+    }
+
+    /// Reports must not depend on `--jobs`: the same inputs give bit-identical values and
+    /// gradients whatever the number of threads.
+    #[test]
+    fn results_do_not_depend_on_the_thread_count() {
+        let run = |threads: usize| -> Vec<Vec<f32>> {
+            let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
+            pool.install(|| {
+                let mut rng = Rng::new(5);
+                let x = candle_core::Var::from_tensor(&randn(&mut rng, &[37, 3, 9, 9])).unwrap();
+                let w = candle_core::Var::from_tensor(&randn(&mut rng, &[5, 3, 3, 3])).unwrap();
+                let b = candle_core::Var::from_tensor(&randn(&mut rng, &[5])).unwrap();
+                let y = conv2d(x.as_tensor(), w.as_tensor(), Some(b.as_tensor()), 2, 1, true).unwrap();
+                let loss = y.sqr().unwrap().sum_all().unwrap();
+                let grads = loss.backward().unwrap();
+                [y.flatten_all().unwrap(), grads.get(&x).unwrap().flatten_all().unwrap(), grads.get(&w).unwrap().flatten_all().unwrap(), grads.get(&b).unwrap().flatten_all().unwrap()]
+                    .iter()
+                    .map(|t| t.to_vec1::<f32>().unwrap())
+                    .collect()
+            })
+        };
+        let one = run(1);
+        for threads in [2, 3, 8] {
+            let many = run(threads);
+            for (a, b) in one.iter().zip(&many) {
+                assert!(a.iter().zip(b).all(|(p, q)| p.to_bits() == q.to_bits()), "{threads} threads differ from 1");
+            }
+        }
     }
 }
