@@ -95,8 +95,12 @@ pub fn verify(args: &VerifyArgs) -> anyhow::Result<i32> {
         if args.recompute > 0 && problems.is_empty() {
             let trains: Vec<usize> = plan.cells.iter().enumerate().filter(|(_, c)| matches!(c.kind, CellKind::Train { .. })).map(|(i, _)| i).collect();
             let n = args.recompute.min(trains.len());
-            // An even spread over the plan, the same every time.
-            let picked: Vec<usize> = (0..n).map(|j| trains[j * trains.len() / n.max(1)]).collect();
+            // A sample drawn with a fixed seed: the same cells on every run of `verify`, spread
+            // over the experiments and backbones rather than the first few in plan order.
+            let mut shuffled = trains.clone();
+            crate::rng::Rng::derive(0, &spec.report.id).shuffle(&mut shuffled);
+            let mut picked: Vec<usize> = shuffled.into_iter().take(n).collect();
+            picked.sort();
             let sub = plan.closure(&picked);
             let scratch = tempdir()?;
             let store = LocalStore::open(scratch.path())?;
