@@ -9,6 +9,7 @@
 //! All architectures are sized for quick CPU runs and accept both 28×28 and 8×8 inputs.
 
 pub mod cnn;
+pub mod lora;
 pub mod mlp;
 pub mod resnet;
 pub mod vit;
