@@ -4,6 +4,7 @@
 //! it records, and how to train one run. The executor only ever calls through the trait, so a
 //! new paper's algorithm is a new module and one line in [`get`].
 
+pub mod class_aware_lora;
 pub mod supervised;
 
 use std::collections::BTreeMap;
@@ -14,7 +15,7 @@ use serde::{Deserialize, Serialize};
 use crate::params::{ParamDef, Params};
 
 /// Names of the known methods.
-pub const NAMES: &[&str] = &["supervised"];
+pub const NAMES: &[&str] = &["supervised", "class_aware_lora"];
 
 /// The data a training cell receives from its upstream cells.
 pub struct TrainInputs<'a> {
@@ -138,6 +139,7 @@ pub trait Method: Send + Sync {
 pub fn get(name: &str) -> Option<&'static dyn Method> {
     match name {
         "supervised" => Some(&supervised::Supervised),
+        "class_aware_lora" => Some(&class_aware_lora::ClassAwareLora),
         _ => None,
     }
 }

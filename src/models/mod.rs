@@ -12,6 +12,7 @@
 pub mod cnn;
 pub mod conv;
 pub mod conv4;
+pub mod lora;
 pub mod mlp;
 pub mod norm;
 pub mod pool;

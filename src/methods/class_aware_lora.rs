@@ -1,0 +1,1223 @@
+//! Class-aware meta-learning for long-tailed parameter-efficient fine-tuning (document 000).
+//!
+//! **Transfer.** A ViT backbone is pretrained on a balanced source task (a shared `pretrain/…`
+//! cell: [`Method::pretrain`] trains the engine's ViT, or, with `backbone = "vit-b16-clip"`,
+//! imports a ViT-B/16 checkpoint named by a weights manifest), then frozen. Each run adds LoRA
+//! adapters (rank r, `lora_alpha`; [`crate::models::lora`]) to every linear layer of every block
+//! and trains them with a new bias-free classifier head on the long-tailed target task. Target
+//! images are resized (box filter) to the backbone's input side, as CLIP resizes to 224.
+//!
+//! **Splits and groups.** The long-tailed training subset (counts `n_c`) is split per class into
+//! a training part and a *meta* part (`meta_data_ratio`; ⌊ratio·n_c + ½⌋ images, at least one
+//! when n_c ≥ 2, at least one left for training). Groups come from the full subset counts: head
+//! when n_c ≥ `head_min`, tail when n_c ≤ `tail_max`, medium otherwise. IR = max n / min n; Gini
+//! as in [`crate::metrics::gini`].
+//!
+//! **Meta-parameters φ and the gate.** Every adapter's low-rank update is multiplied per sample
+//! by a gate g ∈ ℝ^R (see `models::lora`). `baseline` (MetaLoRA): φ = {α_m}, one scalar
+//! meta-alpha; R = r and g = (alpha/r)·α_m·1 in training and inference. `class_aware`: φ = {α_m,
+//! ρ_c, a_c}, per-class rank and alpha factors initialised by group (`head_factor`,
+//! `medium_factor`, `tail_factor`); R = ⌈1.5·r·max factor⌉ components are allocated and sample i
+//! of class y gets g_k = (alpha/r)·α_m·a_y·σ((ρ_y·r − k − ½)/τ), k = 0..R−1, τ = ½: a soft rank
+//! mask that keeps about ρ_y·r components (ρ = 1 is rank r, 2 is rank 2r). At inference (no label)
+//! the factors are uniform: ρ̄ = mean_c ρ_c and ā = mean_c a_c for every sample. Factors are
+//! clamped to [0.1, R/r] (rank) and [0.05, 10] (alpha, α_m) after each meta step.
+//!
+//! **Training loss.** Cross-entropy on z = f·Wᵀ (`ce`), on z + log n_c (`balanced_softmax`), or
+//! LDAM: z = s·(cos(f, w_c) − Δ_y·[c = y]) with Δ_c ∝ n_c^(−1/4), max Δ = 0.5, s = 30 (`ldam`;
+//! then predictions use the cosines). `class_aware` weights tail samples by `tail_loss_weight`
+//! (weighted mean Σ w_i ℓ_i / Σ w_i).
+//!
+//! **Outer objective** on the meta split, with inference gates. `baseline`: mean cross-entropy
+//! (MetaLoRA's validation loss). `class_aware`, by `meta_objective` (each a differentiable
+//! surrogate of the named metric): `balanced_accuracy` → mean over classes of the class-mean
+//! cross-entropy L_c; `gmean` → −mean_c log p̄_c, p̄_c the class-mean probability of the true
+//! class (log of a soft geometric mean of per-class accuracies); `worst_class` → τ·log Σ_c
+//! exp(L_c/τ), τ = ¼ (a soft maximum). Plus `rank_divergence`·Var_c(ρ_c) + `alpha_smoothness`·
+//! Σ_k (a_{σ(k+1)} − a_{σ(k)})², σ the classes by descending count.
+//!
+//! **Hypergradient.** Every `meta_every` training steps: from the current adapters and head θ₀,
+//! `meta_inner_steps` SGD steps θ_{j+1} = θ_j − η ∇_θ L_train(θ_j, φ; B_j) (η = `meta_inner_lr`,
+//! B_j batches of the training split) are taken on a copy; the outer objective M(θ_K, φ) is
+//! differentiated exactly by reverse mode through the unrolled steps:
+//! v_K = ∇_θ M, h = ∂_φ M; for j = K−1..0: h −= η ∂_φ⟨∇_θ L_train(θ_j, φ), v_{j+1}⟩ and
+//! v_j = v_{j+1} − η ∇²_θ L_train(θ_j, φ) v_{j+1}. Both second-order products come from one
+//! central difference of first-order gradients, (∇L(θ_j + εv) − ∇L(θ_j − εv))/(2ε) with
+//! ε = 10⁻²/‖v‖ (as in DARTS), taken with respect to θ and φ at once — O(ε²) accurate. φ then
+//! takes an Adam step (`meta_lr`). The lookahead is discarded: θ itself moves only by the main
+//! optimiser (AdamW, cosine schedule). A test compares h with central finite differences of
+//! M(θ_K(φ), φ) on a small network.
+//!
+//! **Records.** Every epoch (and epoch 0, before training): test accuracies (percent, balanced
+//! test set) overall, balanced, per group, head−tail gap, G-mean (geometric mean of per-class
+//! accuracies) and worst class; IR, Gini; the meta-alpha, the outer objective, the mean norm of
+//! the hypergradient; per class the factors (`rank_factor`, `alpha_factor`; 1 for the baseline).
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use candle_core::{DType, Device, Tensor, Var, D};
+use candle_nn::{VarBuilder, VarMap};
+use serde::{Deserialize, Serialize};
+
+use super::supervised::safetensors_bytes;
+use super::{ClassRecord, EpochRecord, Method, MethodError, Outcome, Pretraining, Progress, RunRecord, TrainInputs};
+use crate::data::ImageSet;
+use crate::metrics::{self, Group};
+use crate::models::lora::{Activation, VitBackbone, VitLoadOptions};
+use crate::models::{self, ModelConfig, ModelKind};
+use crate::params::{DefaultValue as Dv, ParamDef, ParamKind as K, ParamValue, Params};
+use crate::rng::Rng;
+use crate::train::{self, LossKind, OptimConfig, Optimizer, OptimizerKind};
+
+/// The method.
+pub struct ClassAwareLora;
+
+const VARIANTS: &[&str] = &["baseline", "class_aware"];
+const OBJECTIVES: &[&str] = &["balanced_accuracy", "gmean", "worst_class"];
+const LOSSES: &[&str] = &["ce", "ldam", "balanced_softmax"];
+const BACKBONES: &[&str] = &["pretrain", "vit-b16-clip"];
+const ACTIVATIONS: &[&str] = &["gelu", "quick_gelu"];
+const DEVICES: &[&str] = &["cpu", "cuda"];
+
+const fn f(min: f64, max: f64) -> K {
+    K::Float { min, max, min_exclusive: false }
+}
+const fn fx(min: f64, max: f64) -> K {
+    K::Float { min, max, min_exclusive: true }
+}
+
+static SCHEMA: &[ParamDef] = &[
+    ParamDef { name: "dataset", kind: K::DataName, default: Dv::Str("mnist"), doc: "the long-tailed target data set, declared under [data]" },
+    ParamDef { name: "imbalance", kind: fx(0.0, 1.0), default: Dv::Float(0.01), doc: "imbalance factor n_min/n_max of the target subset (0.01 is IR 100)" },
+    ParamDef { name: "data_seed", kind: K::Int { min: 0, max: i64::MAX }, default: Dv::Int(0), doc: "seed of the long-tailed subset" },
+    ParamDef { name: "device", kind: K::Choice(DEVICES), default: Dv::Str("cpu"), doc: "cpu, or cuda (a build with --features cuda)" },
+    ParamDef { name: "variant", kind: K::Choice(VARIANTS), default: Dv::Str("class_aware"), doc: "baseline (MetaLoRA: one meta-learned alpha) or class_aware (per-class rank and alpha factors)" },
+    ParamDef { name: "lora_rank", kind: K::Int { min: 1, max: 256 }, default: Dv::Int(8), doc: "LoRA rank r" },
+    ParamDef { name: "lora_alpha", kind: fx(0.0, 1024.0), default: Dv::Float(8.0), doc: "LoRA alpha; the update is scaled by alpha/r" },
+    ParamDef { name: "meta_objective", kind: K::Choice(OBJECTIVES), default: Dv::Str("balanced_accuracy"), doc: "what the outer step optimises (class_aware), through a differentiable surrogate" },
+    ParamDef { name: "meta_data_ratio", kind: fx(0.0, 0.5), default: Dv::Float(0.2), doc: "share of each class's training images held out as the meta split" },
+    ParamDef { name: "meta_inner_steps", kind: K::Int { min: 1, max: 20 }, default: Dv::Int(3), doc: "unrolled inner SGD steps per meta-update" },
+    ParamDef { name: "meta_inner_lr", kind: fx(0.0, 10.0), default: Dv::Float(0.1), doc: "learning rate η of the unrolled inner steps" },
+    ParamDef { name: "meta_lr", kind: fx(0.0, 10.0), default: Dv::Float(0.001), doc: "Adam learning rate of the meta-parameters" },
+    ParamDef { name: "meta_every", kind: K::Int { min: 1, max: 100_000 }, default: Dv::Int(4), doc: "training steps between meta-updates" },
+    ParamDef { name: "tail_loss_weight", kind: f(0.0, 100.0), default: Dv::Float(2.0), doc: "loss weight of tail samples (class_aware)" },
+    ParamDef { name: "rank_divergence", kind: f(0.0, 100.0), default: Dv::Float(0.01), doc: "weight of Var_c(rank factor)" },
+    ParamDef { name: "alpha_smoothness", kind: f(0.0, 100.0), default: Dv::Float(0.005), doc: "weight of the squared differences of alpha factors of count-adjacent classes" },
+    ParamDef { name: "head_factor", kind: fx(0.0, 10.0), default: Dv::Float(0.5), doc: "initial rank and alpha factor of head classes" },
+    ParamDef { name: "medium_factor", kind: fx(0.0, 10.0), default: Dv::Float(1.0), doc: "initial rank and alpha factor of medium classes" },
+    ParamDef { name: "tail_factor", kind: fx(0.0, 10.0), default: Dv::Float(2.0), doc: "initial rank and alpha factor of tail classes" },
+    ParamDef { name: "head_min", kind: K::Int { min: 1, max: i64::MAX }, default: Dv::Int(100), doc: "a class is head when its training count n ≥ head_min" },
+    ParamDef { name: "tail_max", kind: K::Int { min: 0, max: i64::MAX }, default: Dv::Int(19), doc: "a class is tail when n ≤ tail_max (the document's n < 20)" },
+    ParamDef { name: "loss", kind: K::Choice(LOSSES), default: Dv::Str("ce"), doc: "training loss: ce, ldam or balanced_softmax" },
+    ParamDef { name: "lr", kind: fx(0.0, 10.0), default: Dv::Float(0.002), doc: "AdamW learning rate of the adapters and head (cosine schedule)" },
+    ParamDef { name: "weight_decay", kind: f(0.0, 1.0), default: Dv::Float(0.0), doc: "decoupled weight decay of the adapters and head" },
+    ParamDef { name: "epochs", kind: K::Int { min: 1, max: 100_000 }, default: Dv::Int(20), doc: "fine-tuning epochs" },
+    ParamDef { name: "batch_size", kind: K::Int { min: 1, max: 1_000_000 }, default: Dv::Int(64), doc: "batch size" },
+    ParamDef { name: "backbone", kind: K::Choice(BACKBONES), default: Dv::Str("pretrain"), doc: "pretrain: the engine's ViT trained on pretrain_dataset; vit-b16-clip: the checkpoint named by data-manifests/weights/vit-b16-clip.toml" },
+    ParamDef { name: "vit_width", kind: K::Int { min: 1, max: 64 }, default: Dv::Int(1), doc: "width multiplier of the pretrained engine ViT" },
+    ParamDef { name: "vit_heads", kind: K::Int { min: 1, max: 64 }, default: Dv::Int(4), doc: "attention heads of the backbone (4 for the engine ViT, 12 for ViT-B/16)" },
+    ParamDef { name: "vit_activation", kind: K::Choice(ACTIVATIONS), default: Dv::Str("gelu"), doc: "MLP activation of the backbone (quick_gelu for OpenAI CLIP weights)" },
+    ParamDef { name: "pretrain_dataset", kind: K::DataName, default: Dv::Str("optdigits"), doc: "balanced source task of the backbone" },
+    ParamDef { name: "pretrain_epochs", kind: K::Int { min: 1, max: 100_000 }, default: Dv::Int(30), doc: "pretraining epochs" },
+    ParamDef { name: "pretrain_lr", kind: fx(0.0, 10.0), default: Dv::Float(0.001), doc: "AdamW learning rate of pretraining" },
+    ParamDef { name: "pretrain_seed", kind: K::Int { min: 0, max: i64::MAX }, default: Dv::Int(0), doc: "seed of the pretraining" },
+];
+
+static METRICS: &[&str] = &[
+    "train_loss",
+    "meta_loss",
+    "accuracy",
+    "balanced_accuracy",
+    "head_accuracy",
+    "medium_accuracy",
+    "tail_accuracy",
+    "head_tail_gap",
+    "gmean",
+    "worst_class",
+    "imbalance_ratio",
+    "gini",
+    "meta_alpha",
+    "hypergradient_norm",
+    "source_accuracy",
+];
+
+/// Temperature of the soft rank mask.
+const MASK_TAU: f64 = 0.5;
+/// Temperature of the soft maximum of the worst-class surrogate.
+const WORST_TAU: f64 = 0.25;
+/// LDAM's largest margin and logit scale (Cao et al. 2019).
+const LDAM_MAX_MARGIN: f64 = 0.5;
+const LDAM_SCALE: f64 = 30.0;
+/// Relative step of the finite-difference Hessian-vector products.
+const HVP_EPS: f64 = 1e-2;
+
+/// Which training loss.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Loss {
+    Ce,
+    Ldam,
+    BalancedSoftmax,
+}
+
+/// Which outer objective.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Objective {
+    /// MetaLoRA: mean cross-entropy over the meta split.
+    Overall,
+    Balanced,
+    Gmean,
+    Worst,
+}
+
+/// Everything the differentiable pieces need, fixed for one run.
+#[derive(Debug, Clone)]
+struct Setup {
+    class_aware: bool,
+    rank: usize,
+    /// Allocated adapter components R.
+    alloc: usize,
+    scale: f64,
+    classes: usize,
+    loss: Loss,
+    objective: Objective,
+    tail_weight: f64,
+    rank_divergence: f64,
+    alpha_smoothness: f64,
+    /// Per class: training count (full subset) and whether it is tail.
+    counts: Vec<usize>,
+    tail: Vec<bool>,
+    /// Classes by descending count (ties by index), for the smoothness penalty.
+    order: Vec<usize>,
+    dtype: DType,
+}
+
+/// Meta-parameter values.
+#[derive(Debug, Clone, PartialEq)]
+struct Phi {
+    alpha_meta: f64,
+    rank: Vec<f64>,
+    alpha: Vec<f64>,
+}
+
+impl Phi {
+    fn flat(&self) -> Vec<f64> {
+        let mut v = vec![self.alpha_meta];
+        v.extend(&self.rank);
+        v.extend(&self.alpha);
+        v
+    }
+    fn from_flat(v: &[f64], c: usize, class_aware: bool) -> Phi {
+        if class_aware {
+            Phi { alpha_meta: v[0], rank: v[1..1 + c].to_vec(), alpha: v[1 + c..1 + 2 * c].to_vec() }
+        } else {
+            Phi { alpha_meta: v[0], rank: vec![1.0; c], alpha: vec![1.0; c] }
+        }
+    }
+    /// Number of learned values: 1 (baseline) or 1 + 2C.
+    fn learned(c: usize, class_aware: bool) -> usize {
+        if class_aware {
+            1 + 2 * c
+        } else {
+            1
+        }
+    }
+}
+
+/// φ as tensors (variables when their gradient is wanted).
+struct PhiT {
+    alpha_meta: Tensor,
+    rank: Tensor,
+    alpha: Tensor,
+}
+
+fn phi_tensors(s: &Setup, phi: &Phi, dev: &Device, vars: bool) -> Result<(PhiT, Vec<Var>), candle_core::Error> {
+    let mk = |v: &[f64]| Tensor::from_vec(v.to_vec(), v.len(), dev).and_then(|t| t.to_dtype(s.dtype));
+    let am = mk(&[phi.alpha_meta])?;
+    let r = mk(&phi.rank)?;
+    let a = mk(&phi.alpha)?;
+    if !vars {
+        return Ok((PhiT { alpha_meta: am, rank: r, alpha: a }, Vec::new()));
+    }
+    let am = Var::from_tensor(&am)?;
+    let mut list = vec![am.clone()];
+    let (r, a) = if s.class_aware {
+        let r = Var::from_tensor(&r)?;
+        let a = Var::from_tensor(&a)?;
+        list.push(r.clone());
+        list.push(a.clone());
+        (r.as_tensor().clone(), a.as_tensor().clone())
+    } else {
+        (r, a)
+    };
+    Ok((PhiT { alpha_meta: am.as_tensor().clone(), rank: r, alpha: a }, list))
+}
+
+/// The gate, N×R with labels (training) or 1×R without (inference).
+fn gate(s: &Setup, phi: &PhiT, labels: Option<&Tensor>) -> candle_core::Result<Tensor> {
+    let dev = phi.alpha_meta.device();
+    let base = (&phi.alpha_meta * s.scale)?; // [1]
+    if !s.class_aware {
+        return Tensor::ones((1, s.alloc), s.dtype, dev)?.broadcast_mul(&base.unsqueeze(0)?);
+    }
+    let (rho, a) = match labels {
+        Some(y) => (phi.rank.index_select(y, 0)?, phi.alpha.index_select(y, 0)?),
+        None => (phi.rank.mean_keepdim(0)?, phi.alpha.mean_keepdim(0)?),
+    };
+    let k: Vec<f64> = (0..s.alloc).map(|k| k as f64 + 0.5).collect();
+    let k = Tensor::from_vec(k, (1, s.alloc), dev)?.to_dtype(s.dtype)?;
+    let arg = ((rho.unsqueeze(1)? * s.rank as f64)?.broadcast_sub(&k)? / MASK_TAU)?;
+    let mask = crate::models::lora::sigmoid(&arg)?;
+    mask.broadcast_mul(&(a * s.scale)?.unsqueeze(1)?)?.broadcast_mul(&phi.alpha_meta.unsqueeze(0)?)
+}
+
+/// Scores N×C: f·Wᵀ, or cos(f, w_c) for LDAM. `theta` = adapters…, head.
+fn scores(s: &Setup, net: &VitBackbone, theta: &[Tensor], x: &Tensor, g: &Tensor) -> candle_core::Result<Tensor> {
+    let (head, adapters) = theta.split_last().ok_or_else(|| candle_core::Error::Msg("no parameters".into()))?;
+    let f = net.features(x, adapters, g)?;
+    if s.loss == Loss::Ldam {
+        let fnorm = f.broadcast_div(&(f.sqr()?.sum_keepdim(1)? + 1e-12)?.sqrt()?)?;
+        let wnorm = head.broadcast_div(&(head.sqr()?.sum_keepdim(1)? + 1e-12)?.sqrt()?)?;
+        fnorm.matmul(&wnorm.t()?)
+    } else {
+        f.matmul(&head.t()?)
+    }
+}
+
+fn row(v: Vec<f64>, like: &Tensor) -> candle_core::Result<Tensor> {
+    let n = v.len();
+    Tensor::from_vec(v, (1, n), like.device())?.to_dtype(like.dtype())
+}
+
+/// Per-sample cross-entropy of logits `z` (N×C) against `y`.
+fn ce_per_sample(z: &Tensor, y: &Tensor) -> candle_core::Result<Tensor> {
+    candle_nn::ops::log_softmax(z, D::Minus1)?.gather(&y.unsqueeze(1)?, 1)?.squeeze(1)?.neg()
+}
+
+/// The training loss on one batch (mean, tail-weighted for class_aware).
+fn train_loss(s: &Setup, net: &VitBackbone, theta: &[Tensor], phi: &PhiT, x: &Tensor, y: &Tensor, ys: &[u32]) -> candle_core::Result<Tensor> {
+    let g = gate(s, phi, Some(y))?;
+    let z = scores(s, net, theta, x, &g)?;
+    let z = match s.loss {
+        Loss::Ce => z,
+        Loss::BalancedSoftmax => z.broadcast_add(&row(s.counts.iter().map(|&n| (n.max(1) as f64).ln()).collect(), &z)?)?,
+        Loss::Ldam => {
+            let m: Vec<f64> = s.counts.iter().map(|&n| (n.max(1) as f64).powf(-0.25)).collect();
+            let top = m.iter().cloned().fold(0.0, f64::max);
+            let mut margins = vec![0.0; ys.len() * s.classes];
+            for (i, &c) in ys.iter().enumerate() {
+                margins[i * s.classes + c as usize] = LDAM_MAX_MARGIN * m[c as usize] / top;
+            }
+            let mt = Tensor::from_vec(margins, (ys.len(), s.classes), z.device())?.to_dtype(z.dtype())?;
+            ((z - mt)? * LDAM_SCALE)?
+        }
+    };
+    let l = ce_per_sample(&z, y)?;
+    if s.class_aware && s.tail_weight != 1.0 {
+        let w: Vec<f64> = ys.iter().map(|&c| if s.tail[c as usize] { s.tail_weight } else { 1.0 }).collect();
+        let total: f64 = w.iter().sum();
+        let w = Tensor::from_vec(w, ys.len(), l.device())?.to_dtype(l.dtype())?;
+        (l * w)?.sum_all()? / total
+    } else {
+        l.mean_all()
+    }
+}
+
+/// The outer objective on the meta split (inference gates) plus the φ regularisers.
+fn outer(s: &Setup, net: &VitBackbone, theta: &[Tensor], phi: &PhiT, x: &Tensor, y: &Tensor, ys: &[u32]) -> candle_core::Result<Tensor> {
+    let g = gate(s, phi, None)?;
+    let mut z = scores(s, net, theta, x, &g)?;
+    if s.loss == Loss::Ldam {
+        z = (z * LDAM_SCALE)?;
+    }
+    let l = ce_per_sample(&z, y)?;
+    // Class-averaging matrix over the classes present: row c = 1/n_c on the samples of c.
+    let mut n = vec![0usize; s.classes];
+    for &c in ys {
+        n[c as usize] += 1;
+    }
+    let present: Vec<usize> = (0..s.classes).filter(|&c| n[c] > 0).collect();
+    let mut avg = vec![0.0; present.len() * ys.len()];
+    for (r, &c) in present.iter().enumerate() {
+        for (i, &yc) in ys.iter().enumerate() {
+            if yc as usize == c {
+                avg[r * ys.len() + i] = 1.0 / n[c] as f64;
+            }
+        }
+    }
+    let avg = Tensor::from_vec(avg, (present.len(), ys.len()), l.device())?.to_dtype(l.dtype())?;
+    let class_mean = |v: &Tensor| avg.matmul(&v.unsqueeze(1)?)?.squeeze(1);
+    let mut m = match s.objective {
+        Objective::Overall => l.mean_all()?,
+        Objective::Balanced => class_mean(&l)?.mean_all()?,
+        Objective::Gmean => class_mean(&l.neg()?.exp()?)?.log()?.mean_all()?.neg()?,
+        Objective::Worst => ((class_mean(&l)? / WORST_TAU)?.exp()?.sum_all()?.log()? * WORST_TAU)?,
+    };
+    if s.class_aware {
+        if s.rank_divergence > 0.0 {
+            let mean = phi.rank.mean_keepdim(0)?;
+            m = (m + (phi.rank.broadcast_sub(&mean)?.sqr()?.mean_all()? * s.rank_divergence)?)?;
+        }
+        if s.alpha_smoothness > 0.0 && s.classes > 1 {
+            let ids = Tensor::from_vec(s.order.iter().map(|&c| c as u32).collect::<Vec<_>>(), s.classes, l.device())?;
+            let a = phi.alpha.index_select(&ids, 0)?;
+            let d = (a.narrow(0, 1, s.classes - 1)? - a.narrow(0, 0, s.classes - 1)?)?;
+            m = (m + (d.sqr()?.sum_all()? * s.alpha_smoothness)?)?;
+        }
+    }
+    Ok(m)
+}
+
+/// A batch of the (already resized) pool: images N×C×S×S and labels.
+#[derive(Clone)]
+struct Batch {
+    x: Tensor,
+    y: Tensor,
+    ys: Vec<u32>,
+}
+
+/// Gradients of `loss` with respect to `wrt` (zeros where it does not depend on one).
+fn grads_of(loss: &Tensor, wrt: &[&Tensor]) -> candle_core::Result<Vec<Tensor>> {
+    let gs = loss.backward()?;
+    wrt.iter().map(|t| gs.get(t).cloned().map_or_else(|| t.zeros_like(), Ok)).collect()
+}
+
+fn as_vars(ts: &[Tensor]) -> candle_core::Result<Vec<Var>> {
+    ts.iter().map(|t| Var::from_tensor(&t.detach())).collect()
+}
+
+fn axpy(x: &[Tensor], a: f64, v: &[Tensor]) -> candle_core::Result<Vec<Tensor>> {
+    x.iter().zip(v).map(|(x, v)| x + (v * a)?).collect()
+}
+
+fn norm(v: &[Tensor]) -> candle_core::Result<f64> {
+    let mut s = 0.0;
+    for t in v {
+        s += t.to_dtype(DType::F64)?.sqr()?.sum_all()?.to_scalar::<f64>()?;
+    }
+    Ok(s.sqrt())
+}
+
+/// Flatten the φ-gradient tensors (α_m, then ρ and a for class_aware) into one vector.
+fn flat(gs: &[Tensor]) -> candle_core::Result<Vec<f64>> {
+    let mut out = Vec::new();
+    for g in gs {
+        out.extend(g.to_dtype(DType::F64)?.flatten_all()?.to_vec1::<f64>()?);
+    }
+    Ok(out)
+}
+
+/// The outer objective after the unrolled inner steps, and its hypergradient with respect to the
+/// learned φ values (see the module doc).
+fn hypergradient(s: &Setup, net: &VitBackbone, theta: &[Tensor], phi: &Phi, inner: &[Batch], meta: &Batch, eta: f64, hvp_eps: f64) -> candle_core::Result<(f64, Vec<f64>)> {
+    let dev = theta[0].device();
+    // Forward: the unrolled inner steps.
+    let (pt, _) = phi_tensors(s, phi, dev, false)?;
+    let mut thetas = vec![theta.iter().map(|t| t.detach()).collect::<Vec<_>>()];
+    for b in inner {
+        let cur = thetas.last().cloned().unwrap_or_default();
+        let vars = as_vars(&cur)?;
+        let vt: Vec<Tensor> = vars.iter().map(|v| v.as_tensor().clone()).collect();
+        let l = train_loss(s, net, &vt, &pt, &b.x, &b.y, &b.ys)?;
+        let g = grads_of(&l, &vt.iter().collect::<Vec<_>>())?;
+        thetas.push(axpy(&cur, -eta, &g)?.into_iter().map(|t| t.detach()).collect());
+    }
+    // The outer objective and its direct gradients.
+    let last = thetas.last().cloned().unwrap_or_default();
+    let vars = as_vars(&last)?;
+    let vt: Vec<Tensor> = vars.iter().map(|v| v.as_tensor().clone()).collect();
+    let (pv, plist) = phi_tensors(s, phi, dev, true)?;
+    let m = outer(s, net, &vt, &pv, &meta.x, &meta.y, &meta.ys)?;
+    let value = m.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+    let mut wrt: Vec<&Tensor> = vt.iter().collect();
+    let ptens: Vec<Tensor> = plist.iter().map(|v| v.as_tensor().clone()).collect();
+    wrt.extend(ptens.iter());
+    let g = grads_of(&m, &wrt)?;
+    let k = vt.len();
+    let mut v: Vec<Tensor> = g[..k].to_vec();
+    let mut h = flat(&g[k..])?;
+    // Reverse through the inner steps.
+    for (j, b) in inner.iter().enumerate().rev() {
+        let vn = norm(&v)?;
+        if vn == 0.0 {
+            break;
+        }
+        let eps = hvp_eps / vn;
+        let mut both = Vec::new();
+        for sign in [1.0, -1.0] {
+            let vars = as_vars(&axpy(&thetas[j], sign * eps, &v)?)?;
+            let vt: Vec<Tensor> = vars.iter().map(|v| v.as_tensor().clone()).collect();
+            let (pv, plist) = phi_tensors(s, phi, dev, true)?;
+            let l = train_loss(s, net, &vt, &pv, &b.x, &b.y, &b.ys)?;
+            let mut wrt: Vec<&Tensor> = vt.iter().collect();
+            let ptens: Vec<Tensor> = plist.iter().map(|v| v.as_tensor().clone()).collect();
+            wrt.extend(ptens.iter());
+            both.push(grads_of(&l, &wrt)?);
+        }
+        let (gp, gm) = (&both[0], &both[1]);
+        let dphi_p = flat(&gp[k..])?;
+        let dphi_m = flat(&gm[k..])?;
+        for (hi, (p, q)) in h.iter_mut().zip(dphi_p.iter().zip(&dphi_m)) {
+            *hi -= eta * (p - q) / (2.0 * eps);
+        }
+        let mut nv = Vec::with_capacity(k);
+        for i in 0..k {
+            let hv = ((&gp[i] - &gm[i])? / (2.0 * eps))?;
+            nv.push((&v[i] - (hv * eta)?)?.detach());
+        }
+        v = nv;
+    }
+    Ok((value, h))
+}
+
+/// The outer objective after the inner steps at φ, without gradients (for finite differences).
+#[cfg(test)]
+fn unrolled_outer(s: &Setup, net: &VitBackbone, theta: &[Tensor], phi: &Phi, inner: &[Batch], meta: &Batch, eta: f64) -> candle_core::Result<f64> {
+    let dev = theta[0].device();
+    let (pt, _) = phi_tensors(s, phi, dev, false)?;
+    let mut cur: Vec<Tensor> = theta.iter().map(|t| t.detach()).collect();
+    for b in inner {
+        let vars = as_vars(&cur)?;
+        let vt: Vec<Tensor> = vars.iter().map(|v| v.as_tensor().clone()).collect();
+        let l = train_loss(s, net, &vt, &pt, &b.x, &b.y, &b.ys)?;
+        let g = grads_of(&l, &vt.iter().collect::<Vec<_>>())?;
+        cur = axpy(&cur, -eta, &g)?.into_iter().map(|t| t.detach()).collect();
+    }
+    outer(s, net, &cur, &pt, &meta.x, &meta.y, &meta.ys)?.to_dtype(DType::F64)?.to_scalar::<f64>()
+}
+
+/// Area (box-filter) resampling of C×H×W pixels to C×nh×nw: each output pixel is the mean of the
+/// input over its footprint, partial pixels weighted by their overlap.
+pub fn resize_area(px: &[f32], c: usize, h: usize, w: usize, nh: usize, nw: usize) -> Vec<f32> {
+    if (h, w) == (nh, nw) {
+        return px.to_vec();
+    }
+    // Overlap weights of each output coordinate with the input coordinates along one axis.
+    let weights = |n: usize, m: usize| -> Vec<Vec<(usize, f64)>> {
+        let step = n as f64 / m as f64;
+        (0..m)
+            .map(|o| {
+                let (lo, hi) = (o as f64 * step, (o + 1) as f64 * step);
+                let mut v = Vec::new();
+                let mut i = lo.floor() as usize;
+                while (i as f64) < hi && i < n {
+                    let ov = (hi.min(i as f64 + 1.0) - lo.max(i as f64)).max(0.0);
+                    if ov > 0.0 {
+                        v.push((i, ov / step));
+                    }
+                    i += 1;
+                }
+                v
+            })
+            .collect()
+    };
+    let (wy, wx) = (weights(h, nh), weights(w, nw));
+    let mut out = vec![0f32; c * nh * nw];
+    for ch in 0..c {
+        for (oy, ry) in wy.iter().enumerate() {
+            for (ox, rx) in wx.iter().enumerate() {
+                let mut acc = 0.0f64;
+                for &(iy, a) in ry {
+                    for &(ix, b) in rx {
+                        acc += a * b * f64::from(px[(ch * h + iy) * w + ix]);
+                    }
+                }
+                out[(ch * nh + oy) * nw + ox] = acc as f32;
+            }
+        }
+    }
+    out
+}
+
+/// Images of `idx`, scaled to [−1, 1] and resized to side × side, as a batch.
+fn gather(data: &ImageSet, idx: &[usize], side: usize, dtype: DType, dev: &Device) -> candle_core::Result<Batch> {
+    let dim = data.dim();
+    let mut px = Vec::with_capacity(idx.len() * data.channels * side * side);
+    let mut ys = Vec::with_capacity(idx.len());
+    for &i in idx {
+        let img: Vec<f32> = data.pixels[i * dim..(i + 1) * dim].iter().map(|v| v * 2.0 - 1.0).collect();
+        px.extend(resize_area(&img, data.channels, data.height, data.width, side, side));
+        ys.push(data.labels[i]);
+    }
+    let x = Tensor::from_vec(px, (idx.len(), data.channels, side, side), dev)?.to_dtype(dtype)?;
+    let y = Tensor::from_vec(ys.clone(), idx.len(), dev)?;
+    Ok(Batch { x, y, ys })
+}
+
+/// Split each class's training indices into (train, meta) by `ratio`; deterministic given `seed`.
+fn meta_split(data: &ImageSet, train: &[usize], ratio: f64, seed: u64) -> (Vec<usize>, Vec<usize>) {
+    let mut by_class: BTreeMap<u32, Vec<usize>> = BTreeMap::new();
+    for &i in train {
+        by_class.entry(data.labels[i]).or_default().push(i);
+    }
+    let mut rng = Rng::derive(seed, "meta-split");
+    let (mut tr, mut me) = (Vec::new(), Vec::new());
+    for (_, mut v) in by_class {
+        v.sort_unstable();
+        rng.shuffle(&mut v);
+        let n = v.len();
+        let mut k = (ratio * n as f64 + 0.5).floor() as usize;
+        if n >= 2 {
+            k = k.clamp(1, n - 1);
+        } else {
+            k = 0;
+        }
+        me.extend_from_slice(&v[..k]);
+        tr.extend_from_slice(&v[k..]);
+    }
+    (tr, me)
+}
+
+fn get_f(p: &Params, k: &str) -> Result<f64, MethodError> {
+    p.get(k).and_then(ParamValue::as_f64).ok_or_else(|| MethodError::Invalid(format!("parameter `{k}` missing or not a number")))
+}
+fn get_i(p: &Params, k: &str) -> Result<usize, MethodError> {
+    p.get(k).and_then(ParamValue::as_i64).map(|i| i.max(0) as usize).ok_or_else(|| MethodError::Invalid(format!("parameter `{k}` missing or not an integer")))
+}
+fn get_s<'a>(p: &'a Params, k: &str) -> Result<&'a str, MethodError> {
+    p.get(k).and_then(ParamValue::as_str).ok_or_else(|| MethodError::Invalid(format!("parameter `{k}` missing or not a string")))
+}
+
+fn device(p: &Params) -> Result<Device, MethodError> {
+    if p.get("device").and_then(ParamValue::as_str) != Some("cuda") {
+        return Ok(Device::Cpu);
+    }
+    if !candle_core::utils::cuda_is_available() {
+        return Err(MethodError::Invalid("device = \"cuda\" but this build has no CUDA support: rebuild with --features cuda, or set device = \"cpu\"".into()));
+    }
+    Ok(Device::new_cuda(0)?)
+}
+
+fn load_options(p: &Params) -> Result<VitLoadOptions, MethodError> {
+    let imported = get_s(p, "backbone")? != "pretrain";
+    Ok(VitLoadOptions {
+        heads: get_i(p, "vit_heads")?,
+        // timm's ViTs use ε = 1e-6; the engine's LayerNorm 1e-5.
+        eps: if imported { 1e-6 } else { 1e-5 },
+        activation: if get_s(p, "vit_activation")? == "quick_gelu" { Activation::QuickGelu } else { Activation::Gelu },
+    })
+}
+
+/// A weights manifest (`data-manifests/weights/<name>.toml`): one safetensors file pinned by
+/// sha256, with its provenance. `sha256 = "unpinned"` is refused, like the data manifests'.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WeightsManifest {
+    pub name: String,
+    pub description: String,
+    /// `timm-vit`: timm's ViT key layout.
+    pub layout: String,
+    pub path: String,
+    pub sha256: String,
+    pub licence: String,
+    pub source: String,
+    pub citation: String,
+}
+
+/// Read and verify the checkpoint named by `data-manifests/weights/<name>.toml` under `root`.
+pub fn load_weights(root: &Path, name: &str) -> Result<Vec<u8>, MethodError> {
+    let mpath = root.join("data-manifests").join("weights").join(format!("{name}.toml"));
+    let text = std::fs::read_to_string(&mpath).map_err(|e| MethodError::Invalid(format!("cannot read {}: {e}", mpath.display())))?;
+    let m: WeightsManifest = toml::from_str(&text).map_err(|e| MethodError::Invalid(format!("{}: {e}", mpath.display())))?;
+    if m.layout != "timm-vit" {
+        return Err(MethodError::Invalid(format!("{}: unknown layout `{}` (known: timm-vit)", mpath.display(), m.layout)));
+    }
+    let file = root.join(&m.path);
+    let actual = crate::data::sha256_file(&file).map_err(|e| MethodError::Invalid(e.to_string()))?;
+    if m.sha256 == crate::data::manifest::UNPINNED {
+        return Err(MethodError::Invalid(format!("{}: the checkpoint {} is unpinned; it hashes to {actual}: check that against the source ({}) and pin it", mpath.display(), file.display(), m.source)));
+    }
+    if m.sha256 != actual {
+        return Err(MethodError::Invalid(format!("{}: sha256 mismatch: the manifest expects {} but the file hashes to {actual}", file.display(), m.sha256)));
+    }
+    std::fs::read(&file).map_err(|e| MethodError::Invalid(format!("cannot read {}: {e}", file.display())))
+}
+
+fn to_json<T: Serialize>(v: &T) -> Result<Vec<u8>, MethodError> {
+    serde_json::to_vec_pretty(v).map_err(|e| MethodError::Invalid(format!("cannot serialise: {e}")))
+}
+
+/// What a pretraining cell records besides the checkpoint.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct PretrainRecord {
+    /// Test accuracy (%) on the source task's balanced test split, per epoch.
+    source_accuracy: Vec<f64>,
+}
+
+impl Method for ClassAwareLora {
+    fn name(&self) -> &'static str {
+        "class_aware_lora"
+    }
+    fn version(&self) -> u32 {
+        // 2: the backbone's convolution (patch embedding) runs through the fast CPU kernel.
+        2
+    }
+    fn schema(&self) -> &'static [ParamDef] {
+        SCHEMA
+    }
+    fn metrics(&self) -> &'static [&'static str] {
+        METRICS
+    }
+    fn class_metrics(&self) -> &'static [&'static str] {
+        &["rank_factor", "alpha_factor"]
+    }
+    fn data_params(&self) -> &'static [&'static str] {
+        &["dataset", "imbalance", "data_seed", "device"]
+    }
+
+    fn check_run(&self, p: &Params) -> Result<(), (String, String, Option<String>)> {
+        if let (Some(h), Some(t)) = (p.get("head_min").and_then(ParamValue::as_i64), p.get("tail_max").and_then(ParamValue::as_i64)) {
+            if t >= h {
+                return Err(("tail_max".into(), format!("tail_max = {t} is not below head_min = {h}"), Some("a class cannot be both head and tail; lower tail_max".into())));
+            }
+        }
+        Ok(())
+    }
+
+    fn pretraining(&self, p: &Params) -> Option<Pretraining> {
+        let keys: &[&str] = match p.get("backbone").and_then(ParamValue::as_str) {
+            Some("pretrain") => &["backbone", "vit_width", "pretrain_epochs", "pretrain_lr"],
+            _ => &["backbone"],
+        };
+        let params = keys.iter().filter_map(|k| p.get(*k).map(|v| (k.to_string(), v.clone()))).collect();
+        Some(Pretraining {
+            dataset: p.get("pretrain_dataset").and_then(ParamValue::as_str).unwrap_or("optdigits").to_string(),
+            params,
+            seed: p.get("pretrain_seed").and_then(ParamValue::as_i64).unwrap_or(0).max(0) as u64,
+        })
+    }
+
+    fn pretrain(&self, pt: &Pretraining, inputs: &TrainInputs, progress: &dyn Progress) -> Result<Outcome, MethodError> {
+        let mut objects = BTreeMap::new();
+        let backbone = get_s(&pt.params, "backbone")?;
+        if backbone != "pretrain" {
+            // An imported checkpoint, read relative to the working directory (the project root).
+            let bytes = load_weights(Path::new("."), backbone)?;
+            objects.insert("backbone.safetensors".to_string(), bytes);
+            objects.insert("pretrain.json".to_string(), to_json(&PretrainRecord { source_accuracy: Vec::new() })?);
+            return Ok(Outcome::Done(objects));
+        }
+        let data = inputs.data;
+        let dev = Device::Cpu;
+        let varmap = VarMap::new();
+        let vb = VarBuilder::from_varmap(&varmap, DType::F32, &dev);
+        let mut cfg = ModelConfig::new(ModelKind::Vit, data.channels, data.height, data.width, data.num_classes);
+        cfg.width_mult = get_i(&pt.params, "vit_width")?;
+        let model = models::build(&cfg, vb)?;
+        models::seeded_init(&varmap, pt.seed)?;
+        let lr = get_f(&pt.params, "pretrain_lr")?;
+        let epochs = get_i(&pt.params, "pretrain_epochs")?;
+        let mut opt = Optimizer::new(varmap.all_vars(), &OptimConfig { weight_decay: 0.05, ..OptimConfig::new(OptimizerKind::Adamw, lr) })?;
+        let counts = vec![1usize; data.num_classes];
+        let mut order = inputs.train.to_vec();
+        let mut rng = Rng::derive(pt.seed, "pretrain-order");
+        let test = gather(data, inputs.test, data.height, DType::F32, &dev)?;
+        let mut rec = PretrainRecord { source_accuracy: Vec::new() };
+        let bs = 64;
+        let total = (order.len().div_ceil(bs) * epochs).max(1);
+        let mut step = 0;
+        for epoch in 1..=epochs {
+            rng.shuffle(&mut order);
+            for chunk in order.chunks(bs) {
+                opt.set_lr(lr * 0.5 * (1.0 + (std::f64::consts::PI * step as f64 / total as f64).cos()));
+                let b = gather(data, chunk, data.height, DType::F32, &dev)?;
+                let (_, logits) = model.forward(&b.x, true)?;
+                let l = train::loss(&LossKind::Ce, &logits, &b.y, &counts)?;
+                opt.backward_step(&l)?;
+                step += 1;
+            }
+            let (_, logits) = model.forward(&test.x, false)?;
+            let pred = logits.argmax(D::Minus1)?.to_vec1::<u32>()?;
+            let correct = pred.iter().zip(&test.ys).filter(|(a, b)| a == b).count();
+            rec.source_accuracy.push(100.0 * correct as f64 / test.ys.len().max(1) as f64);
+            progress.epoch(epoch, epochs, "pretraining");
+        }
+        let weights = varmap.data().lock().map_err(|_| MethodError::Invalid("the model's variables are poisoned".into()))?.iter().map(|(k, v)| (k.clone(), v.as_tensor().clone())).collect::<BTreeMap<_, _>>();
+        objects.insert("backbone.safetensors".to_string(), safetensors_bytes(&weights)?);
+        objects.insert("pretrain.json".to_string(), to_json(&rec)?);
+        Ok(Outcome::Done(objects))
+    }
+
+    fn run(&self, p: &Params, seed: u64, inputs: &TrainInputs, progress: &dyn Progress) -> Result<Outcome, MethodError> {
+        run(p, seed, inputs, progress)
+    }
+}
+
+fn group_name(g: Group) -> &'static str {
+    match g {
+        Group::Head => "head",
+        Group::Medium => "medium",
+        Group::Tail => "tail",
+    }
+}
+
+/// Adam on plain values (the meta-parameters are few).
+struct Adam {
+    lr: f64,
+    m: Vec<f64>,
+    v: Vec<f64>,
+    t: i32,
+}
+
+impl Adam {
+    fn step(&mut self, x: &mut [f64], g: &[f64]) {
+        self.t += 1;
+        let (b1, b2) = (0.9f64, 0.999f64);
+        for i in 0..x.len() {
+            self.m[i] = b1 * self.m[i] + (1.0 - b1) * g[i];
+            self.v[i] = b2 * self.v[i] + (1.0 - b2) * g[i] * g[i];
+            let mh = self.m[i] / (1.0 - b1.powi(self.t));
+            let vh = self.v[i] / (1.0 - b2.powi(self.t));
+            x[i] -= self.lr * mh / (vh.sqrt() + 1e-8);
+        }
+    }
+}
+
+fn run(p: &Params, seed: u64, inputs: &TrainInputs, progress: &dyn Progress) -> Result<Outcome, MethodError> {
+    let dev = device(p)?;
+    let data = inputs.data;
+    let c = data.num_classes;
+    let pre = inputs.pretrained.ok_or_else(|| MethodError::Invalid("class_aware_lora needs its pretraining cell's output".into()))?;
+    let bytes = pre.get("backbone.safetensors").ok_or_else(|| MethodError::Invalid("the pretraining output has no backbone.safetensors".into()))?;
+    let source_accuracy = pre
+        .get("pretrain.json")
+        .and_then(|b| serde_json::from_slice::<PretrainRecord>(b).ok())
+        .and_then(|r| r.source_accuracy.last().copied());
+    let dtype = DType::F32;
+    let net = VitBackbone::from_safetensors(bytes, load_options(p)?, dtype, &dev)?;
+    if net.channels() != data.channels {
+        return Err(MethodError::Invalid(format!("the backbone takes {} input channels but the target data set has {}", net.channels(), data.channels)));
+    }
+    let side = net.input_side();
+
+    let mut counts = vec![0usize; c];
+    for &i in inputs.train {
+        counts[data.labels[i] as usize] += 1;
+    }
+    let groups = metrics::groups_by_count(&counts, get_i(p, "head_min")?, get_i(p, "tail_max")?);
+    let class_aware = get_s(p, "variant")? == "class_aware";
+    let rank = get_i(p, "lora_rank")?;
+    let init = [get_f(p, "head_factor")?, get_f(p, "medium_factor")?, get_f(p, "tail_factor")?];
+    let cap = init.iter().cloned().fold(1.0, f64::max);
+    let alloc = if class_aware { (1.5 * rank as f64 * cap).ceil() as usize } else { rank };
+    let mut order: Vec<usize> = (0..c).collect();
+    order.sort_by(|&a, &b| counts[b].cmp(&counts[a]).then(a.cmp(&b)));
+    let setup = Setup {
+        class_aware,
+        rank,
+        alloc,
+        scale: get_f(p, "lora_alpha")? / rank as f64,
+        classes: c,
+        loss: match get_s(p, "loss")? {
+            "ldam" => Loss::Ldam,
+            "balanced_softmax" => Loss::BalancedSoftmax,
+            _ => Loss::Ce,
+        },
+        objective: if !class_aware {
+            Objective::Overall
+        } else {
+            match get_s(p, "meta_objective")? {
+                "gmean" => Objective::Gmean,
+                "worst_class" => Objective::Worst,
+                _ => Objective::Balanced,
+            }
+        },
+        tail_weight: get_f(p, "tail_loss_weight")?,
+        rank_divergence: get_f(p, "rank_divergence")?,
+        alpha_smoothness: get_f(p, "alpha_smoothness")?,
+        tail: groups.iter().map(|g| *g == Group::Tail).collect(),
+        counts: counts.clone(),
+        order,
+        dtype,
+    };
+    let factor = |g: Group| match g {
+        Group::Head => init[0],
+        Group::Medium => init[1],
+        Group::Tail => init[2],
+    };
+    let mut phi = Phi { alpha_meta: 1.0, rank: groups.iter().map(|&g| if class_aware { factor(g) } else { 1.0 }).collect(), alpha: groups.iter().map(|&g| if class_aware { factor(g) } else { 1.0 }).collect() };
+    let rank_max = alloc as f64 / rank as f64;
+
+    let (train_idx, meta_idx) = meta_split(data, inputs.train, get_f(p, "meta_data_ratio")?, seed);
+    let meta = gather(data, &meta_idx, side, dtype, &dev)?;
+    let test = gather(data, inputs.test, side, dtype, &dev)?;
+
+    // Trainable: adapters and a new head.
+    let mut theta0 = net.init_adapters(alloc, seed, dtype, &dev)?;
+    let d = net.dim();
+    let mut rng = Rng::derive(seed, "head-init");
+    let bound = 1.0 / (d as f64).sqrt();
+    let head: Vec<f64> = (0..c * d).map(|_| rng.uniform(-bound, bound)).collect();
+    theta0.push(Tensor::from_vec(head, (c, d), &dev)?.to_dtype(dtype)?);
+    let vars = as_vars(&theta0)?;
+    let lr = get_f(p, "lr")?;
+    let mut opt = Optimizer::new(vars.clone(), &OptimConfig { weight_decay: get_f(p, "weight_decay")?, ..OptimConfig::new(OptimizerKind::Adamw, lr) })?;
+    let n_learned = Phi::learned(c, class_aware);
+    let mut meta_opt = Adam { lr: get_f(p, "meta_lr")?, m: vec![0.0; n_learned], v: vec![0.0; n_learned], t: 0 };
+
+    let epochs = get_i(p, "epochs")?;
+    let bs = get_i(p, "batch_size")?.max(1);
+    let meta_every = get_i(p, "meta_every")?.max(1);
+    let inner_steps = get_i(p, "meta_inner_steps")?;
+    let eta = get_f(p, "meta_inner_lr")?;
+    let mut order = train_idx.clone();
+    let mut inner_order = train_idx.clone();
+    let mut brng = Rng::derive(seed, "batch-order");
+    let mut irng = Rng::derive(seed, "meta-batches");
+    irng.shuffle(&mut inner_order);
+    let mut inner_pos = 0usize;
+    let total = (order.len().div_ceil(bs) * epochs).max(1);
+    let mut step = 0usize;
+    let mut record = RunRecord { epochs: Vec::new(), train_counts: counts.clone(), failure: None };
+    let ir = metrics::imbalance_ratio(&counts);
+    let gini = metrics::gini(&counts);
+
+    let evaluate = |theta: &[Tensor], phi: &Phi, epoch: usize, train_loss: Option<f64>, meta_loss: Option<f64>, hg: Option<f64>| -> Result<EpochRecord, MethodError> {
+        let (pt, _) = phi_tensors(&setup, phi, &dev, false)?;
+        let g = gate(&setup, &pt, None)?;
+        let mut preds = Vec::with_capacity(test.ys.len());
+        let n = test.ys.len();
+        let mut start = 0;
+        while start < n {
+            let len = (n - start).min(500);
+            let z = scores(&setup, &net, theta, &test.x.narrow(0, start, len)?, &g)?;
+            preds.extend(z.argmax(D::Minus1)?.to_vec1::<u32>()?);
+            start += len;
+        }
+        let acc = metrics::try_accuracy(&test.ys, &preds, &groups).map_err(|e| MethodError::Metrics(e.to_string()))?;
+        let pct = |x: f64| 100.0 * x;
+        let mut m = BTreeMap::new();
+        let mut put = |k: &str, v: Option<f64>| {
+            if let Some(v) = v {
+                m.insert(k.to_string(), v);
+            }
+        };
+        put("train_loss", train_loss);
+        put("meta_loss", meta_loss);
+        put("hypergradient_norm", hg);
+        put("accuracy", Some(pct(acc.overall)));
+        put("balanced_accuracy", Some(pct(acc.balanced)));
+        put("head_accuracy", acc.head.map(pct));
+        put("medium_accuracy", acc.medium.map(pct));
+        put("tail_accuracy", acc.tail.map(pct));
+        put("head_tail_gap", acc.head.zip(acc.tail).map(|(h, t)| pct(h - t)));
+        let pcs: Vec<f64> = acc.per_class.iter().flatten().copied().collect();
+        let gm = if pcs.iter().any(|&a| a <= 0.0) { 0.0 } else { (pcs.iter().map(|a| a.ln()).sum::<f64>() / pcs.len().max(1) as f64).exp() };
+        put("gmean", Some(pct(gm)));
+        put("worst_class", pcs.iter().cloned().reduce(f64::min).map(pct));
+        put("imbalance_ratio", ir);
+        put("gini", gini);
+        put("meta_alpha", Some(phi.alpha_meta));
+        put("source_accuracy", source_accuracy);
+        let w = theta[theta.len() - 1].to_dtype(DType::F64)?.to_vec2::<f64>()?;
+        let per_class = (0..c)
+            .map(|k| {
+                let mut extra = BTreeMap::new();
+                extra.insert("rank_factor".to_string(), phi.rank[k]);
+                extra.insert("alpha_factor".to_string(), phi.alpha[k]);
+                ClassRecord {
+                    class: k,
+                    train_count: counts[k],
+                    group: group_name(groups[k]).to_string(),
+                    test_accuracy: acc.per_class[k].map(pct),
+                    classifier_norm: w[k].iter().map(|v| v * v).sum::<f64>().sqrt(),
+                    extra,
+                }
+            })
+            .collect();
+        Ok(EpochRecord { epoch, metrics: m, per_class, analysis_object: String::new() })
+    };
+
+    let current = |vars: &[Var]| -> Vec<Tensor> { vars.iter().map(|v| v.as_tensor().clone()).collect() };
+    record.epochs.push(evaluate(&current(&vars), &phi, 0, None, None, None)?);
+    for epoch in 1..=epochs {
+        brng.shuffle(&mut order);
+        let (mut loss_sum, mut seen) = (0.0, 0usize);
+        let (mut meta_sum, mut hg_sum, mut meta_n) = (0.0, 0.0, 0usize);
+        for chunk in order.chunks(bs) {
+            opt.set_lr(lr * 0.5 * (1.0 + (std::f64::consts::PI * step as f64 / total as f64).cos()));
+            if step.is_multiple_of(meta_every) {
+                let mut inner = Vec::with_capacity(inner_steps);
+                for _ in 0..inner_steps {
+                    if inner_pos + bs > inner_order.len() {
+                        irng.shuffle(&mut inner_order);
+                        inner_pos = 0;
+                    }
+                    let end = (inner_pos + bs).min(inner_order.len());
+                    inner.push(gather(data, &inner_order[inner_pos..end], side, dtype, &dev)?);
+                    inner_pos = end;
+                }
+                let (value, h) = hypergradient(&setup, &net, &current(&vars), &phi, &inner, &meta, eta, HVP_EPS)?;
+                if !value.is_finite() || h.iter().any(|x| !x.is_finite()) {
+                    let reason = format!("the meta objective or its hypergradient became non-finite at epoch {epoch}, step {step}");
+                    record.failure = Some(reason.clone());
+                    return Ok(Outcome::Failed { reason, objects: BTreeMap::from([("metrics.json".to_string(), to_json(&record)?)]) });
+                }
+                let mut flatv = phi.flat()[..n_learned].to_vec();
+                meta_opt.step(&mut flatv, &h);
+                let mut full = phi.flat();
+                full[..n_learned].copy_from_slice(&flatv);
+                phi = Phi::from_flat(&full, c, class_aware);
+                phi.alpha_meta = phi.alpha_meta.clamp(0.05, 10.0);
+                if class_aware {
+                    phi.rank.iter_mut().for_each(|r| *r = r.clamp(0.1, rank_max));
+                    phi.alpha.iter_mut().for_each(|a| *a = a.clamp(0.05, 10.0));
+                }
+                meta_sum += value;
+                hg_sum += h.iter().map(|x| x * x).sum::<f64>().sqrt();
+                meta_n += 1;
+            }
+            let b = gather(data, chunk, side, dtype, &dev)?;
+            let (pt, _) = phi_tensors(&setup, &phi, &dev, false)?;
+            let l = train_loss(&setup, &net, &current(&vars), &pt, &b.x, &b.y, &b.ys)?;
+            let lv = l.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+            if !lv.is_finite() {
+                let reason = format!("the training loss became {lv} at epoch {epoch}, step {step}: the run diverged");
+                record.failure = Some(reason.clone());
+                return Ok(Outcome::Failed { reason, objects: BTreeMap::from([("metrics.json".to_string(), to_json(&record)?)]) });
+            }
+            opt.backward_step(&l)?;
+            loss_sum += lv * chunk.len() as f64;
+            seen += chunk.len();
+            step += 1;
+        }
+        let avg = |s: f64, n: usize| (n > 0).then(|| s / n as f64);
+        record.epochs.push(evaluate(&current(&vars), &phi, epoch, avg(loss_sum, seen), avg(meta_sum, meta_n), avg(hg_sum, meta_n))?);
+        progress.epoch(epoch, epochs, "");
+    }
+    let mut objects = BTreeMap::new();
+    objects.insert("metrics.json".to_string(), to_json(&record)?);
+    let net_names = net.adapter_names();
+    let mut t: BTreeMap<String, Tensor> = BTreeMap::new();
+    for (i, v) in vars.iter().enumerate() {
+        let name = net_names.get(i).cloned().unwrap_or_else(|| "head.weight".to_string());
+        t.insert(name, v.as_tensor().to_device(&Device::Cpu)?);
+    }
+    let mut phis = vec![phi.alpha_meta];
+    phis.extend(&phi.rank);
+    phis.extend(&phi.alpha);
+    t.insert("meta.phi".to_string(), Tensor::from_vec(phis, 1 + 2 * c, &Device::Cpu)?);
+    objects.insert("adapters.safetensors".to_string(), safetensors_bytes(&t)?);
+    Ok(Outcome::Done(objects))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashMap;
+
+    /// A tiny random ViT (width 8, 2 heads, 1 block, 2×2 patches of a 4×4 image) in f64.
+    fn tiny_vit(seed: u64) -> VitBackbone {
+        let mut rng = Rng::new(seed);
+        let dev = Device::Cpu;
+        let mut t = HashMap::new();
+        let mut put = |name: &str, dims: &[usize], scale: f64| {
+            let n: usize = dims.iter().product();
+            let v: Vec<f64> = (0..n).map(|_| scale * rng.normal()).collect();
+            t.insert(name.to_string(), Tensor::from_vec(v, dims, &dev).unwrap());
+        };
+        let d = 8;
+        put("patch_embed.weight", &[d, 1, 2, 2], 0.5);
+        put("patch_embed.bias", &[d], 0.1);
+        put("cls_token", &[1, 1, d], 0.3);
+        put("pos_embed", &[1, 5, d], 0.3);
+        for (n, dims) in [("attn.qkv", [3 * d, d]), ("attn.proj", [d, d]), ("mlp.fc1", [2 * d, d]), ("mlp.fc2", [d, 2 * d])] {
+            put(&format!("blocks.0.{n}.weight"), &dims, 0.3);
+            put(&format!("blocks.0.{n}.bias"), &[dims[0]], 0.1);
+        }
+        let ones = |n: usize| Tensor::ones(n, DType::F64, &dev).unwrap();
+        let zeros = |n: usize| Tensor::zeros(n, DType::F64, &dev).unwrap();
+        for n in ["blocks.0.norm1", "blocks.0.norm2", "norm"] {
+            t.insert(format!("{n}.weight"), ones(d));
+            t.insert(format!("{n}.bias"), zeros(d));
+        }
+        VitBackbone::from_tensors(&t, VitLoadOptions { heads: 2, eps: 1e-5, activation: Activation::QuickGelu }, DType::F64, &dev).unwrap()
+    }
+
+    fn tiny_batch(n: usize, seed: u64, classes: usize) -> Batch {
+        let mut rng = Rng::new(seed);
+        let xs: Vec<f64> = (0..n * 16).map(|_| rng.normal()).collect();
+        let ys: Vec<u32> = (0..n).map(|i| (i % classes) as u32).collect();
+        Batch { x: Tensor::from_vec(xs, (n, 1, 4, 4), &Device::Cpu).unwrap(), y: Tensor::from_vec(ys.clone(), n, &Device::Cpu).unwrap(), ys }
+    }
+
+    fn setup(class_aware: bool, objective: Objective, loss: Loss) -> Setup {
+        Setup {
+            class_aware,
+            rank: 2,
+            alloc: if class_aware { 6 } else { 2 },
+            scale: 1.0,
+            classes: 3,
+            loss,
+            objective,
+            tail_weight: 2.0,
+            rank_divergence: 0.01,
+            alpha_smoothness: 0.005,
+            counts: vec![30, 10, 3],
+            tail: vec![false, false, true],
+            order: vec![0, 1, 2],
+            dtype: DType::F64,
+        }
+    }
+
+    /// Adapters with a nonzero B (so every path carries gradient) and a head.
+    fn theta(net: &VitBackbone, s: &Setup) -> Vec<Tensor> {
+        let mut th = net.init_adapters(s.alloc, 4, DType::F64, &Device::Cpu).unwrap();
+        let mut rng = Rng::new(9);
+        for t in th.iter_mut().skip(1).step_by(2) {
+            let v: Vec<f64> = (0..t.elem_count()).map(|_| 0.3 * rng.normal()).collect();
+            *t = Tensor::from_vec(v, t.dims(), &Device::Cpu).unwrap();
+        }
+        let v: Vec<f64> = (0..3 * net.dim()).map(|_| 0.5 * rng.normal()).collect();
+        th.push(Tensor::from_vec(v, (3, net.dim()), &Device::Cpu).unwrap());
+        th
+    }
+
+    fn check(s: &Setup, inner_steps: usize) {
+        let net = tiny_vit(1);
+        let th = theta(&net, s);
+        let phi = Phi { alpha_meta: 1.1, rank: vec![0.6, 1.1, 1.9], alpha: vec![0.5, 1.2, 1.8] };
+        let inner: Vec<Batch> = (0..inner_steps).map(|j| tiny_batch(6, 20 + j as u64, 3)).collect();
+        let meta = tiny_batch(6, 99, 3);
+        let eta = 0.5;
+        // In f64 a small difference step makes the finite-difference Hessian products exact to
+        // ~1e-8; the training default (1e-2, for f32) is checked to 2% below.
+        let (value, h) = hypergradient(s, &net, &th, &phi, &inner, &meta, eta, 1e-5).unwrap();
+        let (_, h_default) = hypergradient(s, &net, &th, &phi, &inner, &meta, eta, HVP_EPS).unwrap();
+        let n = Phi::learned(3, s.class_aware);
+        assert_eq!(h.len(), n);
+        let base = unrolled_outer(s, &net, &th, &phi, &inner, &meta, eta).unwrap();
+        assert!((value - base).abs() < 1e-12);
+        let step = 1e-5;
+        let mut worst: f64 = 0.0;
+        let scale = h.iter().fold(0.0f64, |a, x| a.max(x.abs()));
+        assert!(scale > 1e-4, "the meta-parameters receive no gradient: {h:?}");
+        for i in 0..n {
+            let mut fl = phi.flat();
+            fl[i] += step;
+            let up = unrolled_outer(s, &net, &th, &Phi::from_flat(&fl, 3, s.class_aware), &inner, &meta, eta).unwrap();
+            fl[i] -= 2.0 * step;
+            let down = unrolled_outer(s, &net, &th, &Phi::from_flat(&fl, 3, s.class_aware), &inner, &meta, eta).unwrap();
+            let fd = (up - down) / (2.0 * step);
+            worst = worst.max((fd - h[i]).abs());
+        }
+        assert!(worst < 2e-5 * scale.max(1.0), "hypergradient differs from finite differences by {worst} (scale {scale}): {h:?}");
+        let off = h.iter().zip(&h_default).fold(0.0f64, |a, (x, y)| a.max((x - y).abs()));
+        assert!(off < 2e-2 * scale.max(1.0), "the default difference step is off by {off}");
+        // The indirect part (through the inner steps) is nonzero: dropping it changes h.
+        let (_, direct) = hypergradient(s, &net, &th, &phi, &[], &meta, eta, 1e-5).unwrap();
+        assert!(h.iter().zip(&direct).any(|(a, b)| (a - b).abs() > 1e-4 * scale), "no gradient flows through the inner steps");
+    }
+
+    #[test]
+    fn hypergradient_matches_finite_differences() {
+        check(&setup(true, Objective::Balanced, Loss::Ce), 1);
+        check(&setup(true, Objective::Gmean, Loss::Ldam), 2);
+        check(&setup(true, Objective::Worst, Loss::BalancedSoftmax), 2);
+        check(&setup(false, Objective::Overall, Loss::Ce), 2);
+    }
+
+    #[test]
+    fn gates_apply_class_factors_in_training_and_their_mean_at_inference() {
+        let s = setup(true, Objective::Balanced, Loss::Ce);
+        let phi = Phi { alpha_meta: 1.0, rank: vec![0.5, 1.0, 2.0], alpha: vec![0.5, 1.0, 2.0] };
+        let (pt, _) = phi_tensors(&s, &phi, &Device::Cpu, false).unwrap();
+        let y = Tensor::new(&[2u32, 0], &Device::Cpu).unwrap();
+        let g = gate(&s, &pt, Some(&y)).unwrap().to_vec2::<f64>().unwrap();
+        let sig = |x: f64| 1.0 / (1.0 + (-x).exp());
+        for k in 0..6 {
+            // class 2: ρ = 2, a = 2 → 2·σ((4 − k − ½)/½); class 0: ρ = ½, a = ½.
+            assert!((g[0][k] - 2.0 * sig((4.0 - k as f64 - 0.5) / 0.5)).abs() < 1e-12);
+            assert!((g[1][k] - 0.5 * sig((1.0 - k as f64 - 0.5) / 0.5)).abs() < 1e-12);
+        }
+        let gi = gate(&s, &pt, None).unwrap().to_vec2::<f64>().unwrap();
+        let (rm, am) = (3.5 / 3.0, 3.5 / 3.0);
+        assert!((gi[0][1] - am * sig((rm * 2.0 - 1.5) / 0.5)).abs() < 1e-12);
+        let b = setup(false, Objective::Overall, Loss::Ce);
+        let (pt, _) = phi_tensors(&b, &Phi { alpha_meta: 0.7, rank: vec![1.0; 3], alpha: vec![1.0; 3] }, &Device::Cpu, false).unwrap();
+        assert_eq!(gate(&b, &pt, Some(&y)).unwrap().to_vec2::<f64>().unwrap(), vec![vec![0.7, 0.7]]);
+    }
+
+    #[test]
+    fn resize_area_averages_footprints() {
+        // 4×4 → 2×2 averages 2×2 blocks.
+        let px: Vec<f32> = (0..16).map(|v| v as f32).collect();
+        assert_eq!(resize_area(&px, 1, 4, 4, 2, 2), vec![2.5, 4.5, 10.5, 12.5]);
+        // 3 → 2 along one axis: footprints [0, 1.5) and [1.5, 3): (a + b/2)/1.5 and (b/2 + c)/1.5.
+        let r = resize_area(&[0.0, 3.0, 6.0], 1, 1, 3, 1, 2);
+        assert!((r[0] - 1.0).abs() < 1e-6 && (r[1] - 5.0).abs() < 1e-6, "{r:?}");
+        // Upsampling 2 → 4 repeats; a constant image stays constant at any size.
+        assert_eq!(resize_area(&[1.0, 3.0], 1, 1, 2, 1, 4), vec![1.0, 1.0, 3.0, 3.0]);
+        assert!(resize_area(&[0.25; 28 * 28], 1, 28, 28, 8, 8).iter().all(|v| (v - 0.25).abs() < 1e-6));
+    }
+
+    #[test]
+    fn meta_split_is_per_class_and_keeps_both_sides_populated() {
+        let labels: Vec<u32> = [vec![0u32; 10], vec![1; 4], vec![2; 1]].concat();
+        let data = ImageSet { pixels: vec![0.0; labels.len()], labels: labels.clone(), channels: 1, height: 1, width: 1, num_classes: 3 };
+        let idx: Vec<usize> = (0..labels.len()).collect();
+        let (tr, me) = meta_split(&data, &idx, 0.2, 0);
+        let count = |v: &[usize], c: u32| v.iter().filter(|&&i| labels[i] == c).count();
+        assert_eq!((count(&me, 0), count(&me, 1), count(&me, 2)), (2, 1, 0));
+        assert_eq!(tr.len() + me.len(), labels.len());
+        assert_eq!(meta_split(&data, &idx, 0.2, 0), (tr, me));
+    }
+
+    /// The ViT-B/16 (timm) key layout loads through the manifest path: a tiny file with the same
+    /// names (width 24, 12 heads, 2 blocks, 16×16 patches of a 32×32 image, pre-norm, head).
+    #[test]
+    fn vit_b16_layout_loads_through_a_weights_manifest() {
+        let dir = std::env::temp_dir().join(format!("reprise-vitb16-{}", std::process::id()));
+        std::fs::create_dir_all(dir.join("data-manifests/weights")).unwrap();
+        let dev = Device::Cpu;
+        let d = 24;
+        let mut rng = Rng::new(3);
+        let mut t: BTreeMap<String, Tensor> = BTreeMap::new();
+        let mut put = |name: &str, dims: &[usize]| {
+            let n: usize = dims.iter().product();
+            let v: Vec<f32> = (0..n).map(|_| 0.1 * rng.normal() as f32).collect();
+            t.insert(name.to_string(), Tensor::from_vec(v, dims, &dev).unwrap());
+        };
+        put("cls_token", &[1, 1, d]);
+        put("pos_embed", &[1, 5, d]);
+        put("patch_embed.proj.weight", &[d, 3, 16, 16]);
+        put("patch_embed.proj.bias", &[d]);
+        put("norm_pre.weight", &[d]);
+        put("norm_pre.bias", &[d]);
+        for b in 0..2 {
+            for (n, o, i) in [("attn.qkv", 3 * d, d), ("attn.proj", d, d), ("mlp.fc1", 4 * d, d), ("mlp.fc2", d, 4 * d)] {
+                put(&format!("blocks.{b}.{n}.weight"), &[o, i]);
+                put(&format!("blocks.{b}.{n}.bias"), &[o]);
+            }
+            for n in ["norm1", "norm2"] {
+                put(&format!("blocks.{b}.{n}.weight"), &[d]);
+                put(&format!("blocks.{b}.{n}.bias"), &[d]);
+            }
+        }
+        put("norm.weight", &[d]);
+        put("norm.bias", &[d]);
+        put("head.weight", &[1000, d]);
+        put("head.bias", &[1000]);
+        let bytes = safetensors_bytes(&t).unwrap();
+        std::fs::write(dir.join("tiny-vit-b16.safetensors"), &bytes).unwrap();
+        let sha = crate::cache::sha256_hex(&bytes);
+        let manifest = |sha: &str| format!("name = \"tiny\"\ndescription = \"test\"\nlayout = \"timm-vit\"\npath = \"tiny-vit-b16.safetensors\"\nsha256 = \"{sha}\"\nlicence = \"test\"\nsource = \"test\"\ncitation = \"test\"\n");
+        std::fs::write(dir.join("data-manifests/weights/tiny.toml"), manifest(&sha)).unwrap();
+        let loaded = load_weights(&dir, "tiny").unwrap();
+        let opts = VitLoadOptions { heads: 12, eps: 1e-6, activation: Activation::QuickGelu };
+        let vit = VitBackbone::from_safetensors(&loaded, opts, DType::F32, &dev).unwrap();
+        assert_eq!((vit.dim(), vit.patch(), vit.tokens(), vit.input_side(), vit.blocks.len(), vit.channels()), (24, 16, 4, 32, 2, 3));
+        assert!(vit.norm_pre.is_some() && vit.norm.is_some());
+        let x = Tensor::zeros((2, 3, 32, 32), DType::F32, &dev).unwrap();
+        let ad = vit.init_adapters(4, 0, DType::F32, &dev).unwrap();
+        let g = Tensor::ones((1, 4), DType::F32, &dev).unwrap();
+        assert_eq!(vit.features(&x, &ad, &g).unwrap().dims(), &[2, 24]);
+        // Unpinned and wrong hashes are refused, naming the file.
+        std::fs::write(dir.join("data-manifests/weights/tiny.toml"), manifest("unpinned")).unwrap();
+        let e = load_weights(&dir, "tiny").unwrap_err().to_string();
+        assert!(e.contains("unpinned") && e.contains(&sha), "{e}");
+        std::fs::write(dir.join("data-manifests/weights/tiny.toml"), manifest(&"0".repeat(64))).unwrap();
+        assert!(load_weights(&dir, "tiny").unwrap_err().to_string().contains("mismatch"));
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}
