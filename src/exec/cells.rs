@@ -91,7 +91,7 @@ pub fn run_cell(plan: &Plan, i: usize, inputs: &[CellRecord], store: &dyn Store,
         return Ok(CellOutcome::Cached(r));
     }
     let start = Instant::now();
-    let computed = compute(cell.kind.clone(), inputs, store, memo, progress);
+    let computed = compute(cell.kind.clone(), inputs, store, memo, progress, &plan.root);
     let (objects, status, reason) = match computed {
         Ok(Outcome::Done(objects)) => (objects, CellStatus::Ok, None),
         Ok(Outcome::Failed { reason, objects }) => (objects, CellStatus::Failed, Some(reason)),
@@ -115,7 +115,7 @@ fn first_classes(images: &ImageSet, k: usize) -> ImageSet {
     sub
 }
 
-fn compute(kind: CellKind, inputs: &[CellRecord], store: &dyn Store, memo: &Memo, progress: &dyn Progress) -> Result<Outcome, CellFailure> {
+fn compute(kind: CellKind, inputs: &[CellRecord], store: &dyn Store, memo: &Memo, progress: &dyn Progress, project_root: &std::path::Path) -> Result<Outcome, CellFailure> {
     let mut objects = BTreeMap::new();
     match kind {
         CellKind::Dataset { manifest, root, classes } => {
@@ -185,14 +185,14 @@ fn compute(kind: CellKind, inputs: &[CellRecord], store: &dyn Store, memo: &Memo
                 }
                 None => None,
             };
-            let ti = TrainInputs { data: &images, train: &subset.train, test: &split.test, pretrained: pretrained.as_ref() };
+            let ti = TrainInputs { data: &images, train: &subset.train, test: &split.test, pretrained: pretrained.as_ref(), root: project_root };
             return Ok(m.run(&params, seed, &ti, progress)?);
         }
         CellKind::Pretrain { method, pretraining } => {
             let m = methods::get(method).ok_or_else(|| CellFailure(format!("unknown method `{method}`")))?;
             let images = load_images(store, memo, &inputs[0])?;
             let split: SplitOutput = load_json(store, &inputs[1], "split.json")?;
-            let ti = TrainInputs { data: &images, train: &split.train, test: &split.test, pretrained: None };
+            let ti = TrainInputs { data: &images, train: &split.train, test: &split.test, pretrained: None, root: project_root };
             return Ok(m.pretrain(&pretraining, &ti, progress)?);
         }
     }

@@ -615,10 +615,16 @@ pub struct WeightsManifest {
 }
 
 /// Read and verify the checkpoint named by `data-manifests/weights/<name>.toml` under `root`.
-pub fn load_weights(root: &Path, name: &str) -> Result<Vec<u8>, MethodError> {
+/// Parse `data-manifests/weights/<name>.toml` under `root`.
+pub fn weights_manifest(root: &Path, name: &str) -> Result<WeightsManifest, MethodError> {
     let mpath = root.join("data-manifests").join("weights").join(format!("{name}.toml"));
     let text = std::fs::read_to_string(&mpath).map_err(|e| MethodError::Invalid(format!("cannot read {}: {e}", mpath.display())))?;
-    let m: WeightsManifest = toml::from_str(&text).map_err(|e| MethodError::Invalid(format!("{}: {e}", mpath.display())))?;
+    toml::from_str(&text).map_err(|e| MethodError::Invalid(format!("{}: {e}", mpath.display())))
+}
+
+pub fn load_weights(root: &Path, name: &str) -> Result<Vec<u8>, MethodError> {
+    let mpath = root.join("data-manifests").join("weights").join(format!("{name}.toml"));
+    let m = weights_manifest(root, name)?;
     if m.layout != "timm-vit" {
         return Err(MethodError::Invalid(format!("{}: unknown layout `{}` (known: timm-vit)", mpath.display(), m.layout)));
     }
@@ -674,12 +680,19 @@ impl Method for ClassAwareLora {
         Ok(())
     }
 
-    fn pretraining(&self, p: &Params) -> Option<Pretraining> {
-        let keys: &[&str] = match p.get("backbone").and_then(ParamValue::as_str) {
+    fn pretraining(&self, p: &Params, root: &Path) -> Option<Pretraining> {
+        let backbone = p.get("backbone").and_then(ParamValue::as_str);
+        let keys: &[&str] = match backbone {
             Some("pretrain") => &["backbone", "vit_width", "pretrain_epochs", "pretrain_lr"],
             _ => &["backbone"],
         };
-        let params = keys.iter().filter_map(|k| p.get(*k).map(|v| (k.to_string(), v.clone()))).collect();
+        let mut params: Params = keys.iter().filter_map(|k| p.get(*k).map(|v| (k.to_string(), v.clone()))).collect();
+        // An imported checkpoint is part of the key through its pinned sha256, so pinning a
+        // new file recomputes every cell that used the old one.
+        if let Some(name) = backbone.filter(|b| *b != "pretrain") {
+            let pinned = weights_manifest(root, name).map(|m| m.sha256).unwrap_or_else(|_| "unreadable manifest".to_string());
+            params.insert("weights_sha256".to_string(), ParamValue::Str(pinned));
+        }
         Some(Pretraining {
             dataset: p.get("pretrain_dataset").and_then(ParamValue::as_str).unwrap_or("optdigits").to_string(),
             params,
@@ -691,8 +704,8 @@ impl Method for ClassAwareLora {
         let mut objects = BTreeMap::new();
         let backbone = get_s(&pt.params, "backbone")?;
         if backbone != "pretrain" {
-            // An imported checkpoint, read relative to the working directory (the project root).
-            let bytes = load_weights(Path::new("."), backbone)?;
+            // An imported checkpoint named by a weights manifest under the project root.
+            let bytes = load_weights(inputs.root, backbone)?;
             objects.insert("backbone.safetensors".to_string(), bytes);
             objects.insert("pretrain.json".to_string(), to_json(&PretrainRecord { source_accuracy: Vec::new() })?);
             return Ok(Outcome::Done(objects));

@@ -26,6 +26,8 @@ pub struct TrainInputs<'a> {
     pub test: &'a [usize],
     /// The outputs of the run's pretraining cell, by name (see [`Method::pretraining`]).
     pub pretrained: Option<&'a BTreeMap<String, Vec<u8>>>,
+    /// The project root (where `data-manifests/` lives).
+    pub root: &'a std::path::Path,
 }
 
 /// Progress reports from inside a cell (epochs), shown by the executor's progress bars.
@@ -123,8 +125,9 @@ pub trait Method: Send + Sync {
     fn check_run(&self, params: &Params) -> Result<(), (String, String, Option<String>)>;
     /// Parameters that only shape the upstream data cells, left out of the training key.
     fn data_params(&self) -> &'static [&'static str];
-    /// The pretraining this run needs, if any.
-    fn pretraining(&self, _params: &Params) -> Option<Pretraining> {
+    /// The pretraining this run needs, if any. `root` is the project root (for files such as
+    /// weights manifests whose pinned hashes belong in the key).
+    fn pretraining(&self, _params: &Params, _root: &std::path::Path) -> Option<Pretraining> {
         None
     }
     /// Compute a pretraining cell: its objects become `TrainInputs::pretrained` of the runs.

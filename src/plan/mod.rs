@@ -108,6 +108,8 @@ pub struct PlannedRun {
 #[derive(Debug, Clone)]
 pub struct Plan {
     pub report: String,
+    /// The project root (never part of a key).
+    pub root: PathBuf,
     pub method: &'static str,
     pub cells: Vec<Cell>,
     pub runs: Vec<PlannedRun>,
@@ -209,7 +211,7 @@ pub fn plan(spec: &Spec) -> Result<Plan, PlanError> {
             // last bits, so they are different cells.
             let device = run.params.get("device").and_then(ParamValue::as_str).unwrap_or("cpu").to_string();
             let mut upstream = vec![ds, split, subset];
-            if let Some(pt) = method.pretraining(&run.params) {
+            if let Some(pt) = method.pretraining(&run.params, &spec.root) {
                 let (pds, psplit) = data_cells(spec, &mut b, &mut memo, &pt.dataset)?;
                 let canon = pt.params.iter().map(|(k, v)| (k.clone(), v.canonical())).collect();
                 let m = material(&format!("pretrain:{}", method.name()), method.version(), canon, vec![b.cells[pds].key.clone(), b.cells[psplit].key.clone()], Some(pt.seed), &device);
@@ -228,7 +230,7 @@ pub fn plan(spec: &Spec) -> Result<Plan, PlanError> {
             runs.push(PlannedRun { experiment: exp.id.clone(), label: run.label(), point: run.point.clone(), params: run.params.clone(), seed: run.seed, cell });
         }
     }
-    Ok(Plan { report: spec.report.id.clone(), method: method.name(), cells: b.cells, runs })
+    Ok(Plan { report: spec.report.id.clone(), root: spec.root.clone(), method: method.name(), cells: b.cells, runs })
 }
 
 /// `data-manifests/<name>.toml` under the project root.
@@ -256,7 +258,7 @@ impl Plan {
             cells.push(c);
         }
         let runs = self.runs.iter().filter(|r| keep[r.cell]).map(|r| PlannedRun { cell: new_index[r.cell], ..r.clone() }).collect();
-        Plan { report: self.report.clone(), method: self.method, cells, runs }
+        Plan { report: self.report.clone(), root: self.root.clone(), method: self.method, cells, runs }
     }
 }
 
