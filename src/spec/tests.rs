@@ -164,3 +164,11 @@ fn unknown_metric_in_a_table_is_located() {
     assert_eq!(e.diagnostics[0].hint.as_deref(), Some("did you mean `accuracy`?"));
     assert!(matches!(e.diagnostics[0].origin, Origin::File { line: 23, .. }), "{e}");
 }
+
+#[test]
+fn per_metric_reference_values_parse() {
+    let text = format!("{BASE}\n[[tables]]\nid = \"t\"\nexperiment = \"e1\"\ntitle = \"T\"\nmetrics = [\"accuracy\"]\n[tables.reference]\nlabel = \"doc\"\n[tables.reference.values.\"1.0\"]\naccuracy = \"65-70\"\n[tables.reference.values.\"0.1\"]\naccuracy = \"60\"\n");
+    let s = parse_ok(&text, &[]);
+    let r = s.tables[0].reference.as_ref().unwrap();
+    assert_eq!(r.values["1.0"], RefValue::PerMetric([("accuracy".to_string(), "65-70".to_string())].into_iter().collect()));
+}
