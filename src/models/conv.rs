@@ -250,6 +250,20 @@ fn split(n: usize) -> (usize, gemm::Parallelism) {
     }
 }
 
+/// Σ v in 8 independent lanes, so that the compiler vectorises it.
+#[inline]
+fn lane_sum(v: &[f32]) -> f32 {
+    let mut acc = [0f32; 8];
+    let chunks = v.chunks_exact(8);
+    let tail: f32 = chunks.remainder().iter().sum();
+    for c in chunks {
+        for (a, &x) in acc.iter_mut().zip(c) {
+            *a += x;
+        }
+    }
+    acc.iter().sum::<f32>() + tail
+}
+
 /// ReLU that keeps NaN (so a diverging run still shows a NaN loss).
 #[inline]
 fn relu(v: f32) -> f32 {
@@ -360,7 +374,7 @@ fn backward(g: &Geom, a: &BackwardInputs) -> (Option<Vec<f32>>, Vec<f32>, Vec<f3
                 }
                 if a.need_b {
                     for (b, row) in gb.iter_mut().zip(go.chunks_exact(p)) {
-                        *b += row.iter().sum::<f32>();
+                        *b += lane_sum(row);
                     }
                 }
                 let gom = Mat::row_major(go, g.o, p);

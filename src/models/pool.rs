@@ -68,6 +68,52 @@ fn pool_dims(dims: &[usize], k: usize) -> candle_core::Result<(usize, usize, usi
     Ok((n * c, h, w, h / k, w / k))
 }
 
+/// Planes per rayon task: a few tasks per thread, so that small planes do not cost a task each.
+fn planes_per_task(planes: usize) -> usize {
+    (planes / (rayon::current_num_threads() * 4)).max(1)
+}
+
+/// One output row of 2×2 pooling from input rows `r0` and `r1`.
+#[inline]
+fn pool2_row(r0: &[f32], r1: &[f32], out: &mut [f32]) {
+    for ((o, a), b) in out.iter_mut().zip(r0.chunks_exact(2)).zip(r1.chunks_exact(2)) {
+        *o = a[0].max(a[1]).max(b[0].max(b[1]));
+    }
+}
+
+/// The gradient of one output row of 2×2 pooling: `d0`, `d1` (input rows, overwritten) from the
+/// input rows, the pooled row `m` and its gradient `g`.
+#[inline]
+#[allow(clippy::too_many_arguments)]
+fn unpool2_row(rule: PoolGradient, r0: &[f32], r1: &[f32], m: &[f32], g: &[f32], d0: &mut [f32], d1: &mut [f32]) {
+    let windows = r0.chunks_exact(2).zip(r1.chunks_exact(2)).zip(d0.chunks_exact_mut(2).zip(d1.chunks_exact_mut(2)));
+    for ((((a, b), (da, db)), &mv), &gv) in windows.zip(m).zip(g) {
+        let e = [a[0] == mv, a[1] == mv, b[0] == mv, b[1] == mv];
+        let share = match rule {
+            PoolGradient::Candle => {
+                let ties = e.iter().filter(|&&t| t).count() as f32;
+                let s = gv * (ties / 4.0);
+                [s; 4]
+            }
+            PoolGradient::FirstMax => [gv; 4],
+        };
+        let take = match rule {
+            PoolGradient::Candle => e,
+            PoolGradient::FirstMax => {
+                let f0 = e[0];
+                let f1 = e[1] && !f0;
+                let f2 = e[2] && !(f0 || f1);
+                let f3 = e[3] && !(f0 || f1 || f2);
+                [f0, f1, f2, f3]
+            }
+        };
+        da[0] = if take[0] { share[0] } else { 0.0 };
+        da[1] = if take[1] { share[1] } else { 0.0 };
+        db[0] = if take[2] { share[2] } else { 0.0 };
+        db[1] = if take[3] { share[3] } else { 0.0 };
+    }
+}
+
 impl CustomOp1 for MaxPool {
     fn name(&self) -> &'static str {
         "max-pool2d"
@@ -84,13 +130,22 @@ impl CustomOp1 for MaxPool {
         let x = &v[a..b];
         let k = self.k;
         let mut out = vec![0f32; planes * ho * wo];
+        let per = planes_per_task(planes);
         if !out.is_empty() {
-            out.par_chunks_mut(ho * wo)
-                .zip(x.par_chunks(h * w))
-                .for_each(|(o, plane)| {
-                    for oy in 0..ho {
-                        for ox in 0..wo {
-                            o[oy * wo + ox] = plane[argmax(plane, w, k, oy, ox)];
+            out.par_chunks_mut(per * ho * wo)
+                .zip(x.par_chunks(per * h * w))
+                .for_each(|(os, xs)| {
+                    for (o, plane) in os.chunks_exact_mut(ho * wo).zip(xs.chunks_exact(h * w)) {
+                        for (oy, orow) in o.chunks_exact_mut(wo).enumerate() {
+                            if k == 2 {
+                                let r0 = &plane[2 * oy * w..2 * oy * w + 2 * wo];
+                                let r1 = &plane[(2 * oy + 1) * w..(2 * oy + 1) * w + 2 * wo];
+                                pool2_row(r0, r1, orow);
+                            } else {
+                                for (ox, ov) in orow.iter_mut().enumerate() {
+                                    *ov = plane[argmax(plane, w, k, oy, ox)];
+                                }
+                            }
                         }
                     }
                 });
@@ -105,49 +160,76 @@ impl CustomOp1 for MaxPool {
     fn bwd(
         &self,
         arg: &Tensor,
-        _res: &Tensor,
+        res: &Tensor,
         grad: &Tensor,
     ) -> candle_core::Result<Option<Tensor>> {
         let (planes, h, w, ho, wo) = pool_dims(arg.dims(), self.k)?;
-        let (xc, gc) = (arg.contiguous()?, grad.contiguous()?);
-        let (xs, gs) = (xc.storage_and_layout(), gc.storage_and_layout());
+        let (xc, rc, gc) = (arg.contiguous()?, res.contiguous()?, grad.contiguous()?);
+        let (xs, rs, gs) = (xc.storage_and_layout(), rc.storage_and_layout(), gc.storage_and_layout());
         let x = f32_slice(&xs.0, xs.1)?;
+        let r = f32_slice(&rs.0, rs.1)?;
         let g = f32_slice(&gs.0, gs.1)?;
         let k = self.k;
+        let rule = self.gradient;
         let mut gx = vec![0f32; planes * h * w];
+        let per = planes_per_task(planes);
         if !gx.is_empty() && ho * wo > 0 {
-            gx.par_chunks_mut(h * w)
-                .zip(x.par_chunks(h * w))
-                .zip(g.par_chunks(ho * wo))
-                .for_each(|((gxp, plane), gp)| {
-                    for oy in 0..ho {
-                        for ox in 0..wo {
-                            let g = gp[oy * wo + ox];
-                            let best = argmax(plane, w, k, oy, ox);
-                            match self.gradient {
-                                PoolGradient::FirstMax => gxp[best] += g,
-                                PoolGradient::Candle => {
-                                    let m = plane[best];
-                                    let window = |i: usize| (oy * k + i) * w + ox * k;
-                                    let ties = (0..k)
-                                        .map(|i| plane[window(i)..window(i) + k].iter().filter(|&&v| v == m).count())
-                                        .sum::<usize>();
-                                    let share = g * (ties as f32 / (k * k) as f32);
-                                    for i in 0..k {
-                                        let row = window(i);
-                                        for (d, &v) in gxp[row..row + k].iter_mut().zip(&plane[row..row + k]) {
-                                            if v == m {
-                                                *d += share;
-                                            }
-                                        }
-                                    }
-                                }
+            gx.par_chunks_mut(per * h * w)
+                .zip(x.par_chunks(per * h * w))
+                .zip(r.par_chunks(per * ho * wo).zip(g.par_chunks(per * ho * wo)))
+                .for_each(|((gxs, xs), (rs, gs))| {
+                    let planes = gxs.chunks_exact_mut(h * w).zip(xs.chunks_exact(h * w));
+                    for ((gxp, plane), (rp, gp)) in planes.zip(rs.chunks_exact(ho * wo).zip(gs.chunks_exact(ho * wo))) {
+                        if k == 2 {
+                            for oy in 0..ho {
+                                let (top, bottom) = gxp[2 * oy * w..(2 * oy + 2) * w].split_at_mut(w);
+                                unpool2_row(
+                                    rule,
+                                    &plane[2 * oy * w..2 * oy * w + 2 * wo],
+                                    &plane[(2 * oy + 1) * w..(2 * oy + 1) * w + 2 * wo],
+                                    &rp[oy * wo..(oy + 1) * wo],
+                                    &gp[oy * wo..(oy + 1) * wo],
+                                    &mut top[..2 * wo],
+                                    &mut bottom[..2 * wo],
+                                );
                             }
+                        } else {
+                            unpool_generic(rule, plane, gp, gxp, w, k, ho, wo);
                         }
                     }
                 });
         }
         Ok(Some(Tensor::from_vec(gx, arg.shape(), arg.device())?))
+    }
+}
+
+/// The gradient of one plane for any window size (`gxp` starts at zero).
+#[allow(clippy::too_many_arguments)]
+fn unpool_generic(rule: PoolGradient, plane: &[f32], gp: &[f32], gxp: &mut [f32], w: usize, k: usize, ho: usize, wo: usize) {
+    for oy in 0..ho {
+        for ox in 0..wo {
+            let g = gp[oy * wo + ox];
+            let best = argmax(plane, w, k, oy, ox);
+            match rule {
+                PoolGradient::FirstMax => gxp[best] += g,
+                PoolGradient::Candle => {
+                    let m = plane[best];
+                    let window = |i: usize| (oy * k + i) * w + ox * k;
+                    let ties = (0..k)
+                        .map(|i| plane[window(i)..window(i) + k].iter().filter(|&&v| v == m).count())
+                        .sum::<usize>();
+                    let share = g * (ties as f32 / (k * k) as f32);
+                    for i in 0..k {
+                        let row = window(i);
+                        for (d, &v) in gxp[row..row + k].iter_mut().zip(&plane[row..row + k]) {
+                            if v == m {
+                                *d += share;
+                            }
+                        }
+                    }
+                }
+            }
+        }
     }
 }
 
