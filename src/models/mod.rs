@@ -9,6 +9,7 @@
 //!
 //! All architectures are sized for quick CPU runs and accept both 28×28 and 8×8 inputs.
 
+pub mod alloc;
 pub mod cnn;
 pub mod conv;
 pub mod conv4;
@@ -114,6 +115,7 @@ pub fn build(
     if cfg.width_mult == 0 {
         candle_core::bail!("model config: width_mult must be at least 1");
     }
+    alloc::keep_freed_memory();
     Ok(match cfg.kind {
         ModelKind::Mlp => Box::new(mlp::Mlp::new(cfg, vb)?),
         ModelKind::Cnn => Box::new(cnn::Cnn::new(cfg, vb)?),
