@@ -13,6 +13,7 @@ pub mod alloc;
 pub mod cnn;
 pub mod conv;
 pub mod conv4;
+pub mod fused;
 pub mod mlp;
 pub mod norm;
 pub mod pool;
@@ -194,17 +195,39 @@ impl LayerNorm {
     }
 
     pub(crate) fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        match fused::layer_norm(x, &self.weight, &self.bias, self.eps)? {
+            Some(y) => Ok(y),
+            None => Self::reference(x, &self.weight, &self.bias, self.eps),
+        }
+    }
+
+    /// The same computation from candle's primitives (other devices and dtypes; tests).
+    pub(crate) fn reference(
+        x: &Tensor,
+        weight: &Tensor,
+        bias: &Tensor,
+        eps: f64,
+    ) -> candle_core::Result<Tensor> {
         let mean = x.mean_keepdim(D::Minus1)?;
         let xc = x.broadcast_sub(&mean)?;
         let var = xc.sqr()?.mean_keepdim(D::Minus1)?;
-        let xn = xc.broadcast_div(&(var + self.eps)?.sqrt()?)?;
-        xn.broadcast_mul(&self.weight)?.broadcast_add(&self.bias)
+        let xn = xc.broadcast_div(&(var + eps)?.sqrt()?)?;
+        xn.broadcast_mul(weight)?.broadcast_add(bias)
     }
 }
 
-/// Softmax over the last dimension from differentiable primitives (candle-nn's
-/// `softmax_last_dim` is a fused kernel without a backward pass).
+/// Softmax over the last dimension with a backward pass (candle-nn's `softmax_last_dim` is a
+/// fused kernel without one): [`fused::softmax_last`] on the CPU in f32, else
+/// [`softmax_last_reference`].
 pub(crate) fn softmax_last(x: &Tensor) -> candle_core::Result<Tensor> {
+    match fused::softmax_last(x)? {
+        Some(y) => Ok(y),
+        None => softmax_last_reference(x),
+    }
+}
+
+/// Softmax over the last dimension from differentiable primitives.
+pub(crate) fn softmax_last_reference(x: &Tensor) -> candle_core::Result<Tensor> {
     let max = x.max_keepdim(D::Minus1)?.detach();
     let e = x.broadcast_sub(&max)?.exp()?;
     e.broadcast_div(&e.sum_keepdim(D::Minus1)?)

@@ -15,6 +15,7 @@ use candle_core::{Module, Tensor};
 use candle_nn::{linear, Linear, VarBuilder};
 
 use super::conv::Conv;
+use super::fused;
 use super::{classifier_weight, softmax_last, Classifier, LayerNorm, ModelConfig};
 
 const DEPTH: usize = 2;
@@ -75,7 +76,7 @@ impl Block {
 
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         let x = (x + self.attn.forward(&self.norm1.forward(x)?)?)?;
-        let h = self.fc1.forward(&self.norm2.forward(&x)?)?.gelu_erf()?;
+        let h = fused::gelu_erf(&self.fc1.forward(&self.norm2.forward(&x)?)?)?;
         x + self.fc2.forward(&h)?
     }
 }
