@@ -163,7 +163,7 @@ fn col2im(g: &Geom, cols: &[f32], gx: &mut [f32]) {
 
 /// A read-only strided matrix over a slice: element (r, c) is `data[r·rs + c·cs]`.
 #[derive(Clone, Copy)]
-struct Mat<'a> {
+pub(super) struct Mat<'a> {
     data: &'a [f32],
     rows: usize,
     cols: usize,
@@ -172,7 +172,7 @@ struct Mat<'a> {
 }
 
 impl<'a> Mat<'a> {
-    fn row_major(data: &'a [f32], rows: usize, cols: usize) -> Self {
+    pub(super) fn row_major(data: &'a [f32], rows: usize, cols: usize) -> Self {
         Mat {
             data,
             rows,
@@ -182,7 +182,7 @@ impl<'a> Mat<'a> {
         }
     }
 
-    fn t(self) -> Self {
+    pub(super) fn t(self) -> Self {
         Mat {
             data: self.data,
             rows: self.cols,
@@ -201,7 +201,7 @@ impl<'a> Mat<'a> {
 }
 
 /// `dst` (row-major a.rows × b.cols) = a·b, or dst + a·b when `accumulate`.
-fn matmul(dst: &mut [f32], a: Mat, b: Mat, accumulate: bool, par: gemm::Parallelism) {
+pub(super) fn matmul(dst: &mut [f32], a: Mat, b: Mat, accumulate: bool, par: gemm::Parallelism) {
     let (m, k, n) = (a.rows, a.cols, b.cols);
     // Invariant of every call site (sizes derive from one `Geom`); checking it here is what makes
     // the raw-pointer call below sound, so a violation must stop rather than read out of bounds.
@@ -266,7 +266,7 @@ fn lane_sum(v: &[f32]) -> f32 {
 
 /// ReLU that keeps NaN (so a diverging run still shows a NaN loss).
 #[inline]
-fn relu(v: f32) -> f32 {
+pub(super) fn relu(v: f32) -> f32 {
     if v < 0.0 {
         0.0
     } else {

@@ -14,6 +14,7 @@ pub mod cnn;
 pub mod conv;
 pub mod conv4;
 pub mod fused;
+pub mod linear;
 pub mod mlp;
 pub mod norm;
 pub mod pool;
