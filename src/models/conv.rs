@@ -94,6 +94,38 @@ fn valid_range(out: usize, len: usize, s: usize, j: usize, pad: usize) -> (usize
     (lo.min(hi), hi)
 }
 
+/// Zero `row[a..b]`; the ranges are usually one element wide (a 3×3 kernel's border), where a
+/// plain store beats a call to memset.
+#[inline]
+fn zero_small(row: &mut [f32], a: usize, b: usize) {
+    match b.saturating_sub(a) {
+        0 => {}
+        1 => row[a] = 0.0,
+        _ => row[a..b].fill(0.0),
+    }
+}
+
+/// For stride 1 with Wo = W, patch-matrix row (c, i, j) is channel c shifted by
+/// (i − pad)·W + (j − pad) positions, plus zeroed borders; this is that offset.
+#[inline]
+fn shift(g: &Geom, i: usize, j: usize) -> isize {
+    (i as isize - g.pad as isize) * g.w as isize + (j as isize - g.pad as isize)
+}
+
+/// The row positions [a, b) of the output rows [ylo, yhi) whose source q + off lies in the plane.
+#[inline]
+fn shifted_span(ylo: usize, yhi: usize, w: usize, plane: usize, off: isize) -> (usize, usize) {
+    let (lo, hi) = ((ylo * w) as isize, (yhi * w) as isize);
+    let a = lo.max(-off).min(hi);
+    let b = hi.min(plane as isize - off).max(a);
+    (a as usize, b as usize)
+}
+
+/// Whether rows of the patch matrix are whole-plane shifts of the input (stride 1, Wo = W).
+fn shiftable(g: &Geom) -> bool {
+    g.stride == 1 && g.wo == g.w
+}
+
 /// Fill `cols` (K×P, row (c, i, j), column (oy, ox)) with x[c, oy·s + i − pad, ox·s + j − pad],
 /// zero outside the input. `x` is one sample, C×H×W.
 fn im2col(g: &Geom, x: &[f32], cols: &mut [f32]) {
@@ -106,6 +138,24 @@ fn im2col(g: &Geom, x: &[f32], cols: &mut [f32]) {
             for j in 0..g.kw {
                 let (xlo, xhi) = valid_range(g.wo, g.w, g.stride, j, g.pad);
                 let Some(row) = rows.next() else { return };
+                if shiftable(g) {
+                    // One copy of the shifted plane, then zero the rows and columns that fall
+                    // outside the input (the columns received wrapped-around neighbours).
+                    let w = g.w;
+                    row[..ylo * w].fill(0.0);
+                    row[yhi * w..].fill(0.0);
+                    let off = shift(g, i, j);
+                    let (a, b) = shifted_span(ylo, yhi, w, plane, off);
+                    if b > a {
+                        let src = (a as isize + off) as usize;
+                        row[a..b].copy_from_slice(&xc[src..src + (b - a)]);
+                    }
+                    for oy in ylo..yhi {
+                        zero_small(row, oy * w, oy * w + xlo);
+                        zero_small(row, oy * w + xhi, (oy + 1) * w);
+                    }
+                    continue;
+                }
                 for (oy, d) in row.chunks_exact_mut(g.wo).enumerate() {
                     if oy < ylo || oy >= yhi {
                         d.fill(0.0);
@@ -113,8 +163,8 @@ fn im2col(g: &Geom, x: &[f32], cols: &mut [f32]) {
                     }
                     let iy = oy * g.stride + i - g.pad;
                     let src = &xc[iy * g.w..(iy + 1) * g.w];
-                    d[..xlo].fill(0.0);
-                    d[xhi..].fill(0.0);
+                    zero_small(d, 0, xlo);
+                    zero_small(d, xhi, g.wo);
                     if g.stride == 1 {
                         let off = xlo + j - g.pad;
                         d[xlo..xhi].copy_from_slice(&src[off..off + (xhi - xlo)]);
@@ -130,10 +180,11 @@ fn im2col(g: &Geom, x: &[f32], cols: &mut [f32]) {
 }
 
 /// The adjoint of [`im2col`]: add every entry of `cols` (K×P) into the input position it was read
-/// from. `gx` is one sample, C×H×W.
-fn col2im(g: &Geom, cols: &[f32], gx: &mut [f32]) {
+/// from. `gx` is one sample, C×H×W. `cols` is scratch: entries that correspond to padding may be
+/// overwritten with zeros.
+fn col2im(g: &Geom, cols: &mut [f32], gx: &mut [f32]) {
     let (p, plane) = (g.p(), g.h * g.w);
-    let mut rows = cols.chunks_exact(p);
+    let mut rows = cols.chunks_exact_mut(p);
     for c in 0..g.c {
         let gc = &mut gx[c * plane..(c + 1) * plane];
         for i in 0..g.kh {
@@ -141,6 +192,24 @@ fn col2im(g: &Geom, cols: &[f32], gx: &mut [f32]) {
             for j in 0..g.kw {
                 let (xlo, xhi) = valid_range(g.wo, g.w, g.stride, j, g.pad);
                 let Some(row) = rows.next() else { return };
+                if shiftable(g) {
+                    // Zero the entries that belong to padding columns, then add the whole shifted
+                    // block at once (those zeros land on wrapped-around neighbours).
+                    let w = g.w;
+                    for oy in ylo..yhi {
+                        zero_small(row, oy * w, oy * w + xlo);
+                        zero_small(row, oy * w + xhi, (oy + 1) * w);
+                    }
+                    let off = shift(g, i, j);
+                    let (a, b) = shifted_span(ylo, yhi, w, plane, off);
+                    if b > a {
+                        let dst = (a as isize + off) as usize;
+                        for (d, v) in gc[dst..dst + (b - a)].iter_mut().zip(&row[a..b]) {
+                            *d += *v;
+                        }
+                    }
+                    continue;
+                }
                 for oy in ylo..yhi {
                     let d = &row[oy * g.wo..(oy + 1) * g.wo];
                     let iy = oy * g.stride + i - g.pad;
@@ -394,7 +463,7 @@ fn backward(g: &Geom, a: &BackwardInputs) -> (Option<Vec<f32>>, Vec<f32>, Vec<f3
                         matmul(gx_n, wm.t(), gom, false, par);
                     } else {
                         matmul(&mut gcols, wm.t(), gom, false, par);
-                        col2im(g, &gcols, gx_n);
+                        col2im(g, &mut gcols, gx_n);
                     }
                 }
             }
@@ -758,6 +827,11 @@ mod tests {
         (5, 13, 7, 7, 11, 3, 2, 0),
         (5, 1, 6, 5, 3, 3, 1, 1),
         (2, 9, 5, 5, 10, 1, 1, 1),
+        // "Same" stride-1 convolutions (the whole-plane shift path), down to 1×1 inputs.
+        (2, 4, 9, 8, 6, 5, 1, 2),
+        (1, 2, 10, 10, 3, 7, 1, 3),
+        (5, 3, 1, 1, 4, 3, 1, 1),
+        (2, 3, 2, 2, 4, 3, 1, 1),
     ];
 
     #[test]
