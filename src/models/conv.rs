@@ -168,9 +168,11 @@ fn im2col(g: &Geom, x: &[f32], cols: &mut [f32]) {
                     if g.stride == 1 {
                         let off = xlo + j - g.pad;
                         d[xlo..xhi].copy_from_slice(&src[off..off + (xhi - xlo)]);
-                    } else {
-                        for (ox, v) in d.iter_mut().enumerate().take(xhi).skip(xlo) {
-                            *v = src[ox * g.stride + j - g.pad];
+                    } else if xhi > xlo {
+                        let start = xlo * g.stride + j - g.pad;
+                        let strided = src[start..].iter().step_by(g.stride);
+                        for (v, s) in d[xlo..xhi].iter_mut().zip(strided) {
+                            *v = *s;
                         }
                     }
                 }
@@ -219,9 +221,11 @@ fn col2im(g: &Geom, cols: &mut [f32], gx: &mut [f32]) {
                         for (a, b) in dst[off..off + (xhi - xlo)].iter_mut().zip(&d[xlo..xhi]) {
                             *a += *b;
                         }
-                    } else {
-                        for (ox, v) in d.iter().enumerate().take(xhi).skip(xlo) {
-                            dst[ox * g.stride + j - g.pad] += *v;
+                    } else if xhi > xlo {
+                        let start = xlo * g.stride + j - g.pad;
+                        let strided = dst[start..].iter_mut().step_by(g.stride);
+                        for (t, v) in strided.zip(&d[xlo..xhi]) {
+                            *t += *v;
                         }
                     }
                 }
