@@ -71,9 +71,49 @@ pub struct BenchArgs {
     /// The report timed by `--reports`.
     #[arg(long, default_value = "reports/neural-collapse.toml")]
     pub report: PathBuf,
+    /// What a step's time is: `wall` (elapsed time, the default) or `cpu` (CPU time of the whole
+    /// process, all threads; with --threads 1 it ignores the time other processes hold the core,
+    /// which makes comparisons on a busy machine steadier).
+    #[arg(long, value_enum, default_value_t = Clock::Wall)]
+    pub clock: Clock,
     /// Print one JSON object with every measurement after the table.
     #[arg(long)]
     pub json: bool,
+}
+
+/// How steps are timed.
+#[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Clock {
+    Wall,
+    Cpu,
+}
+
+impl Clock {
+    fn name(self) -> &'static str {
+        match self {
+            Clock::Wall => "wall",
+            Clock::Cpu => "cpu",
+        }
+    }
+
+    /// Seconds on this clock since an arbitrary origin.
+    fn now(self, origin: Instant) -> f64 {
+        match self {
+            Clock::Wall => origin.elapsed().as_secs_f64(),
+            Clock::Cpu => process_cpu_seconds(),
+        }
+    }
+}
+
+/// CPU time of this process (all threads), in seconds.
+fn process_cpu_seconds() -> f64 {
+    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: clock_gettime writes one timespec through a valid pointer.
+    let rc = unsafe { libc::clock_gettime(libc::CLOCK_PROCESS_CPUTIME_ID, &mut ts) };
+    if rc != 0 {
+        return 0.0;
+    }
+    ts.tv_sec as f64 + ts.tv_nsec as f64 * 1e-9
 }
 
 /// A model of the benchmark: its name (shared with the PyTorch script), a description and the
@@ -159,8 +199,9 @@ pub fn bench(a: &BenchArgs) -> anyhow::Result<i32> {
     }
     let per_round = a.steps.div_ceil(a.rounds);
     println!(
-        "training step: batch {BATCH}, SGD lr {LR} momentum 0.9, cross-entropy; median of {} steps per side \
-         ({} rounds of {per_round}, alternating) after {} warm-up\n",
+        "training step: batch {BATCH}, SGD lr {LR} momentum 0.9, cross-entropy; median {} time of {} steps per \
+         side ({} rounds of {per_round}, alternating) after {} warm-up\n",
+        a.clock.name(),
         per_round * a.rounds,
         a.rounds,
         a.warmup
@@ -169,7 +210,7 @@ pub fn bench(a: &BenchArgs) -> anyhow::Result<i32> {
     let mut rows = Vec::new();
     for name in &names {
         let Some((desc, cfg)) = model_config(name) else { continue };
-        let mut ours = Trainer::new(&cfg).with_context(|| format!("building {name}"))?;
+        let mut ours = Trainer::new(&cfg, a.clock).with_context(|| format!("building {name}"))?;
         ours.run(&batches, a.warmup).with_context(|| format!("training {name}"))?;
         let mut theirs_ok = torch.is_some();
         if let Some(t) = torch.as_mut() {
@@ -243,6 +284,7 @@ pub fn bench(a: &BenchArgs) -> anyhow::Result<i32> {
             "threads": threads,
             "pytorch": torch_version,
             "steps": a.steps,
+            "clock": a.clock.name(),
             "warmup": a.warmup,
             "models": rows,
             "hash_gb_per_s": hash,
@@ -297,16 +339,17 @@ struct Trainer {
     model: Box<dyn models::Classifier>,
     opt: Optimizer,
     step: usize,
+    clock: Clock,
     _varmap: VarMap,
 }
 
 impl Trainer {
-    fn new(cfg: &ModelConfig) -> anyhow::Result<Self> {
+    fn new(cfg: &ModelConfig, clock: Clock) -> anyhow::Result<Self> {
         let varmap = VarMap::new();
         let model = models::build(cfg, VarBuilder::from_varmap(&varmap, MODEL_DTYPE, &Device::Cpu))?;
         models::seeded_init(&varmap, 0)?;
         let opt = Optimizer::new(varmap.all_vars(), &OptimConfig::sgd(LR))?;
-        Ok(Trainer { model, opt, step: 0, _varmap: varmap })
+        Ok(Trainer { model, opt, step: 0, clock, _varmap: varmap })
     }
 
     /// Train `steps` steps; the wall time of each, in seconds.
@@ -315,11 +358,12 @@ impl Trainer {
         for _ in 0..steps {
             let (x, y) = &batches[self.step % batches.len()];
             self.step += 1;
-            let t0 = Instant::now();
+            let origin = Instant::now();
+            let t0 = self.clock.now(origin);
             let (_, logits) = self.model.forward(x, true)?;
             let loss = candle_nn::loss::cross_entropy(&logits, y)?;
             self.opt.backward_step(&loss)?;
-            times.push(t0.elapsed().as_secs_f64());
+            times.push(self.clock.now(origin) - t0);
         }
         Ok(times)
     }
@@ -341,6 +385,7 @@ impl Torch {
         let mut child = Command::new(&a.python)
             .arg(&a.script)
             .args(["--serve", "--threads", &threads.to_string(), "--batch", &BATCH.to_string(), "--data", "data/mnist_5k.csv.gz"])
+            .args(["--clock", a.clock.name()])
             .env("OMP_NUM_THREADS", threads.to_string())
             .env("OPENBLAS_NUM_THREADS", threads.to_string())
             .stdin(Stdio::piped())

@@ -408,6 +408,33 @@ struct BackwardInputs<'a> {
     need_b: bool,
 }
 
+/// Stride 1 with the output the size of the input (kernel 2·pad + 1, "same" padding).
+fn same_stride1(g: &Geom) -> bool {
+    g.stride == 1 && g.kh == 2 * g.pad + 1 && g.kw == 2 * g.pad + 1 && !g.pointwise()
+}
+
+/// The convolution that maps an output gradient (O channels) to the input gradient (C channels)
+/// of a stride-1 "same" convolution, and its weight W'[c, o, i, j] = W[o, c, kh−1−i, kw−1−j].
+fn transposed_conv(g: &Geom, w: &[f32]) -> (Geom, Vec<f32>) {
+    let gt = Geom {
+        c: g.o,
+        o: g.c,
+        ..*g
+    };
+    let (kh, kw) = (g.kh, g.kw);
+    let mut wt = vec![0f32; w.len()];
+    for o in 0..g.o {
+        for c in 0..g.c {
+            for i in 0..kh {
+                for j in 0..kw {
+                    wt[((c * g.o + o) * kh + i) * kw + j] = w[((o * g.c + c) * kh + (kh - 1 - i)) * kw + (kw - 1 - j)];
+                }
+            }
+        }
+    }
+    (gt, wt)
+}
+
 /// Gradients w.r.t. the input (N×C×H×W, if asked), the weight (O×K) and the bias (O).
 fn backward(g: &Geom, a: &BackwardInputs) -> (Option<Vec<f32>>, Vec<f32>, Vec<f32>) {
     let (k, p, ol, il) = (g.k(), g.p(), g.out_len(), g.in_len());
@@ -424,6 +451,11 @@ fn backward(g: &Geom, a: &BackwardInputs) -> (Option<Vec<f32>>, Vec<f32>, Vec<f3
         (0..tasks).map(|_| None).collect()
     };
     let wm = Mat::row_major(a.w, g.o, k);
+    // For a stride-1 "same" convolution the input gradient is itself a "same" convolution of the
+    // output gradient with the transposed, spatially flipped kernel, C×(O·kh·kw): one im2col and a
+    // GEMM with inner dimension O·kh·kw, instead of a GEMM with inner dimension O whose K×P result
+    // col2im must scatter back.
+    let transposed = (a.need_x && same_stride1(g)).then(|| transposed_conv(g, a.w));
     let partials: Vec<(Vec<f32>, Vec<f32>)> = gx_chunks
         .into_par_iter()
         .enumerate()
@@ -433,7 +465,12 @@ fn backward(g: &Geom, a: &BackwardInputs) -> (Option<Vec<f32>>, Vec<f32>, Vec<f3
             let mut gw = vec![0f32; if a.need_w { g.o * k } else { 0 }];
             let mut gb = vec![0f32; if a.need_b { g.o } else { 0 }];
             let mut cols = vec![0f32; if a.need_w && !g.pointwise() { k * p } else { 0 }];
-            let mut gcols = vec![0f32; if a.need_x && !g.pointwise() { k * p } else { 0 }];
+            let gcols_len = match &transposed {
+                Some((gt, _)) => gt.k() * gt.p(),
+                None if a.need_x && !g.pointwise() => k * p,
+                None => 0,
+            };
+            let mut gcols = vec![0f32; gcols_len];
             let mut masked = vec![0f32; if a.res.is_some() { ol } else { 0 }];
             for i in 0..count {
                 let n = first + i;
@@ -465,6 +502,10 @@ fn backward(g: &Geom, a: &BackwardInputs) -> (Option<Vec<f32>>, Vec<f32>, Vec<f3
                     let gx_n = &mut chunk[i * il..(i + 1) * il];
                     if g.pointwise() {
                         matmul(gx_n, wm.t(), gom, false, par);
+                    } else if let Some((gt, wt)) = &transposed {
+                        im2col(gt, go, &mut gcols);
+                        let wtm = Mat::row_major(wt, gt.o, gt.k());
+                        matmul(gx_n, wtm, Mat::row_major(&gcols, gt.k(), gt.p()), false, par);
                     } else {
                         matmul(&mut gcols, wm.t(), gom, false, par);
                         col2im(g, &mut gcols, gx_n);
