@@ -236,8 +236,18 @@ impl CustomOp3 for BnOp {
                     .enumerate()
                     .for_each(|(i, ((o, xp), (gp, rp)))| {
                         let (k1, k2, k3) = coef[i % d.c];
-                        for (((o, &v), &g), &r) in o.iter_mut().zip(xp).zip(gp).zip(rp) {
-                            *o = k1 * dy(g, r) + k2 * v + k3;
+                        // Equal lengths up front so that the loops below vectorise.
+                        let len = o.len();
+                        let (xp, gp, rp) = (&xp[..len], &gp[..len], &rp[..len]);
+                        if relu {
+                            for t in 0..len {
+                                let g = if rp[t] <= 0.0 { 0.0 } else { gp[t] };
+                                o[t] = k1 * g + k2 * xp[t] + k3;
+                            }
+                        } else {
+                            for t in 0..len {
+                                o[t] = k1 * gp[t] + k2 * xp[t] + k3;
+                            }
                         }
                     });
             }
