@@ -962,3 +962,52 @@ mod tests {
         assert_eq!(data["a.weight"].dims(), &[4, 3, 3, 3]);
     }
 }
+
+#[cfg(test)]
+mod speed {
+    use super::*;
+    use candle_core::{Device, Var};
+
+    /// Forward and backward time of the convolutions of the report backbones (batch 128),
+    /// best of 5. Run with `cargo test --lib -- --ignored --nocapture conv_layer_speed`.
+    #[test]
+    #[ignore]
+    fn conv_layer_speed() {
+        let shapes: &[(&str, usize, usize, usize, usize, usize, usize)] = &[
+            // name, c, hw, o, k, stride, pad
+            ("cnn.conv1", 1, 28, 32, 3, 1, 1),
+            ("cnn.conv2", 32, 14, 64, 3, 1, 1),
+            ("res.stem", 1, 28, 16, 3, 1, 1),
+            ("res.s1", 16, 28, 16, 3, 1, 1),
+            ("res.s2.conv1", 16, 28, 32, 3, 2, 1),
+            ("res.s2.conv2", 32, 14, 32, 3, 1, 1),
+            ("res.s2.short", 16, 28, 32, 1, 2, 0),
+            ("res.s3.conv1", 32, 14, 64, 3, 2, 1),
+            ("res.s3.conv2", 64, 7, 64, 3, 1, 1),
+            ("conv4.b2", 32, 14, 32, 3, 1, 1),
+        ];
+        for &(name, c, hw, o, k, stride, pad) in shapes {
+            let x = Var::from_tensor(&Tensor::randn(0f32, 1.0, (128, c, hw, hw), &Device::Cpu).unwrap()).unwrap();
+            let w = Var::from_tensor(&Tensor::randn(0f32, 0.1, (o, c, k, k), &Device::Cpu).unwrap()).unwrap();
+            let (mut fwd, mut bwd) = (f64::MAX, f64::MAX);
+            for _ in 0..5 {
+                let t0 = std::time::Instant::now();
+                let y = conv2d(x.as_tensor(), w.as_tensor(), None, stride, pad, false).unwrap();
+                let t1 = std::time::Instant::now();
+                let _g = y.sum_all().unwrap().backward().unwrap();
+                let t2 = std::time::Instant::now();
+                fwd = fwd.min((t1 - t0).as_secs_f64());
+                bwd = bwd.min((t2 - t1).as_secs_f64());
+            }
+            let (ho, wo) = ((hw + 2 * pad - k) / stride + 1, (hw + 2 * pad - k) / stride + 1);
+            let gflop = 2.0 * 128.0 * (o * c * k * k * ho * wo) as f64 / 1e9;
+            println!(
+                "{name:14} fwd {:7.2} ms ({:5.1} GFLOP/s)  bwd {:7.2} ms ({:5.1} GFLOP/s for 2 GEMMs)",
+                fwd * 1e3,
+                gflop / fwd,
+                bwd * 1e3,
+                2.0 * gflop / bwd
+            );
+        }
+    }
+}
