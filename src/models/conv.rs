@@ -90,7 +90,11 @@ impl Geom {
 /// [0, len), for kernel offset `j`.
 fn valid_range(out: usize, len: usize, s: usize, j: usize, pad: usize) -> (usize, usize) {
     let lo = if pad > j { (pad - j).div_ceil(s) } else { 0 };
-    let hi = if len + pad > j { ((len - 1 + pad - j) / s + 1).min(out) } else { 0 };
+    let hi = if len + pad > j {
+        ((len - 1 + pad - j) / s + 1).min(out)
+    } else {
+        0
+    };
     (lo.min(hi), hi)
 }
 
@@ -427,7 +431,8 @@ fn transposed_conv(g: &Geom, w: &[f32]) -> (Geom, Vec<f32>) {
         for c in 0..g.c {
             for i in 0..kh {
                 for j in 0..kw {
-                    wt[((c * g.o + o) * kh + i) * kw + j] = w[((o * g.c + c) * kh + (kh - 1 - i)) * kw + (kw - 1 - j)];
+                    wt[((c * g.o + o) * kh + i) * kw + j] =
+                        w[((o * g.c + c) * kh + (kh - 1 - i)) * kw + (kw - 1 - j)];
                 }
             }
         }
@@ -505,7 +510,13 @@ fn backward(g: &Geom, a: &BackwardInputs) -> (Option<Vec<f32>>, Vec<f32>, Vec<f3
                     } else if let Some((gt, wt)) = &transposed {
                         im2col(gt, go, &mut gcols);
                         let wtm = Mat::row_major(wt, gt.o, gt.k());
-                        matmul(gx_n, wtm, Mat::row_major(&gcols, gt.k(), gt.p()), false, par);
+                        matmul(
+                            gx_n,
+                            wtm,
+                            Mat::row_major(&gcols, gt.k(), gt.p()),
+                            false,
+                            par,
+                        );
                     } else {
                         matmul(&mut gcols, wm.t(), gom, false, par);
                         col2im(g, &mut gcols, gx_n);
@@ -827,12 +838,18 @@ mod tests {
         let a = a.flatten_all().unwrap().to_vec1::<f32>().unwrap();
         let b = b.flatten_all().unwrap().to_vec1::<f32>().unwrap();
         let scale = b.iter().fold(1f32, |m, v| m.max(v.abs()));
-        let diff = a.iter().zip(&b).fold(0f32, |m, (x, y)| m.max((x - y).abs()));
-        assert!(diff <= tol * scale, "{what}: max diff {diff} (scale {scale})");
+        let diff = a
+            .iter()
+            .zip(&b)
+            .fold(0f32, |m, (x, y)| m.max((x - y).abs()));
+        assert!(
+            diff <= tol * scale,
+            "{what}: max diff {diff} (scale {scale})"
+        );
     }
 
     /// Values and gradients (w.r.t. input, weight, bias) of the fast op against candle's.
-    fn check(shape: (usize, usize, usize, usize, usize, usize, usize, usize), bias: bool, relu: bool) {
+    fn check(shape: Case, bias: bool, relu: bool) {
         let (n, c, h, w, o, k, stride, pad) = shape;
         let mut rng = Rng::new((n * 1000 + c * 100 + k * 10 + stride + pad) as u64);
         let x = Var::from_tensor(&randn(&mut rng, &[n, c, h, w])).unwrap();
@@ -849,18 +866,27 @@ mod tests {
         let gf = (&fast * &r).unwrap().sum_all().unwrap().backward().unwrap();
         let gs = (&slow * &r).unwrap().sum_all().unwrap().backward().unwrap();
         for (name, v) in [("input", &x), ("weight", &wt)] {
-            let (a, b) = (gf.get(v.as_tensor()).unwrap(), gs.get(v.as_tensor()).unwrap());
+            let (a, b) = (
+                gf.get(v.as_tensor()).unwrap(),
+                gs.get(v.as_tensor()).unwrap(),
+            );
             assert_close(a, b, 1e-4, &format!("{what}: grad {name}"));
         }
         if bias {
-            let (a, bb) = (gf.get(b.as_tensor()).unwrap(), gs.get(b.as_tensor()).unwrap());
+            let (a, bb) = (
+                gf.get(b.as_tensor()).unwrap(),
+                gs.get(b.as_tensor()).unwrap(),
+            );
             assert_close(a, bb, 1e-4, &format!("{what}: grad bias"));
         } else {
             assert!(gf.get(b.as_tensor()).is_none());
         }
     }
 
-    const SHAPES: &[(usize, usize, usize, usize, usize, usize, usize, usize)] = &[
+    /// (n, c, h, w, o, k, stride, pad)
+    type Case = (usize, usize, usize, usize, usize, usize, usize, usize);
+
+    const SHAPES: &[Case] = &[
         // (n, c, h, w, o, k, stride, pad)
         (1, 3, 9, 9, 5, 3, 1, 1),
         (5, 3, 9, 7, 5, 3, 2, 1),
@@ -940,11 +966,17 @@ mod tests {
                     let t = Tensor::from_vec(v, base.dims(), &Device::Cpu).unwrap();
                     let mut args = [x0.clone(), w0.clone(), b0.clone()];
                     args[which] = t;
-                    loss(&args[0], &args[1], &args[2]).to_scalar::<f32>().unwrap()
+                    loss(&args[0], &args[1], &args[2])
+                        .to_scalar::<f32>()
+                        .unwrap()
                 };
                 let fd = (shifted(eps) - shifted(-eps)) / (2.0 * eps);
                 let tol = 1e-2 * (1.0 + analytic[i].abs());
-                assert!((fd - analytic[i]).abs() < tol, "arg {which} entry {i}: fd {fd} vs {}", analytic[i]);
+                assert!(
+                    (fd - analytic[i]).abs() < tol,
+                    "arg {which} entry {i}: fd {fd} vs {}",
+                    analytic[i]
+                );
             }
         }
     }
@@ -987,8 +1019,13 @@ mod speed {
             ("conv4.b2", 32, 14, 32, 3, 1, 1),
         ];
         for &(name, c, hw, o, k, stride, pad) in shapes {
-            let x = Var::from_tensor(&Tensor::randn(0f32, 1.0, (128, c, hw, hw), &Device::Cpu).unwrap()).unwrap();
-            let w = Var::from_tensor(&Tensor::randn(0f32, 0.1, (o, c, k, k), &Device::Cpu).unwrap()).unwrap();
+            let x = Var::from_tensor(
+                &Tensor::randn(0f32, 1.0, (128, c, hw, hw), &Device::Cpu).unwrap(),
+            )
+            .unwrap();
+            let w =
+                Var::from_tensor(&Tensor::randn(0f32, 0.1, (o, c, k, k), &Device::Cpu).unwrap())
+                    .unwrap();
             let (mut fwd, mut bwd) = (f64::MAX, f64::MAX);
             for _ in 0..5 {
                 let t0 = std::time::Instant::now();
@@ -999,7 +1036,10 @@ mod speed {
                 fwd = fwd.min((t1 - t0).as_secs_f64());
                 bwd = bwd.min((t2 - t1).as_secs_f64());
             }
-            let (ho, wo) = ((hw + 2 * pad - k) / stride + 1, (hw + 2 * pad - k) / stride + 1);
+            let (ho, wo) = (
+                (hw + 2 * pad - k) / stride + 1,
+                (hw + 2 * pad - k) / stride + 1,
+            );
             let gflop = 2.0 * 128.0 * (o * c * k * k * ho * wo) as f64 / 1e9;
             println!(
                 "{name:14} fwd {:7.2} ms ({:5.1} GFLOP/s)  bwd {:7.2} ms ({:5.1} GFLOP/s for 2 GEMMs)",

@@ -60,20 +60,37 @@ impl CustomOp3 for LinearOp {
         l3: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         let (&[n, k], &[o, k2]) = (l1.dims(), l2.dims()) else {
-            candle_core::bail!("fused linear: expected 2-d input and weight, got {:?} and {:?}", l1.dims(), l2.dims())
+            candle_core::bail!(
+                "fused linear: expected 2-d input and weight, got {:?} and {:?}",
+                l1.dims(),
+                l2.dims()
+            )
         };
         if k != k2 || l3.dims() != [o] {
-            candle_core::bail!("fused linear: input {:?}, weight {:?}, bias {:?}", l1.dims(), l2.dims(), l3.dims());
+            candle_core::bail!(
+                "fused linear: input {:?}, weight {:?}, bias {:?}",
+                l1.dims(),
+                l2.dims(),
+                l3.dims()
+            );
         }
         let x = cpu_f32(s1, l1, "input")?;
         let w = cpu_f32(s2, l2, "weight")?;
         let b = cpu_f32(s3, l3, "bias")?;
         let mut y = vec![0f32; n * o];
-        matmul(&mut y, Mat::row_major(x, n, k), Mat::row_major(w, o, k).t(), false, parallelism());
+        matmul(
+            &mut y,
+            Mat::row_major(x, n, k),
+            Mat::row_major(w, o, k).t(),
+            false,
+            parallelism(),
+        );
         if o > 0 {
             for row in y.chunks_exact_mut(o) {
                 if self.relu {
-                    row.iter_mut().zip(b).for_each(|(v, &bv)| *v = relu(*v + bv));
+                    row.iter_mut()
+                        .zip(b)
+                        .for_each(|(v, &bv)| *v = relu(*v + bv));
                 } else {
                     row.iter_mut().zip(b).for_each(|(v, &bv)| *v += bv);
                 }
@@ -93,15 +110,29 @@ impl CustomOp3 for LinearOp {
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let (n, k) = x.dims2()?;
         let (o, _) = w.dims2()?;
-        let (xc, wc, gc, rc) = (x.contiguous()?, w.contiguous()?, grad.contiguous()?, res.contiguous()?);
-        let (xg, wg, gg, rg) = (xc.storage_and_layout(), wc.storage_and_layout(), gc.storage_and_layout(), rc.storage_and_layout());
+        let (xc, wc, gc, rc) = (
+            x.contiguous()?,
+            w.contiguous()?,
+            grad.contiguous()?,
+            res.contiguous()?,
+        );
+        let (xg, wg, gg, rg) = (
+            xc.storage_and_layout(),
+            wc.storage_and_layout(),
+            gc.storage_and_layout(),
+            rc.storage_and_layout(),
+        );
         let xs = storage_f32(&xg.0, xg.1, "input")?;
         let ws = storage_f32(&wg.0, wg.1, "weight")?;
         let gs = storage_f32(&gg.0, gg.1, "output gradient")?;
         let masked: Vec<f32>;
         let gy: &[f32] = if self.relu {
             let rs = storage_f32(&rg.0, rg.1, "output")?;
-            masked = gs.iter().zip(rs).map(|(&g, &r)| if r > 0.0 { g } else { 0.0 }).collect();
+            masked = gs
+                .iter()
+                .zip(rs)
+                .map(|(&g, &r)| if r > 0.0 { g } else { 0.0 })
+                .collect();
             &masked
         } else {
             gs
@@ -110,14 +141,26 @@ impl CustomOp3 for LinearOp {
         let dev = x.device();
         let gx = if x.track_op() {
             let mut gx = vec![0f32; n * k];
-            matmul(&mut gx, Mat::row_major(gy, n, o), Mat::row_major(ws, o, k), false, par);
+            matmul(
+                &mut gx,
+                Mat::row_major(gy, n, o),
+                Mat::row_major(ws, o, k),
+                false,
+                par,
+            );
             Some(Tensor::from_vec(gx, (n, k), dev)?)
         } else {
             None
         };
         let gw = if w.track_op() {
             let mut gw = vec![0f32; o * k];
-            matmul(&mut gw, Mat::row_major(gy, n, o).t(), Mat::row_major(xs, n, k), false, par);
+            matmul(
+                &mut gw,
+                Mat::row_major(gy, n, o).t(),
+                Mat::row_major(xs, n, k),
+                false,
+                par,
+            );
             Some(Tensor::from_vec(gw, (o, k), dev)?)
         } else {
             None
@@ -163,7 +206,9 @@ impl Linear {
         let Some(b) = self.inner.bias() else {
             candle_core::bail!("fused linear: the layer has no bias")
         };
-        let fast = [x, w, b].iter().all(|t| t.device().is_cpu() && t.dtype() == DType::F32);
+        let fast = [x, w, b]
+            .iter()
+            .all(|t| t.device().is_cpu() && t.dtype() == DType::F32);
         if !fast || x.rank() == 0 {
             let y = self.inner.forward(x)?;
             return if apply_relu { y.relu() } else { Ok(y) };
@@ -192,7 +237,10 @@ mod tests {
         let a = a.flatten_all().unwrap().to_vec1::<f32>().unwrap();
         let b = b.flatten_all().unwrap().to_vec1::<f32>().unwrap();
         let scale = b.iter().fold(1e-3f32, |m, v| m.max(v.abs()));
-        a.iter().zip(&b).fold(0f32, |m, (x, y)| m.max((x - y).abs())) / scale
+        a.iter()
+            .zip(&b)
+            .fold(0f32, |m, (x, y)| m.max((x - y).abs()))
+            / scale
     }
 
     #[test]
@@ -204,7 +252,12 @@ mod tests {
                 let vb = VarBuilder::from_varmap(&vm, DType::F32, &Device::Cpu);
                 let ours = Linear::new(13, 9, vb.pp("l")).unwrap();
                 let n: usize = dims.iter().product();
-                let x = Var::from_vec((0..n).map(|_| rng.normal() as f32).collect::<Vec<_>>(), dims.as_slice(), &Device::Cpu).unwrap();
+                let x = Var::from_vec(
+                    (0..n).map(|_| rng.normal() as f32).collect::<Vec<_>>(),
+                    dims.as_slice(),
+                    &Device::Cpu,
+                )
+                .unwrap();
                 let ya = ours.apply(x.as_tensor(), apply_relu).unwrap();
                 let yb = ours.inner.forward(x.as_tensor()).unwrap();
                 let yb = if apply_relu { yb.relu().unwrap() } else { yb };
@@ -228,7 +281,13 @@ mod tests {
         let vm = VarMap::new();
         let l = Linear::new(4, 3, VarBuilder::from_varmap(&vm, DType::F32, &Device::Cpu)).unwrap();
         let x = Tensor::ones((2, 4), DType::F32, &Device::Cpu).unwrap();
-        let g = l.forward(&x).unwrap().sum_all().unwrap().backward().unwrap();
+        let g = l
+            .forward(&x)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
         assert!(g.get(&x).is_none());
         assert!(g.get(l.inner.weight()).is_some());
     }

@@ -120,7 +120,15 @@ impl Vit {
             None
         };
         Ok(Vit {
-            patch_embed: Conv::new(cfg.channels, dim, patch, patch, 0, true, vb.pp("patch_embed"))?,
+            patch_embed: Conv::new(
+                cfg.channels,
+                dim,
+                patch,
+                patch,
+                0,
+                true,
+                vb.pp("patch_embed"),
+            )?,
             cls_token: vb.get_with_hints((1, 1, dim), "cls_token", token_init)?,
             pos_embed: vb.get_with_hints((1, tokens + 1, dim), "pos_embed", token_init)?,
             blocks,
