@@ -701,10 +701,8 @@ impl CustomOp3 for ConvOp {
 
 /// Whether the fast path handles these tensors (f32 on the CPU).
 fn fast_path(tensors: &[Option<&Tensor>]) -> bool {
-    tensors
-        .iter()
-        .flatten()
-        .all(|t| t.device().is_cpu() && t.dtype() == DType::F32)
+    let present: Vec<&Tensor> = tensors.iter().flatten().copied().collect();
+    super::fast_cpu(&present)
 }
 
 /// `relu?(conv2d(x, w) + b)`: x N×C×H×W, w O×C×kh×kw, b of length O; symmetric stride and

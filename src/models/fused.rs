@@ -11,9 +11,7 @@
 //! devices and dtypes take the primitive formulation, so results agree to floating-point
 //! tolerance everywhere (the tests compare both).
 
-use candle_core::{
-    CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Shape, Storage, Tensor,
-};
+use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, Layout, Shape, Storage, Tensor};
 use rayon::prelude::*;
 
 fn cpu_f32<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> candle_core::Result<&'a [f32]> {
@@ -35,8 +33,7 @@ fn storage_f32<'a>(s: &'a Storage, l: &Layout, what: &str) -> candle_core::Resul
 
 /// Whether every tensor is f32 on the CPU.
 fn fast(ts: &[&Tensor]) -> bool {
-    ts.iter()
-        .all(|t| t.device().is_cpu() && t.dtype() == DType::F32)
+    super::fast_cpu(ts)
 }
 
 /// Elements per rayon task: big enough that the task overhead does not matter, small enough

@@ -206,9 +206,7 @@ impl Linear {
         let Some(b) = self.inner.bias() else {
             candle_core::bail!("fused linear: the layer has no bias")
         };
-        let fast = [x, w, b]
-            .iter()
-            .all(|t| t.device().is_cpu() && t.dtype() == DType::F32);
+        let fast = super::fast_cpu(&[x, w, b]);
         if !fast || x.rank() == 0 {
             let y = self.inner.forward(x)?;
             return if apply_relu { y.relu() } else { Ok(y) };

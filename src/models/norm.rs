@@ -338,10 +338,7 @@ impl BatchNorm2d {
         let Some((w, b)) = self.bn.weight_and_bias() else {
             candle_core::bail!("batch-norm without affine parameters is not supported")
         };
-        let fast = [x, w, b]
-            .iter()
-            .all(|t| t.device().is_cpu() && t.dtype() == DType::F32)
-            && x.rank() == 4;
+        let fast = super::fast_cpu(&[x, w, b]) && x.rank() == 4;
         if !(train && fast) {
             let y = self.bn.forward_t(x, train)?;
             return if relu { y.relu() } else { Ok(y) };

@@ -18,7 +18,7 @@
 //! go through candle's own op to keep its exact numbers. On other devices or dtypes
 //! [`max_pool2d`] is candle's `max_pool2d`.
 
-use candle_core::{CpuStorage, CustomOp1, DType, Layout, Shape, Storage, Tensor};
+use candle_core::{CpuStorage, CustomOp1, Layout, Shape, Storage, Tensor};
 use rayon::prelude::*;
 
 /// Position, within one H×W plane, of the first maximum of the k×k window at (oy, ox).
@@ -293,7 +293,7 @@ pub fn max_pool2d_with(
 ) -> candle_core::Result<Tensor> {
     let (_, _, h, w) = x.dims4()?;
     let exact_fit = k > 0 && h % k == 0 && w % k == 0;
-    let fast = x.device().is_cpu() && x.dtype() == DType::F32;
+    let fast = super::fast_cpu(&[x]);
     match gradient {
         PoolGradient::Candle if !(fast && exact_fit) => x.max_pool2d(k),
         PoolGradient::FirstMax if !fast => candle_core::bail!(
