@@ -499,7 +499,10 @@ fn time_report(report: &Path) -> anyhow::Result<(Duration, Duration)> {
     let cache = tmp.join("store");
     let run = || -> anyhow::Result<Duration> {
         let t0 = Instant::now();
+        // The report runs with its own defaults (one thread per cell, as many cells as cores),
+        // not with the thread count this benchmark set for itself.
         let status = Command::new(&exe)
+            .env_remove("RAYON_NUM_THREADS")
             .current_dir(&tmp)
             .arg("run")
             .arg(report)

@@ -12,6 +12,8 @@
 //! tolerance everywhere (the tests compare both).
 
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, Layout, Shape, Storage, Tensor};
+use std::sync::OnceLock;
+
 use rayon::prelude::*;
 
 fn cpu_f32<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> candle_core::Result<&'a [f32]> {
@@ -284,19 +286,15 @@ pub fn softmax_last(x: &Tensor) -> candle_core::Result<Option<Tensor>> {
 // ---------------------------------------------------------------------------------------------
 // GELU (erf).
 
-struct GeluOp;
-
-#[inline]
-fn gelu(v: f32) -> f32 {
-    // candle's formula, so that values are identical.
-    (candle_core::cpu::erf::erf_f32(v * std::f32::consts::FRAC_1_SQRT_2) + 1.) * 0.5 * v
+/// GELU; keeps erf(x/√2) from the forward pass for the backward pass (the erf is most of the
+/// cost of both).
+struct GeluOp {
+    erf: OnceLock<Vec<f32>>,
 }
 
 #[inline]
-fn gelu_grad(v: f32) -> f32 {
-    // candle's backward: 0.5 + 0.398942·e^(−x²/2)·x + 0.5·erf(x/√2).
-    0.5 + 0.398942 * (-(v * v) / 2.0).exp() * v
-        + 0.5 * candle_core::cpu::erf::erf_f32(v / std::f32::consts::SQRT_2)
+fn erf_scaled(v: f32) -> f32 {
+    candle_core::cpu::erf::erf_f32(v * std::f32::consts::FRAC_1_SQRT_2)
 }
 
 impl CustomOp1 for GeluOp {
@@ -307,12 +305,20 @@ impl CustomOp1 for GeluOp {
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
         let x = cpu_f32(s, l, "input")?;
         let mut out = vec![0f32; x.len()];
+        let mut erf = vec![0f32; x.len()];
         let t = task_len(x.len(), 1);
         out.par_chunks_mut(t)
+            .zip(erf.par_chunks_mut(t))
             .zip(x.par_chunks(t))
-            .for_each(|(o, xs)| {
-                o.iter_mut().zip(xs).for_each(|(o, &v)| *o = gelu(v));
+            .for_each(|((o, e), xs)| {
+                for ((o, e), &v) in o.iter_mut().zip(e.iter_mut()).zip(xs) {
+                    *e = erf_scaled(v);
+                    // candle's formula, so that the values are identical.
+                    *o = (*e + 1.) * 0.5 * v;
+                }
             });
+        // One forward per op instance (candle makes a new one per call).
+        let _ = self.erf.set(erf);
         Ok((CpuStorage::F32(out), l.shape().clone()))
     }
 
@@ -322,15 +328,23 @@ impl CustomOp1 for GeluOp {
         _res: &Tensor,
         grad: &Tensor,
     ) -> candle_core::Result<Option<Tensor>> {
+        let Some(erf) = self.erf.get() else {
+            candle_core::bail!("fused gelu: backward before forward")
+        };
         let gx = with_f32(&[arg, grad], |s| {
             let (xs, gs) = (s[0], s[1]);
             let mut gx = vec![0f32; xs.len()];
             let t = task_len(xs.len(), 1);
             gx.par_chunks_mut(t)
-                .zip(xs.par_chunks(t).zip(gs.par_chunks(t)))
-                .for_each(|(o, (xc, gc))| {
-                    for ((o, &v), &g) in o.iter_mut().zip(xc).zip(gc) {
-                        *o = g * gelu_grad(v);
+                .zip(
+                    xs.par_chunks(t)
+                        .zip(gs.par_chunks(t))
+                        .zip(erf.par_chunks(t)),
+                )
+                .for_each(|(o, ((xc, gc), ec))| {
+                    for (((o, &v), &g), &e) in o.iter_mut().zip(xc).zip(gc).zip(ec) {
+                        // candle's backward: 0.5 + 0.398942·e^(−x²/2)·x + 0.5·erf(x/√2).
+                        *o = g * (0.5 + 0.398942 * (-(v * v) / 2.0).exp() * v + 0.5 * e);
                     }
                 });
             Ok(gx)
@@ -344,7 +358,9 @@ pub fn gelu_erf(x: &Tensor) -> candle_core::Result<Tensor> {
     if !fast(&[x]) {
         return x.gelu_erf();
     }
-    x.contiguous()?.apply_op1(GeluOp)
+    x.contiguous()?.apply_op1(GeluOp {
+        erf: OnceLock::new(),
+    })
 }
 
 // ---------------------------------------------------------------------------------------------
