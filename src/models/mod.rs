@@ -8,6 +8,13 @@
 //! spec's seed pins the initial weights on every machine, independently of candle's own RNG.
 //!
 //! All architectures are sized for quick CPU runs and accept both 28×28 and 8×8 inputs.
+//!
+//! Training speed on the CPU comes from the layer modules beside the architectures: `conv`
+//! (im2col + GEMM convolution), `pool` (max-pooling), `norm` (BatchNorm), `linear` and `fused`
+//! (LayerNorm, softmax, GELU, residual add + ReLU) are candle custom ops with their own backward
+//! passes, used for f32 tensors on the CPU; on other devices the same layers run candle's
+//! operations, and the tests compare both. `alloc` tunes glibc so that freed activations are
+//! reused. `reprise bench` measures the result against PyTorch.
 
 pub mod alloc;
 pub mod cnn;
