@@ -13,7 +13,7 @@
 //! models use; it creates its variables through candle-nn, so their names (`<prefix>.weight`,
 //! `<prefix>.bias`), shapes and default initialisation are those of `candle_nn::Conv2d`.
 
-use candle_core::{CpuStorage, CustomOp2, CustomOp3, DType, Layout, Shape, Storage, Tensor};
+use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Shape, Storage, Tensor};
 use candle_nn::{Conv2dConfig, VarBuilder};
 use rayon::prelude::*;
 
@@ -822,7 +822,7 @@ impl Conv {
 mod tests {
     use super::*;
     use crate::rng::Rng;
-    use candle_core::{Device, Var};
+    use candle_core::{DType, Device, Var};
 
     fn randn(rng: &mut Rng, dims: &[usize]) -> Tensor {
         let n: usize = dims.iter().product();

@@ -10,7 +10,7 @@
 //! variables through `candle_nn::linear` (same names, shapes and initialisation); on other devices
 //! and dtypes it runs candle-nn's layer (and candle's ReLU).
 
-use candle_core::{CpuStorage, CustomOp3, DType, Layout, Module, Shape, Storage, Tensor};
+use candle_core::{CpuStorage, CustomOp3, Layout, Module, Shape, Storage, Tensor};
 use candle_nn::VarBuilder;
 
 use super::conv::{matmul, relu, Mat};
@@ -227,7 +227,7 @@ impl Linear {
 mod tests {
     use super::*;
     use crate::rng::Rng;
-    use candle_core::{Device, Var};
+    use candle_core::{DType, Device, Var};
     use candle_nn::VarMap;
 
     fn max_rel_diff(a: &Tensor, b: &Tensor) -> f32 {

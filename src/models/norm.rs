@@ -15,7 +15,7 @@
 
 use std::sync::{Arc, OnceLock};
 
-use candle_core::{CpuStorage, CustomOp3, DType, Layout, ModuleT, Shape, Storage, Tensor, Var};
+use candle_core::{CpuStorage, CustomOp3, Layout, ModuleT, Shape, Storage, Tensor, Var};
 use candle_nn::{BatchNormConfig, VarBuilder};
 use rayon::prelude::*;
 
@@ -377,7 +377,7 @@ impl BatchNorm2d {
 mod tests {
     use super::*;
     use crate::rng::Rng;
-    use candle_core::Device;
+    use candle_core::{DType, Device};
     use candle_nn::VarMap;
 
     fn max_rel_diff(a: &Tensor, b: &Tensor) -> f32 {
