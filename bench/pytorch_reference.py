@@ -10,7 +10,12 @@ its own after the warm-up steps and the median is reported, which is robust to o
 sharing the machine.
 
 Usage: python3 bench/pytorch_reference.py [--model NAME]... [--threads N] [--steps N]
-       [--warmup N] [--batch N] [--data PATH] [--json]
+       [--warmup N] [--batch N] [--data PATH] [--clock wall|cpu] [--json]
+       python3 bench/pytorch_reference.py --serve [--threads N] [--batch N] [--data PATH]
+       [--clock wall|cpu]
+With --serve (how `reprise bench` drives it, alternating rounds of its own steps and ours so
+that both see the same machine load) it reads lines `MODEL STEPS` on stdin, trains that model
+STEPS more steps (building it on first use) and answers one JSON line with the step times.
 """
 
 import argparse
@@ -199,22 +204,38 @@ def load_batches(path, batch):
     return list(zip(x[:n].split(batch), y[:n].split(batch)))
 
 
-def bench(name, batches, steps, warmup):
-    cls, m = MODELS[name]
-    torch.manual_seed(0)
-    model = cls(1, 28, 28, 10, m)
-    model.train()
-    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
-    times = []
-    for i in range(warmup + steps):
-        x, y = batches[i % len(batches)]
-        t0 = time.perf_counter()
-        opt.zero_grad(set_to_none=True)
-        loss = F.cross_entropy(model(x), y)
-        loss.backward()
-        opt.step()
-        if i >= warmup:
-            times.append(time.perf_counter() - t0)
+class Trainer:
+    """One model, its optimiser and its position in the batch sequence."""
+
+    def __init__(self, name, batches, clock=time.perf_counter):
+        cls, m = MODELS[name]
+        torch.manual_seed(0)
+        self.model = cls(1, 28, 28, 10, m)
+        self.model.train()
+        self.opt = torch.optim.SGD(self.model.parameters(), lr=0.05, momentum=0.9)
+        self.batches = batches
+        self.clock = clock
+        self.step = 0
+
+    def run(self, steps):
+        """Train `steps` steps; the wall time of each."""
+        times = []
+        for _ in range(steps):
+            x, y = self.batches[self.step % len(self.batches)]
+            self.step += 1
+            t0 = self.clock()
+            self.opt.zero_grad(set_to_none=True)
+            loss = F.cross_entropy(self.model(x), y)
+            loss.backward()
+            self.opt.step()
+            times.append(self.clock() - t0)
+        return times
+
+
+def bench(name, batches, steps, warmup, clock=time.perf_counter):
+    trainer = Trainer(name, batches, clock)
+    trainer.run(warmup)
+    times = trainer.run(steps)
     med = sorted(times)[len(times) // 2]
     return {
         "model": name,
@@ -235,11 +256,28 @@ def main():
     ap.add_argument("--batch", type=int, default=128)
     ap.add_argument("--data", default="data/mnist_5k.csv.gz")
     ap.add_argument("--json", action="store_true", help="one JSON object per model on stdout")
+    ap.add_argument("--serve", action="store_true", help="answer `MODEL STEPS` lines on stdin")
+    ap.add_argument("--clock", choices=["wall", "cpu"], default="wall",
+                    help="time steps by elapsed time or by the process's CPU time (all threads)")
     a = ap.parse_args()
+    clock = time.perf_counter if a.clock == "wall" else time.process_time
     torch.set_num_threads(a.threads)
     batches = load_batches(a.data, a.batch)
+    if a.serve:
+        print(json.dumps({"ready": True, "threads": torch.get_num_threads(), "torch": torch.__version__}), flush=True)
+        trainers = {}
+        for line in sys.stdin:
+            parts = line.split()
+            if len(parts) != 2 or parts[0] not in MODELS:
+                print(json.dumps({"error": f"bad request {line.strip()!r}"}), flush=True)
+                continue
+            name, steps = parts[0], int(parts[1])
+            if name not in trainers:
+                trainers[name] = Trainer(name, batches, clock)
+            print(json.dumps({"model": name, "step_s": trainers[name].run(steps)}), flush=True)
+        return 0
     for name in a.model or list(MODELS):
-        r = bench(name, batches, a.steps, a.warmup)
+        r = bench(name, batches, a.steps, a.warmup, clock)
         if a.json:
             print(json.dumps(r), flush=True)
         else:

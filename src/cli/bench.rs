@@ -4,14 +4,16 @@
 //! Speed claims about the training loop are only meaningful next to a reference measured on the
 //! same machine at the same time, so this command trains each model on the embedded MNIST images
 //! and then runs `bench/pytorch_reference.py`, which builds the same architectures in PyTorch and
-//! trains them on the same batches with the same optimiser and thread count. Both sides time
-//! every step separately after a warm-up and report the median (robust to other processes on a
-//! shared machine); the table gives samples/s for each and their ratio. Run it from the project
-//! root (it reads `data-manifests/mnist-5k.toml`). `bench/README.md` records the latest figures.
+//! trains them on the same batches with the same optimiser and thread count. The script stays
+//! running and the two sides alternate rounds of steps, so that both see the same load from other
+//! processes; every step is timed separately after a warm-up and the medians are compared (robust
+//! to the odd slow step on a shared machine). The table gives samples/s for each and their ratio.
+//! Run it from the project root (it reads `data-manifests/mnist-5k.toml`). `bench/README.md`
+//! records the latest figures.
 
-use std::io::{Read, Write};
+use std::io::{BufRead, BufReader, Read, Write};
 use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
@@ -43,6 +45,10 @@ pub struct BenchArgs {
     /// Untimed steps before timing.
     #[arg(long, default_value_t = 3)]
     pub warmup: usize,
+    /// The timed steps are split into this many rounds, alternating between us and PyTorch, so
+    /// that both see the same machine load.
+    #[arg(long, default_value_t = 4)]
+    pub rounds: usize,
     /// Models to time, comma-separated (default: all of mlp-512, mlp, cnn, resnet, vit, conv4).
     #[arg(long, value_delimiter = ',')]
     pub models: Vec<String>,
@@ -65,9 +71,49 @@ pub struct BenchArgs {
     /// The report timed by `--reports`.
     #[arg(long, default_value = "reports/neural-collapse.toml")]
     pub report: PathBuf,
+    /// What a step's time is: `wall` (elapsed time, the default) or `cpu` (CPU time of the whole
+    /// process, all threads; with --threads 1 it ignores the time other processes hold the core,
+    /// which makes comparisons on a busy machine steadier).
+    #[arg(long, value_enum, default_value_t = Clock::Wall)]
+    pub clock: Clock,
     /// Print one JSON object with every measurement after the table.
     #[arg(long)]
     pub json: bool,
+}
+
+/// How steps are timed.
+#[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Clock {
+    Wall,
+    Cpu,
+}
+
+impl Clock {
+    fn name(self) -> &'static str {
+        match self {
+            Clock::Wall => "wall",
+            Clock::Cpu => "cpu",
+        }
+    }
+
+    /// Seconds on this clock since an arbitrary origin.
+    fn now(self, origin: Instant) -> f64 {
+        match self {
+            Clock::Wall => origin.elapsed().as_secs_f64(),
+            Clock::Cpu => process_cpu_seconds(),
+        }
+    }
+}
+
+/// CPU time of this process (all threads), in seconds.
+fn process_cpu_seconds() -> f64 {
+    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: clock_gettime writes one timespec through a valid pointer.
+    let rc = unsafe { libc::clock_gettime(libc::CLOCK_PROCESS_CPUTIME_ID, &mut ts) };
+    if rc != 0 {
+        return 0.0;
+    }
+    ts.tv_sec as f64 + ts.tv_nsec as f64 * 1e-9
 }
 
 /// A model of the benchmark: its name (shared with the PyTorch script), a description and the
@@ -129,36 +175,65 @@ pub fn bench(a: &BenchArgs) -> anyhow::Result<i32> {
     if a.steps == 0 {
         return Err(UsageError("--steps must be at least 1".into()).into());
     }
-    println!("machine: {} ({} cores), {threads} threads", cpu_model(), num_cores());
+    if a.rounds == 0 {
+        return Err(UsageError("--rounds must be at least 1".into()).into());
+    }
+    println!("machine: {} ({} cores), {threads} threads, load average {}", cpu_model(), num_cores(), load_average());
     let data = Manifest::load(Path::new("data-manifests/mnist-5k.toml"))
         .and_then(|m| m.load_images(Path::new("."), None))
         .context("loading the embedded MNIST images (run `reprise bench` from the project root)")?;
     let batches = make_batches(&data)?;
-    let torch = if a.no_pytorch { None } else { torch_version(&a.python) };
-    match (&torch, a.no_pytorch) {
-        (Some(v), _) => println!("PyTorch {v} ({})", a.python.display()),
-        (None, false) => println!("PyTorch not importable with {}: ratios skipped", a.python.display()),
-        (None, true) => {}
+    let mut torch = if a.no_pytorch {
+        None
+    } else {
+        match Torch::start(a, threads) {
+            Ok(t) => Some(t),
+            Err(e) => {
+                println!("PyTorch reference unavailable ({e:#}): ratios skipped");
+                None
+            }
+        }
+    };
+    if let Some(t) = &torch {
+        println!("PyTorch {} ({} {})", t.version, a.python.display(), a.script.display());
     }
+    let per_round = a.steps.div_ceil(a.rounds);
     println!(
-        "training step: batch {BATCH}, SGD lr {LR} momentum 0.9, cross-entropy, median of {} steps after {} warm-up\n",
-        a.steps, a.warmup
+        "training step: batch {BATCH}, SGD lr {LR} momentum 0.9, cross-entropy; median {} time of {} steps per \
+         side ({} rounds of {per_round}, alternating) after {} warm-up\n",
+        a.clock.name(),
+        per_round * a.rounds,
+        a.rounds,
+        a.warmup
     );
     println!("{:<8} {:<36} {:>12} {:>12} {:>7}", "model", "", "ours/s", "PyTorch/s", "ratio");
     let mut rows = Vec::new();
     for name in &names {
         let Some((desc, cfg)) = model_config(name) else { continue };
-        let ours = time_ours(&cfg, &batches, a.steps, a.warmup).with_context(|| format!("training {name}"))?;
-        let theirs = match &torch {
-            Some(_) => match time_pytorch(a, name, threads) {
-                Ok(t) => Some(t),
-                Err(e) => {
-                    eprintln!("PyTorch reference for {name} failed: {e:#}");
-                    None
+        let mut ours = Trainer::new(&cfg, a.clock).with_context(|| format!("building {name}"))?;
+        ours.run(&batches, a.warmup).with_context(|| format!("training {name}"))?;
+        let mut theirs_ok = torch.is_some();
+        if let Some(t) = torch.as_mut() {
+            if let Err(e) = t.steps(name, a.warmup) {
+                eprintln!("PyTorch reference for {name} failed: {e:#}");
+                theirs_ok = false;
+            }
+        }
+        let (mut ours_steps, mut theirs_steps) = (Vec::new(), Vec::new());
+        for _ in 0..a.rounds {
+            ours_steps.extend(ours.run(&batches, per_round).with_context(|| format!("training {name}"))?);
+            if let (true, Some(t)) = (theirs_ok, torch.as_mut()) {
+                match t.steps(name, per_round) {
+                    Ok(v) => theirs_steps.extend(v),
+                    Err(e) => {
+                        eprintln!("PyTorch reference for {name} failed: {e:#}");
+                        theirs_ok = false;
+                    }
                 }
-            },
-            None => None,
-        };
+            }
+        }
+        let ours = Timing::from_steps(ours_steps).context("no steps timed")?;
+        let theirs = if theirs_ok { Timing::from_steps(theirs_steps) } else { None };
         let ratio = theirs.as_ref().map(|t| ours.samples_per_s / t.samples_per_s);
         println!(
             "{:<8} {:<36} {:>12.0} {:>12} {:>7}",
@@ -178,6 +253,9 @@ pub fn bench(a: &BenchArgs) -> anyhow::Result<i32> {
             "ratio": ratio,
         }));
     }
+    let torch_version = torch.as_ref().map(|t| t.version.clone());
+    drop(torch);
+    println!("load average after the training steps: {}", load_average());
     let hash = if a.hash_mib > 0 {
         let gbps = time_hashing(a.hash_mib).context("timing the store's hashing")?;
         println!("\nstore hashing (sha256_file, {} MiB in the page cache): {gbps:.2} GB/s", a.hash_mib);
@@ -204,8 +282,9 @@ pub fn bench(a: &BenchArgs) -> anyhow::Result<i32> {
             "cpu": cpu_model(),
             "cores": num_cores(),
             "threads": threads,
-            "pytorch": torch,
+            "pytorch": torch_version,
             "steps": a.steps,
+            "clock": a.clock.name(),
             "warmup": a.warmup,
             "models": rows,
             "hash_gb_per_s": hash,
@@ -255,49 +334,109 @@ fn make_batches(data: &ImageSet) -> anyhow::Result<Vec<(Tensor, Tensor)>> {
         .collect()
 }
 
-fn time_ours(cfg: &ModelConfig, batches: &[(Tensor, Tensor)], steps: usize, warmup: usize) -> anyhow::Result<Timing> {
-    let varmap = VarMap::new();
-    let model = models::build(cfg, VarBuilder::from_varmap(&varmap, MODEL_DTYPE, &Device::Cpu))?;
-    models::seeded_init(&varmap, 0)?;
-    let mut opt = Optimizer::new(varmap.all_vars(), &OptimConfig::sgd(LR))?;
-    let mut times = Vec::with_capacity(steps);
-    for i in 0..warmup + steps {
-        let (x, y) = &batches[i % batches.len()];
-        let t0 = Instant::now();
-        let (_, logits) = model.forward(x, true)?;
-        let loss = candle_nn::loss::cross_entropy(&logits, y)?;
-        opt.backward_step(&loss)?;
-        if i >= warmup {
-            times.push(t0.elapsed().as_secs_f64());
+/// Our side: one model, its optimiser and its position in the batch sequence.
+struct Trainer {
+    model: Box<dyn models::Classifier>,
+    opt: Optimizer,
+    step: usize,
+    clock: Clock,
+    _varmap: VarMap,
+}
+
+impl Trainer {
+    fn new(cfg: &ModelConfig, clock: Clock) -> anyhow::Result<Self> {
+        let varmap = VarMap::new();
+        let model = models::build(cfg, VarBuilder::from_varmap(&varmap, MODEL_DTYPE, &Device::Cpu))?;
+        models::seeded_init(&varmap, 0)?;
+        let opt = Optimizer::new(varmap.all_vars(), &OptimConfig::sgd(LR))?;
+        Ok(Trainer { model, opt, step: 0, clock, _varmap: varmap })
+    }
+
+    /// Train `steps` steps; the wall time of each, in seconds.
+    fn run(&mut self, batches: &[(Tensor, Tensor)], steps: usize) -> anyhow::Result<Vec<f64>> {
+        let mut times = Vec::with_capacity(steps);
+        for _ in 0..steps {
+            let (x, y) = &batches[self.step % batches.len()];
+            self.step += 1;
+            let origin = Instant::now();
+            let t0 = self.clock.now(origin);
+            let (_, logits) = self.model.forward(x, true)?;
+            let loss = candle_nn::loss::cross_entropy(&logits, y)?;
+            self.opt.backward_step(&loss)?;
+            times.push(self.clock.now(origin) - t0);
         }
+        Ok(times)
     }
-    Timing::from_steps(times).context("no steps timed")
 }
 
-/// PyTorch's version, if `python` can import it.
-fn torch_version(python: &Path) -> Option<String> {
-    let out = Command::new(python).args(["-c", "import torch; print(torch.__version__)"]).output().ok()?;
-    out.status.success().then(|| String::from_utf8_lossy(&out.stdout).trim().to_string())
+/// The PyTorch side: `bench/pytorch_reference.py --serve`, kept running for the whole benchmark.
+struct Torch {
+    child: Child,
+    stdin: ChildStdin,
+    stdout: BufReader<ChildStdout>,
+    version: String,
 }
 
-fn time_pytorch(a: &BenchArgs, name: &str, threads: usize) -> anyhow::Result<Timing> {
-    let out = Command::new(&a.python)
-        .arg(&a.script)
-        .args(["--json", "--model", name])
-        .args(["--threads", &threads.to_string(), "--steps", &a.steps.to_string(), "--warmup", &a.warmup.to_string()])
-        .args(["--batch", &BATCH.to_string(), "--data", "data/mnist_5k.csv.gz"])
-        .env("OMP_NUM_THREADS", threads.to_string())
-        .env("OPENBLAS_NUM_THREADS", threads.to_string())
-        .output()
-        .with_context(|| format!("running {} {}", a.python.display(), a.script.display()))?;
-    if !out.status.success() {
-        bail!("{}", String::from_utf8_lossy(&out.stderr).trim());
+impl Torch {
+    fn start(a: &BenchArgs, threads: usize) -> anyhow::Result<Self> {
+        if !a.script.is_file() {
+            bail!("{} not found (run from the project root)", a.script.display());
+        }
+        let mut child = Command::new(&a.python)
+            .arg(&a.script)
+            .args(["--serve", "--threads", &threads.to_string(), "--batch", &BATCH.to_string(), "--data", "data/mnist_5k.csv.gz"])
+            .args(["--clock", a.clock.name()])
+            .env("OMP_NUM_THREADS", threads.to_string())
+            .env("OPENBLAS_NUM_THREADS", threads.to_string())
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .with_context(|| format!("starting {}", a.python.display()))?;
+        let (Some(stdin), Some(stdout)) = (child.stdin.take(), child.stdout.take()) else {
+            bail!("no pipes to the PyTorch script");
+        };
+        let mut t = Torch { child, stdin, stdout: BufReader::new(stdout), version: String::new() };
+        let hello = t.reply()?;
+        t.version = hello["torch"].as_str().unwrap_or("?").to_string();
+        Ok(t)
     }
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let line = stdout.lines().rev().find(|l| l.starts_with('{')).context("no JSON line in the script's output")?;
-    let v: serde_json::Value = serde_json::from_str(line)?;
-    let steps: Vec<f64> = v["step_s"].as_array().context("no step_s")?.iter().filter_map(|s| s.as_f64()).collect();
-    Timing::from_steps(steps).context("the script timed no steps")
+
+    fn reply(&mut self) -> anyhow::Result<serde_json::Value> {
+        let mut line = String::new();
+        if self.stdout.read_line(&mut line)? == 0 {
+            bail!("the PyTorch script exited");
+        }
+        let v: serde_json::Value = serde_json::from_str(&line).context("reading the PyTorch script's answer")?;
+        if let Some(e) = v.get("error") {
+            bail!("{e}");
+        }
+        Ok(v)
+    }
+
+    /// Run `steps` more steps of `model`; the wall time of each, in seconds.
+    fn steps(&mut self, model: &str, steps: usize) -> anyhow::Result<Vec<f64>> {
+        writeln!(self.stdin, "{model} {steps}")?;
+        self.stdin.flush()?;
+        let v = self.reply()?;
+        Ok(v["step_s"].as_array().context("no step times")?.iter().filter_map(|s| s.as_f64()).collect())
+    }
+}
+
+impl Drop for Torch {
+    fn drop(&mut self) {
+        // The script only waits for requests; stop it and reap it so that it does not outlive us.
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The 1-minute load average (Linux), to say how busy the machine was.
+fn load_average() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .ok()
+        .and_then(|s| s.split_whitespace().next().map(str::to_string))
+        .unwrap_or_else(|| "unknown".into())
 }
 
 /// Hash a `mib` MiB file (just written, so in the page cache) three times; the median, in GB/s.
@@ -360,7 +499,10 @@ fn time_report(report: &Path) -> anyhow::Result<(Duration, Duration)> {
     let cache = tmp.join("store");
     let run = || -> anyhow::Result<Duration> {
         let t0 = Instant::now();
+        // The report runs with its own defaults (one thread per cell, as many cells as cores),
+        // not with the thread count this benchmark set for itself.
         let status = Command::new(&exe)
+            .env_remove("RAYON_NUM_THREADS")
             .current_dir(&tmp)
             .arg("run")
             .arg(report)

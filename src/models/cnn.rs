@@ -6,10 +6,11 @@
 //! Variables: `conv1.{weight,bias}`, `conv2.{weight,bias}`, `fc.{weight,bias}`,
 //! `classifier.weight`.
 
-use candle_core::{Module, Tensor};
-use candle_nn::{linear, Linear, VarBuilder};
+use candle_core::Tensor;
+use candle_nn::VarBuilder;
 
 use super::conv::Conv;
+use super::linear::Linear;
 use super::pool::max_pool2d;
 use super::{classifier_weight, Classifier, ModelConfig};
 
@@ -39,7 +40,7 @@ impl Cnn {
         Ok(Cnn {
             conv1: Conv::new(cfg.channels, c1, 3, 1, 1, true, vb.pp("conv1"))?,
             conv2: Conv::new(c1, c2, 3, 1, 1, true, vb.pp("conv2"))?,
-            fc: linear(c2 * h * w, dim, vb.pp("fc"))?,
+            fc: Linear::new(c2 * h * w, dim, vb.pp("fc"))?,
             classifier: classifier_weight(cfg.num_classes, dim, vb)?,
             dim,
         })
@@ -50,7 +51,7 @@ impl Classifier for Cnn {
     fn features(&self, x: &Tensor, _train: bool) -> candle_core::Result<Tensor> {
         let h = max_pool2d(&self.conv1.forward_relu(x)?, 2)?;
         let h = max_pool2d(&self.conv2.forward_relu(&h)?, 2)?;
-        self.fc.forward(&h.flatten_from(1)?)?.relu()
+        self.fc.forward_relu(&h.flatten_from(1)?)
     }
 
     fn classifier(&self) -> &Tensor {

@@ -13,7 +13,7 @@
 //! models use; it creates its variables through candle-nn, so their names (`<prefix>.weight`,
 //! `<prefix>.bias`), shapes and default initialisation are those of `candle_nn::Conv2d`.
 
-use candle_core::{CpuStorage, CustomOp2, CustomOp3, DType, Layout, Shape, Storage, Tensor};
+use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Shape, Storage, Tensor};
 use candle_nn::{Conv2dConfig, VarBuilder};
 use rayon::prelude::*;
 
@@ -90,8 +90,44 @@ impl Geom {
 /// [0, len), for kernel offset `j`.
 fn valid_range(out: usize, len: usize, s: usize, j: usize, pad: usize) -> (usize, usize) {
     let lo = if pad > j { (pad - j).div_ceil(s) } else { 0 };
-    let hi = if len + pad > j { ((len - 1 + pad - j) / s + 1).min(out) } else { 0 };
+    let hi = if len + pad > j {
+        ((len - 1 + pad - j) / s + 1).min(out)
+    } else {
+        0
+    };
     (lo.min(hi), hi)
+}
+
+/// Zero `row[a..b]`; the ranges are usually one element wide (a 3×3 kernel's border), where a
+/// plain store beats a call to memset.
+#[inline]
+fn zero_small(row: &mut [f32], a: usize, b: usize) {
+    match b.saturating_sub(a) {
+        0 => {}
+        1 => row[a] = 0.0,
+        _ => row[a..b].fill(0.0),
+    }
+}
+
+/// For stride 1 with Wo = W, patch-matrix row (c, i, j) is channel c shifted by
+/// (i − pad)·W + (j − pad) positions, plus zeroed borders; this is that offset.
+#[inline]
+fn shift(g: &Geom, i: usize, j: usize) -> isize {
+    (i as isize - g.pad as isize) * g.w as isize + (j as isize - g.pad as isize)
+}
+
+/// The row positions [a, b) of the output rows [ylo, yhi) whose source q + off lies in the plane.
+#[inline]
+fn shifted_span(ylo: usize, yhi: usize, w: usize, plane: usize, off: isize) -> (usize, usize) {
+    let (lo, hi) = ((ylo * w) as isize, (yhi * w) as isize);
+    let a = lo.max(-off).min(hi);
+    let b = hi.min(plane as isize - off).max(a);
+    (a as usize, b as usize)
+}
+
+/// Whether rows of the patch matrix are whole-plane shifts of the input (stride 1, Wo = W).
+fn shiftable(g: &Geom) -> bool {
+    g.stride == 1 && g.wo == g.w
 }
 
 /// Fill `cols` (K×P, row (c, i, j), column (oy, ox)) with x[c, oy·s + i − pad, ox·s + j − pad],
@@ -106,6 +142,24 @@ fn im2col(g: &Geom, x: &[f32], cols: &mut [f32]) {
             for j in 0..g.kw {
                 let (xlo, xhi) = valid_range(g.wo, g.w, g.stride, j, g.pad);
                 let Some(row) = rows.next() else { return };
+                if shiftable(g) {
+                    // One copy of the shifted plane, then zero the rows and columns that fall
+                    // outside the input (the columns received wrapped-around neighbours).
+                    let w = g.w;
+                    row[..ylo * w].fill(0.0);
+                    row[yhi * w..].fill(0.0);
+                    let off = shift(g, i, j);
+                    let (a, b) = shifted_span(ylo, yhi, w, plane, off);
+                    if b > a {
+                        let src = (a as isize + off) as usize;
+                        row[a..b].copy_from_slice(&xc[src..src + (b - a)]);
+                    }
+                    for oy in ylo..yhi {
+                        zero_small(row, oy * w, oy * w + xlo);
+                        zero_small(row, oy * w + xhi, (oy + 1) * w);
+                    }
+                    continue;
+                }
                 for (oy, d) in row.chunks_exact_mut(g.wo).enumerate() {
                     if oy < ylo || oy >= yhi {
                         d.fill(0.0);
@@ -113,14 +167,16 @@ fn im2col(g: &Geom, x: &[f32], cols: &mut [f32]) {
                     }
                     let iy = oy * g.stride + i - g.pad;
                     let src = &xc[iy * g.w..(iy + 1) * g.w];
-                    d[..xlo].fill(0.0);
-                    d[xhi..].fill(0.0);
+                    zero_small(d, 0, xlo);
+                    zero_small(d, xhi, g.wo);
                     if g.stride == 1 {
                         let off = xlo + j - g.pad;
                         d[xlo..xhi].copy_from_slice(&src[off..off + (xhi - xlo)]);
-                    } else {
-                        for (ox, v) in d.iter_mut().enumerate().take(xhi).skip(xlo) {
-                            *v = src[ox * g.stride + j - g.pad];
+                    } else if xhi > xlo {
+                        let start = xlo * g.stride + j - g.pad;
+                        let strided = src[start..].iter().step_by(g.stride);
+                        for (v, s) in d[xlo..xhi].iter_mut().zip(strided) {
+                            *v = *s;
                         }
                     }
                 }
@@ -130,10 +186,11 @@ fn im2col(g: &Geom, x: &[f32], cols: &mut [f32]) {
 }
 
 /// The adjoint of [`im2col`]: add every entry of `cols` (K×P) into the input position it was read
-/// from. `gx` is one sample, C×H×W.
-fn col2im(g: &Geom, cols: &[f32], gx: &mut [f32]) {
+/// from. `gx` is one sample, C×H×W. `cols` is scratch: entries that correspond to padding may be
+/// overwritten with zeros.
+fn col2im(g: &Geom, cols: &mut [f32], gx: &mut [f32]) {
     let (p, plane) = (g.p(), g.h * g.w);
-    let mut rows = cols.chunks_exact(p);
+    let mut rows = cols.chunks_exact_mut(p);
     for c in 0..g.c {
         let gc = &mut gx[c * plane..(c + 1) * plane];
         for i in 0..g.kh {
@@ -141,6 +198,24 @@ fn col2im(g: &Geom, cols: &[f32], gx: &mut [f32]) {
             for j in 0..g.kw {
                 let (xlo, xhi) = valid_range(g.wo, g.w, g.stride, j, g.pad);
                 let Some(row) = rows.next() else { return };
+                if shiftable(g) {
+                    // Zero the entries that belong to padding columns, then add the whole shifted
+                    // block at once (those zeros land on wrapped-around neighbours).
+                    let w = g.w;
+                    for oy in ylo..yhi {
+                        zero_small(row, oy * w, oy * w + xlo);
+                        zero_small(row, oy * w + xhi, (oy + 1) * w);
+                    }
+                    let off = shift(g, i, j);
+                    let (a, b) = shifted_span(ylo, yhi, w, plane, off);
+                    if b > a {
+                        let dst = (a as isize + off) as usize;
+                        for (d, v) in gc[dst..dst + (b - a)].iter_mut().zip(&row[a..b]) {
+                            *d += *v;
+                        }
+                    }
+                    continue;
+                }
                 for oy in ylo..yhi {
                     let d = &row[oy * g.wo..(oy + 1) * g.wo];
                     let iy = oy * g.stride + i - g.pad;
@@ -150,9 +225,11 @@ fn col2im(g: &Geom, cols: &[f32], gx: &mut [f32]) {
                         for (a, b) in dst[off..off + (xhi - xlo)].iter_mut().zip(&d[xlo..xhi]) {
                             *a += *b;
                         }
-                    } else {
-                        for (ox, v) in d.iter().enumerate().take(xhi).skip(xlo) {
-                            dst[ox * g.stride + j - g.pad] += *v;
+                    } else if xhi > xlo {
+                        let start = xlo * g.stride + j - g.pad;
+                        let strided = dst[start..].iter_mut().step_by(g.stride);
+                        for (t, v) in strided.zip(&d[xlo..xhi]) {
+                            *t += *v;
                         }
                     }
                 }
@@ -163,7 +240,7 @@ fn col2im(g: &Geom, cols: &[f32], gx: &mut [f32]) {
 
 /// A read-only strided matrix over a slice: element (r, c) is `data[r·rs + c·cs]`.
 #[derive(Clone, Copy)]
-struct Mat<'a> {
+pub(super) struct Mat<'a> {
     data: &'a [f32],
     rows: usize,
     cols: usize,
@@ -172,7 +249,7 @@ struct Mat<'a> {
 }
 
 impl<'a> Mat<'a> {
-    fn row_major(data: &'a [f32], rows: usize, cols: usize) -> Self {
+    pub(super) fn row_major(data: &'a [f32], rows: usize, cols: usize) -> Self {
         Mat {
             data,
             rows,
@@ -182,7 +259,7 @@ impl<'a> Mat<'a> {
         }
     }
 
-    fn t(self) -> Self {
+    pub(super) fn t(self) -> Self {
         Mat {
             data: self.data,
             rows: self.cols,
@@ -201,7 +278,7 @@ impl<'a> Mat<'a> {
 }
 
 /// `dst` (row-major a.rows × b.cols) = a·b, or dst + a·b when `accumulate`.
-fn matmul(dst: &mut [f32], a: Mat, b: Mat, accumulate: bool, par: gemm::Parallelism) {
+pub(super) fn matmul(dst: &mut [f32], a: Mat, b: Mat, accumulate: bool, par: gemm::Parallelism) {
     let (m, k, n) = (a.rows, a.cols, b.cols);
     // Invariant of every call site (sizes derive from one `Geom`); checking it here is what makes
     // the raw-pointer call below sound, so a violation must stop rather than read out of bounds.
@@ -250,9 +327,23 @@ fn split(n: usize) -> (usize, gemm::Parallelism) {
     (SAMPLES_PER_TASK.min(n.max(1)), gemm::Parallelism::None)
 }
 
+/// Σ v in 8 independent lanes, so that the compiler vectorises it.
+#[inline]
+fn lane_sum(v: &[f32]) -> f32 {
+    let mut acc = [0f32; 8];
+    let chunks = v.chunks_exact(8);
+    let tail: f32 = chunks.remainder().iter().sum();
+    for c in chunks {
+        for (a, &x) in acc.iter_mut().zip(c) {
+            *a += x;
+        }
+    }
+    acc.iter().sum::<f32>() + tail
+}
+
 /// ReLU that keeps NaN (so a diverging run still shows a NaN loss).
 #[inline]
-fn relu(v: f32) -> f32 {
+pub(super) fn relu(v: f32) -> f32 {
     if v < 0.0 {
         0.0
     } else {
@@ -321,6 +412,34 @@ struct BackwardInputs<'a> {
     need_b: bool,
 }
 
+/// Stride 1 with the output the size of the input (kernel 2·pad + 1, "same" padding).
+fn same_stride1(g: &Geom) -> bool {
+    g.stride == 1 && g.kh == 2 * g.pad + 1 && g.kw == 2 * g.pad + 1 && !g.pointwise()
+}
+
+/// The convolution that maps an output gradient (O channels) to the input gradient (C channels)
+/// of a stride-1 "same" convolution, and its weight W'[c, o, i, j] = W[o, c, kh−1−i, kw−1−j].
+fn transposed_conv(g: &Geom, w: &[f32]) -> (Geom, Vec<f32>) {
+    let gt = Geom {
+        c: g.o,
+        o: g.c,
+        ..*g
+    };
+    let (kh, kw) = (g.kh, g.kw);
+    let mut wt = vec![0f32; w.len()];
+    for o in 0..g.o {
+        for c in 0..g.c {
+            for i in 0..kh {
+                for j in 0..kw {
+                    wt[((c * g.o + o) * kh + i) * kw + j] =
+                        w[((o * g.c + c) * kh + (kh - 1 - i)) * kw + (kw - 1 - j)];
+                }
+            }
+        }
+    }
+    (gt, wt)
+}
+
 /// Gradients w.r.t. the input (N×C×H×W, if asked), the weight (O×K) and the bias (O).
 fn backward(g: &Geom, a: &BackwardInputs) -> (Option<Vec<f32>>, Vec<f32>, Vec<f32>) {
     let (k, p, ol, il) = (g.k(), g.p(), g.out_len(), g.in_len());
@@ -337,6 +456,11 @@ fn backward(g: &Geom, a: &BackwardInputs) -> (Option<Vec<f32>>, Vec<f32>, Vec<f3
         (0..tasks).map(|_| None).collect()
     };
     let wm = Mat::row_major(a.w, g.o, k);
+    // For a stride-1 "same" convolution the input gradient is itself a "same" convolution of the
+    // output gradient with the transposed, spatially flipped kernel, C×(O·kh·kw): one im2col and a
+    // GEMM with inner dimension O·kh·kw, instead of a GEMM with inner dimension O whose K×P result
+    // col2im must scatter back.
+    let transposed = (a.need_x && same_stride1(g)).then(|| transposed_conv(g, a.w));
     let partials: Vec<(Vec<f32>, Vec<f32>)> = gx_chunks
         .into_par_iter()
         .enumerate()
@@ -346,7 +470,12 @@ fn backward(g: &Geom, a: &BackwardInputs) -> (Option<Vec<f32>>, Vec<f32>, Vec<f3
             let mut gw = vec![0f32; if a.need_w { g.o * k } else { 0 }];
             let mut gb = vec![0f32; if a.need_b { g.o } else { 0 }];
             let mut cols = vec![0f32; if a.need_w && !g.pointwise() { k * p } else { 0 }];
-            let mut gcols = vec![0f32; if a.need_x && !g.pointwise() { k * p } else { 0 }];
+            let gcols_len = match &transposed {
+                Some((gt, _)) => gt.k() * gt.p(),
+                None if a.need_x && !g.pointwise() => k * p,
+                None => 0,
+            };
+            let mut gcols = vec![0f32; gcols_len];
             let mut masked = vec![0f32; if a.res.is_some() { ol } else { 0 }];
             for i in 0..count {
                 let n = first + i;
@@ -360,7 +489,7 @@ fn backward(g: &Geom, a: &BackwardInputs) -> (Option<Vec<f32>>, Vec<f32>, Vec<f3
                 }
                 if a.need_b {
                     for (b, row) in gb.iter_mut().zip(go.chunks_exact(p)) {
-                        *b += row.iter().sum::<f32>();
+                        *b += lane_sum(row);
                     }
                 }
                 let gom = Mat::row_major(go, g.o, p);
@@ -378,9 +507,19 @@ fn backward(g: &Geom, a: &BackwardInputs) -> (Option<Vec<f32>>, Vec<f32>, Vec<f3
                     let gx_n = &mut chunk[i * il..(i + 1) * il];
                     if g.pointwise() {
                         matmul(gx_n, wm.t(), gom, false, par);
+                    } else if let Some((gt, wt)) = &transposed {
+                        im2col(gt, go, &mut gcols);
+                        let wtm = Mat::row_major(wt, gt.o, gt.k());
+                        matmul(
+                            gx_n,
+                            wtm,
+                            Mat::row_major(&gcols, gt.k(), gt.p()),
+                            false,
+                            par,
+                        );
                     } else {
                         matmul(&mut gcols, wm.t(), gom, false, par);
-                        col2im(g, &gcols, gx_n);
+                        col2im(g, &mut gcols, gx_n);
                     }
                 }
             }
@@ -562,10 +701,8 @@ impl CustomOp3 for ConvOp {
 
 /// Whether the fast path handles these tensors (f32 on the CPU).
 fn fast_path(tensors: &[Option<&Tensor>]) -> bool {
-    tensors
-        .iter()
-        .flatten()
-        .all(|t| t.device().is_cpu() && t.dtype() == DType::F32)
+    let present: Vec<&Tensor> = tensors.iter().flatten().copied().collect();
+    super::fast_cpu(&present)
 }
 
 /// `relu?(conv2d(x, w) + b)`: x N×C×H×W, w O×C×kh×kw, b of length O; symmetric stride and
@@ -685,7 +822,7 @@ impl Conv {
 mod tests {
     use super::*;
     use crate::rng::Rng;
-    use candle_core::{Device, Var};
+    use candle_core::{DType, Device, Var};
 
     fn randn(rng: &mut Rng, dims: &[usize]) -> Tensor {
         let n: usize = dims.iter().product();
@@ -699,12 +836,18 @@ mod tests {
         let a = a.flatten_all().unwrap().to_vec1::<f32>().unwrap();
         let b = b.flatten_all().unwrap().to_vec1::<f32>().unwrap();
         let scale = b.iter().fold(1f32, |m, v| m.max(v.abs()));
-        let diff = a.iter().zip(&b).fold(0f32, |m, (x, y)| m.max((x - y).abs()));
-        assert!(diff <= tol * scale, "{what}: max diff {diff} (scale {scale})");
+        let diff = a
+            .iter()
+            .zip(&b)
+            .fold(0f32, |m, (x, y)| m.max((x - y).abs()));
+        assert!(
+            diff <= tol * scale,
+            "{what}: max diff {diff} (scale {scale})"
+        );
     }
 
     /// Values and gradients (w.r.t. input, weight, bias) of the fast op against candle's.
-    fn check(shape: (usize, usize, usize, usize, usize, usize, usize, usize), bias: bool, relu: bool) {
+    fn check(shape: Case, bias: bool, relu: bool) {
         let (n, c, h, w, o, k, stride, pad) = shape;
         let mut rng = Rng::new((n * 1000 + c * 100 + k * 10 + stride + pad) as u64);
         let x = Var::from_tensor(&randn(&mut rng, &[n, c, h, w])).unwrap();
@@ -721,18 +864,27 @@ mod tests {
         let gf = (&fast * &r).unwrap().sum_all().unwrap().backward().unwrap();
         let gs = (&slow * &r).unwrap().sum_all().unwrap().backward().unwrap();
         for (name, v) in [("input", &x), ("weight", &wt)] {
-            let (a, b) = (gf.get(v.as_tensor()).unwrap(), gs.get(v.as_tensor()).unwrap());
+            let (a, b) = (
+                gf.get(v.as_tensor()).unwrap(),
+                gs.get(v.as_tensor()).unwrap(),
+            );
             assert_close(a, b, 1e-4, &format!("{what}: grad {name}"));
         }
         if bias {
-            let (a, bb) = (gf.get(b.as_tensor()).unwrap(), gs.get(b.as_tensor()).unwrap());
+            let (a, bb) = (
+                gf.get(b.as_tensor()).unwrap(),
+                gs.get(b.as_tensor()).unwrap(),
+            );
             assert_close(a, bb, 1e-4, &format!("{what}: grad bias"));
         } else {
             assert!(gf.get(b.as_tensor()).is_none());
         }
     }
 
-    const SHAPES: &[(usize, usize, usize, usize, usize, usize, usize, usize)] = &[
+    /// (n, c, h, w, o, k, stride, pad)
+    type Case = (usize, usize, usize, usize, usize, usize, usize, usize);
+
+    const SHAPES: &[Case] = &[
         // (n, c, h, w, o, k, stride, pad)
         (1, 3, 9, 9, 5, 3, 1, 1),
         (5, 3, 9, 7, 5, 3, 2, 1),
@@ -744,6 +896,11 @@ mod tests {
         (5, 13, 7, 7, 11, 3, 2, 0),
         (5, 1, 6, 5, 3, 3, 1, 1),
         (2, 9, 5, 5, 10, 1, 1, 1),
+        // "Same" stride-1 convolutions (the whole-plane shift path), down to 1×1 inputs.
+        (2, 4, 9, 8, 6, 5, 1, 2),
+        (1, 2, 10, 10, 3, 7, 1, 3),
+        (5, 3, 1, 1, 4, 3, 1, 1),
+        (2, 3, 2, 2, 4, 3, 1, 1),
     ];
 
     #[test]
@@ -807,11 +964,17 @@ mod tests {
                     let t = Tensor::from_vec(v, base.dims(), &Device::Cpu).unwrap();
                     let mut args = [x0.clone(), w0.clone(), b0.clone()];
                     args[which] = t;
-                    loss(&args[0], &args[1], &args[2]).to_scalar::<f32>().unwrap()
+                    loss(&args[0], &args[1], &args[2])
+                        .to_scalar::<f32>()
+                        .unwrap()
                 };
                 let fd = (shifted(eps) - shifted(-eps)) / (2.0 * eps);
                 let tol = 1e-2 * (1.0 + analytic[i].abs());
-                assert!((fd - analytic[i]).abs() < tol, "arg {which} entry {i}: fd {fd} vs {}", analytic[i]);
+                assert!(
+                    (fd - analytic[i]).abs() < tol,
+                    "arg {which} entry {i}: fd {fd} vs {}",
+                    analytic[i]
+                );
             }
         }
     }
@@ -855,6 +1018,63 @@ mod tests {
             for (a, b) in one.iter().zip(&many) {
                 assert!(a.iter().zip(b).all(|(p, q)| p.to_bits() == q.to_bits()), "{threads} threads differ from 1");
             }
+        }
+    }
+}
+
+#[cfg(test)]
+mod speed {
+    use super::*;
+    use candle_core::{Device, Var};
+
+    /// Forward and backward time of the convolutions of the report backbones (batch 128),
+    /// best of 5. Run with `cargo test --lib -- --ignored --nocapture conv_layer_speed`.
+    #[test]
+    #[ignore]
+    fn conv_layer_speed() {
+        let shapes: &[(&str, usize, usize, usize, usize, usize, usize)] = &[
+            // name, c, hw, o, k, stride, pad
+            ("cnn.conv1", 1, 28, 32, 3, 1, 1),
+            ("cnn.conv2", 32, 14, 64, 3, 1, 1),
+            ("res.stem", 1, 28, 16, 3, 1, 1),
+            ("res.s1", 16, 28, 16, 3, 1, 1),
+            ("res.s2.conv1", 16, 28, 32, 3, 2, 1),
+            ("res.s2.conv2", 32, 14, 32, 3, 1, 1),
+            ("res.s2.short", 16, 28, 32, 1, 2, 0),
+            ("res.s3.conv1", 32, 14, 64, 3, 2, 1),
+            ("res.s3.conv2", 64, 7, 64, 3, 1, 1),
+            ("conv4.b2", 32, 14, 32, 3, 1, 1),
+        ];
+        for &(name, c, hw, o, k, stride, pad) in shapes {
+            let x = Var::from_tensor(
+                &Tensor::randn(0f32, 1.0, (128, c, hw, hw), &Device::Cpu).unwrap(),
+            )
+            .unwrap();
+            let w =
+                Var::from_tensor(&Tensor::randn(0f32, 0.1, (o, c, k, k), &Device::Cpu).unwrap())
+                    .unwrap();
+            let (mut fwd, mut bwd) = (f64::MAX, f64::MAX);
+            for _ in 0..5 {
+                let t0 = std::time::Instant::now();
+                let y = conv2d(x.as_tensor(), w.as_tensor(), None, stride, pad, false).unwrap();
+                let t1 = std::time::Instant::now();
+                let _g = y.sum_all().unwrap().backward().unwrap();
+                let t2 = std::time::Instant::now();
+                fwd = fwd.min((t1 - t0).as_secs_f64());
+                bwd = bwd.min((t2 - t1).as_secs_f64());
+            }
+            let (ho, wo) = (
+                (hw + 2 * pad - k) / stride + 1,
+                (hw + 2 * pad - k) / stride + 1,
+            );
+            let gflop = 2.0 * 128.0 * (o * c * k * k * ho * wo) as f64 / 1e9;
+            println!(
+                "{name:14} fwd {:7.2} ms ({:5.1} GFLOP/s)  bwd {:7.2} ms ({:5.1} GFLOP/s for 2 GEMMs)",
+                fwd * 1e3,
+                gflop / fwd,
+                bwd * 1e3,
+                2.0 * gflop / bwd
+            );
         }
     }
 }

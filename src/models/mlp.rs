@@ -4,9 +4,10 @@
 //! → classifier (no bias), where m is `width_mult`.
 //! Variables: `fc1.{weight,bias}`, `fc2.{weight,bias}`, `classifier.weight`.
 
-use candle_core::{Module, Tensor};
-use candle_nn::{linear, Linear, VarBuilder};
+use candle_core::Tensor;
+use candle_nn::VarBuilder;
 
+use super::linear::Linear;
 use super::{classifier_weight, Classifier, ModelConfig};
 
 /// Two hidden ReLU layers and a bias-free classifier.
@@ -24,8 +25,8 @@ impl Mlp {
         let hidden = 256 * cfg.width_mult;
         let dim = 128 * cfg.width_mult;
         Ok(Mlp {
-            fc1: linear(input, hidden, vb.pp("fc1"))?,
-            fc2: linear(hidden, dim, vb.pp("fc2"))?,
+            fc1: Linear::new(input, hidden, vb.pp("fc1"))?,
+            fc2: Linear::new(hidden, dim, vb.pp("fc2"))?,
             classifier: classifier_weight(cfg.num_classes, dim, vb)?,
             dim,
         })
@@ -34,8 +35,8 @@ impl Mlp {
 
 impl Classifier for Mlp {
     fn features(&self, x: &Tensor, _train: bool) -> candle_core::Result<Tensor> {
-        let h = self.fc1.forward(&x.flatten_from(1)?)?.relu()?;
-        self.fc2.forward(&h)?.relu()
+        let h = self.fc1.forward_relu(&x.flatten_from(1)?)?;
+        self.fc2.forward_relu(&h)
     }
 
     fn classifier(&self) -> &Tensor {

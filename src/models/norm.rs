@@ -15,7 +15,7 @@
 
 use std::sync::{Arc, OnceLock};
 
-use candle_core::{CpuStorage, CustomOp3, DType, Layout, ModuleT, Shape, Storage, Tensor, Var};
+use candle_core::{CpuStorage, CustomOp3, Layout, ModuleT, Shape, Storage, Tensor, Var};
 use candle_nn::{BatchNormConfig, VarBuilder};
 use rayon::prelude::*;
 
@@ -38,7 +38,8 @@ fn lane_sum(v: &[f32], f: impl Fn(f32) -> f32) -> f64 {
             *a += f(x);
         }
     }
-    acc.iter().map(|&a| f64::from(a)).sum::<f64>() + tail.iter().map(|&x| f64::from(f(x))).sum::<f64>()
+    acc.iter().map(|&a| f64::from(a)).sum::<f64>()
+        + tail.iter().map(|&x| f64::from(f(x))).sum::<f64>()
 }
 
 /// Σ f(a_i, b_i) in 8 f32 lanes, combined in f64.
@@ -52,7 +53,11 @@ fn lane_sum2(a: &[f32], b: &[f32], f: impl Fn(f32, f32) -> f32) -> f64 {
             *s += f(u, v);
         }
     }
-    acc.iter().map(|&s| f64::from(s)).sum::<f64>() + ta.iter().zip(tb).map(|(&u, &v)| f64::from(f(u, v))).sum::<f64>()
+    acc.iter().map(|&s| f64::from(s)).sum::<f64>()
+        + ta.iter()
+            .zip(tb)
+            .map(|(&u, &v)| f64::from(f(u, v)))
+            .sum::<f64>()
 }
 
 /// Σ f(a_i, b_i, c_i) in 8 f32 lanes, combined in f64.
@@ -66,7 +71,12 @@ fn lane_sum3(a: &[f32], b: &[f32], c: &[f32], f: impl Fn(f32, f32, f32) -> f32) 
             *s += f(u, v, w);
         }
     }
-    let tail: f64 = ta.iter().zip(tb).zip(tc).map(|((&u, &v), &w)| f64::from(f(u, v, w))).sum();
+    let tail: f64 = ta
+        .iter()
+        .zip(tb)
+        .zip(tc)
+        .map(|((&u, &v), &w)| f64::from(f(u, v, w)))
+        .sum();
     acc.iter().map(|&s| f64::from(s)).sum::<f64>() + tail
 }
 
@@ -141,7 +151,12 @@ impl CustomOp3 for BnOp {
         let w = cpu_f32(s2, l2, "weight")?;
         let b = cpu_f32(s3, l3, "bias")?;
         if w.len() != d.c || b.len() != d.c {
-            candle_core::bail!("fused batch-norm: {} channels but weight/bias of {}/{}", d.c, w.len(), b.len());
+            candle_core::bail!(
+                "fused batch-norm: {} channels but weight/bias of {}/{}",
+                d.c,
+                w.len(),
+                b.len()
+            );
         }
         let m = d.m().max(1) as f64;
         let (mean, var): (Vec<f64>, Vec<f64>) = (0..d.c)
@@ -149,28 +164,39 @@ impl CustomOp3 for BnOp {
             .map(|ch| {
                 let mean = d.planes(x, ch).map(|p| lane_sum(p, |v| v)).sum::<f64>() / m;
                 let mf = mean as f32;
-                let var = d.planes(x, ch).map(|p| lane_sum(p, |v| (v - mf) * (v - mf))).sum::<f64>() / m;
+                let var = d
+                    .planes(x, ch)
+                    .map(|p| lane_sum(p, |v| (v - mf) * (v - mf)))
+                    .sum::<f64>()
+                    / m;
                 (mean, var)
             })
             .unzip();
         // y = x·a + c per channel, a = w/√(var+eps), c = b − mean·a.
-        let scale: Vec<f32> = (0..d.c).map(|ch| (f64::from(w[ch]) / (var[ch] + self.eps).sqrt()) as f32).collect();
-        let shift: Vec<f32> = (0..d.c).map(|ch| (f64::from(b[ch]) - mean[ch] * f64::from(scale[ch])) as f32).collect();
+        let scale: Vec<f32> = (0..d.c)
+            .map(|ch| (f64::from(w[ch]) / (var[ch] + self.eps).sqrt()) as f32)
+            .collect();
+        let shift: Vec<f32> = (0..d.c)
+            .map(|ch| (f64::from(b[ch]) - mean[ch] * f64::from(scale[ch])) as f32)
+            .collect();
         let mut out = vec![0f32; x.len()];
         if d.hw > 0 {
-            out.par_chunks_mut(d.hw).zip(x.par_chunks(d.hw)).enumerate().for_each(|(i, (o, xi))| {
-                let (a, c) = (scale[i % d.c], shift[i % d.c]);
-                if self.relu {
-                    for (o, &v) in o.iter_mut().zip(xi) {
-                        let y = v * a + c;
-                        *o = if y < 0.0 { 0.0 } else { y };
+            out.par_chunks_mut(d.hw)
+                .zip(x.par_chunks(d.hw))
+                .enumerate()
+                .for_each(|(i, (o, xi))| {
+                    let (a, c) = (scale[i % d.c], shift[i % d.c]);
+                    if self.relu {
+                        for (o, &v) in o.iter_mut().zip(xi) {
+                            let y = v * a + c;
+                            *o = if y < 0.0 { 0.0 } else { y };
+                        }
+                    } else {
+                        for (o, &v) in o.iter_mut().zip(xi) {
+                            *o = v * a + c;
+                        }
                     }
-                } else {
-                    for (o, &v) in o.iter_mut().zip(xi) {
-                        *o = v * a + c;
-                    }
-                }
-            });
+                });
         }
         // A second forward with the same op instance cannot happen (candle makes one per call).
         let _ = self.stats.set(Stats { mean, var });
@@ -190,8 +216,18 @@ impl CustomOp3 for BnOp {
             candle_core::bail!("fused batch-norm: backward before forward")
         };
         let d = Dims::of(x.dims())?;
-        let (xc, wc, gc, rc) = (x.contiguous()?, w.contiguous()?, grad.contiguous()?, res.contiguous()?);
-        let (xg, wg, gg, rg) = (xc.storage_and_layout(), wc.storage_and_layout(), gc.storage_and_layout(), rc.storage_and_layout());
+        let (xc, wc, gc, rc) = (
+            x.contiguous()?,
+            w.contiguous()?,
+            grad.contiguous()?,
+            res.contiguous()?,
+        );
+        let (xg, wg, gg, rg) = (
+            xc.storage_and_layout(),
+            wc.storage_and_layout(),
+            gc.storage_and_layout(),
+            rc.storage_and_layout(),
+        );
         let xs = storage_f32(&xg.0, xg.1, "input")?;
         let ws = storage_f32(&wg.0, wg.1, "weight")?;
         let gs = storage_f32(&gg.0, gg.1, "output gradient")?;
@@ -213,9 +249,15 @@ impl CustomOp3 for BnOp {
                 (sdy, sdyx)
             })
             .collect();
-        let invstd: Vec<f64> = stats.var.iter().map(|v| 1.0 / (v + self.eps).sqrt()).collect();
+        let invstd: Vec<f64> = stats
+            .var
+            .iter()
+            .map(|v| 1.0 / (v + self.eps).sqrt())
+            .collect();
         let dev = x.device();
-        let gw: Vec<f32> = (0..d.c).map(|ch| (sums[ch].1 * invstd[ch]) as f32).collect();
+        let gw: Vec<f32> = (0..d.c)
+            .map(|ch| (sums[ch].1 * invstd[ch]) as f32)
+            .collect();
         let gb: Vec<f32> = sums.iter().map(|s| s.0 as f32).collect();
         let gx = if x.track_op() {
             // dx = k1·dy + k2·x + k3 per channel (the closed form of the BatchNorm gradient).
@@ -236,8 +278,18 @@ impl CustomOp3 for BnOp {
                     .enumerate()
                     .for_each(|(i, ((o, xp), (gp, rp)))| {
                         let (k1, k2, k3) = coef[i % d.c];
-                        for (((o, &v), &g), &r) in o.iter_mut().zip(xp).zip(gp).zip(rp) {
-                            *o = k1 * dy(g, r) + k2 * v + k3;
+                        // Equal lengths up front so that the loops below vectorise.
+                        let len = o.len();
+                        let (xp, gp, rp) = (&xp[..len], &gp[..len], &rp[..len]);
+                        if relu {
+                            for t in 0..len {
+                                let g = if rp[t] <= 0.0 { 0.0 } else { gp[t] };
+                                o[t] = k1 * g + k2 * xp[t] + k3;
+                            }
+                        } else {
+                            for t in 0..len {
+                                o[t] = k1 * gp[t] + k2 * xp[t] + k3;
+                            }
                         }
                     });
             }
@@ -245,8 +297,14 @@ impl CustomOp3 for BnOp {
         } else {
             None
         };
-        let gw = w.track_op().then(|| Tensor::from_vec(gw, w.shape(), dev)).transpose()?;
-        let gb = b.track_op().then(|| Tensor::from_vec(gb, b.shape(), dev)).transpose()?;
+        let gw = w
+            .track_op()
+            .then(|| Tensor::from_vec(gw, w.shape(), dev))
+            .transpose()?;
+        let gb = b
+            .track_op()
+            .then(|| Tensor::from_vec(gb, b.shape(), dev))
+            .transpose()?;
         Ok((gx, gw, gb))
     }
 }
@@ -280,7 +338,7 @@ impl BatchNorm2d {
         let Some((w, b)) = self.bn.weight_and_bias() else {
             candle_core::bail!("batch-norm without affine parameters is not supported")
         };
-        let fast = [x, w, b].iter().all(|t| t.device().is_cpu() && t.dtype() == DType::F32) && x.rank() == 4;
+        let fast = super::fast_cpu(&[x, w, b]) && x.rank() == 4;
         if !(train && fast) {
             let y = self.bn.forward_t(x, train)?;
             return if relu { y.relu() } else { Ok(y) };
@@ -319,7 +377,7 @@ impl BatchNorm2d {
 mod tests {
     use super::*;
     use crate::rng::Rng;
-    use candle_core::Device;
+    use candle_core::{DType, Device};
     use candle_nn::VarMap;
 
     fn max_rel_diff(a: &Tensor, b: &Tensor) -> f32 {
@@ -327,7 +385,10 @@ mod tests {
         let b = b.flatten_all().unwrap().to_vec1::<f32>().unwrap();
         assert_eq!(a.len(), b.len());
         let scale = b.iter().fold(1f32, |m, v| m.max(v.abs()));
-        a.iter().zip(&b).fold(0f32, |m, (x, y)| m.max((x - y).abs())) / scale
+        a.iter()
+            .zip(&b)
+            .fold(0f32, |m, (x, y)| m.max((x - y).abs()))
+            / scale
     }
 
     /// Values, gradients and running statistics against candle-nn's BatchNorm (+ candle's ReLU).
@@ -339,7 +400,8 @@ mod tests {
                 let vm = VarMap::new();
                 let vb = VarBuilder::from_varmap(&vm, DType::F32, &Device::Cpu);
                 let ours = BatchNorm2d::new(c, vb.pp("a")).unwrap();
-                let theirs = candle_nn::batch_norm(c, BatchNormConfig::default(), vb.pp("b")).unwrap();
+                let theirs =
+                    candle_nn::batch_norm(c, BatchNormConfig::default(), vb.pp("b")).unwrap();
                 // Non-trivial affine parameters, the same in both.
                 {
                     let data = vm.data().lock().unwrap();
@@ -350,7 +412,9 @@ mod tests {
                         data[&format!("b.{name}")].set(&t).unwrap();
                     }
                 }
-                let xv: Vec<f32> = (0..n * c * h * w).map(|_| (rng.normal() * 2.0 + 0.5) as f32).collect();
+                let xv: Vec<f32> = (0..n * c * h * w)
+                    .map(|_| (rng.normal() * 2.0 + 0.5) as f32)
+                    .collect();
                 let x = Var::from_vec(xv, (n, c, h, w), &Device::Cpu).unwrap();
                 let r: Vec<f32> = (0..n * c * h * w).map(|_| rng.normal() as f32).collect();
                 let r = Tensor::from_vec(r, (n, c, h, w), &Device::Cpu).unwrap();
@@ -374,7 +438,10 @@ mod tests {
                     }
                     for stat in ["running_mean", "running_var"] {
                         let data = vm.data().lock().unwrap();
-                        let d = max_rel_diff(data[&format!("a.{stat}")].as_tensor(), data[&format!("b.{stat}")].as_tensor());
+                        let d = max_rel_diff(
+                            data[&format!("a.{stat}")].as_tensor(),
+                            data[&format!("b.{stat}")].as_tensor(),
+                        );
                         assert!(d < 1e-5, "{what}: {stat}");
                     }
                 }

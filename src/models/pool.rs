@@ -18,7 +18,7 @@
 //! go through candle's own op to keep its exact numbers. On other devices or dtypes
 //! [`max_pool2d`] is candle's `max_pool2d`.
 
-use candle_core::{CpuStorage, CustomOp1, DType, Layout, Shape, Storage, Tensor};
+use candle_core::{CpuStorage, CustomOp1, Layout, Shape, Storage, Tensor};
 use rayon::prelude::*;
 
 /// Position, within one H×W plane, of the first maximum of the k×k window at (oy, ox).
@@ -68,6 +68,67 @@ fn pool_dims(dims: &[usize], k: usize) -> candle_core::Result<(usize, usize, usi
     Ok((n * c, h, w, h / k, w / k))
 }
 
+/// Planes per rayon task: a few tasks per thread, so that small planes do not cost a task each.
+fn planes_per_task(planes: usize) -> usize {
+    (planes / (rayon::current_num_threads() * 4)).max(1)
+}
+
+/// One output row of 2×2 pooling from input rows `r0` and `r1`.
+#[inline]
+fn pool2_row(r0: &[f32], r1: &[f32], out: &mut [f32]) {
+    for ((o, a), b) in out
+        .iter_mut()
+        .zip(r0.chunks_exact(2))
+        .zip(r1.chunks_exact(2))
+    {
+        *o = a[0].max(a[1]).max(b[0].max(b[1]));
+    }
+}
+
+/// The gradient of one output row of 2×2 pooling: `d0`, `d1` (input rows, overwritten) from the
+/// input rows, the pooled row `m` and its gradient `g`.
+#[inline]
+#[allow(clippy::too_many_arguments)]
+fn unpool2_row(
+    rule: PoolGradient,
+    r0: &[f32],
+    r1: &[f32],
+    m: &[f32],
+    g: &[f32],
+    d0: &mut [f32],
+    d1: &mut [f32],
+) {
+    let windows = r0
+        .chunks_exact(2)
+        .zip(r1.chunks_exact(2))
+        .zip(d0.chunks_exact_mut(2).zip(d1.chunks_exact_mut(2)));
+    for ((((a, b), (da, db)), &mv), &gv) in windows.zip(m).zip(g) {
+        let e = [a[0] == mv, a[1] == mv, b[0] == mv, b[1] == mv];
+        let share = match rule {
+            PoolGradient::Candle => {
+                let ties = e.iter().filter(|&&t| t).count() as f32;
+                let s = gv * (ties / 4.0);
+                [s; 4]
+            }
+            PoolGradient::FirstMax => [gv; 4],
+        };
+        let take = match rule {
+            PoolGradient::Candle => e,
+            PoolGradient::FirstMax => {
+                let f0 = e[0];
+                let f1 = e[1] && !f0;
+                let f2 = e[2] && !(f0 || f1);
+                let f3 = e[3] && !(f0 || f1 || f2);
+                [f0, f1, f2, f3]
+            }
+        };
+        da[0] = if take[0] { share[0] } else { 0.0 };
+        da[1] = if take[1] { share[1] } else { 0.0 };
+        db[0] = if take[2] { share[2] } else { 0.0 };
+        db[1] = if take[3] { share[3] } else { 0.0 };
+    }
+}
+
 impl CustomOp1 for MaxPool {
     fn name(&self) -> &'static str {
         "max-pool2d"
@@ -84,13 +145,22 @@ impl CustomOp1 for MaxPool {
         let x = &v[a..b];
         let k = self.k;
         let mut out = vec![0f32; planes * ho * wo];
+        let per = planes_per_task(planes);
         if !out.is_empty() {
-            out.par_chunks_mut(ho * wo)
-                .zip(x.par_chunks(h * w))
-                .for_each(|(o, plane)| {
-                    for oy in 0..ho {
-                        for ox in 0..wo {
-                            o[oy * wo + ox] = plane[argmax(plane, w, k, oy, ox)];
+            out.par_chunks_mut(per * ho * wo)
+                .zip(x.par_chunks(per * h * w))
+                .for_each(|(os, xs)| {
+                    for (o, plane) in os.chunks_exact_mut(ho * wo).zip(xs.chunks_exact(h * w)) {
+                        for (oy, orow) in o.chunks_exact_mut(wo).enumerate() {
+                            if k == 2 {
+                                let r0 = &plane[2 * oy * w..2 * oy * w + 2 * wo];
+                                let r1 = &plane[(2 * oy + 1) * w..(2 * oy + 1) * w + 2 * wo];
+                                pool2_row(r0, r1, orow);
+                            } else {
+                                for (ox, ov) in orow.iter_mut().enumerate() {
+                                    *ov = plane[argmax(plane, w, k, oy, ox)];
+                                }
+                            }
                         }
                     }
                 });
@@ -105,49 +175,97 @@ impl CustomOp1 for MaxPool {
     fn bwd(
         &self,
         arg: &Tensor,
-        _res: &Tensor,
+        res: &Tensor,
         grad: &Tensor,
     ) -> candle_core::Result<Option<Tensor>> {
         let (planes, h, w, ho, wo) = pool_dims(arg.dims(), self.k)?;
-        let (xc, gc) = (arg.contiguous()?, grad.contiguous()?);
-        let (xs, gs) = (xc.storage_and_layout(), gc.storage_and_layout());
+        let (xc, rc, gc) = (arg.contiguous()?, res.contiguous()?, grad.contiguous()?);
+        let (xs, rs, gs) = (
+            xc.storage_and_layout(),
+            rc.storage_and_layout(),
+            gc.storage_and_layout(),
+        );
         let x = f32_slice(&xs.0, xs.1)?;
+        let r = f32_slice(&rs.0, rs.1)?;
         let g = f32_slice(&gs.0, gs.1)?;
         let k = self.k;
+        let rule = self.gradient;
         let mut gx = vec![0f32; planes * h * w];
+        let per = planes_per_task(planes);
         if !gx.is_empty() && ho * wo > 0 {
-            gx.par_chunks_mut(h * w)
-                .zip(x.par_chunks(h * w))
-                .zip(g.par_chunks(ho * wo))
-                .for_each(|((gxp, plane), gp)| {
-                    for oy in 0..ho {
-                        for ox in 0..wo {
-                            let g = gp[oy * wo + ox];
-                            let best = argmax(plane, w, k, oy, ox);
-                            match self.gradient {
-                                PoolGradient::FirstMax => gxp[best] += g,
-                                PoolGradient::Candle => {
-                                    let m = plane[best];
-                                    let window = |i: usize| (oy * k + i) * w + ox * k;
-                                    let ties = (0..k)
-                                        .map(|i| plane[window(i)..window(i) + k].iter().filter(|&&v| v == m).count())
-                                        .sum::<usize>();
-                                    let share = g * (ties as f32 / (k * k) as f32);
-                                    for i in 0..k {
-                                        let row = window(i);
-                                        for (d, &v) in gxp[row..row + k].iter_mut().zip(&plane[row..row + k]) {
-                                            if v == m {
-                                                *d += share;
-                                            }
-                                        }
-                                    }
-                                }
+            gx.par_chunks_mut(per * h * w)
+                .zip(x.par_chunks(per * h * w))
+                .zip(r.par_chunks(per * ho * wo).zip(g.par_chunks(per * ho * wo)))
+                .for_each(|((gxs, xs), (rs, gs))| {
+                    let planes = gxs.chunks_exact_mut(h * w).zip(xs.chunks_exact(h * w));
+                    for ((gxp, plane), (rp, gp)) in
+                        planes.zip(rs.chunks_exact(ho * wo).zip(gs.chunks_exact(ho * wo)))
+                    {
+                        if k == 2 {
+                            for oy in 0..ho {
+                                let (top, bottom) =
+                                    gxp[2 * oy * w..(2 * oy + 2) * w].split_at_mut(w);
+                                unpool2_row(
+                                    rule,
+                                    &plane[2 * oy * w..2 * oy * w + 2 * wo],
+                                    &plane[(2 * oy + 1) * w..(2 * oy + 1) * w + 2 * wo],
+                                    &rp[oy * wo..(oy + 1) * wo],
+                                    &gp[oy * wo..(oy + 1) * wo],
+                                    &mut top[..2 * wo],
+                                    &mut bottom[..2 * wo],
+                                );
                             }
+                        } else {
+                            unpool_generic(rule, plane, gp, gxp, w, k, ho, wo);
                         }
                     }
                 });
         }
         Ok(Some(Tensor::from_vec(gx, arg.shape(), arg.device())?))
+    }
+}
+
+/// The gradient of one plane for any window size (`gxp` starts at zero).
+#[allow(clippy::too_many_arguments)]
+fn unpool_generic(
+    rule: PoolGradient,
+    plane: &[f32],
+    gp: &[f32],
+    gxp: &mut [f32],
+    w: usize,
+    k: usize,
+    ho: usize,
+    wo: usize,
+) {
+    for oy in 0..ho {
+        for ox in 0..wo {
+            let g = gp[oy * wo + ox];
+            let best = argmax(plane, w, k, oy, ox);
+            match rule {
+                PoolGradient::FirstMax => gxp[best] += g,
+                PoolGradient::Candle => {
+                    let m = plane[best];
+                    let window = |i: usize| (oy * k + i) * w + ox * k;
+                    let ties = (0..k)
+                        .map(|i| {
+                            plane[window(i)..window(i) + k]
+                                .iter()
+                                .filter(|&&v| v == m)
+                                .count()
+                        })
+                        .sum::<usize>();
+                    let share = g * (ties as f32 / (k * k) as f32);
+                    for i in 0..k {
+                        let row = window(i);
+                        for (d, &v) in gxp[row..row + k].iter_mut().zip(&plane[row..row + k]) {
+                            if v == m {
+                                *d += share;
+                            }
+                        }
+                    }
+                }
+            }
+        }
     }
 }
 
@@ -168,10 +286,14 @@ pub fn max_pool2d(x: &Tensor, k: usize) -> candle_core::Result<Tensor> {
 }
 
 /// Max-pooling with a chosen gradient rule.
-pub fn max_pool2d_with(x: &Tensor, k: usize, gradient: PoolGradient) -> candle_core::Result<Tensor> {
+pub fn max_pool2d_with(
+    x: &Tensor,
+    k: usize,
+    gradient: PoolGradient,
+) -> candle_core::Result<Tensor> {
     let (_, _, h, w) = x.dims4()?;
     let exact_fit = k > 0 && h % k == 0 && w % k == 0;
-    let fast = x.device().is_cpu() && x.dtype() == DType::F32;
+    let fast = super::fast_cpu(&[x]);
     match gradient {
         PoolGradient::Candle if !(fast && exact_fit) => x.max_pool2d(k),
         PoolGradient::FirstMax if !fast => candle_core::bail!(
@@ -190,7 +312,11 @@ mod tests {
     #[test]
     fn matches_candle_values_and_gradients_without_ties() {
         let mut rng = Rng::new(5);
-        for &(n, c, h, w, k) in &[(2usize, 3usize, 8usize, 8usize, 2usize), (1, 2, 7, 9, 2), (3, 1, 9, 6, 3)] {
+        for &(n, c, h, w, k) in &[
+            (2usize, 3usize, 8usize, 8usize, 2usize),
+            (1, 2, 7, 9, 2),
+            (3, 1, 9, 6, 3),
+        ] {
             let v: Vec<f32> = (0..n * c * h * w).map(|_| rng.normal() as f32).collect();
             let x = Var::from_vec(v, (n, c, h, w), &Device::Cpu).unwrap();
             let fast = max_pool2d_with(x.as_tensor(), k, PoolGradient::FirstMax).unwrap();
@@ -198,12 +324,25 @@ mod tests {
             assert_eq!(fast.dims(), slow.dims());
             let d = (&fast - &slow).unwrap().abs().unwrap().max_all().unwrap();
             assert_eq!(d.to_scalar::<f32>().unwrap(), 0.0);
-            let r: Vec<f32> = (0..fast.elem_count()).map(|_| rng.normal() as f32).collect();
+            let r: Vec<f32> = (0..fast.elem_count())
+                .map(|_| rng.normal() as f32)
+                .collect();
             let r = Tensor::from_vec(r, fast.dims(), &Device::Cpu).unwrap();
             let gf = (&fast * &r).unwrap().sum_all().unwrap().backward().unwrap();
-            let gf = gf.get(x.as_tensor()).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            let gf = gf
+                .get(x.as_tensor())
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap();
             // Reference: each window's maximum receives its output's gradient.
-            let xs = x.as_tensor().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            let xs = x
+                .as_tensor()
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap();
             let rs = r.flatten_all().unwrap().to_vec1::<f32>().unwrap();
             let (ho, wo) = (h / k, w / k);
             let mut expect = vec![0f32; xs.len()];
@@ -227,7 +366,13 @@ mod tests {
         let x = Var::from_vec(vec![1f32, 1.0, 0.0, 1.0], (1, 1, 2, 2), &Device::Cpu).unwrap();
         let y = max_pool2d_with(x.as_tensor(), 2, PoolGradient::FirstMax).unwrap();
         let g = y.sum_all().unwrap().backward().unwrap();
-        let g = g.get(x.as_tensor()).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let g = g
+            .get(x.as_tensor())
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
         assert_eq!(g, [1.0, 0.0, 0.0, 0.0]);
     }
 
@@ -236,26 +381,56 @@ mod tests {
     #[test]
     fn candle_mode_matches_candle_exactly() {
         let mut rng = Rng::new(9);
-        for &(n, c, h, w, k) in &[(2usize, 3usize, 8usize, 8usize, 2usize), (1, 2, 7, 9, 2), (3, 2, 9, 6, 3)] {
-            let v: Vec<f32> = (0..n * c * h * w).map(|_| (rng.normal() * 1.5).round() as f32).collect();
+        for &(n, c, h, w, k) in &[
+            (2usize, 3usize, 8usize, 8usize, 2usize),
+            (1, 2, 7, 9, 2),
+            (3, 2, 9, 6, 3),
+        ] {
+            let v: Vec<f32> = (0..n * c * h * w)
+                .map(|_| (rng.normal() * 1.5).round() as f32)
+                .collect();
             let x = Var::from_vec(v, (n, c, h, w), &Device::Cpu).unwrap();
             let fast = max_pool2d(x.as_tensor(), k).unwrap();
             let slow = x.as_tensor().max_pool2d(k).unwrap();
-            let r: Vec<f32> = (0..fast.elem_count()).map(|_| rng.normal() as f32).collect();
+            let r: Vec<f32> = (0..fast.elem_count())
+                .map(|_| rng.normal() as f32)
+                .collect();
             let r = Tensor::from_vec(r, fast.dims(), &Device::Cpu).unwrap();
             let grad = |y: &Tensor| {
                 let g = (y * &r).unwrap().sum_all().unwrap().backward().unwrap();
-                g.get(x.as_tensor()).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap()
+                g.get(x.as_tensor())
+                    .unwrap()
+                    .flatten_all()
+                    .unwrap()
+                    .to_vec1::<f32>()
+                    .unwrap()
             };
-            assert_eq!(fast.flatten_all().unwrap().to_vec1::<f32>().unwrap(), slow.flatten_all().unwrap().to_vec1::<f32>().unwrap());
+            assert_eq!(
+                fast.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+                slow.flatten_all().unwrap().to_vec1::<f32>().unwrap()
+            );
             let (gf, gs) = (grad(&fast), grad(&slow));
-            let diff = gf.iter().zip(&gs).fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+            let diff = gf
+                .iter()
+                .zip(&gs)
+                .fold(0f32, |m, (a, b)| m.max((a - b).abs()));
             assert!(diff <= 1e-6, "{n}x{c}x{h}x{w} k {k}: {diff}");
         }
         // A unique maximum of a 2×2 window gets a quarter of the gradient (candle's rule).
         let x = Var::from_vec(vec![1f32, 2.0, 0.0, 3.0], (1, 1, 2, 2), &Device::Cpu).unwrap();
-        let g = max_pool2d(x.as_tensor(), 2).unwrap().sum_all().unwrap().backward().unwrap();
-        let g = g.get(x.as_tensor()).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let g = max_pool2d(x.as_tensor(), 2)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        let g = g
+            .get(x.as_tensor())
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
         assert_eq!(g, [0.0, 0.0, 0.0, 0.25]);
     }
 }

@@ -15,6 +15,7 @@ use candle_core::Tensor;
 use candle_nn::VarBuilder;
 
 use super::conv::Conv;
+use super::fused;
 use super::norm::BatchNorm2d;
 use super::{classifier_weight, Classifier, ModelConfig};
 
@@ -91,7 +92,7 @@ impl BasicBlock {
             Some(s) => s.forward(x, train)?,
             None => x.clone(),
         };
-        (h + skip)?.relu()
+        fused::add_relu(&h, &skip)
     }
 }
 

@@ -11,10 +11,12 @@
 //! `blocks.{0,1}.norm2.*`, `blocks.{0,1}.mlp.fc1.*`, `blocks.{0,1}.mlp.fc2.*`, `norm.*`
 //! (only with the final norm), `classifier.weight`; `*` is `weight` and `bias`.
 
-use candle_core::{Module, Tensor};
-use candle_nn::{linear, Linear, VarBuilder};
+use candle_core::Tensor;
+use candle_nn::VarBuilder;
 
 use super::conv::Conv;
+use super::fused;
+use super::linear::Linear;
 use super::{classifier_weight, softmax_last, Classifier, LayerNorm, ModelConfig};
 
 const DEPTH: usize = 2;
@@ -63,19 +65,19 @@ impl Block {
         Ok(Block {
             norm1: LayerNorm::new(dim, vb.pp("norm1"))?,
             attn: Attention {
-                qkv: linear(dim, 3 * dim, va.pp("qkv"))?,
-                proj: linear(dim, dim, va.pp("proj"))?,
+                qkv: Linear::new(dim, 3 * dim, va.pp("qkv"))?,
+                proj: Linear::new(dim, dim, va.pp("proj"))?,
                 heads: HEADS,
             },
             norm2: LayerNorm::new(dim, vb.pp("norm2"))?,
-            fc1: linear(dim, mlp, vm.pp("fc1"))?,
-            fc2: linear(mlp, dim, vm.pp("fc2"))?,
+            fc1: Linear::new(dim, mlp, vm.pp("fc1"))?,
+            fc2: Linear::new(mlp, dim, vm.pp("fc2"))?,
         })
     }
 
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         let x = (x + self.attn.forward(&self.norm1.forward(x)?)?)?;
-        let h = self.fc1.forward(&self.norm2.forward(&x)?)?.gelu_erf()?;
+        let h = fused::gelu_erf(&self.fc1.forward(&self.norm2.forward(&x)?)?)?;
         x + self.fc2.forward(&h)?
     }
 }
@@ -118,7 +120,15 @@ impl Vit {
             None
         };
         Ok(Vit {
-            patch_embed: Conv::new(cfg.channels, dim, patch, patch, 0, true, vb.pp("patch_embed"))?,
+            patch_embed: Conv::new(
+                cfg.channels,
+                dim,
+                patch,
+                patch,
+                0,
+                true,
+                vb.pp("patch_embed"),
+            )?,
             cls_token: vb.get_with_hints((1, 1, dim), "cls_token", token_init)?,
             pos_embed: vb.get_with_hints((1, tokens + 1, dim), "pos_embed", token_init)?,
             blocks,

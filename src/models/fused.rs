@@ -1,0 +1,560 @@
+//! Fused CPU kernels for the small element-wise and row-wise operations of the models.
+//!
+//! Built from candle's primitives, a LayerNorm is nine tensor operations forward and about twenty
+//! backward, a softmax five and a dozen, an exact GELU's derivative eight, and a residual
+//! `relu(a + b)` five; each is a full pass over memory with a fresh buffer, and on the tiny ViT
+//! they took most of the step. Each function here is one custom op with one forward pass and one
+//! backward pass over its rows (rayon-parallel), computing the same function: LayerNorm over the
+//! last dimension with the biased variance, softmax over the last dimension, GELU with erf (the
+//! same `erf` candle uses, and the same derivative formula as candle's backward), and
+//! `relu(a + b)` whose gradient goes to both inputs. They run for f32 tensors on the CPU; other
+//! devices and dtypes take the primitive formulation, so results agree to floating-point
+//! tolerance everywhere (the tests compare both).
+
+use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, Layout, Shape, Storage, Tensor};
+use std::sync::OnceLock;
+
+use rayon::prelude::*;
+
+fn cpu_f32<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> candle_core::Result<&'a [f32]> {
+    let CpuStorage::F32(v) = s else {
+        candle_core::bail!("fused op: the {what} must be f32")
+    };
+    match l.contiguous_offsets() {
+        Some((a, b)) => Ok(&v[a..b]),
+        None => candle_core::bail!("fused op: the {what} must be contiguous"),
+    }
+}
+
+fn storage_f32<'a>(s: &'a Storage, l: &Layout, what: &str) -> candle_core::Result<&'a [f32]> {
+    match s {
+        Storage::Cpu(c) => cpu_f32(c, l, what),
+        _ => candle_core::bail!("fused op: the {what} is not on the CPU"),
+    }
+}
+
+/// Whether every tensor is f32 on the CPU.
+fn fast(ts: &[&Tensor]) -> bool {
+    super::fast_cpu(ts)
+}
+
+/// Elements per rayon task: big enough that the task overhead does not matter, small enough
+/// to balance a few tasks per thread. A multiple of `row`.
+fn task_len(total: usize, row: usize) -> usize {
+    let rows = total / row.max(1);
+    let per = (rows / (rayon::current_num_threads() * 4))
+        .max(1)
+        .max(16_384 / row.max(1));
+    per * row.max(1)
+}
+
+/// Run `f` on the contiguous f32 data of `tensors` (made contiguous first).
+fn with_f32<R>(
+    tensors: &[&Tensor],
+    f: impl FnOnce(&[&[f32]]) -> candle_core::Result<R>,
+) -> candle_core::Result<R> {
+    let owned: Vec<Tensor> = tensors
+        .iter()
+        .map(|t| t.contiguous())
+        .collect::<candle_core::Result<_>>()?;
+    let guards: Vec<_> = owned.iter().map(Tensor::storage_and_layout).collect();
+    let slices: Vec<&[f32]> = guards
+        .iter()
+        .map(|(s, l)| storage_f32(s, l, "tensor"))
+        .collect::<candle_core::Result<_>>()?;
+    f(&slices)
+}
+
+// ---------------------------------------------------------------------------------------------
+// LayerNorm over the last dimension.
+
+struct LayerNormOp {
+    eps: f32,
+}
+
+/// Mean and 1/√(var + eps) of one row.
+#[inline]
+fn row_stats(x: &[f32], eps: f32) -> (f32, f32) {
+    let d = x.len() as f32;
+    let mean = x.iter().sum::<f32>() / d;
+    let var = x.iter().map(|v| (v - mean) * (v - mean)).sum::<f32>() / d;
+    (mean, 1.0 / (var + eps).sqrt())
+}
+
+impl CustomOp3 for LayerNormOp {
+    fn name(&self) -> &'static str {
+        "fused-layer-norm"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let x = cpu_f32(s1, l1, "input")?;
+        let w = cpu_f32(s2, l2, "weight")?;
+        let b = cpu_f32(s3, l3, "bias")?;
+        let d = w.len();
+        if d == 0 || b.len() != d || l1.dims().last() != Some(&d) {
+            candle_core::bail!(
+                "layer norm: last dimension {:?} vs weight {d} and bias {}",
+                l1.dims().last(),
+                b.len()
+            );
+        }
+        let mut out = vec![0f32; x.len()];
+        let t = task_len(x.len(), d);
+        out.par_chunks_mut(t)
+            .zip(x.par_chunks(t))
+            .for_each(|(o, xs)| {
+                for (orow, xrow) in o.chunks_exact_mut(d).zip(xs.chunks_exact(d)) {
+                    let (mean, inv) = row_stats(xrow, self.eps);
+                    for (((o, &v), &wv), &bv) in orow.iter_mut().zip(xrow).zip(w).zip(b) {
+                        *o = (v - mean) * inv * wv + bv;
+                    }
+                }
+            });
+        Ok((CpuStorage::F32(out), l1.shape().clone()))
+    }
+
+    #[allow(clippy::type_complexity)]
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        b: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let d = w.elem_count();
+        let eps = self.eps;
+        let (gx, gw, gb) = with_f32(&[x, w, grad], |s| {
+            let (xs, ws, gs) = (s[0], s[1], s[2]);
+            let mut gx = vec![0f32; xs.len()];
+            let t = task_len(xs.len(), d);
+            let partials: Vec<(Vec<f32>, Vec<f32>)> = gx
+                .par_chunks_mut(t)
+                .zip(xs.par_chunks(t).zip(gs.par_chunks(t)))
+                .map(|(gxc, (xc, gc))| {
+                    let mut pw = vec![0f32; d];
+                    let mut pb = vec![0f32; d];
+                    for ((gxr, xr), gr) in gxc
+                        .chunks_exact_mut(d)
+                        .zip(xc.chunks_exact(d))
+                        .zip(gc.chunks_exact(d))
+                    {
+                        let (mean, inv) = row_stats(xr, eps);
+                        // x̂ = (x − mean)·inv, g = dy·w; dx = inv·(g − mean(g) − x̂·mean(g·x̂)).
+                        let mut sg = 0f32;
+                        let mut sgx = 0f32;
+                        for (((&v, &dy), &wv), (pw, pb)) in xr
+                            .iter()
+                            .zip(gr)
+                            .zip(ws)
+                            .zip(pw.iter_mut().zip(pb.iter_mut()))
+                        {
+                            let xh = (v - mean) * inv;
+                            let g = dy * wv;
+                            sg += g;
+                            sgx += g * xh;
+                            *pw += dy * xh;
+                            *pb += dy;
+                        }
+                        let (mg, mgx) = (sg / d as f32, sgx / d as f32);
+                        for ((o, &v), (&dy, &wv)) in gxr.iter_mut().zip(xr).zip(gr.iter().zip(ws)) {
+                            let xh = (v - mean) * inv;
+                            *o = inv * (dy * wv - mg - xh * mgx);
+                        }
+                    }
+                    (pw, pb)
+                })
+                .collect();
+            let mut gw = vec![0f32; d];
+            let mut gb = vec![0f32; d];
+            for (pw, pb) in &partials {
+                gw.iter_mut().zip(pw).for_each(|(a, v)| *a += v);
+                gb.iter_mut().zip(pb).for_each(|(a, v)| *a += v);
+            }
+            Ok((gx, gw, gb))
+        })?;
+        let dev = x.device();
+        Ok((
+            x.track_op()
+                .then(|| Tensor::from_vec(gx, x.shape(), dev))
+                .transpose()?,
+            w.track_op()
+                .then(|| Tensor::from_vec(gw, w.shape(), dev))
+                .transpose()?,
+            b.track_op()
+                .then(|| Tensor::from_vec(gb, b.shape(), dev))
+                .transpose()?,
+        ))
+    }
+}
+
+/// LayerNorm of `x` over its last dimension: (x − mean)/√(var + eps)·weight + bias, with the
+/// biased variance. `None` when the fused op does not apply (not f32 on the CPU).
+pub fn layer_norm(
+    x: &Tensor,
+    weight: &Tensor,
+    bias: &Tensor,
+    eps: f64,
+) -> candle_core::Result<Option<Tensor>> {
+    if !fast(&[x, weight, bias]) {
+        return Ok(None);
+    }
+    let op = LayerNormOp { eps: eps as f32 };
+    x.contiguous()?
+        .apply_op3(&weight.contiguous()?, &bias.contiguous()?, op)
+        .map(Some)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Softmax over the last dimension.
+
+struct SoftmaxOp;
+
+impl CustomOp1 for SoftmaxOp {
+    fn name(&self) -> &'static str {
+        "fused-softmax"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let x = cpu_f32(s, l, "input")?;
+        let d = l.dims().last().copied().unwrap_or(1).max(1);
+        let mut out = vec![0f32; x.len()];
+        let t = task_len(x.len(), d);
+        out.par_chunks_mut(t)
+            .zip(x.par_chunks(t))
+            .for_each(|(o, xs)| {
+                for (orow, xrow) in o.chunks_exact_mut(d).zip(xs.chunks_exact(d)) {
+                    let m = xrow.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
+                    let mut s = 0f32;
+                    for (o, &v) in orow.iter_mut().zip(xrow) {
+                        *o = (v - m).exp();
+                        s += *o;
+                    }
+                    orow.iter_mut().for_each(|o| *o /= s);
+                }
+            });
+        Ok((CpuStorage::F32(out), l.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        arg: &Tensor,
+        res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<Option<Tensor>> {
+        let d = arg.dims().last().copied().unwrap_or(1).max(1);
+        let gx = with_f32(&[res, grad], |s| {
+            let (ys, gs) = (s[0], s[1]);
+            let mut gx = vec![0f32; ys.len()];
+            let t = task_len(ys.len(), d);
+            gx.par_chunks_mut(t)
+                .zip(ys.par_chunks(t).zip(gs.par_chunks(t)))
+                .for_each(|(o, (yc, gc))| {
+                    for ((orow, yr), gr) in o
+                        .chunks_exact_mut(d)
+                        .zip(yc.chunks_exact(d))
+                        .zip(gc.chunks_exact(d))
+                    {
+                        let dot: f32 = yr.iter().zip(gr).map(|(y, g)| y * g).sum();
+                        for ((o, &y), &g) in orow.iter_mut().zip(yr).zip(gr) {
+                            *o = y * (g - dot);
+                        }
+                    }
+                });
+            Ok(gx)
+        })?;
+        Ok(Some(Tensor::from_vec(gx, arg.shape(), arg.device())?))
+    }
+}
+
+/// Softmax over the last dimension (max-shifted). `None` when the fused op does not apply.
+pub fn softmax_last(x: &Tensor) -> candle_core::Result<Option<Tensor>> {
+    if !fast(&[x]) {
+        return Ok(None);
+    }
+    x.contiguous()?.apply_op1(SoftmaxOp).map(Some)
+}
+
+// ---------------------------------------------------------------------------------------------
+// GELU (erf).
+
+/// GELU; keeps erf(x/√2) from the forward pass for the backward pass (the erf is most of the
+/// cost of both).
+struct GeluOp {
+    erf: OnceLock<Vec<f32>>,
+}
+
+#[inline]
+fn erf_scaled(v: f32) -> f32 {
+    candle_core::cpu::erf::erf_f32(v * std::f32::consts::FRAC_1_SQRT_2)
+}
+
+impl CustomOp1 for GeluOp {
+    fn name(&self) -> &'static str {
+        "fused-gelu-erf"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let x = cpu_f32(s, l, "input")?;
+        let mut out = vec![0f32; x.len()];
+        let mut erf = vec![0f32; x.len()];
+        let t = task_len(x.len(), 1);
+        out.par_chunks_mut(t)
+            .zip(erf.par_chunks_mut(t))
+            .zip(x.par_chunks(t))
+            .for_each(|((o, e), xs)| {
+                for ((o, e), &v) in o.iter_mut().zip(e.iter_mut()).zip(xs) {
+                    *e = erf_scaled(v);
+                    // candle's formula, so that the values are identical.
+                    *o = (*e + 1.) * 0.5 * v;
+                }
+            });
+        // One forward per op instance (candle makes a new one per call).
+        let _ = self.erf.set(erf);
+        Ok((CpuStorage::F32(out), l.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        arg: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<Option<Tensor>> {
+        let Some(erf) = self.erf.get() else {
+            candle_core::bail!("fused gelu: backward before forward")
+        };
+        let gx = with_f32(&[arg, grad], |s| {
+            let (xs, gs) = (s[0], s[1]);
+            let mut gx = vec![0f32; xs.len()];
+            let t = task_len(xs.len(), 1);
+            gx.par_chunks_mut(t)
+                .zip(
+                    xs.par_chunks(t)
+                        .zip(gs.par_chunks(t))
+                        .zip(erf.par_chunks(t)),
+                )
+                .for_each(|(o, ((xc, gc), ec))| {
+                    for (((o, &v), &g), &e) in o.iter_mut().zip(xc).zip(gc).zip(ec) {
+                        // candle's backward: 0.5 + 0.398942·e^(−x²/2)·x + 0.5·erf(x/√2).
+                        *o = g * (0.5 + 0.398942 * (-(v * v) / 2.0).exp() * v + 0.5 * e);
+                    }
+                });
+            Ok(gx)
+        })?;
+        Ok(Some(Tensor::from_vec(gx, arg.shape(), arg.device())?))
+    }
+}
+
+/// GELU with the exact (erf) formulation, as candle's `gelu_erf`.
+pub fn gelu_erf(x: &Tensor) -> candle_core::Result<Tensor> {
+    if !fast(&[x]) {
+        return x.gelu_erf();
+    }
+    x.contiguous()?.apply_op1(GeluOp {
+        erf: OnceLock::new(),
+    })
+}
+
+// ---------------------------------------------------------------------------------------------
+// relu(a + b), the end of a residual block.
+
+struct AddReluOp;
+
+impl CustomOp2 for AddReluOp {
+    fn name(&self) -> &'static str {
+        "fused-add-relu"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let a = cpu_f32(s1, l1, "lhs")?;
+        let b = cpu_f32(s2, l2, "rhs")?;
+        if l1.dims() != l2.dims() {
+            candle_core::bail!(
+                "add_relu: shapes {:?} and {:?} differ",
+                l1.dims(),
+                l2.dims()
+            );
+        }
+        let mut out = vec![0f32; a.len()];
+        let t = task_len(a.len(), 1);
+        out.par_chunks_mut(t)
+            .zip(a.par_chunks(t).zip(b.par_chunks(t)))
+            .for_each(|(o, (ac, bc))| {
+                for ((o, &x), &y) in o.iter_mut().zip(ac).zip(bc) {
+                    let s = x + y;
+                    *o = if s < 0.0 { 0.0 } else { s };
+                }
+            });
+        Ok((CpuStorage::F32(out), l1.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        a: &Tensor,
+        b: &Tensor,
+        res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+        // candle's ReLU passes the gradient where its input is ≥ 0; the output is 0 exactly
+        // there too only when a + b = 0, which the mask below treats the same way (via a + b).
+        let g = with_f32(&[a, b, grad, res], |s| {
+            let (ac, bc, gc) = (s[0], s[1], s[2]);
+            let mut g = vec![0f32; gc.len()];
+            let t = task_len(gc.len(), 1);
+            g.par_chunks_mut(t)
+                .zip(ac.par_chunks(t).zip(bc.par_chunks(t)))
+                .zip(gc.par_chunks(t))
+                .for_each(|((o, (x, y)), gv)| {
+                    for (((o, &x), &y), &gv) in o.iter_mut().zip(x).zip(y).zip(gv) {
+                        *o = if x + y >= 0.0 { gv } else { 0.0 };
+                    }
+                });
+            Ok(g)
+        })?;
+        let g = Tensor::from_vec(g, a.shape(), a.device())?;
+        Ok((a.track_op().then(|| g.clone()), b.track_op().then_some(g)))
+    }
+}
+
+/// `relu(a + b)` for tensors of one shape.
+pub fn add_relu(a: &Tensor, b: &Tensor) -> candle_core::Result<Tensor> {
+    if !fast(&[a, b]) || a.dims() != b.dims() {
+        return (a + b)?.relu();
+    }
+    a.contiguous()?.apply_op2(&b.contiguous()?, AddReluOp)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::models::{softmax_last_reference, LayerNorm};
+    use crate::rng::Rng;
+    use candle_core::{Device, Var};
+
+    fn randn(rng: &mut Rng, dims: &[usize], scale: f64) -> Var {
+        let n: usize = dims.iter().product();
+        let v: Vec<f32> = (0..n).map(|_| (rng.normal() * scale) as f32).collect();
+        Var::from_vec(v, dims, &Device::Cpu).unwrap()
+    }
+
+    fn max_rel_diff(a: &Tensor, b: &Tensor) -> f32 {
+        assert_eq!(a.dims(), b.dims());
+        let a = a.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let b = b.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let scale = b.iter().fold(1e-3f32, |m, v| m.max(v.abs()));
+        a.iter()
+            .zip(&b)
+            .fold(0f32, |m, (x, y)| m.max((x - y).abs()))
+            / scale
+    }
+
+    /// Compare `fast(inputs)` with `slow(inputs)`: values and gradients of Σ r·y w.r.t. every
+    /// input.
+    fn compare(
+        inputs: &[Var],
+        fast: impl Fn(&[Tensor]) -> Tensor,
+        slow: impl Fn(&[Tensor]) -> Tensor,
+        tol: f32,
+        what: &str,
+    ) {
+        let ts: Vec<Tensor> = inputs.iter().map(|v| v.as_tensor().clone()).collect();
+        let (yf, ys) = (fast(&ts), slow(&ts));
+        assert!(
+            max_rel_diff(&yf, &ys) < tol,
+            "{what}: values {}",
+            max_rel_diff(&yf, &ys)
+        );
+        let mut rng = Rng::new(99);
+        let r = randn(&mut rng, yf.dims(), 1.0);
+        let gf = (&yf * r.as_tensor())
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        let gs = (&ys * r.as_tensor())
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        for (i, t) in ts.iter().enumerate() {
+            let d = max_rel_diff(gf.get(t).unwrap(), gs.get(t).unwrap());
+            assert!(d < tol * 10.0, "{what}: gradient {i}: {d}");
+        }
+    }
+
+    #[test]
+    fn layer_norm_matches_primitives() {
+        let mut rng = Rng::new(1);
+        for dims in [[3usize, 5, 64], [2, 7, 10], [1, 1, 3]] {
+            let d = dims[2];
+            let x = randn(&mut rng, &dims, 2.0);
+            let w = randn(&mut rng, &[d], 1.0);
+            let b = randn(&mut rng, &[d], 1.0);
+            compare(
+                &[x, w, b],
+                |t| layer_norm(&t[0], &t[1], &t[2], 1e-5).unwrap().unwrap(),
+                |t| LayerNorm::reference(&t[0], &t[1], &t[2], 1e-5).unwrap(),
+                1e-5,
+                &format!("layer norm {dims:?}"),
+            );
+        }
+    }
+
+    #[test]
+    fn softmax_matches_primitives() {
+        let mut rng = Rng::new(2);
+        for dims in [[4usize, 3, 17, 17], [1, 1, 2, 5]] {
+            let x = randn(&mut rng, &dims, 3.0);
+            compare(
+                &[x],
+                |t| softmax_last(&t[0]).unwrap().unwrap(),
+                |t| softmax_last_reference(&t[0]).unwrap(),
+                1e-5,
+                "softmax",
+            );
+        }
+    }
+
+    #[test]
+    fn gelu_matches_candle() {
+        let mut rng = Rng::new(3);
+        let x = randn(&mut rng, &[5, 17, 33], 2.0);
+        compare(
+            &[x],
+            |t| gelu_erf(&t[0]).unwrap(),
+            |t| t[0].gelu_erf().unwrap(),
+            1e-6,
+            "gelu",
+        );
+    }
+
+    #[test]
+    fn add_relu_matches_candle() {
+        let mut rng = Rng::new(4);
+        let a = randn(&mut rng, &[3, 4, 5, 6], 1.0);
+        let b = randn(&mut rng, &[3, 4, 5, 6], 1.0);
+        compare(
+            &[a, b],
+            |t| add_relu(&t[0], &t[1]).unwrap(),
+            |t| (&t[0] + &t[1]).unwrap().relu().unwrap(),
+            1e-6,
+            "add_relu",
+        );
+    }
+}
