@@ -656,7 +656,8 @@ impl Method for ClassAwareLora {
     }
     fn version(&self) -> u32 {
         // 2: the backbone's convolution (patch embedding) runs through the fast CPU kernel.
-        2
+        // 3: the backbone's LayerNorm, softmax, GELU and linear layers run through fused kernels.
+        3
     }
     fn schema(&self) -> &'static [ParamDef] {
         SCHEMA

@@ -167,8 +167,9 @@ impl Method for Supervised {
     fn version(&self) -> u32 {
         // 2: convolutions, pooling and batch norm run through the fast CPU kernels (results
         // differ from version 1 in the last bits). 3: the convolution's weight gradient is
-        // summed in a fixed order, whatever the thread count.
-        3
+        // summed in a fixed order, whatever the thread count. 4: linear layers, LayerNorm,
+        // softmax, GELU and residual add+ReLU run through fused CPU kernels.
+        4
     }
 
     fn schema(&self) -> &'static [ParamDef] {
