@@ -137,6 +137,9 @@ fn model_config(name: &str) -> Option<(&'static str, ModelConfig)> {
     })
 }
 
+/// Pause before each side's round (see the loop in [`bench`]).
+const SETTLE: std::time::Duration = std::time::Duration::from_millis(300);
+
 const ALL_MODELS: &[&str] = &["mlp-512", "mlp", "cnn", "resnet", "vit", "conv4"];
 
 /// One model's timing on one side.
@@ -221,9 +224,15 @@ pub fn bench(a: &BenchArgs) -> anyhow::Result<i32> {
         }
         let (mut ours_steps, mut theirs_steps) = (Vec::new(), Vec::new());
         for _ in 0..a.rounds {
+            // Each side's idle thread pool (OpenBLAS, rayon) spins for a while after its last
+            // step and would steal the other side's cores: let it fall asleep, then take one
+            // untimed step so caches and pools are warm again.
+            std::thread::sleep(SETTLE);
+            ours.run(&batches, 1).with_context(|| format!("training {name}"))?;
             ours_steps.extend(ours.run(&batches, per_round).with_context(|| format!("training {name}"))?);
             if let (true, Some(t)) = (theirs_ok, torch.as_mut()) {
-                match t.steps(name, per_round) {
+                std::thread::sleep(SETTLE);
+                match t.steps(name, 1).and_then(|_| t.steps(name, per_round)) {
                     Ok(v) => theirs_steps.extend(v),
                     Err(e) => {
                         eprintln!("PyTorch reference for {name} failed: {e:#}");
