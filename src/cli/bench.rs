@@ -310,6 +310,7 @@ fn set_threads(requested: Option<usize>) -> anyhow::Result<usize> {
     let from_env = std::env::var("RAYON_NUM_THREADS").ok().and_then(|v| v.parse::<usize>().ok()).filter(|&n| n > 0);
     let threads = requested.or(from_env).unwrap_or_else(num_cores).max(1);
     std::env::set_var("RAYON_NUM_THREADS", threads.to_string());
+    crate::models::set_cpu_threads(threads);
     if rayon::ThreadPoolBuilder::new().num_threads(threads).build_global().is_err() && rayon::current_num_threads() != threads {
         bail!("rayon's thread pool was already started with {} threads", rayon::current_num_threads());
     }

@@ -256,11 +256,9 @@ pub fn execute(plan: &Plan, store: &dyn Store, opts: &ExecOptions) -> Result<Exe
 fn limit_tensor_threads(n: usize) {
     static ONCE: std::sync::Once = std::sync::Once::new();
     ONCE.call_once(|| {
-        if std::env::var_os("RAYON_NUM_THREADS").is_none() {
-            // SAFETY-relevant only for concurrent env access: this runs before any worker
-            // thread of ours exists, and candle reads the variable lazily afterwards.
-            std::env::set_var("RAYON_NUM_THREADS", n.max(1).to_string());
-        }
+        // Runs before any worker thread of ours exists (environment writes are not
+        // thread-safe); candle reads the variables lazily afterwards.
+        crate::models::set_cpu_threads(n);
     });
 }
 
