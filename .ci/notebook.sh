@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Run a generated notebook headless under evcxr (the engine of the evcxr Jupyter kernel) and
-# fail on any cell error.
+# Run a generated notebook headless under evcxr (the engine of the evcxr Jupyter kernel) and in
+# Jupyter with the evcxr_jupyter kernel; fail on any cell error or any display that differs from
+# the report's HTML.
 #
 #   bash .ci/notebook.sh            # the tiny fixture report: run it, write its notebook, execute
 #   bash .ci/notebook.sh SPEC...    # the notebooks of these reports (their cells must be cached)
@@ -8,12 +9,14 @@
 # tools/nbexec (not a workspace member, so plain `cargo test` never builds evcxr) runs each code
 # cell through evcxr's CommandContext, from the notebook's folder as a kernel would. What is slow
 # is kept under $REPRISE_CI_CACHE (default ~/.cache/reprise-ci) between runs:
-#   nbexec-target/  the nbexec build (evcxr and rust-analyzer's crates: ~10 min on 2 cores, once)
+#   nbexec-target/  the nbexec build (evcxr and rust-analyzer's crates: 6 min on 2 cores, once)
 #   evcxr/          EVCXR_TMPDIR: evcxr's own build folder, where the notebook's `:dep` compiles
-#                   reprise with candle and polars (~15 min the first time; later runs rebuild
+#                   reprise with candle and polars (11 min the first time; later runs rebuild
 #                   only reprise itself)
-# Then a Python check compares every table, figure and claim the notebook displayed with the
-# report's HTML.
+#   bin/, jupyter/  evcxr_jupyter (the Jupyter kernel) and a Python environment with nbconvert
+# Each notebook runs twice: through nbexec, then in Jupyter with the evcxr_jupyter kernel
+# (`jupyter nbconvert --execute`). After each, .ci/notebook_check.py compares every table, figure
+# and claim the notebook displayed with the report's HTML.
 set -euo pipefail
 
 repo=$(cd "$(dirname "$0")/.." && pwd)
@@ -33,6 +36,20 @@ fi
 phase "building tools/nbexec"
 CARGO_TARGET_DIR="$cache/nbexec-target" cargo build --release --locked --quiet --manifest-path "$repo/tools/nbexec/Cargo.toml"
 nbexec="$cache/nbexec-target/release/nbexec"
+
+# Jupyter and the evcxr kernel, under the cache folder (the kernel spec too, via JUPYTER_PATH, so
+# nothing is registered in the user's own Jupyter). evcxr_jupyter is the release matching the
+# evcxr of tools/nbexec and builds in the same target folder (about a minute after nbexec).
+if [ ! -x "$cache/bin/evcxr_jupyter" ]; then
+  phase "installing evcxr_jupyter"
+  CARGO_TARGET_DIR="$cache/nbexec-target" cargo install --quiet --locked --root "$cache" evcxr_jupyter@0.22.0
+fi
+if [ ! -x "$cache/jupyter/bin/jupyter" ]; then
+  phase "installing nbconvert"
+  python3 -m venv "$cache/jupyter"
+  "$cache/jupyter/bin/pip" install --quiet nbconvert==7.17.2 nbclient==0.11.0 jupyter_client==8.10.0
+fi
+JUPYTER_PATH="$cache/jupyter-data" "$cache/bin/evcxr_jupyter" --install >/dev/null
 
 phase "building reprise"
 (cd "$repo" && cargo build --quiet)
@@ -73,24 +90,20 @@ for nb in "${notebooks[@]}"; do
     continue
   fi
   phase "comparing its displays with the HTML report"
-  python3 - "$executed" "$(dirname "$nb")/report.html" <<'PY' || status=1
-import json, re, sys
-nb = json.load(open(sys.argv[1]))
-html = open(sys.argv[2]).read()
-checked = 0
-for cell in nb["cells"]:
-    shows = cell.get("metadata", {}).get("reprise", {}).get("shows", "")
-    if not shows.split(":")[0] in ("table", "figure", "claim"):
-        continue
-    out = [o for o in cell["outputs"] if o.get("output_type") == "execute_result"]
-    shown = out[0]["data"]["text/html"] if out else ""
-    # The display is the report's own markup inside a styled wrapper.
-    m = re.fullmatch(r'<div class="reprise"><style>.*?</style>(.*)</div>', shown, re.S)
-    if not m or m.group(1) not in html:
-        sys.exit(f"{sys.argv[1]}: {shows} does not show what {sys.argv[2]} shows")
-    checked += 1
-print(f"notebook.sh: {checked} tables, figures and claims shown as in {sys.argv[2]}")
-PY
+  python3 "$repo/.ci/notebook_check.py" "$executed" "$(dirname "$nb")/report.html" || status=1
+
+  # The same notebook in Jupyter itself: the evcxr_jupyter kernel driven by nbconvert, as a
+  # user runs it. The kernel shares evcxr's build folder, so the `:dep` is already compiled.
+  phase "executing $nb in Jupyter (evcxr_jupyter, nbconvert)"
+  jupyter_out="${nb%.ipynb}.jupyter.ipynb"
+  if ! JUPYTER_PATH="$cache/jupyter-data" EVCXR_TMPDIR="$cache/evcxr" REPRISE_CACHE= \
+      "$cache/jupyter/bin/jupyter" nbconvert --to notebook --execute --log-level WARN \
+      --ExecutePreprocessor.kernel_name=rust --ExecutePreprocessor.timeout=3600 \
+      --output-dir "$(dirname "$jupyter_out")" --output "$(basename "$jupyter_out")" "$nb"; then
+    status=1
+    continue
+  fi
+  python3 "$repo/.ci/notebook_check.py" "$jupyter_out" "$(dirname "$nb")/report.html" || status=1
 done
 phase "done"
 exit $status

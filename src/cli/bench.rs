@@ -64,13 +64,13 @@ pub struct BenchArgs {
     /// Size in MiB of the temporary file whose hashing is timed (0 skips).
     #[arg(long, default_value_t = 1024)]
     pub hash_mib: usize,
-    /// Also time `reprise run` of a report, cold (empty cache) and warm (all cached), in a
+    /// Also time `reprise run` of the reports, cold (empty cache) and warm (all cached), in a
     /// temporary copy of the project; takes minutes. Also on with REPRISE_BENCH_REPORTS=1.
     #[arg(long)]
     pub reports: bool,
-    /// The report timed by `--reports`.
-    #[arg(long, default_value = "reports/neural-collapse.toml")]
-    pub report: PathBuf,
+    /// A report timed by `--reports` (repeatable; default: every `reports/*.toml`).
+    #[arg(long)]
+    pub report: Vec<PathBuf>,
     /// What a step's time is: `wall` (elapsed time, the default) or `cpu` (CPU time of the whole
     /// process, all threads; with --threads 1 it ignores the time other processes hold the core,
     /// which makes comparisons on a busy machine steadier).
@@ -274,14 +274,19 @@ pub fn bench(a: &BenchArgs) -> anyhow::Result<i32> {
     };
     let reports_on = a.reports || std::env::var(REPORTS_ENV).is_ok_and(|v| !v.is_empty() && v != "0");
     let report = if reports_on {
-        let (cold, warm) = time_report(&a.report)?;
-        println!(
-            "report {}: cold {:.1} s (empty cache), warm {:.2} s (all cached)",
-            a.report.display(),
-            cold.as_secs_f64(),
-            warm.as_secs_f64()
-        );
-        Some(json!({"report": a.report.display().to_string(), "cold_s": cold.as_secs_f64(), "warm_s": warm.as_secs_f64()}))
+        let specs = if a.report.is_empty() { all_reports()? } else { a.report.clone() };
+        let mut timed = Vec::new();
+        for spec in &specs {
+            let (cold, warm) = time_report(spec)?;
+            println!(
+                "report {}: cold {:.1} s (empty cache), warm {:.2} s (all cached)",
+                spec.display(),
+                cold.as_secs_f64(),
+                warm.as_secs_f64()
+            );
+            timed.push(json!({"report": spec.display().to_string(), "cold_s": cold.as_secs_f64(), "warm_s": warm.as_secs_f64()}));
+        }
+        Some(serde_json::Value::Array(timed))
     } else {
         println!("(report cold/warm times: pass --reports or set {REPORTS_ENV}=1; takes minutes)");
         None
@@ -297,7 +302,7 @@ pub fn bench(a: &BenchArgs) -> anyhow::Result<i32> {
             "warmup": a.warmup,
             "models": rows,
             "hash_gb_per_s": hash,
-            "report": report,
+            "reports": report,
         });
         println!("{}", serde_json::to_string(&out)?);
     }
@@ -487,6 +492,20 @@ fn time_hashing(mib: usize) -> anyhow::Result<f64> {
     drop(guard);
     secs.sort_by(f64::total_cmp);
     Ok((mib << 20) as f64 / secs[1] / 1e9)
+}
+
+/// Every report spec of the project (`reports/*.toml`), sorted.
+fn all_reports() -> anyhow::Result<Vec<PathBuf>> {
+    let mut specs: Vec<PathBuf> = std::fs::read_dir("reports")
+        .context("listing reports/ (run the benchmark from the project root, or name --report)")?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|x| x == "toml"))
+        .collect();
+    specs.sort();
+    if specs.is_empty() {
+        bail!("no reports/*.toml to time");
+    }
+    Ok(specs)
 }
 
 /// Cold and warm wall time of `reprise run <report> --cache <empty dir>` in a temporary copy of
