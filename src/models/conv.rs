@@ -13,9 +13,14 @@
 //! models use; it creates its variables through candle-nn, so their names (`<prefix>.weight`,
 //! `<prefix>.bias`), shapes and default initialisation are those of `candle_nn::Conv2d`.
 
-use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Shape, Storage, Tensor};
+use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Shape, Tensor};
 use candle_nn::{Conv2dConfig, VarBuilder};
 use rayon::prelude::*;
+
+use super::{cpu_f32, storage_f32};
+
+/// Names this module's operations in errors.
+const OP: &str = "fast conv";
 
 /// The sizes of one convolution.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -535,25 +540,6 @@ fn backward(g: &Geom, a: &BackwardInputs) -> (Option<Vec<f32>>, Vec<f32>, Vec<f3
     (a.need_x.then_some(gx), gw, gb)
 }
 
-/// The f32 elements of a contiguous CPU storage.
-fn cpu_f32<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> candle_core::Result<&'a [f32]> {
-    let CpuStorage::F32(v) = s else {
-        candle_core::bail!("fast conv: the {what} must be f32")
-    };
-    match l.contiguous_offsets() {
-        Some((a, b)) => Ok(&v[a..b]),
-        None => candle_core::bail!("fast conv: the {what} must be contiguous"),
-    }
-}
-
-/// The f32 elements of a tensor's CPU storage (the tensor must be contiguous).
-fn storage_f32<'a>(s: &'a Storage, l: &Layout, what: &str) -> candle_core::Result<&'a [f32]> {
-    match s {
-        Storage::Cpu(c) => cpu_f32(c, l, what),
-        _ => candle_core::bail!("fast conv: the {what} is not on the CPU"),
-    }
-}
-
 /// The convolution op: inputs (x, weight) or (x, weight, bias).
 #[derive(Debug, Clone, Copy)]
 struct ConvOp {
@@ -570,11 +556,11 @@ impl ConvOp {
         b: Option<(&CpuStorage, &Layout)>,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         let g = Geom::new(x.1.dims(), w.1.dims(), self.stride, self.pad)?;
-        let xs = cpu_f32(x.0, x.1, "input")?;
-        let ws = cpu_f32(w.0, w.1, "weight")?;
+        let xs = cpu_f32(x.0, x.1, OP, "input")?;
+        let ws = cpu_f32(w.0, w.1, OP, "weight")?;
         let bs = match b {
             Some((s, l)) => {
-                let v = cpu_f32(s, l, "bias")?;
+                let v = cpu_f32(s, l, OP, "bias")?;
                 if v.len() != g.o {
                     candle_core::bail!("conv2d: bias has {} entries for {} outputs", v.len(), g.o);
                 }
@@ -612,13 +598,13 @@ impl ConvOp {
         );
         let rg = rc.as_ref().map(Tensor::storage_and_layout);
         let inputs = BackwardInputs {
-            x: storage_f32(&xg.0, xg.1, "input")?,
-            w: storage_f32(&wg.0, wg.1, "weight")?,
+            x: storage_f32(&xg.0, xg.1, OP, "input")?,
+            w: storage_f32(&wg.0, wg.1, OP, "weight")?,
             res: match &rg {
-                Some((s, l)) => Some(storage_f32(s, l, "output")?),
+                Some((s, l)) => Some(storage_f32(s, l, OP, "output")?),
                 None => None,
             },
-            grad: storage_f32(&gg.0, gg.1, "output gradient")?,
+            grad: storage_f32(&gg.0, gg.1, OP, "output gradient")?,
             need_x,
             need_w,
             need_b,
@@ -997,26 +983,45 @@ mod tests {
     #[test]
     fn results_do_not_depend_on_the_thread_count() {
         let run = |threads: usize| -> Vec<Vec<f32>> {
-            let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
+            let pool = rayon::ThreadPoolBuilder::new()
+                .num_threads(threads)
+                .build()
+                .unwrap();
             pool.install(|| {
                 let mut rng = Rng::new(5);
                 let x = candle_core::Var::from_tensor(&randn(&mut rng, &[37, 3, 9, 9])).unwrap();
                 let w = candle_core::Var::from_tensor(&randn(&mut rng, &[5, 3, 3, 3])).unwrap();
                 let b = candle_core::Var::from_tensor(&randn(&mut rng, &[5])).unwrap();
-                let y = conv2d(x.as_tensor(), w.as_tensor(), Some(b.as_tensor()), 2, 1, true).unwrap();
+                let y = conv2d(
+                    x.as_tensor(),
+                    w.as_tensor(),
+                    Some(b.as_tensor()),
+                    2,
+                    1,
+                    true,
+                )
+                .unwrap();
                 let loss = y.sqr().unwrap().sum_all().unwrap();
                 let grads = loss.backward().unwrap();
-                [y.flatten_all().unwrap(), grads.get(&x).unwrap().flatten_all().unwrap(), grads.get(&w).unwrap().flatten_all().unwrap(), grads.get(&b).unwrap().flatten_all().unwrap()]
-                    .iter()
-                    .map(|t| t.to_vec1::<f32>().unwrap())
-                    .collect()
+                [
+                    y.flatten_all().unwrap(),
+                    grads.get(&x).unwrap().flatten_all().unwrap(),
+                    grads.get(&w).unwrap().flatten_all().unwrap(),
+                    grads.get(&b).unwrap().flatten_all().unwrap(),
+                ]
+                .iter()
+                .map(|t| t.to_vec1::<f32>().unwrap())
+                .collect()
             })
         };
         let one = run(1);
         for threads in [2, 3, 8] {
             let many = run(threads);
             for (a, b) in one.iter().zip(&many) {
-                assert!(a.iter().zip(b).all(|(p, q)| p.to_bits() == q.to_bits()), "{threads} threads differ from 1");
+                assert!(
+                    a.iter().zip(b).all(|(p, q)| p.to_bits() == q.to_bits()),
+                    "{threads} threads differ from 1"
+                );
             }
         }
     }

@@ -11,27 +11,15 @@
 //! devices and dtypes take the primitive formulation, so results agree to floating-point
 //! tolerance everywhere (the tests compare both).
 
-use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, Layout, Shape, Storage, Tensor};
+use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, Layout, Shape, Tensor};
 use std::sync::OnceLock;
 
 use rayon::prelude::*;
 
-fn cpu_f32<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> candle_core::Result<&'a [f32]> {
-    let CpuStorage::F32(v) = s else {
-        candle_core::bail!("fused op: the {what} must be f32")
-    };
-    match l.contiguous_offsets() {
-        Some((a, b)) => Ok(&v[a..b]),
-        None => candle_core::bail!("fused op: the {what} must be contiguous"),
-    }
-}
+use super::{cpu_f32, storage_f32};
 
-fn storage_f32<'a>(s: &'a Storage, l: &Layout, what: &str) -> candle_core::Result<&'a [f32]> {
-    match s {
-        Storage::Cpu(c) => cpu_f32(c, l, what),
-        _ => candle_core::bail!("fused op: the {what} is not on the CPU"),
-    }
-}
+/// Names this module's operations in errors.
+const OP: &str = "fused op";
 
 /// Whether every tensor is f32 on the CPU.
 fn fast(ts: &[&Tensor]) -> bool {
@@ -60,7 +48,7 @@ fn with_f32<R>(
     let guards: Vec<_> = owned.iter().map(Tensor::storage_and_layout).collect();
     let slices: Vec<&[f32]> = guards
         .iter()
-        .map(|(s, l)| storage_f32(s, l, "tensor"))
+        .map(|(s, l)| storage_f32(s, l, OP, "tensor"))
         .collect::<candle_core::Result<_>>()?;
     f(&slices)
 }
@@ -95,9 +83,9 @@ impl CustomOp3 for LayerNormOp {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let x = cpu_f32(s1, l1, "input")?;
-        let w = cpu_f32(s2, l2, "weight")?;
-        let b = cpu_f32(s3, l3, "bias")?;
+        let x = cpu_f32(s1, l1, OP, "input")?;
+        let w = cpu_f32(s2, l2, OP, "weight")?;
+        let b = cpu_f32(s3, l3, OP, "bias")?;
         let d = w.len();
         if d == 0 || b.len() != d || l1.dims().last() != Some(&d) {
             candle_core::bail!(
@@ -224,7 +212,7 @@ impl CustomOp1 for SoftmaxOp {
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
-        let x = cpu_f32(s, l, "input")?;
+        let x = cpu_f32(s, l, OP, "input")?;
         let d = l.dims().last().copied().unwrap_or(1).max(1);
         let mut out = vec![0f32; x.len()];
         let t = task_len(x.len(), d);
@@ -303,7 +291,7 @@ impl CustomOp1 for GeluOp {
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
-        let x = cpu_f32(s, l, "input")?;
+        let x = cpu_f32(s, l, OP, "input")?;
         let mut out = vec![0f32; x.len()];
         let mut erf = vec![0f32; x.len()];
         let t = task_len(x.len(), 1);
@@ -380,8 +368,8 @@ impl CustomOp2 for AddReluOp {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let a = cpu_f32(s1, l1, "lhs")?;
-        let b = cpu_f32(s2, l2, "rhs")?;
+        let a = cpu_f32(s1, l1, OP, "lhs")?;
+        let b = cpu_f32(s2, l2, OP, "rhs")?;
         if l1.dims() != l2.dims() {
             candle_core::bail!(
                 "add_relu: shapes {:?} and {:?} differ",

@@ -10,27 +10,15 @@
 //! variables through `candle_nn::linear` (same names, shapes and initialisation); on other devices
 //! and dtypes it runs candle-nn's layer (and candle's ReLU).
 
-use candle_core::{CpuStorage, CustomOp3, Layout, Module, Shape, Storage, Tensor};
+use candle_core::{CpuStorage, CustomOp3, Layout, Module, Shape, Tensor};
 use candle_nn::VarBuilder;
 
 use super::conv::{matmul, relu, Mat};
 
-fn cpu_f32<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> candle_core::Result<&'a [f32]> {
-    let CpuStorage::F32(v) = s else {
-        candle_core::bail!("fused linear: the {what} must be f32")
-    };
-    match l.contiguous_offsets() {
-        Some((a, b)) => Ok(&v[a..b]),
-        None => candle_core::bail!("fused linear: the {what} must be contiguous"),
-    }
-}
+use super::{cpu_f32, storage_f32};
 
-fn storage_f32<'a>(s: &'a Storage, l: &Layout, what: &str) -> candle_core::Result<&'a [f32]> {
-    match s {
-        Storage::Cpu(c) => cpu_f32(c, l, what),
-        _ => candle_core::bail!("fused linear: the {what} is not on the CPU"),
-    }
-}
+/// Names this module's operations in errors.
+const OP: &str = "fused linear";
 
 /// GEMM parallelism: all of rayon's threads when there is more than one.
 fn parallelism() -> gemm::Parallelism {
@@ -74,9 +62,9 @@ impl CustomOp3 for LinearOp {
                 l3.dims()
             );
         }
-        let x = cpu_f32(s1, l1, "input")?;
-        let w = cpu_f32(s2, l2, "weight")?;
-        let b = cpu_f32(s3, l3, "bias")?;
+        let x = cpu_f32(s1, l1, OP, "input")?;
+        let w = cpu_f32(s2, l2, OP, "weight")?;
+        let b = cpu_f32(s3, l3, OP, "bias")?;
         let mut y = vec![0f32; n * o];
         matmul(
             &mut y,
@@ -122,12 +110,12 @@ impl CustomOp3 for LinearOp {
             gc.storage_and_layout(),
             rc.storage_and_layout(),
         );
-        let xs = storage_f32(&xg.0, xg.1, "input")?;
-        let ws = storage_f32(&wg.0, wg.1, "weight")?;
-        let gs = storage_f32(&gg.0, gg.1, "output gradient")?;
+        let xs = storage_f32(&xg.0, xg.1, OP, "input")?;
+        let ws = storage_f32(&wg.0, wg.1, OP, "weight")?;
+        let gs = storage_f32(&gg.0, gg.1, OP, "output gradient")?;
         let masked: Vec<f32>;
         let gy: &[f32] = if self.relu {
-            let rs = storage_f32(&rg.0, rg.1, "output")?;
+            let rs = storage_f32(&rg.0, rg.1, OP, "output")?;
             masked = gs
                 .iter()
                 .zip(rs)

@@ -31,6 +31,36 @@ pub mod vit;
 
 use candle_core::{DType, Tensor, D};
 
+/// The f32 elements of a contiguous CPU storage, for the custom ops' kernels; `op` and `what`
+/// name the operation and the operand in the error.
+pub(crate) fn cpu_f32<'a>(
+    s: &'a candle_core::CpuStorage,
+    l: &candle_core::Layout,
+    op: &str,
+    what: &str,
+) -> candle_core::Result<&'a [f32]> {
+    let candle_core::CpuStorage::F32(v) = s else {
+        candle_core::bail!("{op}: the {what} must be f32")
+    };
+    match l.contiguous_offsets() {
+        Some((a, b)) => Ok(&v[a..b]),
+        None => candle_core::bail!("{op}: the {what} must be contiguous"),
+    }
+}
+
+/// The f32 elements of a tensor's storage, which must be on the CPU and contiguous.
+pub(crate) fn storage_f32<'a>(
+    s: &'a candle_core::Storage,
+    l: &candle_core::Layout,
+    op: &str,
+    what: &str,
+) -> candle_core::Result<&'a [f32]> {
+    match s {
+        candle_core::Storage::Cpu(c) => cpu_f32(c, l, op, what),
+        _ => candle_core::bail!("{op}: the {what} is not on the CPU"),
+    }
+}
+
 /// Thread settings of the CPU kernels; call once, before the first tensor operation (candle reads
 /// them lazily and keeps them). Rayon (our kernels) and candle's GEMM use `RAYON_NUM_THREADS` = `n`.
 /// candle's element-wise operations get no worker threads of their own (`CANDLE_NUM_THREADS` = 1):

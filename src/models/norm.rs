@@ -15,9 +15,14 @@
 
 use std::sync::{Arc, OnceLock};
 
-use candle_core::{CpuStorage, CustomOp3, Layout, ModuleT, Shape, Storage, Tensor, Var};
+use candle_core::{CpuStorage, CustomOp3, Layout, ModuleT, Shape, Tensor, Var};
 use candle_nn::{BatchNormConfig, VarBuilder};
 use rayon::prelude::*;
+
+use super::{cpu_f32, storage_f32};
+
+/// Names this module's operations in errors.
+const OP: &str = "fused batch-norm";
 
 /// Per-channel batch statistics of one forward pass.
 #[derive(Debug)]
@@ -115,23 +120,6 @@ struct BnOp {
     stats: Arc<OnceLock<Stats>>,
 }
 
-fn cpu_f32<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> candle_core::Result<&'a [f32]> {
-    let CpuStorage::F32(v) = s else {
-        candle_core::bail!("fused batch-norm: the {what} must be f32")
-    };
-    match l.contiguous_offsets() {
-        Some((a, b)) => Ok(&v[a..b]),
-        None => candle_core::bail!("fused batch-norm: the {what} must be contiguous"),
-    }
-}
-
-fn storage_f32<'a>(s: &'a Storage, l: &Layout, what: &str) -> candle_core::Result<&'a [f32]> {
-    match s {
-        Storage::Cpu(c) => cpu_f32(c, l, what),
-        _ => candle_core::bail!("fused batch-norm: the {what} is not on the CPU"),
-    }
-}
-
 impl CustomOp3 for BnOp {
     fn name(&self) -> &'static str {
         "fused-batch-norm"
@@ -147,9 +135,9 @@ impl CustomOp3 for BnOp {
         l3: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         let d = Dims::of(l1.dims())?;
-        let x = cpu_f32(s1, l1, "input")?;
-        let w = cpu_f32(s2, l2, "weight")?;
-        let b = cpu_f32(s3, l3, "bias")?;
+        let x = cpu_f32(s1, l1, OP, "input")?;
+        let w = cpu_f32(s2, l2, OP, "weight")?;
+        let b = cpu_f32(s3, l3, OP, "bias")?;
         if w.len() != d.c || b.len() != d.c {
             candle_core::bail!(
                 "fused batch-norm: {} channels but weight/bias of {}/{}",
@@ -228,10 +216,10 @@ impl CustomOp3 for BnOp {
             gc.storage_and_layout(),
             rc.storage_and_layout(),
         );
-        let xs = storage_f32(&xg.0, xg.1, "input")?;
-        let ws = storage_f32(&wg.0, wg.1, "weight")?;
-        let gs = storage_f32(&gg.0, gg.1, "output gradient")?;
-        let rs = storage_f32(&rg.0, rg.1, "output")?;
+        let xs = storage_f32(&xg.0, xg.1, OP, "input")?;
+        let ws = storage_f32(&wg.0, wg.1, OP, "weight")?;
+        let gs = storage_f32(&gg.0, gg.1, OP, "output gradient")?;
+        let rs = storage_f32(&rg.0, rg.1, OP, "output")?;
         let relu = self.relu;
         let dy = |g: f32, r: f32| if relu && r <= 0.0 { 0.0 } else { g };
         let m = d.m().max(1) as f64;
