@@ -6,7 +6,7 @@
 //! the square root). candle-nn ships only SGD without momentum and AdamW, hence this module.
 
 use candle_core::backprop::GradStore;
-use candle_core::{Tensor, Var};
+use candle_core::{CpuStorage, DType, InplaceOp2, InplaceOp3, Layout, Tensor, Var};
 
 /// Which update rule to use.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -156,6 +156,9 @@ struct Slot {
 pub struct Optimizer {
     cfg: OptimConfig,
     slots: Vec<Slot>,
+    /// Update f32 CPU variables of SGD in place (see [`sgd_in_place`]); off only in the test
+    /// that compares it with the tensor-operation path.
+    in_place: bool,
 }
 
 impl Optimizer {
@@ -174,6 +177,7 @@ impl Optimizer {
         Ok(Optimizer {
             cfg: cfg.clone(),
             slots,
+            in_place: true,
         })
     }
 
@@ -189,6 +193,10 @@ impl Optimizer {
             let mut g = grad.detach();
             slot.steps += 1;
             let new_theta = match cfg.kind {
+                OptimizerKind::Sgd if self.in_place && in_place_ok(&theta, &g, slot.first.as_ref()) => {
+                    sgd_in_place(&theta, &g, &mut slot.first, cfg)?;
+                    continue;
+                }
                 OptimizerKind::Sgd => {
                     if cfg.weight_decay != 0.0 {
                         g = (g + (&theta * cfg.weight_decay)?)?;
@@ -281,6 +289,106 @@ impl Optimizer {
     }
 }
 
+/// Whether SGD can update this variable in place: f32 tensors on the CPU, contiguous, of one
+/// shape (other devices and dtypes take the tensor-operation path).
+fn in_place_ok(theta: &Tensor, g: &Tensor, buffer: Option<&Tensor>) -> bool {
+    let ok = |t: &Tensor| {
+        t.dtype() == DType::F32 && t.device().is_cpu() && t.is_contiguous() && t.shape() == theta.shape()
+    };
+    ok(theta) && ok(g) && buffer.is_none_or(ok)
+}
+
+/// SGD's update without temporary tensors: one pass over the momentum buffer, one over the
+/// variable. The arithmetic is that of the tensor-operation path, operation for operation
+/// (candle's scalar multiply is `x * c + 0`, kept here because `+ 0` turns −0 into +0), so both
+/// give the same bits; a test checks it.
+fn sgd_in_place(theta: &Tensor, g: &Tensor, first: &mut Option<Tensor>, cfg: &OptimConfig) -> candle_core::Result<()> {
+    let (lr, momentum, wd) = (cfg.lr as f32, cfg.momentum as f32, cfg.weight_decay as f32);
+    let decay = cfg.weight_decay != 0.0;
+    if cfg.momentum == 0.0 {
+        return theta.inplace_op2(g, &Descend { lr, wd: decay.then_some(wd) });
+    }
+    match first {
+        Some(b) => {
+            b.inplace_op3(g, theta, &Momentum { momentum, wd: decay.then_some(wd) })?;
+            theta.inplace_op2(b, &Descend { lr, wd: None })
+        }
+        None => {
+            // PyTorch's buffer starts at the first (decayed) gradient; a copy of its own, since
+            // later steps update it in place.
+            let b = if decay { (g + (theta * cfg.weight_decay)?)? } else { g.copy()? };
+            theta.inplace_op2(&b, &Descend { lr, wd: None })?;
+            *first = Some(b);
+            Ok(())
+        }
+    }
+}
+
+fn f32_mut<'a>(s: &'a mut CpuStorage, l: &Layout) -> candle_core::Result<&'a mut [f32]> {
+    match (s, l.contiguous_offsets()) {
+        (CpuStorage::F32(v), Some((a, b))) => Ok(&mut v[a..b]),
+        _ => candle_core::bail!("sgd: the variable must be a contiguous f32 tensor"),
+    }
+}
+
+/// θ ← θ − lr·(d + wd·θ), where d is the second operand (the gradient or the momentum buffer).
+struct Descend {
+    lr: f32,
+    wd: Option<f32>,
+}
+
+impl InplaceOp2 for Descend {
+    fn name(&self) -> &'static str {
+        "sgd-descend"
+    }
+    fn cpu_fwd(&self, s1: &mut CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> candle_core::Result<()> {
+        let d = crate::models::cpu_f32(s2, l2, "sgd", "update")?;
+        let theta = f32_mut(s1, l1)?;
+        let lr = self.lr;
+        match self.wd {
+            None => theta.iter_mut().zip(d).for_each(|(t, &d)| *t -= d * lr + 0.0),
+            Some(wd) => theta.iter_mut().zip(d).for_each(|(t, &d)| {
+                let g = d + (*t * wd + 0.0);
+                *t -= g * lr + 0.0
+            }),
+        }
+        Ok(())
+    }
+}
+
+/// b ← momentum·b + (g + wd·θ), with operands (b; g, θ).
+struct Momentum {
+    momentum: f32,
+    wd: Option<f32>,
+}
+
+impl InplaceOp3 for Momentum {
+    fn name(&self) -> &'static str {
+        "sgd-momentum"
+    }
+    fn cpu_fwd(
+        &self,
+        s1: &mut CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<()> {
+        let g = crate::models::cpu_f32(s2, l2, "sgd", "gradient")?;
+        let theta = crate::models::cpu_f32(s3, l3, "sgd", "variable")?;
+        let b = f32_mut(s1, l1)?;
+        let m = self.momentum;
+        match self.wd {
+            None => b.iter_mut().zip(g).for_each(|(b, &g)| *b = (*b * m + 0.0) + g),
+            Some(wd) => b.iter_mut().zip(g.iter().zip(theta)).for_each(|(b, (&g, &t))| {
+                *b = (*b * m + 0.0) + (g + (t * wd + 0.0))
+            }),
+        }
+        Ok(())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -304,6 +412,38 @@ mod tests {
     fn close(a: &[f64], b: &[f64]) {
         for (x, y) in a.iter().zip(b) {
             assert!((x - y).abs() < 1e-12, "{a:?} vs {b:?}");
+        }
+    }
+
+    /// The in-place SGD gives the bits of the tensor-operation path, with and without momentum
+    /// and weight decay, over several steps (first step included), on values that include −0.
+    #[test]
+    fn sgd_in_place_matches_tensor_operations_bit_for_bit() {
+        let n = 1000;
+        let mut rng = crate::rng::Rng::new(7);
+        let theta0: Vec<f32> =
+            (0..n).map(|i| if i % 97 == 0 { -0.0 } else { rng.next_f64() as f32 * 2.0 - 1.0 }).collect();
+        let grads: Vec<Vec<f32>> = (0..4)
+            .map(|_| (0..n).map(|i| if i % 89 == 0 { -0.0 } else { rng.next_f64() as f32 - 0.5 }).collect())
+            .collect();
+        for (momentum, wd) in [(0.0, 0.0), (0.9, 0.0), (0.0, 5e-4), (0.9, 5e-4), (0.5, 0.05)] {
+            let mut cfg = OptimConfig::sgd(0.05);
+            cfg.momentum = momentum;
+            cfg.weight_decay = wd;
+            let mut finals = Vec::new();
+            for in_place in [true, false] {
+                let var = Var::from_slice(&theta0, n, &Device::Cpu).unwrap();
+                let mut opt = Optimizer::new(vec![var.clone()], &cfg).unwrap();
+                opt.in_place = in_place;
+                for g in &grads {
+                    let g = Tensor::from_slice(g, n, &Device::Cpu).unwrap();
+                    let loss = (var.as_tensor() * &g).unwrap().sum_all().unwrap();
+                    opt.backward_step(&loss).unwrap();
+                }
+                finals.push(var.as_tensor().to_vec1::<f32>().unwrap());
+            }
+            let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+            assert_eq!(bits(&finals[0]), bits(&finals[1]), "momentum {momentum}, weight decay {wd}");
         }
     }
 
