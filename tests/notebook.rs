@@ -204,15 +204,15 @@ fn opening_without_the_cells_is_an_error_naming_the_command() {
     assert!(e.contains("not in the cache") && e.contains("reprise run"), "{e}");
 }
 
-/// Notebooks under the repository's `artifacts/` (committed beside their reports).
+/// The notebooks `reprise notebook` wrote under the repository's `artifacts/`: `<id>/<id>.ipynb`
+/// beside each report. Executed copies (`*.executed.ipynb` from nbexec, `*.jupyter.ipynb` from
+/// nbconvert) carry the kernel's own metadata and are not ours to validate.
 fn committed_notebooks() -> Vec<PathBuf> {
     let Ok(dirs) = std::fs::read_dir(repo().join("artifacts")) else { return Vec::new() };
     let mut found: Vec<PathBuf> = dirs
         .filter_map(|d| d.ok())
-        .filter_map(|d| std::fs::read_dir(d.path()).ok())
-        .flatten()
-        .filter_map(|f| f.ok().map(|f| f.path()))
-        .filter(|f| f.extension().is_some_and(|x| x == "ipynb"))
+        .map(|d| d.path().join(format!("{}.ipynb", d.file_name().to_string_lossy())))
+        .filter(|f| f.is_file())
         .collect();
     found.sort();
     found
