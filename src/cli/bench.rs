@@ -274,7 +274,7 @@ pub fn bench(a: &BenchArgs) -> anyhow::Result<i32> {
     };
     let reports_on = a.reports || std::env::var(REPORTS_ENV).is_ok_and(|v| !v.is_empty() && v != "0");
     let report = if reports_on {
-        let specs = if a.report.is_empty() { all_reports()? } else { a.report.clone() };
+        let specs = super::find_specs(&a.report)?;
         let mut timed = Vec::new();
         for spec in &specs {
             let (cold, warm) = time_report(spec)?;
@@ -492,20 +492,6 @@ fn time_hashing(mib: usize) -> anyhow::Result<f64> {
     drop(guard);
     secs.sort_by(f64::total_cmp);
     Ok((mib << 20) as f64 / secs[1] / 1e9)
-}
-
-/// Every report spec of the project (`reports/*.toml`), sorted.
-fn all_reports() -> anyhow::Result<Vec<PathBuf>> {
-    let mut specs: Vec<PathBuf> = std::fs::read_dir("reports")
-        .context("listing reports/ (run the benchmark from the project root, or name --report)")?
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| p.extension().is_some_and(|x| x == "toml"))
-        .collect();
-    specs.sort();
-    if specs.is_empty() {
-        bail!("no reports/*.toml to time");
-    }
-    Ok(specs)
 }
 
 /// Cold and warm wall time of `reprise run <report> --cache <empty dir>` in a temporary copy of
