@@ -96,7 +96,10 @@ for nb in "${notebooks[@]}"; do
   # user runs it. The kernel shares evcxr's build folder, so the `:dep` is already compiled.
   phase "executing $nb in Jupyter (evcxr_jupyter, nbconvert)"
   jupyter_out="${nb%.ipynb}.jupyter.ipynb"
-  if ! JUPYTER_PATH="$cache/jupyter-data" EVCXR_TMPDIR="$cache/evcxr" REPRISE_CACHE= \
+  # LD_LIBRARY_PATH: with EVCXR_TMPDIR and rustup's home both under $HOME the kernel's child
+  # cannot find libstd ("dlopen failed"; see docs/notebooks.md).
+  if ! LD_LIBRARY_PATH="$(rustc --print target-libdir)${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}" \
+      JUPYTER_PATH="$cache/jupyter-data" EVCXR_TMPDIR="$cache/evcxr" REPRISE_CACHE= \
       "$cache/jupyter/bin/jupyter" nbconvert --to notebook --execute --log-level WARN \
       --ExecutePreprocessor.kernel_name=rust --ExecutePreprocessor.timeout=3600 \
       --output-dir "$(dirname "$jupyter_out")" --output "$(basename "$jupyter_out")" "$nb"; then
