@@ -103,6 +103,18 @@ fn valid_range(out: usize, len: usize, s: usize, j: usize, pad: usize) -> (usize
     (lo.min(hi), hi)
 }
 
+/// [`valid_range`] of every kernel row offset (output rows) and column offset (output columns).
+fn ranges(g: &Geom) -> (Vec<(usize, usize)>, Vec<(usize, usize)>) {
+    (
+        (0..g.kh)
+            .map(|i| valid_range(g.ho, g.h, g.stride, i, g.pad))
+            .collect(),
+        (0..g.kw)
+            .map(|j| valid_range(g.wo, g.w, g.stride, j, g.pad))
+            .collect(),
+    )
+}
+
 /// Zero `row[a..b]`; the ranges are usually one element wide (a 3×3 kernel's border), where a
 /// plain store beats a call to memset.
 #[inline]
@@ -139,13 +151,12 @@ fn shiftable(g: &Geom) -> bool {
 /// zero outside the input. `x` is one sample, C×H×W.
 fn im2col(g: &Geom, x: &[f32], cols: &mut [f32]) {
     let (p, plane) = (g.p(), g.h * g.w);
+    let (yr, xr) = ranges(g);
     let mut rows = cols.chunks_exact_mut(p);
     for c in 0..g.c {
         let xc = &x[c * plane..(c + 1) * plane];
-        for i in 0..g.kh {
-            let (ylo, yhi) = valid_range(g.ho, g.h, g.stride, i, g.pad);
-            for j in 0..g.kw {
-                let (xlo, xhi) = valid_range(g.wo, g.w, g.stride, j, g.pad);
+        for (i, &(ylo, yhi)) in yr.iter().enumerate() {
+            for (j, &(xlo, xhi)) in xr.iter().enumerate() {
                 let Some(row) = rows.next() else { return };
                 if shiftable(g) {
                     // One copy of the shifted plane, then zero the rows and columns that fall
@@ -195,13 +206,12 @@ fn im2col(g: &Geom, x: &[f32], cols: &mut [f32]) {
 /// overwritten with zeros.
 fn col2im(g: &Geom, cols: &mut [f32], gx: &mut [f32]) {
     let (p, plane) = (g.p(), g.h * g.w);
+    let (yr, xr) = ranges(g);
     let mut rows = cols.chunks_exact_mut(p);
     for c in 0..g.c {
         let gc = &mut gx[c * plane..(c + 1) * plane];
-        for i in 0..g.kh {
-            let (ylo, yhi) = valid_range(g.ho, g.h, g.stride, i, g.pad);
-            for j in 0..g.kw {
-                let (xlo, xhi) = valid_range(g.wo, g.w, g.stride, j, g.pad);
+        for (i, &(ylo, yhi)) in yr.iter().enumerate() {
+            for (j, &(xlo, xhi)) in xr.iter().enumerate() {
                 let Some(row) = rows.next() else { return };
                 if shiftable(g) {
                     // Zero the entries that belong to padding columns, then add the whole shifted
@@ -321,6 +331,28 @@ pub(super) fn matmul(dst: &mut [f32], a: Mat, b: Mat, accumulate: bool, par: gem
     }
 }
 
+thread_local! {
+    /// Per-thread scratch for patch matrices and masked gradients, kept between calls: every user
+    /// overwrites the part it reads, so it is never cleared (zeroing it cost a full pass per task).
+    static SCRATCH: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// Run `f` with this thread's scratch split into slices of the given lengths. Their contents are
+/// left over from earlier calls: `f` must write every element before reading it.
+fn with_scratch<R>(lens: [usize; 3], f: impl FnOnce([&mut [f32]; 3]) -> R) -> R {
+    // Taken out of the cell, so a nested call (none today) would get its own buffer, not a panic.
+    let mut buf = SCRATCH.with(|s| std::mem::take(&mut *s.borrow_mut()));
+    let total = lens.iter().sum::<usize>();
+    if buf.len() < total {
+        buf.resize(total, 0.0);
+    }
+    let (a, rest) = buf.split_at_mut(lens[0]);
+    let (b, rest) = rest.split_at_mut(lens[1]);
+    let r = f([a, b, &mut rest[..lens[2]]]);
+    SCRATCH.with(|s| *s.borrow_mut() = buf);
+    r
+}
+
 /// Samples per parallel task. Fixed, never derived from the thread count: the weight gradient
 /// is summed per task and then over tasks in order, so the same chunking on every machine and
 /// under every `--jobs` gives bit-identical results.
@@ -384,23 +416,21 @@ fn forward(g: &Geom, x: &[f32], w: &[f32], bias: Option<&[f32]>, apply_relu: boo
     out.par_chunks_mut(per * ol)
         .enumerate()
         .for_each(|(t, chunk)| {
-            let mut cols = if g.pointwise() {
-                Vec::new()
-            } else {
-                vec![0f32; k * p]
-            };
-            for (i, out_n) in chunk.chunks_exact_mut(ol).enumerate() {
-                let n = t * per + i;
-                let x_n = &x[n * il..(n + 1) * il];
-                let patches = if g.pointwise() {
-                    x_n
-                } else {
-                    im2col(g, x_n, &mut cols);
-                    &cols
-                };
-                matmul(out_n, wm, Mat::row_major(patches, k, p), false, par);
-                epilogue(out_n, p, bias, apply_relu);
-            }
+            let cols_len = if g.pointwise() { 0 } else { k * p };
+            with_scratch([cols_len, 0, 0], |[cols, _, _]| {
+                for (i, out_n) in chunk.chunks_exact_mut(ol).enumerate() {
+                    let n = t * per + i;
+                    let x_n = &x[n * il..(n + 1) * il];
+                    let patches: &[f32] = if g.pointwise() {
+                        x_n
+                    } else {
+                        im2col(g, x_n, cols);
+                        cols
+                    };
+                    matmul(out_n, wm, Mat::row_major(patches, k, p), false, par);
+                    epilogue(out_n, p, bias, apply_relu);
+                }
+            })
         });
     out
 }
@@ -474,14 +504,14 @@ fn backward(g: &Geom, a: &BackwardInputs) -> (Option<Vec<f32>>, Vec<f32>, Vec<f3
             let count = per.min(g.n.saturating_sub(first));
             let mut gw = vec![0f32; if a.need_w { g.o * k } else { 0 }];
             let mut gb = vec![0f32; if a.need_b { g.o } else { 0 }];
-            let mut cols = vec![0f32; if a.need_w && !g.pointwise() { k * p } else { 0 }];
+            let cols_len = if a.need_w && !g.pointwise() { k * p } else { 0 };
             let gcols_len = match &transposed {
                 Some((gt, _)) => gt.k() * gt.p(),
                 None if a.need_x && !g.pointwise() => k * p,
                 None => 0,
             };
-            let mut gcols = vec![0f32; gcols_len];
-            let mut masked = vec![0f32; if a.res.is_some() { ol } else { 0 }];
+            let masked_len = if a.res.is_some() { ol } else { 0 };
+            with_scratch([cols_len, gcols_len, masked_len], |[cols, gcols, masked]| {
             for i in 0..count {
                 let n = first + i;
                 let mut go = &a.grad[n * ol..(n + 1) * ol];
@@ -490,7 +520,7 @@ fn backward(g: &Geom, a: &BackwardInputs) -> (Option<Vec<f32>>, Vec<f32>, Vec<f3
                     for ((m, &gv), &rv) in masked.iter_mut().zip(go).zip(r) {
                         *m = if rv > 0.0 { gv } else { 0.0 };
                     }
-                    go = &masked;
+                    go = masked;
                 }
                 if a.need_b {
                     for (b, row) in gb.iter_mut().zip(go.chunks_exact(p)) {
@@ -500,11 +530,11 @@ fn backward(g: &Geom, a: &BackwardInputs) -> (Option<Vec<f32>>, Vec<f32>, Vec<f3
                 let gom = Mat::row_major(go, g.o, p);
                 if a.need_w {
                     let x_n = &a.x[n * il..(n + 1) * il];
-                    let patches = if g.pointwise() {
+                    let patches: &[f32] = if g.pointwise() {
                         x_n
                     } else {
-                        im2col(g, x_n, &mut cols);
-                        &cols
+                        im2col(g, x_n, cols);
+                        cols
                     };
                     matmul(&mut gw, gom, Mat::row_major(patches, k, p).t(), true, par);
                 }
@@ -513,21 +543,22 @@ fn backward(g: &Geom, a: &BackwardInputs) -> (Option<Vec<f32>>, Vec<f32>, Vec<f3
                     if g.pointwise() {
                         matmul(gx_n, wm.t(), gom, false, par);
                     } else if let Some((gt, wt)) = &transposed {
-                        im2col(gt, go, &mut gcols);
+                        im2col(gt, go, gcols);
                         let wtm = Mat::row_major(wt, gt.o, gt.k());
                         matmul(
                             gx_n,
                             wtm,
-                            Mat::row_major(&gcols, gt.k(), gt.p()),
+                            Mat::row_major(gcols, gt.k(), gt.p()),
                             false,
                             par,
                         );
                     } else {
-                        matmul(&mut gcols, wm.t(), gom, false, par);
-                        col2im(g, &mut gcols, gx_n);
+                        matmul(gcols, wm.t(), gom, false, par);
+                        col2im(g, gcols, gx_n);
                     }
                 }
             }
+            });
             (gw, gb)
         })
         .collect();
@@ -1050,7 +1081,11 @@ mod speed {
             ("res.s3.conv2", 64, 7, 64, 3, 1, 1),
             ("conv4.b2", 32, 14, 32, 3, 1, 1),
         ];
+        let only = std::env::var("REPRISE_CONV_LAYER").ok();
         for &(name, c, hw, o, k, stride, pad) in shapes {
+            if only.as_deref().is_some_and(|l| l != name) {
+                continue;
+            }
             let x = Var::from_tensor(
                 &Tensor::randn(0f32, 1.0, (128, c, hw, hw), &Device::Cpu).unwrap(),
             )
@@ -1059,7 +1094,8 @@ mod speed {
                 Var::from_tensor(&Tensor::randn(0f32, 0.1, (o, c, k, k), &Device::Cpu).unwrap())
                     .unwrap();
             let (mut fwd, mut bwd) = (f64::MAX, f64::MAX);
-            for _ in 0..5 {
+            let reps = if only.is_some() { 100 } else { 5 };
+            for _ in 0..reps {
                 let t0 = std::time::Instant::now();
                 let y = conv2d(x.as_tensor(), w.as_tensor(), None, stride, pad, false).unwrap();
                 let t1 = std::time::Instant::now();
