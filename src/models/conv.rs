@@ -24,22 +24,27 @@ const OP: &str = "fast conv";
 
 /// The sizes of one convolution.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-struct Geom {
-    n: usize,
-    c: usize,
-    h: usize,
-    w: usize,
-    o: usize,
-    kh: usize,
-    kw: usize,
-    stride: usize,
-    pad: usize,
-    ho: usize,
-    wo: usize,
+pub(super) struct Geom {
+    pub(super) n: usize,
+    pub(super) c: usize,
+    pub(super) h: usize,
+    pub(super) w: usize,
+    pub(super) o: usize,
+    pub(super) kh: usize,
+    pub(super) kw: usize,
+    pub(super) stride: usize,
+    pub(super) pad: usize,
+    pub(super) ho: usize,
+    pub(super) wo: usize,
 }
 
 impl Geom {
-    fn new(x: &[usize], w: &[usize], stride: usize, pad: usize) -> candle_core::Result<Geom> {
+    pub(super) fn new(
+        x: &[usize],
+        w: &[usize],
+        stride: usize,
+        pad: usize,
+    ) -> candle_core::Result<Geom> {
         let (&[n, c, h, wd], &[o, c2, kh, kw]) = (x, w) else {
             candle_core::bail!("conv2d: expected a 4-d input and weight, got {x:?} and {w:?}")
         };
@@ -113,6 +118,47 @@ fn ranges(g: &Geom) -> (Vec<(usize, usize)>, Vec<(usize, usize)>) {
             .map(|j| valid_range(g.wo, g.w, g.stride, j, g.pad))
             .collect(),
     )
+}
+
+/// `dst[t] = src[t·stride]` for every t. Stride 2 (the downsampling convolutions) goes through
+/// pairs, which compiles to vector shuffles instead of one load per element.
+#[inline]
+fn gather_strided(dst: &mut [f32], src: &[f32], stride: usize) {
+    let n = dst.len();
+    if n == 0 {
+        return;
+    }
+    if stride == 2 {
+        let (body, last) = dst.split_at_mut(n - 1);
+        for (d, pair) in body.iter_mut().zip(src[..2 * (n - 1)].chunks_exact(2)) {
+            *d = pair[0];
+        }
+        last[0] = src[2 * (n - 1)];
+    } else {
+        for (t, d) in dst.iter_mut().enumerate() {
+            *d = src[t * stride];
+        }
+    }
+}
+
+/// `dst[t·stride] += src[t]` for every t: the adjoint of [`gather_strided`].
+#[inline]
+fn scatter_add_strided(dst: &mut [f32], src: &[f32], stride: usize) {
+    let n = src.len();
+    if n == 0 {
+        return;
+    }
+    if stride == 2 {
+        let (body, last) = src.split_at(n - 1);
+        for (pair, v) in dst[..2 * (n - 1)].chunks_exact_mut(2).zip(body) {
+            pair[0] += *v;
+        }
+        dst[2 * (n - 1)] += last[0];
+    } else {
+        for (t, v) in src.iter().enumerate() {
+            dst[t * stride] += *v;
+        }
+    }
 }
 
 /// Zero `row[a..b]`; the ranges are usually one element wide (a 3×3 kernel's border), where a
@@ -190,10 +236,7 @@ fn im2col(g: &Geom, x: &[f32], cols: &mut [f32]) {
                         d[xlo..xhi].copy_from_slice(&src[off..off + (xhi - xlo)]);
                     } else if xhi > xlo {
                         let start = xlo * g.stride + j - g.pad;
-                        let strided = src[start..].iter().step_by(g.stride);
-                        for (v, s) in d[xlo..xhi].iter_mut().zip(strided) {
-                            *v = *s;
-                        }
+                        gather_strided(&mut d[xlo..xhi], &src[start..], g.stride);
                     }
                 }
             }
@@ -242,10 +285,7 @@ fn col2im(g: &Geom, cols: &mut [f32], gx: &mut [f32]) {
                         }
                     } else if xhi > xlo {
                         let start = xlo * g.stride + j - g.pad;
-                        let strided = dst[start..].iter_mut().step_by(g.stride);
-                        for (t, v) in strided.zip(&d[xlo..xhi]) {
-                            *t += *v;
-                        }
+                        scatter_add_strided(&mut dst[start..], &d[xlo..xhi], g.stride);
                     }
                 }
             }
@@ -405,7 +445,13 @@ fn epilogue(out: &mut [f32], p: usize, bias: Option<&[f32]>, apply_relu: bool) {
     }
 }
 
-fn forward(g: &Geom, x: &[f32], w: &[f32], bias: Option<&[f32]>, apply_relu: bool) -> Vec<f32> {
+pub(super) fn forward(
+    g: &Geom,
+    x: &[f32],
+    w: &[f32],
+    bias: Option<&[f32]>,
+    apply_relu: bool,
+) -> Vec<f32> {
     let (k, p, ol, il) = (g.k(), g.p(), g.out_len(), g.in_len());
     let mut out = vec![0f32; g.n * ol];
     if ol == 0 {
@@ -435,16 +481,32 @@ fn forward(g: &Geom, x: &[f32], w: &[f32], bias: Option<&[f32]>, apply_relu: boo
     out
 }
 
+/// How the gradient reaching the op becomes the gradient of the convolution's output.
+#[derive(Clone, Copy)]
+pub(super) enum GradIn<'a> {
+    /// It is that gradient.
+    Plain,
+    /// The op applied a ReLU: masked where the op's output (given here) is not positive.
+    Relu(&'a [f32]),
+    /// The op applied training-mode BatchNorm (and a ReLU if `relu`) to the convolution's output
+    /// `z`, with final output `res`: dz = k1·dy + k2·z + k3 per output channel (`coef`).
+    BatchNorm {
+        z: &'a [f32],
+        res: &'a [f32],
+        coef: &'a [(f32, f32, f32)],
+        relu: bool,
+    },
+}
+
 /// Which gradients to compute, and from what.
-struct BackwardInputs<'a> {
-    x: &'a [f32],
-    w: &'a [f32],
-    /// The op's output, present when the op applied a ReLU (its mask).
-    res: Option<&'a [f32]>,
-    grad: &'a [f32],
-    need_x: bool,
-    need_w: bool,
-    need_b: bool,
+pub(super) struct BackwardInputs<'a> {
+    pub(super) x: &'a [f32],
+    pub(super) w: &'a [f32],
+    pub(super) dout: GradIn<'a>,
+    pub(super) grad: &'a [f32],
+    pub(super) need_x: bool,
+    pub(super) need_w: bool,
+    pub(super) need_b: bool,
 }
 
 /// Stride 1 with the output the size of the input (kernel 2·pad + 1, "same" padding).
@@ -476,7 +538,7 @@ fn transposed_conv(g: &Geom, w: &[f32]) -> (Geom, Vec<f32>) {
 }
 
 /// Gradients w.r.t. the input (N×C×H×W, if asked), the weight (O×K) and the bias (O).
-fn backward(g: &Geom, a: &BackwardInputs) -> (Option<Vec<f32>>, Vec<f32>, Vec<f32>) {
+pub(super) fn backward(g: &Geom, a: &BackwardInputs) -> (Option<Vec<f32>>, Vec<f32>, Vec<f32>) {
     let (k, p, ol, il) = (g.k(), g.p(), g.out_len(), g.in_len());
     let (per, par) = split(g.n);
     let tasks = g.n.div_ceil(per.max(1));
@@ -510,17 +572,29 @@ fn backward(g: &Geom, a: &BackwardInputs) -> (Option<Vec<f32>>, Vec<f32>, Vec<f3
                 None if a.need_x && !g.pointwise() => k * p,
                 None => 0,
             };
-            let masked_len = if a.res.is_some() { ol } else { 0 };
+            let masked_len = if matches!(a.dout, GradIn::Plain) { 0 } else { ol };
             with_scratch([cols_len, gcols_len, masked_len], |[cols, gcols, masked]| {
             for i in 0..count {
                 let n = first + i;
                 let mut go = &a.grad[n * ol..(n + 1) * ol];
-                if let Some(res) = a.res {
-                    let r = &res[n * ol..(n + 1) * ol];
-                    for ((m, &gv), &rv) in masked.iter_mut().zip(go).zip(r) {
-                        *m = if rv > 0.0 { gv } else { 0.0 };
+                let sample = n * ol..(n + 1) * ol;
+                match a.dout {
+                    GradIn::Plain => {}
+                    GradIn::Relu(res) => {
+                        for ((m, &gv), &rv) in masked.iter_mut().zip(go).zip(&res[sample]) {
+                            *m = if rv > 0.0 { gv } else { 0.0 };
+                        }
+                        go = masked;
                     }
-                    go = masked;
+                    GradIn::BatchNorm { z, res, coef, relu } => {
+                        let (z, r) = (&z[sample.clone()], &res[sample]);
+                        for (ch, dst) in masked.chunks_exact_mut(p).enumerate() {
+                            let plane = ch * p..(ch + 1) * p;
+                            let (zp, gp, rp) = (&z[plane.clone()], &go[plane.clone()], &r[plane]);
+                            super::norm::bn_input_grad(dst, zp, gp, rp, coef[ch], relu);
+                        }
+                        go = masked;
+                    }
                 }
                 if a.need_b {
                     for (b, row) in gb.iter_mut().zip(go.chunks_exact(p)) {
@@ -631,9 +705,9 @@ impl ConvOp {
         let inputs = BackwardInputs {
             x: storage_f32(&xg.0, xg.1, OP, "input")?,
             w: storage_f32(&wg.0, wg.1, OP, "weight")?,
-            res: match &rg {
-                Some((s, l)) => Some(storage_f32(s, l, OP, "output")?),
-                None => None,
+            dout: match &rg {
+                Some((s, l)) => GradIn::Relu(storage_f32(s, l, OP, "output")?),
+                None => GradIn::Plain,
             },
             grad: storage_f32(&gg.0, gg.1, OP, "output gradient")?,
             need_x,
@@ -832,6 +906,15 @@ impl Conv {
 
     pub fn weight(&self) -> &Tensor {
         &self.weight
+    }
+
+    pub(super) fn bias(&self) -> Option<&Tensor> {
+        self.bias.as_ref()
+    }
+
+    /// (stride, padding).
+    pub(super) fn geometry(&self) -> (usize, usize) {
+        (self.stride, self.padding)
     }
 }
 

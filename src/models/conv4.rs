@@ -15,6 +15,7 @@ use candle_core::Tensor;
 use candle_nn::VarBuilder;
 
 use super::conv::Conv;
+use super::conv_bn::conv_bn;
 use super::norm::BatchNorm2d;
 use super::pool::max_pool2d;
 use super::{classifier_weight, Classifier, ModelConfig};
@@ -69,7 +70,7 @@ impl Classifier for Conv4 {
     fn features(&self, x: &Tensor, train: bool) -> candle_core::Result<Tensor> {
         let mut h = x.clone();
         for b in &self.blocks {
-            h = b.bn.forward(&b.conv.forward(&h)?, train, true)?;
+            h = conv_bn(&b.conv, &b.bn, &h, train, true)?;
             if b.pool {
                 h = max_pool2d(&h, 2)?;
             }

@@ -20,6 +20,7 @@ pub mod alloc;
 pub mod cnn;
 pub mod conv;
 pub mod conv4;
+pub mod conv_bn;
 pub mod fused;
 pub mod linear;
 pub mod lora;

@@ -26,7 +26,7 @@ const OP: &str = "fused batch-norm";
 
 /// Per-channel batch statistics of one forward pass.
 #[derive(Debug)]
-struct Stats {
+pub(super) struct Stats {
     mean: Vec<f64>,
     /// Biased variance.
     var: Vec<f64>,
@@ -52,24 +52,49 @@ fn lane_sum(v: &[f32], f: impl Fn(f32) -> f32) -> f64 {
 }
 
 /// (Σ dy_i, Σ dy_i·(x_i − mean)) in one pass, with dy_i = g_i masked by the ReLU when the op
-/// applied one (output r_i ≤ 0); [`LANES`] f32 lanes each, combined in f64.
+/// applied one (zero where the output r_i ≤ 0); [`LANES`] f32 lanes each, combined in f64.
+/// `if r <= 0 { 0 } else { g }` (the gradient through a ReLU whose output is `r`) as a bit
+/// mask, so that loops using it vectorise (as a branch they did not, at the baseline x86-64
+/// instruction set).
+#[inline(always)]
+pub(super) fn relu_grad(g: f32, r: f32) -> f32 {
+    f32::from_bits(g.to_bits() & u32::from(r <= 0.0).wrapping_sub(1))
+}
+
 #[inline]
 fn backward_sums(g: &[f32], r: &[f32], x: &[f32], mean: f32, relu: bool) -> (f64, f64) {
+    if relu {
+        backward_sums_masked::<true>(g, r, x, mean)
+    } else {
+        backward_sums_masked::<false>(g, r, x, mean)
+    }
+}
+
+#[inline]
+fn backward_sums_masked<const RELU: bool>(g: &[f32], r: &[f32], x: &[f32], mean: f32) -> (f64, f64) {
     let len = g.len();
     let (r, x) = (&r[..len], &x[..len]);
-    let dy = |t: usize| if relu && r[t] <= 0.0 { 0.0 } else { g[t] };
     let (mut a, mut b) = ([0f32; LANES], [0f32; LANES]);
-    let whole = len / LANES * LANES;
-    for base in (0..whole).step_by(LANES) {
+    let chunks = g
+        .chunks_exact(LANES)
+        .zip(r.chunks_exact(LANES))
+        .zip(x.chunks_exact(LANES));
+    for ((gc, rc), xc) in chunks {
+        // Fixed-size views: no bounds checks, and the lane loop unrolls into vector operations.
+        let (gc, rc, xc): (&[f32; LANES], &[f32; LANES], &[f32; LANES]) = (
+            gc.try_into().expect("chunk of LANES"),
+            rc.try_into().expect("chunk of LANES"),
+            xc.try_into().expect("chunk of LANES"),
+        );
         for l in 0..LANES {
-            let d = dy(base + l);
+            let d = if RELU { relu_grad(gc[l], rc[l]) } else { gc[l] };
             a[l] += d;
-            b[l] += d * (x[base + l] - mean);
+            b[l] += d * (xc[l] - mean);
         }
     }
     let (mut sa, mut sb) = (0f64, 0f64);
-    for t in whole..len {
-        let d = dy(t);
+    for t in len / LANES * LANES..len {
+        let d = if RELU { relu_grad(g[t], r[t]) } else { g[t] };
         sa += f64::from(d);
         sb += f64::from(d * (x[t] - mean));
     }
@@ -78,14 +103,14 @@ fn backward_sums(g: &[f32], r: &[f32], x: &[f32], mean: f32, relu: bool) -> (f64
 }
 
 #[derive(Debug, Clone, Copy)]
-struct Dims {
+pub(super) struct Dims {
     n: usize,
     c: usize,
     hw: usize,
 }
 
 impl Dims {
-    fn of(dims: &[usize]) -> candle_core::Result<Dims> {
+    pub(super) fn of(dims: &[usize]) -> candle_core::Result<Dims> {
         let &[n, c, h, w] = dims else {
             candle_core::bail!("batch-norm: expected an N×C×H×W input, got {dims:?}")
         };
@@ -101,6 +126,144 @@ impl Dims {
     fn planes<'a>(&self, v: &'a [f32], ch: usize) -> impl Iterator<Item = &'a [f32]> + 'a {
         let (c, hw) = (self.c, self.hw);
         (0..self.n).map(move |i| &v[(i * c + ch) * hw..(i * c + ch + 1) * hw])
+    }
+}
+
+/// Per-channel mean and biased variance of an N×C×H×W input (two passes: mean, then the
+/// centred squares).
+pub(super) fn batch_stats(d: Dims, x: &[f32]) -> Stats {
+    let m = d.m().max(1) as f64;
+    let (mean, var): (Vec<f64>, Vec<f64>) = (0..d.c)
+        .into_par_iter()
+        .map(|ch| {
+            let mean = d.planes(x, ch).map(|p| lane_sum(p, |v| v)).sum::<f64>() / m;
+            let mf = mean as f32;
+            let var = d
+                .planes(x, ch)
+                .map(|p| lane_sum(p, |v| (v - mf) * (v - mf)))
+                .sum::<f64>()
+                / m;
+            (mean, var)
+        })
+        .unzip();
+    Stats { mean, var }
+}
+
+/// y = (x − mean)/√(var + eps)·w + b per channel, then ReLU if `relu`.
+pub(super) fn normalise(
+    d: Dims,
+    x: &[f32],
+    w: &[f32],
+    b: &[f32],
+    eps: f64,
+    relu: bool,
+    stats: &Stats,
+) -> Vec<f32> {
+    // y = x·a + c per channel, a = w/√(var+eps), c = b − mean·a.
+    let scale: Vec<f32> = (0..d.c)
+        .map(|ch| (f64::from(w[ch]) / (stats.var[ch] + eps).sqrt()) as f32)
+        .collect();
+    let shift: Vec<f32> = (0..d.c)
+        .map(|ch| (f64::from(b[ch]) - stats.mean[ch] * f64::from(scale[ch])) as f32)
+        .collect();
+    let mut out = vec![0f32; x.len()];
+    if d.hw > 0 {
+        out.par_chunks_mut(d.hw)
+            .zip(x.par_chunks(d.hw))
+            .enumerate()
+            .for_each(|(i, (o, xi))| {
+                let (a, c) = (scale[i % d.c], shift[i % d.c]);
+                if relu {
+                    for (o, &v) in o.iter_mut().zip(xi) {
+                        let y = v * a + c;
+                        *o = if y < 0.0 { 0.0 } else { y };
+                    }
+                } else {
+                    for (o, &v) in o.iter_mut().zip(xi) {
+                        *o = v * a + c;
+                    }
+                }
+            });
+    }
+    out
+}
+
+/// The backward pass of training-mode BatchNorm (and ReLU) up to its input gradient: the weight
+/// and bias gradients, and per channel (k1, k2, k3) with dx = k1·dy + k2·x + k3, where dy is the
+/// output gradient `g` masked by the ReLU (output `r` ≤ 0) when `relu`.
+pub(super) struct BnGrads {
+    pub(super) weight: Vec<f32>,
+    pub(super) bias: Vec<f32>,
+    pub(super) coef: Vec<(f32, f32, f32)>,
+}
+
+#[allow(clippy::too_many_arguments)]
+pub(super) fn bn_grads(
+    d: Dims,
+    stats: &Stats,
+    eps: f64,
+    w: &[f32],
+    g: &[f32],
+    r: &[f32],
+    x: &[f32],
+    relu: bool,
+) -> BnGrads {
+    let m = d.m().max(1) as f64;
+    // Per channel: Σ dy and Σ dy·(x − mean).
+    let sums: Vec<(f64, f64)> = (0..d.c)
+        .into_par_iter()
+        .map(|ch| {
+            let mf = stats.mean[ch] as f32;
+            let mut sdy = 0f64;
+            let mut sdyx = 0f64;
+            for ((gp, rp), xp) in d.planes(g, ch).zip(d.planes(r, ch)).zip(d.planes(x, ch)) {
+                let (a, b) = backward_sums(gp, rp, xp, mf, relu);
+                sdy += a;
+                sdyx += b;
+            }
+            (sdy, sdyx)
+        })
+        .collect();
+    let invstd: Vec<f64> = stats.var.iter().map(|v| 1.0 / (v + eps).sqrt()).collect();
+    // The closed form of the BatchNorm gradient.
+    let coef = (0..d.c)
+        .map(|ch| {
+            let (sdy, sdyx) = sums[ch];
+            let k1 = f64::from(w[ch]) * invstd[ch];
+            let k2 = -k1 * invstd[ch] * invstd[ch] * sdyx / m;
+            let k3 = -k1 * sdy / m - k2 * stats.mean[ch];
+            (k1 as f32, k2 as f32, k3 as f32)
+        })
+        .collect();
+    BnGrads {
+        weight: (0..d.c).map(|ch| (sums[ch].1 * invstd[ch]) as f32).collect(),
+        bias: sums.iter().map(|s| s.0 as f32).collect(),
+        coef,
+    }
+}
+
+/// dx = k1·dy + k2·x + k3 for the H×W plane of one channel (dy = `g` masked by the ReLU when
+/// `relu`), written to `out`.
+#[inline]
+pub(super) fn bn_input_grad(
+    out: &mut [f32],
+    x: &[f32],
+    g: &[f32],
+    r: &[f32],
+    (k1, k2, k3): (f32, f32, f32),
+    relu: bool,
+) {
+    // Equal lengths up front so that the loops below vectorise.
+    let len = out.len();
+    let (x, g, r) = (&x[..len], &g[..len], &r[..len]);
+    if relu {
+        for t in 0..len {
+            out[t] = k1 * relu_grad(g[t], r[t]) + k2 * x[t] + k3;
+        }
+    } else {
+        for t in 0..len {
+            out[t] = k1 * g[t] + k2 * x[t] + k3;
+        }
     }
 }
 
@@ -138,48 +301,10 @@ impl CustomOp3 for BnOp {
                 b.len()
             );
         }
-        let m = d.m().max(1) as f64;
-        let (mean, var): (Vec<f64>, Vec<f64>) = (0..d.c)
-            .into_par_iter()
-            .map(|ch| {
-                let mean = d.planes(x, ch).map(|p| lane_sum(p, |v| v)).sum::<f64>() / m;
-                let mf = mean as f32;
-                let var = d
-                    .planes(x, ch)
-                    .map(|p| lane_sum(p, |v| (v - mf) * (v - mf)))
-                    .sum::<f64>()
-                    / m;
-                (mean, var)
-            })
-            .unzip();
-        // y = x·a + c per channel, a = w/√(var+eps), c = b − mean·a.
-        let scale: Vec<f32> = (0..d.c)
-            .map(|ch| (f64::from(w[ch]) / (var[ch] + self.eps).sqrt()) as f32)
-            .collect();
-        let shift: Vec<f32> = (0..d.c)
-            .map(|ch| (f64::from(b[ch]) - mean[ch] * f64::from(scale[ch])) as f32)
-            .collect();
-        let mut out = vec![0f32; x.len()];
-        if d.hw > 0 {
-            out.par_chunks_mut(d.hw)
-                .zip(x.par_chunks(d.hw))
-                .enumerate()
-                .for_each(|(i, (o, xi))| {
-                    let (a, c) = (scale[i % d.c], shift[i % d.c]);
-                    if self.relu {
-                        for (o, &v) in o.iter_mut().zip(xi) {
-                            let y = v * a + c;
-                            *o = if y < 0.0 { 0.0 } else { y };
-                        }
-                    } else {
-                        for (o, &v) in o.iter_mut().zip(xi) {
-                            *o = v * a + c;
-                        }
-                    }
-                });
-        }
+        let stats = batch_stats(d, x);
+        let out = normalise(d, x, w, b, self.eps, self.relu, &stats);
         // A second forward with the same op instance cannot happen (candle makes one per call).
-        let _ = self.stats.set(Stats { mean, var });
+        let _ = self.stats.set(stats);
         Ok((CpuStorage::F32(out), Shape::from(l1.dims())))
     }
 
@@ -212,44 +337,9 @@ impl CustomOp3 for BnOp {
         let ws = storage_f32(&wg.0, wg.1, OP, "weight")?;
         let gs = storage_f32(&gg.0, gg.1, OP, "output gradient")?;
         let rs = storage_f32(&rg.0, rg.1, OP, "output")?;
-        let relu = self.relu;
-        let m = d.m().max(1) as f64;
-        // Per channel: Σ dy and Σ dy·(x − mean).
-        let sums: Vec<(f64, f64)> = (0..d.c)
-            .into_par_iter()
-            .map(|ch| {
-                let mf = stats.mean[ch] as f32;
-                let mut sdy = 0f64;
-                let mut sdyx = 0f64;
-                for ((gp, rp), xp) in d.planes(gs, ch).zip(d.planes(rs, ch)).zip(d.planes(xs, ch)) {
-                    let (a, b) = backward_sums(gp, rp, xp, mf, relu);
-                    sdy += a;
-                    sdyx += b;
-                }
-                (sdy, sdyx)
-            })
-            .collect();
-        let invstd: Vec<f64> = stats
-            .var
-            .iter()
-            .map(|v| 1.0 / (v + self.eps).sqrt())
-            .collect();
+        let grads = bn_grads(d, stats, self.eps, ws, gs, rs, xs, self.relu);
         let dev = x.device();
-        let gw: Vec<f32> = (0..d.c)
-            .map(|ch| (sums[ch].1 * invstd[ch]) as f32)
-            .collect();
-        let gb: Vec<f32> = sums.iter().map(|s| s.0 as f32).collect();
         let gx = if x.track_op() {
-            // dx = k1·dy + k2·x + k3 per channel (the closed form of the BatchNorm gradient).
-            let coef: Vec<(f32, f32, f32)> = (0..d.c)
-                .map(|ch| {
-                    let (sdy, sdyx) = sums[ch];
-                    let k1 = f64::from(ws[ch]) * invstd[ch];
-                    let k2 = -k1 * invstd[ch] * invstd[ch] * sdyx / m;
-                    let k3 = -k1 * sdy / m - k2 * stats.mean[ch];
-                    (k1 as f32, k2 as f32, k3 as f32)
-                })
-                .collect();
             let mut gx = vec![0f32; xs.len()];
             if d.hw > 0 {
                 gx.par_chunks_mut(d.hw)
@@ -257,26 +347,14 @@ impl CustomOp3 for BnOp {
                     .zip(gs.par_chunks(d.hw).zip(rs.par_chunks(d.hw)))
                     .enumerate()
                     .for_each(|(i, ((o, xp), (gp, rp)))| {
-                        let (k1, k2, k3) = coef[i % d.c];
-                        // Equal lengths up front so that the loops below vectorise.
-                        let len = o.len();
-                        let (xp, gp, rp) = (&xp[..len], &gp[..len], &rp[..len]);
-                        if relu {
-                            for t in 0..len {
-                                let g = if rp[t] <= 0.0 { 0.0 } else { gp[t] };
-                                o[t] = k1 * g + k2 * xp[t] + k3;
-                            }
-                        } else {
-                            for t in 0..len {
-                                o[t] = k1 * gp[t] + k2 * xp[t] + k3;
-                            }
-                        }
+                        bn_input_grad(o, xp, gp, rp, grads.coef[i % d.c], self.relu);
                     });
             }
             Some(Tensor::from_vec(gx, x.shape(), dev)?)
         } else {
             None
         };
+        let (gw, gb) = (grads.weight, grads.bias);
         let gw = w
             .track_op()
             .then(|| Tensor::from_vec(gw, w.shape(), dev))
@@ -315,9 +393,7 @@ impl BatchNorm2d {
     /// Batch statistics (and a running-statistics update) when `train`, running statistics
     /// otherwise; then a ReLU if `relu`.
     pub fn forward(&self, x: &Tensor, train: bool, relu: bool) -> candle_core::Result<Tensor> {
-        let Some((w, b)) = self.bn.weight_and_bias() else {
-            candle_core::bail!("batch-norm without affine parameters is not supported")
-        };
+        let (w, b, eps) = self.affine()?;
         let fast = super::fast_cpu(&[x, w, b]) && x.rank() == 4;
         if !(train && fast) {
             let y = self.bn.forward_t(x, train)?;
@@ -325,7 +401,7 @@ impl BatchNorm2d {
         }
         let stats = Arc::new(OnceLock::new());
         let op = BnOp {
-            eps: self.bn.eps(),
+            eps,
             relu,
             stats: stats.clone(),
         };
@@ -333,11 +409,24 @@ impl BatchNorm2d {
         let Some(s) = stats.get() else {
             candle_core::bail!("fused batch-norm: the forward pass left no statistics")
         };
+        self.update_running(s, Dims::of(x.dims())?)?;
+        Ok(y)
+    }
+
+    /// The weight and bias (every layer made by [`BatchNorm2d::new`] has them), and eps.
+    pub(super) fn affine(&self) -> candle_core::Result<(&Tensor, &Tensor, f64)> {
+        let Some((w, b)) = self.bn.weight_and_bias() else {
+            candle_core::bail!("batch-norm without affine parameters is not supported")
+        };
+        Ok((w, b, self.bn.eps()))
+    }
+
+    /// Fold one training batch's statistics into the running statistics.
+    pub(super) fn update_running(&self, s: &Stats, d: Dims) -> candle_core::Result<()> {
         // As candle-nn: running ← running·(1 − momentum) + stat·momentum, with the unbiased
         // variance (×M/(M−1)) for the running variance.
         let mom = self.bn.momentum();
-        let (n, _, h, wd) = x.dims4()?;
-        let m = (n * h * wd) as f64;
+        let m = d.m() as f64;
         let update = |var: &Var, stat: &[f64], factor: f64| -> candle_core::Result<()> {
             let old = var.as_tensor().to_vec1::<f32>()?;
             let new: Vec<f32> = old
@@ -348,8 +437,7 @@ impl BatchNorm2d {
             var.set(&Tensor::from_vec(new, old.len(), var.device())?)
         };
         update(&self.running_mean, &s.mean, mom)?;
-        update(&self.running_var, &s.var, mom * m / (m - 1.0))?;
-        Ok(y)
+        update(&self.running_var, &s.var, mom * m / (m - 1.0))
     }
 }
 
@@ -369,6 +457,18 @@ mod tests {
             .zip(&b)
             .fold(0f32, |m, (x, y)| m.max((x - y).abs()))
             / scale
+    }
+
+    #[test]
+    fn relu_grad_is_the_branch_it_replaces() {
+        let branch = |g: f32, r: f32| if r <= 0.0 { 0.0 } else { g };
+        let values = [1.5f32, -2.0, 0.0, -0.0, f32::NAN, f32::INFINITY, f32::MIN_POSITIVE];
+        for &g in &values {
+            for &r in &values {
+                let (a, b) = (relu_grad(g, r), branch(g, r));
+                assert_eq!(a.to_bits(), b.to_bits(), "g {g} r {r}: {a} vs {b}");
+            }
+        }
     }
 
     /// Values, gradients and running statistics against candle-nn's BatchNorm (+ candle's ReLU).

@@ -15,6 +15,7 @@ use candle_core::Tensor;
 use candle_nn::VarBuilder;
 
 use super::conv::Conv;
+use super::conv_bn::conv_bn;
 use super::fused;
 use super::norm::BatchNorm2d;
 use super::{classifier_weight, Classifier, ModelConfig};
@@ -43,12 +44,12 @@ struct ConvBn {
 
 impl ConvBn {
     fn forward(&self, x: &Tensor, train: bool) -> candle_core::Result<Tensor> {
-        self.bn.forward(&self.conv.forward(x)?, train, false)
+        conv_bn(&self.conv, &self.bn, x, train, false)
     }
 
     /// `relu(forward(x))`, the ReLU fused into the BatchNorm.
     fn forward_relu(&self, x: &Tensor, train: bool) -> candle_core::Result<Tensor> {
-        self.bn.forward(&self.conv.forward(x)?, train, true)
+        conv_bn(&self.conv, &self.bn, x, train, true)
     }
 }
 
