@@ -168,8 +168,10 @@ impl Method for Supervised {
         // 2: convolutions, pooling and batch norm run through the fast CPU kernels (results
         // differ from version 1 in the last bits). 3: the convolution's weight gradient is
         // summed in a fixed order, whatever the thread count. 4: linear layers, LayerNorm,
-        // softmax, GELU and residual add+ReLU run through fused CPU kernels.
-        4
+        // softmax, GELU and residual add+ReLU run through fused CPU kernels. 5: BatchNorm's
+        // sums use 32 lanes (a different summation order) and GELU a polynomial erf/exp
+        // (differences below 3·10⁻⁷).
+        5
     }
 
     fn schema(&self) -> &'static [ParamDef] {
