@@ -582,7 +582,8 @@ pub(super) fn backward(g: &Geom, a: &BackwardInputs) -> (Option<Vec<f32>>, Vec<f
                     GradIn::Plain => {}
                     GradIn::Relu(res) => {
                         for ((m, &gv), &rv) in masked.iter_mut().zip(go).zip(&res[sample]) {
-                            *m = if rv > 0.0 { gv } else { 0.0 };
+                            // `if rv > 0 { gv } else { 0 }` as a bit mask, so that it vectorises.
+                            *m = f32::from_bits(gv.to_bits() & u32::from(rv > 0.0).wrapping_neg());
                         }
                         go = masked;
                     }
