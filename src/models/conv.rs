@@ -17,7 +17,7 @@ use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Shape, Tensor};
 use candle_nn::{Conv2dConfig, VarBuilder};
 use rayon::prelude::*;
 
-use super::{cpu_f32, storage_f32};
+use super::{cpu_f32, relu_backward, with_f32};
 
 /// Names this module's operations in errors.
 const OP: &str = "fast conv";
@@ -108,8 +108,11 @@ fn valid_range(out: usize, len: usize, s: usize, j: usize, pad: usize) -> (usize
     (lo.min(hi), hi)
 }
 
+/// Output ranges [lo, hi), one per kernel offset.
+type Spans = Vec<(usize, usize)>;
+
 /// [`valid_range`] of every kernel row offset (output rows) and column offset (output columns).
-fn ranges(g: &Geom) -> (Vec<(usize, usize)>, Vec<(usize, usize)>) {
+fn ranges(g: &Geom) -> (Spans, Spans) {
     (
         (0..g.kh)
             .map(|i| valid_range(g.ho, g.h, g.stride, i, g.pad))
@@ -572,67 +575,65 @@ pub(super) fn backward(g: &Geom, a: &BackwardInputs) -> (Option<Vec<f32>>, Vec<f
                 None if a.need_x && !g.pointwise() => k * p,
                 None => 0,
             };
-            let masked_len = if matches!(a.dout, GradIn::Plain) { 0 } else { ol };
+            let masked_len = if matches!(a.dout, GradIn::Plain) {
+                0
+            } else {
+                ol
+            };
             with_scratch([cols_len, gcols_len, masked_len], |[cols, gcols, masked]| {
-            for i in 0..count {
-                let n = first + i;
-                let mut go = &a.grad[n * ol..(n + 1) * ol];
-                let sample = n * ol..(n + 1) * ol;
-                match a.dout {
-                    GradIn::Plain => {}
-                    GradIn::Relu(res) => {
-                        for ((m, &gv), &rv) in masked.iter_mut().zip(go).zip(&res[sample]) {
-                            // `if rv > 0 { gv } else { 0 }` as a bit mask, so that it vectorises.
-                            *m = f32::from_bits(gv.to_bits() & u32::from(rv > 0.0).wrapping_neg());
+                for i in 0..count {
+                    let n = first + i;
+                    let mut go = &a.grad[n * ol..(n + 1) * ol];
+                    let sample = n * ol..(n + 1) * ol;
+                    match a.dout {
+                        GradIn::Plain => {}
+                        GradIn::Relu(res) => {
+                            for ((m, &gv), &rv) in masked.iter_mut().zip(go).zip(&res[sample]) {
+                                *m = relu_backward(gv, rv);
+                            }
+                            go = masked;
                         }
-                        go = masked;
-                    }
-                    GradIn::BatchNorm { z, res, coef, relu } => {
-                        let (z, r) = (&z[sample.clone()], &res[sample]);
-                        for (ch, dst) in masked.chunks_exact_mut(p).enumerate() {
-                            let plane = ch * p..(ch + 1) * p;
-                            let (zp, gp, rp) = (&z[plane.clone()], &go[plane.clone()], &r[plane]);
-                            super::norm::bn_input_grad(dst, zp, gp, rp, coef[ch], relu);
+                        GradIn::BatchNorm { z, res, coef, relu } => {
+                            let (z, r) = (&z[sample.clone()], &res[sample]);
+                            for (ch, dst) in masked.chunks_exact_mut(p).enumerate() {
+                                let plane = ch * p..(ch + 1) * p;
+                                let (zp, gp, rp) =
+                                    (&z[plane.clone()], &go[plane.clone()], &r[plane]);
+                                super::norm::bn_input_grad(dst, zp, gp, rp, coef[ch], relu);
+                            }
+                            go = masked;
                         }
-                        go = masked;
+                    }
+                    if a.need_b {
+                        for (b, row) in gb.iter_mut().zip(go.chunks_exact(p)) {
+                            *b += lane_sum(row);
+                        }
+                    }
+                    let gom = Mat::row_major(go, g.o, p);
+                    if a.need_w {
+                        let x_n = &a.x[n * il..(n + 1) * il];
+                        let patches: &[f32] = if g.pointwise() {
+                            x_n
+                        } else {
+                            im2col(g, x_n, cols);
+                            cols
+                        };
+                        matmul(&mut gw, gom, Mat::row_major(patches, k, p).t(), true, par);
+                    }
+                    if let Some(chunk) = gx_chunk.as_deref_mut() {
+                        let gx_n = &mut chunk[i * il..(i + 1) * il];
+                        if g.pointwise() {
+                            matmul(gx_n, wm.t(), gom, false, par);
+                        } else if let Some((gt, wt)) = &transposed {
+                            im2col(gt, go, gcols);
+                            let wtm = Mat::row_major(wt, gt.o, gt.k());
+                            matmul(gx_n, wtm, Mat::row_major(gcols, gt.k(), gt.p()), false, par);
+                        } else {
+                            matmul(gcols, wm.t(), gom, false, par);
+                            col2im(g, gcols, gx_n);
+                        }
                     }
                 }
-                if a.need_b {
-                    for (b, row) in gb.iter_mut().zip(go.chunks_exact(p)) {
-                        *b += lane_sum(row);
-                    }
-                }
-                let gom = Mat::row_major(go, g.o, p);
-                if a.need_w {
-                    let x_n = &a.x[n * il..(n + 1) * il];
-                    let patches: &[f32] = if g.pointwise() {
-                        x_n
-                    } else {
-                        im2col(g, x_n, cols);
-                        cols
-                    };
-                    matmul(&mut gw, gom, Mat::row_major(patches, k, p).t(), true, par);
-                }
-                if let Some(chunk) = gx_chunk.as_deref_mut() {
-                    let gx_n = &mut chunk[i * il..(i + 1) * il];
-                    if g.pointwise() {
-                        matmul(gx_n, wm.t(), gom, false, par);
-                    } else if let Some((gt, wt)) = &transposed {
-                        im2col(gt, go, gcols);
-                        let wtm = Mat::row_major(wt, gt.o, gt.k());
-                        matmul(
-                            gx_n,
-                            wtm,
-                            Mat::row_major(gcols, gt.k(), gt.p()),
-                            false,
-                            par,
-                        );
-                    } else {
-                        matmul(gcols, wm.t(), gom, false, par);
-                        col2im(g, gcols, gx_n);
-                    }
-                }
-            }
             });
             (gw, gb)
         })
@@ -691,31 +692,22 @@ impl ConvOp {
         let need_x = x.track_op();
         let need_w = w.track_op();
         let need_b = b.is_some_and(Tensor::track_op);
-        let (xc, wc, gc) = (x.contiguous()?, w.contiguous()?, grad.contiguous()?);
-        let rc = if self.relu {
-            Some(res.contiguous()?)
-        } else {
-            None
-        };
-        let (xg, wg, gg) = (
-            xc.storage_and_layout(),
-            wc.storage_and_layout(),
-            gc.storage_and_layout(),
-        );
-        let rg = rc.as_ref().map(Tensor::storage_and_layout);
-        let inputs = BackwardInputs {
-            x: storage_f32(&xg.0, xg.1, OP, "input")?,
-            w: storage_f32(&wg.0, wg.1, OP, "weight")?,
-            dout: match &rg {
-                Some((s, l)) => GradIn::Relu(storage_f32(s, l, OP, "output")?),
-                None => GradIn::Plain,
-            },
-            grad: storage_f32(&gg.0, gg.1, OP, "output gradient")?,
-            need_x,
-            need_w,
-            need_b,
-        };
-        let (gx, gw, gb) = backward(&g, &inputs);
+        let mut operands = vec![(x, "input"), (w, "weight"), (grad, "output gradient")];
+        if self.relu {
+            operands.push((res, "output"));
+        }
+        let (gx, gw, gb) = with_f32(OP, &operands, |s| {
+            let inputs = BackwardInputs {
+                x: s[0],
+                w: s[1],
+                dout: s.get(3).map_or(GradIn::Plain, |r| GradIn::Relu(r)),
+                grad: s[2],
+                need_x,
+                need_w,
+                need_b,
+            };
+            Ok(backward(&g, &inputs))
+        })?;
         let dev = x.device();
         let gx = match gx {
             Some(v) => Some(Tensor::from_vec(v, x.shape(), dev)?),
@@ -1148,7 +1140,8 @@ mod speed {
     use candle_core::{Device, Var};
 
     /// Forward and backward time of the convolutions of the report backbones (batch 128),
-    /// best of 5. Run with `cargo test --lib -- --ignored --nocapture conv_layer_speed`.
+    /// best of 5. Run with `cargo test --lib -- --ignored --nocapture conv_layer_speed`;
+    /// `REPRISE_CONV_LAYER=res.s2.conv1` times one layer only, best of 100 (for a profiler).
     #[test]
     #[ignore]
     fn conv_layer_speed() {

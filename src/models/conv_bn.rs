@@ -16,7 +16,7 @@ use candle_core::{CpuStorage, CustomOp3, Layout, Shape, Tensor};
 
 use super::conv::{self, BackwardInputs, Conv, Geom, GradIn};
 use super::norm::{self, BatchNorm2d, Dims, Stats};
-use super::{cpu_f32, storage_f32};
+use super::{cpu_f32, with_f32};
 
 /// Names this module's operations in errors.
 const OP: &str = "fused conv + batch-norm";
@@ -91,42 +91,34 @@ impl CustomOp3 for ConvBnOp {
             candle_core::bail!("{OP}: backward before forward")
         };
         let (g, d) = self.dims(x.dims(), w.dims())?;
-        let (xc, wc, bc, gc, rc) = (
-            x.contiguous()?,
-            w.contiguous()?,
-            wb.contiguous()?,
-            grad.contiguous()?,
-            res.contiguous()?,
-        );
-        let (xg, wg, bg, gg, rg) = (
-            xc.storage_and_layout(),
-            wc.storage_and_layout(),
-            bc.storage_and_layout(),
-            gc.storage_and_layout(),
-            rc.storage_and_layout(),
-        );
-        let xs = storage_f32(&xg.0, xg.1, OP, "input")?;
-        let ws = storage_f32(&wg.0, wg.1, OP, "weight")?;
-        let bs = storage_f32(&bg.0, bg.1, OP, "batch-norm weight and bias")?;
-        let gs = storage_f32(&gg.0, gg.1, OP, "output gradient")?;
-        let rs = storage_f32(&rg.0, rg.1, OP, "output")?;
-        let z = &saved.z;
-        let bn = norm::bn_grads(d, &saved.stats, self.eps, &bs[..g.o], gs, rs, z, self.relu);
-        let inputs = BackwardInputs {
-            x: xs,
-            w: ws,
-            dout: GradIn::BatchNorm {
-                z,
-                res: rs,
-                coef: &bn.coef,
-                relu: self.relu,
-            },
-            grad: gs,
-            need_x: x.track_op(),
-            need_w: w.track_op(),
-            need_b: false,
-        };
-        let (gx, gw, _) = conv::backward(&g, &inputs);
+        let operands = [
+            (x, "input"),
+            (w, "weight"),
+            (wb, "batch-norm weight and bias"),
+            (grad, "output gradient"),
+            (res, "output"),
+        ];
+        let (bn, (gx, gw, _)) = with_f32(OP, &operands, |s| {
+            let (xs, ws, bs, gs, rs) = (s[0], s[1], s[2], s[3], s[4]);
+            let z = &saved.z;
+            let bn = norm::bn_grads(d, &saved.stats, self.eps, &bs[..g.o], gs, rs, z, self.relu);
+            let inputs = BackwardInputs {
+                x: xs,
+                w: ws,
+                dout: GradIn::BatchNorm {
+                    z,
+                    res: rs,
+                    coef: &bn.coef,
+                    relu: self.relu,
+                },
+                grad: gs,
+                need_x: x.track_op(),
+                need_w: w.track_op(),
+                need_b: false,
+            };
+            let grads = conv::backward(&g, &inputs);
+            Ok((bn, grads))
+        })?;
         let dev = x.device();
         let gx = gx
             .map(|v| Tensor::from_vec(v, x.shape(), dev))

@@ -6,19 +6,18 @@
 //! they took most of the step. Each function here is one custom op with one forward pass and one
 //! backward pass over its rows (rayon-parallel), computing the same function: LayerNorm over the
 //! last dimension with the biased variance, softmax over the last dimension, GELU with erf (the
-//! same derivative formula as candle's backward), and
-//! `relu(a + b)` whose gradient goes to both inputs. GELU's erf and exp are branch-free polynomial
-//! approximations that vectorise (errors below 1.5·10⁻⁷ absolute and 2·10⁻⁷ relative, tested), not
-//! libm's scalar calls. They run for f32 tensors on the CPU; other
-//! devices and dtypes take the primitive formulation, so results agree to floating-point
-//! tolerance everywhere (the tests compare both).
+//! same derivative formula as candle's backward), and `relu(a + b)` whose gradient goes to both
+//! inputs. GELU's erf and exp are branch-free polynomial approximations that vectorise (errors
+//! below 2.5·10⁻⁷ absolute and 2·10⁻⁷ relative, tested), not libm's scalar calls. They run for
+//! f32 tensors on the CPU; other devices and dtypes take the primitive formulation, so results
+//! agree to floating-point tolerance everywhere (the tests compare both).
 
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, Layout, Shape, Tensor};
 use std::sync::OnceLock;
 
 use rayon::prelude::*;
 
-use super::{cpu_f32, storage_f32};
+use super::{cpu_f32, with_f32};
 
 /// Names this module's operations in errors.
 const OP: &str = "fused op";
@@ -36,23 +35,6 @@ fn task_len(total: usize, row: usize) -> usize {
         .max(1)
         .max(16_384 / row.max(1));
     per * row.max(1)
-}
-
-/// Run `f` on the contiguous f32 data of `tensors` (made contiguous first).
-fn with_f32<R>(
-    tensors: &[&Tensor],
-    f: impl FnOnce(&[&[f32]]) -> candle_core::Result<R>,
-) -> candle_core::Result<R> {
-    let owned: Vec<Tensor> = tensors
-        .iter()
-        .map(|t| t.contiguous())
-        .collect::<candle_core::Result<_>>()?;
-    let guards: Vec<_> = owned.iter().map(Tensor::storage_and_layout).collect();
-    let slices: Vec<&[f32]> = guards
-        .iter()
-        .map(|(s, l)| storage_f32(s, l, OP, "tensor"))
-        .collect::<candle_core::Result<_>>()?;
-    f(&slices)
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -122,7 +104,8 @@ impl CustomOp3 for LayerNormOp {
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let d = w.elem_count();
         let eps = self.eps;
-        let (gx, gw, gb) = with_f32(&[x, w, grad], |s| {
+        let operands = [(x, "input"), (w, "weight"), (grad, "output gradient")];
+        let (gx, gw, gb) = with_f32(OP, &operands, |s| {
             let (xs, ws, gs) = (s[0], s[1], s[2]);
             let mut gx = vec![0f32; xs.len()];
             let t = task_len(xs.len(), d);
@@ -241,7 +224,8 @@ impl CustomOp1 for SoftmaxOp {
         grad: &Tensor,
     ) -> candle_core::Result<Option<Tensor>> {
         let d = arg.dims().last().copied().unwrap_or(1).max(1);
-        let gx = with_f32(&[res, grad], |s| {
+        let operands = [(res, "output"), (grad, "output gradient")];
+        let gx = with_f32(OP, &operands, |s| {
             let (ys, gs) = (s[0], s[1]);
             let mut gx = vec![0f32; ys.len()];
             let t = task_len(ys.len(), d);
@@ -329,7 +313,7 @@ fn erf_vec(x: f32) -> f32 {
     // (2/√π)·Σ (−1)ᵏ z²ᵏ⁺¹ / (k!·(2k+1)) to k = 8 is accurate to f32 rounding for z < 0.75.
     let z2 = z * z;
     let series = z
-        * (1.128_379_2
+        * (std::f32::consts::FRAC_2_SQRT_PI
             + z2 * (-0.376_126_4
                 + z2 * (0.112_837_92
                     + z2 * (-0.026_866_17
@@ -389,7 +373,8 @@ impl CustomOp1 for GeluOp {
         let Some(erf) = self.erf.get() else {
             candle_core::bail!("fused gelu: backward before forward")
         };
-        let gx = with_f32(&[arg, grad], |s| {
+        let operands = [(arg, "input"), (grad, "output gradient")];
+        let gx = with_f32(OP, &operands, |s| {
             let (xs, gs) = (s[0], s[1]);
             let mut gx = vec![0f32; xs.len()];
             let t = task_len(xs.len(), 1);
@@ -472,7 +457,13 @@ impl CustomOp2 for AddReluOp {
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
         // candle's ReLU passes the gradient where its input is ≥ 0; the output is 0 exactly
         // there too only when a + b = 0, which the mask below treats the same way (via a + b).
-        let g = with_f32(&[a, b, grad, res], |s| {
+        let operands = [
+            (a, "lhs"),
+            (b, "rhs"),
+            (grad, "output gradient"),
+            (res, "output"),
+        ];
+        let g = with_f32(OP, &operands, |s| {
             let (ac, bc, gc) = (s[0], s[1], s[2]);
             let mut g = vec![0f32; gc.len()];
             let t = task_len(gc.len(), 1);
@@ -619,7 +610,10 @@ mod tests {
             worst_erf = worst_erf.max((got - want).abs());
         }
         assert!(worst_exp < 2e-7, "exp: worst relative error {worst_exp:e}");
-        assert!(worst_erf < 2.5e-7, "erf: worst absolute error {worst_erf:e}");
+        assert!(
+            worst_erf < 2.5e-7,
+            "erf: worst absolute error {worst_erf:e}"
+        );
         // Signs, zero and the saturated tails.
         assert_eq!(erf_vec(0.0), 0.0);
         assert_eq!(erf_vec(-1.0), -erf_vec(1.0));

@@ -15,7 +15,7 @@ use candle_nn::VarBuilder;
 
 use super::conv::{matmul, relu, Mat};
 
-use super::{cpu_f32, storage_f32};
+use super::{cpu_f32, relu_backward, with_f32};
 
 /// Names this module's operations in errors.
 const OP: &str = "fused linear";
@@ -98,71 +98,62 @@ impl CustomOp3 for LinearOp {
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let (n, k) = x.dims2()?;
         let (o, _) = w.dims2()?;
-        let (xc, wc, gc, rc) = (
-            x.contiguous()?,
-            w.contiguous()?,
-            grad.contiguous()?,
-            res.contiguous()?,
-        );
-        let (xg, wg, gg, rg) = (
-            xc.storage_and_layout(),
-            wc.storage_and_layout(),
-            gc.storage_and_layout(),
-            rc.storage_and_layout(),
-        );
-        let xs = storage_f32(&xg.0, xg.1, OP, "input")?;
-        let ws = storage_f32(&wg.0, wg.1, OP, "weight")?;
-        let gs = storage_f32(&gg.0, gg.1, OP, "output gradient")?;
-        let masked: Vec<f32>;
-        let gy: &[f32] = if self.relu {
-            let rs = storage_f32(&rg.0, rg.1, OP, "output")?;
-            masked = gs
-                .iter()
-                .zip(rs)
-                .map(|(&g, &r)| if r > 0.0 { g } else { 0.0 })
-                .collect();
-            &masked
-        } else {
-            gs
-        };
-        let par = parallelism();
-        let dev = x.device();
-        let gx = if x.track_op() {
-            let mut gx = vec![0f32; n * k];
-            matmul(
-                &mut gx,
-                Mat::row_major(gy, n, o),
-                Mat::row_major(ws, o, k),
-                false,
-                par,
-            );
-            Some(Tensor::from_vec(gx, (n, k), dev)?)
-        } else {
-            None
-        };
-        let gw = if w.track_op() {
-            let mut gw = vec![0f32; o * k];
-            matmul(
-                &mut gw,
-                Mat::row_major(gy, n, o).t(),
-                Mat::row_major(xs, n, k),
-                false,
-                par,
-            );
-            Some(Tensor::from_vec(gw, (o, k), dev)?)
-        } else {
-            None
-        };
-        let gb = if b.track_op() && o > 0 {
-            let mut gb = vec![0f32; o];
-            for row in gy.chunks_exact(o) {
-                gb.iter_mut().zip(row).for_each(|(a, &v)| *a += v);
-            }
-            Some(Tensor::from_vec(gb, o, dev)?)
-        } else {
-            None
-        };
-        Ok((gx, gw, gb))
+        let mut operands = vec![(x, "input"), (w, "weight"), (grad, "output gradient")];
+        if self.relu {
+            operands.push((res, "output"));
+        }
+        with_f32(OP, &operands, |s| {
+            let (xs, ws, gs) = (s[0], s[1], s[2]);
+            let masked: Vec<f32>;
+            let gy: &[f32] = if self.relu {
+                masked = gs
+                    .iter()
+                    .zip(s[3])
+                    .map(|(&g, &r)| relu_backward(g, r))
+                    .collect();
+                &masked
+            } else {
+                gs
+            };
+            let par = parallelism();
+            let dev = x.device();
+            let gx = if x.track_op() {
+                let mut gx = vec![0f32; n * k];
+                matmul(
+                    &mut gx,
+                    Mat::row_major(gy, n, o),
+                    Mat::row_major(ws, o, k),
+                    false,
+                    par,
+                );
+                Some(Tensor::from_vec(gx, (n, k), dev)?)
+            } else {
+                None
+            };
+            let gw = if w.track_op() {
+                let mut gw = vec![0f32; o * k];
+                matmul(
+                    &mut gw,
+                    Mat::row_major(gy, n, o).t(),
+                    Mat::row_major(xs, n, k),
+                    false,
+                    par,
+                );
+                Some(Tensor::from_vec(gw, (o, k), dev)?)
+            } else {
+                None
+            };
+            let gb = if b.track_op() && o > 0 {
+                let mut gb = vec![0f32; o];
+                for row in gy.chunks_exact(o) {
+                    gb.iter_mut().zip(row).for_each(|(a, &v)| *a += v);
+                }
+                Some(Tensor::from_vec(gb, o, dev)?)
+            } else {
+                None
+            };
+            Ok((gx, gw, gb))
+        })
     }
 }
 

@@ -62,6 +62,34 @@ pub(crate) fn storage_f32<'a>(
     }
 }
 
+/// Run `f` on the contiguous f32 CPU data of `tensors` (each made contiguous first, a copy only if
+/// it was not), given as (tensor, name); `op` and the name go into the error for a tensor that is
+/// not f32 on the CPU. The custom ops' backward passes read their operands through this.
+pub(crate) fn with_f32<R>(
+    op: &str,
+    tensors: &[(&Tensor, &str)],
+    f: impl FnOnce(&[&[f32]]) -> candle_core::Result<R>,
+) -> candle_core::Result<R> {
+    let owned: Vec<Tensor> = tensors
+        .iter()
+        .map(|(t, _)| t.contiguous())
+        .collect::<candle_core::Result<_>>()?;
+    let guards: Vec<_> = owned.iter().map(Tensor::storage_and_layout).collect();
+    let slices: Vec<&[f32]> = guards
+        .iter()
+        .zip(tensors)
+        .map(|((s, l), (_, what))| storage_f32(s, l, op, what))
+        .collect::<candle_core::Result<_>>()?;
+    f(&slices)
+}
+
+/// `if r > 0 { g } else { 0 }`, the gradient through a ReLU whose output is `r`, as a bit mask so
+/// that the loops using it vectorise.
+#[inline(always)]
+pub(crate) fn relu_backward(g: f32, r: f32) -> f32 {
+    f32::from_bits(g.to_bits() & u32::from(r > 0.0).wrapping_neg())
+}
+
 /// Thread settings of the CPU kernels; call once, before the first tensor operation (candle reads
 /// them lazily and keeps them). Rayon (our kernels) and candle's GEMM use `RAYON_NUM_THREADS` = `n`.
 /// candle's element-wise operations get no worker threads of their own (`CANDLE_NUM_THREADS` = 1):

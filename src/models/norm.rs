@@ -19,7 +19,7 @@ use candle_core::{CpuStorage, CustomOp3, Layout, ModuleT, Shape, Tensor, Var};
 use candle_nn::{BatchNormConfig, VarBuilder};
 use rayon::prelude::*;
 
-use super::{cpu_f32, storage_f32};
+use super::{cpu_f32, with_f32};
 
 /// Names this module's operations in errors.
 const OP: &str = "fused batch-norm";
@@ -51,8 +51,6 @@ fn lane_sum(v: &[f32], f: impl Fn(f32) -> f32) -> f64 {
         + tail.iter().map(|&x| f64::from(f(x))).sum::<f64>()
 }
 
-/// (Σ dy_i, Σ dy_i·(x_i − mean)) in one pass, with dy_i = g_i masked by the ReLU when the op
-/// applied one (zero where the output r_i ≤ 0); [`LANES`] f32 lanes each, combined in f64.
 /// `if r <= 0 { 0 } else { g }` (the gradient through a ReLU whose output is `r`) as a bit
 /// mask, so that loops using it vectorise (as a branch they did not, at the baseline x86-64
 /// instruction set).
@@ -61,6 +59,8 @@ pub(super) fn relu_grad(g: f32, r: f32) -> f32 {
     f32::from_bits(g.to_bits() & u32::from(r <= 0.0).wrapping_sub(1))
 }
 
+/// (Σ dy_i, Σ dy_i·(x_i − mean)) in one pass, with dy_i = g_i masked by the ReLU when the op
+/// applied one (zero where the output r_i ≤ 0); [`LANES`] f32 lanes each, combined in f64.
 #[inline]
 fn backward_sums(g: &[f32], r: &[f32], x: &[f32], mean: f32, relu: bool) -> (f64, f64) {
     if relu {
@@ -71,7 +71,12 @@ fn backward_sums(g: &[f32], r: &[f32], x: &[f32], mean: f32, relu: bool) -> (f64
 }
 
 #[inline]
-fn backward_sums_masked<const RELU: bool>(g: &[f32], r: &[f32], x: &[f32], mean: f32) -> (f64, f64) {
+fn backward_sums_masked<const RELU: bool>(
+    g: &[f32],
+    r: &[f32],
+    x: &[f32],
+    mean: f32,
+) -> (f64, f64) {
     let len = g.len();
     let (r, x) = (&r[..len], &x[..len]);
     let (mut a, mut b) = ([0f32; LANES], [0f32; LANES]);
@@ -236,7 +241,9 @@ pub(super) fn bn_grads(
         })
         .collect();
     BnGrads {
-        weight: (0..d.c).map(|ch| (sums[ch].1 * invstd[ch]) as f32).collect(),
+        weight: (0..d.c)
+            .map(|ch| (sums[ch].1 * invstd[ch]) as f32)
+            .collect(),
         bias: sums.iter().map(|s| s.0 as f32).collect(),
         coef,
     }
@@ -321,39 +328,33 @@ impl CustomOp3 for BnOp {
             candle_core::bail!("fused batch-norm: backward before forward")
         };
         let d = Dims::of(x.dims())?;
-        let (xc, wc, gc, rc) = (
-            x.contiguous()?,
-            w.contiguous()?,
-            grad.contiguous()?,
-            res.contiguous()?,
-        );
-        let (xg, wg, gg, rg) = (
-            xc.storage_and_layout(),
-            wc.storage_and_layout(),
-            gc.storage_and_layout(),
-            rc.storage_and_layout(),
-        );
-        let xs = storage_f32(&xg.0, xg.1, OP, "input")?;
-        let ws = storage_f32(&wg.0, wg.1, OP, "weight")?;
-        let gs = storage_f32(&gg.0, gg.1, OP, "output gradient")?;
-        let rs = storage_f32(&rg.0, rg.1, OP, "output")?;
-        let grads = bn_grads(d, stats, self.eps, ws, gs, rs, xs, self.relu);
         let dev = x.device();
-        let gx = if x.track_op() {
-            let mut gx = vec![0f32; xs.len()];
-            if d.hw > 0 {
-                gx.par_chunks_mut(d.hw)
-                    .zip(xs.par_chunks(d.hw))
-                    .zip(gs.par_chunks(d.hw).zip(rs.par_chunks(d.hw)))
-                    .enumerate()
-                    .for_each(|(i, ((o, xp), (gp, rp)))| {
-                        bn_input_grad(o, xp, gp, rp, grads.coef[i % d.c], self.relu);
-                    });
-            }
-            Some(Tensor::from_vec(gx, x.shape(), dev)?)
-        } else {
-            None
-        };
+        let operands = [
+            (x, "input"),
+            (w, "weight"),
+            (grad, "output gradient"),
+            (res, "output"),
+        ];
+        let (grads, gx) = with_f32(OP, &operands, |s| {
+            let (xs, ws, gs, rs) = (s[0], s[1], s[2], s[3]);
+            let grads = bn_grads(d, stats, self.eps, ws, gs, rs, xs, self.relu);
+            let gx = if x.track_op() {
+                let mut gx = vec![0f32; xs.len()];
+                if d.hw > 0 {
+                    gx.par_chunks_mut(d.hw)
+                        .zip(xs.par_chunks(d.hw))
+                        .zip(gs.par_chunks(d.hw).zip(rs.par_chunks(d.hw)))
+                        .enumerate()
+                        .for_each(|(i, ((o, xp), (gp, rp)))| {
+                            bn_input_grad(o, xp, gp, rp, grads.coef[i % d.c], self.relu);
+                        });
+                }
+                Some(Tensor::from_vec(gx, x.shape(), dev)?)
+            } else {
+                None
+            };
+            Ok((grads, gx))
+        })?;
         let (gw, gb) = (grads.weight, grads.bias);
         let gw = w
             .track_op()
@@ -462,7 +463,15 @@ mod tests {
     #[test]
     fn relu_grad_is_the_branch_it_replaces() {
         let branch = |g: f32, r: f32| if r <= 0.0 { 0.0 } else { g };
-        let values = [1.5f32, -2.0, 0.0, -0.0, f32::NAN, f32::INFINITY, f32::MIN_POSITIVE];
+        let values = [
+            1.5f32,
+            -2.0,
+            0.0,
+            -0.0,
+            f32::NAN,
+            f32::INFINITY,
+            f32::MIN_POSITIVE,
+        ];
         for &g in &values {
             for &r in &values {
                 let (a, b) = (relu_grad(g, r), branch(g, r));
