@@ -170,8 +170,9 @@ impl Method for Supervised {
         // summed in a fixed order, whatever the thread count. 4: linear layers, LayerNorm,
         // softmax, GELU and residual add+ReLU run through fused CPU kernels. 5: BatchNorm's
         // sums use 32 lanes (a different summation order) and GELU a polynomial erf/exp
-        // (differences below 3·10⁻⁷).
-        5
+        // (differences below 3·10⁻⁷). 6: stride-1 "same" convolutions run as direct
+        // convolutions over padded planes (another summation order than im2col + GEMM).
+        6
     }
 
     fn schema(&self) -> &'static [ParamDef] {

@@ -1,4 +1,5 @@
-//! Fast CPU convolution: im2col + GEMM forward and backward, as a candle custom op.
+//! Fast CPU convolution, forward and backward, as a candle custom op: direct kernels for
+//! stride-1 "same" convolutions, im2col + GEMM for the others.
 //!
 //! candle 0.11's CPU `conv2d` is a direct loop and its input gradient goes through an even slower
 //! `conv_transpose2d`; on a 2-core machine that made the CNN several times slower per training step
@@ -7,6 +8,9 @@
 //! ReLU into the pass that finishes the output, and computes the gradients as GEMMs too:
 //! grad-weight = Σₙ gOₙ · colsₙᵀ and grad-input = col2im(Wᵀ · gOₙ). The batch is split across
 //! rayon's threads, each with its own scratch buffers, so no two threads write the same memory.
+//! Stride-1 "same" convolutions (most layers of the report backbones) skip the patch matrix: on
+//! CPUs with AVX2 and FMA they run the register-tiled kernels of [`super::direct`] over padded
+//! planes (forward, input gradient and weight gradient).
 //!
 //! On other devices or dtypes [`conv2d`] falls back to candle's own `conv2d` (plus bias and ReLU
 //! as tensor ops), so the same model code runs with `--features cuda`. [`Conv`] is the layer the
@@ -17,6 +21,7 @@ use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Shape, Tensor};
 use candle_nn::{Conv2dConfig, VarBuilder};
 use rayon::prelude::*;
 
+use super::direct::Plan;
 use super::{cpu_f32, relu_backward, with_f32};
 
 /// Names this module's operations in errors.
@@ -382,16 +387,20 @@ thread_local! {
 
 /// Run `f` with this thread's scratch split into slices of the given lengths. Their contents are
 /// left over from earlier calls: `f` must write every element before reading it.
-fn with_scratch<R>(lens: [usize; 3], f: impl FnOnce([&mut [f32]; 3]) -> R) -> R {
+fn with_scratch<const N: usize, R>(lens: [usize; N], f: impl FnOnce([&mut [f32]; N]) -> R) -> R {
     // Taken out of the cell, so a nested call (none today) would get its own buffer, not a panic.
     let mut buf = SCRATCH.with(|s| std::mem::take(&mut *s.borrow_mut()));
     let total = lens.iter().sum::<usize>();
     if buf.len() < total {
         buf.resize(total, 0.0);
     }
-    let (a, rest) = buf.split_at_mut(lens[0]);
-    let (b, rest) = rest.split_at_mut(lens[1]);
-    let r = f([a, b, &mut rest[..lens[2]]]);
+    let mut rest = &mut buf[..];
+    let parts = std::array::from_fn(|i| {
+        let (part, tail) = std::mem::take(&mut rest).split_at_mut(lens[i]);
+        rest = tail;
+        part
+    });
+    let r = f(parts);
     SCRATCH.with(|s| *s.borrow_mut() = buf);
     r
 }
@@ -400,6 +409,11 @@ fn with_scratch<R>(lens: [usize; 3], f: impl FnOnce([&mut [f32]; 3]) -> R) -> R 
 /// is summed per task and then over tasks in order, so the same chunking on every machine and
 /// under every `--jobs` gives bit-identical results.
 const SAMPLES_PER_TASK: usize = 4;
+
+/// Samples per task of the direct backward pass: its weight gradient sums all of a task's
+/// samples in registers before the horizontal sums, which cost as much as a 7×7 sample's
+/// products. Fixed, for the same reason as [`SAMPLES_PER_TASK`].
+const DIRECT_SAMPLES_PER_TASK: usize = 8;
 
 /// How to split a batch of `n` samples: samples per task, and the parallelism inside each GEMM
 /// (none: tasks are the unit of parallelism, which keeps every sum's order fixed).
@@ -448,7 +462,54 @@ fn epilogue(out: &mut [f32], p: usize, bias: Option<&[f32]>, apply_relu: bool) {
     }
 }
 
+/// The convolution of a batch (N×C×H×W) with `w` (O×K), plus `bias`, then ReLU if asked:
+/// N×O×Ho×Wo. Stride-1 "same" convolutions go through [`direct`], the others through im2col.
 pub(super) fn forward(
+    g: &Geom,
+    x: &[f32],
+    w: &[f32],
+    bias: Option<&[f32]>,
+    apply_relu: bool,
+) -> Vec<f32> {
+    match Plan::new(g) {
+        Some(plan) => forward_direct(g, &plan, x, w, bias, apply_relu),
+        None => forward_im2col(g, x, w, bias, apply_relu),
+    }
+}
+
+fn forward_direct(
+    g: &Geom,
+    plan: &Plan,
+    x: &[f32],
+    w: &[f32],
+    bias: Option<&[f32]>,
+    apply_relu: bool,
+) -> Vec<f32> {
+    let (p, ol, il) = (g.p(), g.out_len(), g.in_len());
+    let mut out = vec![0f32; g.n * ol];
+    if ol == 0 {
+        return out;
+    }
+    let packed = plan.pack_weights(w, g.o);
+    let (per, _) = split(g.n);
+    out.par_chunks_mut(per * ol)
+        .enumerate()
+        .for_each(|(t, chunk)| {
+            let lens = [plan.padded_len(g.c), plan.wide_len(g.o)];
+            with_scratch(lens, |[xpad, wide]| {
+                for (i, out_n) in chunk.chunks_exact_mut(ol).enumerate() {
+                    let n = t * per + i;
+                    plan.pad_into(&x[n * il..(n + 1) * il], xpad);
+                    plan.conv(xpad, g.c, &packed, g.o, wide);
+                    plan.compact(wide, out_n);
+                    epilogue(out_n, p, bias, apply_relu);
+                }
+            })
+        });
+    out
+}
+
+fn forward_im2col(
     g: &Geom,
     x: &[f32],
     w: &[f32],
@@ -466,7 +527,7 @@ pub(super) fn forward(
         .enumerate()
         .for_each(|(t, chunk)| {
             let cols_len = if g.pointwise() { 0 } else { k * p };
-            with_scratch([cols_len, 0, 0], |[cols, _, _]| {
+            with_scratch([cols_len], |[cols]| {
                 for (i, out_n) in chunk.chunks_exact_mut(ol).enumerate() {
                     let n = t * per + i;
                     let x_n = &x[n * il..(n + 1) * il];
@@ -540,21 +601,157 @@ fn transposed_conv(g: &Geom, w: &[f32]) -> (Geom, Vec<f32>) {
     (gt, wt)
 }
 
+/// Sample `n`'s gradient w.r.t. the convolution's output: `a.grad` itself, or its masked /
+/// BatchNorm-transformed version written to `buf` (`ol` floats, unused for [`GradIn::Plain`]).
+fn output_grad<'c>(
+    a: &BackwardInputs<'c>,
+    p: usize,
+    ol: usize,
+    n: usize,
+    buf: &'c mut [f32],
+) -> &'c [f32] {
+    let sample = n * ol..(n + 1) * ol;
+    let go = &a.grad[sample.clone()];
+    match a.dout {
+        GradIn::Plain => go,
+        GradIn::Relu(res) => {
+            for ((m, &gv), &rv) in buf.iter_mut().zip(go).zip(&res[sample]) {
+                *m = relu_backward(gv, rv);
+            }
+            buf
+        }
+        GradIn::BatchNorm { z, res, coef, relu } => {
+            let (z, r) = (&z[sample.clone()], &res[sample]);
+            for (ch, dst) in buf.chunks_exact_mut(p).enumerate() {
+                let plane = ch * p..(ch + 1) * p;
+                let (zp, gp, rp) = (&z[plane.clone()], &go[plane.clone()], &r[plane]);
+                super::norm::bn_input_grad(dst, zp, gp, rp, coef[ch], relu);
+            }
+            buf
+        }
+    }
+}
+
+/// Floats of scratch [`output_grad`] needs.
+fn output_grad_len(a: &BackwardInputs, ol: usize) -> usize {
+    if matches!(a.dout, GradIn::Plain) {
+        0
+    } else {
+        ol
+    }
+}
+
 /// Gradients w.r.t. the input (N×C×H×W, if asked), the weight (O×K) and the bias (O).
 pub(super) fn backward(g: &Geom, a: &BackwardInputs) -> (Option<Vec<f32>>, Vec<f32>, Vec<f32>) {
-    let (k, p, ol, il) = (g.k(), g.p(), g.out_len(), g.in_len());
-    let (per, par) = split(g.n);
-    let tasks = g.n.div_ceil(per.max(1));
-    let mut gx = if a.need_x {
-        vec![0f32; g.n * il]
+    match Plan::new(g) {
+        Some(plan) => backward_direct(g, &plan, a),
+        None => backward_im2col(g, a),
+    }
+}
+
+/// Sum per-task partial gradients (weight, bias) in task order.
+fn sum_partials(
+    g: &Geom,
+    a: &BackwardInputs,
+    partials: &[(Vec<f32>, Vec<f32>)],
+) -> (Vec<f32>, Vec<f32>) {
+    let mut gw = vec![0f32; if a.need_w { g.o * g.k() } else { 0 }];
+    let mut gb = vec![0f32; if a.need_b { g.o } else { 0 }];
+    for (pw, pb) in partials {
+        gw.iter_mut().zip(pw).for_each(|(a, b)| *a += *b);
+        gb.iter_mut().zip(pb).for_each(|(a, b)| *a += *b);
+    }
+    (gw, gb)
+}
+
+/// The input gradient's buffer (empty when it is not asked for).
+fn input_grad_buf(g: &Geom, a: &BackwardInputs) -> Vec<f32> {
+    if a.need_x {
+        vec![0f32; g.n * g.in_len()]
     } else {
         Vec::new()
-    };
-    let gx_chunks: Vec<Option<&mut [f32]>> = if a.need_x && il > 0 {
+    }
+}
+
+/// One slot per task of `per` samples: that task's chunk of the input gradient, if asked for.
+fn task_chunks<'x>(
+    gx: &'x mut [f32],
+    g: &Geom,
+    a: &BackwardInputs,
+    per: usize,
+) -> Vec<Option<&'x mut [f32]>> {
+    let il = g.in_len();
+    if a.need_x && il > 0 {
         gx.chunks_mut(per * il).map(Some).collect()
     } else {
-        (0..tasks).map(|_| None).collect()
-    };
+        (0..g.n.div_ceil(per.max(1))).map(|_| None).collect()
+    }
+}
+
+fn backward_direct(
+    g: &Geom,
+    plan: &Plan,
+    a: &BackwardInputs,
+) -> (Option<Vec<f32>>, Vec<f32>, Vec<f32>) {
+    let (k, p, ol, il) = (g.k(), g.p(), g.out_len(), g.in_len());
+    let per = DIRECT_SAMPLES_PER_TASK.min(g.n.max(1));
+    let mut gx = input_grad_buf(g, a);
+    let gx_chunks = task_chunks(&mut gx, g, a, per);
+    // The input gradient is the "same" convolution of the output gradient with the transposed,
+    // flipped kernel (C output channels, O·kh·kw weights each).
+    let wt = a
+        .need_x
+        .then(|| plan.pack_weights(&transposed_conv(g, a.w).1, g.c));
+    let (gl, xl) = (plan.padded_len(g.o), plan.padded_len(g.c));
+    let partials: Vec<(Vec<f32>, Vec<f32>)> = gx_chunks
+        .into_par_iter()
+        .enumerate()
+        .map(|(t, mut gx_chunk)| {
+            let first = t * per;
+            let count = per.min(g.n.saturating_sub(first));
+            let mut gw = vec![0f32; if a.need_w { g.o * k } else { 0 }];
+            let mut gb = vec![0f32; if a.need_b { g.o } else { 0 }];
+            let lens = [
+                output_grad_len(a, ol),
+                count * gl,
+                if a.need_w { count * xl } else { 0 },
+                if a.need_x { plan.wide_len(g.c) } else { 0 },
+            ];
+            with_scratch(lens, |[masked, gpad, xpad, wide]| {
+                for i in 0..count {
+                    let n = first + i;
+                    let go = output_grad(a, p, ol, n, masked);
+                    if a.need_b {
+                        for (b, row) in gb.iter_mut().zip(go.chunks_exact(p)) {
+                            *b += lane_sum(row);
+                        }
+                    }
+                    let gpad_n = &mut gpad[i * gl..(i + 1) * gl];
+                    plan.pad_into(go, gpad_n);
+                    if a.need_w {
+                        plan.pad_into(&a.x[n * il..(n + 1) * il], &mut xpad[i * xl..(i + 1) * xl]);
+                    }
+                    if let (Some(chunk), Some(wt)) = (gx_chunk.as_deref_mut(), &wt) {
+                        plan.conv(gpad_n, g.o, wt, g.c, wide);
+                        plan.compact(wide, &mut chunk[i * il..(i + 1) * il]);
+                    }
+                }
+                if a.need_w {
+                    plan.weight_grad(gpad, g.o, xpad, g.c, count, &mut gw);
+                }
+            });
+            (gw, gb)
+        })
+        .collect();
+    let (gw, gb) = sum_partials(g, a, &partials);
+    (a.need_x.then_some(gx), gw, gb)
+}
+
+fn backward_im2col(g: &Geom, a: &BackwardInputs) -> (Option<Vec<f32>>, Vec<f32>, Vec<f32>) {
+    let (k, p, ol, il) = (g.k(), g.p(), g.out_len(), g.in_len());
+    let (per, par) = split(g.n);
+    let mut gx = input_grad_buf(g, a);
+    let gx_chunks = task_chunks(&mut gx, g, a, per);
     let wm = Mat::row_major(a.w, g.o, k);
     // For a stride-1 "same" convolution the input gradient is itself a "same" convolution of the
     // output gradient with the transposed, spatially flipped kernel, C×(O·kh·kw): one im2col and a
@@ -575,35 +772,11 @@ pub(super) fn backward(g: &Geom, a: &BackwardInputs) -> (Option<Vec<f32>>, Vec<f
                 None if a.need_x && !g.pointwise() => k * p,
                 None => 0,
             };
-            let masked_len = if matches!(a.dout, GradIn::Plain) {
-                0
-            } else {
-                ol
-            };
+            let masked_len = output_grad_len(a, ol);
             with_scratch([cols_len, gcols_len, masked_len], |[cols, gcols, masked]| {
                 for i in 0..count {
                     let n = first + i;
-                    let mut go = &a.grad[n * ol..(n + 1) * ol];
-                    let sample = n * ol..(n + 1) * ol;
-                    match a.dout {
-                        GradIn::Plain => {}
-                        GradIn::Relu(res) => {
-                            for ((m, &gv), &rv) in masked.iter_mut().zip(go).zip(&res[sample]) {
-                                *m = relu_backward(gv, rv);
-                            }
-                            go = masked;
-                        }
-                        GradIn::BatchNorm { z, res, coef, relu } => {
-                            let (z, r) = (&z[sample.clone()], &res[sample]);
-                            for (ch, dst) in masked.chunks_exact_mut(p).enumerate() {
-                                let plane = ch * p..(ch + 1) * p;
-                                let (zp, gp, rp) =
-                                    (&z[plane.clone()], &go[plane.clone()], &r[plane]);
-                                super::norm::bn_input_grad(dst, zp, gp, rp, coef[ch], relu);
-                            }
-                            go = masked;
-                        }
-                    }
+                    let go = output_grad(a, p, ol, n, masked);
                     if a.need_b {
                         for (b, row) in gb.iter_mut().zip(go.chunks_exact(p)) {
                             *b += lane_sum(row);
@@ -638,12 +811,7 @@ pub(super) fn backward(g: &Geom, a: &BackwardInputs) -> (Option<Vec<f32>>, Vec<f
             (gw, gb)
         })
         .collect();
-    let mut gw = vec![0f32; if a.need_w { g.o * k } else { 0 }];
-    let mut gb = vec![0f32; if a.need_b { g.o } else { 0 }];
-    for (pw, pb) in &partials {
-        gw.iter_mut().zip(pw).for_each(|(a, b)| *a += *b);
-        gb.iter_mut().zip(pb).for_each(|(a, b)| *a += *b);
-    }
+    let (gw, gb) = sum_partials(g, a, &partials);
     (a.need_x.then_some(gx), gw, gb)
 }
 
@@ -1158,6 +1326,8 @@ mod speed {
             ("res.s3.conv2", 64, 7, 64, 3, 1, 1),
             ("conv4.b2", 32, 14, 32, 3, 1, 1),
         ];
+        // As in the models: freed buffers stay in the heap (no page faults per allocation).
+        super::super::alloc::keep_freed_memory();
         let only = std::env::var("REPRISE_CONV_LAYER").ok();
         for &(name, c, hw, o, k, stride, pad) in shapes {
             if only.as_deref().is_some_and(|l| l != name) {

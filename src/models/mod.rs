@@ -21,6 +21,7 @@ pub mod cnn;
 pub mod conv;
 pub mod conv4;
 pub mod conv_bn;
+mod direct;
 pub mod fused;
 pub mod linear;
 pub mod lora;
