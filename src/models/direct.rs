@@ -53,16 +53,67 @@ pub(super) struct Plan {
     h: usize,
     w: usize,
     pad: usize,
-    /// Padded row width W + 2·pad.
-    wp: usize,
-    /// Floats per padded plane: rows pad + H + pad + extra, where the extra zero rows keep every
-    /// read of the weight gradient's last tile inside its own plane.
-    plane: usize,
-    /// Wide pixels computed per plane: H·Wp rounded up to whole tiles.
+    stride: usize,
+    kh: usize,
+    kw: usize,
+    ho: usize,
+    wo: usize,
+    /// Width of a wide output row (and of the planes the taps read): W + 2·pad for stride 1,
+    /// ⌈(W + 2·pad) / 2⌉ (one phase's width) for stride 2.
+    wq: usize,
+    /// Floats per input channel: one padded plane (stride 1) or one plane per phase (stride 2).
+    cplane: usize,
+    /// Floats per phase plane (stride 2; equal to `cplane` for stride 1).
+    phase: usize,
+    /// Phases per channel, by row and by column parity (1 or 2 each; 1×1 for stride 1).
+    phases: (usize, usize),
+    /// Wide pixels computed per channel: Ho·wq rounded up to whole tiles.
     qr: usize,
-    /// Offset i·Wp + j of every kernel tap, in weight order (i, j).
+    /// Offset of every kernel tap (i, j) inside a channel, in weight order.
     taps: Vec<usize>,
+    /// Floats per channel of an output gradient laid out for [`Plan::weight_grad`], and the
+    /// offset of its pixel (0, 0): the padded plane for stride 1 (the same buffer feeds the input
+    /// gradient), the wide row layout for stride 2.
+    gplane: usize,
+    gorigin: usize,
+    /// Stride 2: the layout of the input gradient's passes.
+    up: Option<Up>,
     isa: Isa,
+}
+
+/// Stride 2's input gradient, one pass per phase (a, b) of the input: at padded input position
+/// (2r + a, 2s + b) it is Σ_o Σ over taps i ≡ a, j ≡ b (mod 2) of w[o, c, i, j] ·
+/// g[o, r − ⌊i/2⌋, s − ⌊j/2⌋], a stride-1 correlation of the output gradient (padded by
+/// e = ⌊k/2⌋ on each side, rows of width wg) with the phase's taps.
+#[derive(Debug, Clone)]
+struct Up {
+    e: usize,
+    /// Row width of the padded output gradient and of every phase's wide result: wq + e.
+    wg: usize,
+    /// Phase rows: ⌈(H + 2·pad) / 2⌉.
+    hq: usize,
+    /// Floats per padded output-gradient channel.
+    plane: usize,
+    /// Wide pixels per phase result: hq·wg rounded up to whole tiles.
+    qr: usize,
+    /// Per phase: its parities (a, b), its taps (i, j) in weight order, and their read offsets
+    /// (e − ⌊i/2⌋)·wg + e − ⌊j/2⌋.
+    phases: Vec<PhaseTaps>,
+}
+
+#[derive(Debug, Clone)]
+struct PhaseTaps {
+    parity: (usize, usize),
+    taps: Vec<(usize, usize)>,
+    offsets: Vec<usize>,
+}
+
+/// One pass of the forward tiles: input channels of `plane` floats, read at `taps` + q for wide
+/// pixels q < `qr`.
+pub(super) struct Sweep<'a> {
+    plane: usize,
+    taps: &'a [usize],
+    qr: usize,
 }
 
 /// The best kernels this CPU runs, if any. `REPRISE_DIRECT_ISA=avx2` keeps AVX-512 CPUs on the
@@ -88,16 +139,14 @@ fn cpu_isa() -> Option<Isa> {
 }
 
 impl Plan {
-    /// The plan for `g`, if it is a stride-1 "same" convolution (kernel > 1) and the CPU has
-    /// AVX2 and FMA.
+    /// The plan for `g`, if it is a stride-1 "same" convolution (kernel > 1) or a stride-2 one
+    /// with an odd square kernel > 1 and padding ⌊kernel / 2⌋ (the downsampling layers), and
+    /// the CPU has AVX2 and FMA. 1×1 stride-2 layers (shortcuts) stay on im2col + GEMM: with
+    /// one tap per channel the tiles are too short to pay for their set-up.
     pub(super) fn new(g: &Geom) -> Option<Plan> {
-        let same = g.stride == 1
-            && g.kh == 2 * g.pad + 1
-            && g.kw == 2 * g.pad + 1
-            && g.pad > 0
-            && g.h > 0
-            && g.w > 0;
-        if !same {
+        let same = g.stride == 1 && g.kh == 2 * g.pad + 1 && g.kw == 2 * g.pad + 1 && g.pad > 0;
+        let down = g.stride == 2 && g.kh == g.kw && g.kh % 2 == 1 && g.kh > 1 && g.pad == g.kh / 2;
+        if !(same || down) || g.h == 0 || g.w == 0 || g.ho == 0 || g.wo == 0 {
             return None;
         }
         static ISA: std::sync::OnceLock<Option<Isa>> = std::sync::OnceLock::new();
@@ -106,32 +155,215 @@ impl Plan {
     }
 
     fn layout(g: &Geom, isa: Isa) -> Plan {
-        let wp = g.w + 2 * g.pad;
         let nr = isa.nr();
-        let qr = (g.h * wp).div_ceil(nr) * nr;
-        // The weight gradient reads g[pad·Wp + pad + q] for q < qr inside one plane, and those
-        // past the image rows must be padding (zero).
-        let extra = (qr - g.h * wp + 2 * g.pad).div_ceil(wp);
-        let plane = (g.h + 2 * g.pad + extra) * wp;
+        if g.stride == 1 {
+            let wp = g.w + 2 * g.pad;
+            let qr = (g.h * wp).div_ceil(nr) * nr;
+            // The weight gradient reads g[pad·Wp + pad + q] for q < qr inside one plane, and
+            // those past the image rows must be padding (zero).
+            let extra = (qr - g.h * wp + 2 * g.pad).div_ceil(wp);
+            let plane = (g.h + 2 * g.pad + extra) * wp;
+            return Plan {
+                h: g.h,
+                w: g.w,
+                pad: g.pad,
+                stride: 1,
+                kh: g.kh,
+                kw: g.kw,
+                ho: g.h,
+                wo: g.w,
+                wq: wp,
+                cplane: plane,
+                phase: plane,
+                phases: (1, 1),
+                qr,
+                taps: (0..g.kh)
+                    .flat_map(|i| (0..g.kw).map(move |j| i * wp + j))
+                    .collect(),
+                gplane: plane,
+                gorigin: g.pad * wp + g.pad,
+                up: None,
+                isa,
+            };
+        }
+        // Stride 2: the padded input splits into phases by row and column parity; tap (i, j) of
+        // output (y, x) reads padded (2y + i, 2x + j) = phase (i mod 2, j mod 2) at
+        // (y + i/2, x + j/2), so each tap again reads runs of consecutive wide indices.
+        let (hp, wpad) = (g.h + 2 * g.pad, g.w + 2 * g.pad);
+        let wq = wpad.div_ceil(2);
+        let qr = (g.ho * wq).div_ceil(nr) * nr;
+        let phases = (g.kh.min(2), g.kw.min(2));
+        let reach = (g.kh - 1) / 2 * wq + (g.kw - 1) / 2;
+        // Every read (tap offset + q, q < qr) stays inside its own phase plane.
+        let phase = (hp.div_ceil(2) * wq).max(qr + reach);
         let taps = (0..g.kh)
-            .flat_map(|i| (0..g.kw).map(move |j| i * wp + j))
+            .flat_map(|i| {
+                (0..g.kw).map(move |j| ((i % 2) * phases.1 + j % 2) * phase + i / 2 * wq + j / 2)
+            })
             .collect();
         Plan {
             h: g.h,
             w: g.w,
             pad: g.pad,
-            wp,
-            plane,
+            stride: 2,
+            kh: g.kh,
+            kw: g.kw,
+            ho: g.ho,
+            wo: g.wo,
+            wq,
+            cplane: phases.0 * phases.1 * phase,
+            phase,
+            phases,
             qr,
             taps,
+            gplane: qr,
+            gorigin: 0,
+            up: Some(Self::up(g, wq, nr)),
             isa,
         }
     }
 
-    /// Floats of one sample's padded buffer with `ch` channels. The slack after the last plane
-    /// holds the reads of the forward tiles' last columns (their results are thrown away).
-    pub(super) fn padded_len(&self, ch: usize) -> usize {
-        ch * self.plane + 2 * self.wp
+    fn up(g: &Geom, wq: usize, nr: usize) -> Up {
+        let e = g.kh / 2;
+        let wg = wq + e;
+        let hq = (g.h + 2 * g.pad).div_ceil(2);
+        let qr = (hq * wg).div_ceil(nr) * nr;
+        let reach = e * wg + e;
+        let plane = ((hq + 2 * e) * wg).max(qr + reach);
+        let phases = (0..2)
+            .flat_map(|a| (0..2).map(move |b| (a, b)))
+            .map(|(a, b)| {
+                let taps: Vec<(usize, usize)> = (0..g.kh)
+                    .flat_map(|i| (0..g.kw).map(move |j| (i, j)))
+                    .filter(|&(i, j)| i % 2 == a && j % 2 == b)
+                    .collect();
+                let offsets = taps
+                    .iter()
+                    .map(|&(i, j)| (e - i / 2) * wg + e - j / 2)
+                    .collect();
+                PhaseTaps {
+                    parity: (a, b),
+                    taps,
+                    offsets,
+                }
+            })
+            .collect();
+        Up {
+            e,
+            wg,
+            hq,
+            plane,
+            qr,
+            phases,
+        }
+    }
+
+    /// Floats of one sample's input layout with `ch` channels. The slack after the last plane
+    /// holds the reads of the stride-1 forward tiles' last columns (results thrown away).
+    pub(super) fn input_len(&self, ch: usize) -> usize {
+        ch * self.cplane + 2 * self.wq
+    }
+
+    /// Floats of one sample's output-gradient layout with `ch` channels.
+    pub(super) fn grad_len(&self, ch: usize) -> usize {
+        if self.stride == 1 {
+            self.input_len(ch)
+        } else {
+            ch * self.gplane
+        }
+    }
+
+    /// Whether the input gradient runs through [`Plan::conv`] (stride 1: a "same" convolution of
+    /// the padded output gradient); stride 2 leaves it to GEMM + col2im.
+    pub(super) fn transposable(&self) -> bool {
+        self.stride == 1
+    }
+
+    /// Scratch floats [`Plan::input_grad`] needs: the padded output gradient (`o` channels) and
+    /// one phase's wide result (`c` channels). Zero for stride 1.
+    pub(super) fn input_grad_scratch(&self, o: usize, c: usize) -> (usize, usize) {
+        match &self.up {
+            Some(up) => (
+                o * up.plane,
+                c.div_ceil(self.isa.mr()) * self.isa.mr() * up.qr,
+            ),
+            None => (0, 0),
+        }
+    }
+
+    /// The weights of each stride-2 input-gradient pass, packed: phase by phase, `c` rows of
+    /// K = o·(taps of the phase), w[o, c, i, j] at column o·taps + t. Empty for stride 1.
+    pub(super) fn input_grad_weights(&self, w: &[f32], o: usize, c: usize) -> Vec<Vec<f32>> {
+        let Some(up) = &self.up else {
+            return Vec::new();
+        };
+        let (kh, kw) = (self.kh, self.kw);
+        assert_eq!(w.len(), o * c * kh * kw, "direct conv: weight shape");
+        up.phases
+            .iter()
+            .map(|ph| {
+                let nt = ph.taps.len();
+                let mut m = vec![0f32; c * o * nt];
+                for ch in 0..c {
+                    for oo in 0..o {
+                        for (t, &(i, j)) in ph.taps.iter().enumerate() {
+                            m[(ch * o + oo) * nt + t] = w[((oo * c + ch) * kh + i) * kw + j];
+                        }
+                    }
+                }
+                self.pack_weights(&m, c)
+            })
+            .collect()
+    }
+
+    /// Stride 2: one sample's input gradient `gx` (`c`×H×W) from its output gradient `go`
+    /// (`o`×Ho×Wo), with the packs of [`Plan::input_grad_weights`] and the scratch sizes of
+    /// [`Plan::input_grad_scratch`]. Every element of `gx` is written.
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn input_grad(
+        &self,
+        go: &[f32],
+        o: usize,
+        packs: &[Vec<f32>],
+        c: usize,
+        gp: &mut [f32],
+        wide: &mut [f32],
+        gx: &mut [f32],
+    ) {
+        let up = self.up.as_ref().expect("input_grad is for stride-2 plans");
+        let (ho, wo, wg, e) = (self.ho, self.wo, up.wg, up.e);
+        gp.fill(0.0);
+        for (src, dst) in go.chunks_exact(ho * wo).zip(gp.chunks_exact_mut(up.plane)) {
+            for (y, row) in src.chunks_exact(wo).enumerate() {
+                let at = (y + e) * wg + e;
+                dst[at..at + wo].copy_from_slice(row);
+            }
+        }
+        let (h, w, pad) = (self.h, self.w, self.pad);
+        for (ph, pack) in up.phases.iter().zip(packs) {
+            let sweep = Sweep {
+                plane: up.plane,
+                taps: &ph.offsets,
+                qr: up.qr,
+            };
+            self.sweep(&sweep, gp, o, pack, c, wide);
+            let (a, b) = ph.parity;
+            // Padded input (2r + a, 2s + b) is input (2r + a − pad, 2s + b − pad).
+            let rows = (0..up.hq).filter_map(|r| (2 * r + a).checked_sub(pad).filter(|&y| y < h));
+            let s0 = (pad + 1 - b) / 2; // first s with 2s + b ≥ pad
+            for (ch, plane) in gx.chunks_exact_mut(h * w).enumerate() {
+                let res = &wide[ch * up.qr..(ch + 1) * up.qr];
+                for iy in rows.clone() {
+                    let r = (iy + pad - a) / 2;
+                    let src = &res[r * wg + s0..];
+                    let x0 = 2 * s0 + b - pad;
+                    let dst = &mut plane[iy * w..(iy + 1) * w];
+                    for (d, &v) in dst[x0..].iter_mut().step_by(2).zip(src) {
+                        *d = v;
+                    }
+                }
+            }
+        }
     }
 
     /// Floats of one sample's wide output with `ch` channels (rounded up to whole tiles).
@@ -139,16 +371,52 @@ impl Plan {
         ch.div_ceil(self.isa.mr()) * self.isa.mr() * self.qr
     }
 
-    /// Copy one sample (`ch`×H×W) into `dst` (`padded_len(ch)`), zeros around it. Every element of
-    /// `dst` is written.
+    /// Copy one sample (`ch`×H×W) into the input layout `dst` (`input_len(ch)`): zero-padded
+    /// planes, split into phases for stride 2. Every element of `dst` is written.
     pub(super) fn pad_into(&self, src: &[f32], dst: &mut [f32]) {
-        let (h, w, pad, wp) = (self.h, self.w, self.pad, self.wp);
+        let (h, w, pad) = (self.h, self.w, self.pad);
         let ch = src.len() / (h * w);
-        debug_assert_eq!(dst.len(), self.padded_len(ch));
+        debug_assert_eq!(dst.len(), self.input_len(ch));
+        if self.stride == 2 {
+            dst.fill(0.0);
+            // Stride-2 plans have kernels > 1: all four phases exist.
+            debug_assert_eq!(self.phases, (2, 2));
+            for (s, d) in src
+                .chunks_exact(h * w)
+                .zip(dst.chunks_exact_mut(self.cplane))
+            {
+                for (y, row) in s.chunks_exact(w).enumerate() {
+                    let py = y + pad;
+                    let row_at = |b: usize| (py % 2 * 2 + b) * self.phase + py / 2 * self.wq;
+                    // x = 2m lands in column m + ⌊pad/2⌋ of phase pad mod 2, x = 2m + 1 in
+                    // column m + ⌊(pad+1)/2⌋ of the other phase: one pass over the pairs.
+                    let even = row_at(pad % 2) + pad / 2;
+                    let odd = row_at((pad + 1) % 2) + pad.div_ceil(2);
+                    let pairs = row.chunks_exact(2);
+                    if let [last] = pairs.remainder() {
+                        d[even + w / 2] = *last;
+                    }
+                    let n = w / 2;
+                    let (de, dodd) = if even < odd {
+                        let (lo, hi) = d.split_at_mut(odd);
+                        (&mut lo[even..even + n], &mut hi[..n])
+                    } else {
+                        let (lo, hi) = d.split_at_mut(even);
+                        (&mut hi[..n], &mut lo[odd..odd + n])
+                    };
+                    for ((e, o), pair) in de.iter_mut().zip(dodd.iter_mut()).zip(pairs) {
+                        *e = pair[0];
+                        *o = pair[1];
+                    }
+                }
+            }
+            return;
+        }
+        let wp = self.wq;
         let top = pad * wp;
         for (s, d) in src
             .chunks_exact(h * w)
-            .zip(dst.chunks_exact_mut(self.plane))
+            .zip(dst.chunks_exact_mut(self.cplane))
         {
             d[..top + pad].fill(0.0);
             for (y, row) in s.chunks_exact(w).enumerate() {
@@ -159,23 +427,39 @@ impl Plan {
             }
             d[top + h * wp + pad..].fill(0.0);
         }
-        dst[ch * self.plane..].fill(0.0);
+        dst[ch * self.cplane..].fill(0.0);
     }
 
-    /// The image (`ch`×H×W) inside a wide result (`wide_len(ch)`).
-    pub(super) fn compact(&self, wide: &[f32], dst: &mut [f32]) {
-        let (h, w, wp) = (self.h, self.w, self.wp);
-        for (d, s) in dst.chunks_exact_mut(h * w).zip(wide.chunks_exact(self.qr)) {
-            for (drow, srow) in d.chunks_exact_mut(w).zip(s.chunks(wp)) {
-                drow.copy_from_slice(&srow[..w]);
+    /// Copy one sample's output gradient (`ch`×Ho×Wo) into the layout `dst` (`grad_len(ch)`)
+    /// that [`Plan::weight_grad`] (and for stride 1 [`Plan::conv`]) reads: zero wherever a
+    /// thrown-away wide pixel would be read.
+    pub(super) fn grad_into(&self, src: &[f32], dst: &mut [f32]) {
+        if self.stride == 1 {
+            return self.pad_into(src, dst);
+        }
+        dst.fill(0.0);
+        let (ho, wo) = (self.ho, self.wo);
+        for (s, d) in src
+            .chunks_exact(ho * wo)
+            .zip(dst.chunks_exact_mut(self.gplane))
+        {
+            for (y, row) in s.chunks_exact(wo).enumerate() {
+                d[y * self.wq..y * self.wq + wo].copy_from_slice(row);
             }
         }
     }
 
-    /// Offset of pixel (0, 0) inside a padded plane: a padded gradient read from here is the
-    /// wide gradient (zero on the thrown-away columns and rows).
-    fn origin(&self) -> usize {
-        self.pad * self.wp + self.pad
+    /// The image (`ch`×Ho×Wo) inside a wide result (`wide_len(ch)`).
+    pub(super) fn compact(&self, wide: &[f32], dst: &mut [f32]) {
+        let (ho, wo, wq) = (self.ho, self.wo, self.wq);
+        for (d, s) in dst
+            .chunks_exact_mut(ho * wo)
+            .zip(wide.chunks_exact(self.qr))
+        {
+            for (drow, srow) in d.chunks_exact_mut(wo).zip(s.chunks(wq)) {
+                drow.copy_from_slice(&srow[..wo]);
+            }
+        }
     }
 
     /// Weights `rows`×K (row-major) in the forward tile's order: blocks of `mr` rows, K-major
@@ -196,23 +480,51 @@ impl Plan {
     /// `wide` (`wide_len(o)`) = the convolution of one padded sample `src` (`cin` channels) with
     /// the packed weights of `o` output channels.
     pub(super) fn conv(&self, src: &[f32], cin: usize, packed: &[f32], o: usize, wide: &mut [f32]) {
-        let k = cin * self.taps.len();
         assert!(
-            src.len() >= self.padded_len(cin)
-                && packed.len() == o.div_ceil(self.isa.mr()) * k * self.isa.mr()
-                && wide.len() == self.wide_len(o),
+            src.len() >= self.input_len(cin) && wide.len() == self.wide_len(o),
+            "direct conv: inconsistent buffer sizes"
+        );
+        let sweep = Sweep {
+            plane: self.cplane,
+            taps: &self.taps,
+            qr: self.qr,
+        };
+        // The layout bounds every read: at most (cin−1)·cplane + taps.last() + qr − 1, below
+        // cin·cplane (stride 1: the extra rows; stride 2: each phase plane holds qr + the
+        // largest in-phase tap offset).
+        self.sweep(&sweep, src, cin, packed, o, wide);
+    }
+
+    /// Run the forward tiles of `sweep` over `src` (`cin` channels of `sweep.plane` floats) into
+    /// `wide` (⌈o/mr⌉·mr × sweep.qr). The caller guarantees that every tap offset + q < qr lies
+    /// inside `src`, which the first assert checks for the last channel.
+    fn sweep(
+        &self,
+        sweep: &Sweep,
+        src: &[f32],
+        cin: usize,
+        packed: &[f32],
+        o: usize,
+        wide: &mut [f32],
+    ) {
+        let (k, mr) = (cin * sweep.taps.len(), self.isa.mr());
+        let reach = sweep.taps.iter().max().map_or(0, |t| t + sweep.qr);
+        assert!(
+            cin == 0 || (cin - 1) * sweep.plane + reach <= src.len(),
+            "direct conv: reads past the input"
+        );
+        assert!(
+            packed.len() == o.div_ceil(mr) * k * mr && wide.len() == o.div_ceil(mr) * mr * sweep.qr,
             "direct conv: inconsistent buffer sizes"
         );
         // SAFETY: the CPU has the plan's instructions (checked when the plan was made); the
-        // assert above and the layout bound every access: tile reads reach at most
-        // (cin−1)·plane + qr − 1 + taps.last() < cin·plane, and writes stay in wide's
-        // o_round × qr floats.
+        // asserts bound every read (above) and write (o_round × qr floats of `wide`).
         #[cfg(target_arch = "x86_64")]
         unsafe {
-            let blocks = o.div_ceil(self.isa.mr());
+            let blocks = o.div_ceil(mr);
             match self.isa {
-                Isa::Avx2 => avx::conv(self, src, cin, packed, blocks, wide),
-                Isa::Avx512 => avx512::conv(self, src, cin, packed, blocks, wide),
+                Isa::Avx2 => avx::conv(sweep, src, cin, packed, blocks, wide),
+                Isa::Avx512 => avx512::conv(sweep, src, cin, packed, blocks, wide),
             }
         }
         #[cfg(not(target_arch = "x86_64"))]
@@ -220,8 +532,8 @@ impl Plan {
     }
 
     /// `gw` (O×K) += Σ over the samples of Σ_q g[o, q] · x[c, q + tap], where `gpad` holds the
-    /// padded output gradients (`o` channels, `padded_len(o)` per sample) and `xpad` the padded
-    /// inputs (`cin` channels, `padded_len(cin)` per sample) of `samples` samples.
+    /// output gradients (`o` channels, `grad_len(o)` per sample, from [`Plan::grad_into`]) and
+    /// `xpad` the inputs (`cin` channels, `input_len(cin)` per sample) of `samples` samples.
     pub(super) fn weight_grad(
         &self,
         gpad: &[f32],
@@ -233,12 +545,13 @@ impl Plan {
     ) {
         let k = cin * self.taps.len();
         assert!(
-            gpad.len() >= samples * self.padded_len(o)
-                && xpad.len() >= samples * self.padded_len(cin)
+            gpad.len() >= samples * self.grad_len(o)
+                && xpad.len() >= samples * self.input_len(cin)
                 && gw.len() == o * k,
             "direct conv: inconsistent buffer sizes"
         );
-        // SAFETY: as in `conv`; gradient reads reach origin + (o−1)·plane + qr − 1 < o·plane.
+        // SAFETY: as in `conv`; gradient reads reach gorigin + (o−1)·gplane + qr − 1, below
+        // o·gplane (stride 1: the extra rows; stride 2: gplane = qr, gorigin = 0).
         #[cfg(target_arch = "x86_64")]
         unsafe {
             avx::weight_grad(self, gpad, o, xpad, cin, samples, gw)
@@ -250,7 +563,7 @@ impl Plan {
 
 #[cfg(target_arch = "x86_64")]
 mod avx {
-    use super::{Isa, Plan};
+    use super::{Isa, Plan, Sweep};
 
     const MR: usize = 4;
     const NR: usize = 16;
@@ -305,7 +618,7 @@ mod avx {
 
     #[target_feature(enable = "avx2,fma")]
     pub(super) unsafe fn conv(
-        p: &Plan,
+        p: &Sweep,
         src: &[f32],
         cin: usize,
         packed: &[f32],
@@ -319,7 +632,7 @@ mod avx {
             for b in 0..blocks {
                 let wb = packed.as_ptr().wrapping_add(b * k * MR);
                 let dst = out.wrapping_add(b * MR * p.qr + q0);
-                conv_tile(s.wrapping_add(q0), p.plane, cin, &p.taps, wb, dst, p.qr);
+                conv_tile(s.wrapping_add(q0), p.plane, cin, p.taps, wb, dst, p.qr);
             }
         }
     }
@@ -371,7 +684,7 @@ mod avx {
     /// Offset of weight column `kk` (channel, tap) inside a padded sample.
     pub(super) fn column(p: &Plan, kk: usize) -> usize {
         let nt = p.taps.len();
-        (kk / nt) * p.plane + p.taps[kk % nt]
+        (kk / nt) * p.cplane + p.taps[kk % nt]
     }
 
     /// Gradient rows [o0, o0 + R) × weight columns [k0, k0 + T), summed over all samples (the
@@ -394,12 +707,12 @@ mod avx {
         let z = _mm256_setzero_ps();
         let mut acc = [[(z, z); T]; R];
         for s in 0..samples {
-            let gs = g.wrapping_add(s * gstride + p.origin() + o0 * p.plane);
+            let gs = g.wrapping_add(s * gstride + p.gorigin + o0 * p.gplane);
             let xs = x.wrapping_add(s * xstride);
             let mut q = 0;
             while q < p.qr {
                 for (r, row) in acc.iter_mut().enumerate() {
-                    let gr = gs.wrapping_add(r * p.plane + q);
+                    let gr = gs.wrapping_add(r * p.gplane + q);
                     let (glo, ghi) = (load(gr), load(gr.wrapping_add(8)));
                     for (j, (lo, hi)) in row.iter_mut().enumerate() {
                         let xr = xs.wrapping_add(xoff[j] + q);
@@ -436,27 +749,29 @@ mod avx {
         let z = _mm256_setzero_ps();
         let (mut a00, mut b00, mut a01, mut b01) = (z, z, z, z);
         let (mut a10, mut b10, mut a11, mut b11) = (z, z, z, z);
-        let pl = p.plane;
+        let pl = p.gplane;
         for s in 0..samples {
-            let gs = g.wrapping_add(s * gstride + p.origin() + o0 * pl);
+            let gs = g.wrapping_add(s * gstride + p.gorigin + o0 * pl);
             let xs = x.wrapping_add(s * xstride);
-            let (x0p, x1p) = (xs.wrapping_add(f0), xs.wrapping_add(f1));
-            let mut q = 0;
-            while q < p.qr {
-                let (x0, y0) = (load(x0p.wrapping_add(q)), load(x0p.wrapping_add(q + 8)));
-                let (x1, y1) = (load(x1p.wrapping_add(q)), load(x1p.wrapping_add(q + 8)));
-                let (g0, h0) = (load(gs.wrapping_add(q)), load(gs.wrapping_add(q + 8)));
+            let (mut x0p, mut x1p) = (xs.wrapping_add(f0), xs.wrapping_add(f1));
+            let (mut g0p, mut g1p) = (gs, gs.wrapping_add(pl));
+            for _ in 0..p.qr / 16 {
+                let (x0, y0) = (load(x0p), load(x0p.wrapping_add(8)));
+                let (x1, y1) = (load(x1p), load(x1p.wrapping_add(8)));
+                let (g0, h0) = (load(g0p), load(g0p.wrapping_add(8)));
                 a00 = _mm256_fmadd_ps(g0, x0, a00);
                 b00 = _mm256_fmadd_ps(h0, y0, b00);
                 a01 = _mm256_fmadd_ps(g0, x1, a01);
                 b01 = _mm256_fmadd_ps(h0, y1, b01);
-                let g1p = gs.wrapping_add(pl + q);
                 let (g1, h1) = (load(g1p), load(g1p.wrapping_add(8)));
                 a10 = _mm256_fmadd_ps(g1, x0, a10);
                 b10 = _mm256_fmadd_ps(h1, y0, b10);
                 a11 = _mm256_fmadd_ps(g1, x1, a11);
                 b11 = _mm256_fmadd_ps(h1, y1, b11);
-                q += 16;
+                x0p = x0p.wrapping_add(16);
+                x1p = x1p.wrapping_add(16);
+                g0p = g0p.wrapping_add(16);
+                g1p = g1p.wrapping_add(16);
             }
         }
         gw[o0 * k + k0] += hsum16(a00, b00);
@@ -477,7 +792,7 @@ mod avx {
     ) {
         let k = cin * p.taps.len();
         let (g, x) = (gpad.as_ptr(), xpad.as_ptr());
-        let (gs, xs) = (p.padded_len(o), p.padded_len(cin));
+        let (gs, xs) = (p.grad_len(o), p.input_len(cin));
         for o0 in (0..o).step_by(4) {
             let rows = (o - o0).min(4);
             let mut k0 = 0;
@@ -508,7 +823,7 @@ mod avx {
 /// The AVX-512 kernels: as in [`avx`], with 16-lane vectors and twice the registers.
 #[cfg(target_arch = "x86_64")]
 mod avx512 {
-    use super::Plan;
+    use super::{Plan, Sweep};
     use std::arch::x86_64::*;
 
     const MR: usize = 8;
@@ -603,7 +918,7 @@ mod avx512 {
 
     #[target_feature(enable = "avx512f")]
     pub(super) unsafe fn conv(
-        p: &Plan,
+        p: &Sweep,
         src: &[f32],
         cin: usize,
         packed: &[f32],
@@ -616,7 +931,7 @@ mod avx512 {
             for b in 0..blocks {
                 let wb = packed.as_ptr().wrapping_add(b * k * MR);
                 let dst = out.wrapping_add(b * MR * p.qr + q0);
-                conv_tile(s.wrapping_add(q0), p.plane, cin, &p.taps, wb, dst, p.qr);
+                conv_tile(s.wrapping_add(q0), p.plane, cin, p.taps, wb, dst, p.qr);
             }
         }
     }
@@ -643,39 +958,48 @@ mod avx512 {
         let (mut c10, mut c11, mut c12, mut c13) = (z, z, z, z);
         let (mut c20, mut c21, mut c22, mut c23) = (z, z, z, z);
         let (mut c30, mut c31, mut c32, mut c33) = (z, z, z, z);
-        let pl = p.plane;
+        let pl = p.gplane;
         for s in 0..samples {
-            let gs = g.wrapping_add(s * gstride + p.origin() + o0 * pl);
+            let gs = g.wrapping_add(s * gstride + p.gorigin + o0 * pl);
             let xs = x.wrapping_add(s * xstride);
-            let (x0p, x1p) = (xs.wrapping_add(f[0]), xs.wrapping_add(f[1]));
-            let (x2p, x3p) = (xs.wrapping_add(f[2]), xs.wrapping_add(f[3]));
-            let mut q = 0;
-            while q < p.qr {
-                let x0 = load(x0p.wrapping_add(q));
-                let x1 = load(x1p.wrapping_add(q));
-                let x2 = load(x2p.wrapping_add(q));
-                let x3 = load(x3p.wrapping_add(q));
-                let g0 = load(gs.wrapping_add(q));
+            let (mut x0p, mut x1p) = (xs.wrapping_add(f[0]), xs.wrapping_add(f[1]));
+            let (mut x2p, mut x3p) = (xs.wrapping_add(f[2]), xs.wrapping_add(f[3]));
+            let (mut g0p, mut g1p) = (gs, gs.wrapping_add(pl));
+            let (mut g2p, mut g3p) = (gs.wrapping_add(2 * pl), gs.wrapping_add(3 * pl));
+            // Pointer bumps, no index arithmetic: the dev profile checks every `+` for overflow.
+            for _ in 0..p.qr / 16 {
+                let x0 = load(x0p);
+                let x1 = load(x1p);
+                let x2 = load(x2p);
+                let x3 = load(x3p);
+                let g0 = load(g0p);
                 c00 = _mm512_fmadd_ps(g0, x0, c00);
                 c01 = _mm512_fmadd_ps(g0, x1, c01);
                 c02 = _mm512_fmadd_ps(g0, x2, c02);
                 c03 = _mm512_fmadd_ps(g0, x3, c03);
-                let g1 = load(gs.wrapping_add(pl + q));
+                let g1 = load(g1p);
                 c10 = _mm512_fmadd_ps(g1, x0, c10);
                 c11 = _mm512_fmadd_ps(g1, x1, c11);
                 c12 = _mm512_fmadd_ps(g1, x2, c12);
                 c13 = _mm512_fmadd_ps(g1, x3, c13);
-                let g2 = load(gs.wrapping_add(2 * pl + q));
+                let g2 = load(g2p);
                 c20 = _mm512_fmadd_ps(g2, x0, c20);
                 c21 = _mm512_fmadd_ps(g2, x1, c21);
                 c22 = _mm512_fmadd_ps(g2, x2, c22);
                 c23 = _mm512_fmadd_ps(g2, x3, c23);
-                let g3 = load(gs.wrapping_add(3 * pl + q));
+                let g3 = load(g3p);
                 c30 = _mm512_fmadd_ps(g3, x0, c30);
                 c31 = _mm512_fmadd_ps(g3, x1, c31);
                 c32 = _mm512_fmadd_ps(g3, x2, c32);
                 c33 = _mm512_fmadd_ps(g3, x3, c33);
-                q += 16;
+                x0p = x0p.wrapping_add(16);
+                x1p = x1p.wrapping_add(16);
+                x2p = x2p.wrapping_add(16);
+                x3p = x3p.wrapping_add(16);
+                g0p = g0p.wrapping_add(16);
+                g1p = g1p.wrapping_add(16);
+                g2p = g2p.wrapping_add(16);
+                g3p = g3p.wrapping_add(16);
             }
         }
         let rows = [
@@ -699,38 +1023,36 @@ mod tests {
     use super::*;
     use crate::rng::Rng;
 
-    fn geom(n: usize, c: usize, h: usize, w: usize, o: usize, k: usize) -> Geom {
-        Geom::new(&[n, c, h, w], &[o, c, k, k], 1, k / 2).unwrap()
-    }
-
     fn rand(rng: &mut Rng, n: usize) -> Vec<f32> {
         (0..n).map(|_| rng.normal() as f32).collect()
     }
 
-    /// The convolution by its definition, in f64: out[o, y, x] = Σ w[o, c, i, j] · x[c, y+i−p, x+j−p].
+    /// The input pixel under output (y, x) and tap (i, j), if it is not padding.
+    fn source(g: &Geom, y: usize, x: usize, i: usize, j: usize) -> Option<(usize, usize)> {
+        let (iy, ix) = (y * g.stride + i, x * g.stride + j);
+        let inside = iy >= g.pad && ix >= g.pad && iy < g.h + g.pad && ix < g.w + g.pad;
+        inside.then(|| (iy - g.pad, ix - g.pad))
+    }
+
+    /// The convolution by its definition, in f64:
+    /// out[o, y, x] = Σ w[o, c, i, j] · x[c, y·s + i − p, x·s + j − p].
     fn naive(g: &Geom, x: &[f32], w: &[f32]) -> Vec<f64> {
-        let mut out = vec![0f64; g.o * g.h * g.w];
+        let mut out = vec![0f64; g.o * g.ho * g.wo];
         for o in 0..g.o {
-            for y in 0..g.h {
-                for xx in 0..g.w {
+            for y in 0..g.ho {
+                for xx in 0..g.wo {
                     let mut s = 0f64;
                     for c in 0..g.c {
                         for i in 0..g.kh {
                             for j in 0..g.kw {
-                                let (iy, ix) = (y + i, xx + j);
-                                if iy < g.pad
-                                    || ix < g.pad
-                                    || iy >= g.h + g.pad
-                                    || ix >= g.w + g.pad
-                                {
-                                    continue;
+                                if let Some((iy, ix)) = source(g, y, xx, i, j) {
+                                    let xv = x[(c * g.h + iy) * g.w + ix] as f64;
+                                    s += w[((o * g.c + c) * g.kh + i) * g.kw + j] as f64 * xv;
                                 }
-                                let xv = x[(c * g.h + iy - g.pad) * g.w + ix - g.pad] as f64;
-                                s += w[((o * g.c + c) * g.kh + i) * g.kw + j] as f64 * xv;
                             }
                         }
                     }
-                    out[(o * g.h + y) * g.w + xx] = s;
+                    out[(o * g.ho + y) * g.wo + xx] = s;
                 }
             }
         }
@@ -755,70 +1077,120 @@ mod tests {
         }
     }
 
+    #[test]
+    fn other_geometries_have_no_plan() {
+        for (k, stride, pad) in [
+            (3, 1, 0),
+            (1, 1, 0),
+            (3, 2, 0),
+            (2, 2, 1),
+            (3, 3, 1),
+            (1, 2, 0),
+        ] {
+            let g = Geom::new(&[1, 2, 9, 9], &[2, 2, k, k], stride, pad).unwrap();
+            assert!(Plan::new(&g).is_none(), "{k}×{k} stride {stride} pad {pad}");
+        }
+    }
+
     /// Check the kernels of `isa` against the definition; returns the bits of every output and
     /// weight gradient computed.
     fn check_isa(isa: Isa) -> Vec<Vec<u32>> {
         let mut bits = Vec::new();
         let mut rng = Rng::new(11);
-        // Odd sizes exercise partial tiles, channel counts not a multiple of 4, 3×3 and 5×5.
-        for &(c, h, w, o, k) in &[
-            (1, 28, 28, 16, 3),
-            (3, 7, 7, 5, 3),
-            (2, 5, 9, 6, 5),
-            (16, 14, 14, 32, 3),
-            (5, 1, 3, 2, 3),
+        // Odd sizes exercise partial tiles, channel counts not a multiple of 4, 3×3 and 5×5
+        // kernels, stride 1 and 2 (odd and even input sizes for stride 2).
+        for &(c, h, w, o, k, stride) in &[
+            (1, 28, 28, 16, 3, 1),
+            (3, 7, 7, 5, 3, 1),
+            (2, 5, 9, 6, 5, 1),
+            (16, 14, 14, 32, 3, 1),
+            (5, 1, 3, 2, 3, 1),
+            (16, 28, 28, 32, 3, 2),
+            (3, 7, 9, 5, 3, 2),
+            (5, 14, 14, 7, 3, 2),
+            (2, 2, 3, 3, 3, 2),
+            (2, 9, 7, 4, 5, 2),
         ] {
-            let g = geom(2, c, h, w, o, k);
+            let g = Geom::new(&[2, c, h, w], &[o, c, k, k], stride, k / 2).unwrap();
             assert!(Plan::new(&g).is_some());
             let p = Plan::layout(&g, isa);
+            let (ho, wo) = (g.ho, g.wo);
             let xs: Vec<Vec<f32>> = (0..2).map(|_| rand(&mut rng, c * h * w)).collect();
             let wt = rand(&mut rng, o * c * k * k);
             let packed = p.pack_weights(&wt, o);
-            let mut xpad = vec![f32::NAN; 2 * p.padded_len(c)];
-            for (x, d) in xs.iter().zip(xpad.chunks_exact_mut(p.padded_len(c))) {
+            // NaN-filled buffers: anything the layouts fail to write shows up in the results.
+            let xl = p.input_len(c);
+            let mut xpad = vec![f32::NAN; 2 * xl];
+            for (x, d) in xs.iter().zip(xpad.chunks_exact_mut(xl)) {
                 p.pad_into(x, d);
             }
             let mut wide = vec![f32::NAN; p.wide_len(o)];
-            let mut got = vec![0f32; o * h * w];
-            p.conv(&xpad[..p.padded_len(c)], c, &packed, o, &mut wide);
+            let mut got = vec![0f32; o * ho * wo];
+            p.conv(&xpad[..xl], c, &packed, o, &mut wide);
             p.compact(&wide, &mut got);
             let want = naive(&g, &xs[0], &wt);
+            let case = format!("{isa:?} c{c} {h}×{w} o{o} k{k} s{stride}");
             for (a, b) in got.iter().zip(&want) {
-                assert!(
-                    (*a as f64 - b).abs() < 1e-4 * (1.0 + b.abs()),
-                    "{isa:?} {c} {h} {w} {o} {k}: {a} vs {b}"
-                );
+                let ok = (*a as f64 - b).abs() < 1e-4 * (1.0 + b.abs());
+                assert!(ok, "{case}: {a} vs {b}");
             }
-            // Weight gradient of Σ gy·y over both samples: Σ_n Σ gy[o,y,x] · x[c, y+i−p, x+j−p].
-            let gys: Vec<Vec<f32>> = (0..2).map(|_| rand(&mut rng, o * h * w)).collect();
-            let mut gpad = vec![f32::NAN; 2 * p.padded_len(o)];
-            for (gy, d) in gys.iter().zip(gpad.chunks_exact_mut(p.padded_len(o))) {
-                p.pad_into(gy, d);
+            // Weight gradient of Σ gy·y over both samples.
+            let gys: Vec<Vec<f32>> = (0..2).map(|_| rand(&mut rng, o * ho * wo)).collect();
+            let gl = p.grad_len(o);
+            let mut gpad = vec![f32::NAN; 2 * gl];
+            for (gy, d) in gys.iter().zip(gpad.chunks_exact_mut(gl)) {
+                p.grad_into(gy, d);
             }
             let kk = c * k * k;
             let mut gw = vec![0.5f32; o * kk];
             p.weight_grad(&gpad, o, &xpad, c, 2, &mut gw);
             bits.push(got.iter().chain(&gw).map(|v| v.to_bits()).collect());
-            // d(Σ gy·y)/dw[o, c, i, j] = Σ_n Σ_(y,x) gy[n, o, y, x] · x[n, c, y+i−p, x+j−p].
+            if stride == 2 {
+                // Input gradient of Σ gy·y for sample 0: Σ over the outputs that read x[c, iy, ix].
+                let packs = p.input_grad_weights(&wt, o, c);
+                let (gpl, wl) = p.input_grad_scratch(o, c);
+                let (mut gp, mut wide) = (vec![f32::NAN; gpl], vec![f32::NAN; wl]);
+                let mut gx = vec![f32::NAN; c * h * w];
+                p.input_grad(&gys[0], o, &packs, c, &mut gp, &mut wide, &mut gx);
+                let mut want = vec![0f64; c * h * w];
+                for oo in 0..o {
+                    for y in 0..ho {
+                        for xx in 0..wo {
+                            let gv = gys[0][(oo * ho + y) * wo + xx] as f64;
+                            for ci in 0..c * k * k {
+                                let (c0, i, j) = (ci / (k * k), ci / k % k, ci % k);
+                                if let Some((iy, ix)) = source(&g, y, xx, i, j) {
+                                    let wv = wt[oo * c * k * k + ci] as f64;
+                                    want[(c0 * h + iy) * w + ix] += wv * gv;
+                                }
+                            }
+                        }
+                    }
+                }
+                for (t, (a, b)) in gx.iter().zip(&want).enumerate() {
+                    let ok = (*a as f64 - b).abs() < 1e-4 * (1.0 + b.abs());
+                    assert!(ok, "{case} gx[{t}]: {a} vs {b}");
+                }
+                bits.push(gx.iter().map(|v| v.to_bits()).collect());
+            }
+            // d(Σ gy·y)/dw[o, c, i, j] = Σ_n Σ_(y,x) gy[n, o, y, x] · x[n, c, y·s+i−p, x·s+j−p].
             for oo in 0..o {
                 for ci in 0..kk {
                     let (c0, i, j) = (ci / (k * k), ci / k % k, ci % k);
                     let mut want = 0.5f64;
                     for (x, gy) in xs.iter().zip(&gys) {
-                        for y in 0..h {
-                            for xx in 0..w {
-                                let (iy, ix) = (y + i, xx + j);
-                                if iy < g.pad || ix < g.pad || iy >= h + g.pad || ix >= w + g.pad {
-                                    continue;
+                        for y in 0..ho {
+                            for xx in 0..wo {
+                                if let Some((iy, ix)) = source(&g, y, xx, i, j) {
+                                    let xv = x[(c0 * h + iy) * w + ix] as f64;
+                                    want += gy[(oo * ho + y) * wo + xx] as f64 * xv;
                                 }
-                                let xv = x[(c0 * h + iy - g.pad) * w + ix - g.pad] as f64;
-                                want += gy[(oo * h + y) * w + xx] as f64 * xv;
                             }
                         }
                     }
                     let got = gw[oo * kk + ci] as f64;
-                    let msg = format!("{isa:?} gw {oo},{ci}: {got} vs {want}");
-                    assert!((got - want).abs() < 1e-4 * (1.0 + want.abs()), "{msg}");
+                    let ok = (got - want).abs() < 1e-4 * (1.0 + want.abs());
+                    assert!(ok, "{case} gw {oo},{ci}: {got} vs {want}");
                 }
             }
         }
