@@ -10,11 +10,36 @@
 //! All architectures are sized for quick CPU runs and accept both 28×28 and 8×8 inputs.
 //!
 //! Training speed on the CPU comes from the layer modules beside the architectures: `conv`
-//! (im2col + GEMM convolution), `pool` (max-pooling), `norm` (BatchNorm), `linear` and `fused`
+//! (direct kernels from `direct`, im2col + GEMM for other shapes), `pool` (max-pooling), `norm` (BatchNorm), `linear` and `fused`
 //! (LayerNorm, softmax, GELU, residual add + ReLU) are candle custom ops with their own backward
 //! passes, used for f32 tensors on the CPU; on other devices the same layers run candle's
 //! operations, and the tests compare both. `alloc` tunes glibc so that freed activations are
 //! reused. `reprise bench` measures the result against PyTorch.
+
+/// Defines `fn $name` whose body runs compiled for AVX2 when the CPU has it, and as baseline
+/// x86-64 (SSE2, 4-lane vectors) code otherwise. For the element-wise loops of the custom ops:
+/// they use no fused multiply-add and sum in a fixed number of lanes, so wider vectors change
+/// their speed, not their results (the bit-identity tests and recomputed reports check this).
+/// Helpers the body calls must be `#[inline(always)]` to be compiled for AVX2 with it.
+macro_rules! avx2_variant {
+    ($(#[$m:meta])* $vis:vis fn $name:ident($($arg:ident: $ty:ty),* $(,)?) $(-> $ret:ty)? $body:block) => {
+        $(#[$m])*
+        $vis fn $name($($arg: $ty),*) $(-> $ret)? {
+            #[inline(always)]
+            fn imp($($arg: $ty),*) $(-> $ret)? $body
+            #[cfg(target_arch = "x86_64")]
+            if std::arch::is_x86_feature_detected!("avx2") {
+                #[target_feature(enable = "avx2")]
+                unsafe fn avx2($($arg: $ty),*) $(-> $ret)? {
+                    imp($($arg),*)
+                }
+                // SAFETY: the CPU has AVX2 (detected above).
+                return unsafe { avx2($($arg),*) };
+            }
+            imp($($arg),*)
+        }
+    };
+}
 
 pub mod alloc;
 pub mod cnn;

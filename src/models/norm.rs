@@ -37,7 +37,7 @@ pub(super) struct Stats {
 const LANES: usize = 32;
 
 /// Sum of a slice in [`LANES`] independent f32 lanes (vectorisable), combined in f64.
-#[inline]
+#[inline(always)]
 fn lane_sum(v: &[f32], f: impl Fn(f32) -> f32) -> f64 {
     let mut acc = [0f32; LANES];
     let chunks = v.chunks_exact(LANES);
@@ -59,18 +59,19 @@ pub(super) fn relu_grad(g: f32, r: f32) -> f32 {
     f32::from_bits(g.to_bits() & u32::from(r <= 0.0).wrapping_sub(1))
 }
 
-/// (Σ dy_i, Σ dy_i·(x_i − mean)) in one pass, with dy_i = g_i masked by the ReLU when the op
-/// applied one (zero where the output r_i ≤ 0); [`LANES`] f32 lanes each, combined in f64.
-#[inline]
-fn backward_sums(g: &[f32], r: &[f32], x: &[f32], mean: f32, relu: bool) -> (f64, f64) {
-    if relu {
-        backward_sums_masked::<true>(g, r, x, mean)
-    } else {
-        backward_sums_masked::<false>(g, r, x, mean)
+avx2_variant! {
+    /// (Σ dy_i, Σ dy_i·(x_i − mean)) in one pass, with dy_i = g_i masked by the ReLU when the
+    /// op applied one (zero where the output r_i ≤ 0); [`LANES`] f32 lanes each, combined in f64.
+    fn backward_sums(g: &[f32], r: &[f32], x: &[f32], mean: f32, relu: bool) -> (f64, f64) {
+        if relu {
+            backward_sums_masked::<true>(g, r, x, mean)
+        } else {
+            backward_sums_masked::<false>(g, r, x, mean)
+        }
     }
 }
 
-#[inline]
+#[inline(always)]
 fn backward_sums_masked<const RELU: bool>(
     g: &[f32],
     r: &[f32],
@@ -134,6 +135,36 @@ impl Dims {
     }
 }
 
+avx2_variant! {
+    /// Σ v over one plane ([`lane_sum`]).
+    fn plane_sum(p: &[f32]) -> f64 {
+        lane_sum(p, |v| v)
+    }
+}
+
+avx2_variant! {
+    /// Σ (v − mean)² over one plane ([`lane_sum`]).
+    fn plane_sq_dev(p: &[f32], mean: f32) -> f64 {
+        lane_sum(p, |v| (v - mean) * (v - mean))
+    }
+}
+
+avx2_variant! {
+    /// out = x·a + c, then ReLU if `relu`, over one plane.
+    fn affine(out: &mut [f32], x: &[f32], a: f32, c: f32, relu: bool) {
+        if relu {
+            for (o, &v) in out.iter_mut().zip(x) {
+                let y = v * a + c;
+                *o = if y < 0.0 { 0.0 } else { y };
+            }
+        } else {
+            for (o, &v) in out.iter_mut().zip(x) {
+                *o = v * a + c;
+            }
+        }
+    }
+}
+
 /// Per-channel mean and biased variance of an N×C×H×W input (two passes: mean, then the
 /// centred squares).
 pub(super) fn batch_stats(d: Dims, x: &[f32]) -> Stats {
@@ -141,13 +172,9 @@ pub(super) fn batch_stats(d: Dims, x: &[f32]) -> Stats {
     let (mean, var): (Vec<f64>, Vec<f64>) = (0..d.c)
         .into_par_iter()
         .map(|ch| {
-            let mean = d.planes(x, ch).map(|p| lane_sum(p, |v| v)).sum::<f64>() / m;
+            let mean = d.planes(x, ch).map(plane_sum).sum::<f64>() / m;
             let mf = mean as f32;
-            let var = d
-                .planes(x, ch)
-                .map(|p| lane_sum(p, |v| (v - mf) * (v - mf)))
-                .sum::<f64>()
-                / m;
+            let var = d.planes(x, ch).map(|p| plane_sq_dev(p, mf)).sum::<f64>() / m;
             (mean, var)
         })
         .unzip();
@@ -176,19 +203,7 @@ pub(super) fn normalise(
         out.par_chunks_mut(d.hw)
             .zip(x.par_chunks(d.hw))
             .enumerate()
-            .for_each(|(i, (o, xi))| {
-                let (a, c) = (scale[i % d.c], shift[i % d.c]);
-                if relu {
-                    for (o, &v) in o.iter_mut().zip(xi) {
-                        let y = v * a + c;
-                        *o = if y < 0.0 { 0.0 } else { y };
-                    }
-                } else {
-                    for (o, &v) in o.iter_mut().zip(xi) {
-                        *o = v * a + c;
-                    }
-                }
-            });
+            .for_each(|(i, (o, xi))| affine(o, xi, scale[i % d.c], shift[i % d.c], relu));
     }
     out
 }
@@ -249,27 +264,29 @@ pub(super) fn bn_grads(
     }
 }
 
-/// dx = k1·dy + k2·x + k3 for the H×W plane of one channel (dy = `g` masked by the ReLU when
-/// `relu`), written to `out`.
-#[inline]
-pub(super) fn bn_input_grad(
-    out: &mut [f32],
-    x: &[f32],
-    g: &[f32],
-    r: &[f32],
-    (k1, k2, k3): (f32, f32, f32),
-    relu: bool,
-) {
-    // Equal lengths up front so that the loops below vectorise.
-    let len = out.len();
-    let (x, g, r) = (&x[..len], &g[..len], &r[..len]);
-    if relu {
-        for t in 0..len {
-            out[t] = k1 * relu_grad(g[t], r[t]) + k2 * x[t] + k3;
-        }
-    } else {
-        for t in 0..len {
-            out[t] = k1 * g[t] + k2 * x[t] + k3;
+avx2_variant! {
+    /// dx = k1·dy + k2·x + k3 for the H×W plane of one channel (dy = `g` masked by the ReLU
+    /// when `relu`), written to `out`; `k` = (k1, k2, k3).
+    pub(super) fn bn_input_grad(
+        out: &mut [f32],
+        x: &[f32],
+        g: &[f32],
+        r: &[f32],
+        k: (f32, f32, f32),
+        relu: bool,
+    ) {
+        let (k1, k2, k3) = k;
+        // Equal lengths up front so that the loops below vectorise.
+        let len = out.len();
+        let (x, g, r) = (&x[..len], &g[..len], &r[..len]);
+        if relu {
+            for t in 0..len {
+                out[t] = k1 * relu_grad(g[t], r[t]) + k2 * x[t] + k3;
+            }
+        } else {
+            for t in 0..len {
+                out[t] = k1 * g[t] + k2 * x[t] + k3;
+            }
         }
     }
 }
