@@ -436,7 +436,7 @@ fn lane_sum(v: &[f32]) -> f32 {
 }
 
 /// ReLU that keeps NaN (so a diverging run still shows a NaN loss).
-#[inline]
+#[inline(always)]
 pub(super) fn relu(v: f32) -> f32 {
     if v < 0.0 {
         0.0
@@ -445,19 +445,30 @@ pub(super) fn relu(v: f32) -> f32 {
     }
 }
 
-/// Add the bias and apply the ReLU to one sample's O×P output.
-fn epilogue(out: &mut [f32], p: usize, bias: Option<&[f32]>, apply_relu: bool) {
-    match (bias, apply_relu) {
-        (None, false) => {}
-        (None, true) => out.iter_mut().for_each(|v| *v = relu(*v)),
-        (Some(b), r) => {
-            for (row, &bo) in out.chunks_exact_mut(p).zip(b) {
-                if r {
-                    row.iter_mut().for_each(|v| *v = relu(*v + bo));
-                } else {
-                    row.iter_mut().for_each(|v| *v += bo);
+avx2_variant! {
+    /// Add the bias and apply the ReLU to one sample's O×P output.
+    fn epilogue(out: &mut [f32], p: usize, bias: Option<&[f32]>, apply_relu: bool) {
+        match (bias, apply_relu) {
+            (None, false) => {}
+            (None, true) => out.iter_mut().for_each(|v| *v = relu(*v)),
+            (Some(b), r) => {
+                for (row, &bo) in out.chunks_exact_mut(p).zip(b) {
+                    if r {
+                        row.iter_mut().for_each(|v| *v = relu(*v + bo));
+                    } else {
+                        row.iter_mut().for_each(|v| *v += bo);
+                    }
                 }
             }
+        }
+    }
+}
+
+avx2_variant! {
+    /// `dst` = `g` where the ReLU's output `r` is positive, 0 elsewhere.
+    fn relu_mask(dst: &mut [f32], g: &[f32], r: &[f32]) {
+        for ((m, &gv), &rv) in dst.iter_mut().zip(g).zip(r) {
+            *m = relu_backward(gv, rv);
         }
     }
 }
@@ -615,9 +626,7 @@ fn output_grad<'c>(
     match a.dout {
         GradIn::Plain => go,
         GradIn::Relu(res) => {
-            for ((m, &gv), &rv) in buf.iter_mut().zip(go).zip(&res[sample]) {
-                *m = relu_backward(gv, rv);
-            }
+            relu_mask(buf, go, &res[sample]);
             buf
         }
         GradIn::BatchNorm { z, res, coef, relu } => {
