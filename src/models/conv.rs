@@ -658,6 +658,21 @@ pub(super) fn backward(g: &Geom, a: &BackwardInputs) -> (Option<Vec<f32>>, Vec<f
     }
 }
 
+/// Task `t` (of `per` samples): its first sample, its sample count, and its partial weight and
+/// bias gradients (zero, sized as asked).
+fn task_start(
+    g: &Geom,
+    a: &BackwardInputs,
+    t: usize,
+    per: usize,
+) -> (usize, usize, Vec<f32>, Vec<f32>) {
+    let first = t * per;
+    let count = per.min(g.n.saturating_sub(first));
+    let gw = vec![0f32; if a.need_w { g.o * g.k() } else { 0 }];
+    let gb = vec![0f32; if a.need_b { g.o } else { 0 }];
+    (first, count, gw, gb)
+}
+
 /// Sum per-task partial gradients (weight, bias) in task order.
 fn sum_partials(
     g: &Geom,
@@ -702,7 +717,7 @@ fn backward_direct(
     plan: &Plan,
     a: &BackwardInputs,
 ) -> (Option<Vec<f32>>, Vec<f32>, Vec<f32>) {
-    let (k, p, ol, il) = (g.k(), g.p(), g.out_len(), g.in_len());
+    let (p, ol, il) = (g.p(), g.out_len(), g.in_len());
     let per = DIRECT_SAMPLES_PER_TASK.min(g.n.max(1));
     let mut gx = input_grad_buf(g, a);
     let gx_chunks = task_chunks(&mut gx, g, a, per);
@@ -726,10 +741,7 @@ fn backward_direct(
         .into_par_iter()
         .enumerate()
         .map(|(t, mut gx_chunk)| {
-            let first = t * per;
-            let count = per.min(g.n.saturating_sub(first));
-            let mut gw = vec![0f32; if a.need_w { g.o * k } else { 0 }];
-            let mut gb = vec![0f32; if a.need_b { g.o } else { 0 }];
+            let (first, count, mut gw, mut gb) = task_start(g, a, t, per);
             let lens = [
                 output_grad_len(a, ol),
                 count * gl,
@@ -792,10 +804,7 @@ fn backward_im2col(g: &Geom, a: &BackwardInputs) -> (Option<Vec<f32>>, Vec<f32>,
         .into_par_iter()
         .enumerate()
         .map(|(t, mut gx_chunk)| {
-            let first = t * per;
-            let count = per.min(g.n.saturating_sub(first));
-            let mut gw = vec![0f32; if a.need_w { g.o * k } else { 0 }];
-            let mut gb = vec![0f32; if a.need_b { g.o } else { 0 }];
+            let (first, count, mut gw, mut gb) = task_start(g, a, t, per);
             let cols_len = if a.need_w && !g.pointwise() { k * p } else { 0 };
             let gcols_len = match &transposed {
                 Some((gt, _)) => gt.k() * gt.p(),

@@ -116,6 +116,11 @@ pub(super) struct Sweep<'a> {
     qr: usize,
 }
 
+/// One forward register tile: (input at the tile's first pixel, channel stride, channels, tap
+/// offsets, packed weights of the channel block, output at the tile, output row stride).
+#[cfg(target_arch = "x86_64")]
+type TileFn = unsafe fn(*const f32, usize, usize, &[usize], *const f32, *mut f32, usize);
+
 /// The best kernels this CPU runs, if any. `REPRISE_DIRECT_ISA=avx2` keeps AVX-512 CPUs on the
 /// AVX2 kernels (to compare the two).
 fn cpu_isa() -> Option<Isa> {
@@ -522,9 +527,19 @@ impl Plan {
         #[cfg(target_arch = "x86_64")]
         unsafe {
             let blocks = o.div_ceil(mr);
-            match self.isa {
-                Isa::Avx2 => avx::conv(sweep, src, cin, packed, blocks, wide),
-                Isa::Avx512 => avx512::conv(sweep, src, cin, packed, blocks, wide),
+            let tile: TileFn = match self.isa {
+                Isa::Avx2 => avx::conv_tile,
+                Isa::Avx512 => avx512::conv_tile,
+            };
+            let (k, nr) = (cin * sweep.taps.len(), self.isa.nr());
+            let (s, out) = (src.as_ptr(), wide.as_mut_ptr());
+            // Pixel tiles outside: a tile's input window stays in L1 across the channel blocks.
+            for q0 in (0..sweep.qr).step_by(nr) {
+                for b in 0..blocks {
+                    let wb = packed.as_ptr().wrapping_add(b * k * mr);
+                    let dst = out.wrapping_add(b * mr * sweep.qr + q0);
+                    tile(s.wrapping_add(q0), sweep.plane, cin, sweep.taps, wb, dst, sweep.qr);
+                }
             }
         }
         #[cfg(not(target_arch = "x86_64"))]
@@ -563,16 +578,15 @@ impl Plan {
 
 #[cfg(target_arch = "x86_64")]
 mod avx {
-    use super::{Isa, Plan, Sweep};
+    use super::{Isa, Plan};
 
     const MR: usize = 4;
-    const NR: usize = 16;
     use std::arch::x86_64::*;
 
     /// One 4-channel × 16-pixel tile, accumulated in eight named registers (arrays of vectors
     /// were kept on the stack by the compiler).
     #[target_feature(enable = "avx2,fma")]
-    unsafe fn conv_tile(
+    pub(super) unsafe fn conv_tile(
         src: *const f32,
         plane: usize,
         cin: usize,
@@ -613,27 +627,6 @@ mod avx {
             let d = dst.wrapping_add(r * ld);
             store(d, a0);
             store(d.wrapping_add(8), a1);
-        }
-    }
-
-    #[target_feature(enable = "avx2,fma")]
-    pub(super) unsafe fn conv(
-        p: &Sweep,
-        src: &[f32],
-        cin: usize,
-        packed: &[f32],
-        blocks: usize,
-        wide: &mut [f32],
-    ) {
-        let k = cin * p.taps.len();
-        let (s, out) = (src.as_ptr(), wide.as_mut_ptr());
-        // Pixel tiles outside: a tile's input window stays in L1 across the channel blocks.
-        for q0 in (0..p.qr).step_by(NR) {
-            for b in 0..blocks {
-                let wb = packed.as_ptr().wrapping_add(b * k * MR);
-                let dst = out.wrapping_add(b * MR * p.qr + q0);
-                conv_tile(s.wrapping_add(q0), p.plane, cin, p.taps, wb, dst, p.qr);
-            }
         }
     }
 
@@ -823,11 +816,10 @@ mod avx {
 /// The AVX-512 kernels: as in [`avx`], with 16-lane vectors and twice the registers.
 #[cfg(target_arch = "x86_64")]
 mod avx512 {
-    use super::{Plan, Sweep};
+    use super::Plan;
     use std::arch::x86_64::*;
 
     const MR: usize = 8;
-    const NR: usize = 32;
 
     /// An unaligned 16-lane vector in memory (see [`super::avx`] on why not `_mm512_loadu_ps`).
     #[repr(C, packed)]
@@ -851,7 +843,7 @@ mod avx512 {
 
     /// One 8-channel × 32-pixel tile in sixteen named registers.
     #[target_feature(enable = "avx512f")]
-    unsafe fn conv_tile(
+    pub(super) unsafe fn conv_tile(
         src: *const f32,
         plane: usize,
         cin: usize,
@@ -913,26 +905,6 @@ mod avx512 {
             let d = dst.wrapping_add(r * ld);
             store(d, a0);
             store(d.wrapping_add(16), a1);
-        }
-    }
-
-    #[target_feature(enable = "avx512f")]
-    pub(super) unsafe fn conv(
-        p: &Sweep,
-        src: &[f32],
-        cin: usize,
-        packed: &[f32],
-        blocks: usize,
-        wide: &mut [f32],
-    ) {
-        let k = cin * p.taps.len();
-        let (s, out) = (src.as_ptr(), wide.as_mut_ptr());
-        for q0 in (0..p.qr).step_by(NR) {
-            for b in 0..blocks {
-                let wb = packed.as_ptr().wrapping_add(b * k * MR);
-                let dst = out.wrapping_add(b * MR * p.qr + q0);
-                conv_tile(s.wrapping_add(q0), p.plane, cin, p.taps, wb, dst, p.qr);
-            }
         }
     }
 
