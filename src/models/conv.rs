@@ -1217,6 +1217,54 @@ mod tests {
         }
     }
 
+    /// On CPUs with AVX2 the direct kernels take every stride-1 "same" and stride-2 3×3 layer,
+    /// so the candle comparisons above no longer reach the im2col path for those shapes; CPUs
+    /// without AVX2 still use it. Both paths must agree (values and all three gradients).
+    #[test]
+    fn im2col_path_matches_the_direct_path() {
+        let mut rng = Rng::new(21);
+        let mut v = |n: usize| (0..n).map(|_| rng.normal() as f32).collect::<Vec<f32>>();
+        for (n, c, h, w, o, k, stride, pad) in [
+            (3, 4, 9, 7, 6, 3, 1, 1),
+            (2, 3, 8, 8, 5, 5, 1, 2),
+            (3, 4, 9, 8, 6, 3, 2, 1),
+            (2, 3, 14, 14, 8, 3, 2, 1),
+        ] {
+            let g = Geom::new(&[n, c, h, w], &[o, c, k, k], stride, pad).unwrap();
+            let Some(plan) = Plan::new(&g) else {
+                eprintln!("skipped: no direct kernels on this CPU");
+                return;
+            };
+            let (x, wt, b) = (v(n * c * h * w), v(o * c * k * k), v(o));
+            let close = |a: &[f32], e: &[f32], what: &str| {
+                let scale = e.iter().fold(1f32, |m, t| m.max(t.abs()));
+                let diff = a.iter().zip(e).fold(0f32, |m, (p, q)| m.max((p - q).abs()));
+                assert!(diff <= 1e-5 * scale, "{g:?} {what}: {diff} (scale {scale})");
+            };
+            let direct = forward_direct(&g, &plan, &x, &wt, Some(&b), true);
+            close(
+                &direct,
+                &forward_im2col(&g, &x, &wt, Some(&b), true),
+                "values",
+            );
+            let grad = v(n * g.out_len());
+            let inputs = BackwardInputs {
+                x: &x,
+                w: &wt,
+                dout: GradIn::Relu(&direct),
+                grad: &grad,
+                need_x: true,
+                need_w: true,
+                need_b: true,
+            };
+            let (dx, dw, db) = backward_direct(&g, &plan, &inputs);
+            let (ix, iw, ib) = backward_im2col(&g, &inputs);
+            close(&dx.unwrap(), &ix.unwrap(), "input gradient");
+            close(&dw, &iw, "weight gradient");
+            close(&db, &ib, "bias gradient");
+        }
+    }
+
     #[test]
     fn input_gradient_is_skipped_for_untracked_inputs() {
         let mut rng = Rng::new(3);

@@ -63,10 +63,9 @@ pub(super) struct Plan {
     wq: usize,
     /// Floats per input channel: one padded plane (stride 1) or one plane per phase (stride 2).
     cplane: usize,
-    /// Floats per phase plane (stride 2; equal to `cplane` for stride 1).
+    /// Floats per phase plane (stride 2, whose kernels are > 1, so all four row/column parities
+    /// occur; equal to `cplane` for stride 1).
     phase: usize,
-    /// Phases per channel, by row and by column parity (1 or 2 each; 1×1 for stride 1).
-    phases: (usize, usize),
     /// Wide pixels computed per channel: Ho·wq rounded up to whole tiles.
     qr: usize,
     /// Offset of every kernel tap (i, j) inside a channel, in weight order.
@@ -180,7 +179,6 @@ impl Plan {
                 wq: wp,
                 cplane: plane,
                 phase: plane,
-                phases: (1, 1),
                 qr,
                 taps: (0..g.kh)
                     .flat_map(|i| (0..g.kw).map(move |j| i * wp + j))
@@ -197,13 +195,12 @@ impl Plan {
         let (hp, wpad) = (g.h + 2 * g.pad, g.w + 2 * g.pad);
         let wq = wpad.div_ceil(2);
         let qr = (g.ho * wq).div_ceil(nr) * nr;
-        let phases = (g.kh.min(2), g.kw.min(2));
         let reach = (g.kh - 1) / 2 * wq + (g.kw - 1) / 2;
         // Every read (tap offset + q, q < qr) stays inside its own phase plane.
         let phase = (hp.div_ceil(2) * wq).max(qr + reach);
         let taps = (0..g.kh)
             .flat_map(|i| {
-                (0..g.kw).map(move |j| ((i % 2) * phases.1 + j % 2) * phase + i / 2 * wq + j / 2)
+                (0..g.kw).map(move |j| ((i % 2) * 2 + j % 2) * phase + i / 2 * wq + j / 2)
             })
             .collect();
         Plan {
@@ -216,9 +213,8 @@ impl Plan {
             ho: g.ho,
             wo: g.wo,
             wq,
-            cplane: phases.0 * phases.1 * phase,
+            cplane: 4 * phase,
             phase,
-            phases,
             qr,
             taps,
             gplane: qr,
@@ -288,10 +284,7 @@ impl Plan {
     /// one phase's wide result (`c` channels). Zero for stride 1.
     pub(super) fn input_grad_scratch(&self, o: usize, c: usize) -> (usize, usize) {
         match &self.up {
-            Some(up) => (
-                o * up.plane,
-                c.div_ceil(self.isa.mr()) * self.isa.mr() * up.qr,
-            ),
+            Some(up) => (o * up.plane, self.tile_rows(c) * up.qr),
             None => (0, 0),
         }
     }
@@ -373,7 +366,13 @@ impl Plan {
 
     /// Floats of one sample's wide output with `ch` channels (rounded up to whole tiles).
     pub(super) fn wide_len(&self, ch: usize) -> usize {
-        ch.div_ceil(self.isa.mr()) * self.isa.mr() * self.qr
+        self.tile_rows(ch) * self.qr
+    }
+
+    /// `ch` output channels rounded up to whole forward tiles (weights and results are padded
+    /// with zero rows to that).
+    fn tile_rows(&self, ch: usize) -> usize {
+        ch.div_ceil(self.isa.mr()) * self.isa.mr()
     }
 
     /// Copy one sample (`ch`×H×W) into the input layout `dst` (`input_len(ch)`): zero-padded
@@ -384,8 +383,6 @@ impl Plan {
         debug_assert_eq!(dst.len(), self.input_len(ch));
         if self.stride == 2 {
             dst.fill(0.0);
-            // Stride-2 plans have kernels > 1: all four phases exist.
-            debug_assert_eq!(self.phases, (2, 2));
             for (s, d) in src
                 .chunks_exact(h * w)
                 .zip(dst.chunks_exact_mut(self.cplane))
@@ -471,8 +468,7 @@ impl Plan {
     /// inside, rows past the end zero.
     pub(super) fn pack_weights(&self, w: &[f32], rows: usize) -> Vec<f32> {
         let (k, mr) = (w.len() / rows.max(1), self.isa.mr());
-        let blocks = rows.div_ceil(mr);
-        let mut out = vec![0f32; blocks * k * mr];
+        let mut out = vec![0f32; self.tile_rows(rows) * k];
         for (r, row) in w.chunks_exact(k).enumerate() {
             let (b, lane) = (r / mr, r % mr);
             for (kk, &v) in row.iter().enumerate() {
@@ -519,7 +515,7 @@ impl Plan {
             "direct conv: reads past the input"
         );
         assert!(
-            packed.len() == o.div_ceil(mr) * k * mr && wide.len() == o.div_ceil(mr) * mr * sweep.qr,
+            packed.len() == self.tile_rows(o) * k && wide.len() == self.tile_rows(o) * sweep.qr,
             "direct conv: inconsistent buffer sizes"
         );
         // SAFETY: the CPU has the plan's instructions (checked when the plan was made); the
@@ -538,7 +534,15 @@ impl Plan {
                 for b in 0..blocks {
                     let wb = packed.as_ptr().wrapping_add(b * k * mr);
                     let dst = out.wrapping_add(b * mr * sweep.qr + q0);
-                    tile(s.wrapping_add(q0), sweep.plane, cin, sweep.taps, wb, dst, sweep.qr);
+                    tile(
+                        s.wrapping_add(q0),
+                        sweep.plane,
+                        cin,
+                        sweep.taps,
+                        wb,
+                        dst,
+                        sweep.qr,
+                    );
                 }
             }
         }
