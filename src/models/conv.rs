@@ -322,6 +322,17 @@ impl<'a> Mat<'a> {
         }
     }
 
+    /// Element (r, c) at `data[r·rs + c·cs]`: e.g. one head's columns of a wider row-major matrix.
+    pub(super) fn strided(data: &'a [f32], rows: usize, cols: usize, rs: usize, cs: usize) -> Self {
+        Mat {
+            data,
+            rows,
+            cols,
+            rs,
+            cs,
+        }
+    }
+
     pub(super) fn t(self) -> Self {
         Mat {
             data: self.data,
@@ -342,16 +353,37 @@ impl<'a> Mat<'a> {
 
 /// `dst` (row-major a.rows × b.cols) = a·b, or dst + a·b when `accumulate`.
 pub(super) fn matmul(dst: &mut [f32], a: Mat, b: Mat, accumulate: bool, par: gemm::Parallelism) {
-    let (m, k, n) = (a.rows, a.cols, b.cols);
-    // Invariant of every call site (sizes derive from one `Geom`); checking it here is what makes
-    // the raw-pointer call below sound, so a violation must stop rather than read out of bounds.
     assert!(
-        b.rows == k && dst.len() == m * n && a.in_bounds() && b.in_bounds(),
+        dst.len() == a.rows * b.cols,
         "conv matmul: inconsistent shapes"
     );
+    matmul_rows(dst, b.cols, a, b, accumulate, par);
+}
+
+/// [`matmul`] into a.rows × b.cols elements of `dst` whose rows start `dst_rs` (≥ b.cols) apart.
+pub(super) fn matmul_rows(
+    dst: &mut [f32],
+    dst_rs: usize,
+    a: Mat,
+    b: Mat,
+    accumulate: bool,
+    par: gemm::Parallelism,
+) {
+    let (m, k, n) = (a.rows, a.cols, b.cols);
     if m == 0 || n == 0 {
         return;
     }
+    // Invariant of every call site (sizes derive from one `Geom` or one attention shape);
+    // checking it here is what makes the raw-pointer call below sound, so a violation must stop
+    // rather than read or write out of bounds.
+    assert!(
+        b.rows == k
+            && dst_rs >= n
+            && (m - 1) * dst_rs + n <= dst.len()
+            && a.in_bounds()
+            && b.in_bounds(),
+        "conv matmul: inconsistent shapes"
+    );
     // SAFETY: all three matrices lie inside their slices (asserted above), `dst` is exclusively
     // borrowed and does not alias `a` or `b`.
     unsafe {
@@ -361,7 +393,7 @@ pub(super) fn matmul(dst: &mut [f32], a: Mat, b: Mat, accumulate: bool, par: gem
             k,
             dst.as_mut_ptr(),
             1,
-            n as isize,
+            dst_rs as isize,
             accumulate,
             a.data.as_ptr(),
             a.cs as isize,

@@ -26,7 +26,7 @@ use std::collections::HashMap;
 
 use candle_core::{DType, Device, Tensor, D};
 
-use super::softmax_last;
+use super::attention;
 use crate::rng::Rng;
 
 /// The four adapted linear layers of a transformer block, in adapter order.
@@ -261,14 +261,8 @@ impl VitBackbone {
         let ad = |bi: usize, li: usize| -> Option<(&Tensor, &Tensor, &Tensor)> { with.then(|| (&adapters[8 * bi + 2 * li], &adapters[8 * bi + 2 * li + 1], gate)) };
         for (bi, blk) in self.blocks.iter().enumerate() {
             // attention
-            let (_, t, _) = h.dims3()?;
-            let dh = d / self.heads;
-            let qkv = blk.qkv.forward(&blk.norm1.forward(&h, self.eps)?, ad(bi, 0))?.reshape((n, t, 3, self.heads, dh))?.permute((2, 0, 3, 1, 4))?;
-            let q = qkv.get(0)?.contiguous()?;
-            let k = qkv.get(1)?.contiguous()?;
-            let v = qkv.get(2)?.contiguous()?;
-            let scores = (q.matmul(&k.t()?.contiguous()?)? * (1.0 / (dh as f64).sqrt()))?;
-            let att = softmax_last(&scores)?.matmul(&v)?.transpose(1, 2)?.reshape((n, t, d))?;
+            let qkv = blk.qkv.forward(&blk.norm1.forward(&h, self.eps)?, ad(bi, 0))?;
+            let att = attention(&qkv, self.heads)?;
             h = (h + blk.proj.forward(&att, ad(bi, 1))?)?;
             // MLP
             let m = blk.fc1.forward(&blk.norm2.forward(&h, self.eps)?, ad(bi, 2))?;

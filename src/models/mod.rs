@@ -347,6 +347,34 @@ pub(crate) fn softmax_last(x: &Tensor) -> candle_core::Result<Tensor> {
     }
 }
 
+/// Multi-head self-attention between a transformer's projections: `qkv` is N×T×3D (q, k, v
+/// side by side, head h in columns h·dh..(h+1)·dh of each), the result N×T×D is
+/// softmax(q·kᵀ/√dh)·v per head, heads side by side. [`fused::attention`] on the CPU in f32,
+/// else [`attention_reference`].
+pub(crate) fn attention(qkv: &Tensor, heads: usize) -> candle_core::Result<Tensor> {
+    match fused::attention(qkv, heads)? {
+        Some(y) => Ok(y),
+        None => attention_reference(qkv, heads),
+    }
+}
+
+/// [`attention`] from differentiable primitives.
+pub(crate) fn attention_reference(qkv: &Tensor, heads: usize) -> candle_core::Result<Tensor> {
+    let (n, t, three_d) = qkv.dims3()?;
+    let d = three_d / 3;
+    let dh = d / heads;
+    // N×T×3D → 3×N×H×T×dh
+    let qkv = qkv.reshape((n, t, 3, heads, dh))?.permute((2, 0, 3, 1, 4))?;
+    let q = qkv.get(0)?.contiguous()?;
+    let k = qkv.get(1)?.contiguous()?;
+    let v = qkv.get(2)?.contiguous()?;
+    let scores = (q.matmul(&k.t()?.contiguous()?)? * (1.0 / (dh as f64).sqrt()))?;
+    softmax_last(&scores)?
+        .matmul(&v)?
+        .transpose(1, 2)?
+        .reshape((n, t, d))
+}
+
 /// Softmax over the last dimension from differentiable primitives.
 pub(crate) fn softmax_last_reference(x: &Tensor) -> candle_core::Result<Tensor> {
     let max = x.max_keepdim(D::Minus1)?.detach();

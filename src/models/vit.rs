@@ -17,7 +17,7 @@ use candle_nn::VarBuilder;
 use super::conv::Conv;
 use super::fused;
 use super::linear::Linear;
-use super::{classifier_weight, softmax_last, Classifier, LayerNorm, ModelConfig};
+use super::{attention, classifier_weight, Classifier, LayerNorm, ModelConfig};
 
 const DEPTH: usize = 2;
 const HEADS: usize = 4;
@@ -31,21 +31,8 @@ struct Attention {
 
 impl Attention {
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        let (n, t, d) = x.dims3()?;
-        let dh = d / self.heads;
-        // N×T×3D → 3×N×H×T×dh
-        let qkv = self
-            .qkv
-            .forward(x)?
-            .reshape((n, t, 3, self.heads, dh))?
-            .permute((2, 0, 3, 1, 4))?;
-        let q = qkv.get(0)?.contiguous()?;
-        let k = qkv.get(1)?.contiguous()?;
-        let v = qkv.get(2)?.contiguous()?;
-        let scores = (q.matmul(&k.t()?.contiguous()?)? * (1.0 / (dh as f64).sqrt()))?;
-        let attn = softmax_last(&scores)?;
-        let out = attn.matmul(&v)?.transpose(1, 2)?.reshape((n, t, d))?;
-        self.proj.forward(&out)
+        self.proj
+            .forward(&attention(&self.qkv.forward(x)?, self.heads)?)
     }
 }
 
