@@ -581,7 +581,7 @@ impl Plan {
 }
 
 #[cfg(target_arch = "x86_64")]
-mod avx {
+pub(super) mod avx {
     use super::{Isa, Plan};
 
     const MR: usize = 4;
@@ -646,13 +646,13 @@ mod avx {
 
     /// The eight floats at `p`.
     #[inline(always)]
-    unsafe fn load(p: *const f32) -> __m256 {
+    pub(in crate::models) unsafe fn load(p: *const f32) -> __m256 {
         (*(p as *const Unaligned)).0
     }
 
     /// Write eight floats at `p`.
     #[inline(always)]
-    unsafe fn store(p: *mut f32, v: __m256) {
+    pub(in crate::models) unsafe fn store(p: *mut f32, v: __m256) {
         *(p as *mut Unaligned) = Unaligned(v);
     }
 

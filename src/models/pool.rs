@@ -129,6 +129,124 @@ fn unpool2_row(
     }
 }
 
+/// [`unpool2_row`], through [`avx2::unpool2_candle`] for candle's rule where the CPU has AVX2
+/// (the same bits: every operation is exact or the scalar code's own, in the same order).
+#[inline]
+#[allow(clippy::too_many_arguments)]
+fn unpool2_row_fast(
+    rule: PoolGradient,
+    avx2: bool,
+    r0: &[f32],
+    r1: &[f32],
+    m: &[f32],
+    g: &[f32],
+    d0: &mut [f32],
+    d1: &mut [f32],
+) {
+    #[cfg(target_arch = "x86_64")]
+    if avx2 && rule == PoolGradient::Candle {
+        // SAFETY: the caller checked that the CPU has AVX2.
+        unsafe { avx2::unpool2_candle(r0, r1, m, g, d0, d1) };
+        return;
+    }
+    let _ = avx2;
+    unpool2_row(rule, r0, r1, m, g, d0, d1)
+}
+
+/// Whether [`unpool2_row_fast`] may take the AVX2 path on this CPU.
+fn has_avx2() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    return std::arch::is_x86_feature_detected!("avx2");
+    #[cfg(not(target_arch = "x86_64"))]
+    false
+}
+
+#[cfg(target_arch = "x86_64")]
+mod avx2 {
+    use super::super::direct::avx::{load, store};
+    use std::arch::x86_64::*;
+
+    /// [`super::unpool2_row`] under candle's rule, eight windows per step; the last, partial
+    /// step goes through buffers on the stack (masked stores are microcoded and slow on some
+    /// CPUs, and the rows of a small CNN hold only 14 or 7 windows). Each window's input pair is
+    /// compared with its maximum duplicated into both lanes; the tie count is the sum of the 0/1
+    /// lanes of both rows and of the neighbouring lane, exact in f32, and ·¼ is exact, so every
+    /// result equals the scalar code's.
+    ///
+    /// # Safety
+    /// The CPU must have AVX2.
+    #[target_feature(enable = "avx2")]
+    pub(super) unsafe fn unpool2_candle(
+        r0: &[f32],
+        r1: &[f32],
+        m: &[f32],
+        g: &[f32],
+        d0: &mut [f32],
+        d1: &mut [f32],
+    ) {
+        let n = m.len();
+        // What keeps every access of `step` inside the slices.
+        assert!(
+            g.len() == n && r0.len() == 2 * n && r1.len() == 2 * n,
+            "unpool2: row lengths"
+        );
+        assert!(
+            d0.len() == 2 * n && d1.len() == 2 * n,
+            "unpool2: row lengths"
+        );
+        let full = n / 8 * 8;
+        for i in (0..full).step_by(8) {
+            let (p0, p1) = (d0.as_mut_ptr(), d1.as_mut_ptr());
+            step(
+                [m.as_ptr(), g.as_ptr()].map(|p| p.wrapping_add(i)),
+                [r0.as_ptr(), r1.as_ptr()].map(|p| p.wrapping_add(2 * i)),
+                [p0, p1].map(|p| p.wrapping_add(2 * i)),
+            );
+        }
+        let rest = n - full;
+        if rest > 0 {
+            let (mut mb, mut gb) = ([0f32; 8], [0f32; 8]);
+            let (mut ab, mut bb) = ([0f32; 16], [0f32; 16]);
+            mb[..rest].copy_from_slice(&m[full..]);
+            gb[..rest].copy_from_slice(&g[full..]);
+            ab[..2 * rest].copy_from_slice(&r0[2 * full..]);
+            bb[..2 * rest].copy_from_slice(&r1[2 * full..]);
+            let (mut da, mut db) = ([0f32; 16], [0f32; 16]);
+            step(
+                [mb.as_ptr(), gb.as_ptr()],
+                [ab.as_ptr(), bb.as_ptr()],
+                [da.as_mut_ptr(), db.as_mut_ptr()],
+            );
+            d0[2 * full..].copy_from_slice(&da[..2 * rest]);
+            d1[2 * full..].copy_from_slice(&db[..2 * rest]);
+        }
+    }
+
+    /// Eight windows: maxima and gradients `[m, g]` (8 each), input rows `[r0, r1]` and
+    /// gradient rows `[d0, d1]` (16 each).
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    unsafe fn step(mg: [*const f32; 2], r: [*const f32; 2], d: [*mut f32; 2]) {
+        let (one, quarter) = (_mm256_set1_ps(1.0), _mm256_set1_ps(0.25));
+        let (mv, gv) = (load(mg[0]), load(mg[1]));
+        let halves = [
+            (_mm256_setr_epi32(0, 0, 1, 1, 2, 2, 3, 3), 0usize),
+            (_mm256_setr_epi32(4, 4, 5, 5, 6, 6, 7, 7), 8),
+        ];
+        for (dup, off) in halves {
+            let md = _mm256_permutevar8x32_ps(mv, dup);
+            let gd = _mm256_permutevar8x32_ps(gv, dup);
+            let ea = _mm256_cmp_ps::<_CMP_EQ_OQ>(load(r[0].wrapping_add(off)), md);
+            let eb = _mm256_cmp_ps::<_CMP_EQ_OQ>(load(r[1].wrapping_add(off)), md);
+            let both = _mm256_add_ps(_mm256_and_ps(ea, one), _mm256_and_ps(eb, one));
+            let ties = _mm256_add_ps(both, _mm256_permute_ps::<0b10_11_00_01>(both));
+            let share = _mm256_mul_ps(gd, _mm256_mul_ps(ties, quarter));
+            store(d[0].wrapping_add(off), _mm256_and_ps(ea, share));
+            store(d[1].wrapping_add(off), _mm256_and_ps(eb, share));
+        }
+    }
+}
+
 impl CustomOp1 for MaxPool {
     fn name(&self) -> &'static str {
         "max-pool2d"
@@ -190,6 +308,7 @@ impl CustomOp1 for MaxPool {
         let g = f32_slice(&gs.0, gs.1)?;
         let k = self.k;
         let rule = self.gradient;
+        let avx2 = has_avx2();
         let mut gx = vec![0f32; planes * h * w];
         let per = planes_per_task(planes);
         if !gx.is_empty() && ho * wo > 0 {
@@ -205,8 +324,9 @@ impl CustomOp1 for MaxPool {
                             for oy in 0..ho {
                                 let (top, bottom) =
                                     gxp[2 * oy * w..(2 * oy + 2) * w].split_at_mut(w);
-                                unpool2_row(
+                                unpool2_row_fast(
                                     rule,
+                                    avx2,
                                     &plane[2 * oy * w..2 * oy * w + 2 * wo],
                                     &plane[(2 * oy + 1) * w..(2 * oy + 1) * w + 2 * wo],
                                     &rp[oy * wo..(oy + 1) * wo],
@@ -308,6 +428,37 @@ mod tests {
     use super::*;
     use crate::rng::Rng;
     use candle_core::{Device, Var};
+
+    #[test]
+    fn avx2_backward_row_matches_the_scalar_one_bit_for_bit() {
+        if !has_avx2() {
+            return;
+        }
+        let mut rng = Rng::new(11);
+        // Values from a few levels, so that windows with 2, 3 and 4 tied maxima are common; a NaN
+        // (equal to nothing) and signed zeros; every row length from empty to 2 full steps + 3.
+        let levels = [-1.0f32, -0.0, 0.0, 0.5, 2.0, f32::NAN];
+        for n in 0..=19usize {
+            for _ in 0..20 {
+                let mut pick = || levels[(rng.next_u64() % levels.len() as u64) as usize];
+                let r0: Vec<f32> = (0..2 * n).map(|_| pick()).collect();
+                let r1: Vec<f32> = (0..2 * n).map(|_| pick()).collect();
+                let m: Vec<f32> = (0..n)
+                    .map(|i| [r0[2 * i], r0[2 * i + 1], r1[2 * i], r1[2 * i + 1]])
+                    .map(|w| w.into_iter().fold(f32::NEG_INFINITY, f32::max))
+                    .collect();
+                let g: Vec<f32> = (0..n).map(|_| rng.normal() as f32).collect();
+                let run = |fast: bool| {
+                    let (mut d0, mut d1) = (vec![7f32; 2 * n], vec![7f32; 2 * n]);
+                    let rule = PoolGradient::Candle;
+                    unpool2_row_fast(rule, fast, &r0, &r1, &m, &g, &mut d0, &mut d1);
+                    let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+                    (bits(&d0), bits(&d1))
+                };
+                assert_eq!(run(true), run(false), "{n} windows: {r0:?} {r1:?}");
+            }
+        }
+    }
 
     #[test]
     fn matches_candle_values_and_gradients_without_ties() {
