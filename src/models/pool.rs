@@ -166,9 +166,9 @@ mod avx2 {
     use super::super::direct::avx::{load, store};
     use std::arch::x86_64::*;
 
-    /// [`super::unpool2_row`] under candle's rule, eight windows per step; the last, partial
-    /// step goes through buffers on the stack (masked stores are microcoded and slow on some
-    /// CPUs, and the rows of a small CNN hold only 14 or 7 windows). Each window's input pair is
+    /// [`super::unpool2_row`] under candle's rule, four windows per step, the last step moved
+    /// back to overlap the one before when four do not divide the row (it writes the same values
+    /// again); rows of fewer than four windows take the scalar code. Each window's input pair is
     /// compared with its maximum duplicated into both lanes; the tie count is the sum of the 0/1
     /// lanes of both rows and of the neighbouring lane, exact in f32, and ·¼ is exact, so every
     /// result equals the scalar code's.
@@ -194,56 +194,39 @@ mod avx2 {
             d0.len() == 2 * n && d1.len() == 2 * n,
             "unpool2: row lengths"
         );
-        let full = n / 8 * 8;
-        for i in (0..full).step_by(8) {
-            let (p0, p1) = (d0.as_mut_ptr(), d1.as_mut_ptr());
-            step(
-                [m.as_ptr(), g.as_ptr()].map(|p| p.wrapping_add(i)),
-                [r0.as_ptr(), r1.as_ptr()].map(|p| p.wrapping_add(2 * i)),
-                [p0, p1].map(|p| p.wrapping_add(2 * i)),
-            );
+        if n < 4 {
+            return super::unpool2_row(super::PoolGradient::Candle, r0, r1, m, g, d0, d1);
         }
-        let rest = n - full;
-        if rest > 0 {
-            let (mut mb, mut gb) = ([0f32; 8], [0f32; 8]);
-            let (mut ab, mut bb) = ([0f32; 16], [0f32; 16]);
-            mb[..rest].copy_from_slice(&m[full..]);
-            gb[..rest].copy_from_slice(&g[full..]);
-            ab[..2 * rest].copy_from_slice(&r0[2 * full..]);
-            bb[..2 * rest].copy_from_slice(&r1[2 * full..]);
-            let (mut da, mut db) = ([0f32; 16], [0f32; 16]);
-            step(
-                [mb.as_ptr(), gb.as_ptr()],
-                [ab.as_ptr(), bb.as_ptr()],
-                [da.as_mut_ptr(), db.as_mut_ptr()],
-            );
-            d0[2 * full..].copy_from_slice(&da[..2 * rest]);
-            d1[2 * full..].copy_from_slice(&db[..2 * rest]);
-        }
-    }
-
-    /// Eight windows: maxima and gradients `[m, g]` (8 each), input rows `[r0, r1]` and
-    /// gradient rows `[d0, d1]` (16 each).
-    #[inline]
-    #[target_feature(enable = "avx2")]
-    unsafe fn step(mg: [*const f32; 2], r: [*const f32; 2], d: [*mut f32; 2]) {
         let (one, quarter) = (_mm256_set1_ps(1.0), _mm256_set1_ps(0.25));
-        let (mv, gv) = (load(mg[0]), load(mg[1]));
-        let halves = [
-            (_mm256_setr_epi32(0, 0, 1, 1, 2, 2, 3, 3), 0usize),
-            (_mm256_setr_epi32(4, 4, 5, 5, 6, 6, 7, 7), 8),
-        ];
-        for (dup, off) in halves {
-            let md = _mm256_permutevar8x32_ps(mv, dup);
-            let gd = _mm256_permutevar8x32_ps(gv, dup);
-            let ea = _mm256_cmp_ps::<_CMP_EQ_OQ>(load(r[0].wrapping_add(off)), md);
-            let eb = _mm256_cmp_ps::<_CMP_EQ_OQ>(load(r[1].wrapping_add(off)), md);
+        let dup = _mm256_setr_epi32(0, 0, 1, 1, 2, 2, 3, 3);
+        for i in (0..n).step_by(4).map(|i| i.min(n - 4)) {
+            let md = _mm256_permutevar8x32_ps(load4(m.as_ptr().wrapping_add(i)), dup);
+            let gd = _mm256_permutevar8x32_ps(load4(g.as_ptr().wrapping_add(i)), dup);
+            let ea = _mm256_cmp_ps::<_CMP_EQ_OQ>(load(r0.as_ptr().wrapping_add(2 * i)), md);
+            let eb = _mm256_cmp_ps::<_CMP_EQ_OQ>(load(r1.as_ptr().wrapping_add(2 * i)), md);
             let both = _mm256_add_ps(_mm256_and_ps(ea, one), _mm256_and_ps(eb, one));
             let ties = _mm256_add_ps(both, _mm256_permute_ps::<0b10_11_00_01>(both));
             let share = _mm256_mul_ps(gd, _mm256_mul_ps(ties, quarter));
-            store(d[0].wrapping_add(off), _mm256_and_ps(ea, share));
-            store(d[1].wrapping_add(off), _mm256_and_ps(eb, share));
+            store(
+                d0.as_mut_ptr().wrapping_add(2 * i),
+                _mm256_and_ps(ea, share),
+            );
+            store(
+                d1.as_mut_ptr().wrapping_add(2 * i),
+                _mm256_and_ps(eb, share),
+            );
         }
+    }
+
+    /// An unaligned 4-lane vector in memory (see `direct::avx` on why not `_mm_loadu_ps`).
+    #[repr(C, packed)]
+    #[derive(Clone, Copy)]
+    struct Unaligned4(__m128);
+
+    /// The four floats at `p` in the low half (the high half is not used).
+    #[inline(always)]
+    unsafe fn load4(p: *const f32) -> __m256 {
+        _mm256_castps128_ps256((*(p as *const Unaligned4)).0)
     }
 }
 
