@@ -21,6 +21,7 @@ use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Shape, Tensor};
 use candle_nn::{Conv2dConfig, VarBuilder};
 use rayon::prelude::*;
 
+use super::alloc::{par_zeroed, UninitChunk, ZeroedLater};
 use super::direct::Plan;
 use super::{cpu_f32, relu_backward, with_f32};
 
@@ -529,27 +530,23 @@ fn forward_direct(
     apply_relu: bool,
 ) -> Vec<f32> {
     let (p, ol, il) = (g.p(), g.out_len(), g.in_len());
-    let mut out = vec![0f32; g.n * ol];
     if ol == 0 {
-        return out;
+        return vec![0f32; g.n * ol];
     }
     let packed = plan.pack_weights(w, g.o);
     let (per, _) = split(g.n);
-    out.par_chunks_mut(per * ol)
-        .enumerate()
-        .for_each(|(t, chunk)| {
-            let lens = [plan.input_len(g.c), plan.wide_len(g.o)];
-            with_scratch(lens, |[xpad, wide]| {
-                for (i, out_n) in chunk.chunks_exact_mut(ol).enumerate() {
-                    let n = t * per + i;
-                    plan.pad_into(&x[n * il..(n + 1) * il], xpad);
-                    plan.conv(xpad, g.c, &packed, g.o, wide);
-                    plan.compact(wide, out_n);
-                    epilogue(out_n, p, bias, apply_relu);
-                }
-            })
-        });
-    out
+    par_zeroed(g.n * ol, per * ol, |t, chunk| {
+        let lens = [plan.input_len(g.c), plan.wide_len(g.o)];
+        with_scratch(lens, |[xpad, wide]| {
+            for (i, out_n) in chunk.chunks_exact_mut(ol).enumerate() {
+                let n = t * per + i;
+                plan.pad_into(&x[n * il..(n + 1) * il], xpad);
+                plan.conv(xpad, g.c, &packed, g.o, wide);
+                plan.compact(wide, out_n);
+                epilogue(out_n, p, bias, apply_relu);
+            }
+        })
+    })
 }
 
 fn forward_im2col(
@@ -560,32 +557,28 @@ fn forward_im2col(
     apply_relu: bool,
 ) -> Vec<f32> {
     let (k, p, ol, il) = (g.k(), g.p(), g.out_len(), g.in_len());
-    let mut out = vec![0f32; g.n * ol];
     if ol == 0 {
-        return out;
+        return vec![0f32; g.n * ol];
     }
     let wm = Mat::row_major(w, g.o, k);
     let (per, par) = split(g.n);
-    out.par_chunks_mut(per * ol)
-        .enumerate()
-        .for_each(|(t, chunk)| {
-            let cols_len = if g.pointwise() { 0 } else { k * p };
-            with_scratch([cols_len], |[cols]| {
-                for (i, out_n) in chunk.chunks_exact_mut(ol).enumerate() {
-                    let n = t * per + i;
-                    let x_n = &x[n * il..(n + 1) * il];
-                    let patches: &[f32] = if g.pointwise() {
-                        x_n
-                    } else {
-                        im2col(g, x_n, cols);
-                        cols
-                    };
-                    matmul(out_n, wm, Mat::row_major(patches, k, p), false, par);
-                    epilogue(out_n, p, bias, apply_relu);
-                }
-            })
-        });
-    out
+    par_zeroed(g.n * ol, per * ol, |t, chunk| {
+        let cols_len = if g.pointwise() { 0 } else { k * p };
+        with_scratch([cols_len], |[cols]| {
+            for (i, out_n) in chunk.chunks_exact_mut(ol).enumerate() {
+                let n = t * per + i;
+                let x_n = &x[n * il..(n + 1) * il];
+                let patches: &[f32] = if g.pointwise() {
+                    x_n
+                } else {
+                    im2col(g, x_n, cols);
+                    cols
+                };
+                matmul(out_n, wm, Mat::row_major(patches, k, p), false, par);
+                epilogue(out_n, p, bias, apply_relu);
+            }
+        })
+    })
 }
 
 /// How the gradient reaching the op becomes the gradient of the convolution's output.
@@ -721,24 +714,21 @@ fn sum_partials(
 }
 
 /// The input gradient's buffer (empty when it is not asked for).
-fn input_grad_buf(g: &Geom, a: &BackwardInputs) -> Vec<f32> {
-    if a.need_x {
-        vec![0f32; g.n * g.in_len()]
-    } else {
-        Vec::new()
-    }
+fn input_grad_buf(g: &Geom, a: &BackwardInputs) -> ZeroedLater {
+    ZeroedLater::new(if a.need_x { g.n * g.in_len() } else { 0 })
 }
 
-/// One slot per task of `per` samples: that task's chunk of the input gradient, if asked for.
+/// One slot per task of `per` samples: that task's chunk of the input gradient (zeroed by the
+/// task), if asked for.
 fn task_chunks<'x>(
-    gx: &'x mut [f32],
+    gx: &'x mut ZeroedLater,
     g: &Geom,
     a: &BackwardInputs,
     per: usize,
-) -> Vec<Option<&'x mut [f32]>> {
+) -> Vec<Option<UninitChunk<'x>>> {
     let il = g.in_len();
     if a.need_x && il > 0 {
-        gx.chunks_mut(per * il).map(Some).collect()
+        gx.chunks(per * il).into_iter().map(Some).collect()
     } else {
         (0..g.n.div_ceil(per.max(1))).map(|_| None).collect()
     }
@@ -772,7 +762,8 @@ fn backward_direct(
     let partials: Vec<(Vec<f32>, Vec<f32>)> = gx_chunks
         .into_par_iter()
         .enumerate()
-        .map(|(t, mut gx_chunk)| {
+        .map(|(t, gx_chunk)| {
+            let mut gx_chunk = gx_chunk.map(UninitChunk::zeroed);
             let (first, count, mut gw, mut gb) = task_start(g, a, t, per);
             let lens = [
                 output_grad_len(a, ol),
@@ -818,7 +809,7 @@ fn backward_direct(
         })
         .collect();
     let (gw, gb) = sum_partials(g, a, &partials);
-    (a.need_x.then_some(gx), gw, gb)
+    (a.need_x.then(|| gx.into_vec()), gw, gb)
 }
 
 fn backward_im2col(g: &Geom, a: &BackwardInputs) -> (Option<Vec<f32>>, Vec<f32>, Vec<f32>) {
@@ -835,7 +826,8 @@ fn backward_im2col(g: &Geom, a: &BackwardInputs) -> (Option<Vec<f32>>, Vec<f32>,
     let partials: Vec<(Vec<f32>, Vec<f32>)> = gx_chunks
         .into_par_iter()
         .enumerate()
-        .map(|(t, mut gx_chunk)| {
+        .map(|(t, gx_chunk)| {
+            let mut gx_chunk = gx_chunk.map(UninitChunk::zeroed);
             let (first, count, mut gw, mut gb) = task_start(g, a, t, per);
             let cols_len = if a.need_w && !g.pointwise() { k * p } else { 0 };
             let gcols_len = match &transposed {
@@ -883,7 +875,7 @@ fn backward_im2col(g: &Geom, a: &BackwardInputs) -> (Option<Vec<f32>>, Vec<f32>,
         })
         .collect();
     let (gw, gb) = sum_partials(g, a, &partials);
-    (a.need_x.then_some(gx), gw, gb)
+    (a.need_x.then(|| gx.into_vec()), gw, gb)
 }
 
 /// The convolution op: inputs (x, weight) or (x, weight, bias).

@@ -198,14 +198,13 @@ pub(super) fn normalise(
     let shift: Vec<f32> = (0..d.c)
         .map(|ch| (f64::from(b[ch]) - stats.mean[ch] * f64::from(scale[ch])) as f32)
         .collect();
-    let mut out = vec![0f32; x.len()];
-    if d.hw > 0 {
-        out.par_chunks_mut(d.hw)
-            .zip(x.par_chunks(d.hw))
-            .enumerate()
-            .for_each(|(i, (o, xi))| affine(o, xi, scale[i % d.c], shift[i % d.c], relu));
+    if d.hw == 0 {
+        return vec![0f32; x.len()];
     }
-    out
+    super::alloc::par_zeroed(x.len(), d.hw, |i, o| {
+        let xi = &x[i * d.hw..(i + 1) * d.hw];
+        affine(o, xi, scale[i % d.c], shift[i % d.c], relu)
+    })
 }
 
 /// The backward pass of training-mode BatchNorm (and ReLU) up to its input gradient: the weight
