@@ -18,6 +18,7 @@ use std::sync::OnceLock;
 
 use rayon::prelude::*;
 
+use super::alloc::par_zeroed;
 use super::conv::{matmul, matmul_rows, Mat};
 use super::{cpu_f32, with_f32};
 use gemm::Parallelism;
@@ -586,16 +587,14 @@ impl CustomOp2 for AddReluOp {
                 l2.dims()
             );
         }
-        let mut out = vec![0f32; a.len()];
         let t = task_len(a.len(), 1);
-        out.par_chunks_mut(t)
-            .zip(a.par_chunks(t).zip(b.par_chunks(t)))
-            .for_each(|(o, (ac, bc))| {
-                for ((o, &x), &y) in o.iter_mut().zip(ac).zip(bc) {
-                    let s = x + y;
-                    *o = if s < 0.0 { 0.0 } else { s };
-                }
-            });
+        let out = par_zeroed(a.len(), t, |i, o| {
+            let r = i * t..i * t + o.len();
+            for ((o, &x), &y) in o.iter_mut().zip(&a[r.clone()]).zip(&b[r]) {
+                let s = x + y;
+                *o = if s < 0.0 { 0.0 } else { s };
+            }
+        });
         Ok((CpuStorage::F32(out), l1.shape().clone()))
     }
 
@@ -616,17 +615,14 @@ impl CustomOp2 for AddReluOp {
         ];
         let g = with_f32(OP, &operands, |s| {
             let (ac, bc, gc) = (s[0], s[1], s[2]);
-            let mut g = vec![0f32; gc.len()];
             let t = task_len(gc.len(), 1);
-            g.par_chunks_mut(t)
-                .zip(ac.par_chunks(t).zip(bc.par_chunks(t)))
-                .zip(gc.par_chunks(t))
-                .for_each(|((o, (x, y)), gv)| {
-                    for (((o, &x), &y), &gv) in o.iter_mut().zip(x).zip(y).zip(gv) {
-                        *o = if x + y >= 0.0 { gv } else { 0.0 };
-                    }
-                });
-            Ok(g)
+            Ok(par_zeroed(gc.len(), t, |i, o| {
+                let r = i * t..i * t + o.len();
+                let (x, y, gv) = (&ac[r.clone()], &bc[r.clone()], &gc[r]);
+                for (((o, &x), &y), &gv) in o.iter_mut().zip(x).zip(y).zip(gv) {
+                    *o = if x + y >= 0.0 { gv } else { 0.0 };
+                }
+            }))
         })?;
         let g = Tensor::from_vec(g, a.shape(), a.device())?;
         Ok((a.track_op().then(|| g.clone()), b.track_op().then_some(g)))

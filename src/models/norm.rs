@@ -355,16 +355,11 @@ impl CustomOp3 for BnOp {
             let (xs, ws, gs, rs) = (s[0], s[1], s[2], s[3]);
             let grads = bn_grads(d, stats, self.eps, ws, gs, rs, xs, self.relu);
             let gx = if x.track_op() {
-                let mut gx = vec![0f32; xs.len()];
-                if d.hw > 0 {
-                    gx.par_chunks_mut(d.hw)
-                        .zip(xs.par_chunks(d.hw))
-                        .zip(gs.par_chunks(d.hw).zip(rs.par_chunks(d.hw)))
-                        .enumerate()
-                        .for_each(|(i, ((o, xp), (gp, rp)))| {
-                            bn_input_grad(o, xp, gp, rp, grads.coef[i % d.c], self.relu);
-                        });
-                }
+                let gx = super::alloc::par_zeroed(xs.len(), d.hw, |i, o| {
+                    let r = i * d.hw..(i + 1) * d.hw;
+                    let (xp, gp, rp) = (&xs[r.clone()], &gs[r.clone()], &rs[r]);
+                    bn_input_grad(o, xp, gp, rp, grads.coef[i % d.c], self.relu);
+                });
                 Some(Tensor::from_vec(gx, x.shape(), dev)?)
             } else {
                 None

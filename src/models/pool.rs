@@ -18,8 +18,8 @@
 //! go through candle's own op to keep its exact numbers. On other devices or dtypes
 //! [`max_pool2d`] is candle's `max_pool2d`.
 
+use super::alloc::par_zeroed;
 use candle_core::{CpuStorage, CustomOp1, Layout, Shape, Storage, Tensor};
-use rayon::prelude::*;
 
 /// Position, within one H×W plane, of the first maximum of the k×k window at (oy, ox).
 #[inline]
@@ -245,27 +245,23 @@ impl CustomOp1 for MaxPool {
         };
         let x = &v[a..b];
         let k = self.k;
-        let mut out = vec![0f32; planes * ho * wo];
         let per = planes_per_task(planes);
-        if !out.is_empty() {
-            out.par_chunks_mut(per * ho * wo)
-                .zip(x.par_chunks(per * h * w))
-                .for_each(|(os, xs)| {
-                    for (o, plane) in os.chunks_exact_mut(ho * wo).zip(xs.chunks_exact(h * w)) {
-                        for (oy, orow) in o.chunks_exact_mut(wo).enumerate() {
-                            if k == 2 {
-                                let r0 = &plane[2 * oy * w..2 * oy * w + 2 * wo];
-                                let r1 = &plane[(2 * oy + 1) * w..(2 * oy + 1) * w + 2 * wo];
-                                pool2_row(r0, r1, orow);
-                            } else {
-                                for (ox, ov) in orow.iter_mut().enumerate() {
-                                    *ov = plane[argmax(plane, w, k, oy, ox)];
-                                }
-                            }
+        let out = par_zeroed(planes * ho * wo, per * ho * wo, |t, os| {
+            let xs = &x[t * per * h * w..];
+            for (o, plane) in os.chunks_exact_mut(ho * wo).zip(xs.chunks_exact(h * w)) {
+                for (oy, orow) in o.chunks_exact_mut(wo).enumerate() {
+                    if k == 2 {
+                        let r0 = &plane[2 * oy * w..2 * oy * w + 2 * wo];
+                        let r1 = &plane[(2 * oy + 1) * w..(2 * oy + 1) * w + 2 * wo];
+                        pool2_row(r0, r1, orow);
+                    } else {
+                        for (ox, ov) in orow.iter_mut().enumerate() {
+                            *ov = plane[argmax(plane, w, k, oy, ox)];
                         }
                     }
-                });
-        }
+                }
+            }
+        });
         let dims = l.dims();
         Ok((
             CpuStorage::F32(out),
@@ -292,38 +288,36 @@ impl CustomOp1 for MaxPool {
         let k = self.k;
         let rule = self.gradient;
         let avx2 = has_avx2();
-        let mut gx = vec![0f32; planes * h * w];
         let per = planes_per_task(planes);
-        if !gx.is_empty() && ho * wo > 0 {
-            gx.par_chunks_mut(per * h * w)
-                .zip(x.par_chunks(per * h * w))
-                .zip(r.par_chunks(per * ho * wo).zip(g.par_chunks(per * ho * wo)))
-                .for_each(|((gxs, xs), (rs, gs))| {
-                    let planes = gxs.chunks_exact_mut(h * w).zip(xs.chunks_exact(h * w));
-                    for ((gxp, plane), (rp, gp)) in
-                        planes.zip(rs.chunks_exact(ho * wo).zip(gs.chunks_exact(ho * wo)))
-                    {
-                        if k == 2 {
-                            for oy in 0..ho {
-                                let (top, bottom) =
-                                    gxp[2 * oy * w..(2 * oy + 2) * w].split_at_mut(w);
-                                unpool2_row_fast(
-                                    rule,
-                                    avx2,
-                                    &plane[2 * oy * w..2 * oy * w + 2 * wo],
-                                    &plane[(2 * oy + 1) * w..(2 * oy + 1) * w + 2 * wo],
-                                    &rp[oy * wo..(oy + 1) * wo],
-                                    &gp[oy * wo..(oy + 1) * wo],
-                                    &mut top[..2 * wo],
-                                    &mut bottom[..2 * wo],
-                                );
-                            }
-                        } else {
-                            unpool_generic(rule, plane, gp, gxp, w, k, ho, wo);
-                        }
+        let gx = par_zeroed(planes * h * w, per * h * w, |t, gxs| {
+            let (xs, rs, gs) = (
+                &x[t * per * h * w..],
+                &r[t * per * ho * wo..],
+                &g[t * per * ho * wo..],
+            );
+            let planes = gxs.chunks_exact_mut(h * w).zip(xs.chunks_exact(h * w));
+            for ((gxp, plane), (rp, gp)) in
+                planes.zip(rs.chunks_exact(ho * wo).zip(gs.chunks_exact(ho * wo)))
+            {
+                if k == 2 {
+                    for oy in 0..ho {
+                        let (top, bottom) = gxp[2 * oy * w..(2 * oy + 2) * w].split_at_mut(w);
+                        unpool2_row_fast(
+                            rule,
+                            avx2,
+                            &plane[2 * oy * w..2 * oy * w + 2 * wo],
+                            &plane[(2 * oy + 1) * w..(2 * oy + 1) * w + 2 * wo],
+                            &rp[oy * wo..(oy + 1) * wo],
+                            &gp[oy * wo..(oy + 1) * wo],
+                            &mut top[..2 * wo],
+                            &mut bottom[..2 * wo],
+                        );
                     }
-                });
-        }
+                } else {
+                    unpool_generic(rule, plane, gp, gxp, w, k, ho, wo);
+                }
+            }
+        });
         Ok(Some(Tensor::from_vec(gx, arg.shape(), arg.device())?))
     }
 }
