@@ -484,6 +484,42 @@ mod tests {
     use candle_core::Device;
     use candle_nn::VarBuilder;
 
+    /// The patched backward pass (vendor/candle-core): a tensor reached by several gradient
+    /// contributions gets their exact sum, for tensors below and above the size from which the
+    /// sum runs in parallel, and a tensor reached once gets its one contribution as it is.
+    #[test]
+    fn backward_sums_gradient_contributions_exactly() {
+        let mut rng = crate::rng::Rng::new(3);
+        for n in [1000usize, 70_000] {
+            let v = |rng: &mut crate::rng::Rng| -> Vec<f32> {
+                (0..n).map(|_| rng.normal() as f32).collect()
+            };
+            let (xv, rv) = (v(&mut rng), v(&mut rng));
+            let x = candle_core::Var::from_vec(xv, n, &Device::Cpu).unwrap();
+            let r = Tensor::from_vec(rv.clone(), n, &Device::Cpu).unwrap();
+            // x reaches the loss three ways: ·2, ·3 and ·r; y once.
+            let y = candle_core::Var::from_vec(vec![1f32; n], n, &Device::Cpu).unwrap();
+            let x = x.as_tensor();
+            let t = ((x * 2.0).unwrap() + (x * 3.0).unwrap()).unwrap();
+            let t = (t + (x * &r).unwrap()).unwrap();
+            let loss = ((t * &r).unwrap() + (y.as_tensor() * &r).unwrap()).unwrap();
+            let grads = loss.sum_all().unwrap().backward().unwrap();
+            let gx = grads.get(x).unwrap().to_vec1::<f32>().unwrap();
+            let gy = grads.get(y.as_tensor()).unwrap().to_vec1::<f32>().unwrap();
+            for (i, &ri) in rv.iter().enumerate() {
+                // Contributions in the order the backward pass meets them.
+                let want = (ri * ri + ri * 3.0) + ri * 2.0;
+                let alt = (ri * 2.0 + ri * 3.0) + ri * ri;
+                assert!(
+                    gx[i] == want || gx[i] == alt,
+                    "n {n}, element {i}: {} vs {want} / {alt}",
+                    gx[i]
+                );
+                assert_eq!(gy[i], ri, "n {n}, element {i}");
+            }
+        }
+    }
+
     /// Wall time of one SGD training step (forward, cross-entropy, backward, update) per model,
     /// batch 128 of 28×28×1 input (and 8×8×1 for comparison). Run with `cargo test --lib -- --ignored --nocapture speed`.
     #[test]

@@ -671,6 +671,40 @@ impl Tensor {
 }
 
 /// A store for gradients, associating a tensor id to the corresponding gradient tensor, used for back propagation.
+/// `a + b` for gradients: large contiguous f32 CPU tensors are added on rayon's threads (the CPU
+/// backend's element-wise ops use their own pool, which an application may have set to one
+/// thread), others through `Tensor::add`. The same sums either way.
+fn add_gradients(a: &Tensor, b: &Tensor) -> Result<Tensor> {
+    use crate::{CpuStorage, DType, Storage};
+    use rayon::prelude::*;
+    const PARALLEL_FROM: usize = 1 << 16;
+    let candidate = a.elem_count() >= PARALLEL_FROM
+        && a.shape() == b.shape()
+        && a.dtype() == DType::F32
+        && b.dtype() == DType::F32
+        && a.device().is_cpu()
+        && b.device().is_cpu();
+    if candidate {
+        let (sa, la) = a.storage_and_layout();
+        let (sb, lb) = b.storage_and_layout();
+        if let (Storage::Cpu(CpuStorage::F32(va)), Storage::Cpu(CpuStorage::F32(vb))) = (&*sa, &*sb)
+        {
+            if let (Some((a0, a1)), Some((b0, b1))) =
+                (la.contiguous_offsets(), lb.contiguous_offsets())
+            {
+                let sum: Vec<f32> = va[a0..a1]
+                    .par_iter()
+                    .zip(&vb[b0..b1])
+                    .with_min_len(1 << 14)
+                    .map(|(x, y)| x + y)
+                    .collect();
+                return Tensor::from_vec(sum, a.shape(), a.device());
+            }
+        }
+    }
+    a.add(b)
+}
+
 #[derive(Default, Debug)]
 pub struct GradStore(HashMap<TensorId, Tensor>);
 
@@ -725,7 +759,7 @@ impl GradStore {
     fn accumulate(&mut self, tensor: &Tensor, grad: &Tensor) -> Result<()> {
         match self.0.entry(tensor.id()) {
             Entry::Occupied(mut entry) => {
-                let sum = entry.get().add(grad)?;
+                let sum = add_gradients(entry.get(), grad)?;
                 *entry.get_mut() = sum;
             }
             Entry::Vacant(entry) => {
