@@ -86,11 +86,14 @@ fn pool2_row(r0: &[f32], r1: &[f32], out: &mut [f32]) {
 }
 
 /// The gradient of one output row of 2×2 pooling: `d0`, `d1` (input rows, overwritten) from the
-/// input rows, the pooled row `m` and its gradient `g`.
+/// input rows, the pooled row `m` and its gradient `g`. With `avx2` (the CPU has it: see
+/// [`has_avx2`]) candle's rule runs through [`avx2::unpool2_candle`], which gives the same bits
+/// (every operation is exact or this code's own, in the same order).
 #[inline]
 #[allow(clippy::too_many_arguments)]
 fn unpool2_row(
     rule: PoolGradient,
+    avx2: bool,
     r0: &[f32],
     r1: &[f32],
     m: &[f32],
@@ -98,6 +101,13 @@ fn unpool2_row(
     d0: &mut [f32],
     d1: &mut [f32],
 ) {
+    #[cfg(target_arch = "x86_64")]
+    if avx2 && rule == PoolGradient::Candle {
+        // SAFETY: the caller checked that the CPU has AVX2.
+        unsafe { avx2::unpool2_candle(r0, r1, m, g, d0, d1) };
+        return;
+    }
+    let _ = avx2;
     let windows = r0
         .chunks_exact(2)
         .zip(r1.chunks_exact(2))
@@ -129,31 +139,7 @@ fn unpool2_row(
     }
 }
 
-/// [`unpool2_row`], through [`avx2::unpool2_candle`] for candle's rule where the CPU has AVX2
-/// (the same bits: every operation is exact or the scalar code's own, in the same order).
-#[inline]
-#[allow(clippy::too_many_arguments)]
-fn unpool2_row_fast(
-    rule: PoolGradient,
-    avx2: bool,
-    r0: &[f32],
-    r1: &[f32],
-    m: &[f32],
-    g: &[f32],
-    d0: &mut [f32],
-    d1: &mut [f32],
-) {
-    #[cfg(target_arch = "x86_64")]
-    if avx2 && rule == PoolGradient::Candle {
-        // SAFETY: the caller checked that the CPU has AVX2.
-        unsafe { avx2::unpool2_candle(r0, r1, m, g, d0, d1) };
-        return;
-    }
-    let _ = avx2;
-    unpool2_row(rule, r0, r1, m, g, d0, d1)
-}
-
-/// Whether [`unpool2_row_fast`] may take the AVX2 path on this CPU.
+/// Whether [`unpool2_row`] may take the AVX2 path on this CPU.
 fn has_avx2() -> bool {
     #[cfg(target_arch = "x86_64")]
     return std::arch::is_x86_feature_detected!("avx2");
@@ -195,7 +181,7 @@ mod avx2 {
             "unpool2: row lengths"
         );
         if n < 4 {
-            return super::unpool2_row(super::PoolGradient::Candle, r0, r1, m, g, d0, d1);
+            return super::unpool2_row(super::PoolGradient::Candle, false, r0, r1, m, g, d0, d1);
         }
         let (one, quarter) = (_mm256_set1_ps(1.0), _mm256_set1_ps(0.25));
         let dup = _mm256_setr_epi32(0, 0, 1, 1, 2, 2, 3, 3);
@@ -302,7 +288,7 @@ impl CustomOp1 for MaxPool {
                 if k == 2 {
                     for oy in 0..ho {
                         let (top, bottom) = gxp[2 * oy * w..(2 * oy + 2) * w].split_at_mut(w);
-                        unpool2_row_fast(
+                        unpool2_row(
                             rule,
                             avx2,
                             &plane[2 * oy * w..2 * oy * w + 2 * wo],
@@ -428,7 +414,7 @@ mod tests {
                 let run = |fast: bool| {
                     let (mut d0, mut d1) = (vec![7f32; 2 * n], vec![7f32; 2 * n]);
                     let rule = PoolGradient::Candle;
-                    unpool2_row_fast(rule, fast, &r0, &r1, &m, &g, &mut d0, &mut d1);
+                    unpool2_row(rule, fast, &r0, &r1, &m, &g, &mut d0, &mut d1);
                     let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
                     (bits(&d0), bits(&d1))
                 };
