@@ -1,7 +1,7 @@
 //! Keep freed tensor buffers in the process instead of returning them to the kernel (glibc).
 //!
-//! A training step allocates and frees dozens of activation-sized buffers (layer outputs,
-//! gradients, and the zero-filled accumulators candle's backward pass creates for every node).
+//! A training step allocates and frees dozens of activation-sized buffers (layer outputs and
+//! gradients).
 //! With glibc's defaults, buffers above the dynamic mmap threshold are mapped fresh and unmapped
 //! on free, and the top of the heap is trimmed back to the kernel, so every step pays for page
 //! faults and zeroing of new pages: about a fifth of a CNN's step on the 2-core benchmark machine.
@@ -80,9 +80,11 @@ impl ZeroedLater {
         }
     }
 
-    /// The buffer in chunks of `size` elements (the last one shorter; `size` ≥ 1).
+    /// The buffer in chunks of `size` elements (the last one shorter; `size` ≥ 1). Calling it
+    /// again starts the count over: only the chunks of the last call count as zeroed.
     pub(crate) fn chunks(&mut self, size: usize) -> Vec<UninitChunk<'_>> {
         let ZeroedLater { buf, len, zeroed } = self;
+        *zeroed.get_mut() = 0;
         let zeroed = &*zeroed;
         buf.spare_capacity_mut()[..*len]
             .chunks_mut(size.max(1))
@@ -98,9 +100,10 @@ impl ZeroedLater {
             "ZeroedLater: {done} of {} elements were initialised",
             self.len
         );
-        // SAFETY: the capacity is at least `len`, and the chunks, which partition the first
-        // `len` elements and are each zeroed at most once (`zeroed` consumes the chunk), added
-        // up to `len` zeroed elements, so all of them are initialised.
+        // SAFETY: the capacity is at least `len`. The counter counts only the chunks of the last
+        // `chunks` call (which resets it), which partition the first `len` elements, and each is
+        // counted at most once (`zeroed` consumes the chunk); so a count of `len` means every
+        // element was zeroed.
         unsafe { self.buf.set_len(self.len) };
         self.buf
     }
@@ -144,6 +147,18 @@ mod tests {
                 assert_eq!(x, want, "{len}/{size} at {j}");
             }
         }
+    }
+
+    #[test]
+    #[should_panic(expected = "2 of 4 elements were initialised")]
+    fn chunks_zeroed_in_an_earlier_round_do_not_count_again() {
+        let mut z = ZeroedLater::new(4);
+        for c in z.chunks(2) {
+            c.zeroed();
+        }
+        // A second round where only the first chunk is zeroed: the count must not reach 4.
+        z.chunks(2).into_iter().next().unwrap().zeroed();
+        z.into_vec();
     }
 
     #[test]

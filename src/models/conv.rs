@@ -346,9 +346,14 @@ impl<'a> Mat<'a> {
 
     /// Every element lies inside `data`.
     fn in_bounds(&self) -> bool {
-        self.rows == 0
-            || self.cols == 0
-            || (self.rows - 1) * self.rs + (self.cols - 1) * self.cs < self.data.len()
+        if self.rows == 0 || self.cols == 0 {
+            return true;
+        }
+        let last = (self.rows - 1)
+            .checked_mul(self.rs)
+            .zip((self.cols - 1).checked_mul(self.cs))
+            .and_then(|(r, c)| r.checked_add(c));
+        last.is_some_and(|i| i < self.data.len())
     }
 }
 
@@ -377,10 +382,11 @@ pub(super) fn matmul_rows(
     // Invariant of every call site (sizes derive from one `Geom` or one attention shape);
     // checking it here is what makes the raw-pointer call below sound, so a violation must stop
     // rather than read or write out of bounds.
+    let dst_end = (m - 1).checked_mul(dst_rs).and_then(|v| v.checked_add(n));
     assert!(
         b.rows == k
             && dst_rs >= n
-            && (m - 1) * dst_rs + n <= dst.len()
+            && dst_end.is_some_and(|end| end <= dst.len())
             && a.in_bounds()
             && b.in_bounds(),
         "conv matmul: inconsistent shapes"

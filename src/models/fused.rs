@@ -297,7 +297,7 @@ impl AttentionOp {
     /// (T, D, head width) of a `qkv` of dimensions `dims`.
     fn shape(&self, dims: &[usize]) -> candle_core::Result<(usize, usize, usize)> {
         match *dims {
-            [_, t, three_d] if three_d % (3 * self.heads) == 0 && t > 0 => {
+            [_, t, three_d] if three_d > 0 && three_d % (3 * self.heads) == 0 && t > 0 => {
                 Ok((t, three_d / 3, three_d / 3 / self.heads))
             }
             _ => candle_core::bail!(
@@ -397,12 +397,15 @@ impl CustomOp1 for AttentionOp {
 /// Multi-head self-attention core on packed projections (see [`AttentionOp`]), scale
 /// 1/√(head width). `None` when the fused op does not apply.
 pub fn attention(qkv: &Tensor, heads: usize) -> candle_core::Result<Option<Tensor>> {
+    if heads == 0 {
+        candle_core::bail!("{OP}: attention needs at least one head");
+    }
     if !fast(&[qkv]) {
         return Ok(None);
     }
-    let dh = qkv.dim(candle_core::D::Minus1)? / 3 / heads.max(1);
+    let dh = qkv.dim(candle_core::D::Minus1)? / 3 / heads;
     let op = AttentionOp {
-        heads: heads.max(1),
+        heads,
         scale: (1.0 / (dh as f64).sqrt()) as f32,
         probs: OnceLock::new(),
     };
@@ -745,6 +748,10 @@ mod tests {
             err.contains("divisible by 4 heads") && err.contains("[2, 5, 30]"),
             "{err}"
         );
+        let empty = Tensor::zeros((2, 5, 0), candle_core::DType::F32, &Device::Cpu).unwrap();
+        assert!(attention(&empty, 1).is_err());
+        let err = attention(&qkv, 0).unwrap_err().to_string();
+        assert!(err.contains("at least one head"), "{err}");
     }
 
     #[test]

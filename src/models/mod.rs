@@ -484,6 +484,42 @@ mod tests {
     use candle_core::Device;
     use candle_nn::VarBuilder;
 
+    /// The backward pass in use is the patched one (vendor/candle-core): a single contribution
+    /// is stored as it is, so a −0 gradient keeps its sign (the published pass added it to
+    /// zeros, giving +0); and a first gradient that does not fit its tensor is still an error.
+    #[test]
+    fn backward_stores_a_single_gradient_as_is_and_rejects_a_misfit() {
+        let x = candle_core::Var::from_vec(vec![1f32, 2.0, 3.0], 3, &Device::Cpu).unwrap();
+        let z = Tensor::from_vec(vec![-0.0f32; 3], 3, &Device::Cpu).unwrap();
+        let g = (x.as_tensor() * &z).unwrap().sum_all().unwrap().backward().unwrap();
+        let gx = g.get(x.as_tensor()).unwrap().to_vec1::<f32>().unwrap();
+        assert!(gx.iter().all(|v| v.to_bits() == (-0.0f32).to_bits()), "{gx:?}");
+
+        /// Identity whose backward pass returns a gradient of the wrong shape.
+        struct Misfit;
+        impl candle_core::CustomOp1 for Misfit {
+            fn name(&self) -> &'static str {
+                "misfit"
+            }
+            fn cpu_fwd(
+                &self,
+                s: &candle_core::CpuStorage,
+                l: &candle_core::Layout,
+            ) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
+                let v = cpu_f32(s, l, "misfit", "input")?.to_vec();
+                Ok((candle_core::CpuStorage::F32(v), l.shape().clone()))
+            }
+            fn bwd(&self, arg: &Tensor, _res: &Tensor, grad: &Tensor) -> candle_core::Result<Option<Tensor>> {
+                let _ = arg;
+                Ok(Some(grad.flatten_all()?))
+            }
+        }
+        let y = candle_core::Var::from_vec(vec![1f32; 6], (2, 3), &Device::Cpu).unwrap();
+        let out = y.as_tensor().apply_op1(Misfit).unwrap().sum_all().unwrap();
+        let err = out.backward().unwrap_err().to_string();
+        assert!(err.contains("shape mismatch"), "{err}");
+    }
+
     /// The patched backward pass (vendor/candle-core): a tensor reached by several gradient
     /// contributions gets their exact sum, for tensors below and above the size from which the
     /// sum runs in parallel, and a tensor reached once gets its one contribution as it is.

@@ -395,6 +395,7 @@ mod tests {
     #[test]
     fn avx2_backward_row_matches_the_scalar_one_bit_for_bit() {
         if !has_avx2() {
+            eprintln!("skipped: this CPU has no AVX2, so the scalar row is the only one");
             return;
         }
         let mut rng = Rng::new(11);

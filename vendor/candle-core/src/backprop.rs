@@ -670,15 +670,17 @@ impl Tensor {
     }
 }
 
-/// A store for gradients, associating a tensor id to the corresponding gradient tensor, used for back propagation.
-/// `a + b` for gradients: large contiguous f32 CPU tensors are added on rayon's threads (the CPU
-/// backend's element-wise ops use their own pool, which an application may have set to one
-/// thread), others through `Tensor::add`. The same sums either way.
+/// `a + b` for gradients: large contiguous f32 CPU tensors that track no operations are added on
+/// rayon's threads (the CPU backend's element-wise ops use their own pool, which an application
+/// may have set to one thread), others through `Tensor::add`, which keeps the graph of terms that
+/// track operations (second-order use). The same sums either way.
 fn add_gradients(a: &Tensor, b: &Tensor) -> Result<Tensor> {
     use crate::{CpuStorage, DType, Storage};
     use rayon::prelude::*;
     const PARALLEL_FROM: usize = 1 << 16;
     let candidate = a.elem_count() >= PARALLEL_FROM
+        && !a.track_op()
+        && !b.track_op()
         && a.shape() == b.shape()
         && a.dtype() == DType::F32
         && b.dtype() == DType::F32
@@ -705,6 +707,7 @@ fn add_gradients(a: &Tensor, b: &Tensor) -> Result<Tensor> {
     a.add(b)
 }
 
+/// A store for gradients, associating a tensor id to the corresponding gradient tensor, used for back propagation.
 #[derive(Default, Debug)]
 pub struct GradStore(HashMap<TensorId, Tensor>);
 
@@ -763,7 +766,17 @@ impl GradStore {
                 *entry.get_mut() = sum;
             }
             Entry::Vacant(entry) => {
-                entry.insert(grad.contiguous()?);
+                let fits = grad.shape() == tensor.shape()
+                    && grad.dtype() == tensor.dtype()
+                    && grad.device().same_device(tensor.device());
+                // A gradient that does not fit its tensor takes the published path, which
+                // reports the mismatch as the add always did.
+                let first = if fits {
+                    grad.contiguous()?
+                } else {
+                    tensor.zeros_like()?.add(grad)?
+                };
+                entry.insert(first);
             }
         }
         Ok(())
