@@ -535,23 +535,13 @@ fn forward_direct(
     bias: Option<&[f32]>,
     apply_relu: bool,
 ) -> Vec<f32> {
-    let (p, ol, il) = (g.p(), g.out_len(), g.in_len());
-    if ol == 0 {
-        return vec![0f32; g.n * ol];
-    }
+    let il = g.in_len();
     let packed = plan.pack_weights(w, g.o);
-    let (per, _) = split(g.n);
-    par_zeroed(g.n * ol, per * ol, |t, chunk| {
-        let lens = [plan.input_len(g.c), plan.wide_len(g.o)];
-        with_scratch(lens, |[xpad, wide]| {
-            for (i, out_n) in chunk.chunks_exact_mut(ol).enumerate() {
-                let n = t * per + i;
-                plan.pad_into(&x[n * il..(n + 1) * il], xpad);
-                plan.conv(xpad, g.c, &packed, g.o, wide);
-                plan.compact(wide, out_n);
-                epilogue(out_n, p, bias, apply_relu);
-            }
-        })
+    let lens = [plan.input_len(g.c), plan.wide_len(g.o)];
+    forward_samples(g, lens, bias, apply_relu, |n, [xpad, wide], out_n| {
+        plan.pad_into(&x[n * il..(n + 1) * il], xpad);
+        plan.conv(xpad, g.c, &packed, g.o, wide);
+        plan.compact(wide, out_n);
     })
 }
 
@@ -562,25 +552,38 @@ fn forward_im2col(
     bias: Option<&[f32]>,
     apply_relu: bool,
 ) -> Vec<f32> {
-    let (k, p, ol, il) = (g.k(), g.p(), g.out_len(), g.in_len());
-    if ol == 0 {
-        return vec![0f32; g.n * ol];
-    }
+    let (k, p, il) = (g.k(), g.p(), g.in_len());
     let wm = Mat::row_major(w, g.o, k);
-    let (per, par) = split(g.n);
+    let par = split(g.n).1;
+    let cols_len = if g.pointwise() { 0 } else { k * p };
+    forward_samples(g, [cols_len], bias, apply_relu, |n, [cols], out_n| {
+        let x_n = &x[n * il..(n + 1) * il];
+        let patches: &[f32] = if g.pointwise() {
+            x_n
+        } else {
+            im2col(g, x_n, cols);
+            cols
+        };
+        matmul(out_n, wm, Mat::row_major(patches, k, p), false, par);
+    })
+}
+
+/// The frame of both forward passes: the batch's N×O×Ho×Wo output in tasks of [`split`]
+/// samples, each task with this thread's scratch cut to `lens`; `sample(n, scratch, out)`
+/// writes sample n's output, then the bias and ReLU are applied to it.
+fn forward_samples<const S: usize>(
+    g: &Geom,
+    lens: [usize; S],
+    bias: Option<&[f32]>,
+    apply_relu: bool,
+    sample: impl Fn(usize, &mut [&mut [f32]; S], &mut [f32]) + Sync + Send,
+) -> Vec<f32> {
+    let (p, ol) = (g.p(), g.out_len());
+    let (per, _) = split(g.n);
     par_zeroed(g.n * ol, per * ol, |t, chunk| {
-        let cols_len = if g.pointwise() { 0 } else { k * p };
-        with_scratch([cols_len], |[cols]| {
+        with_scratch(lens, |mut scratch| {
             for (i, out_n) in chunk.chunks_exact_mut(ol).enumerate() {
-                let n = t * per + i;
-                let x_n = &x[n * il..(n + 1) * il];
-                let patches: &[f32] = if g.pointwise() {
-                    x_n
-                } else {
-                    im2col(g, x_n, cols);
-                    cols
-                };
-                matmul(out_n, wm, Mat::row_major(patches, k, p), false, par);
+                sample(t * per + i, &mut scratch, out_n);
                 epilogue(out_n, p, bias, apply_relu);
             }
         })

@@ -198,9 +198,6 @@ pub(super) fn normalise(
     let shift: Vec<f32> = (0..d.c)
         .map(|ch| (f64::from(b[ch]) - stats.mean[ch] * f64::from(scale[ch])) as f32)
         .collect();
-    if d.hw == 0 {
-        return vec![0f32; x.len()];
-    }
     super::alloc::par_zeroed(x.len(), d.hw, |i, o| {
         let xi = &x[i * d.hw..(i + 1) * d.hw];
         affine(o, xi, scale[i % d.c], shift[i % d.c], relu)
