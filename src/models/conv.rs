@@ -344,6 +344,24 @@ impl<'a> Mat<'a> {
         }
     }
 
+    /// Rows `r0..r0 + rows` (r0 < self.rows).
+    fn sub_rows(self, r0: usize, rows: usize) -> Self {
+        Mat {
+            data: &self.data[r0 * self.rs..],
+            rows,
+            ..self
+        }
+    }
+
+    /// Columns `c0..c0 + cols` (c0 < self.cols).
+    fn sub_cols(self, c0: usize, cols: usize) -> Self {
+        Mat {
+            data: &self.data[c0 * self.cs..],
+            cols,
+            ..self
+        }
+    }
+
     /// Every element lies inside `data`.
     fn in_bounds(&self) -> bool {
         if self.rows == 0 || self.cols == 0 {
@@ -417,6 +435,92 @@ pub(super) fn matmul_rows(
         );
     }
 }
+
+/// Below this many multiply-adds a GEMM is not split between threads (the tasks' start-up would
+/// cost more than they save).
+const SPLIT_MIN_FMAS: usize = 1 << 18;
+
+/// [`matmul`] on all of rayon's threads: `dst` is cut into one block of whole rows or whole
+/// columns per thread and each block is one single-threaded GEMM.
+///
+/// `gemm`'s own threading (`Parallelism::Rayon`) hands out many small jobs with a barrier between
+/// packing and computing; on the MLP's shapes (batch 128) two threads ran a training step slower
+/// than one. One task per thread keeps both cores in the FMA kernel. The cut goes along the longer
+/// side of `dst`, so what every task packs again is the smaller operand (columns: all of `a`;
+/// rows: all of `b`). Each element of `dst` is still one sum over k in the same order (gemm's k
+/// blocking depends on k alone), so the result is bit-identical to the single-threaded GEMM; a
+/// test checks it.
+pub(super) fn matmul_par(dst: &mut [f32], a: Mat, b: Mat, accumulate: bool) {
+    let (m, k, n) = (a.rows, a.cols, b.cols);
+    let threads = rayon::current_num_threads();
+    let fmas = m.saturating_mul(k).saturating_mul(n);
+    if threads <= 1 || fmas < SPLIT_MIN_FMAS || m.max(n) < 2 * SPLIT_ALIGN {
+        return matmul(dst, a, b, accumulate, gemm::Parallelism::None);
+    }
+    assert!(
+        dst.len() == m * n && b.rows == k && a.in_bounds() && b.in_bounds(),
+        "conv matmul: inconsistent shapes"
+    );
+    if m >= n {
+        let rows = split_len(m, threads);
+        dst.par_chunks_mut(rows * n).enumerate().for_each(|(i, block)| {
+            let r0 = i * rows;
+            let part = a.sub_rows(r0, block.len() / n);
+            matmul_rows(block, n, part, b, accumulate, gemm::Parallelism::None);
+        });
+    } else {
+        let cols = split_len(n, threads);
+        let dst_ptr = SharedDst(dst.as_mut_ptr());
+        (0..n.div_ceil(cols)).into_par_iter().for_each(|i| {
+            let c0 = i * cols;
+            let part = b.sub_cols(c0, cols.min(n - c0));
+            let dst_ptr = &dst_ptr;
+            // SAFETY: `dst` holds m × n elements (asserted above) and is exclusively borrowed for
+            // this call; task i writes only columns c0..c0 + part.cols of each row, and the tasks'
+            // column ranges are disjoint. The operands lie inside their slices (asserted above;
+            // `sub_cols` keeps that) and do not alias `dst`.
+            unsafe {
+                gemm::gemm(
+                    m,
+                    part.cols,
+                    k,
+                    dst_ptr.0.add(c0),
+                    1,
+                    n as isize,
+                    accumulate,
+                    a.data.as_ptr(),
+                    a.cs as isize,
+                    a.rs as isize,
+                    part.data.as_ptr(),
+                    part.cs as isize,
+                    part.rs as isize,
+                    1.0f32,
+                    1.0f32,
+                    false,
+                    false,
+                    false,
+                    gemm::Parallelism::None,
+                );
+            }
+        });
+    }
+}
+
+/// Blocks of a split GEMM are whole multiples of this many rows or columns (two AVX2 registers
+/// of f32, the height of gemm's f32 microkernel), so that no task ends in a narrow partial tile.
+const SPLIT_ALIGN: usize = 16;
+
+/// Length of each of `parts` blocks covering `len`, rounded up to [`SPLIT_ALIGN`].
+fn split_len(len: usize, parts: usize) -> usize {
+    len.div_ceil(parts).div_ceil(SPLIT_ALIGN) * SPLIT_ALIGN
+}
+
+/// The destination pointer of a column-split GEMM, shared by its tasks (which write disjoint
+/// columns).
+struct SharedDst(*mut f32);
+// SAFETY: the tasks of `matmul_par` write disjoint columns through it while `dst` is exclusively
+// borrowed by that call.
+unsafe impl Sync for SharedDst {}
 
 thread_local! {
     /// Per-thread scratch for patch matrices and masked gradients, kept between calls: every user
@@ -1423,6 +1527,110 @@ mod tests {
                     "{threads} threads differ from 1"
                 );
             }
+        }
+    }
+}
+
+/// The split GEMM against the single-threaded one, bit for bit.
+#[cfg(test)]
+mod split_tests {
+    use super::*;
+    use crate::rng::Rng;
+
+    /// (m, k, n, transposed a, transposed b): the fused linear layer's three GEMMs on the MLP's
+    /// shapes (forward x·Wᵀ, input gradient gy·W, weight gradient gyᵀ·x), the CNN's 3136 → 128
+    /// layer (forward, weight gradient), and odd sizes that leave partial blocks in both split
+    /// directions.
+    const SHAPES: &[(usize, usize, usize, bool, bool)] = &[
+        (128, 784, 512, false, true),
+        (128, 256, 512, false, false),
+        (512, 128, 784, true, false),
+        (128, 512, 256, false, true),
+        (128, 3136, 128, false, true),
+        (128, 128, 3136, true, false),
+        (37, 129, 301, false, true),
+        (301, 65, 37, true, false),
+        (97, 3, 2000, false, false),
+        (33, 1000, 33, true, true),
+    ];
+
+    fn random(rng: &mut Rng, n: usize) -> Vec<f32> {
+        (0..n).map(|_| rng.normal() as f32).collect()
+    }
+
+    fn operand(data: &[f32], rows: usize, cols: usize, transposed: bool) -> Mat<'_> {
+        if transposed {
+            Mat::row_major(data, cols, rows).t()
+        } else {
+            Mat::row_major(data, rows, cols)
+        }
+    }
+
+    #[test]
+    fn split_matmul_is_bit_identical_to_one_thread() {
+        let mut rng = Rng::new(21);
+        for threads in [2, 3, 4] {
+            let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
+            for &(m, k, n, ta, tb) in SHAPES {
+                let (av, bv) = (random(&mut rng, m * k), random(&mut rng, k * n));
+                let (a, b) = (operand(&av, m, k, ta), operand(&bv, k, n, tb));
+                for accumulate in [false, true] {
+                    let start = random(&mut rng, m * n);
+                    let mut one = start.clone();
+                    matmul(&mut one, a, b, accumulate, gemm::Parallelism::None);
+                    let mut split = start.clone();
+                    pool.install(|| matmul_par(&mut split, a, b, accumulate));
+                    let same = one.iter().zip(&split).all(|(x, y)| x.to_bits() == y.to_bits());
+                    assert!(same, "{m}x{k}x{n} (t {ta} {tb}), accumulate {accumulate}, {threads} threads");
+                    // Not the same as a GEMM that leaves an element out (the check can fail).
+                    assert!(one.iter().zip(&start).any(|(x, y)| x != y));
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn split_lengths_cover_and_align() {
+        for (len, parts) in [(512, 2), (784, 2), (100, 3), (33, 2), (16, 4)] {
+            let l = split_len(len, parts);
+            assert_eq!(l % SPLIT_ALIGN, 0);
+            assert!(l * parts >= len && l < len + SPLIT_ALIGN, "{len} {parts} -> {l}");
+        }
+    }
+
+    /// Time of the MLP's and the CNN's linear GEMMs, one thread against the split on two, best
+    /// of 50. Run with
+    /// `cargo test --lib -- --ignored --nocapture split_matmul_speed`.
+    #[test]
+    #[ignore]
+    fn split_matmul_speed() {
+        let mut rng = Rng::new(3);
+        let pool = rayon::ThreadPoolBuilder::new().num_threads(2).build().unwrap();
+        for &(m, k, n, ta, tb) in &SHAPES[..6] {
+            let (av, bv) = (random(&mut rng, m * k), random(&mut rng, k * n));
+            let (a, b) = (operand(&av, m, k, ta), operand(&bv, k, n, tb));
+            let mut dst = vec![0f32; m * n];
+            let best = |f: &mut dyn FnMut()| {
+                (0..50)
+                    .map(|_| {
+                        let t = std::time::Instant::now();
+                        f();
+                        t.elapsed().as_secs_f64()
+                    })
+                    .fold(f64::MAX, f64::min)
+            };
+            let one = best(&mut || matmul(&mut dst, a, b, false, gemm::Parallelism::None));
+            let gemm2 = best(&mut || pool.install(|| matmul(&mut dst, a, b, false, gemm::Parallelism::Rayon(2))));
+            let split = best(&mut || pool.install(|| matmul_par(&mut dst, a, b, false)));
+            let gf = 2.0 * (m * k * n) as f64 / 1e9;
+            println!(
+                "{m}x{k}x{n}: 1 thread {:.3} ms ({:.0} GFLOP/s), gemm Rayon(2) {:.3} ms, split {:.3} ms ({:.2}x)",
+                one * 1e3,
+                gf / one,
+                gemm2 * 1e3,
+                split * 1e3,
+                one / split
+            );
         }
     }
 }

@@ -13,20 +13,12 @@
 use candle_core::{CpuStorage, CustomOp3, Layout, Module, Shape, Tensor};
 use candle_nn::VarBuilder;
 
-use super::conv::{matmul, relu, Mat};
+use super::conv::{matmul_par, relu, Mat};
 
 use super::{cpu_f32, relu_backward, with_f32};
 
 /// Names this module's operations in errors.
 const OP: &str = "fused linear";
-
-/// GEMM parallelism: all of rayon's threads when there is more than one.
-fn parallelism() -> gemm::Parallelism {
-    match rayon::current_num_threads() {
-        0 | 1 => gemm::Parallelism::None,
-        n => gemm::Parallelism::Rayon(n),
-    }
-}
 
 /// x (N×K) · Wᵀ (W: O×K) + b, then ReLU if asked.
 struct LinearOp {
@@ -66,13 +58,7 @@ impl CustomOp3 for LinearOp {
         let w = cpu_f32(s2, l2, OP, "weight")?;
         let b = cpu_f32(s3, l3, OP, "bias")?;
         let mut y = vec![0f32; n * o];
-        matmul(
-            &mut y,
-            Mat::row_major(x, n, k),
-            Mat::row_major(w, o, k).t(),
-            false,
-            parallelism(),
-        );
+        matmul_par(&mut y, Mat::row_major(x, n, k), Mat::row_major(w, o, k).t(), false);
         if o > 0 {
             for row in y.chunks_exact_mut(o) {
                 if self.relu {
@@ -115,30 +101,17 @@ impl CustomOp3 for LinearOp {
             } else {
                 gs
             };
-            let par = parallelism();
             let dev = x.device();
             let gx = if x.track_op() {
                 let mut gx = vec![0f32; n * k];
-                matmul(
-                    &mut gx,
-                    Mat::row_major(gy, n, o),
-                    Mat::row_major(ws, o, k),
-                    false,
-                    par,
-                );
+                matmul_par(&mut gx, Mat::row_major(gy, n, o), Mat::row_major(ws, o, k), false);
                 Some(Tensor::from_vec(gx, (n, k), dev)?)
             } else {
                 None
             };
             let gw = if w.track_op() {
                 let mut gw = vec![0f32; o * k];
-                matmul(
-                    &mut gw,
-                    Mat::row_major(gy, n, o).t(),
-                    Mat::row_major(xs, n, k),
-                    false,
-                    par,
-                );
+                matmul_par(&mut gw, Mat::row_major(gy, n, o).t(), Mat::row_major(xs, n, k), false);
                 Some(Tensor::from_vec(gw, (o, k), dev)?)
             } else {
                 None

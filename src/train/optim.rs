@@ -324,6 +324,25 @@ fn sgd_in_place(theta: &Tensor, g: &Tensor, first: &mut Option<Tensor>, cfg: &Op
     }
 }
 
+/// Variables of at least this many elements are updated on all of rayon's threads.
+const PAR_UPDATE_MIN: usize = 1 << 16;
+
+/// `f(dst[i], a[i], b[i])` for every i, in chunks on rayon's threads for large variables (an MLP's
+/// first layer has 400 Ki weights: updated on one thread, the other core waited). Element by
+/// element, so the result does not depend on the split.
+fn par_update(dst: &mut [f32], a: &[f32], b: &[f32], f: impl Fn(&mut f32, f32, f32) + Sync) {
+    const CHUNK: usize = 1 << 14;
+    let run = |(d, (a, b)): (&mut [f32], (&[f32], &[f32]))| {
+        d.iter_mut().zip(a.iter().zip(b)).for_each(|(d, (&a, &b))| f(d, a, b))
+    };
+    if dst.len() >= PAR_UPDATE_MIN && rayon::current_num_threads() > 1 {
+        use rayon::prelude::*;
+        dst.par_chunks_mut(CHUNK).zip(a.par_chunks(CHUNK).zip(b.par_chunks(CHUNK))).for_each(run);
+    } else {
+        run((dst, (a, b)));
+    }
+}
+
 fn f32_mut<'a>(s: &'a mut CpuStorage, l: &Layout) -> candle_core::Result<&'a mut [f32]> {
     match (s, l.contiguous_offsets()) {
         (CpuStorage::F32(v), Some((a, b))) => Ok(&mut v[a..b]),
@@ -346,8 +365,8 @@ impl InplaceOp2 for Descend {
         let theta = f32_mut(s1, l1)?;
         let lr = self.lr;
         match self.wd {
-            None => theta.iter_mut().zip(d).for_each(|(t, &d)| *t -= d * lr + 0.0),
-            Some(wd) => theta.iter_mut().zip(d).for_each(|(t, &d)| {
+            None => par_update(theta, d, d, |t, d, _| *t -= d * lr + 0.0),
+            Some(wd) => par_update(theta, d, d, |t, d, _| {
                 let g = d + (*t * wd + 0.0);
                 *t -= g * lr + 0.0
             }),
@@ -380,10 +399,8 @@ impl InplaceOp3 for Momentum {
         let b = f32_mut(s1, l1)?;
         let m = self.momentum;
         match self.wd {
-            None => b.iter_mut().zip(g).for_each(|(b, &g)| *b = (*b * m + 0.0) + g),
-            Some(wd) => b.iter_mut().zip(g.iter().zip(theta)).for_each(|(b, (&g, &t))| {
-                *b = (*b * m + 0.0) + (g + (t * wd + 0.0))
-            }),
+            None => par_update(b, g, theta, |b, g, _| *b = (*b * m + 0.0) + g),
+            Some(wd) => par_update(b, g, theta, |b, g, t| *b = (*b * m + 0.0) + (g + (t * wd + 0.0))),
         }
         Ok(())
     }
@@ -419,7 +436,15 @@ mod tests {
     /// and weight decay, over several steps (first step included), on values that include −0.
     #[test]
     fn sgd_in_place_matches_tensor_operations_bit_for_bit() {
-        let n = 1000;
+        // 1000: one pass on the calling thread; the larger size is updated in parallel chunks
+        // (with a partial last chunk) inside a pool of two threads.
+        let pool = rayon::ThreadPoolBuilder::new().num_threads(2).build().unwrap();
+        for n in [1000, 2 * PAR_UPDATE_MIN + 37] {
+            pool.install(|| sgd_in_place_matches_tensor_operations(n));
+        }
+    }
+
+    fn sgd_in_place_matches_tensor_operations(n: usize) {
         let mut rng = crate::rng::Rng::new(7);
         let theta0: Vec<f32> =
             (0..n).map(|i| if i % 97 == 0 { -0.0 } else { rng.next_f64() as f32 * 2.0 - 1.0 }).collect();
@@ -443,7 +468,7 @@ mod tests {
                 finals.push(var.as_tensor().to_vec1::<f32>().unwrap());
             }
             let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
-            assert_eq!(bits(&finals[0]), bits(&finals[1]), "momentum {momentum}, weight decay {wd}");
+            assert_eq!(bits(&finals[0]), bits(&finals[1]), "n {n}, momentum {momentum}, weight decay {wd}");
         }
     }
 
