@@ -140,6 +140,23 @@ fn model_config(name: &str) -> Option<(&'static str, ModelConfig)> {
 /// Pause before each side's round (see the loop in [`bench`]).
 const SETTLE: std::time::Duration = std::time::Duration::from_millis(300);
 
+/// Untimed steps after the pause, before a side's timed round: at least one, and at least this
+/// long. After an idle pause the first steps run slow (PyTorch's at 2 threads for up to ~15
+/// steps of the MLP, 5× slower: its OpenMP and OpenBLAS threads waking up), and one untimed step
+/// left those in the timed round, which understated PyTorch.
+const REWARM: std::time::Duration = std::time::Duration::from_millis(250);
+
+/// Run `step` until [`REWARM`] has passed (at least once).
+fn rewarm(mut step: impl FnMut() -> anyhow::Result<()>) -> anyhow::Result<()> {
+    let start = Instant::now();
+    loop {
+        step()?;
+        if start.elapsed() >= REWARM {
+            return Ok(());
+        }
+    }
+}
+
 const ALL_MODELS: &[&str] = &["mlp-512", "mlp", "cnn", "resnet", "vit", "conv4"];
 
 /// One model's timing on one side.
@@ -210,11 +227,15 @@ pub fn bench(a: &BenchArgs) -> anyhow::Result<i32> {
         a.warmup
     );
     println!("{:<8} {:<36} {:>12} {:>12} {:>7}", "model", "", "ours/s", "PyTorch/s", "ratio");
+    // Our steps run inside a pool of `threads` workers, as `reprise run` runs each cell
+    // (`exec::execute`): the step's own thread is one of the workers, so rayon's tasks start by
+    // work stealing instead of waking a pool from outside and blocking the caller.
+    let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().context("starting the benchmark's thread pool")?;
     let mut rows = Vec::new();
     for name in &names {
         let Some((desc, cfg)) = model_config(name) else { continue };
         let mut ours = Trainer::new(&cfg, a.clock).with_context(|| format!("building {name}"))?;
-        ours.run(&batches, a.warmup).with_context(|| format!("training {name}"))?;
+        pool.install(|| ours.run(&batches, a.warmup)).with_context(|| format!("training {name}"))?;
         let mut theirs_ok = torch.is_some();
         if let Some(t) = torch.as_mut() {
             if let Err(e) = t.steps(name, a.warmup) {
@@ -225,14 +246,14 @@ pub fn bench(a: &BenchArgs) -> anyhow::Result<i32> {
         let (mut ours_steps, mut theirs_steps) = (Vec::new(), Vec::new());
         for _ in 0..a.rounds {
             // Each side's idle thread pool (OpenBLAS, rayon) spins for a while after its last
-            // step and would steal the other side's cores: let it fall asleep, then take one
-            // untimed step so caches and pools are warm again.
+            // step and would steal the other side's cores: let it fall asleep, then take untimed
+            // steps for REWARM so caches, pools and clocks are warm again.
             std::thread::sleep(SETTLE);
-            ours.run(&batches, 1).with_context(|| format!("training {name}"))?;
-            ours_steps.extend(ours.run(&batches, per_round).with_context(|| format!("training {name}"))?);
+            rewarm(|| pool.install(|| ours.run(&batches, 1)).map(drop)).with_context(|| format!("training {name}"))?;
+            ours_steps.extend(pool.install(|| ours.run(&batches, per_round)).with_context(|| format!("training {name}"))?);
             if let (true, Some(t)) = (theirs_ok, torch.as_mut()) {
                 std::thread::sleep(SETTLE);
-                match t.steps(name, 1).and_then(|_| t.steps(name, per_round)) {
+                match rewarm(|| t.steps(name, 1).map(drop)).and_then(|_| t.steps(name, per_round)) {
                     Ok(v) => theirs_steps.extend(v),
                     Err(e) => {
                         eprintln!("PyTorch reference for {name} failed: {e:#}");
