@@ -446,30 +446,36 @@ const SPLIT_MIN_FMAS: usize = 1 << 18;
 /// `gemm`'s own threading (`Parallelism::Rayon`) hands out many small jobs with a barrier between
 /// packing and computing; on the MLP's shapes (batch 128) two threads ran a training step slower
 /// than one. One task per thread keeps both cores in the FMA kernel. The cut goes along the longer
-/// side of `dst`, so what every task packs again is the smaller operand (columns: all of `a`;
-/// rows: all of `b`). Each element of `dst` is still one sum over k in the same order (gemm's k
-/// blocking depends on k alone), so the result is bit-identical to the single-threaded GEMM; a
-/// test checks it.
+/// side of `dst` where it can, so what every task packs again is the smaller operand (columns:
+/// all of `a`; rows: all of `b`).
+///
+/// The result must be bit-identical to the single-threaded GEMM (a cell's key does not name its
+/// thread count). Each element of `dst` is one sum over k, but `gemm` cuts k into blocks whose
+/// size depends on the shape's class ([`gemm_shape_class`]), so a cut is made only where every
+/// block falls in the class of the whole product; otherwise the GEMM runs on one thread. A test
+/// checks the bits for the shapes of every model.
 pub(super) fn matmul_par(dst: &mut [f32], a: Mat, b: Mat, accumulate: bool) {
     let (m, k, n) = (a.rows, a.cols, b.cols);
     let threads = rayon::current_num_threads();
     let fmas = m.saturating_mul(k).saturating_mul(n);
-    if threads <= 1 || fmas < SPLIT_MIN_FMAS || m.max(n) < 2 * SPLIT_ALIGN {
+    let (rows, cols) = (split_len(m, threads), split_len(n, threads));
+    let whole = gemm_shape_class(m, n);
+    let rows_ok = m > rows && block_lens(m, rows).iter().all(|&mb| gemm_shape_class(mb, n) == whole);
+    let cols_ok = n > cols && block_lens(n, cols).iter().all(|&nb| gemm_shape_class(m, nb) == whole);
+    if threads <= 1 || fmas < SPLIT_MIN_FMAS || !(rows_ok || cols_ok) {
         return matmul(dst, a, b, accumulate, gemm::Parallelism::None);
     }
     assert!(
         dst.len() == m * n && b.rows == k && a.in_bounds() && b.in_bounds(),
         "conv matmul: inconsistent shapes"
     );
-    if m >= n {
-        let rows = split_len(m, threads);
+    if rows_ok && (m >= n || !cols_ok) {
         dst.par_chunks_mut(rows * n).enumerate().for_each(|(i, block)| {
             let r0 = i * rows;
             let part = a.sub_rows(r0, block.len() / n);
             matmul_rows(block, n, part, b, accumulate, gemm::Parallelism::None);
         });
     } else {
-        let cols = split_len(n, threads);
         let dst_ptr = SharedDst(dst.as_mut_ptr());
         (0..n.div_ceil(cols)).into_par_iter().for_each(|i| {
             let c0 = i * cols;
@@ -509,6 +515,27 @@ pub(super) fn matmul_par(dst: &mut [f32], a: Mat, b: Mat, accumulate: bool) {
 /// Blocks of a split GEMM are whole multiples of this many rows or columns (two AVX2 registers
 /// of f32, the height of gemm's f32 microkernel), so that no task ends in a narrow partial tile.
 const SPLIT_ALIGN: usize = 16;
+
+/// How `gemm` 0.19 (`gemm_basic_generic`) cuts k for an m×n product: one block of up to 1024
+/// for products of at most 16×16 elements, blocks of min(k, 512) when m and n are both ≤ 64,
+/// else blocks sized from the cache sizes and k alone. Products of one class sum every element
+/// over the same k blocks (up to 512, all of them use one block, but the smallest products also
+/// run other kernels, so classes are kept apart there too).
+fn gemm_shape_class(m: usize, n: usize) -> u8 {
+    if m * n <= 16 * 16 {
+        0
+    } else if m <= 64 && n <= 64 {
+        1
+    } else {
+        2
+    }
+}
+
+/// The distinct lengths of the blocks of `block` (the last may be shorter) that cover `len`.
+fn block_lens(len: usize, block: usize) -> [usize; 2] {
+    let last = len - (len.div_ceil(block.max(1)).max(1) - 1) * block;
+    [block.min(len), last]
+}
 
 /// Length of each of `parts` blocks covering `len`, rounded up to [`SPLIT_ALIGN`].
 fn split_len(len: usize, parts: usize) -> usize {
@@ -1548,6 +1575,10 @@ mod split_tests {
         (128, 512, 256, false, true),
         (128, 3136, 128, false, true),
         (128, 128, 3136, true, false),
+        (2176, 64, 192, false, true),
+        (192, 2176, 64, true, false),
+        (64, 2176, 128, true, false),
+        (2176, 128, 64, false, false),
         (37, 129, 301, false, true),
         (301, 65, 37, true, false),
         (97, 3, 2000, false, false),

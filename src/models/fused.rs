@@ -34,11 +34,22 @@ fn fast(ts: &[&Tensor]) -> bool {
 /// Elements per rayon task: big enough that the task overhead does not matter, small enough
 /// to balance a few tasks per thread. A multiple of `row`.
 fn task_len(total: usize, row: usize) -> usize {
+    rows_per_task(total, row, rayon::current_num_threads()) * row.max(1)
+}
+
+/// [`task_len`] for tasks whose partial sums are added up afterwards (LayerNorm's weight and bias
+/// gradients): the split, and so the order of the additions and the bits of the result, must not
+/// depend on the thread count, or a cell computed with two threads would differ from the same
+/// cell (same key) computed with one. It is the split that one thread used before (which computed
+/// the committed reports); several threads still get four tasks.
+fn reduction_task_len(total: usize, row: usize) -> usize {
+    rows_per_task(total, row, 1) * row.max(1)
+}
+
+/// Rows per task: about four tasks per thread, at least 16 Ki elements each.
+fn rows_per_task(total: usize, row: usize, threads: usize) -> usize {
     let rows = total / row.max(1);
-    let per = (rows / (rayon::current_num_threads() * 4))
-        .max(1)
-        .max(16_384 / row.max(1));
-    per * row.max(1)
+    (rows / (threads * 4)).max(1).max(16_384 / row.max(1))
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -112,7 +123,7 @@ impl CustomOp3 for LayerNormOp {
         let (gx, gw, gb) = with_f32(OP, &operands, |s| {
             let (xs, ws, gs) = (s[0], s[1], s[2]);
             let mut gx = vec![0f32; xs.len()];
-            let t = task_len(xs.len(), d);
+            let t = reduction_task_len(xs.len(), d);
             let partials: Vec<(Vec<f32>, Vec<f32>)> = gx
                 .par_chunks_mut(t)
                 .zip(xs.par_chunks(t).zip(gs.par_chunks(t)))

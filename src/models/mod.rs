@@ -484,6 +484,39 @@ mod tests {
     use candle_core::Device;
     use candle_nn::VarBuilder;
 
+    /// A training step gives the same bits whatever the thread count: a cell's key does not name
+    /// the threads it ran with (`run --jobs 1` on two cores gives each cell two), so every
+    /// parallel split must leave the order of every sum alone. Batch 128 on 28×28, as the
+    /// reports train: smaller batches fall under the sizes where the kernels split work. (Before
+    /// 2026-12-01 LayerNorm's gradient partials were split by thread count: the ViT failed this.)
+    #[test]
+    fn a_training_step_is_bit_identical_at_any_thread_count() {
+        use crate::train::{OptimConfig, Optimizer};
+        let (x, y) = test_support::batch(128, 1, 28, 28, 10);
+        for kind in [ModelKind::Mlp, ModelKind::Cnn, ModelKind::Resnet, ModelKind::Vit, ModelKind::Conv4] {
+            let step = |threads: usize| -> Vec<Vec<u32>> {
+                let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
+                pool.install(|| {
+                    let (varmap, model) = test_support::build_seeded(&ModelConfig::new(kind, 1, 28, 28, 10), 5);
+                    let mut opt = Optimizer::new(varmap.all_vars(), &OptimConfig::sgd(0.05)).unwrap();
+                    for _ in 0..2 {
+                        let (_, logits) = model.forward(&x, true).unwrap();
+                        opt.backward_step(&candle_nn::loss::cross_entropy(&logits, &y).unwrap()).unwrap();
+                    }
+                    let mut vars: Vec<_> = varmap.data().lock().unwrap().iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+                    vars.sort_by(|a, b| a.0.cmp(&b.0));
+                    vars.iter()
+                        .map(|(_, v)| v.flatten_all().unwrap().to_vec1::<f32>().unwrap().iter().map(|f| f.to_bits()).collect())
+                        .collect()
+                })
+            };
+            let one = step(1);
+            for threads in [2, 3] {
+                assert!(step(threads) == one, "{kind:?}: {threads} threads differ from 1");
+            }
+        }
+    }
+
     /// The backward pass in use is the patched one (vendor/candle-core): a single contribution
     /// is stored as it is, so a −0 gradient keeps its sign (the published pass added it to
     /// zeros, giving +0); and a first gradient that does not fit its tensor is still an error.
