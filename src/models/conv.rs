@@ -411,29 +411,37 @@ pub(super) fn matmul_rows(
     );
     // SAFETY: all three matrices lie inside their slices (asserted above), `dst` is exclusively
     // borrowed and does not alias `a` or `b`.
-    unsafe {
-        gemm::gemm(
-            m,
-            n,
-            k,
-            dst.as_mut_ptr(),
-            1,
-            dst_rs as isize,
-            accumulate,
-            a.data.as_ptr(),
-            a.cs as isize,
-            a.rs as isize,
-            b.data.as_ptr(),
-            b.cs as isize,
-            b.rs as isize,
-            1.0f32,
-            1.0f32,
-            false,
-            false,
-            false,
-            par,
-        );
-    }
+    unsafe { gemm_raw(dst.as_mut_ptr(), dst_rs, a, b, accumulate, par) }
+}
+
+/// `gemm` of a.rows × b.cols elements at `dst`, rows `dst_rs` apart (= a·b, or += with
+/// `accumulate`).
+///
+/// # Safety
+/// `a` and `b` lie inside their slices, `b.rows == a.cols`, and every element written
+/// (`dst + r·dst_rs + c`) is valid for writes and read or written by no one else during the call.
+unsafe fn gemm_raw(dst: *mut f32, dst_rs: usize, a: Mat, b: Mat, accumulate: bool, par: gemm::Parallelism) {
+    gemm::gemm(
+        a.rows,
+        b.cols,
+        a.cols,
+        dst,
+        1,
+        dst_rs as isize,
+        accumulate,
+        a.data.as_ptr(),
+        a.cs as isize,
+        a.rs as isize,
+        b.data.as_ptr(),
+        b.cs as isize,
+        b.rs as isize,
+        1.0f32,
+        1.0f32,
+        false,
+        false,
+        false,
+        par,
+    );
 }
 
 /// Below this many multiply-adds a GEMM is not split between threads (the tasks' start-up would
@@ -485,29 +493,7 @@ pub(super) fn matmul_par(dst: &mut [f32], a: Mat, b: Mat, accumulate: bool) {
             // this call; task i writes only columns c0..c0 + part.cols of each row, and the tasks'
             // column ranges are disjoint. The operands lie inside their slices (asserted above;
             // `sub_cols` keeps that) and do not alias `dst`.
-            unsafe {
-                gemm::gemm(
-                    m,
-                    part.cols,
-                    k,
-                    dst_ptr.0.add(c0),
-                    1,
-                    n as isize,
-                    accumulate,
-                    a.data.as_ptr(),
-                    a.cs as isize,
-                    a.rs as isize,
-                    part.data.as_ptr(),
-                    part.cs as isize,
-                    part.rs as isize,
-                    1.0f32,
-                    1.0f32,
-                    false,
-                    false,
-                    false,
-                    gemm::Parallelism::None,
-                );
-            }
+            unsafe { gemm_raw(dst_ptr.0.add(c0), n, a, part, accumulate, gemm::Parallelism::None) }
         });
     }
 }
