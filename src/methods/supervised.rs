@@ -172,8 +172,10 @@ impl Method for Supervised {
         // sums use 32 lanes (a different summation order) and GELU a polynomial erf/exp
         // (differences below 3·10⁻⁷). 6: stride-1 "same" convolutions run as direct
         // convolutions over padded planes (another summation order than im2col + GEMM).
-        // 7: so do the stride-2 3×3 ones (over phase-split planes).
-        7
+        // 7: so do the stride-2 3×3 ones (over phase-split planes). 8: the direct
+        // convolutions' weight gradient is one running sum per weight over a task's pixels
+        // (output channels in vector lanes) instead of 16 lane sums added at the end.
+        8
     }
 
     fn schema(&self) -> &'static [ParamDef] {

@@ -566,9 +566,8 @@ fn with_scratch<const N: usize, R>(lens: [usize; N], f: impl FnOnce([&mut [f32];
 /// under every `--jobs` gives bit-identical results.
 const SAMPLES_PER_TASK: usize = 4;
 
-/// Samples per task of the direct backward pass: its weight gradient sums all of a task's
-/// samples in registers before the horizontal sums, which cost as much as a 7×7 sample's
-/// products. Fixed, for the same reason as [`SAMPLES_PER_TASK`].
+/// Samples per task of the direct backward pass: its weight gradient is one running sum over
+/// all of a task's samples. Fixed, for the same reason as [`SAMPLES_PER_TASK`].
 const DIRECT_SAMPLES_PER_TASK: usize = 8;
 
 /// How to split a batch of `n` samples: samples per task, and the parallelism inside each GEMM
@@ -742,7 +741,7 @@ fn same_stride1(g: &Geom) -> bool {
 
 /// The convolution that maps an output gradient (O channels) to the input gradient (C channels)
 /// of a stride-1 "same" convolution, and its weight W'[c, o, i, j] = W[o, c, kh−1−i, kw−1−j].
-fn transposed_conv(g: &Geom, w: &[f32]) -> (Geom, Vec<f32>) {
+pub(super) fn transposed_conv(g: &Geom, w: &[f32]) -> (Geom, Vec<f32>) {
     let gt = Geom {
         c: g.o,
         o: g.c,
@@ -884,7 +883,9 @@ fn backward_direct(
     } else {
         (0, 0)
     };
-    let (gl, xl) = (plan.grad_len(g.o), plan.input_len(g.c));
+    // Stride 1's input gradient reads the output gradient as padded planes (one sample at a
+    // time); the weight gradient reads every sample of the task transposed (pixel-major).
+    let (gl, tl, xl) = (plan.input_len(g.o), plan.grad_t_len(g.o), plan.input_len(g.c));
     let partials: Vec<(Vec<f32>, Vec<f32>)> = gx_chunks
         .into_par_iter()
         .enumerate()
@@ -893,7 +894,8 @@ fn backward_direct(
             let (first, count, mut gw, mut gb) = task_start(g, a, t, per);
             let lens = [
                 output_grad_len(a, ol),
-                count * gl,
+                if a.need_x && transposed { gl } else { 0 },
+                if a.need_w { count * tl } else { 0 },
                 if a.need_w { count * xl } else { 0 },
                 if a.need_x && transposed {
                     plan.wide_len(g.c)
@@ -902,7 +904,7 @@ fn backward_direct(
                 },
                 up_gp,
             ];
-            with_scratch(lens, |[masked, gpad, xpad, wide, up]| {
+            with_scratch(lens, |[masked, gpad, gt, xpad, wide, up]| {
                 for i in 0..count {
                     let n = first + i;
                     let go = output_grad(a, p, ol, n, masked);
@@ -911,16 +913,16 @@ fn backward_direct(
                             *b += lane_sum(row);
                         }
                     }
-                    let gpad_n = &mut gpad[i * gl..(i + 1) * gl];
-                    plan.grad_into(go, gpad_n);
                     if a.need_w {
+                        plan.grad_t_into(go, g.o, &mut gt[i * tl..(i + 1) * tl]);
                         let x_n = &a.x[n * il..(n + 1) * il];
                         plan.pad_into(x_n, &mut xpad[i * xl..(i + 1) * xl]);
                     }
                     if let Some(chunk) = gx_chunk.as_deref_mut() {
                         let gx_n = &mut chunk[i * il..(i + 1) * il];
                         if let Some(wt) = &wt {
-                            plan.conv(gpad_n, g.o, wt, g.c, wide);
+                            plan.pad_into(go, gpad);
+                            plan.conv(gpad, g.o, wt, g.c, wide);
                             plan.compact(wide, gx_n);
                         } else {
                             plan.input_grad(go, g.o, &packs, g.c, up, wide, gx_n);
@@ -928,7 +930,7 @@ fn backward_direct(
                     }
                 }
                 if a.need_w {
-                    plan.weight_grad(gpad, g.o, xpad, g.c, count, &mut gw);
+                    plan.weight_grad(gt, g.o, xpad, g.c, count, &mut gw);
                 }
             });
             (gw, gb)

@@ -9,9 +9,11 @@
 //! indices with x ≥ W are computed and thrown away (2·pad of every Wp columns).
 //!
 //! The same tile computes the input gradient (a "same" convolution of the padded output gradient
-//! with the flipped, transposed kernel). The weight gradient is Σ_q g[o, q] · x[c, q + tap] over
-//! wide indices, with g zero on the columns x ≥ W and past the last row, so that the thrown-away
-//! pixels add nothing; it is accumulated over all samples of a task in registers.
+//! with the flipped, transposed kernel). The weight gradient is Σ over output pixels (y, x) of
+//! g[o, y, x] · x[c, q + tap] with q = y·Wp + x (only real pixels, none thrown away): the output
+//! gradient is transposed to pixel-major order so that a vector holds 8 output channels, each
+//! input value is broadcast, and every gradient is one running sum in one lane (no horizontal
+//! sums), continued over all samples of a task.
 //!
 //! The kernels use AVX2 and FMA, detected at run time; [`Plan::new`] returns `None` without
 //! them (or for other geometries), and the caller keeps the im2col + GEMM path. Sums run in a
@@ -70,11 +72,6 @@ pub(super) struct Plan {
     qr: usize,
     /// Offset of every kernel tap (i, j) inside a channel, in weight order.
     taps: Vec<usize>,
-    /// Floats per channel of an output gradient laid out for [`Plan::weight_grad`], and the
-    /// offset of its pixel (0, 0): the padded plane for stride 1 (the same buffer feeds the input
-    /// gradient), the wide row layout for stride 2.
-    gplane: usize,
-    gorigin: usize,
     /// Stride 2: the layout of the input gradient's passes.
     up: Option<Up>,
     isa: Isa,
@@ -163,8 +160,8 @@ impl Plan {
         if g.stride == 1 {
             let wp = g.w + 2 * g.pad;
             let qr = (g.h * wp).div_ceil(nr) * nr;
-            // The weight gradient reads g[pad·Wp + pad + q] for q < qr inside one plane, and
-            // those past the image rows must be padding (zero).
+            // The tiles read up to 2·pad·Wp + 2·pad + q for q < qr: rows past the padding keep
+            // those reads inside the plane (their results are thrown away).
             let extra = (qr - g.h * wp + 2 * g.pad).div_ceil(wp);
             let plane = (g.h + 2 * g.pad + extra) * wp;
             return Plan {
@@ -183,8 +180,6 @@ impl Plan {
                 taps: (0..g.kh)
                     .flat_map(|i| (0..g.kw).map(move |j| i * wp + j))
                     .collect(),
-                gplane: plane,
-                gorigin: g.pad * wp + g.pad,
                 up: None,
                 isa,
             };
@@ -217,8 +212,6 @@ impl Plan {
             phase,
             qr,
             taps,
-            gplane: qr,
-            gorigin: 0,
             up: Some(Self::up(g, wq, nr)),
             isa,
         }
@@ -265,13 +258,10 @@ impl Plan {
         ch * self.cplane + 2 * self.wq
     }
 
-    /// Floats of one sample's output-gradient layout with `ch` channels.
-    pub(super) fn grad_len(&self, ch: usize) -> usize {
-        if self.stride == 1 {
-            self.input_len(ch)
-        } else {
-            ch * self.gplane
-        }
+    /// Floats of one sample's output gradient with `ch` channels laid out for
+    /// [`Plan::weight_grad`] by [`Plan::grad_t_into`]: pixel-major, channels padded to [`lanes`].
+    pub(super) fn grad_t_len(&self, ch: usize) -> usize {
+        self.ho * self.wo * lanes(ch)
     }
 
     /// Whether the input gradient runs through [`Plan::conv`] (stride 1: a "same" convolution of
@@ -432,21 +422,36 @@ impl Plan {
         dst[ch * self.cplane..].fill(0.0);
     }
 
-    /// Copy one sample's output gradient (`ch`×Ho×Wo) into the layout `dst` (`grad_len(ch)`)
-    /// that [`Plan::weight_grad`] (and for stride 1 [`Plan::conv`]) reads: zero wherever a
-    /// thrown-away wide pixel would be read.
-    pub(super) fn grad_into(&self, src: &[f32], dst: &mut [f32]) {
-        if self.stride == 1 {
-            return self.pad_into(src, dst);
+    /// Transpose one sample's output gradient `src` (`ch`×Ho×Wo) into `dst` (`grad_t_len(ch)`):
+    /// pixel p's `ch` channels at p·lanes(ch), the padding lanes zero. Every element is written.
+    pub(super) fn grad_t_into(&self, src: &[f32], ch: usize, dst: &mut [f32]) {
+        let (px, l) = (self.ho * self.wo, lanes(ch));
+        assert!(src.len() == ch * px && dst.len() == px * l, "direct conv: gradient size");
+        // Blocks of 8 channels × 8 pixels transposed in registers; the rest element by element.
+        let (cb, pb) = (ch / 8 * 8, px / 8 * 8);
+        #[cfg(target_arch = "x86_64")]
+        for o in (0..cb).step_by(8) {
+            for p in (0..pb).step_by(8) {
+                // SAFETY: the CPU has AVX2 (checked when the plan was made); the block's reads
+                // (rows o..o+8, pixels p..p+8) and writes (pixels p..p+8, lanes o..o+8) are inside
+                // `src` and `dst`, whose sizes are asserted above.
+                unsafe { avx::transpose8(src.as_ptr().add(o * px + p), px, dst.as_mut_ptr().add(p * l + o), l) }
+            }
         }
-        dst.fill(0.0);
-        let (ho, wo) = (self.ho, self.wo);
-        for (s, d) in src
-            .chunks_exact(ho * wo)
-            .zip(dst.chunks_exact_mut(self.gplane))
-        {
-            for (y, row) in s.chunks_exact(wo).enumerate() {
-                d[y * self.wq..y * self.wq + wo].copy_from_slice(row);
+        #[cfg(not(target_arch = "x86_64"))]
+        let (cb, pb) = (0, 0);
+        for (o, row) in src.chunks_exact(px).enumerate() {
+            let from = if o < cb { pb } else { 0 };
+            if from == px {
+                continue;
+            }
+            for (d, &v) in dst[from * l + o..].iter_mut().step_by(l).zip(&row[from..]) {
+                *d = v;
+            }
+        }
+        if ch < l {
+            for d in dst.chunks_exact_mut(l) {
+                d[ch..].fill(0.0);
             }
         }
     }
@@ -550,39 +555,77 @@ impl Plan {
         unreachable!("direct conv without a plan")
     }
 
-    /// `gw` (O×K) += Σ over the samples of Σ_q g[o, q] · x[c, q + tap], where `gpad` holds the
-    /// output gradients (`o` channels, `grad_len(o)` per sample, from [`Plan::grad_into`]) and
-    /// `xpad` the inputs (`cin` channels, `input_len(cin)` per sample) of `samples` samples.
+    /// `gw` (O×K) += Σ over the samples, the output pixels (y, x) in order, of
+    /// g[o, y, x] · x[c, q + tap] with q = y·wq + x, where `gt` holds the output gradients of
+    /// `samples` samples (`o` channels, from [`Plan::grad_t_into`]) and `xpad` their inputs (`cin`
+    /// channels, `input_len(cin)` per sample, from [`Plan::pad_into`]). Every gradient is one
+    /// running sum in one vector lane (the lanes are output channels), the same on every
+    /// instruction set and for every tile shape.
     pub(super) fn weight_grad(
         &self,
-        gpad: &[f32],
+        gt: &[f32],
         o: usize,
         xpad: &[f32],
         cin: usize,
         samples: usize,
         gw: &mut [f32],
     ) {
+        self.weight_grad_cols(gt, o, xpad, cin, samples, gw, WGRAD_COLS);
+    }
+
+    /// [`Plan::weight_grad`] in tiles of at most `cols` weight columns (1 to [`WGRAD_COLS`]).
+    #[allow(clippy::too_many_arguments)]
+    fn weight_grad_cols(
+        &self,
+        gt: &[f32],
+        o: usize,
+        xpad: &[f32],
+        cin: usize,
+        samples: usize,
+        gw: &mut [f32],
+        cols: usize,
+    ) {
         let k = cin * self.taps.len();
+        let reach = self.taps.iter().max().map_or(0, |t| t + (self.ho - 1) * self.wq + self.wo);
         assert!(
-            gpad.len() >= samples * self.grad_len(o)
+            gt.len() >= samples * self.grad_t_len(o)
                 && xpad.len() >= samples * self.input_len(cin)
+                && (cin == 0 || (cin - 1) * self.cplane + reach <= self.input_len(cin))
                 && gw.len() == o * k,
             "direct conv: inconsistent buffer sizes"
         );
-        // SAFETY: as in `conv`; gradient reads reach gorigin + (o−1)·gplane + qr − 1, below
-        // o·gplane (stride 1: the extra rows; stride 2: gplane = qr, gorigin = 0).
+        let l = lanes(o);
+        let mut acc = vec![0f32; k * l];
+        // SAFETY: the CPU has AVX2 and FMA (checked when the plan was made); the assert bounds
+        // every read: gradients below samples·grad_t_len(o), inputs below (s+1)·input_len(cin)
+        // for sample s (the largest offset, channel cin−1's last tap at the last pixel, is
+        // checked above), and `acc` holds k·l floats.
         #[cfg(target_arch = "x86_64")]
         unsafe {
-            avx::weight_grad(self, gpad, o, xpad, cin, samples, gw, avx::WGRAD_COLS)
+            avx::weight_grad(self, gt, l, xpad, cin, samples, &mut acc, cols)
         }
         #[cfg(not(target_arch = "x86_64"))]
-        unreachable!("direct conv without a plan")
+        unreachable!("direct conv without a plan");
+        for (oo, row) in gw.chunks_exact_mut(k.max(1)).enumerate().take(o) {
+            for (kk, v) in row.iter_mut().enumerate() {
+                *v += acc[kk * l + oo];
+            }
+        }
     }
 }
 
+/// Output-channel lanes of the weight gradient's layouts: `ch` rounded up to whole 8-lane vectors.
+pub(super) fn lanes(ch: usize) -> usize {
+    ch.div_ceil(8) * 8
+}
+
+/// Weight columns per weight-gradient tile (two rows of 8 output channels × 6 columns: twelve
+/// accumulators); a test checks that narrower tiles give the same bits.
+const WGRAD_COLS: usize = 6;
+
 #[cfg(target_arch = "x86_64")]
 pub(super) mod avx {
-    use super::{Isa, Plan};
+    use super::Plan;
 
     const MR: usize = 4;
     use std::arch::x86_64::*;
@@ -662,183 +705,145 @@ pub(super) mod avx {
         _mm256_broadcastss_ps(_mm_load_ss(p))
     }
 
+    /// Transpose the 8×8 block at `src` (rows `ss` floats apart) into `dst` (rows `ds` apart):
+    /// dst[j·ds + i] = src[i·ss + j].
     #[target_feature(enable = "avx2,fma")]
-    unsafe fn hsum(v: __m256) -> f32 {
-        let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));
-        let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-        let s = _mm_add_ss(s, _mm_shuffle_ps::<1>(s, s));
-        _mm_cvtss_f32(s)
+    pub(super) unsafe fn transpose8(src: *const f32, ss: usize, dst: *mut f32, ds: usize) {
+        let r: [__m256; 8] = std::array::from_fn(|i| load(src.wrapping_add(i * ss)));
+        // Interleave pairs of rows, then pairs of pairs, then swap 128-bit halves.
+        let t0 = _mm256_unpacklo_ps(r[0], r[1]);
+        let t1 = _mm256_unpackhi_ps(r[0], r[1]);
+        let t2 = _mm256_unpacklo_ps(r[2], r[3]);
+        let t3 = _mm256_unpackhi_ps(r[2], r[3]);
+        let t4 = _mm256_unpacklo_ps(r[4], r[5]);
+        let t5 = _mm256_unpackhi_ps(r[4], r[5]);
+        let t6 = _mm256_unpacklo_ps(r[6], r[7]);
+        let t7 = _mm256_unpackhi_ps(r[6], r[7]);
+        let u0 = _mm256_shuffle_ps::<0x44>(t0, t2);
+        let u1 = _mm256_shuffle_ps::<0xEE>(t0, t2);
+        let u2 = _mm256_shuffle_ps::<0x44>(t1, t3);
+        let u3 = _mm256_shuffle_ps::<0xEE>(t1, t3);
+        let u4 = _mm256_shuffle_ps::<0x44>(t4, t6);
+        let u5 = _mm256_shuffle_ps::<0xEE>(t4, t6);
+        let u6 = _mm256_shuffle_ps::<0x44>(t5, t7);
+        let u7 = _mm256_shuffle_ps::<0xEE>(t5, t7);
+        let out = [
+            _mm256_permute2f128_ps::<0x20>(u0, u4),
+            _mm256_permute2f128_ps::<0x20>(u1, u5),
+            _mm256_permute2f128_ps::<0x20>(u2, u6),
+            _mm256_permute2f128_ps::<0x20>(u3, u7),
+            _mm256_permute2f128_ps::<0x31>(u0, u4),
+            _mm256_permute2f128_ps::<0x31>(u1, u5),
+            _mm256_permute2f128_ps::<0x31>(u2, u6),
+            _mm256_permute2f128_ps::<0x31>(u3, u7),
+        ];
+        for (j, v) in out.into_iter().enumerate() {
+            store(dst.wrapping_add(j * ds), v);
+        }
     }
 
-    /// The sum of 16 lanes held as two halves, in one fixed order. Every weight-gradient kernel
-    /// (AVX2 or AVX-512) accumulates wide pixel q in lane q mod 16, in the same sequence, and
-    /// ends here, so the gradient is bit-identical whichever instruction set ran it.
-    #[target_feature(enable = "avx2,fma")]
-    pub(super) unsafe fn hsum16(lo: __m256, hi: __m256) -> f32 {
-        hsum(_mm256_add_ps(lo, hi))
-    }
+    /// Bytes of the sample groups of [`weight_grad`].
+    const WGRAD_GROUP_BYTES: usize = 256 << 10;
 
     /// Offset of weight column `kk` (channel, tap) inside a padded sample.
-    pub(super) fn column(p: &Plan, kk: usize) -> usize {
+    fn column(p: &Plan, kk: usize) -> usize {
         let nt = p.taps.len();
         (kk / nt) * p.cplane + p.taps[kk % nt]
     }
 
-    /// Gradient rows [o0, o0 + R) × weight columns [k0, k0 + T), summed over all samples (the
-    /// edges; [`wtile23`] and the AVX-512 tile are the common cases).
+    /// Weight-gradient lanes [o0, o0 + 8·V) × columns [k0, k0 + T) (at input offsets `f`):
+    /// `acc[kk·l + o]` += Σ over the samples and their output pixels in order of
+    /// g[o, p] · x[f[kk − k0] + q(p)], one running
+    /// FMA sum per lane. `V` vectors of gradients are loaded and `T` inputs broadcast per pixel;
+    /// with V = 2, T = 6 that is 8 loads for 12 FMAs and no horizontal sums.
     #[target_feature(enable = "avx2,fma")]
     #[allow(clippy::too_many_arguments)]
-    unsafe fn wtile<const R: usize, const T: usize>(
+    unsafe fn wtile<const V: usize, const T: usize>(
         p: &Plan,
-        g: *const f32,
-        gstride: usize,
+        gt: *const f32,
+        l: usize,
         x: *const f32,
         xstride: usize,
         samples: usize,
         o0: usize,
+        f: &[usize],
         k0: usize,
-        gw: &mut [f32],
-        k: usize,
+        acc: *mut f32,
     ) {
-        let xoff: [usize; T] = std::array::from_fn(|j| column(p, k0 + j));
-        let z = _mm256_setzero_ps();
-        let mut acc = [[(z, z); T]; R];
+        let f: [usize; T] = std::array::from_fn(|j| f[j]);
+        let at = |j: usize, v: usize| acc.wrapping_add((k0 + j) * l + o0 + 8 * v);
+        let mut a: [[__m256; V]; T] = std::array::from_fn(|j| std::array::from_fn(|v| load(at(j, v))));
+        let gstride = p.ho * p.wo * l;
         for s in 0..samples {
-            let gs = g.wrapping_add(s * gstride + p.gorigin + o0 * p.gplane);
+            let mut gp = gt.wrapping_add(s * gstride + o0);
             let xs = x.wrapping_add(s * xstride);
-            let mut q = 0;
-            while q < p.qr {
-                for (r, row) in acc.iter_mut().enumerate() {
-                    let gr = gs.wrapping_add(r * p.gplane + q);
-                    let (glo, ghi) = (load(gr), load(gr.wrapping_add(8)));
-                    for (j, (lo, hi)) in row.iter_mut().enumerate() {
-                        let xr = xs.wrapping_add(xoff[j] + q);
-                        *lo = _mm256_fmadd_ps(glo, load(xr), *lo);
-                        *hi = _mm256_fmadd_ps(ghi, load(xr.wrapping_add(8)), *hi);
+            for y in 0..p.ho {
+                let row = xs.wrapping_add(y * p.wq);
+                let base: [*const f32; T] = std::array::from_fn(|j| row.wrapping_add(f[j]));
+                for xx in 0..p.wo {
+                    let g: [__m256; V] = std::array::from_fn(|v| load(gp.wrapping_add(8 * v)));
+                    for j in 0..T {
+                        let b = bcast(base[j].wrapping_add(xx));
+                        for v in 0..V {
+                            a[j][v] = _mm256_fmadd_ps(g[v], b, a[j][v]);
+                        }
                     }
+                    gp = gp.wrapping_add(l);
                 }
-                q += 16;
             }
         }
-        for (r, row) in acc.iter().enumerate() {
-            for (j, &(lo, hi)) in row.iter().enumerate() {
-                gw[(o0 + r) * k + k0 + j] += hsum16(lo, hi);
+        for (j, aj) in a.iter().enumerate() {
+            for (v, &av) in aj.iter().enumerate() {
+                store(at(j, v), av);
             }
         }
     }
 
-    /// [`wtile`] for 2 rows × 3 columns (one kernel row of a 3×3 kernel): twelve accumulators,
-    /// each 8-lane half done on its own so that two gradient and one input vector are live. Per
-    /// 16 pixels: 10 loads for 12 FMAs, against 8 for 8 in the 2 × 2 tile it replaced (1.2× faster
-    /// per layer on Zen 3). Each output is the same lane-wise sum as in every other tile, so the same bits.
-    #[target_feature(enable = "avx2,fma")]
-    #[allow(clippy::too_many_arguments)]
-    unsafe fn wtile23(
-        p: &Plan,
-        g: *const f32,
-        gstride: usize,
-        x: *const f32,
-        xstride: usize,
-        samples: usize,
-        o0: usize,
-        k0: usize,
-        gw: &mut [f32],
-        k: usize,
-    ) {
-        let f = [column(p, k0), column(p, k0 + 1), column(p, k0 + 2)];
-        let z = _mm256_setzero_ps();
-        // a: lanes 0–7 of each 16-pixel block, b: lanes 8–15; first digit row, second column.
-        let (mut a00, mut a01, mut a02, mut a10, mut a11, mut a12) = (z, z, z, z, z, z);
-        let (mut b00, mut b01, mut b02, mut b10, mut b11, mut b12) = (z, z, z, z, z, z);
-        let pl = p.gplane;
-        for s in 0..samples {
-            let gs = g.wrapping_add(s * gstride + p.gorigin + o0 * pl);
-            let xs = x.wrapping_add(s * xstride);
-            let (mut x0p, mut x1p, mut x2p) = (xs.wrapping_add(f[0]), xs.wrapping_add(f[1]), xs.wrapping_add(f[2]));
-            let (mut g0p, mut g1p) = (gs, gs.wrapping_add(pl));
-            for _ in 0..p.qr / 16 {
-                let (g0, g1) = (load(g0p), load(g1p));
-                let x0 = load(x0p);
-                a00 = _mm256_fmadd_ps(g0, x0, a00);
-                a10 = _mm256_fmadd_ps(g1, x0, a10);
-                let x1 = load(x1p);
-                a01 = _mm256_fmadd_ps(g0, x1, a01);
-                a11 = _mm256_fmadd_ps(g1, x1, a11);
-                let x2 = load(x2p);
-                a02 = _mm256_fmadd_ps(g0, x2, a02);
-                a12 = _mm256_fmadd_ps(g1, x2, a12);
-                let (h0, h1) = (load(g0p.wrapping_add(8)), load(g1p.wrapping_add(8)));
-                let y0 = load(x0p.wrapping_add(8));
-                b00 = _mm256_fmadd_ps(h0, y0, b00);
-                b10 = _mm256_fmadd_ps(h1, y0, b10);
-                let y1 = load(x1p.wrapping_add(8));
-                b01 = _mm256_fmadd_ps(h0, y1, b01);
-                b11 = _mm256_fmadd_ps(h1, y1, b11);
-                let y2 = load(x2p.wrapping_add(8));
-                b02 = _mm256_fmadd_ps(h0, y2, b02);
-                b12 = _mm256_fmadd_ps(h1, y2, b12);
-                x0p = x0p.wrapping_add(16);
-                x1p = x1p.wrapping_add(16);
-                x2p = x2p.wrapping_add(16);
-                g0p = g0p.wrapping_add(16);
-                g1p = g1p.wrapping_add(16);
-            }
-        }
-        let (r0, r1) = (o0 * k + k0, (o0 + 1) * k + k0);
-        gw[r0] += hsum16(a00, b00);
-        gw[r0 + 1] += hsum16(a01, b01);
-        gw[r0 + 2] += hsum16(a02, b02);
-        gw[r1] += hsum16(a10, b10);
-        gw[r1 + 1] += hsum16(a11, b11);
-        gw[r1 + 2] += hsum16(a12, b12);
-    }
-
-    /// Weight-gradient columns per tile on AVX2 ([`wtile23`]); a test checks that narrower tiles
-    /// give the same bits.
-    pub(super) const WGRAD_COLS: usize = 3;
-
-    /// The weight gradient of [`Plan::weight_grad`], in tiles of 2 rows × up to `cols` (1–3)
-    /// columns (AVX-512: 4 × 4 where whole).
+    /// The weight gradient of [`Plan::weight_grad`] into `acc` (K × `l` lanes, transposed), in
+    /// tiles of 16 (or 8, at the edge) lanes × up to `cols` (1–6) columns. Both instruction sets
+    /// run these kernels, so the bits do not depend on which one the CPU has.
     #[target_feature(enable = "avx2,fma")]
     #[allow(clippy::too_many_arguments)]
     pub(super) unsafe fn weight_grad(
         p: &Plan,
-        gpad: &[f32],
-        o: usize,
+        gt: &[f32],
+        l: usize,
         xpad: &[f32],
         cin: usize,
         samples: usize,
-        gw: &mut [f32],
+        acc: &mut [f32],
         cols: usize,
     ) {
-        let cols = cols.clamp(1, 3);
+        let cols = cols.clamp(1, super::WGRAD_COLS);
         let k = cin * p.taps.len();
-        let (g, x) = (gpad.as_ptr(), xpad.as_ptr());
-        let (gs, xs) = (p.grad_len(o), p.input_len(cin));
-        for o0 in (0..o).step_by(4) {
-            let rows = (o - o0).min(4);
-            let mut k0 = 0;
-            while k0 < k {
-                if rows == 4 && p.isa == Isa::Avx512 && k - k0 >= 4 {
-                    super::avx512::wtile44(p, g, gs, x, xs, samples, o0, k0, gw, k);
-                    k0 += 4;
-                    continue;
-                }
-                let t = (k - k0).min(cols);
-                let mut r0 = o0;
-                while r0 < o0 + rows {
-                    let rr = (o0 + rows - r0).min(2);
-                    match (rr, t) {
-                        (2, 3) => wtile23(p, g, gs, x, xs, samples, r0, k0, gw, k),
-                        (_, 3) => wtile::<1, 3>(p, g, gs, x, xs, samples, r0, k0, gw, k),
-                        (2, 2) => wtile::<2, 2>(p, g, gs, x, xs, samples, r0, k0, gw, k),
-                        (2, _) => wtile::<2, 1>(p, g, gs, x, xs, samples, r0, k0, gw, k),
-                        (_, 2) => wtile::<1, 2>(p, g, gs, x, xs, samples, r0, k0, gw, k),
-                        _ => wtile::<1, 1>(p, g, gs, x, xs, samples, r0, k0, gw, k),
+        let (g, x, a) = (gt.as_ptr(), xpad.as_ptr(), acc.as_mut_ptr());
+        let xs = p.input_len(cin);
+        let offsets: Vec<usize> = (0..k).map(|kk| column(p, kk)).collect();
+        // Samples in groups whose gradients and inputs fit in half of a 512 KiB L2 (so they stay
+        // there across the tiles); each tile resumes its lanes' running sums from `acc`, so the
+        // grouping leaves the order of every sum unchanged.
+        let gs = p.ho * p.wo * l;
+        let group = (WGRAD_GROUP_BYTES / (4 * (gs + xs)).max(1)).clamp(1, samples.max(1));
+        for s in (0..samples).step_by(group) {
+            let n = group.min(samples - s);
+            let (g, x) = (g.wrapping_add(s * gs), x.wrapping_add(s * xs));
+            for o0 in (0..l).step_by(16) {
+                let two = l - o0 >= 16;
+                let mut k0 = 0;
+                while k0 < k {
+                    let t = (k - k0).min(cols);
+                    macro_rules! tile {
+                        ($($t:literal)*) => {
+                            match (two, t) {
+                                $((true, $t) => wtile::<2, $t>(p, g, l, x, xs, n, o0, &offsets[k0..k0 + $t], k0, a),
+                                  (false, $t) => wtile::<1, $t>(p, g, l, x, xs, n, o0, &offsets[k0..k0 + $t], k0, a),)*
+                                _ => unreachable!("weight-gradient tile of {t} columns"),
+                            }
+                        };
                     }
-                    r0 += rr;
+                    tile!(1 2 3 4 5 6);
+                    k0 += t;
                 }
-                k0 += t;
             }
         }
     }
@@ -847,7 +852,6 @@ pub(super) mod avx {
 /// The AVX-512 kernels: as in [`avx`], with 16-lane vectors and twice the registers.
 #[cfg(target_arch = "x86_64")]
 mod avx512 {
-    use super::Plan;
     use std::arch::x86_64::*;
 
     const MR: usize = 8;
@@ -936,87 +940,6 @@ mod avx512 {
             let d = dst.wrapping_add(r * ld);
             store(d, a0);
             store(d.wrapping_add(16), a1);
-        }
-    }
-
-    /// Weight-gradient rows [o0, o0 + 4) × columns [k0, k0 + 4), summed over all samples, in
-    /// sixteen named registers.
-    #[target_feature(enable = "avx512f")]
-    #[allow(clippy::too_many_arguments)]
-    pub(super) unsafe fn wtile44(
-        p: &Plan,
-        g: *const f32,
-        gstride: usize,
-        x: *const f32,
-        xstride: usize,
-        samples: usize,
-        o0: usize,
-        k0: usize,
-        gw: &mut [f32],
-        k: usize,
-    ) {
-        let f: [usize; 4] = std::array::from_fn(|j| super::avx::column(p, k0 + j));
-        let z = _mm512_setzero_ps();
-        let (mut c00, mut c01, mut c02, mut c03) = (z, z, z, z);
-        let (mut c10, mut c11, mut c12, mut c13) = (z, z, z, z);
-        let (mut c20, mut c21, mut c22, mut c23) = (z, z, z, z);
-        let (mut c30, mut c31, mut c32, mut c33) = (z, z, z, z);
-        let pl = p.gplane;
-        for s in 0..samples {
-            let gs = g.wrapping_add(s * gstride + p.gorigin + o0 * pl);
-            let xs = x.wrapping_add(s * xstride);
-            let (mut x0p, mut x1p) = (xs.wrapping_add(f[0]), xs.wrapping_add(f[1]));
-            let (mut x2p, mut x3p) = (xs.wrapping_add(f[2]), xs.wrapping_add(f[3]));
-            let (mut g0p, mut g1p) = (gs, gs.wrapping_add(pl));
-            let (mut g2p, mut g3p) = (gs.wrapping_add(2 * pl), gs.wrapping_add(3 * pl));
-            // Pointer bumps, no index arithmetic: the dev profile checks every `+` for overflow.
-            for _ in 0..p.qr / 16 {
-                let x0 = load(x0p);
-                let x1 = load(x1p);
-                let x2 = load(x2p);
-                let x3 = load(x3p);
-                let g0 = load(g0p);
-                c00 = _mm512_fmadd_ps(g0, x0, c00);
-                c01 = _mm512_fmadd_ps(g0, x1, c01);
-                c02 = _mm512_fmadd_ps(g0, x2, c02);
-                c03 = _mm512_fmadd_ps(g0, x3, c03);
-                let g1 = load(g1p);
-                c10 = _mm512_fmadd_ps(g1, x0, c10);
-                c11 = _mm512_fmadd_ps(g1, x1, c11);
-                c12 = _mm512_fmadd_ps(g1, x2, c12);
-                c13 = _mm512_fmadd_ps(g1, x3, c13);
-                let g2 = load(g2p);
-                c20 = _mm512_fmadd_ps(g2, x0, c20);
-                c21 = _mm512_fmadd_ps(g2, x1, c21);
-                c22 = _mm512_fmadd_ps(g2, x2, c22);
-                c23 = _mm512_fmadd_ps(g2, x3, c23);
-                let g3 = load(g3p);
-                c30 = _mm512_fmadd_ps(g3, x0, c30);
-                c31 = _mm512_fmadd_ps(g3, x1, c31);
-                c32 = _mm512_fmadd_ps(g3, x2, c32);
-                c33 = _mm512_fmadd_ps(g3, x3, c33);
-                x0p = x0p.wrapping_add(16);
-                x1p = x1p.wrapping_add(16);
-                x2p = x2p.wrapping_add(16);
-                x3p = x3p.wrapping_add(16);
-                g0p = g0p.wrapping_add(16);
-                g1p = g1p.wrapping_add(16);
-                g2p = g2p.wrapping_add(16);
-                g3p = g3p.wrapping_add(16);
-            }
-        }
-        let rows = [
-            [c00, c01, c02, c03],
-            [c10, c11, c12, c13],
-            [c20, c21, c22, c23],
-            [c30, c31, c32, c33],
-        ];
-        for (r, row) in rows.iter().enumerate() {
-            for (j, &a) in row.iter().enumerate() {
-                let lo = _mm512_castps512_ps256(a);
-                let hi = _mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(_mm512_castps_pd(a)));
-                gw[(o0 + r) * k + k0 + j] += super::avx::hsum16(lo, hi);
-            }
         }
     }
 }
@@ -1139,20 +1062,18 @@ mod tests {
             }
             // Weight gradient of Σ gy·y over both samples.
             let gys: Vec<Vec<f32>> = (0..2).map(|_| rand(&mut rng, o * ho * wo)).collect();
-            let gl = p.grad_len(o);
-            let mut gpad = vec![f32::NAN; 2 * gl];
-            for (gy, d) in gys.iter().zip(gpad.chunks_exact_mut(gl)) {
-                p.grad_into(gy, d);
+            let tl = p.grad_t_len(o);
+            let mut gt = vec![f32::NAN; 2 * tl];
+            for (gy, d) in gys.iter().zip(gt.chunks_exact_mut(tl)) {
+                p.grad_t_into(gy, o, d);
             }
             let kk = c * k * k;
             let mut gw = vec![0.5f32; o * kk];
-            p.weight_grad(&gpad, o, &xpad, c, 2, &mut gw);
-            // Narrower tiles (2 columns, the tile before the 2×3 one; 1 column) sum every
-            // gradient in the same order, so they give the same bits.
-            for cols in [1, 2] {
+            p.weight_grad(&gt, o, &xpad, c, 2, &mut gw);
+            // Narrower tiles sum every gradient in the same order, so they give the same bits.
+            for cols in 1..WGRAD_COLS {
                 let mut narrow = vec![0.5f32; o * kk];
-                // SAFETY: the buffers that `Plan::weight_grad` just checked and used.
-                unsafe { avx::weight_grad(&p, &gpad, o, &xpad, c, 2, &mut narrow, cols) };
+                p.weight_grad_cols(&gt, o, &xpad, c, 2, &mut narrow, cols);
                 let same = narrow.iter().zip(&gw).all(|(a, b)| a.to_bits() == b.to_bits());
                 assert!(same, "{case}: weight-gradient tiles of {cols} columns differ");
             }
@@ -1207,5 +1128,97 @@ mod tests {
             }
         }
         bits
+    }
+}
+
+#[cfg(test)]
+mod speed {
+    use super::*;
+    use crate::rng::Rng;
+
+    fn best(reps: usize, mut f: impl FnMut()) -> f64 {
+        (0..reps)
+            .map(|_| {
+                let t = std::time::Instant::now();
+                f();
+                t.elapsed().as_secs_f64()
+            })
+            .fold(f64::MAX, f64::min)
+    }
+
+    /// Each pass of the direct kernels over a batch of 128 in tasks of 8 samples, one thread,
+    /// best of 10: forward, input gradient, weight gradient (GFLOP/s of each). Run with
+    /// `cargo test --lib -- --ignored --nocapture direct_pass_speed`.
+    #[test]
+    #[ignore]
+    fn direct_pass_speed() {
+        let Some(isa) = cpu_isa() else { return };
+        let mut rng = Rng::new(5);
+        for &(name, c, hw, o, stride) in &[
+            ("res.s1", 16, 28, 16, 1),
+            ("res.s2.conv1", 16, 28, 32, 2),
+            ("res.s2.conv2", 32, 14, 32, 1),
+            ("res.s3.conv1", 32, 14, 64, 2),
+            ("res.s3.conv2", 64, 7, 64, 1),
+        ] {
+            let (n, per) = (128, 8);
+            let g = Geom::new(&[n, c, hw, hw], &[o, c, 3, 3], stride, 1).unwrap();
+            let p = Plan::layout(&g, isa);
+            let x: Vec<f32> = (0..n * c * hw * hw).map(|_| rng.normal() as f32).collect();
+            let gy: Vec<f32> = (0..n * o * g.ho * g.wo).map(|_| rng.normal() as f32).collect();
+            let w: Vec<f32> = (0..o * c * 9).map(|_| rng.normal() as f32).collect();
+            let packed = p.pack_weights(&w, o);
+            let (xl, gl) = (p.input_len(c), p.input_len(o));
+            let mut xpad = vec![0f32; per * xl];
+            let mut gpad = vec![0f32; gl];
+            let mut wide = vec![0f32; p.wide_len(o).max(p.wide_len(c)).max(p.input_grad_scratch(o, c).1)];
+            let mut out = vec![0f32; o * g.ho * g.wo];
+            let mut gx = vec![0f32; c * hw * hw];
+            let fwd = best(30, || {
+                for s in 0..n {
+                    p.pad_into(&x[s * c * hw * hw..(s + 1) * c * hw * hw], &mut xpad[..xl]);
+                    p.conv(&xpad[..xl], c, &packed, o, &mut wide[..p.wide_len(o)]);
+                    p.compact(&wide[..p.wide_len(o)], &mut out);
+                }
+            });
+            let ol = o * g.ho * g.wo;
+            let igrad = if stride == 1 {
+                let wt = p.pack_weights(&&super::super::conv::transposed_conv(&g, &w).1, c);
+                best(30, || {
+                    for s in 0..n {
+                        p.pad_into(&gy[s * ol..(s + 1) * ol], &mut gpad);
+                        p.conv(&gpad, o, &wt, c, &mut wide[..p.wide_len(c)]);
+                        p.compact(&wide[..p.wide_len(c)], &mut gx);
+                    }
+                })
+            } else {
+                let packs = p.input_grad_weights(&w, o, c);
+                let (gpl, wl) = p.input_grad_scratch(o, c);
+                let mut up = vec![0f32; gpl];
+                best(30, || {
+                    for s in 0..n {
+                        p.input_grad(&gy[s * ol..(s + 1) * ol], o, &packs, c, &mut up, &mut wide[..wl], &mut gx);
+                    }
+                })
+            };
+            let tl = p.grad_t_len(o);
+            let mut gt = vec![0f32; per * tl];
+            let mut gw = vec![0f32; o * c * 9];
+            let wgrad = best(30, || {
+                for t in 0..n / per {
+                    for i in 0..per {
+                        let s = t * per + i;
+                        p.grad_t_into(&gy[s * ol..(s + 1) * ol], o, &mut gt[i * tl..(i + 1) * tl]);
+                        p.pad_into(&x[s * c * hw * hw..(s + 1) * c * hw * hw], &mut xpad[i * xl..(i + 1) * xl]);
+                    }
+                    p.weight_grad(&gt, o, &xpad, c, per, &mut gw);
+                }
+            });
+            let gf = 2.0 * (n * o * c * 9 * g.ho * g.wo) as f64 / 1e9;
+            println!(
+                "{name:13} fwd {:6.2} ms ({:4.1})  igrad {:6.2} ms ({:4.1})  wgrad {:6.2} ms ({:4.1} GFLOP/s)",
+                fwd * 1e3, gf / fwd, igrad * 1e3, gf / igrad, wgrad * 1e3, gf / wgrad
+            );
+        }
     }
 }
