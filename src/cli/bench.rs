@@ -198,7 +198,14 @@ pub fn bench(a: &BenchArgs) -> anyhow::Result<i32> {
     if a.rounds == 0 {
         return Err(UsageError("--rounds must be at least 1".into()).into());
     }
-    println!("machine: {} ({} cores), {threads} threads, load average {}", cpu_model(), num_cores(), load_average());
+    println!(
+        "machine: {} ({}; {}) ({} cores), {threads} threads, load average {}",
+        cpu_model(),
+        cpu_id(),
+        cpu_features().join(" "),
+        num_cores(),
+        load_average()
+    );
     let data = Manifest::load(Path::new("data-manifests/mnist-5k.toml"))
         .and_then(|m| m.load_images(Path::new("."), None))
         .context("loading the embedded MNIST images (run `reprise bench` from the project root)")?;
@@ -315,6 +322,8 @@ pub fn bench(a: &BenchArgs) -> anyhow::Result<i32> {
     if a.json {
         let out = json!({
             "cpu": cpu_model(),
+            "cpu_id": cpu_id(),
+            "cpu_features": cpu_features(),
             "cores": num_cores(),
             "threads": threads,
             "pytorch": torch_version,
@@ -353,6 +362,39 @@ fn cpu_model() -> String {
         .ok()
         .and_then(|s| s.lines().find(|l| l.starts_with("model name")).and_then(|l| l.split(':').nth(1)).map(|m| m.trim().to_string()))
         .unwrap_or_else(|| "unknown CPU".into())
+}
+
+/// "family F model M" from /proc/cpuinfo (Linux): model names of virtual machines are often
+/// generic ("AMD EPYC"), while the family and model tell the CPU generation apart.
+fn cpu_id() -> String {
+    let info = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    let field = |name: &str| {
+        info.lines()
+            .find(|l| l.split(':').next().is_some_and(|k| k.trim() == name))
+            .and_then(|l| l.split(':').nth(1))
+            .map(|v| v.trim().to_string())
+    };
+    match (field("cpu family"), field("model")) {
+        (Some(f), Some(m)) => format!("family {f} model {m}"),
+        _ => "family unknown".into(),
+    }
+}
+
+/// The vector instruction sets that decide which kernels run (and so the speed): the direct
+/// convolutions need AVX2 and FMA and use AVX-512 where present.
+fn cpu_features() -> Vec<&'static str> {
+    #[cfg(target_arch = "x86_64")]
+    {
+        use std::arch::is_x86_feature_detected as has;
+        [("avx2", has!("avx2")), ("fma", has!("fma")), ("avx512f", has!("avx512f"))]
+            .into_iter()
+            .filter_map(|(name, on)| on.then_some(name))
+            .collect()
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        Vec::new()
+    }
 }
 
 /// The first ⌊N/128⌋ full batches in file order, scaled to [−1, 1] as the supervised method does.

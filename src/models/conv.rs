@@ -652,12 +652,11 @@ fn forward_direct(
     apply_relu: bool,
 ) -> Vec<f32> {
     let il = g.in_len();
-    let packed = plan.pack_weights(w, g.o);
+    let packed = plan.pack_conv(w, g.o);
     let lens = [plan.input_len(g.c), plan.wide_len(g.o)];
     forward_samples(g, lens, bias, apply_relu, |n, [xpad, wide], out_n| {
         plan.pad_into(&x[n * il..(n + 1) * il], xpad);
-        plan.conv(xpad, g.c, &packed, g.o, wide);
-        plan.compact(wide, out_n);
+        plan.conv_into(xpad, g.c, &packed, g.o, wide, out_n);
     })
 }
 
@@ -872,7 +871,7 @@ fn backward_direct(
     // transposed, flipped kernel (C output channels, O·kh·kw weights each). Stride 2: one
     // correlation per input phase (see `direct::Plan::input_grad`).
     let transposed = plan.transposable();
-    let wt = (a.need_x && transposed).then(|| plan.pack_weights(&transposed_conv(g, a.w).1, g.c));
+    let wt = (a.need_x && transposed).then(|| plan.pack_conv(&transposed_conv(g, a.w).1, g.c));
     let packs = if a.need_x && !transposed {
         plan.input_grad_weights(a.w, g.o, g.c)
     } else {
@@ -922,8 +921,7 @@ fn backward_direct(
                         let gx_n = &mut chunk[i * il..(i + 1) * il];
                         if let Some(wt) = &wt {
                             plan.pad_into(go, gpad);
-                            plan.conv(gpad, g.o, wt, g.c, wide);
-                            plan.compact(wide, gx_n);
+                            plan.conv_into(gpad, g.o, wt, g.c, wide, gx_n);
                         } else {
                             plan.input_grad(go, g.o, &packs, g.c, up, wide, gx_n);
                         }
