@@ -1,15 +1,21 @@
-//! Direct convolution for stride 1 and "same" padding (kernel 2·pad + 1), with no patch matrix.
+//! Direct convolution for stride 1 and "same" padding (kernel 2·pad + 1), and for stride 2 with
+//! odd kernels and padding ⌊k/2⌋, with no patch matrix.
 //!
 //! Each sample's channels are copied into zero-padded planes of width Wp = W + 2·pad. In that
 //! layout the input of output pixel (y, x) under kernel tap (i, j) sits at q + i·Wp + j, where
 //! q = y·Wp + x is the pixel's "wide" index. A block of consecutive wide indices therefore reads
-//! one contiguous run of each padded plane per tap, so a register tile of 4 output channels × 24
-//! wide pixels is accumulated straight from the planes, Σ over (channel, tap) of weight × run:
-//! the im2col copy (nine times the input) and the GEMM's own packing pass both disappear. Wide
-//! indices with x ≥ W are computed and thrown away (2·pad of every Wp columns).
+//! one contiguous run of each padded plane per tap, so a register tile of 4 output channels × 16
+//! wide pixels (AVX-512: 8 × 32) is accumulated straight from the planes, Σ over (channel, tap)
+//! of weight × run: the im2col copy (nine times the input) and the GEMM's own packing pass both
+//! disappear. Wide indices with x ≥ W are computed and thrown away (2·pad of every Wp columns).
+//! With AVX2, and on small planes with AVX-512, the forward pass instead puts 16 output channels
+//! in the vector lanes and broadcasts the input of 6 real pixels ([`Plan::conv_into`]): the same
+//! sums in the same order (the same bits), no thrown-away columns.
 //!
-//! The same tile computes the input gradient (a "same" convolution of the padded output gradient
-//! with the flipped, transposed kernel). The weight gradient is Σ over output pixels (y, x) of
+//! The same kernels compute the input gradient (a "same" convolution of the padded output
+//! gradient with the flipped, transposed kernel). Stride 2 splits the padded input into its four
+//! row/column parity phases, so every tap again reads runs of consecutive wide indices. The
+//! weight gradient is Σ over output pixels (y, x) of
 //! g[o, y, x] · x[c, q + tap] with q = y·Wp + x (only real pixels, none thrown away): the output
 //! gradient is transposed to pixel-major order so that a vector holds 8 output channels, each
 //! input value is broadcast, and every gradient is one running sum in one lane (no horizontal
@@ -72,6 +78,11 @@ pub(super) struct Plan {
     qr: usize,
     /// Offset of every kernel tap (i, j) inside a channel, in weight order.
     taps: Vec<usize>,
+    /// The wide index y·wq + x of every output pixel (y, x), in order.
+    pixels: Vec<usize>,
+    /// Whether the forward pass and the input gradient run with channels in lanes
+    /// ([`Plan::lanes_path`]).
+    lanes: bool,
     /// Stride 2: the layout of the input gradient's passes.
     up: Option<Up>,
     isa: Isa,
@@ -102,6 +113,9 @@ struct PhaseTaps {
     parity: (usize, usize),
     taps: Vec<(usize, usize)>,
     offsets: Vec<usize>,
+    /// The input pixels of this phase: their wide indices r·wg + s in the phase's result and
+    /// their positions iy·W + ix in an input plane (for the lanes path).
+    pixels: Vec<(usize, usize)>,
 }
 
 /// One pass of the forward tiles: input channels of `plane` floats, read at `taps` + q for wide
@@ -180,6 +194,8 @@ impl Plan {
                 taps: (0..g.kh)
                     .flat_map(|i| (0..g.kw).map(move |j| i * wp + j))
                     .collect(),
+                pixels: pixels(g.h, g.w, wp),
+                lanes: isa == Isa::Avx2 || 5 * qr >= 6 * g.h * g.w,
                 up: None,
                 isa,
             };
@@ -212,6 +228,8 @@ impl Plan {
             phase,
             qr,
             taps,
+            pixels: pixels(g.ho, g.wo, wq),
+            lanes: isa == Isa::Avx2 || 5 * qr >= 6 * g.ho * g.wo,
             up: Some(Self::up(g, wq, nr)),
             isa,
         }
@@ -235,10 +253,19 @@ impl Plan {
                     .iter()
                     .map(|&(i, j)| (e - i / 2) * wg + e - j / 2)
                     .collect();
+                // Padded input (2r + a, 2s + b) is input (2r + a − pad, 2s + b − pad).
+                let inside = |v: usize, len: usize| v.checked_sub(g.pad).filter(|&u| u < len);
+                let pixels = (0..hq)
+                    .filter_map(|r| inside(2 * r + a, g.h).map(|iy| (r, iy)))
+                    .flat_map(|(r, iy)| {
+                        (0..wg).filter_map(move |s| inside(2 * s + b, g.w).map(|ix| (r * wg + s, iy * g.w + ix)))
+                    })
+                    .collect();
                 PhaseTaps {
                     parity: (a, b),
                     taps,
                     offsets,
+                    pixels,
                 }
             })
             .collect();
@@ -274,7 +301,7 @@ impl Plan {
     /// one phase's wide result (`c` channels). Zero for stride 1.
     pub(super) fn input_grad_scratch(&self, o: usize, c: usize) -> (usize, usize) {
         match &self.up {
-            Some(up) => (o * up.plane, self.tile_rows(c) * up.qr),
+            Some(up) => (o * up.plane, self.tile_rows(c).max(lanes(c)) * up.qr),
             None => (0, 0),
         }
     }
@@ -299,7 +326,7 @@ impl Plan {
                         }
                     }
                 }
-                self.pack_weights(&m, c)
+                self.pack_conv(&m, c)
             })
             .collect()
     }
@@ -328,6 +355,27 @@ impl Plan {
             }
         }
         let (h, w, pad) = (self.h, self.w, self.pad);
+        if self.lanes_path() {
+            let l = lanes(c);
+            for (ph, pack) in up.phases.iter().zip(packs) {
+                let n = ph.pixels.len();
+                assert!(pack.len() == o * ph.offsets.len() * l && wide.len() >= n * l, "direct conv: inconsistent buffer sizes");
+                // SAFETY: AVX2 and FMA are present (checked when the plan was made); every read of
+                // `gp` stays inside its o planes (a wide index below qr plus a phase offset stays
+                // inside `up.plane`, see `Plan::up`), `pack` holds o·taps rows of l lanes (asserted)
+                // and `wide` n rows of l (asserted).
+                #[cfg(target_arch = "x86_64")]
+                unsafe {
+                    avx::conv_lanes_at(gp, up.plane, o, &ph.offsets, &ph.pixels, pack, l, wide)
+                }
+                for (i, &(_, at)) in ph.pixels.iter().enumerate() {
+                    for (ch, plane) in gx.chunks_exact_mut(h * w).enumerate() {
+                        plane[at] = wide[i * l + ch];
+                    }
+                }
+            }
+            return;
+        }
         for (ph, pack) in up.phases.iter().zip(packs) {
             let sweep = Sweep {
                 plane: up.plane,
@@ -469,7 +517,7 @@ impl Plan {
     /// was at hand) it is taken where those columns and the tile rounding are 20 % or more of
     /// the pixels (7×7: 64 wide pixels for 49).
     fn lanes_path(&self) -> bool {
-        self.isa == Isa::Avx2 || 5 * self.qr >= 6 * self.ho * self.wo
+        self.lanes
     }
 
     /// Weights `rows`×K (row-major) in the layout [`Plan::conv_into`] reads: the forward tiles'
@@ -657,6 +705,11 @@ pub(super) fn lanes(ch: usize) -> usize {
     ch.div_ceil(8) * 8
 }
 
+/// The wide index y·wq + x of each pixel of an ho × wo image, row by row.
+fn pixels(ho: usize, wo: usize, wq: usize) -> Vec<usize> {
+    (0..ho).flat_map(|y| (0..wo).map(move |x| y * wq + x)).collect()
+}
+
 /// `dst[j·dst_ld + i] = src[i·src_ld + j]` for i < `rows`, j < `cols`: blocks of 8×8 in AVX2
 /// registers, the edges element by element.
 fn transpose(src: &[f32], rows: usize, cols: usize, src_ld: usize, dst: &mut [f32], dst_ld: usize) {
@@ -817,20 +870,59 @@ pub(super) mod avx {
     /// pixels p (no thrown-away columns), in tiles of 16 (or 8) lanes × up to 6 pixels.
     #[target_feature(enable = "avx2,fma")]
     pub(super) unsafe fn conv_lanes(p: &Plan, src: &[f32], cin: usize, packed: &[f32], l: usize, rt: &mut [f32]) {
-        let px = p.ho * p.wo;
-        let qs: Vec<usize> = (0..px).map(|i| i / p.wo * p.wq + i % p.wo).collect();
-        let offs: Vec<usize> = (0..cin * p.taps.len()).map(|kk| column(p, kk)).collect();
+        let (px, qs) = (p.ho * p.wo, &p.pixels);
         let (x, w, out) = (src.as_ptr(), packed.as_ptr(), rt.as_mut_ptr());
+        let (plane, taps) = (p.cplane, &p.taps[..]);
+        lanes_sweep(x, plane, cin, taps, px, |i| qs[i], w, l, out);
+    }
+
+    /// [`conv_lanes`] over `cin` planes of `plane` floats at `src`, with the tap offsets `taps`,
+    /// for the pixels whose wide indices are the first elements of `pixels`.
+    #[target_feature(enable = "avx2,fma")]
+    #[allow(clippy::too_many_arguments)]
+    pub(super) unsafe fn conv_lanes_at(
+        src: &[f32],
+        plane: usize,
+        cin: usize,
+        taps: &[usize],
+        pixels: &[(usize, usize)],
+        packed: &[f32],
+        l: usize,
+        rt: &mut [f32],
+    ) {
+        let (x, w, out) = (src.as_ptr(), packed.as_ptr(), rt.as_mut_ptr());
+        lanes_sweep(x, plane, cin, taps, pixels.len(), |i| pixels[i].0, w, l, out);
+    }
+
+    /// The tiles of the lanes path: 16 (or 8) lanes × up to 6 of the `px` pixels (wide index
+    /// `q(i)` of pixel i), results at rows of `l` from `out`.
+    #[target_feature(enable = "avx2,fma")]
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn lanes_sweep(
+        x: *const f32,
+        plane: usize,
+        cin: usize,
+        taps: &[usize],
+        px: usize,
+        q: impl Fn(usize) -> usize,
+        w: *const f32,
+        l: usize,
+        out: *mut f32,
+    ) {
+        let mut qs = [0usize; 6];
         for o0 in (0..l).step_by(16) {
             let two = l - o0 >= 16;
             for p0 in (0..px).step_by(6) {
                 let t = (px - p0).min(6);
-                let (q, wo, d) = (&qs[p0..p0 + t], w.wrapping_add(o0), out.wrapping_add(p0 * l + o0));
+                for (j, v) in qs[..t].iter_mut().enumerate() {
+                    *v = q(p0 + j);
+                }
+                let (q, wo, d) = (&qs[..t], w.wrapping_add(o0), out.wrapping_add(p0 * l + o0));
                 macro_rules! tile {
                     ($($t:literal)*) => {
                         match (two, t) {
-                            $((true, $t) => ftile::<2, $t>(x, q, &offs, wo, l, d),
-                              (false, $t) => ftile::<1, $t>(x, q, &offs, wo, l, d),)*
+                            $((true, $t) => ftile::<2, $t>(x, q, plane, cin, taps, wo, l, d),
+                              (false, $t) => ftile::<1, $t>(x, q, plane, cin, taps, wo, l, d),)*
                             _ => unreachable!("forward tile of {t} pixels"),
                         }
                     };
@@ -841,29 +933,38 @@ pub(super) mod avx {
     }
 
     /// Lanes [o0, o0 + 8·V) (`w` at lane o0 of K rows of `l`) × the `T` pixels at wide indices
-    /// `q`: Σ over the weight columns kk (input offsets `offs`) of w[kk, o] · x[offs[kk] + q],
-    /// from zero in column order, written to `d` (rows of `l`).
+    /// `q`: Σ over the channels c < `cin` (planes of `plane` floats) and `taps` of
+    /// w[c·taps + t, o] · x[c·plane + taps[t] + q], from zero in weight order, written to `d`
+    /// (rows of `l`).
     #[target_feature(enable = "avx2,fma")]
+    #[allow(clippy::too_many_arguments)]
     unsafe fn ftile<const V: usize, const T: usize>(
         x: *const f32,
         q: &[usize],
-        offs: &[usize],
+        plane: usize,
+        cin: usize,
+        taps: &[usize],
         w: *const f32,
         l: usize,
         d: *mut f32,
     ) {
-        let base: [*const f32; T] = std::array::from_fn(|j| x.wrapping_add(q[j]));
+        let mut base: [*const f32; T] = std::array::from_fn(|j| x.wrapping_add(q[j]));
         let mut a = [[_mm256_setzero_ps(); V]; T];
         let mut wk = w;
-        for &off in offs {
-            let wv: [__m256; V] = std::array::from_fn(|v| load(wk.wrapping_add(8 * v)));
-            for j in 0..T {
-                let b = bcast(base[j].wrapping_add(off));
-                for v in 0..V {
-                    a[j][v] = _mm256_fmadd_ps(wv[v], b, a[j][v]);
+        for _ in 0..cin {
+            for &t in taps {
+                let wv: [__m256; V] = std::array::from_fn(|v| load(wk.wrapping_add(8 * v)));
+                for j in 0..T {
+                    let b = bcast(base[j].wrapping_add(t));
+                    for v in 0..V {
+                        a[j][v] = _mm256_fmadd_ps(wv[v], b, a[j][v]);
+                    }
                 }
+                wk = wk.wrapping_add(l);
             }
-            wk = wk.wrapping_add(l);
+            for b in base.iter_mut() {
+                *b = b.wrapping_add(plane);
+            }
         }
         for (j, aj) in a.iter().enumerate() {
             for (v, &av) in aj.iter().enumerate() {
@@ -1186,20 +1287,26 @@ mod tests {
             p.compact(&wide, &mut got);
             let want = naive(&g, &xs[0], &wt);
             let case = format!("{isa:?} c{c} {h}×{w} o{o} k{k} s{stride}");
-            // Output channels in lanes (the small planes' path, here on every geometry): the
-            // same sums in the same order, so the same bits as the forward tiles.
-            let (px, l) = (ho * wo, lanes(o));
-            let mut wl = vec![f32::NAN; c * k * k * l];
-            transpose(&wt, o, c * k * k, c * k * k, &mut wl, l);
-            let mut rt = vec![f32::NAN; px * l];
-            // SAFETY: AVX2 and FMA are present (a plan exists); `xpad` is one padded sample, `wl`
-            // holds K rows of l lanes (padding lanes NaN: they only reach lanes never read), and
-            // `rt` px rows of l.
-            unsafe { avx::conv_lanes(&p, &xpad[..xl], c, &wl, l, &mut rt) };
-            let mut lanes_out = vec![f32::NAN; o * px];
-            transpose(&rt, px, o, l, &mut lanes_out, px);
-            let same = lanes_out.iter().zip(&got).all(|(a, b)| a.to_bits() == b.to_bits());
-            assert!(same, "{case}: the lanes path differs from the forward tiles");
+            // The other path (channels in lanes, or the wide-pixel tiles): the same sums in the
+            // same order, so the same bits, forward and (stride 2) input gradient.
+            let other = Plan { lanes: !p.lanes, ..p.clone() };
+            let run = |p: &Plan, gy: &[f32]| {
+                let mut wide = vec![f32::NAN; p.wide_len(o)];
+                let mut y = vec![f32::NAN; o * ho * wo];
+                p.conv_into(&xpad[..xl], c, &p.pack_conv(&wt, o), o, &mut wide, &mut y);
+                let mut gx = Vec::new();
+                if stride == 2 {
+                    let (gpl, wl) = p.input_grad_scratch(o, c);
+                    let (mut gp, mut wide) = (vec![f32::NAN; gpl], vec![f32::NAN; wl]);
+                    gx = vec![f32::NAN; c * h * w];
+                    p.input_grad(gy, o, &p.input_grad_weights(&wt, o, c), c, &mut gp, &mut wide, &mut gx);
+                }
+                y.iter().chain(&gx).map(|v| v.to_bits()).collect::<Vec<u32>>()
+            };
+            let gy0 = rand(&mut rng, o * ho * wo);
+            let mine = run(&p, &gy0);
+            assert!(mine == run(&other, &gy0), "{case}: the lanes path and the tiles differ");
+            assert!(mine[..o * ho * wo] == got.iter().map(|v| v.to_bits()).collect::<Vec<u32>>()[..]);
             for (a, b) in got.iter().zip(&want) {
                 let ok = (*a as f64 - b).abs() < 1e-4 * (1.0 + b.abs());
                 assert!(ok, "{case}: {a} vs {b}");
