@@ -363,11 +363,14 @@ impl Plan {
             let l = lanes(c);
             for (ph, pack) in up.phases.iter().zip(packs) {
                 let n = ph.pixels.len();
-                assert!(pack.len() == o * ph.offsets.len() * l && wide.len() >= n * l, "direct conv: inconsistent buffer sizes");
+                assert!(
+                    gp.len() >= o * up.plane && pack.len() == o * ph.offsets.len() * l && wide.len() >= n * l,
+                    "direct conv: inconsistent buffer sizes"
+                );
                 // SAFETY: AVX2 and FMA are present (checked when the plan was made); every read of
-                // `gp` stays inside its o planes (a wide index below qr plus a phase offset stays
-                // inside `up.plane`, see `Plan::up`), `pack` holds o·taps rows of l lanes (asserted)
-                // and `wide` n rows of l (asserted).
+                // `gp` stays inside its o planes (asserted; a wide index below qr plus a phase
+                // offset stays inside `up.plane`, see `Plan::up`), `pack` holds o·taps rows of l
+                // lanes and `wide` n rows of l (asserted).
                 #[cfg(target_arch = "x86_64")]
                 unsafe {
                     avx::conv_lanes_at(gp, up.plane, o, &ph.offsets, &ph.pixels, pack, l, wide)
