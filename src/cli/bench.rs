@@ -356,25 +356,22 @@ fn num_cores() -> usize {
     std::thread::available_parallelism().map_or(1, |n| n.get())
 }
 
+/// The value of the first `name : value` line of /proc/cpuinfo (Linux), if any.
+fn cpuinfo_field(name: &str) -> Option<String> {
+    let info = std::fs::read_to_string("/proc/cpuinfo").ok()?;
+    let line = info.lines().find(|l| l.split(':').next().is_some_and(|k| k.trim() == name))?;
+    line.split(':').nth(1).map(|v| v.trim().to_string())
+}
+
 /// The CPU's model name from /proc/cpuinfo (Linux), else "unknown CPU".
 fn cpu_model() -> String {
-    std::fs::read_to_string("/proc/cpuinfo")
-        .ok()
-        .and_then(|s| s.lines().find(|l| l.starts_with("model name")).and_then(|l| l.split(':').nth(1)).map(|m| m.trim().to_string()))
-        .unwrap_or_else(|| "unknown CPU".into())
+    cpuinfo_field("model name").unwrap_or_else(|| "unknown CPU".into())
 }
 
 /// "family F model M" from /proc/cpuinfo (Linux): model names of virtual machines are often
 /// generic ("AMD EPYC"), while the family and model tell the CPU generation apart.
 fn cpu_id() -> String {
-    let info = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
-    let field = |name: &str| {
-        info.lines()
-            .find(|l| l.split(':').next().is_some_and(|k| k.trim() == name))
-            .and_then(|l| l.split(':').nth(1))
-            .map(|v| v.trim().to_string())
-    };
-    match (field("cpu family"), field("model")) {
+    match (cpuinfo_field("cpu family"), cpuinfo_field("model")) {
         (Some(f), Some(m)) => format!("family {f} model {m}"),
         _ => "family unknown".into(),
     }

@@ -466,11 +466,14 @@ pub(super) fn matmul_par(dst: &mut [f32], a: Mat, b: Mat, accumulate: bool) {
     let (m, k, n) = (a.rows, a.cols, b.cols);
     let threads = rayon::current_num_threads();
     let fmas = m.saturating_mul(k).saturating_mul(n);
+    if threads <= 1 || fmas < SPLIT_MIN_FMAS {
+        return matmul(dst, a, b, accumulate, gemm::Parallelism::None);
+    }
     let (rows, cols) = (split_len(m, threads), split_len(n, threads));
     let whole = gemm_shape_class(m, n);
     let rows_ok = m > rows && block_lens(m, rows).iter().all(|&mb| gemm_shape_class(mb, n) == whole);
     let cols_ok = n > cols && block_lens(n, cols).iter().all(|&nb| gemm_shape_class(m, nb) == whole);
-    if threads <= 1 || fmas < SPLIT_MIN_FMAS || !(rows_ok || cols_ok) {
+    if !(rows_ok || cols_ok) {
         return matmul(dst, a, b, accumulate, gemm::Parallelism::None);
     }
     assert!(

@@ -373,7 +373,7 @@ impl Plan {
                 // lanes and `wide` n rows of l (asserted).
                 #[cfg(target_arch = "x86_64")]
                 unsafe {
-                    avx::conv_lanes_at(gp, up.plane, o, &ph.offsets, &ph.pixels, pack, l, wide)
+                    avx::lanes_sweep(gp.as_ptr(), up.plane, o, &ph.offsets, n, |i| ph.pixels[i].0, pack.as_ptr(), l, wide.as_mut_ptr())
                 }
                 for (i, &(_, at)) in ph.pixels.iter().enumerate() {
                     for (ch, plane) in gx.chunks_exact_mut(h * w).enumerate() {
@@ -571,7 +571,7 @@ impl Plan {
         // l lanes) and the writes to `wide` (px rows of l lanes).
         #[cfg(target_arch = "x86_64")]
         unsafe {
-            avx::conv_lanes(self, src, cin, packed, l, wide)
+            avx::lanes_sweep(src.as_ptr(), self.cplane, cin, &self.taps, px, |i| self.pixels[i], packed.as_ptr(), l, wide.as_mut_ptr())
         }
         transpose(&wide[..px * l], px, o, l, dst, px);
     }
@@ -858,39 +858,13 @@ pub(super) mod avx {
         }
     }
 
-    /// One sample's convolution with output channels in lanes, `rt[p·l + o]` for the Ho·Wo real
-    /// pixels p (no thrown-away columns), in tiles of 16 (or 8) lanes × up to 6 pixels.
-    #[target_feature(enable = "avx2,fma")]
-    pub(super) unsafe fn conv_lanes(p: &Plan, src: &[f32], cin: usize, packed: &[f32], l: usize, rt: &mut [f32]) {
-        let (px, qs) = (p.ho * p.wo, &p.pixels);
-        let (x, w, out) = (src.as_ptr(), packed.as_ptr(), rt.as_mut_ptr());
-        let (plane, taps) = (p.cplane, &p.taps[..]);
-        lanes_sweep(x, plane, cin, taps, px, |i| qs[i], w, l, out);
-    }
-
-    /// [`conv_lanes`] over `cin` planes of `plane` floats at `src`, with the tap offsets `taps`,
-    /// for the pixels whose wide indices are the first elements of `pixels`.
+    /// A convolution with output channels in lanes over `cin` planes of `plane` floats at `x`
+    /// (tap offsets `taps`), for `px` real pixels (wide index `q(i)` of pixel i, no thrown-away
+    /// columns): `out[i·l + o]`, in tiles of 16 (or 8) lanes × up to 6 pixels, with the weights
+    /// `w` in K rows of `l` lanes.
     #[target_feature(enable = "avx2,fma")]
     #[allow(clippy::too_many_arguments)]
-    pub(super) unsafe fn conv_lanes_at(
-        src: &[f32],
-        plane: usize,
-        cin: usize,
-        taps: &[usize],
-        pixels: &[(usize, usize)],
-        packed: &[f32],
-        l: usize,
-        rt: &mut [f32],
-    ) {
-        let (x, w, out) = (src.as_ptr(), packed.as_ptr(), rt.as_mut_ptr());
-        lanes_sweep(x, plane, cin, taps, pixels.len(), |i| pixels[i].0, w, l, out);
-    }
-
-    /// The tiles of the lanes path: 16 (or 8) lanes × up to 6 of the `px` pixels (wide index
-    /// `q(i)` of pixel i), results at rows of `l` from `out`.
-    #[target_feature(enable = "avx2,fma")]
-    #[allow(clippy::too_many_arguments)]
-    unsafe fn lanes_sweep(
+    pub(super) unsafe fn lanes_sweep(
         x: *const f32,
         plane: usize,
         cin: usize,
