@@ -7,7 +7,11 @@
 //! trains them on the same batches with the same optimiser and thread count. The script stays
 //! running and the two sides alternate rounds of steps, so that both see the same load from other
 //! processes; every step is timed separately after a warm-up and the medians are compared (robust
-//! to the odd slow step on a shared machine). The table gives samples/s for each and their ratio.
+//! to the odd slow step on a shared machine). The table gives samples/s for each, their ratio and
+//! the range of the per-round ratios, and flags a model where a side's speed changed between
+//! rounds. With more than one thread PyTorch runs twice, with `OMP_WAIT_POLICY=active` and
+//! `passive` (one process each, stopped between its turns), and each model is compared with the
+//! faster: which is faster depends on the model, by up to 10× (see [`OmpWait`]).
 //! Run it from the project root (it reads `data-manifests/mnist-5k.toml`). `bench/README.md`
 //! records the latest figures.
 
@@ -46,7 +50,8 @@ pub struct BenchArgs {
     #[arg(long, default_value_t = 3)]
     pub warmup: usize,
     /// The timed steps are split into this many rounds, alternating between us and PyTorch, so
-    /// that both see the same machine load.
+    /// that both see the same machine load; the table gives the range of the per-round ratios
+    /// and flags a side whose speed changed between rounds.
     #[arg(long, default_value_t = 4)]
     pub rounds: usize,
     /// Models to time, comma-separated (default: all of mlp-512, mlp, cnn, resnet, vit, conv4).
@@ -76,6 +81,11 @@ pub struct BenchArgs {
     /// which makes comparisons on a busy machine steadier).
     #[arg(long, value_enum, default_value_t = Clock::Wall)]
     pub clock: Clock,
+    /// OMP_WAIT_POLICY of the PyTorch reference, comma-separated for several (one process each;
+    /// each model is compared with the fastest). Default: `active,passive` with more than one
+    /// thread, libgomp's default with one.
+    #[arg(long, value_enum, value_delimiter = ',')]
+    pub omp_wait: Vec<OmpWait>,
     /// Print one JSON object with every measurement after the table.
     #[arg(long)]
     pub json: bool,
@@ -164,20 +174,52 @@ const ALL_MODELS: &[&str] = &["mlp-512", "mlp", "cnn", "resnet", "vit", "conv4"]
 struct Timing {
     median_step_s: f64,
     samples_per_s: f64,
+    /// Median step time of each round, in round order.
+    round_medians_s: Vec<f64>,
+}
+
+/// The median of `v` (the upper one for an even count); `None` when empty.
+fn median(v: &[f64]) -> Option<f64> {
+    let mut v = v.to_vec();
+    v.sort_by(f64::total_cmp);
+    v.get(v.len() / 2).copied()
 }
 
 impl Timing {
-    fn from_steps(mut steps: Vec<f64>) -> Option<Self> {
-        if steps.is_empty() {
-            return None;
-        }
-        steps.sort_by(f64::total_cmp);
-        let median = steps[steps.len() / 2];
+    /// From the step times of each round.
+    fn from_rounds(rounds: &[Vec<f64>]) -> Option<Self> {
+        let median_step_s = median(&rounds.concat())?;
         Some(Timing {
-            median_step_s: median,
-            samples_per_s: BATCH as f64 / median,
+            median_step_s,
+            samples_per_s: BATCH as f64 / median_step_s,
+            round_medians_s: rounds.iter().filter_map(|r| median(r)).collect(),
         })
     }
+
+    /// Samples/s of the fastest round's median.
+    fn best_round_samples_per_s(&self) -> f64 {
+        BATCH as f64 / self.round_medians_s.iter().copied().fold(f64::INFINITY, f64::min)
+    }
+
+    /// Slowest round median over fastest: 1 for a steady side.
+    fn round_spread(&self) -> f64 {
+        let (lo, hi) = self
+            .round_medians_s
+            .iter()
+            .fold((f64::INFINITY, 0f64), |(lo, hi), &m| (lo.min(m), hi.max(m)));
+        hi / lo
+    }
+}
+
+/// A side whose round medians differ by more than this factor changed speed during the run
+/// (PyTorch's slow phase at 2 threads, see bench/README.md): the table flags the model and also
+/// gives the ratio against that side's fastest round.
+const PHASE_SPREAD: f64 = 1.5;
+
+/// Our speed over PyTorch's in each round (rounds alternate, so round r of both sides saw
+/// about the same machine load).
+fn round_ratios(ours: &Timing, theirs: &Timing) -> Vec<f64> {
+    ours.round_medians_s.iter().zip(&theirs.round_medians_s).map(|(o, t)| t / o).collect()
 }
 
 pub fn bench(a: &BenchArgs) -> anyhow::Result<i32> {
@@ -210,19 +252,29 @@ pub fn bench(a: &BenchArgs) -> anyhow::Result<i32> {
         .and_then(|m| m.load_images(Path::new("."), None))
         .context("loading the embedded MNIST images (run `reprise bench` from the project root)")?;
     let batches = make_batches(&data)?;
-    let mut torch = if a.no_pytorch {
-        None
-    } else {
-        match Torch::start(a, threads) {
-            Ok(t) => Some(t),
-            Err(e) => {
-                println!("PyTorch reference unavailable ({e:#}): ratios skipped");
-                None
+    let policies = omp_policies(a, threads);
+    let mut torch: Vec<Reference> = Vec::new();
+    if !a.no_pytorch {
+        for policy in policies {
+            match Torch::start(a, threads, policy) {
+                Ok(t) => torch.push(Reference { policy, torch: t, ok: true }),
+                Err(e) => println!("PyTorch reference ({}) unavailable ({e:#}): skipped", policy.label()),
             }
         }
-    };
-    if let Some(t) = &torch {
-        println!("PyTorch {} ({} {})", t.version, a.python.display(), a.script.display());
+        if torch.is_empty() {
+            println!("no PyTorch reference: ratios skipped");
+        }
+    }
+    if let Some(r) = torch.first() {
+        let labels: Vec<&str> = torch.iter().map(|r| r.policy.label()).collect();
+        println!(
+            "PyTorch {} ({} {}), OMP_WAIT_POLICY {}{}",
+            r.torch.version,
+            a.python.display(),
+            a.script.display(),
+            labels.join(" and "),
+            if torch.len() > 1 { " (one process each; each model is compared with the faster)" } else { "" }
+        );
     }
     let per_round = a.steps.div_ceil(a.rounds);
     println!(
@@ -233,53 +285,98 @@ pub fn bench(a: &BenchArgs) -> anyhow::Result<i32> {
         a.rounds,
         a.warmup
     );
-    println!("{:<8} {:<36} {:>12} {:>12} {:>7}", "model", "", "ours/s", "PyTorch/s", "ratio");
+    println!(
+        "{:<8} {:<36} {:>12} {:>12} {:>7} {:>13}  {}",
+        "model",
+        "",
+        "ours/s",
+        "PyTorch/s",
+        "ratio",
+        "round ratios",
+        if torch.len() > 1 { "PyTorch's OMP_WAIT_POLICY (the other's samples/s)" } else { "" }
+    );
     // Our steps run inside a pool of `threads` workers, as `reprise run` runs each cell
     // (`exec::execute`): the step's own thread is one of the workers, so rayon's tasks start by
     // work stealing instead of waking a pool from outside and blocking the caller.
     let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().context("starting the benchmark's thread pool")?;
     let mut rows = Vec::new();
+    let mut notes = Vec::new();
     for name in &names {
         let Some((desc, cfg)) = model_config(name) else { continue };
         let mut ours = Trainer::new(&cfg, a.clock).with_context(|| format!("building {name}"))?;
         pool.install(|| ours.run(&batches, a.warmup)).with_context(|| format!("training {name}"))?;
-        let mut theirs_ok = torch.is_some();
-        if let Some(t) = torch.as_mut() {
-            if let Err(e) = t.steps(name, a.warmup) {
-                eprintln!("PyTorch reference for {name} failed: {e:#}");
-                theirs_ok = false;
+        for r in torch.iter_mut() {
+            r.ok = true;
+            if let Err(e) = r.torch.turn(|t| t.steps(name, a.warmup)) {
+                eprintln!("PyTorch reference ({}) for {name} failed: {e:#}", r.policy.label());
+                r.ok = false;
             }
         }
-        let (mut ours_steps, mut theirs_steps) = (Vec::new(), Vec::new());
+        let mut ours_steps = Vec::new();
+        let mut theirs_steps = vec![Vec::new(); torch.len()];
         for _ in 0..a.rounds {
             // Each side's idle thread pool (OpenBLAS, rayon) spins for a while after its last
             // step and would steal the other side's cores: let it fall asleep, then take untimed
             // steps for REWARM so caches, pools and clocks are warm again.
             std::thread::sleep(SETTLE);
             rewarm(|| pool.install(|| ours.run(&batches, 1)).map(drop)).with_context(|| format!("training {name}"))?;
-            ours_steps.extend(pool.install(|| ours.run(&batches, per_round)).with_context(|| format!("training {name}"))?);
-            if let (true, Some(t)) = (theirs_ok, torch.as_mut()) {
+            ours_steps.push(pool.install(|| ours.run(&batches, per_round)).with_context(|| format!("training {name}"))?);
+            for (r, steps) in torch.iter_mut().zip(&mut theirs_steps).filter(|(r, _)| r.ok) {
                 std::thread::sleep(SETTLE);
-                match rewarm(|| t.steps(name, 1).map(drop)).and_then(|_| t.steps(name, per_round)) {
-                    Ok(v) => theirs_steps.extend(v),
+                let round = r.torch.turn(|t| rewarm(|| t.steps(name, 1).map(drop)).and_then(|_| t.steps(name, per_round)));
+                match round {
+                    Ok(v) => steps.push(v),
                     Err(e) => {
-                        eprintln!("PyTorch reference for {name} failed: {e:#}");
-                        theirs_ok = false;
+                        eprintln!("PyTorch reference ({}) for {name} failed: {e:#}", r.policy.label());
+                        r.ok = false;
                     }
                 }
             }
         }
-        let ours = Timing::from_steps(ours_steps).context("no steps timed")?;
-        let theirs = if theirs_ok { Timing::from_steps(theirs_steps) } else { None };
+        let ours = Timing::from_rounds(&ours_steps).context("no steps timed")?;
+        // A side that failed part-way has fewer rounds: its ratios are left out, not misaligned.
+        // Every reference that ran to the end, and the fastest of them (by the median).
+        let references: Vec<(OmpWait, Timing)> = torch
+            .iter()
+            .zip(&theirs_steps)
+            .filter(|(r, _)| r.ok)
+            .filter_map(|(r, steps)| Some((r.policy, Timing::from_rounds(steps)?)))
+            .collect();
+        let best = references.iter().max_by(|x, y| x.1.samples_per_s.total_cmp(&y.1.samples_per_s));
+        let theirs = best.map(|b| b.1.clone());
         let ratio = theirs.as_ref().map(|t| ours.samples_per_s / t.samples_per_s);
+        let ratios = theirs.as_ref().map(|t| round_ratios(&ours, t)).unwrap_or_default();
+        let (lo, hi) = ratios.iter().fold((f64::INFINITY, 0f64), |(lo, hi), &r| (lo.min(r), hi.max(r)));
+        let phased = theirs.as_ref().is_some_and(|t| t.round_spread().max(ours.round_spread()) > PHASE_SPREAD);
+        let others: Vec<String> = references
+            .iter()
+            .filter(|r| Some(r.0) != best.map(|b| b.0))
+            .map(|(p, t)| format!("{} {:.0}", p.label(), t.samples_per_s))
+            .collect();
         println!(
-            "{:<8} {:<36} {:>12.0} {:>12} {:>7}",
+            "{:<8} {:<36} {:>12.0} {:>12} {:>7} {:>13}  {}",
             name,
             desc,
             ours.samples_per_s,
             theirs.as_ref().map_or("-".into(), |t| format!("{:.0}", t.samples_per_s)),
-            ratio.map_or("-".into(), |r| format!("{r:.2}")),
+            ratio.map_or("-".into(), |r| format!("{r:.2}{}", if phased { "*" } else { "" })),
+            if ratios.is_empty() { "-".into() } else { format!("{lo:.2}–{hi:.2}") },
+            match (best, others.is_empty()) {
+                (Some(b), false) => format!("{} (else {})", b.0.label(), others.join(", ")),
+                _ => String::new(),
+            },
         );
+        if let (true, Some(t)) = (phased, &theirs) {
+            notes.push(format!(
+                "* {name}: the slowest round's median step over the fastest was {:.1}× for us and {:.1}× for \
+                 PyTorch (a side changed speed between rounds: load from elsewhere, or a slow phase, see \
+                 bench/README.md); against PyTorch's fastest round ({:.0} samples/s) the ratio is {:.2}",
+                ours.round_spread(),
+                t.round_spread(),
+                t.best_round_samples_per_s(),
+                ours.samples_per_s / t.best_round_samples_per_s(),
+            ));
+        }
         rows.push(json!({
             "model": name,
             "description": desc,
@@ -288,10 +385,23 @@ pub fn bench(a: &BenchArgs) -> anyhow::Result<i32> {
             "pytorch_samples_per_s": theirs.as_ref().map(|t| t.samples_per_s),
             "pytorch_median_step_ms": theirs.as_ref().map(|t| t.median_step_s * 1e3),
             "ratio": ratio,
+            "pytorch_omp_wait": best.map(|b| b.0.label()),
+            "pytorch_references": references
+                .iter()
+                .map(|(p, t)| json!({"omp_wait": p.label(), "samples_per_s": t.samples_per_s, "median_step_ms": t.median_step_s * 1e3}))
+                .collect::<Vec<_>>(),
+            "ours_round_samples_per_s": ours.round_medians_s.iter().map(|m| BATCH as f64 / m).collect::<Vec<_>>(),
+            "pytorch_round_samples_per_s": theirs.as_ref().map(|t| t.round_medians_s.iter().map(|m| BATCH as f64 / m).collect::<Vec<_>>()),
+            "round_ratios": ratios,
+            "ratio_vs_pytorch_best_round": theirs.as_ref().map(|t| ours.samples_per_s / t.best_round_samples_per_s()),
+            "phase_change": phased,
         }));
     }
-    let torch_version = torch.as_ref().map(|t| t.version.clone());
+    let torch_version = torch.first().map(|r| r.torch.version.clone());
     drop(torch);
+    for n in &notes {
+        println!("{n}");
+    }
     println!("load average after the training steps: {}", load_average());
     let hash = if a.hash_mib > 0 {
         let gbps = time_hashing(a.hash_mib).context("timing the store's hashing")?;
@@ -444,6 +554,59 @@ impl Trainer {
     }
 }
 
+/// How PyTorch's OpenMP threads wait between parallel regions (`OMP_WAIT_POLICY`, read when the
+/// process starts). Which is faster depends on the model, and the difference is large at 2
+/// threads on 2 cores, where PyTorch's OpenMP threads and OpenBLAS's own threads share the cores:
+/// spinning OpenMP threads starve OpenBLAS's GEMMs (the MLPs ran 1.6–10× faster with `passive`),
+/// sleeping ones wake late for oneDNN's convolutions (the ResNet and Conv-4 ran 1.1–1.6× faster
+/// with `active`); measured by this command at 2 threads on 2 cores, bench/README.md.
+#[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OmpWait {
+    /// Leave OMP_WAIT_POLICY unset (libgomp's default: spin a while, then sleep).
+    Default,
+    Active,
+    Passive,
+}
+
+impl OmpWait {
+    fn label(self) -> &'static str {
+        match self {
+            OmpWait::Default => "default",
+            OmpWait::Active => "active",
+            OmpWait::Passive => "passive",
+        }
+    }
+}
+
+/// The OpenMP wait policies to run PyTorch with: as asked, else `active` and `passive` (one
+/// process each) when there is more than one thread, and libgomp's default with one thread
+/// (where there is nothing to wait for).
+fn omp_policies(a: &BenchArgs, threads: usize) -> Vec<OmpWait> {
+    if a.omp_wait.is_empty() {
+        return if threads > 1 { vec![OmpWait::Active, OmpWait::Passive] } else { vec![OmpWait::Default] };
+    }
+    let mut p: Vec<OmpWait> = Vec::new();
+    for &w in &a.omp_wait {
+        if !p.contains(&w) {
+            p.push(w);
+        }
+    }
+    p
+}
+
+#[derive(Clone, Copy)]
+enum Pause {
+    Stop,
+    Continue,
+}
+
+/// One running PyTorch reference and whether it is still usable for the current model.
+struct Reference {
+    policy: OmpWait,
+    torch: Torch,
+    ok: bool,
+}
+
 /// The PyTorch side: `bench/pytorch_reference.py --serve`, kept running for the whole benchmark.
 struct Torch {
     child: Child,
@@ -453,11 +616,16 @@ struct Torch {
 }
 
 impl Torch {
-    fn start(a: &BenchArgs, threads: usize) -> anyhow::Result<Self> {
+    fn start(a: &BenchArgs, threads: usize, policy: OmpWait) -> anyhow::Result<Self> {
         if !a.script.is_file() {
             bail!("{} not found (run from the project root)", a.script.display());
         }
-        let mut child = Command::new(&a.python)
+        let mut cmd = Command::new(&a.python);
+        match policy {
+            OmpWait::Default => cmd.env_remove("OMP_WAIT_POLICY"),
+            OmpWait::Active | OmpWait::Passive => cmd.env("OMP_WAIT_POLICY", policy.label()),
+        };
+        let mut child = cmd
             .arg(&a.script)
             .args(["--serve", "--threads", &threads.to_string(), "--batch", &BATCH.to_string(), "--data", "data/mnist_5k.csv.gz"])
             .args(["--clock", a.clock.name()])
@@ -474,7 +642,34 @@ impl Torch {
         let mut t = Torch { child, stdin, stdout: BufReader::new(stdout), version: String::new() };
         let hello = t.reply()?;
         t.version = hello["torch"].as_str().unwrap_or("?").to_string();
+        t.signal(Pause::Stop);
         Ok(t)
+    }
+
+    /// Stop or continue the process. Between its turns a reference is stopped: with
+    /// `OMP_WAIT_POLICY=active` its idle OpenMP threads spin without end and would hold cores
+    /// while the other side runs.
+    fn signal(&self, p: Pause) {
+        #[cfg(unix)]
+        if let Ok(pid) = libc::pid_t::try_from(self.child.id()) {
+            let sig = match p {
+                Pause::Stop => libc::SIGSTOP,
+                Pause::Continue => libc::SIGCONT,
+            };
+            // SAFETY: kill(2) with a valid signal on our own child's pid; it touches no memory.
+            // A failure (the child has exited) shows at its next reply.
+            unsafe { libc::kill(pid, sig) };
+        }
+        #[cfg(not(unix))]
+        let _ = p;
+    }
+
+    /// Run `f` on this reference with the process continued, then stop it again.
+    fn turn<R>(&mut self, f: impl FnOnce(&mut Self) -> R) -> R {
+        self.signal(Pause::Continue);
+        let r = f(self);
+        self.signal(Pause::Stop);
+        r
     }
 
     fn reply(&mut self) -> anyhow::Result<serde_json::Value> {
@@ -607,4 +802,30 @@ fn copy_dir(from: &Path, to: &Path) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn round_statistics_by_hand() {
+        // Ours: steady at 10 ms (rounds' medians 10, 10). PyTorch: 20 ms, then a slow round at
+        // 60 ms (medians 20 and 60; the median of all six steps is 60 — the upper middle).
+        let ours = Timing::from_rounds(&[vec![0.010, 0.011, 0.009], vec![0.010, 0.012, 0.008]]).unwrap();
+        let theirs = Timing::from_rounds(&[vec![0.020, 0.021, 0.019], vec![0.060, 0.059, 0.061]]).unwrap();
+        assert_eq!(ours.round_medians_s, vec![0.010, 0.010]);
+        assert_eq!(theirs.round_medians_s, vec![0.020, 0.060]);
+        assert_eq!(theirs.median_step_s, 0.059);
+        assert!((ours.round_spread() - 1.0).abs() < 1e-12);
+        assert!((theirs.round_spread() - 3.0).abs() < 1e-12);
+        assert!(theirs.round_spread() > PHASE_SPREAD && ours.round_spread() <= PHASE_SPREAD);
+        let r = round_ratios(&ours, &theirs);
+        assert!((r[0] - 2.0).abs() < 1e-12 && (r[1] - 6.0).abs() < 1e-12, "{r:?}");
+        assert!((theirs.best_round_samples_per_s() - 128.0 / 0.020).abs() < 1e-9);
+        // A side with fewer rounds (it failed part-way) pairs only the rounds both have.
+        let short = Timing::from_rounds(&[vec![0.020]]).unwrap();
+        assert_eq!(round_ratios(&ours, &short).len(), 1);
+        assert!(Timing::from_rounds(&[]).is_none());
+    }
 }
