@@ -275,3 +275,49 @@ fn metrics_recompute_independently_from_the_raw_artifacts() {
     assert!(out.status.success(), "{text}{}", String::from_utf8_lossy(&out.stderr));
     assert!(text.contains("recomputed 8 analysis objects, 0 mismatches"), "{text}");
 }
+
+/// `reprise bench` against a stand-in reference (tests/fixtures/fake_reference.py answers fixed
+/// step times by OMP_WAIT_POLICY): with 2 threads it runs one reference per wait policy, stops
+/// and continues them between turns, and compares with the faster.
+#[test]
+fn bench_compares_each_model_with_the_faster_reference() {
+    if !std::process::Command::new("python3").arg("--version").output().is_ok_and(|o| o.status.success()) {
+        eprintln!("skipped: no python3");
+        return;
+    }
+    let script = repo().join("tests/fixtures/fake_reference.py");
+    let bench = |threads: &str| {
+        let script = script.to_str().unwrap();
+        let args = ["bench", "--threads", threads, "--models", "mlp", "--steps", "4", "--rounds", "2", "--warmup", "1"];
+        let tail = ["--hash-mib", "0", "--python", "python3", "--script", script, "--json"];
+        reprise(&repo(), &[&args[..], &tail[..]].concat())
+    };
+    let out = bench("2");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    assert!(stdout.contains("OMP_WAIT_POLICY active and passive"), "{stdout}");
+    let v: Value = serde_json::from_str(stdout.lines().last().unwrap()).unwrap();
+    let m = &v["models"][0];
+    assert_eq!(m["model"], "mlp");
+    assert_eq!(m["steps"], 4);
+    assert_eq!(m["pytorch_omp_wait"], "passive", "{m}");
+    let refs: Vec<(String, f64)> = m["pytorch_references"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| (r["omp_wait"].as_str().unwrap().to_string(), r["samples_per_s"].as_f64().unwrap()))
+        .collect();
+    assert_eq!(refs, vec![("active".to_string(), 128.0 / 0.008), ("passive".to_string(), 128.0 / 0.002)]);
+    let ours = m["ours_samples_per_s"].as_f64().unwrap();
+    assert!((m["ratio"].as_f64().unwrap() - ours / 64_000.0).abs() < 1e-9, "{m}");
+    assert_eq!(m["round_ratios"].as_array().unwrap().len(), 2);
+    assert_eq!(m["pytorch_round_samples_per_s"], serde_json::json!([64_000.0, 64_000.0]));
+
+    // One thread: one reference, OMP_WAIT_POLICY left unset (the fake's 4 ms).
+    let out = bench("1");
+    assert!(out.status.success());
+    let v: Value = serde_json::from_str(String::from_utf8_lossy(&out.stdout).lines().last().unwrap()).unwrap();
+    assert_eq!(v["threads"], 1);
+    assert_eq!(v["models"][0]["pytorch_omp_wait"], "default");
+    assert_eq!(v["models"][0]["pytorch_samples_per_s"], 128.0 / 0.004);
+}

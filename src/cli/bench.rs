@@ -43,9 +43,14 @@ pub struct BenchArgs {
     /// cores).
     #[arg(long)]
     pub threads: Option<usize>,
-    /// Timed training steps per model (after the warm-up).
-    #[arg(long, default_value_t = 20)]
-    pub steps: usize,
+    /// Timed training steps per model and side (after the warm-up). Default: as many as take
+    /// about `--seconds` of our training, at least 20 (a fast model gets more steps, so that its
+    /// medians are not at the mercy of a few noisy ones).
+    #[arg(long)]
+    pub steps: Option<usize>,
+    /// Without `--steps`: about how long our timed steps of each model should take, in seconds.
+    #[arg(long, default_value_t = 2.0)]
+    pub seconds: f64,
     /// Untimed steps before timing.
     #[arg(long, default_value_t = 3)]
     pub warmup: usize,
@@ -211,6 +216,18 @@ impl Timing {
     }
 }
 
+/// The fewest timed steps per model and side when `--steps` is not given.
+const MIN_STEPS: usize = 20;
+
+/// Steps whose time adds up to about `seconds`, from the fastest warm-up step (if any; the first
+/// steps run slower than the rest), at least [`MIN_STEPS`].
+fn auto_steps(warm_fastest_s: Option<f64>, seconds: f64) -> usize {
+    match warm_fastest_s {
+        Some(t) if t > 0.0 => ((seconds / t).ceil() as usize).max(MIN_STEPS),
+        _ => MIN_STEPS,
+    }
+}
+
 /// A side whose round medians differ by more than this factor changed speed during the run
 /// (PyTorch's slow phase at 2 threads, see bench/README.md): the table flags the model and also
 /// gives the ratio against that side's fastest round.
@@ -234,8 +251,11 @@ pub fn bench(a: &BenchArgs) -> anyhow::Result<i32> {
             return Err(UsageError(format!("unknown model {n:?}; known: {}", ALL_MODELS.join(", "))).into());
         }
     }
-    if a.steps == 0 {
+    if a.steps == Some(0) {
         return Err(UsageError("--steps must be at least 1".into()).into());
+    }
+    if !(a.seconds.is_finite() && a.seconds > 0.0) {
+        return Err(UsageError(format!("--seconds must be a positive number of seconds, not {}", a.seconds)).into());
     }
     if a.rounds == 0 {
         return Err(UsageError("--rounds must be at least 1".into()).into());
@@ -276,19 +296,19 @@ pub fn bench(a: &BenchArgs) -> anyhow::Result<i32> {
             if torch.len() > 1 { " (one process each; each model is compared with the faster)" } else { "" }
         );
     }
-    let per_round = a.steps.div_ceil(a.rounds);
     println!(
-        "training step: batch {BATCH}, SGD lr {LR} momentum 0.9, cross-entropy; median {} time of {} steps per \
-         side ({} rounds of {per_round}, alternating) after {} warm-up\n",
+        "training step: batch {BATCH}, SGD lr {LR} momentum 0.9, cross-entropy; median {} time of {} per side \
+         in {} rounds (alternating) after {} warm-up\n",
         a.clock.name(),
-        per_round * a.rounds,
+        a.steps.map_or(format!("the steps that take about {} s of ours (at least {MIN_STEPS})", a.seconds), |n| format!("{n} steps")),
         a.rounds,
         a.warmup
     );
     println!(
-        "{:<8} {:<36} {:>12} {:>12} {:>7} {:>13}  {}",
+        "{:<8} {:<36} {:>6} {:>12} {:>12} {:>7} {:>13}  {}",
         "model",
         "",
+        "steps",
         "ours/s",
         "PyTorch/s",
         "ratio",
@@ -304,7 +324,8 @@ pub fn bench(a: &BenchArgs) -> anyhow::Result<i32> {
     for name in &names {
         let Some((desc, cfg)) = model_config(name) else { continue };
         let mut ours = Trainer::new(&cfg, a.clock).with_context(|| format!("building {name}"))?;
-        pool.install(|| ours.run(&batches, a.warmup)).with_context(|| format!("training {name}"))?;
+        let warm = pool.install(|| ours.run(&batches, a.warmup)).with_context(|| format!("training {name}"))?;
+        let per_round = a.steps.unwrap_or_else(|| auto_steps(warm.iter().copied().reduce(f64::min), a.seconds)).div_ceil(a.rounds);
         for r in torch.iter_mut() {
             r.ok = true;
             if let Err(e) = r.torch.turn(|t| t.steps(name, a.warmup)) {
@@ -354,9 +375,10 @@ pub fn bench(a: &BenchArgs) -> anyhow::Result<i32> {
             .map(|(p, t)| format!("{} {:.0}", p.label(), t.samples_per_s))
             .collect();
         println!(
-            "{:<8} {:<36} {:>12.0} {:>12} {:>7} {:>13}  {}",
+            "{:<8} {:<36} {:>6} {:>12.0} {:>12} {:>7} {:>13}  {}",
             name,
             desc,
+            per_round * a.rounds,
             ours.samples_per_s,
             theirs.as_ref().map_or("-".into(), |t| format!("{:.0}", t.samples_per_s)),
             ratio.map_or("-".into(), |r| format!("{r:.2}{}", if phased { "*" } else { "" })),
@@ -385,6 +407,7 @@ pub fn bench(a: &BenchArgs) -> anyhow::Result<i32> {
             "pytorch_samples_per_s": theirs.as_ref().map(|t| t.samples_per_s),
             "pytorch_median_step_ms": theirs.as_ref().map(|t| t.median_step_s * 1e3),
             "ratio": ratio,
+            "steps": per_round * a.rounds,
             "pytorch_omp_wait": best.map(|b| b.0.label()),
             "pytorch_references": references
                 .iter()
@@ -438,6 +461,7 @@ pub fn bench(a: &BenchArgs) -> anyhow::Result<i32> {
             "threads": threads,
             "pytorch": torch_version,
             "steps": a.steps,
+            "seconds": a.steps.is_none().then_some(a.seconds),
             "clock": a.clock.name(),
             "warmup": a.warmup,
             "models": rows,
@@ -557,9 +581,10 @@ impl Trainer {
 /// How PyTorch's OpenMP threads wait between parallel regions (`OMP_WAIT_POLICY`, read when the
 /// process starts). Which is faster depends on the model, and the difference is large at 2
 /// threads on 2 cores, where PyTorch's OpenMP threads and OpenBLAS's own threads share the cores:
-/// spinning OpenMP threads starve OpenBLAS's GEMMs (the MLPs ran 1.6–10× faster with `passive`),
-/// sleeping ones wake late for oneDNN's convolutions (the ResNet and Conv-4 ran 1.1–1.6× faster
-/// with `active`); measured by this command at 2 threads on 2 cores, bench/README.md.
+/// spinning OpenMP threads starve OpenBLAS's GEMMs (the MLPs and the ViT ran 1.3–10× faster with
+/// `passive`), sleeping ones wake late for oneDNN's convolutions (the ResNet and Conv-4 ran
+/// 1.1–1.6× faster with `active`, the CNN about even); measured by this command at 2 threads on 2
+/// cores, bench/README.md.
 #[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
 pub enum OmpWait {
     /// Leave OMP_WAIT_POLICY unset (libgomp's default: spin a while, then sleep).
@@ -827,5 +852,14 @@ mod tests {
         let short = Timing::from_rounds(&[vec![0.020]]).unwrap();
         assert_eq!(round_ratios(&ours, &short).len(), 1);
         assert!(Timing::from_rounds(&[]).is_none());
+    }
+
+    #[test]
+    fn automatic_step_counts() {
+        // 2 s of 2.5 ms steps is 800 steps; slow models and a missing warm-up get the minimum.
+        assert_eq!(auto_steps(Some(0.0025), 2.0), 800);
+        assert_eq!(auto_steps(Some(0.3), 2.0), MIN_STEPS);
+        assert_eq!(auto_steps(None, 2.0), MIN_STEPS);
+        assert_eq!(auto_steps(Some(0.0), 2.0), MIN_STEPS);
     }
 }
