@@ -183,6 +183,11 @@ struct Timing {
     round_medians_s: Vec<f64>,
 }
 
+/// The smallest and largest of `v` (∞ and 0 when empty).
+fn extremes(v: &[f64]) -> (f64, f64) {
+    v.iter().fold((f64::INFINITY, 0f64), |(lo, hi), &x| (lo.min(x), hi.max(x)))
+}
+
 /// The median of `v` (the upper one for an even count); `None` when empty.
 fn median(v: &[f64]) -> Option<f64> {
     let mut v = v.to_vec();
@@ -203,15 +208,12 @@ impl Timing {
 
     /// Samples/s of the fastest round's median.
     fn best_round_samples_per_s(&self) -> f64 {
-        BATCH as f64 / self.round_medians_s.iter().copied().fold(f64::INFINITY, f64::min)
+        BATCH as f64 / extremes(&self.round_medians_s).0
     }
 
     /// Slowest round median over fastest: 1 for a steady side.
     fn round_spread(&self) -> f64 {
-        let (lo, hi) = self
-            .round_medians_s
-            .iter()
-            .fold((f64::INFINITY, 0f64), |(lo, hi), &m| (lo.min(m), hi.max(m)));
+        let (lo, hi) = extremes(&self.round_medians_s);
         hi / lo
     }
 }
@@ -355,8 +357,8 @@ pub fn bench(a: &BenchArgs) -> anyhow::Result<i32> {
             }
         }
         let ours = Timing::from_rounds(&ours_steps).context("no steps timed")?;
-        // A side that failed part-way has fewer rounds: its ratios are left out, not misaligned.
-        // Every reference that ran to the end, and the fastest of them (by the median).
+        // Every reference that ran to the end (one that failed part-way is left out, so no round
+        // ratio pairs rounds of different times), and the fastest of them (by the median).
         let references: Vec<(OmpWait, Timing)> = torch
             .iter()
             .zip(&theirs_steps)
@@ -367,7 +369,7 @@ pub fn bench(a: &BenchArgs) -> anyhow::Result<i32> {
         let theirs = best.map(|b| b.1.clone());
         let ratio = theirs.as_ref().map(|t| ours.samples_per_s / t.samples_per_s);
         let ratios = theirs.as_ref().map(|t| round_ratios(&ours, t)).unwrap_or_default();
-        let (lo, hi) = ratios.iter().fold((f64::INFINITY, 0f64), |(lo, hi), &r| (lo.min(r), hi.max(r)));
+        let (lo, hi) = extremes(&ratios);
         let phased = theirs.as_ref().is_some_and(|t| t.round_spread().max(ours.round_spread()) > PHASE_SPREAD);
         let others: Vec<String> = references
             .iter()
