@@ -312,6 +312,8 @@ fn bench_compares_each_model_with_the_faster_reference() {
     assert!((m["ratio"].as_f64().unwrap() - ours / 64_000.0).abs() < 1e-9, "{m}");
     assert_eq!(m["round_ratios"].as_array().unwrap().len(), 2);
     assert_eq!(m["pytorch_round_samples_per_s"], serde_json::json!([64_000.0, 64_000.0]));
+    assert_eq!(m["target_ratio"], 2.0);
+    assert!(stdout.contains("targets (ours / PyTorch, this run): mlp ≥ 2.0: "), "{stdout}");
 
     // One thread: one reference, OMP_WAIT_POLICY left unset (the fake's 4 ms).
     let out = bench("1");

@@ -218,6 +218,39 @@ impl Timing {
     }
 }
 
+/// The speed the project aims for, as ours / PyTorch's samples/s: every backbone at least as fast
+/// as PyTorch, the MLPs twice as fast (README, "Training speed").
+fn target_ratio(model: &str) -> f64 {
+    if model.starts_with("mlp") {
+        2.0
+    } else {
+        1.0
+    }
+}
+
+/// One line saying which models meet their [`target_ratio`] by this run's ratio, the ones that
+/// do not named with their ratios; `None` when nothing was compared.
+fn target_summary(measured: &[(String, f64)]) -> Option<String> {
+    if measured.is_empty() {
+        return None;
+    }
+    let mut groups = Vec::new();
+    for target in [1.0, 2.0] {
+        let of: Vec<&(String, f64)> = measured.iter().filter(|(m, _)| target_ratio(m) == target).collect();
+        if of.is_empty() {
+            continue;
+        }
+        let missed: Vec<String> = of.iter().filter(|(_, r)| *r < target).map(|(m, r)| format!("{m} {r:.2}")).collect();
+        let names: Vec<&str> = of.iter().map(|(m, _)| m.as_str()).collect();
+        groups.push(if missed.is_empty() {
+            format!("{} ≥ {target:.1}: met", names.join(", "))
+        } else {
+            format!("{} ≥ {target:.1}: not met ({})", names.join(", "), missed.join(", "))
+        });
+    }
+    Some(format!("targets (ours / PyTorch, this run): {}", groups.join("; ")))
+}
+
 /// The fewest timed steps per model and side when `--steps` is not given.
 const MIN_STEPS: usize = 20;
 
@@ -323,6 +356,7 @@ pub fn bench(a: &BenchArgs) -> anyhow::Result<i32> {
     let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().context("starting the benchmark's thread pool")?;
     let mut rows = Vec::new();
     let mut notes = Vec::new();
+    let mut measured: Vec<(String, f64)> = Vec::new();
     for name in &names {
         let Some((desc, cfg)) = model_config(name) else { continue };
         let mut ours = Trainer::new(&cfg, a.clock).with_context(|| format!("building {name}"))?;
@@ -390,6 +424,9 @@ pub fn bench(a: &BenchArgs) -> anyhow::Result<i32> {
                 _ => String::new(),
             },
         );
+        if let Some(r) = ratio {
+            measured.push((name.clone(), r));
+        }
         if let (true, Some(t)) = (phased, &theirs) {
             notes.push(format!(
                 "* {name}: the slowest round's median step over the fastest was {:.1}× for us and {:.1}× for \
@@ -420,12 +457,16 @@ pub fn bench(a: &BenchArgs) -> anyhow::Result<i32> {
             "round_ratios": ratios,
             "ratio_vs_pytorch_best_round": theirs.as_ref().map(|t| ours.samples_per_s / t.best_round_samples_per_s()),
             "phase_change": phased,
+            "target_ratio": target_ratio(name),
         }));
     }
     let torch_version = torch.first().map(|r| r.torch.version.clone());
     drop(torch);
     for n in &notes {
         println!("{n}");
+    }
+    if let Some(line) = target_summary(&measured) {
+        println!("{line}");
     }
     println!("load average after the training steps: {}", load_average());
     let hash = if a.hash_mib > 0 {
@@ -854,6 +895,20 @@ mod tests {
         let short = Timing::from_rounds(&[vec![0.020]]).unwrap();
         assert_eq!(round_ratios(&ours, &short).len(), 1);
         assert!(Timing::from_rounds(&[]).is_none());
+    }
+
+    #[test]
+    fn target_lines() {
+        assert_eq!(target_summary(&[]), None);
+        let m = |v: &[(&str, f64)]| v.iter().map(|(n, r)| (n.to_string(), *r)).collect::<Vec<_>>();
+        assert_eq!(
+            target_summary(&m(&[("mlp", 1.3), ("cnn", 1.4), ("resnet", 0.98)])).unwrap(),
+            "targets (ours / PyTorch, this run): cnn, resnet ≥ 1.0: not met (resnet 0.98); mlp ≥ 2.0: not met (mlp 1.30)"
+        );
+        assert_eq!(
+            target_summary(&m(&[("resnet", 1.0), ("mlp-512", 2.0)])).unwrap(),
+            "targets (ours / PyTorch, this run): resnet ≥ 1.0: met; mlp-512 ≥ 2.0: met"
+        );
     }
 
     #[test]
