@@ -295,12 +295,11 @@ pub fn bench(a: &BenchArgs) -> anyhow::Result<i32> {
     if a.rounds == 0 {
         return Err(UsageError("--rounds must be at least 1".into()).into());
     }
+    // Read once: the table's header and the JSON describe the same machine.
+    let (cpu, id, features, cores) = (cpu_model(), cpu_id(), cpu_features(), num_cores());
     println!(
-        "machine: {} ({}; {}) ({} cores), {threads} threads, load average {}",
-        cpu_model(),
-        cpu_id(),
-        cpu_features().join(" "),
-        num_cores(),
+        "machine: {cpu} ({id}; {}) ({cores} cores), {threads} threads, load average {}",
+        features.join(" "),
         load_average()
     );
     let data = Manifest::load(Path::new("data-manifests/mnist-5k.toml"))
@@ -497,10 +496,10 @@ pub fn bench(a: &BenchArgs) -> anyhow::Result<i32> {
     };
     if a.json {
         let out = json!({
-            "cpu": cpu_model(),
-            "cpu_id": cpu_id(),
-            "cpu_features": cpu_features(),
-            "cores": num_cores(),
+            "cpu": cpu,
+            "cpu_id": id,
+            "cpu_features": features,
+            "cores": cores,
             "threads": threads,
             "pytorch": torch_version,
             "steps": a.steps,

@@ -81,7 +81,7 @@ pub(super) struct Plan {
     /// The wide index y·wq + x of every output pixel (y, x), in order.
     pixels: Vec<usize>,
     /// Whether the forward pass and the input gradient run with channels in lanes
-    /// ([`Plan::lanes_path`]).
+    /// ([`lanes_path`]; the bit-identity test flips it to run the other path).
     lanes: bool,
     /// Weight columns per weight-gradient tile: [`WGRAD_COLS`] (tests try narrower tiles).
     wgrad_cols: usize,
@@ -197,7 +197,7 @@ impl Plan {
                     .flat_map(|i| (0..g.kw).map(move |j| i * wp + j))
                     .collect(),
                 pixels: pixels(g.h, g.w, wp),
-                lanes: isa == Isa::Avx2 || 5 * qr >= 6 * g.h * g.w,
+                lanes: lanes_path(isa, qr, g.h * g.w),
                 wgrad_cols: WGRAD_COLS,
                 up: None,
                 isa,
@@ -232,7 +232,7 @@ impl Plan {
             qr,
             taps,
             pixels: pixels(g.ho, g.wo, wq),
-            lanes: isa == Isa::Avx2 || 5 * qr >= 6 * g.ho * g.wo,
+            lanes: lanes_path(isa, qr, g.ho * g.wo),
             wgrad_cols: WGRAD_COLS,
             up: Some(Self::up(g, wq, nr)),
             isa,
@@ -359,7 +359,7 @@ impl Plan {
             }
         }
         let (h, w, pad) = (self.h, self.w, self.pad);
-        if self.lanes_path() {
+        if self.lanes {
             let l = lanes(c);
             for (ph, pack) in up.phases.iter().zip(packs) {
                 let n = ph.pixels.len();
@@ -517,20 +517,10 @@ impl Plan {
         out
     }
 
-    /// Whether [`Plan::conv_into`] puts output channels in the vector lanes (tiles of 16
-    /// channels × 6 real pixels) instead of running the wide-pixel tiles. With AVX2 it is faster
-    /// on every ResNet plane (Zen 3, one thread: 7×7 1.1–1.2×, 14×14 about 1.05–1.1×, 28×28
-    /// 1.04×), as it computes no thrown-away columns; with AVX-512 (not measured: no such CPU
-    /// was at hand) it is taken where those columns and the tile rounding are 20 % or more of
-    /// the pixels (7×7: 64 wide pixels for 49).
-    fn lanes_path(&self) -> bool {
-        self.lanes
-    }
-
     /// Weights `rows`×K (row-major) in the layout [`Plan::conv_into`] reads: the forward tiles'
     /// ([`Plan::pack_weights`]), or K rows of `lanes(rows)` output channels on the lanes path.
     pub(super) fn pack_conv(&self, w: &[f32], rows: usize) -> Vec<f32> {
-        if !self.lanes_path() {
+        if !self.lanes {
             return self.pack_weights(w, rows);
         }
         let (k, l) = (w.len() / rows.max(1), lanes(rows));
@@ -553,7 +543,7 @@ impl Plan {
         wide: &mut [f32],
         dst: &mut [f32],
     ) {
-        if !self.lanes_path() {
+        if !self.lanes {
             self.conv(src, cin, packed, o, wide);
             return self.compact(wide, dst);
         }
@@ -695,6 +685,16 @@ impl Plan {
 /// Output-channel lanes of the weight gradient's layouts: `ch` rounded up to whole 8-lane vectors.
 pub(super) fn lanes(ch: usize) -> usize {
     ch.div_ceil(8) * 8
+}
+
+/// Whether [`Plan::conv_into`] puts output channels in the vector lanes (tiles of 16 channels × 6
+/// real pixels) instead of running the wide-pixel tiles, for `qr` wide pixels (rounded to whole
+/// tiles) holding `real` output pixels. With AVX2 it is faster on every ResNet plane (Zen 3, one
+/// thread: 7×7 1.1–1.2×, 14×14 about 1.05–1.1×, 28×28 1.04×), as it computes no thrown-away
+/// columns; with AVX-512 (not measured: no such CPU was at hand) it is taken where those columns
+/// and the tile rounding are 20 % or more of the pixels (7×7: 64 wide pixels for 49).
+fn lanes_path(isa: Isa, qr: usize, real: usize) -> bool {
+    isa == Isa::Avx2 || 5 * qr >= 6 * real
 }
 
 /// The wide index y·wq + x of each pixel of an ho × wo image, row by row.
