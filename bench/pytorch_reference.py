@@ -10,12 +10,14 @@ its own after the warm-up steps and the median is reported, which is robust to o
 sharing the machine.
 
 Usage: python3 bench/pytorch_reference.py [--model NAME]... [--threads N] [--steps N]
-       [--warmup N] [--batch N] [--data PATH] [--clock wall|cpu] [--json]
+       [--warmup N] [--batch N] [--data PATH] [--clock wall|cpu] [--device cpu|cuda[:N]] [--json]
        python3 bench/pytorch_reference.py --serve [--threads N] [--batch N] [--data PATH]
-       [--clock wall|cpu]
+       [--clock wall|cpu] [--device cpu|cuda[:N]]
 With --serve (how `reprise bench` drives it, alternating rounds of its own steps and ours so
 that both see the same machine load) it reads lines `MODEL STEPS` on stdin, trains that model
 STEPS more steps (building it on first use) and answers one JSON line with the step times.
+With --device cuda the model and the batches live on the GPU and each step is timed up to the end
+of its GPU work (torch.cuda.synchronize).
 """
 
 import argparse
@@ -207,11 +209,13 @@ def load_batches(path, batch):
 class Trainer:
     """One model, its optimiser and its position in the batch sequence."""
 
-    def __init__(self, name, batches, clock=time.perf_counter):
+    def __init__(self, name, batches, clock=time.perf_counter, device="cpu"):
         cls, m = MODELS[name]
         torch.manual_seed(0)
-        self.model = cls(1, 28, 28, 10, m)
+        self.model = cls(1, 28, 28, 10, m).to(device)
         self.model.train()
+        # CUDA calls return before the GPU has run them: wait for it at both ends of a step.
+        self.sync = torch.cuda.synchronize if torch.device(device).type == "cuda" else (lambda: None)
         self.opt = torch.optim.SGD(self.model.parameters(), lr=0.05, momentum=0.9)
         self.batches = batches
         self.clock = clock
@@ -223,17 +227,19 @@ class Trainer:
         for _ in range(steps):
             x, y = self.batches[self.step % len(self.batches)]
             self.step += 1
+            self.sync()
             t0 = self.clock()
             self.opt.zero_grad(set_to_none=True)
             loss = F.cross_entropy(self.model(x), y)
             loss.backward()
             self.opt.step()
+            self.sync()
             times.append(self.clock() - t0)
         return times
 
 
-def bench(name, batches, steps, warmup, clock=time.perf_counter):
-    trainer = Trainer(name, batches, clock)
+def bench(name, batches, steps, warmup, clock=time.perf_counter, device="cpu"):
+    trainer = Trainer(name, batches, clock, device)
     trainer.run(warmup)
     times = trainer.run(steps)
     med = sorted(times)[len(times) // 2]
@@ -245,6 +251,25 @@ def bench(name, batches, steps, warmup, clock=time.perf_counter):
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,
     }
+
+
+def device_problem(device, clock):
+    """Why `device` cannot be benchmarked here (None if it can)."""
+    if device == "cpu":
+        return None
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError):
+        return f"unknown device {device!r}: use cpu, cuda or cuda:N"
+    if dev.type != "cuda":
+        return f"unknown device {device!r}: use cpu, cuda or cuda:N"
+    if not torch.cuda.is_available():
+        return f"--device {device}: this PyTorch ({torch.__version__}) sees no CUDA GPU"
+    if (dev.index or 0) >= torch.cuda.device_count():
+        return f"--device {device}: there are {torch.cuda.device_count()} CUDA GPUs"
+    if clock == "cpu":
+        return "--clock cpu counts only the CPU's time, not the GPU's work: use --clock wall"
+    return None
 
 
 def main():
@@ -259,12 +284,23 @@ def main():
     ap.add_argument("--serve", action="store_true", help="answer `MODEL STEPS` lines on stdin")
     ap.add_argument("--clock", choices=["wall", "cpu"], default="wall",
                     help="time steps by elapsed time or by the process's CPU time (all threads)")
+    ap.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     a = ap.parse_args()
     clock = time.perf_counter if a.clock == "wall" else time.process_time
     torch.set_num_threads(a.threads)
-    batches = load_batches(a.data, a.batch)
+    problem = device_problem(a.device, a.clock)
+    if problem:
+        if a.serve:
+            print(json.dumps({"error": problem}), flush=True)
+        else:
+            print(f"pytorch_reference.py: {problem}", file=sys.stderr)
+        return 2
+    batches = [(x.to(a.device), y.to(a.device)) for x, y in load_batches(a.data, a.batch)]
     if a.serve:
-        print(json.dumps({"ready": True, "threads": torch.get_num_threads(), "torch": torch.__version__}), flush=True)
+        hello = {"ready": True, "threads": torch.get_num_threads(), "torch": torch.__version__}
+        if a.device != "cpu":
+            hello["device_name"] = torch.cuda.get_device_name(torch.device(a.device))
+        print(json.dumps(hello), flush=True)
         trainers = {}
         for line in sys.stdin:
             parts = line.split()
@@ -273,11 +309,11 @@ def main():
                 continue
             name, steps = parts[0], int(parts[1])
             if name not in trainers:
-                trainers[name] = Trainer(name, batches, clock)
+                trainers[name] = Trainer(name, batches, clock, a.device)
             print(json.dumps({"model": name, "step_s": trainers[name].run(steps)}), flush=True)
         return 0
     for name in a.model or list(MODELS):
-        r = bench(name, batches, a.steps, a.warmup, clock)
+        r = bench(name, batches, a.steps, a.warmup, clock, a.device)
         if a.json:
             print(json.dumps(r), flush=True)
         else:

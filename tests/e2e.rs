@@ -322,4 +322,28 @@ fn bench_compares_each_model_with_the_faster_reference() {
     assert_eq!(v["threads"], 1);
     assert_eq!(v["models"][0]["pytorch_omp_wait"], "default");
     assert_eq!(v["models"][0]["pytorch_samples_per_s"], 128.0 / 0.004);
+    assert_eq!(v["device"], "cpu");
+}
+
+/// `bench --device cuda` refuses, before any work, what it cannot measure: a build without CUDA,
+/// and CPU time (which leaves out the GPU's work).
+#[test]
+fn bench_on_a_gpu_says_what_it_needs() {
+    let run = |extra: &[&str]| {
+        let out = reprise(&repo(), &[&["bench", "--no-pytorch", "--hash-mib", "0"][..], extra].concat());
+        (out.status.code(), String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr).into_owned())
+    };
+    let (code, stdout, stderr) = run(&["--device", "cuda", "--clock", "cpu"]);
+    assert_eq!(code, Some(2), "{stdout}{stderr}");
+    assert!(stderr.contains("use --clock wall with --device cuda:0"), "{stderr}");
+    assert!(stdout.is_empty(), "nothing is measured: {stdout}");
+    let (code, _, stderr) = run(&["--device", "gpu"]);
+    assert_eq!(code, Some(2));
+    assert!(stderr.contains("use cpu, cuda or cuda:N"), "{stderr}");
+    if !cfg!(feature = "cuda") {
+        let (code, stdout, stderr) = run(&["--device", "cuda:1"]);
+        assert_eq!(code, Some(2), "{stdout}{stderr}");
+        assert!(stderr.contains("--device cuda:1: this build of reprise has no CUDA support") && stderr.contains("--features cuda"), "{stderr}");
+        assert!(stdout.is_empty(), "{stdout}");
+    }
 }

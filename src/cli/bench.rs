@@ -91,9 +91,67 @@ pub struct BenchArgs {
     /// thread, libgomp's default with one.
     #[arg(long, value_enum, value_delimiter = ',')]
     pub omp_wait: Vec<OmpWait>,
+    /// Where both sides train: `cpu` (the default), or `cuda` / `cuda:N` (GPU N, 0 by default;
+    /// needs a build with `--features cuda`, and PyTorch with CUDA for the reference). Each step
+    /// is timed up to the end of the GPU's work. The speed targets are for the CPU and are not
+    /// checked on a GPU.
+    #[arg(long, default_value = "cpu")]
+    pub device: BenchDevice,
     /// Print one JSON object with every measurement after the table.
     #[arg(long)]
     pub json: bool,
+}
+
+/// Where the benchmark trains.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BenchDevice {
+    Cpu,
+    /// The CUDA GPU of this index.
+    Cuda(usize),
+}
+
+impl std::str::FromStr for BenchDevice {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "cpu" => Ok(BenchDevice::Cpu),
+            "cuda" => Ok(BenchDevice::Cuda(0)),
+            _ => s
+                .strip_prefix("cuda:")
+                .and_then(|n| n.parse().ok())
+                .map(BenchDevice::Cuda)
+                .ok_or_else(|| format!("unknown device {s:?}: use cpu, cuda or cuda:N (N = the GPU's index)")),
+        }
+    }
+}
+
+impl std::fmt::Display for BenchDevice {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            BenchDevice::Cpu => f.write_str("cpu"),
+            BenchDevice::Cuda(n) => write!(f, "cuda:{n}"),
+        }
+    }
+}
+
+impl BenchDevice {
+    /// candle's device for our side.
+    fn open(self) -> anyhow::Result<Device> {
+        match self {
+            BenchDevice::Cpu => Ok(Device::Cpu),
+            BenchDevice::Cuda(n) => {
+                if !candle_core::utils::cuda_is_available() {
+                    return Err(UsageError(format!(
+                        "--device {self}: this build of reprise has no CUDA support; build it with \
+                         `cargo build --release --features cuda` (docs/cuda.md), or leave out --device"
+                    ))
+                    .into());
+                }
+                Device::new_cuda(n).with_context(|| format!("opening CUDA device {n} (is there an NVIDIA GPU and driver?)"))
+            }
+        }
+    }
 }
 
 /// How steps are timed.
@@ -295,6 +353,14 @@ pub fn bench(a: &BenchArgs) -> anyhow::Result<i32> {
     if a.rounds == 0 {
         return Err(UsageError("--rounds must be at least 1".into()).into());
     }
+    if a.device != BenchDevice::Cpu && a.clock == Clock::Cpu {
+        return Err(UsageError(format!(
+            "--clock cpu counts only the CPU's time, not the GPU's work: use --clock wall with --device {}",
+            a.device
+        ))
+        .into());
+    }
+    let device = a.device.open()?;
     // Read once: the table's header and the JSON describe the same machine.
     let (cpu, id, features, cores) = (cpu_model(), cpu_id(), cpu_features(), num_cores());
     println!(
@@ -305,7 +371,7 @@ pub fn bench(a: &BenchArgs) -> anyhow::Result<i32> {
     let data = Manifest::load(Path::new("data-manifests/mnist-5k.toml"))
         .and_then(|m| m.load_images(Path::new("."), None))
         .context("loading the embedded MNIST images (run `reprise bench` from the project root)")?;
-    let batches = make_batches(&data)?;
+    let batches = make_batches(&data, &device)?;
     let policies = omp_policies(a, threads);
     let mut torch: Vec<Reference> = Vec::new();
     if !a.no_pytorch {
@@ -322,13 +388,17 @@ pub fn bench(a: &BenchArgs) -> anyhow::Result<i32> {
     if let Some(r) = torch.first() {
         let labels: Vec<&str> = torch.iter().map(|r| r.policy.label()).collect();
         println!(
-            "PyTorch {} ({} {}), OMP_WAIT_POLICY {}{}",
+            "PyTorch {} ({} {}){}, OMP_WAIT_POLICY {}{}",
             r.torch.version,
             a.python.display(),
             a.script.display(),
+            r.torch.device_name.as_ref().map_or(String::new(), |d| format!(" on {d}")),
             labels.join(" and "),
             if torch.len() > 1 { " (one process each; each model is compared with the faster)" } else { "" }
         );
+    }
+    if device.is_cuda() {
+        println!("device: {} (candle's CUDA backend; each step timed to the end of the GPU's work)", a.device);
     }
     println!(
         "training step: batch {BATCH}, SGD lr {LR} momentum 0.9, cross-entropy; median {} time of {} per side \
@@ -358,7 +428,7 @@ pub fn bench(a: &BenchArgs) -> anyhow::Result<i32> {
     let mut measured: Vec<(String, f64)> = Vec::new();
     for name in &names {
         let Some((desc, cfg)) = model_config(name) else { continue };
-        let mut ours = Trainer::new(&cfg, a.clock).with_context(|| format!("building {name}"))?;
+        let mut ours = Trainer::new(&cfg, a.clock, &device).with_context(|| format!("building {name}"))?;
         let warm = pool.install(|| ours.run(&batches, a.warmup)).with_context(|| format!("training {name}"))?;
         let per_round = a.steps.unwrap_or_else(|| auto_steps(warm.iter().copied().reduce(f64::min), a.seconds)).div_ceil(a.rounds);
         for r in torch.iter_mut() {
@@ -456,15 +526,18 @@ pub fn bench(a: &BenchArgs) -> anyhow::Result<i32> {
             "round_ratios": ratios,
             "ratio_vs_pytorch_best_round": theirs.as_ref().map(|t| ours.samples_per_s / t.best_round_samples_per_s()),
             "phase_change": phased,
-            "target_ratio": target_ratio(name),
+            "target_ratio": (!device.is_cuda()).then(|| target_ratio(name)),
         }));
     }
     let torch_version = torch.first().map(|r| r.torch.version.clone());
+    let torch_device = torch.first().and_then(|r| r.torch.device_name.clone());
     drop(torch);
     for n in &notes {
         println!("{n}");
     }
-    if let Some(line) = target_summary(&measured) {
+    if device.is_cuda() {
+        println!("(the speed targets are for the CPU; none is checked on {})", a.device);
+    } else if let Some(line) = target_summary(&measured) {
         println!("{line}");
     }
     println!("load average after the training steps: {}", load_average());
@@ -502,6 +575,8 @@ pub fn bench(a: &BenchArgs) -> anyhow::Result<i32> {
             "cores": cores,
             "threads": threads,
             "pytorch": torch_version,
+            "device": a.device.to_string(),
+            "pytorch_device_name": torch_device,
             "steps": a.steps,
             "seconds": a.steps.is_none().then_some(a.seconds),
             "clock": a.clock.name(),
@@ -571,15 +646,15 @@ fn cpu_features() -> Vec<&'static str> {
 }
 
 /// The first ⌊N/128⌋ full batches in file order, scaled to [−1, 1] as the supervised method does.
-fn make_batches(data: &ImageSet) -> anyhow::Result<Vec<(Tensor, Tensor)>> {
+fn make_batches(data: &ImageSet, device: &Device) -> anyhow::Result<Vec<(Tensor, Tensor)>> {
     let dim = data.dim();
     let shape = (BATCH, data.channels, data.height, data.width);
     (0..data.len() / BATCH)
         .map(|b| {
             let r = b * BATCH..(b + 1) * BATCH;
             let px: Vec<f32> = data.pixels[r.start * dim..r.end * dim].iter().map(|v| v * 2.0 - 1.0).collect();
-            let x = Tensor::from_vec(px, shape, &Device::Cpu)?;
-            let y = Tensor::from_vec(data.labels[r].to_vec(), BATCH, &Device::Cpu)?;
+            let x = Tensor::from_vec(px, shape, device)?;
+            let y = Tensor::from_vec(data.labels[r].to_vec(), BATCH, device)?;
             Ok((x, y))
         })
         .collect()
@@ -591,19 +666,21 @@ struct Trainer {
     opt: Optimizer,
     step: usize,
     clock: Clock,
+    device: Device,
     _varmap: VarMap,
 }
 
 impl Trainer {
-    fn new(cfg: &ModelConfig, clock: Clock) -> anyhow::Result<Self> {
+    fn new(cfg: &ModelConfig, clock: Clock, device: &Device) -> anyhow::Result<Self> {
         let varmap = VarMap::new();
-        let model = models::build(cfg, VarBuilder::from_varmap(&varmap, MODEL_DTYPE, &Device::Cpu))?;
+        let model = models::build(cfg, VarBuilder::from_varmap(&varmap, MODEL_DTYPE, device))?;
         models::seeded_init(&varmap, 0)?;
         let opt = Optimizer::new(varmap.all_vars(), &OptimConfig::sgd(LR))?;
-        Ok(Trainer { model, opt, step: 0, clock, _varmap: varmap })
+        Ok(Trainer { model, opt, step: 0, clock, device: device.clone(), _varmap: varmap })
     }
 
-    /// Train `steps` steps; the wall time of each, in seconds.
+    /// Train `steps` steps; the wall time of each, in seconds (on a GPU, up to the end of the
+    /// step's work there: candle's CUDA calls return before the GPU has run them).
     fn run(&mut self, batches: &[(Tensor, Tensor)], steps: usize) -> anyhow::Result<Vec<f64>> {
         let mut times = Vec::with_capacity(steps);
         for _ in 0..steps {
@@ -614,6 +691,7 @@ impl Trainer {
             let (_, logits) = self.model.forward(x, true)?;
             let loss = candle_nn::loss::cross_entropy(&logits, y)?;
             self.opt.backward_step(&loss)?;
+            self.device.synchronize()?;
             times.push(self.clock.now(origin) - t0);
         }
         Ok(times)
@@ -650,7 +728,8 @@ impl OmpWait {
 /// (where there is nothing to wait for).
 fn omp_policies(a: &BenchArgs, threads: usize) -> Vec<OmpWait> {
     if a.omp_wait.is_empty() {
-        return if threads > 1 { vec![OmpWait::Active, OmpWait::Passive] } else { vec![OmpWait::Default] };
+        // On a GPU PyTorch's CPU threads only launch kernels: one reference is enough.
+        return if threads > 1 && a.device == BenchDevice::Cpu { vec![OmpWait::Active, OmpWait::Passive] } else { vec![OmpWait::Default] };
     }
     let mut p: Vec<OmpWait> = Vec::new();
     for &w in &a.omp_wait {
@@ -680,6 +759,8 @@ struct Torch {
     stdin: ChildStdin,
     stdout: BufReader<ChildStdout>,
     version: String,
+    /// The GPU's name, when the reference trains on one.
+    device_name: Option<String>,
 }
 
 impl Torch {
@@ -696,6 +777,8 @@ impl Torch {
             .arg(&a.script)
             .args(["--serve", "--threads", &threads.to_string(), "--batch", &BATCH.to_string(), "--data", "data/mnist_5k.csv.gz"])
             .args(["--clock", a.clock.name()])
+            // Only for a GPU, so that the CPU benchmark runs any script that takes the other options.
+            .args(if a.device == BenchDevice::Cpu { vec![] } else { vec!["--device".to_string(), a.device.to_string()] })
             .env("OMP_NUM_THREADS", threads.to_string())
             .env("OPENBLAS_NUM_THREADS", threads.to_string())
             .stdin(Stdio::piped())
@@ -706,9 +789,10 @@ impl Torch {
         let (Some(stdin), Some(stdout)) = (child.stdin.take(), child.stdout.take()) else {
             bail!("no pipes to the PyTorch script");
         };
-        let mut t = Torch { child, stdin, stdout: BufReader::new(stdout), version: String::new() };
+        let mut t = Torch { child, stdin, stdout: BufReader::new(stdout), version: String::new(), device_name: None };
         let hello = t.reply()?;
         t.version = hello["torch"].as_str().unwrap_or("?").to_string();
+        t.device_name = hello["device_name"].as_str().map(str::to_string);
         t.signal(Pause::Stop);
         Ok(t)
     }
@@ -894,6 +978,19 @@ mod tests {
         let short = Timing::from_rounds(&[vec![0.020]]).unwrap();
         assert_eq!(round_ratios(&ours, &short).len(), 1);
         assert!(Timing::from_rounds(&[]).is_none());
+    }
+
+    #[test]
+    fn device_names() {
+        for (s, d) in [("cpu", BenchDevice::Cpu), ("cuda", BenchDevice::Cuda(0)), ("cuda:0", BenchDevice::Cuda(0)), ("cuda:3", BenchDevice::Cuda(3))] {
+            assert_eq!(s.parse::<BenchDevice>(), Ok(d), "{s}");
+        }
+        assert_eq!(BenchDevice::Cuda(3).to_string(), "cuda:3");
+        assert_eq!(BenchDevice::Cpu.to_string(), "cpu");
+        for bad in ["gpu", "cuda:", "cuda:x", "cuda:-1", "CPU", ""] {
+            let e = bad.parse::<BenchDevice>().unwrap_err();
+            assert!(e.contains("use cpu, cuda or cuda:N"), "{bad}: {e}");
+        }
     }
 
     #[test]
