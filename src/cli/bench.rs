@@ -683,6 +683,8 @@ impl Trainer {
     /// step's work there: candle's CUDA calls return before the GPU has run them).
     fn run(&mut self, batches: &[(Tensor, Tensor)], steps: usize) -> anyhow::Result<Vec<f64>> {
         let mut times = Vec::with_capacity(steps);
+        // As `reprise run` does for a cell with more than one thread.
+        let _awake = crate::exec::KeepAwake::start();
         for _ in 0..steps {
             let (x, y) = &batches[self.step % batches.len()];
             self.step += 1;

@@ -8,6 +8,7 @@
 //! Progress bars (cells done / total, each worker's cell and epoch) show on a terminal and stay
 //! silent otherwise.
 
+mod awake;
 mod cells;
 
 use std::collections::BTreeMap;
@@ -16,6 +17,8 @@ use std::sync::{Condvar, Mutex};
 use std::time::{Duration, Instant};
 
 use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
+
+pub use awake::KeepAwake;
 
 use crate::cache::{CellRecord, CellStatus, Corruption, Store, StoreError};
 use crate::methods::Progress;
@@ -213,7 +216,13 @@ pub fn execute(plan: &Plan, store: &dyn Store, opts: &ExecOptions) -> Result<Exe
                     };
                     let work = || cells::run_cell(plan, i, &inputs, store, memo, &progress, opts.cache_only);
                     let result = match &pool {
-                        Some(p) => p.install(work),
+                        // With more than one thread per job, the pool's other workers stay awake
+                        // for the cell (KeepAwake: a sleeping worker wakes too late for a layer's
+                        // GEMM).
+                        Some(p) => p.install(|| {
+                            let _awake = KeepAwake::start();
+                            work()
+                        }),
                         None => work(),
                     };
                     let mut s = match shared.lock() {

@@ -1,0 +1,219 @@
+//! Keep a rayon pool's other workers looking for work while a computation runs.
+//!
+//! A training step alternates parallel regions (a layer's GEMM or convolution, split into one task
+//! per thread) with short serial stretches on the calling thread (element-wise operations, the
+//! loss). In those stretches rayon's idle workers spin briefly and then sleep, and a sleeping
+//! worker takes long to wake: on the 2-core benchmark VM, a join of two 250 µs halves took on
+//! average 350 µs after a 100 µs serial gap and 510 µs after a 2 ms one, and in up to a fifth of
+//! the joins the calling thread ran both halves itself before the other worker woke (measured
+//! with a standalone rayon program; 253–267 µs with the workers kept awake as here). The MLP's
+//! step at 2 threads was 1.4× its 1-thread speed, with the second worker busy 2/3 as often as the
+//! first.
+//!
+//! [`KeepAwake::start`] hands every other worker of the current pool a task that keeps asking
+//! the pool for work ([`rayon::yield_now`], which runs a pending or stolen task if there is one)
+//! until the guard is dropped, so the tasks of each parallel region start at once. It costs the
+//! other cores' idle time while it is held, like an OpenMP runtime with `OMP_WAIT_POLICY=active`;
+//! the pool's threads are reserved for the one computation anyway (one pool per job, see
+//! [`super::execute`]).
+
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// While alive, the other workers of the pool it was started in stay awake (see the module
+/// documentation). Dropping it lets them sleep again.
+#[must_use = "the workers stay awake only while the guard is alive"]
+pub struct KeepAwake {
+    state: Option<Arc<State>>,
+}
+
+struct State {
+    stop: AtomicBool,
+    /// Keep-awake tasks that joined, plus [`CLOSED`] once [`KeepAwake::start`] stopped taking
+    /// more.
+    joined: AtomicUsize,
+    /// Keep-awake tasks running now.
+    spinning: AtomicUsize,
+}
+
+/// The bit of [`State::joined`] that says no keep-awake task may join any more.
+const CLOSED: usize = 1 << (usize::BITS - 1);
+
+/// How long [`KeepAwake::start`] waits for the other workers to take up their keep-awake task: a
+/// sleeping worker took about 0.2–0.4 ms to wake on the benchmark VM.
+const JOIN_WAIT: Duration = Duration::from_millis(50);
+
+impl KeepAwake {
+    /// Keep the other workers of the current pool awake. Does nothing outside a rayon pool or in
+    /// a pool of one thread.
+    ///
+    /// Call it from a worker of the pool (inside `install`) in sequential code, with no parallel
+    /// work of this pool under way: a keep-awake task taken up by a worker that is waiting inside
+    /// another task would keep that task from finishing. So that no keep-awake task is left
+    /// waiting in a queue once the computation's parallel work starts, `start` returns only when
+    /// every other worker has taken its task up, or after [`JOIN_WAIT`]; a task taken up later
+    /// ends at once.
+    pub fn start() -> KeepAwake {
+        let Some(me) = rayon::current_thread_index() else {
+            return KeepAwake { state: None };
+        };
+        let others = rayon::current_num_threads().saturating_sub(1);
+        if others == 0 {
+            return KeepAwake { state: None };
+        }
+        let state = Arc::new(State { stop: AtomicBool::new(false), joined: AtomicUsize::new(0), spinning: AtomicUsize::new(0) });
+        let shared = Arc::clone(&state);
+        rayon::spawn_broadcast(move |ctx| {
+            if ctx.index() == me || !shared.join() {
+                return;
+            }
+            shared.spinning.fetch_add(1, Ordering::AcqRel);
+            while !shared.stop.load(Ordering::Acquire) {
+                if !matches!(rayon::yield_now(), Some(rayon::Yield::Executed)) {
+                    std::hint::spin_loop();
+                }
+            }
+            shared.spinning.fetch_sub(1, Ordering::AcqRel);
+        });
+        let since = Instant::now();
+        while state.joined.load(Ordering::Acquire) < others && since.elapsed() < JOIN_WAIT {
+            std::hint::spin_loop();
+        }
+        state.joined.fetch_or(CLOSED, Ordering::AcqRel);
+        KeepAwake { state: Some(state) }
+    }
+
+    /// Whether other workers were asked to stay awake.
+    pub fn active(&self) -> bool {
+        self.state.is_some()
+    }
+}
+
+impl State {
+    /// Count a keep-awake task in, unless [`KeepAwake::start`] has stopped waiting for them.
+    fn join(&self) -> bool {
+        let mut seen = self.joined.load(Ordering::Acquire);
+        loop {
+            if seen & CLOSED != 0 {
+                return false;
+            }
+            match self.joined.compare_exchange_weak(seen, seen + 1, Ordering::AcqRel, Ordering::Acquire) {
+                Ok(_) => return true,
+                Err(now) => seen = now,
+            }
+        }
+    }
+}
+
+impl Drop for KeepAwake {
+    fn drop(&mut self) {
+        if let Some(state) = &self.state {
+            state.stop.store(true, Ordering::Release);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rayon::prelude::*;
+
+    #[test]
+    fn nothing_to_do_outside_a_pool_or_with_one_thread() {
+        // The test's own thread is no rayon worker.
+        assert!(!KeepAwake::start().active());
+        let one = rayon::ThreadPoolBuilder::new().num_threads(1).build().unwrap();
+        assert!(!one.install(KeepAwake::start).active());
+    }
+
+    /// A worker busy with other work when the guard starts takes its keep-awake task up late,
+    /// after `start` has stopped waiting: the task must end at once, not spin (it could be taken
+    /// up inside a task that another thread waits for).
+    #[test]
+    fn a_keep_awake_task_taken_up_late_ends_at_once() {
+        let pool = rayon::ThreadPoolBuilder::new().num_threads(2).build().unwrap();
+        let (started_tx, started_rx) = std::sync::mpsc::channel();
+        let (release_tx, release_rx) = std::sync::mpsc::channel::<()>();
+        pool.spawn(move || {
+            started_tx.send(()).unwrap();
+            release_rx.recv().unwrap();
+        });
+        started_rx.recv().unwrap();
+        pool.install(|| {
+            // Runs on the free worker; the other is blocked until released.
+            let guard = KeepAwake::start();
+            let state = Arc::clone(guard.state.as_ref().unwrap());
+            assert_eq!(state.joined.load(Ordering::Acquire), CLOSED, "nobody could join in time");
+            release_tx.send(()).unwrap();
+            // The released worker runs its queued keep-awake task before this broadcast.
+            rayon::broadcast(|_| ());
+            assert_eq!(state.joined.load(Ordering::Acquire), CLOSED);
+            assert_eq!(state.spinning.load(Ordering::Acquire), 0, "a late keep-awake task is spinning");
+            drop(guard);
+        });
+    }
+
+    /// Guards started and dropped around short parallel regions with nested joins, from
+    /// `install` calls made outside the pool one after another (as `reprise bench` does): a
+    /// keep-awake task of the next guard must never be run by a worker inside a task that some
+    /// other thread waits for. Run on a thread of its own, and failed if it has not finished
+    /// after 120 s (it takes well under a second).
+    #[test]
+    fn guards_in_quick_succession_do_not_deadlock() {
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let pool = rayon::ThreadPoolBuilder::new().num_threads(2).build().unwrap();
+            for round in 0..2000 {
+                pool.install(|| {
+                    let _guard = KeepAwake::start();
+                    let v: Vec<u64> = (0..64usize)
+                        .into_par_iter()
+                        .with_max_len(1)
+                        .map(|i| {
+                            let (a, b) = rayon::join(|| i as u64, || (i * i) as u64);
+                            a + b
+                        })
+                        .collect();
+                    assert_eq!(v[63], 63 + 63 * 63, "round {round}");
+                });
+            }
+            tx.send(()).unwrap();
+        });
+        assert!(rx.recv_timeout(Duration::from_secs(120)).is_ok(), "deadlock: the rounds did not finish");
+    }
+
+    /// Parallel work under a guard gives the results a plain run gives (the awake workers run
+    /// its tasks from inside their keep-awake task), and dropping the guard ends the keep-awake
+    /// tasks; a second guard in the same pool works the same.
+    #[test]
+    fn parallel_work_under_a_guard_and_the_workers_released() {
+        let pool = rayon::ThreadPoolBuilder::new().num_threads(2).build().unwrap();
+        let plain: Vec<u64> = (0..10_000u64).map(|i| i * i % 7).collect();
+        for _ in 0..2 {
+            let state = pool.install(|| {
+                let guard = KeepAwake::start();
+                assert!(guard.active());
+                let state = Arc::clone(guard.state.as_ref().unwrap());
+                for _ in 0..50 {
+                    let v: Vec<u64> = (0..10_000usize).into_par_iter().with_max_len(100).map(|i| (i * i % 7) as u64).collect();
+                    assert_eq!(v, plain);
+                    // A serial stretch between parallel regions.
+                    let t = Instant::now();
+                    while t.elapsed() < Duration::from_micros(200) {}
+                }
+                state
+            });
+            // Every keep-awake task ends once the guard is gone (waiting up to 5 s for the
+            // workers to notice).
+            for _ in 0..500 {
+                if state.spinning.load(Ordering::Acquire) == 0 {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            assert!(state.joined.load(Ordering::Acquire) & CLOSED != 0);
+            assert_eq!(state.spinning.load(Ordering::Acquire), 0, "keep-awake tasks still running");
+        }
+    }
+}
