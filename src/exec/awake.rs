@@ -156,15 +156,16 @@ mod tests {
 
     /// Guards started and dropped around short parallel regions with nested joins, from
     /// `install` calls made outside the pool one after another (as `reprise bench` does): a
-    /// keep-awake task of the next guard must never be run by a worker inside a task that some
+    /// keep-awake task of the next guard must never spin in a worker that is inside a task some
     /// other thread waits for. Run on a thread of its own, and failed if it has not finished
-    /// after 120 s (it takes well under a second).
+    /// after 120 s (it takes well under a second; even if every `start` waited its full 50 ms,
+    /// 500 rounds would take 25 s).
     #[test]
     fn guards_in_quick_succession_do_not_deadlock() {
         let (tx, rx) = std::sync::mpsc::channel();
         std::thread::spawn(move || {
             let pool = rayon::ThreadPoolBuilder::new().num_threads(2).build().unwrap();
-            for round in 0..2000 {
+            for round in 0..500 {
                 pool.install(|| {
                     let _guard = KeepAwake::start();
                     let v: Vec<u64> = (0..64usize)
@@ -188,32 +189,38 @@ mod tests {
     /// tasks; a second guard in the same pool works the same.
     #[test]
     fn parallel_work_under_a_guard_and_the_workers_released() {
-        let pool = rayon::ThreadPoolBuilder::new().num_threads(2).build().unwrap();
-        let plain: Vec<u64> = (0..10_000u64).map(|i| i * i % 7).collect();
-        for _ in 0..2 {
-            let state = pool.install(|| {
-                let guard = KeepAwake::start();
-                assert!(guard.active());
-                let state = Arc::clone(guard.state.as_ref().unwrap());
-                for _ in 0..50 {
-                    let v: Vec<u64> = (0..10_000usize).into_par_iter().with_max_len(100).map(|i| (i * i % 7) as u64).collect();
-                    assert_eq!(v, plain);
-                    // A serial stretch between parallel regions.
-                    let t = Instant::now();
-                    while t.elapsed() < Duration::from_micros(200) {}
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let pool = rayon::ThreadPoolBuilder::new().num_threads(2).build().unwrap();
+            let plain: Vec<u64> = (0..10_000u64).map(|i| i * i % 7).collect();
+            for _ in 0..2 {
+                let state = pool.install(|| {
+                    let guard = KeepAwake::start();
+                    assert!(guard.active());
+                    let state = Arc::clone(guard.state.as_ref().unwrap());
+                    for _ in 0..50 {
+                        let v: Vec<u64> = (0..10_000usize).into_par_iter().with_max_len(100).map(|i| (i * i % 7) as u64).collect();
+                        assert_eq!(v, plain);
+                        // A serial stretch between parallel regions.
+                        let t = Instant::now();
+                        while t.elapsed() < Duration::from_micros(200) {}
+                    }
+                    state
+                });
+                // Every keep-awake task ends once the guard is gone (waiting up to 5 s for the
+                // workers to notice).
+                for _ in 0..500 {
+                    if state.spinning.load(Ordering::Acquire) == 0 {
+                        break;
+                    }
+                    std::thread::sleep(Duration::from_millis(10));
                 }
-                state
-            });
-            // Every keep-awake task ends once the guard is gone (waiting up to 5 s for the
-            // workers to notice).
-            for _ in 0..500 {
-                if state.spinning.load(Ordering::Acquire) == 0 {
-                    break;
-                }
-                std::thread::sleep(Duration::from_millis(10));
+                assert!(state.joined.load(Ordering::Acquire) & CLOSED != 0);
+                assert_eq!(state.spinning.load(Ordering::Acquire), 0, "keep-awake tasks still running");
             }
-            assert!(state.joined.load(Ordering::Acquire) & CLOSED != 0);
-            assert_eq!(state.spinning.load(Ordering::Acquire), 0, "keep-awake tasks still running");
-        }
+            tx.send(()).unwrap();
+        });
+        // A failed assertion drops the sender; a deadlock times out.
+        assert!(rx.recv_timeout(Duration::from_secs(120)).is_ok(), "failed or deadlocked (see above)");
     }
 }
