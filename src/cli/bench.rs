@@ -140,16 +140,15 @@ impl BenchDevice {
     fn open(self) -> anyhow::Result<Device> {
         match self {
             BenchDevice::Cpu => Ok(Device::Cpu),
-            BenchDevice::Cuda(n) => {
-                if !candle_core::utils::cuda_is_available() {
-                    return Err(UsageError(format!(
+            BenchDevice::Cuda(n) => models::cuda_device(n)
+                .with_context(|| format!("opening CUDA device {n} (is there an NVIDIA GPU and driver?)"))?
+                .ok_or_else(|| {
+                    UsageError(format!(
                         "--device {self}: this build of reprise has no CUDA support; build it with \
                          `cargo build --release --features cuda` (docs/cuda.md), or leave out --device"
                     ))
-                    .into());
-                }
-                Device::new_cuda(n).with_context(|| format!("opening CUDA device {n} (is there an NVIDIA GPU and driver?)"))
-            }
+                    .into()
+                }),
         }
     }
 }

@@ -119,6 +119,17 @@ mod tests {
     use super::*;
     use rayon::prelude::*;
 
+    /// Run `f` on a thread of its own and fail unless it returns within 120 s: a deadlock fails
+    /// the test instead of hanging the suite (a failed assertion in `f` fails it too).
+    fn finishes_within_two_minutes(f: impl FnOnce() + Send + 'static) {
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            f();
+            tx.send(()).unwrap();
+        });
+        assert!(rx.recv_timeout(Duration::from_secs(120)).is_ok(), "failed or deadlocked (see above)");
+    }
+
     #[test]
     fn nothing_to_do_outside_a_pool_or_with_one_thread() {
         // The test's own thread is no rayon worker.
@@ -162,8 +173,7 @@ mod tests {
     /// 500 rounds would take 25 s).
     #[test]
     fn guards_in_quick_succession_do_not_deadlock() {
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
+        finishes_within_two_minutes(|| {
             let pool = rayon::ThreadPoolBuilder::new().num_threads(2).build().unwrap();
             for round in 0..500 {
                 pool.install(|| {
@@ -179,9 +189,7 @@ mod tests {
                     assert_eq!(v[63], 63 + 63 * 63, "round {round}");
                 });
             }
-            tx.send(()).unwrap();
         });
-        assert!(rx.recv_timeout(Duration::from_secs(120)).is_ok(), "deadlock: the rounds did not finish");
     }
 
     /// Parallel work under a guard gives the results a plain run gives (the awake workers run
@@ -189,8 +197,7 @@ mod tests {
     /// tasks; a second guard in the same pool works the same.
     #[test]
     fn parallel_work_under_a_guard_and_the_workers_released() {
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
+        finishes_within_two_minutes(|| {
             let pool = rayon::ThreadPoolBuilder::new().num_threads(2).build().unwrap();
             let plain: Vec<u64> = (0..10_000u64).map(|i| i * i % 7).collect();
             for _ in 0..2 {
@@ -218,9 +225,6 @@ mod tests {
                 assert!(state.joined.load(Ordering::Acquire) & CLOSED != 0);
                 assert_eq!(state.spinning.load(Ordering::Acquire), 0, "keep-awake tasks still running");
             }
-            tx.send(()).unwrap();
         });
-        // A failed assertion drops the sender; a deadlock times out.
-        assert!(rx.recv_timeout(Duration::from_secs(120)).is_ok(), "failed or deadlocked (see above)");
     }
 }

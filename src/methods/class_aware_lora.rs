@@ -582,10 +582,7 @@ fn device(p: &Params) -> Result<Device, MethodError> {
     if p.get("device").and_then(ParamValue::as_str) != Some("cuda") {
         return Ok(Device::Cpu);
     }
-    if !candle_core::utils::cuda_is_available() {
-        return Err(MethodError::Invalid("device = \"cuda\" but this build has no CUDA support: rebuild with --features cuda, or set device = \"cpu\"".into()));
-    }
-    Ok(Device::new_cuda(0)?)
+    crate::models::cuda_device(0)?.ok_or_else(|| MethodError::Invalid("device = \"cuda\" but this build has no CUDA support: rebuild with --features cuda, or set device = \"cpu\"".into()))
 }
 
 fn load_options(p: &Params) -> Result<VitLoadOptions, MethodError> {

@@ -237,10 +237,7 @@ fn device(cfg: &Config) -> Result<Device, MethodError> {
     if !cfg.cuda {
         return Ok(Device::Cpu);
     }
-    if !candle_core::utils::cuda_is_available() {
-        return Err(MethodError::Invalid("device = \"cuda\" but this build of reprise has no CUDA support: rebuild with `cargo build --release --features cuda` on a machine with the CUDA toolkit, or set device = \"cpu\"".into()));
-    }
-    Ok(Device::new_cuda(0)?)
+    crate::models::cuda_device(0)?.ok_or_else(|| MethodError::Invalid("device = \"cuda\" but this build of reprise has no CUDA support: rebuild with `cargo build --release --features cuda` on a machine with the CUDA toolkit, or set device = \"cpu\"".into()))
 }
 
 fn train_run(cfg: &Config, seed: u64, inputs: &TrainInputs, progress: &dyn Progress) -> Result<Outcome, MethodError> {

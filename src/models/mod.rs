@@ -56,7 +56,7 @@ pub mod pool;
 pub mod resnet;
 pub mod vit;
 
-use candle_core::{DType, Tensor, D};
+use candle_core::{DType, Device, Tensor, D};
 
 /// The f32 elements of a contiguous CPU storage, for the custom ops' kernels; `op` and `what`
 /// name the operation and the operand in the error.
@@ -114,6 +114,15 @@ pub(crate) fn with_f32<R>(
 #[inline(always)]
 pub(crate) fn relu_backward(g: f32, r: f32) -> f32 {
     f32::from_bits(g.to_bits() & u32::from(r > 0.0).wrapping_neg())
+}
+
+/// GPU `ordinal` of candle's CUDA backend, or `None` when this build has no CUDA support (built
+/// without `--features cuda`); each caller says how to fix that in its own terms.
+pub fn cuda_device(ordinal: usize) -> candle_core::Result<Option<Device>> {
+    if !candle_core::utils::cuda_is_available() {
+        return Ok(None);
+    }
+    Device::new_cuda(ordinal).map(Some)
 }
 
 /// Thread settings of the CPU kernels; call once, before the first tensor operation (candle reads
