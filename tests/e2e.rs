@@ -57,6 +57,27 @@ fn cold_runs_in_two_caches_and_two_folders_agree_bit_for_bit() {
     }
 }
 
+/// `REPRISE_WAIT` only decides whether idle workers spin or sleep: a passive run with two threads
+/// per cell gives the same bytes as the default run, and a value it does not know stops every
+/// command before any work.
+#[test]
+fn wait_policy_is_checked_and_passive_changes_no_result() {
+    let (a, b) = (project("e2e-wait-a"), project("e2e-wait-b"));
+    let out = reprise_env(b.path(), &["run", "reports/tiny.toml", "--json", "--jobs", "1"], &[("REPRISE_WAIT", "sleepy")]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("REPRISE_WAIT=\"sleepy\"") && stderr.contains("`passive`"), "{stderr}");
+    assert!(!b.path().join("artifacts").exists(), "nothing may run");
+    run_json(a.path(), &[]);
+    let out = reprise_env(b.path(), &["run", "reports/tiny.toml", "--json", "--jobs", "1"], &[("REPRISE_WAIT", "passive")]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    for f in ["frames/results.csv", "frames/per_class.csv", "report.md", "lock.json"] {
+        let x = std::fs::read(a.path().join("artifacts/tiny").join(f)).unwrap();
+        let y = std::fs::read(b.path().join("artifacts/tiny").join(f)).unwrap();
+        assert!(x == y, "{f} differs between the default and the passive run");
+    }
+}
+
 #[test]
 fn spec_formatting_comments_and_key_order_do_not_change_keys() {
     let p = project("e2e-fmt");

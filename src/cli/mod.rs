@@ -65,6 +65,11 @@ pub struct SpecOpts {
 
 /// Run a parsed command line; returns the exit code.
 pub fn main_with(cli: Cli) -> i32 {
+    // Checked before any work starts, so that a typo does not silently choose the default.
+    if let Err(e) = crate::exec::wait_policy() {
+        eprintln!("error: {e}");
+        return EXIT_USAGE;
+    }
     let result = match cli.command {
         Command::Run(a) => run::run(&a),
         Command::Render(a) => run::render_only(&a),

@@ -16,10 +16,51 @@
 //! other cores' idle time while it is held, like an OpenMP runtime with `OMP_WAIT_POLICY=active`;
 //! the pool's threads are reserved for the one computation anyway (one pool per job, see
 //! [`super::execute`]).
+//!
+//! On a machine shared with other work, `REPRISE_WAIT=passive` turns this off (the workers sleep
+//! between parallel regions, as rayon's own default; slower steps, no spinning cores);
+//! `REPRISE_WAIT=active` (or unset) keeps it on. [`wait_policy`] reads the variable once.
 
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
+
+/// The environment variable that chooses how idle workers wait: `active` (default) or `passive`.
+pub const WAIT_ENV: &str = "REPRISE_WAIT";
+
+/// How a pool's idle workers wait while a computation runs (`REPRISE_WAIT`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WaitPolicy {
+    /// Kept looking for work ([`KeepAwake`]): the fastest steps, the other cores busy.
+    Active,
+    /// rayon's default: they spin briefly, then sleep.
+    Passive,
+}
+
+impl WaitPolicy {
+    /// The policy a value of `REPRISE_WAIT` names (None: unset or empty, the default).
+    pub fn parse(value: Option<&str>) -> Result<WaitPolicy, String> {
+        match value.map(str::trim) {
+            None | Some("") => Ok(WaitPolicy::Active),
+            Some(v) if v.eq_ignore_ascii_case("active") => Ok(WaitPolicy::Active),
+            Some(v) if v.eq_ignore_ascii_case("passive") => Ok(WaitPolicy::Passive),
+            Some(v) => Err(format!(
+                "{WAIT_ENV}={v:?}: expected `active` (idle workers keep looking for work; the default) \
+                 or `passive` (they sleep; for machines shared with other work)"
+            )),
+        }
+    }
+}
+
+/// The policy `REPRISE_WAIT` names, read once per process. The command line checks it before it
+/// starts any work ([`crate::cli::main_with`]); a library user with a bad value gets the default
+/// and one warning on stderr.
+pub fn wait_policy() -> Result<WaitPolicy, String> {
+    static POLICY: OnceLock<Result<WaitPolicy, String>> = OnceLock::new();
+    POLICY
+        .get_or_init(|| WaitPolicy::parse(std::env::var(WAIT_ENV).ok().as_deref()))
+        .clone()
+}
 
 /// While alive, the other workers of the pool it was started in stay awake (see the module
 /// documentation). Dropping it lets them sleep again.
@@ -45,8 +86,8 @@ const CLOSED: usize = 1 << (usize::BITS - 1);
 const JOIN_WAIT: Duration = Duration::from_millis(50);
 
 impl KeepAwake {
-    /// Keep the other workers of the current pool awake. Does nothing outside a rayon pool or in
-    /// a pool of one thread.
+    /// Keep the other workers of the current pool awake. Does nothing outside a rayon pool, in
+    /// a pool of one thread, or with `REPRISE_WAIT=passive`.
     ///
     /// Call it from a worker of the pool (inside `install`) in sequential code, with no parallel
     /// work of this pool under way: a keep-awake task taken up by a worker that is waiting inside
@@ -55,6 +96,19 @@ impl KeepAwake {
     /// every other worker has taken its task up, or after [`JOIN_WAIT`]; a task taken up later
     /// ends at once.
     pub fn start() -> KeepAwake {
+        static WARNED: std::sync::Once = std::sync::Once::new();
+        match wait_policy() {
+            Ok(WaitPolicy::Active) => Self::start_active(),
+            Ok(WaitPolicy::Passive) => KeepAwake { state: None },
+            Err(e) => {
+                WARNED.call_once(|| eprintln!("warning: {e}; using `active`"));
+                Self::start_active()
+            }
+        }
+    }
+
+    /// [`KeepAwake::start`] under the `active` policy.
+    fn start_active() -> KeepAwake {
         let Some(me) = rayon::current_thread_index() else {
             return KeepAwake { state: None };
         };
@@ -131,11 +185,20 @@ mod tests {
     }
 
     #[test]
+    fn wait_policy_values() {
+        for (value, want) in [(None, WaitPolicy::Active), (Some(""), WaitPolicy::Active), (Some("active"), WaitPolicy::Active), (Some(" Passive "), WaitPolicy::Passive)] {
+            assert_eq!(WaitPolicy::parse(value), Ok(want), "{value:?}");
+        }
+        let e = WaitPolicy::parse(Some("sleep")).unwrap_err();
+        assert!(e.contains("REPRISE_WAIT=\"sleep\"") && e.contains("`passive`"), "{e}");
+    }
+
+    #[test]
     fn nothing_to_do_outside_a_pool_or_with_one_thread() {
         // The test's own thread is no rayon worker.
-        assert!(!KeepAwake::start().active());
+        assert!(!KeepAwake::start_active().active());
         let one = rayon::ThreadPoolBuilder::new().num_threads(1).build().unwrap();
-        assert!(!one.install(KeepAwake::start).active());
+        assert!(!one.install(KeepAwake::start_active).active());
     }
 
     /// A worker busy with other work when the guard starts takes its keep-awake task up late,
@@ -153,7 +216,7 @@ mod tests {
         started_rx.recv().unwrap();
         pool.install(|| {
             // Runs on the free worker; the other is blocked until released.
-            let guard = KeepAwake::start();
+            let guard = KeepAwake::start_active();
             let state = Arc::clone(guard.state.as_ref().unwrap());
             assert_eq!(state.joined.load(Ordering::Acquire), CLOSED, "nobody could join in time");
             release_tx.send(()).unwrap();
@@ -177,7 +240,7 @@ mod tests {
             let pool = rayon::ThreadPoolBuilder::new().num_threads(2).build().unwrap();
             for round in 0..500 {
                 pool.install(|| {
-                    let _guard = KeepAwake::start();
+                    let _guard = KeepAwake::start_active();
                     let v: Vec<u64> = (0..64usize)
                         .into_par_iter()
                         .with_max_len(1)
@@ -202,7 +265,7 @@ mod tests {
             let plain: Vec<u64> = (0..10_000u64).map(|i| i * i % 7).collect();
             for _ in 0..2 {
                 let state = pool.install(|| {
-                    let guard = KeepAwake::start();
+                    let guard = KeepAwake::start_active();
                     assert!(guard.active());
                     let state = Arc::clone(guard.state.as_ref().unwrap());
                     for _ in 0..50 {

@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 
 use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
 
-pub use awake::KeepAwake;
+pub use awake::{wait_policy, KeepAwake, WaitPolicy, WAIT_ENV};
 
 use crate::cache::{CellRecord, CellStatus, Corruption, Store, StoreError};
 use crate::methods::Progress;

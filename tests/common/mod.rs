@@ -29,7 +29,16 @@ pub fn project(name: &str) -> tempfile::TempDir {
 }
 
 pub fn reprise(cwd: &Path, args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_reprise")).args(args).current_dir(cwd).env_remove("REPRISE_CACHE").output().unwrap()
+    reprise_env(cwd, args, &[])
+}
+
+/// `reprise` with these environment variables set (and no `REPRISE_CACHE` or `REPRISE_WAIT` from
+/// the caller's environment unless given here).
+pub fn reprise_env(cwd: &Path, args: &[&str], vars: &[(&str, &str)]) -> Output {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_reprise"));
+    c.args(args).current_dir(cwd).env_remove("REPRISE_CACHE").env_remove("REPRISE_WAIT");
+    c.envs(vars.iter().copied());
+    c.output().unwrap()
 }
 
 pub fn run_json(cwd: &Path, extra: &[&str]) -> Value {
