@@ -28,6 +28,7 @@ use serde_json::json;
 
 use super::{UsageError, EXIT_OK};
 use crate::data::{ImageSet, Manifest};
+use crate::exec::install_awake;
 use crate::models::{self, ModelConfig, ModelKind, MODEL_DTYPE};
 use crate::train::{OptimConfig, Optimizer};
 
@@ -428,7 +429,9 @@ pub fn bench(a: &BenchArgs) -> anyhow::Result<i32> {
     for name in &names {
         let Some((desc, cfg)) = model_config(name) else { continue };
         let mut ours = Trainer::new(&cfg, a.clock, &device).with_context(|| format!("building {name}"))?;
-        let warm = pool.install(|| ours.run(&batches, a.warmup)).with_context(|| format!("training {name}"))?;
+        // Our steps run as `reprise run` runs a cell with more than one thread: the pool's other
+        // workers kept awake (unless REPRISE_WAIT=passive).
+        let warm = install_awake(&pool, || ours.run(&batches, a.warmup)).with_context(|| format!("training {name}"))?;
         let per_round = a.steps.unwrap_or_else(|| auto_steps(warm.iter().copied().reduce(f64::min), a.seconds)).div_ceil(a.rounds);
         for r in torch.iter_mut() {
             r.ok = true;
@@ -444,8 +447,8 @@ pub fn bench(a: &BenchArgs) -> anyhow::Result<i32> {
             // step and would steal the other side's cores: let it fall asleep, then take untimed
             // steps for REWARM so caches, pools and clocks are warm again.
             std::thread::sleep(SETTLE);
-            rewarm(|| pool.install(|| ours.run(&batches, 1)).map(drop)).with_context(|| format!("training {name}"))?;
-            ours_steps.push(pool.install(|| ours.run(&batches, per_round)).with_context(|| format!("training {name}"))?);
+            rewarm(|| install_awake(&pool, || ours.run(&batches, 1)).map(drop)).with_context(|| format!("training {name}"))?;
+            ours_steps.push(install_awake(&pool, || ours.run(&batches, per_round)).with_context(|| format!("training {name}"))?);
             for (r, steps) in torch.iter_mut().zip(&mut theirs_steps).filter(|(r, _)| r.ok) {
                 std::thread::sleep(SETTLE);
                 let round = r.torch.turn(|t| rewarm(|| t.steps(name, 1).map(drop)).and_then(|_| t.steps(name, per_round)));
@@ -682,8 +685,6 @@ impl Trainer {
     /// step's work there: candle's CUDA calls return before the GPU has run them).
     fn run(&mut self, batches: &[(Tensor, Tensor)], steps: usize) -> anyhow::Result<Vec<f64>> {
         let mut times = Vec::with_capacity(steps);
-        // As `reprise run` does for a cell with more than one thread.
-        let _awake = crate::exec::KeepAwake::start();
         for _ in 0..steps {
             let (x, y) = &batches[self.step % batches.len()];
             self.step += 1;

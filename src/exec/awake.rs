@@ -10,7 +10,9 @@
 //! step at 2 threads was 1.4× its 1-thread speed, with the second worker busy 2/3 as often as the
 //! first.
 //!
-//! [`KeepAwake::start`] hands every other worker of the current pool a task that keeps asking
+//! [`install_awake`] runs a computation in a pool this way (the only way in, so that the guard
+//! always starts where it must: at the top of the pool's `install`). [`KeepAwake::start`] hands
+//! every other worker of the current pool a task that keeps asking
 //! the pool for work ([`rayon::yield_now`], which runs a pending or stolen task if there is one)
 //! until the guard is dropped, so the tasks of each parallel region start at once. It costs the
 //! other cores' idle time while it is held, like an OpenMP runtime with `OMP_WAIT_POLICY=active`;
@@ -62,10 +64,27 @@ pub fn wait_policy() -> Result<WaitPolicy, String> {
         .clone()
 }
 
+/// `pool.install(work)` with the pool's other workers kept awake while `work` runs (unless
+/// `REPRISE_WAIT=passive`). This is the one way in: the guard is started at the top of the
+/// `install`, in sequential code, as [`KeepAwake::start`] requires. Called from a worker of `pool`
+/// itself (where `install` would run `work` inline, maybe inside a parallel task that other
+/// threads wait for), it runs `work` without keeping anyone awake. The pool should be reserved for
+/// this computation: parallel work from another thread in the same pool could have its tasks
+/// taken up by the spinning workers, which is correct but holds them while they spin.
+pub fn install_awake<R: Send>(pool: &rayon::ThreadPool, work: impl FnOnce() -> R + Send) -> R {
+    if pool.current_thread_index().is_some() {
+        return work();
+    }
+    pool.install(|| {
+        let _awake = KeepAwake::start();
+        work()
+    })
+}
+
 /// While alive, the other workers of the pool it was started in stay awake (see the module
 /// documentation). Dropping it lets them sleep again.
 #[must_use = "the workers stay awake only while the guard is alive"]
-pub struct KeepAwake {
+pub(crate) struct KeepAwake {
     state: Option<Arc<State>>,
 }
 
@@ -95,7 +114,7 @@ impl KeepAwake {
     /// waiting in a queue once the computation's parallel work starts, `start` returns only when
     /// every other worker has taken its task up, or after [`JOIN_WAIT`]; a task taken up later
     /// ends at once.
-    pub fn start() -> KeepAwake {
+    fn start() -> KeepAwake {
         static WARNED: std::sync::Once = std::sync::Once::new();
         match wait_policy() {
             Ok(WaitPolicy::Active) => Self::start_active(),
@@ -135,11 +154,14 @@ impl KeepAwake {
             std::hint::spin_loop();
         }
         state.joined.fetch_or(CLOSED, Ordering::AcqRel);
+        #[cfg(test)]
+        tests::STARTED_HERE.with(|n| n.set(n.get() + 1));
         KeepAwake { state: Some(state) }
     }
 
     /// Whether other workers were asked to stay awake.
-    pub fn active(&self) -> bool {
+    #[cfg(test)]
+    fn active(&self) -> bool {
         self.state.is_some()
     }
 }
@@ -173,6 +195,11 @@ mod tests {
     use super::*;
     use rayon::prelude::*;
 
+    thread_local! {
+        /// Keep-awake guards started (with workers to keep awake) on this thread.
+        pub(super) static STARTED_HERE: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+    }
+
     /// Run `f` on a thread of its own and fail unless it returns within 120 s: a deadlock fails
     /// the test instead of hanging the suite (a failed assertion in `f` fails it too).
     fn finishes_within_two_minutes(f: impl FnOnce() + Send + 'static) {
@@ -191,6 +218,33 @@ mod tests {
         }
         let e = WaitPolicy::parse(Some("sleep")).unwrap_err();
         assert!(e.contains("REPRISE_WAIT=\"sleep\"") && e.contains("`passive`"), "{e}");
+    }
+
+    /// `install_awake` from inside parallel work of the same pool runs its work inline, keeping
+    /// nobody awake: a spinning worker could otherwise hold up the tasks the caller waits for.
+    #[test]
+    fn install_awake_nested_in_its_own_pool_runs_inline() {
+        finishes_within_two_minutes(|| {
+            let pool = rayon::ThreadPoolBuilder::new().num_threads(2).build().unwrap();
+            for _ in 0..50 {
+                let total: usize = install_awake(&pool, || {
+                    if wait_policy() == Ok(WaitPolicy::Active) {
+                        assert!(STARTED_HERE.with(|n| n.get()) > 0, "the outer call keeps the other worker awake");
+                    }
+                    (0..16usize)
+                        .into_par_iter()
+                        .with_max_len(1)
+                        .map(|i| {
+                            let before = STARTED_HERE.with(|n| n.get());
+                            let v = install_awake(&pool, || rayon::join(|| i, || i).0 * 2);
+                            assert_eq!(STARTED_HERE.with(|n| n.get()), before, "a nested call started a guard");
+                            v
+                        })
+                        .sum()
+                });
+                assert_eq!(total, 240);
+            }
+        });
     }
 
     #[test]

@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 
 use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
 
-pub use awake::{wait_policy, KeepAwake, WaitPolicy, WAIT_ENV};
+pub use awake::{install_awake, wait_policy, WaitPolicy, WAIT_ENV};
 
 use crate::cache::{CellRecord, CellStatus, Corruption, Store, StoreError};
 use crate::methods::Progress;
@@ -217,12 +217,8 @@ pub fn execute(plan: &Plan, store: &dyn Store, opts: &ExecOptions) -> Result<Exe
                     let work = || cells::run_cell(plan, i, &inputs, store, memo, &progress, opts.cache_only);
                     let result = match &pool {
                         // With more than one thread per job, the pool's other workers stay awake
-                        // for the cell (KeepAwake: a sleeping worker wakes too late for a layer's
-                        // GEMM).
-                        Some(p) => p.install(|| {
-                            let _awake = KeepAwake::start();
-                            work()
-                        }),
+                        // for the cell (a sleeping worker wakes too late for a layer's GEMM).
+                        Some(p) => install_awake(p, work),
                         None => work(),
                     };
                     let mut s = match shared.lock() {
