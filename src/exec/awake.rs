@@ -33,7 +33,7 @@ pub const WAIT_ENV: &str = "REPRISE_WAIT";
 /// How a pool's idle workers wait while a computation runs (`REPRISE_WAIT`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum WaitPolicy {
-    /// Kept looking for work ([`KeepAwake`]): the fastest steps, the other cores busy.
+    /// Kept looking for work (`KeepAwake`): the fastest steps, the other cores busy.
     Active,
     /// rayon's default: they spin briefly, then sleep.
     Passive,
@@ -66,7 +66,7 @@ pub fn wait_policy() -> Result<WaitPolicy, String> {
 
 /// `pool.install(work)` with the pool's other workers kept awake while `work` runs (unless
 /// `REPRISE_WAIT=passive`). This is the one way in: the guard is started at the top of the
-/// `install`, in sequential code, as [`KeepAwake::start`] requires. Called from a worker of `pool`
+/// `install`, in sequential code, as `KeepAwake::start` requires. Called from a worker of `pool`
 /// itself (where `install` would run `work` inline, maybe inside a parallel task that other
 /// threads wait for), it runs `work` without keeping anyone awake. The pool should be reserved for
 /// this computation: parallel work from another thread in the same pool could have its tasks
