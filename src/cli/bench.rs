@@ -429,9 +429,7 @@ pub fn bench(a: &BenchArgs) -> anyhow::Result<i32> {
     for name in &names {
         let Some((desc, cfg)) = model_config(name) else { continue };
         let mut ours = Trainer::new(&cfg, a.clock, &device).with_context(|| format!("building {name}"))?;
-        // Our steps run as `reprise run` runs a cell with more than one thread: the pool's other
-        // workers kept awake (unless REPRISE_WAIT=passive).
-        let warm = install_awake(&pool, || ours.run(&batches, a.warmup)).with_context(|| format!("training {name}"))?;
+        let warm = ours.run(&pool, &batches, a.warmup).with_context(|| format!("training {name}"))?;
         let per_round = a.steps.unwrap_or_else(|| auto_steps(warm.iter().copied().reduce(f64::min), a.seconds)).div_ceil(a.rounds);
         for r in torch.iter_mut() {
             r.ok = true;
@@ -447,8 +445,8 @@ pub fn bench(a: &BenchArgs) -> anyhow::Result<i32> {
             // step and would steal the other side's cores: let it fall asleep, then take untimed
             // steps for REWARM so caches, pools and clocks are warm again.
             std::thread::sleep(SETTLE);
-            rewarm(|| install_awake(&pool, || ours.run(&batches, 1)).map(drop)).with_context(|| format!("training {name}"))?;
-            ours_steps.push(install_awake(&pool, || ours.run(&batches, per_round)).with_context(|| format!("training {name}"))?);
+            rewarm(|| ours.run(&pool, &batches, 1).map(drop)).with_context(|| format!("training {name}"))?;
+            ours_steps.push(ours.run(&pool, &batches, per_round).with_context(|| format!("training {name}"))?);
             for (r, steps) in torch.iter_mut().zip(&mut theirs_steps).filter(|(r, _)| r.ok) {
                 std::thread::sleep(SETTLE);
                 let round = r.torch.turn(|t| rewarm(|| t.steps(name, 1).map(drop)).and_then(|_| t.steps(name, per_round)));
@@ -681,9 +679,15 @@ impl Trainer {
         Ok(Trainer { model, opt, step: 0, clock, device: device.clone(), _varmap: varmap })
     }
 
-    /// Train `steps` steps; the wall time of each, in seconds (on a GPU, up to the end of the
-    /// step's work there: candle's CUDA calls return before the GPU has run them).
-    fn run(&mut self, batches: &[(Tensor, Tensor)], steps: usize) -> anyhow::Result<Vec<f64>> {
+    /// Train `steps` steps in `pool`; the wall time of each, in seconds (on a GPU, up to the end
+    /// of the step's work there: candle's CUDA calls return before the GPU has run them). The
+    /// steps run as `reprise run` runs a cell with more than one thread: the pool's other workers
+    /// kept awake (unless REPRISE_WAIT=passive).
+    fn run(&mut self, pool: &rayon::ThreadPool, batches: &[(Tensor, Tensor)], steps: usize) -> anyhow::Result<Vec<f64>> {
+        install_awake(pool, || self.steps(batches, steps))
+    }
+
+    fn steps(&mut self, batches: &[(Tensor, Tensor)], steps: usize) -> anyhow::Result<Vec<f64>> {
         let mut times = Vec::with_capacity(steps);
         for _ in 0..steps {
             let (x, y) = &batches[self.step % batches.len()];

@@ -72,8 +72,14 @@ pub fn wait_policy() -> Result<WaitPolicy, String> {
 /// this computation: parallel work from another thread in the same pool could have its tasks
 /// taken up by the spinning workers, which is correct but holds them while they spin.
 pub fn install_awake<R: Send>(pool: &rayon::ThreadPool, work: impl FnOnce() -> R + Send) -> R {
+    static WARNED: std::sync::Once = std::sync::Once::new();
     if pool.current_thread_index().is_some() {
         return work();
+    }
+    match wait_policy() {
+        Ok(WaitPolicy::Passive) => return pool.install(work),
+        Ok(WaitPolicy::Active) => {}
+        Err(e) => WARNED.call_once(|| eprintln!("warning: {e}; using `active`")),
     }
     pool.install(|| {
         let _awake = KeepAwake::start();
@@ -105,8 +111,8 @@ const CLOSED: usize = 1 << (usize::BITS - 1);
 const JOIN_WAIT: Duration = Duration::from_millis(50);
 
 impl KeepAwake {
-    /// Keep the other workers of the current pool awake. Does nothing outside a rayon pool, in
-    /// a pool of one thread, or with `REPRISE_WAIT=passive`.
+    /// Keep the other workers of the current pool awake. Does nothing outside a rayon pool or in
+    /// a pool of one thread (`REPRISE_WAIT` is [`install_awake`]'s to honour).
     ///
     /// Call it from a worker of the pool (inside `install`) in sequential code, with no parallel
     /// work of this pool under way: a keep-awake task taken up by a worker that is waiting inside
@@ -115,19 +121,6 @@ impl KeepAwake {
     /// every other worker has taken its task up, or after [`JOIN_WAIT`]; a task taken up later
     /// ends at once.
     fn start() -> KeepAwake {
-        static WARNED: std::sync::Once = std::sync::Once::new();
-        match wait_policy() {
-            Ok(WaitPolicy::Active) => Self::start_active(),
-            Ok(WaitPolicy::Passive) => KeepAwake { state: None },
-            Err(e) => {
-                WARNED.call_once(|| eprintln!("warning: {e}; using `active`"));
-                Self::start_active()
-            }
-        }
-    }
-
-    /// [`KeepAwake::start`] under the `active` policy.
-    fn start_active() -> KeepAwake {
         let Some(me) = rayon::current_thread_index() else {
             return KeepAwake { state: None };
         };
@@ -250,9 +243,9 @@ mod tests {
     #[test]
     fn nothing_to_do_outside_a_pool_or_with_one_thread() {
         // The test's own thread is no rayon worker.
-        assert!(!KeepAwake::start_active().active());
+        assert!(!KeepAwake::start().active());
         let one = rayon::ThreadPoolBuilder::new().num_threads(1).build().unwrap();
-        assert!(!one.install(KeepAwake::start_active).active());
+        assert!(!one.install(KeepAwake::start).active());
     }
 
     /// A worker busy with other work when the guard starts takes its keep-awake task up late,
@@ -270,7 +263,7 @@ mod tests {
         started_rx.recv().unwrap();
         pool.install(|| {
             // Runs on the free worker; the other is blocked until released.
-            let guard = KeepAwake::start_active();
+            let guard = KeepAwake::start();
             let state = Arc::clone(guard.state.as_ref().unwrap());
             assert_eq!(state.joined.load(Ordering::Acquire), CLOSED, "nobody could join in time");
             release_tx.send(()).unwrap();
@@ -294,7 +287,7 @@ mod tests {
             let pool = rayon::ThreadPoolBuilder::new().num_threads(2).build().unwrap();
             for round in 0..500 {
                 pool.install(|| {
-                    let _guard = KeepAwake::start_active();
+                    let _guard = KeepAwake::start();
                     let v: Vec<u64> = (0..64usize)
                         .into_par_iter()
                         .with_max_len(1)
@@ -319,7 +312,7 @@ mod tests {
             let plain: Vec<u64> = (0..10_000u64).map(|i| i * i % 7).collect();
             for _ in 0..2 {
                 let state = pool.install(|| {
-                    let guard = KeepAwake::start_active();
+                    let guard = KeepAwake::start();
                     assert!(guard.active());
                     let state = Arc::clone(guard.state.as_ref().unwrap());
                     for _ in 0..50 {
