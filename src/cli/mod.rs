@@ -16,6 +16,9 @@ use clap::{Args, Parser, Subcommand};
 use crate::cache::{LocalStore, CACHE_ENV};
 use crate::spec::{self, Spec, DEFAULT_PROFILE};
 
+#[cfg(test)]
+mod tests;
+
 /// Exit code: everything fine.
 pub const EXIT_OK: i32 = 0;
 /// Exit code: a check failed (verify), or cells could not be computed.
@@ -87,7 +90,7 @@ pub fn main_with(cli: Cli) -> i32 {
                 eprintln!("{se}");
                 return EXIT_USAGE;
             }
-            eprintln!("error: {e:#}");
+            eprintln!("error: {}", chain(&e));
             if e.downcast_ref::<UsageError>().is_some() {
                 EXIT_USAGE
             } else {
@@ -95,6 +98,24 @@ pub fn main_with(cli: Cli) -> i32 {
             }
         }
     }
+}
+
+/// An error with its causes, `: `-separated, leaving out a cause whose text the message
+/// before it already ends with (an I/O error that names its source would otherwise print the
+/// operating system's message twice).
+pub fn chain(e: &anyhow::Error) -> String {
+    let mut out = String::new();
+    for cause in e.chain() {
+        let text = cause.to_string();
+        if out.ends_with(&text) {
+            continue;
+        }
+        if !out.is_empty() {
+            out.push_str(": ");
+        }
+        out.push_str(&text);
+    }
+    out
 }
 
 /// A usage or input error (exit code 2).
@@ -106,9 +127,15 @@ pub struct UsageError(pub String);
 pub fn find_specs(given: &[PathBuf]) -> anyhow::Result<Vec<PathBuf>> {
     if !given.is_empty() {
         for p in given {
-            if !p.is_file() {
-                return Err(UsageError(format!("spec {} not found", p.display())).into());
-            }
+            // Follows symlinks: a link to a spec file is a spec file.
+            let problem = match std::fs::metadata(p) {
+                Ok(m) if m.is_file() => continue,
+                Ok(m) if m.is_dir() => "is a directory, not a spec file",
+                Ok(_) => "is not a regular file (a device, FIFO or socket)",
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => "not found",
+                Err(_) => "cannot be read",
+            };
+            return Err(UsageError(format!("spec {}: {problem} (name a report spec such as reports/<id>.toml)", p.display())).into());
         }
         return Ok(given.to_vec());
     }
@@ -129,15 +156,44 @@ pub fn load_spec(path: &Path, opts: &SpecOpts) -> anyhow::Result<Spec> {
     Ok(spec::load(path, &opts.profile, &opts.sets)?)
 }
 
-/// The store: `--cache`, else $REPRISE_CACHE, else the project's `artifacts/store`.
-pub fn open_store(spec_root: &Path, opts: &SpecOpts) -> anyhow::Result<LocalStore> {
-    let dir = match (&opts.cache, std::env::var_os(CACHE_ENV)) {
+/// The store's folder: `--cache`, else $REPRISE_CACHE, else the project's `artifacts/store`.
+pub fn store_dir(spec_root: &Path, opts: &SpecOpts) -> PathBuf {
+    match (&opts.cache, std::env::var_os(CACHE_ENV)) {
         (Some(d), _) => d.clone(),
         (None, Some(d)) if !d.is_empty() => PathBuf::from(d),
         _ => spec_root.join("artifacts").join("store"),
-    };
+    }
+}
+
+/// The store at [`store_dir`], opened (created when missing).
+pub fn open_store(spec_root: &Path, opts: &SpecOpts) -> anyhow::Result<LocalStore> {
     // A cache that cannot be created or written is the user's to fix (exit 2).
-    LocalStore::open(&dir).map_err(|e| UsageError(e.to_string()).into())
+    LocalStore::open(&store_dir(spec_root, opts)).map_err(|e| UsageError(e.to_string()).into())
+}
+
+/// The options a user gives again to reach the same report and store (`--profile`, `--set`,
+/// `--cache`), quoted for a shell, each preceded by a space; empty for the defaults.
+pub fn repeat_flags(opts: &SpecOpts) -> String {
+    let mut s = String::new();
+    if opts.profile != DEFAULT_PROFILE {
+        s.push_str(&format!(" --profile {}", shell_quote(&opts.profile)));
+    }
+    for set in &opts.sets {
+        s.push_str(&format!(" --set {}", shell_quote(set)));
+    }
+    if let Some(c) = &opts.cache {
+        s.push_str(&format!(" --cache {}", shell_quote(&c.display().to_string())));
+    }
+    s
+}
+
+/// `s` as one shell word: bare when it holds only safe characters, else in single quotes.
+fn shell_quote(s: &str) -> String {
+    if !s.is_empty() && s.chars().all(|c| c.is_ascii_alphanumeric() || "-_./=:,".contains(c)) {
+        s.to_string()
+    } else {
+        format!("'{}'", s.replace('\'', "'\\''"))
+    }
 }
 
 /// Where a report's outputs go: `artifacts/<id>` for the default profile, else

@@ -109,6 +109,9 @@ fn print_corruptions(exec: &Execution) {
 
 pub fn run(args: &RunArgs) -> anyhow::Result<i32> {
     let start = Instant::now();
+    if args.jobs == Some(0) {
+        return Err(super::UsageError("--jobs 0: at least one cell must run at a time (default: one per core)".into()).into());
+    }
     let specs = find_specs(&args.specs)?;
     let mut runs = Vec::new();
     // Validate every spec before computing anything.
@@ -120,6 +123,26 @@ pub fn run(args: &RunArgs) -> anyhow::Result<i32> {
         let opts = ExecOptions::with_jobs(args.jobs);
         let exec = exec::execute(&plan, &store, &opts).with_context(|| format!("running {}", spec.path.display()))?;
         print_corruptions(&exec);
+        // Bad input data (a missing file, a wrong hash, a malformed file) is the user's to fix
+        // (exit 2), and a report rendered without its data would only overwrite the committed
+        // one with failures: the report's folder is left as it was.
+        let data_errors: Vec<String> = plan
+            .cells
+            .iter()
+            .zip(&exec.outcomes)
+            .filter(|(c, o)| matches!(c.kind, CellKind::Dataset { .. }) && matches!(o, CellOutcome::Failed(_)))
+            .map(|(c, o)| format!("  {} — {}", c.name, o.failure().unwrap_or_default()))
+            .collect();
+        if !data_errors.is_empty() {
+            return Err(super::UsageError(format!(
+                "{}: {} data set(s) could not be loaded, so nothing was rendered and {} is unchanged:\n{}",
+                spec.report.id,
+                data_errors.len(),
+                shown(&out_dir(&spec)),
+                data_errors.join("\n")
+            ))
+            .into());
+        }
         let r = finish(spec, plan, exec, &store)?;
         if !args.json {
             let (planned, cached, ran, failed) = r.exec.count();
@@ -146,15 +169,7 @@ pub fn run(args: &RunArgs) -> anyhow::Result<i32> {
         }
         runs.push(r);
     }
-    // Bad input data (a missing file, a wrong hash, a malformed file) is the user's to fix: exit 2.
-    let bad_data = runs.iter().any(|r| r.plan.cells.iter().zip(&r.exec.outcomes).any(|(c, o)| matches!(c.kind, CellKind::Dataset { .. }) && matches!(o, CellOutcome::Failed(_))));
-    let code = if bad_data {
-        super::EXIT_USAGE
-    } else if runs.iter().any(|r| errors(r) > 0) {
-        EXIT_FAILED
-    } else {
-        EXIT_OK
-    };
+    let code = if runs.iter().any(|r| errors(r) > 0) { EXIT_FAILED } else { EXIT_OK };
     if args.json {
         let v = if runs.len() == 1 {
             let mut v = report_json(&runs[0]);
@@ -183,10 +198,12 @@ pub struct Cached {
 
 /// Cells that a cache-only lookup did not find, each with the reason.
 #[derive(Debug, thiserror::Error)]
-#[error("{} cell(s) are not in the cache {store}; run `reprise run {spec}` first:\n{}", cells.len(), cells.join("\n"))]
+#[error("{} cell(s) are not in the cache {store}; run `reprise run {spec}{flags}` first:\n{}", cells.len(), cells.join("\n"))]
 pub struct MissingCells {
     pub store: String,
     pub spec: String,
+    /// The `--profile`, `--set` and `--cache` options that reach the same cells.
+    pub flags: String,
     pub cells: Vec<String>,
 }
 
@@ -200,7 +217,7 @@ pub fn from_cache(spec_path: &Path, opts: &SpecOpts) -> anyhow::Result<Cached> {
     let exec = exec::execute(&plan, &store, &exec_opts)?;
     let missing: Vec<String> = plan.cells.iter().zip(&exec.outcomes).filter(|(_, o)| matches!(o, CellOutcome::Failed(_))).map(|(c, o)| format!("  {} ({})", c.name, o.failure().unwrap_or_default())).collect();
     if !missing.is_empty() {
-        return Err(MissingCells { store: store.location(), spec: spec_path.display().to_string(), cells: missing }.into());
+        return Err(MissingCells { store: store.location(), spec: spec_path.display().to_string(), flags: super::repeat_flags(opts), cells: missing }.into());
     }
     Ok(Cached { spec, plan, exec, store })
 }
