@@ -9,9 +9,9 @@
 use candle_core::Tensor;
 use candle_nn::VarBuilder;
 
-use super::conv::Conv;
-use super::linear::Linear;
-use super::pool::max_pool2d;
+use super::kernels::conv::Conv;
+use super::kernels::linear::Linear;
+use super::kernels::pool::max_pool2d;
 use super::{classifier_weight, Classifier, ModelConfig};
 
 /// Two conv/ReLU/max-pool stages, a hidden linear layer and a bias-free classifier.

@@ -14,10 +14,10 @@
 use candle_core::Tensor;
 use candle_nn::VarBuilder;
 
-use super::conv::Conv;
-use super::conv_bn::conv_bn;
-use super::norm::BatchNorm2d;
-use super::pool::max_pool2d;
+use super::kernels::conv::Conv;
+use super::kernels::conv_bn::conv_bn;
+use super::kernels::norm::BatchNorm2d;
+use super::kernels::pool::max_pool2d;
 use super::{classifier_weight, Classifier, ModelConfig};
 
 const BLOCKS: usize = 4;

@@ -7,7 +7,7 @@
 use candle_core::Tensor;
 use candle_nn::VarBuilder;
 
-use super::linear::Linear;
+use super::kernels::linear::Linear;
 use super::{classifier_weight, Classifier, ModelConfig};
 
 /// Two hidden ReLU layers and a bias-free classifier.

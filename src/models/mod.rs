@@ -9,112 +9,22 @@
 //!
 //! All architectures are sized for quick CPU runs and accept both 28×28 and 8×8 inputs.
 //!
-//! Training speed on the CPU comes from the layer modules beside the architectures: `conv`
-//! (direct kernels from `direct`, im2col + GEMM for other shapes), `pool` (max-pooling), `norm` (BatchNorm), `linear` and `fused`
-//! (LayerNorm, softmax, GELU, residual add + ReLU) are candle custom ops with their own backward
-//! passes, used for f32 tensors on the CPU; on other devices the same layers run candle's
-//! operations, and the tests compare both. `alloc` tunes glibc so that freed activations are
-//! reused. `reprise bench` measures the result against PyTorch.
+//! Training speed on the CPU comes from the kernels in [`kernels`]: the layers the architectures
+//! use (convolution, max-pooling, BatchNorm, linear, LayerNorm, softmax, attention, GELU, residual
+//! add + ReLU) are candle custom ops with their own backward passes for f32 tensors on the CPU,
+//! and candle's operations on other devices; the tests compare both.
 
-/// Defines `fn $name` whose body runs compiled for AVX2 when the CPU has it, and as baseline
-/// x86-64 (SSE2, 4-lane vectors) code otherwise. For the element-wise loops of the custom ops:
-/// they use no fused multiply-add and sum in a fixed number of lanes, so wider vectors change
-/// their speed, not their results (the bit-identity tests and recomputed reports check this).
-/// Helpers the body calls must be `#[inline(always)]` to be compiled for AVX2 with it.
-macro_rules! avx2_variant {
-    ($(#[$m:meta])* $vis:vis fn $name:ident($($arg:ident: $ty:ty),* $(,)?) $(-> $ret:ty)? $body:block) => {
-        $(#[$m])*
-        $vis fn $name($($arg: $ty),*) $(-> $ret)? {
-            #[inline(always)]
-            fn imp($($arg: $ty),*) $(-> $ret)? $body
-            #[cfg(target_arch = "x86_64")]
-            if std::arch::is_x86_feature_detected!("avx2") {
-                #[target_feature(enable = "avx2")]
-                unsafe fn avx2($($arg: $ty),*) $(-> $ret)? {
-                    imp($($arg),*)
-                }
-                // SAFETY: the CPU has AVX2 (detected above).
-                return unsafe { avx2($($arg),*) };
-            }
-            imp($($arg),*)
-        }
-    };
-}
-
-pub mod alloc;
 pub mod cnn;
-pub mod conv;
 pub mod conv4;
-pub mod conv_bn;
-mod direct;
-pub mod fused;
-pub mod linear;
+pub mod kernels;
 pub mod lora;
 pub mod mlp;
-pub mod norm;
-pub mod pool;
 pub mod resnet;
 pub mod vit;
 
 use candle_core::{DType, Device, Tensor, D};
 
-/// The f32 elements of a contiguous CPU storage, for the custom ops' kernels; `op` and `what`
-/// name the operation and the operand in the error.
-pub(crate) fn cpu_f32<'a>(
-    s: &'a candle_core::CpuStorage,
-    l: &candle_core::Layout,
-    op: &str,
-    what: &str,
-) -> candle_core::Result<&'a [f32]> {
-    let candle_core::CpuStorage::F32(v) = s else {
-        candle_core::bail!("{op}: the {what} must be f32")
-    };
-    match l.contiguous_offsets() {
-        Some((a, b)) => Ok(&v[a..b]),
-        None => candle_core::bail!("{op}: the {what} must be contiguous"),
-    }
-}
-
-/// The f32 elements of a tensor's storage, which must be on the CPU and contiguous.
-pub(crate) fn storage_f32<'a>(
-    s: &'a candle_core::Storage,
-    l: &candle_core::Layout,
-    op: &str,
-    what: &str,
-) -> candle_core::Result<&'a [f32]> {
-    match s {
-        candle_core::Storage::Cpu(c) => cpu_f32(c, l, op, what),
-        _ => candle_core::bail!("{op}: the {what} is not on the CPU"),
-    }
-}
-
-/// Run `f` on the contiguous f32 CPU data of `tensors` (each made contiguous first, a copy only if
-/// it was not), given as (tensor, name); `op` and the name go into the error for a tensor that is
-/// not f32 on the CPU. The custom ops' backward passes read their operands through this.
-pub(crate) fn with_f32<R>(
-    op: &str,
-    tensors: &[(&Tensor, &str)],
-    f: impl FnOnce(&[&[f32]]) -> candle_core::Result<R>,
-) -> candle_core::Result<R> {
-    let owned: Vec<Tensor> = tensors
-        .iter()
-        .map(|(t, _)| t.contiguous())
-        .collect::<candle_core::Result<_>>()?;
-    let guards: Vec<_> = owned.iter().map(Tensor::storage_and_layout).collect();
-    let slices: Vec<&[f32]> = guards
-        .iter()
-        .zip(tensors)
-        .map(|((s, l), (_, what))| storage_f32(s, l, op, what))
-        .collect::<candle_core::Result<_>>()?;
-    f(&slices)
-}
-
-/// `if r > 0 { g } else { 0 }`, the gradient through a ReLU whose output is `r`, as a bit mask so
-/// that the loops using it vectorise.
-#[inline(always)]
-pub(crate) fn relu_backward(g: f32, r: f32) -> f32 {
-    f32::from_bits(g.to_bits() & u32::from(r > 0.0).wrapping_neg())
-}
+use kernels::{alloc, fused};
 
 /// GPU `ordinal` of candle's CUDA backend, or `None` when this build has no CUDA support (built
 /// without `--features cuda`); each caller says how to fix that in its own terms.
@@ -242,18 +152,6 @@ pub fn build(
         ModelKind::Vit => Box::new(vit::Vit::new(cfg, vb)?),
         ModelKind::Conv4 => Box::new(conv4::Conv4::new(cfg, vb)?),
     })
-}
-
-/// Whether the fused CPU kernels of this module (conv, pool, norm, linear, fused) handle these
-/// tensors: all f32 on the CPU. Otherwise the layers use candle's own operations.
-pub(crate) fn fast_cpu(tensors: &[&Tensor]) -> bool {
-    #[cfg(test)]
-    if test_support::REFERENCE_OPS.with(std::cell::Cell::get) {
-        return false;
-    }
-    tensors
-        .iter()
-        .all(|t| t.device().is_cpu() && t.dtype() == DType::F32)
 }
 
 /// Standard deviation of the ViT cls token and position embedding at initialisation.
@@ -422,7 +320,7 @@ pub(crate) mod test_support {
     use crate::train::optim::{OptimConfig, Optimizer};
 
     thread_local! {
-        /// When set, [`fast_cpu`] answers false on this thread, so the layers run candle's own
+        /// When set, [`kernels::fast_cpu`] answers false on this thread, so the layers run candle's own
         /// operations: the reference the fast kernels are compared with.
         pub static REFERENCE_OPS: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
     }
@@ -548,7 +446,7 @@ mod tests {
                 s: &candle_core::CpuStorage,
                 l: &candle_core::Layout,
             ) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
-                let v = cpu_f32(s, l, "misfit", "input")?.to_vec();
+                let v = kernels::cpu_f32(s, l, "misfit", "input")?.to_vec();
                 Ok((candle_core::CpuStorage::F32(v), l.shape().clone()))
             }
             fn bwd(&self, arg: &Tensor, _res: &Tensor, grad: &Tensor) -> candle_core::Result<Option<Tensor>> {

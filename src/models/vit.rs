@@ -14,9 +14,9 @@
 use candle_core::Tensor;
 use candle_nn::VarBuilder;
 
-use super::conv::Conv;
-use super::fused;
-use super::linear::Linear;
+use super::kernels::conv::Conv;
+use super::kernels::fused;
+use super::kernels::linear::Linear;
 use super::{attention, classifier_weight, Classifier, LayerNorm, ModelConfig};
 
 const DEPTH: usize = 2;

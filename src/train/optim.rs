@@ -361,7 +361,7 @@ impl InplaceOp2 for Descend {
         "sgd-descend"
     }
     fn cpu_fwd(&self, s1: &mut CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> candle_core::Result<()> {
-        let d = crate::models::cpu_f32(s2, l2, "sgd", "update")?;
+        let d = crate::models::kernels::cpu_f32(s2, l2, "sgd", "update")?;
         let theta = f32_mut(s1, l1)?;
         let lr = self.lr;
         match self.wd {
@@ -394,8 +394,8 @@ impl InplaceOp3 for Momentum {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> candle_core::Result<()> {
-        let g = crate::models::cpu_f32(s2, l2, "sgd", "gradient")?;
-        let theta = crate::models::cpu_f32(s3, l3, "sgd", "variable")?;
+        let g = crate::models::kernels::cpu_f32(s2, l2, "sgd", "gradient")?;
+        let theta = crate::models::kernels::cpu_f32(s3, l3, "sgd", "variable")?;
         let b = f32_mut(s1, l1)?;
         let m = self.momentum;
         match self.wd {

@@ -13,9 +13,9 @@
 use candle_core::{CpuStorage, CustomOp3, Layout, Module, Shape, Tensor};
 use candle_nn::VarBuilder;
 
-use super::conv::{matmul_par, relu, Mat};
+use super::matmul::{matmul_par, Mat};
 
-use super::{cpu_f32, relu_backward, with_f32};
+use super::{cpu_f32, relu, relu_backward, with_f32};
 
 /// Names this module's operations in errors.
 const OP: &str = "fused linear";

@@ -19,7 +19,7 @@ use std::sync::OnceLock;
 use rayon::prelude::*;
 
 use super::alloc::par_zeroed;
-use super::conv::{matmul, matmul_rows, Mat};
+use super::matmul::{matmul, matmul_rows, Mat};
 use super::{cpu_f32, with_f32};
 use gemm::Parallelism;
 

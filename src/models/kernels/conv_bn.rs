@@ -14,7 +14,8 @@ use std::sync::{Arc, OnceLock};
 
 use candle_core::{CpuStorage, CustomOp3, Layout, Shape, Tensor};
 
-use super::conv::{self, BackwardInputs, Conv, Geom, GradIn};
+use super::conv::{self, BackwardInputs, Conv, GradIn};
+use super::geom::Geom;
 use super::norm::{self, BatchNorm2d, Dims, Stats};
 use super::{cpu_f32, with_f32};
 

@@ -25,7 +25,7 @@
 //! them (or for other geometries), and the caller keeps the im2col + GEMM path. Sums run in a
 //! different order than that path's GEMM, so results agree with it to rounding, not bit for bit.
 
-use super::conv::Geom;
+use super::geom::Geom;
 
 /// The instruction set of the kernels, chosen at run time.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -1408,7 +1408,7 @@ mod speed {
             });
             let ol = o * g.ho * g.wo;
             let igrad = if stride == 1 {
-                let wt = p.pack_conv(&super::super::conv::transposed_conv(&g, &w).1, c);
+                let wt = p.pack_conv(&super::super::geom::transposed_conv(&g, &w).1, c);
                 best(30, || {
                     for s in 0..n {
                         p.pad_into(&gy[s * ol..(s + 1) * ol], &mut gpad);
