@@ -144,6 +144,7 @@ pub fn html(r: &ClaimResult) -> String {
         Some(false) => "fails",
         None => "unmeasured",
     };
-    let esc = |s: &str| s.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;");
+    // `esc` also escapes `"`, so an id cannot leave its `id="…"` attribute.
+    let esc = super::table::esc;
     format!("<div class=\"claim {class}\" id=\"claim-{}\"><b>{}</b> at this scale: {}<br><small>measured: {}</small></div>", esc(&r.id), r.verdict(), esc(&r.text), esc(&r.measured))
 }

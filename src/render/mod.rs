@@ -24,7 +24,9 @@ use serde::Serialize;
 
 use crate::artifacts::write_atomic;
 use crate::frames::Frames;
+use crate::spec::confine;
 use crate::spec::{FigureDecl, Spec, TableDecl};
+use table::esc;
 use claims::ClaimResult;
 
 /// Errors of rendering, each naming what failed.
@@ -32,6 +34,12 @@ use claims::ClaimResult;
 pub enum RenderError {
     #[error("template {path}: {source}")]
     Template { path: PathBuf, source: minijinja::Error },
+    /// The template named by the spec is not a file inside `templates/`.
+    #[error("{message}")]
+    TemplatePath { message: String },
+    /// Calls of the template that name no table, figure or claim of the spec, all of them.
+    #[error("template {path} calls what the spec does not declare:\n{}", .problems.join("\n"))]
+    UnknownCalls { path: PathBuf, problems: Vec<String> },
     #[error("{path}: {source}")]
     Io { path: PathBuf, source: std::io::Error },
     #[error(transparent)]
@@ -117,7 +125,8 @@ pub fn claim(spec: &Spec, frames: &Frames, id: &str) -> Result<ClaimResult, Rend
 pub fn figure_html(id: &str, title: &str, svg: &str) -> String {
     let svg = svg.trim_start_matches(|ch| ch != '<');
     let svg = svg.strip_prefix("<?xml version=\"1.0\" encoding=\"UTF-8\"?>").unwrap_or(svg);
-    format!("<figure class=\"figure\" id=\"figure-{id}\">{}<figcaption><b>Figure {id}:</b> {}</figcaption></figure>", one_block(svg), title.replace('<', "&lt;"))
+    let id = esc(id);
+    format!("<figure class=\"figure\" id=\"figure-{id}\">{}<figcaption><b>Figure {id}:</b> {}</figcaption></figure>", one_block(svg), esc(title))
 }
 
 /// The claims' verdicts alone (for `verify`).
@@ -191,11 +200,133 @@ fn one_block(s: &str) -> String {
     s.lines().filter(|l| !l.trim().is_empty()).collect::<Vec<_>>().join("\n")
 }
 
-fn render_template(spec: &Spec, frames: &Frames, c: &Arc<Computed>, mode: Mode) -> Result<String, RenderError> {
-    let tpl_path = spec.root.join("templates").join(&spec.report.template);
-    let source = std::fs::read_to_string(&tpl_path).map_err(|source| RenderError::Io { path: tpl_path.clone(), source })?;
+/// A file of `templates/`, refused when the name leads outside the folder (the spec is checked
+/// the same way at load; this guards every other way a `Spec` can be made).
+fn template_file(spec: &Spec, name: &str) -> Result<PathBuf, RenderError> {
+    let folder = spec.root.join("templates");
+    confine::resolve_in(&folder, name).map_err(|why| RenderError::TemplatePath { message: why.message("template", name, &folder) })
+}
+
+/// Text from the spec for Markdown that becomes HTML: `&`, `<`, `>` and `"` as entities, so no
+/// spec string can open an HTML tag (Markdown passes raw HTML through). Markdown decodes the
+/// entities and writes text the same way either way, so ordinary text renders to the same bytes.
+fn md_esc(s: &str) -> String {
+    esc(s)
+}
+
+/// An empty minijinja environment for a report template: undefined variables are errors and, in
+/// the HTML pass, every value that is not one of our snippets is escaped (see [`md_esc`]).
+fn template_env(mode: Mode) -> Environment<'static> {
     let mut env = Environment::new();
     env.set_undefined_behavior(minijinja::UndefinedBehavior::Strict);
+    if mode == Mode::Html {
+        env.set_formatter(|out, state, value| {
+            if value.is_safe() {
+                return minijinja::escape_formatter(out, state, value);
+            }
+            out.write_str(&md_esc(&value.to_string())).map_err(|_| minijinja::Error::new(minijinja::ErrorKind::WriteFailure, "cannot write the template's output"))
+        });
+    }
+    env
+}
+
+/// The template's variables: `report`, `profile`, `overrides`, `experiments` and `claims`.
+fn template_context(spec: &Spec, claims: Vec<Value>) -> Value {
+    let experiments: Vec<Value> = spec
+        .experiments
+        .iter()
+        .map(|e| Value::from_serialize(serde_json::json!({"id": e.id, "title": e.title, "description": e.description, "axes": e.axes, "runs": e.runs.len(), "seeds": e.seeds})))
+        .collect();
+    context! {
+        report => Value::from_serialize(&spec.report),
+        profile => spec.profile.clone(),
+        overrides => spec.overrides.clone(),
+        experiments => experiments,
+        claims => claims,
+    }
+}
+
+/// Check `spec`'s template before anything runs, so that a broken template fails in a second,
+/// not after the training: it must be a file inside `templates/`, parse, render against the
+/// spec (with empty tables, figures and claims), and every `table("…")`, `figure("…")` and
+/// `claim("…")` it calls — with a literal id anywhere in its text, or any id on the path
+/// that rendering takes — must name an id the spec declares. Every unknown call is reported.
+pub fn check_template(spec: &Spec) -> Result<(), RenderError> {
+    let tpl_path = template_file(spec, &spec.report.template)?;
+    let source = std::fs::read_to_string(&tpl_path).map_err(|source| RenderError::Io { path: tpl_path.clone(), source })?;
+    let calls: Arc<std::sync::Mutex<Vec<(Call, String)>>> = Arc::default();
+    let mut env = template_env(Mode::Markdown);
+    for call in [Call::Table, Call::Figure, Call::Claim] {
+        let calls = calls.clone();
+        env.add_function(call.name(), move |id: String| -> Value {
+            if let Ok(mut c) = calls.lock() {
+                c.push((call, id));
+            }
+            Value::from_safe_string(String::new())
+        });
+    }
+    let fail = |source| RenderError::Template { path: tpl_path.clone(), source };
+    env.add_template_owned(spec.report.template.clone(), source.clone()).map_err(fail)?;
+    let claims: Vec<Value> = spec.claims.iter().map(|c| Value::from_serialize(serde_json::json!({"id": c.id, "text": c.text, "verdict": "not measured", "measured": ""}))).collect();
+    env.get_template(&spec.report.template).and_then(|t| t.render(template_context(spec, claims))).map_err(fail)?;
+
+    let mut found: Vec<(Call, String, Option<usize>)> = literal_calls(&source).into_iter().map(|(c, id, line)| (c, id, Some(line))).collect();
+    for (c, id) in calls.lock().map(|v| v.clone()).unwrap_or_default() {
+        if !found.iter().any(|(fc, fid, _)| *fc == c && *fid == id) {
+            found.push((c, id, None));
+        }
+    }
+    let mut problems = Vec::new();
+    for (call, id, line) in found {
+        let declared: Vec<String> = match call {
+            Call::Table => spec.tables.iter().map(|t| t.id.clone()).collect(),
+            Call::Figure => spec.figures.iter().map(|f| f.id.clone()).collect(),
+            Call::Claim => spec.claims.iter().map(|c| c.id.clone()).collect(),
+        };
+        if declared.contains(&id) {
+            continue;
+        }
+        let at = line.map_or(String::new(), |l| format!("line {l}: "));
+        let hint = if declared.is_empty() { format!("the spec declares no {}s", call.name()) } else { crate::params::suggest(&id, &declared) };
+        problems.push(format!("  {at}{}(\"{id}\"): no {} `{id}` in {}; {hint}", call.name(), call.name(), spec.path.display()));
+    }
+    if problems.is_empty() {
+        Ok(())
+    } else {
+        Err(RenderError::UnknownCalls { path: tpl_path, problems })
+    }
+}
+
+/// The calls `table("…")`, `figure("…")`, `claim("…")` with a literal id in a template's text,
+/// with their 1-based line, in order.
+fn literal_calls(source: &str) -> Vec<(Call, String, usize)> {
+    let mut out = Vec::new();
+    for (n, line) in source.lines().enumerate() {
+        for call in [Call::Table, Call::Figure, Call::Claim] {
+            let name = call.name();
+            for (at, _) in line.match_indices(name) {
+                // A whole word: `subtable(` or `my_claim(` is another function.
+                if line[..at].chars().next_back().is_some_and(|c| c.is_alphanumeric() || c == '_' || c == '.') {
+                    continue;
+                }
+                let rest = line[at + name.len()..].trim_start();
+                let Some(rest) = rest.strip_prefix('(') else { continue };
+                let rest = rest.trim_start();
+                let Some(quote) = rest.chars().next().filter(|q| *q == '"' || *q == '\'') else { continue };
+                let Some((id, tail)) = rest[1..].split_once(quote) else { continue };
+                if tail.trim_start().starts_with(')') {
+                    out.push((call, id.to_string(), n + 1));
+                }
+            }
+        }
+    }
+    out
+}
+
+fn render_template(spec: &Spec, frames: &Frames, c: &Arc<Computed>, mode: Mode) -> Result<String, RenderError> {
+    let tpl_path = template_file(spec, &spec.report.template)?;
+    let source = std::fs::read_to_string(&tpl_path).map_err(|source| RenderError::Io { path: tpl_path.clone(), source })?;
+    let mut env = template_env(mode);
     let profile = spec.profile.clone();
     {
         let c = c.clone();
@@ -232,26 +363,15 @@ fn render_template(spec: &Spec, frames: &Frames, c: &Arc<Computed>, mode: Mode) 
     }
     env.add_template_owned(spec.report.template.clone(), source).map_err(|source| RenderError::Template { path: tpl_path.clone(), source })?;
     let tpl = env.get_template(&spec.report.template).map_err(|source| RenderError::Template { path: tpl_path.clone(), source })?;
-    let experiments: Vec<Value> = spec
-        .experiments
-        .iter()
-        .map(|e| Value::from_serialize(serde_json::json!({"id": e.id, "title": e.title, "description": e.description, "axes": e.axes, "runs": e.runs.len(), "seeds": e.seeds})))
-        .collect();
     let claims: Vec<Value> = c.claims.iter().map(|r| Value::from_serialize(serde_json::json!({"id": r.id, "text": r.text, "verdict": r.verdict(), "measured": r.measured}))).collect();
-    let body = tpl
-        .render(context! {
-            report => Value::from_serialize(&spec.report),
-            profile => spec.profile.clone(),
-            overrides => spec.overrides.clone(),
-            experiments => experiments,
-            claims => claims,
-        })
-        .map_err(|source| RenderError::Template { path: tpl_path.clone(), source })?;
+    let body = tpl.render(template_context(spec, claims)).map_err(|source| RenderError::Template { path: tpl_path.clone(), source })?;
     Ok(format!("{}\n{}", body.trim_end(), appendix(spec, frames, mode)))
 }
 
 /// Sections every report ends with: failed runs, then where each number came from.
 fn appendix(spec: &Spec, frames: &Frames, mode: Mode) -> String {
+    // Run labels, reasons and overrides are spec or user text: escaped for the HTML pass.
+    let t = |s: &str| if mode == Mode::Html { md_esc(s) } else { s.to_string() };
     let mut out = String::new();
     let mut runs: Vec<(&str, &str, &str, u64, &str, Option<&String>)> = Vec::new();
     for r in &frames.results {
@@ -264,26 +384,41 @@ fn appendix(spec: &Spec, frames: &Frames, mode: Mode) -> String {
     if !failed.is_empty() {
         out.push_str("\n## Failed runs\n\nThese runs produced no usable result; the tables and figures above leave them out.\n\n");
         for r in failed {
-            out.push_str(&format!("- `{}` {} (cell `{}`): {}\n", r.0, r.1, &r.2[..12.min(r.2.len())], r.5.map_or("failed", |s| s.as_str())));
+            out.push_str(&format!("- `{}` {} (cell `{}`): {}\n", t(r.0), t(r.1), t(&r.2[..12.min(r.2.len())]), t(r.5.map_or("failed", |s| s.as_str()))));
         }
     }
     out.push_str(&format!(
         "\n## Provenance\n\nProfile `{}`{}. Every number above comes from the training cells below; a cell's key is the sha256 of everything that determines it (`reprise status {} --explain KEY` prints it).\n\n",
-        spec.profile,
-        if spec.overrides.is_empty() { String::new() } else { format!(", overrides `{}`", spec.overrides.join("`, `")) },
-        spec.rel_path()
+        t(&spec.profile),
+        if spec.overrides.is_empty() { String::new() } else { format!(", overrides `{}`", t(&spec.overrides.join("`, `"))) },
+        t(&spec.rel_path())
     ));
     if mode == Mode::Html {
         out.push_str("<details><summary>Cells</summary>\n\n");
     }
     out.push_str("| experiment | run | seed | status | cell key |\n|---|---|---|---|---|\n");
     for r in &runs {
-        out.push_str(&format!("| {} | {} | {} | {} | `{}` |\n", r.0, r.1, r.3, r.4, r.2));
+        out.push_str(&format!("| {} | {} | {} | {} | `{}` |\n", t(r.0), t(r.1), r.3, t(r.4), t(r.2)));
     }
     if mode == Mode::Html {
         out.push_str("\n</details>\n");
     }
     out
+}
+
+/// A link or image whose address would run script when followed (`javascript:`, `vbscript:`,
+/// `data:`), as Markdown in a spec string can write, points nowhere instead.
+fn defuse_link(event: pulldown_cmark::Event<'_>) -> pulldown_cmark::Event<'_> {
+    use pulldown_cmark::{Event, Tag};
+    let unsafe_url = |url: &str| {
+        let scheme: String = url.chars().filter(|c| !c.is_whitespace() && !c.is_control()).take_while(|c| *c != ':').collect::<String>().to_ascii_lowercase();
+        url.contains(':') && ["javascript", "vbscript", "data"].contains(&scheme.as_str())
+    };
+    match event {
+        Event::Start(Tag::Link { link_type, dest_url, title, id }) if unsafe_url(&dest_url) => Event::Start(Tag::Link { link_type, dest_url: "#".into(), title, id }),
+        Event::Start(Tag::Image { link_type, dest_url, title, id }) if unsafe_url(&dest_url) => Event::Start(Tag::Image { link_type, dest_url: "#".into(), title, id }),
+        other => other,
+    }
 }
 
 /// Styles of the HTML page itself.
@@ -325,16 +460,16 @@ pub fn render(spec: &Spec, frames: &Frames, out_dir: &Path) -> Result<Rendered, 
     let html_md = render_template(spec, frames, &computed, Mode::Html)?;
     let mut opts = pulldown_cmark::Options::empty();
     opts.insert(pulldown_cmark::Options::ENABLE_TABLES);
-    let parser = pulldown_cmark::Parser::new_ext(&html_md, opts);
+    let parser = pulldown_cmark::Parser::new_ext(&html_md, opts).map(defuse_link);
     let mut body = String::new();
     pulldown_cmark::html::push_html(&mut body, parser);
-    let base_path = spec.root.join("templates").join("base.html.j2");
+    let base_path = template_file(spec, "base.html.j2")?;
     let base = std::fs::read_to_string(&base_path).map_err(io(&base_path))?;
     let mut env = Environment::new();
     env.add_template_owned("base.html.j2", base).map_err(|source| RenderError::Template { path: base_path.clone(), source })?;
     let html = env
         .get_template("base.html.j2")
-        .and_then(|t| t.render(context! { title => spec.report.title.clone(), css => Value::from_safe_string(format!("{PAGE_CSS}{COMPONENT_CSS}")), body => Value::from_safe_string(body) }))
+        .and_then(|t| t.render(context! { title => Value::from_safe_string(esc(&spec.report.title)), css => Value::from_safe_string(format!("{PAGE_CSS}{COMPONENT_CSS}")), body => Value::from_safe_string(body) }))
         .map_err(|source| RenderError::Template { path: base_path.clone(), source })?;
     let p = out_dir.join("report.html");
     write_atomic(&p, html.as_bytes()).map_err(io(&p))?;
@@ -342,3 +477,6 @@ pub fn render(spec: &Spec, frames: &Frames, out_dir: &Path) -> Result<Rendered, 
     rendered.claims = computed.claims.iter().map(|r| ClaimSummary { id: r.id.clone(), verdict: r.verdict().to_string(), measured: r.measured.clone(), gate: r.gate }).collect();
     Ok(rendered)
 }
+
+#[cfg(test)]
+mod tests;

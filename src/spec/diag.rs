@@ -15,6 +15,8 @@ pub enum Origin {
     FileOnly { path: String },
     /// A command-line override.
     Override { arg: String },
+    /// A command-line argument other than `--set`, e.g. `--profile x`.
+    Argument { arg: String },
     /// An entry of a profile in the spec file.
     Profile { name: String, path: String, line: usize, col: usize },
 }
@@ -40,6 +42,7 @@ impl fmt::Display for Diagnostic {
             }
             Origin::FileOnly { path } => writeln!(f, "  --> {path}")?,
             Origin::Override { arg } => writeln!(f, "  --> in the override `--set {arg}`")?,
+            Origin::Argument { arg } => writeln!(f, "  --> in the argument `{arg}`")?,
             Origin::Profile { name, path, line, col } => {
                 writeln!(f, "  --> {path}:{line}:{col} (profile `{name}`)")?
             }

@@ -9,6 +9,7 @@
 //! Every problem is reported with its place (file:line:col, or the override that caused it),
 //! a message and a hint, all at once.
 
+pub mod confine;
 pub mod diag;
 pub mod locate;
 
@@ -332,6 +333,9 @@ impl Spec {
 pub enum LoadError {
     #[error("cannot read spec {path}: {source}")]
     Io { path: PathBuf, source: std::io::Error },
+    /// The path exists but is a directory, a device or a FIFO (reading a FIFO would block).
+    #[error("cannot read spec {path}: it is {what}")]
+    NotAFile { path: PathBuf, what: &'static str },
     #[error("{0}")]
     Invalid(#[from] SpecError),
 }
@@ -347,9 +351,19 @@ struct Override {
 
 /// Load and validate `path` with `profile` and the command-line overrides (`key.path=value`).
 pub fn load(path: &Path, profile: &str, sets: &[String]) -> Result<Spec, LoadError> {
+    check_regular(path)?;
     let text = std::fs::read_to_string(path).map_err(|source| LoadError::Io { path: path.to_path_buf(), source })?;
     let root = project_root(path);
     Ok(parse(&text, path, &root, profile, sets)?)
+}
+
+/// An error when `path` exists but is not a regular file (symlinks followed): a directory,
+/// `/dev/null`, a FIFO. A path that does not exist passes; reading it then says "not found".
+pub fn check_regular(path: &Path) -> Result<(), LoadError> {
+    match confine::not_regular(path) {
+        Some(what) => Err(LoadError::NotAFile { path: path.to_path_buf(), what }),
+        None => Ok(()),
+    }
 }
 
 /// The project root of a spec: the parent of its `reports/` folder, or its own folder.
@@ -364,7 +378,81 @@ pub fn project_root(spec_path: &Path) -> PathBuf {
 }
 
 /// Parse and validate spec text (see [`load`]).
+///
+/// Besides the selected profile, every other profile of the spec is validated too (a typo in
+/// `[profiles.paper]` is an error when running `quick`), and a problem that only the `--set`
+/// overrides cause is blamed on the `--set` even where it shows at a line of the spec.
 pub fn parse(text: &str, path: &Path, root: &Path, profile: &str, sets: &[String]) -> Result<Spec, SpecError> {
+    // The profile names a folder (`artifacts/<id>-<profile>/`), so it is checked before use.
+    if !confine::is_name(profile) {
+        return Err(SpecError {
+            diagnostics: vec![Diagnostic {
+                origin: Origin::Argument { arg: format!("--profile {profile}") },
+                message: confine::name_message("profile name", profile),
+                hint: Some("a profile is a `[profiles.NAME]` section of the spec".into()),
+            }],
+        });
+    }
+    let outer = parse_one(text, path, root, Some(profile), sets);
+    let mut diags = match &outer {
+        Ok(_) => Vec::new(),
+        Err(e) => e.diagnostics.clone(),
+    };
+    if !diags.is_empty() && !sets.is_empty() {
+        blame_sets(&mut diags, text, path, root, profile, sets);
+    }
+    // Problems of the other profiles: what each adds to the spec without any profile.
+    let others: Vec<String> = toml::from_str::<SpecFile>(text).map(|f| f.profiles.into_keys().filter(|n| n != profile).collect()).unwrap_or_default();
+    let mut baseline: Option<Vec<Diagnostic>> = None;
+    for other in others.iter().filter(|n| confine::is_name(n)) {
+        let Err(e) = parse_one(text, path, root, Some(other), &[]) else { continue };
+        let base = baseline.get_or_insert_with(|| parse_one(text, path, root, None, &[]).err().map(|e| e.diagnostics).unwrap_or_default());
+        for mut d in e.diagnostics {
+            if base.contains(&d) || diags.contains(&d) {
+                continue;
+            }
+            if !matches!(&d.origin, Origin::Profile { name, .. } if name == other) {
+                d.message = format!("with profile `{other}`: {}", d.message);
+            }
+            diags.push(d);
+        }
+    }
+    match outer {
+        Ok(spec) if diags.is_empty() => Ok(spec),
+        _ => Err(SpecError { diagnostics: diags }),
+    }
+}
+
+/// Re-blame on a `--set` the problems that appear only with the `--set`s but are placed at a line
+/// of the spec (a value overridden in `defaults` that breaks an experiment's runs, say): the line
+/// is where the problem shows, the `--set` is what to change.
+fn blame_sets(diags: &mut [Diagnostic], text: &str, path: &Path, root: &Path, profile: &str, sets: &[String]) {
+    let without = parse_one(text, path, root, Some(profile), &[]).err().map(|e| e.diagnostics).unwrap_or_default();
+    for d in diags.iter_mut() {
+        if !matches!(d.origin, Origin::File { .. } | Origin::FileOnly { .. }) || without.contains(d) {
+            continue;
+        }
+        // With several `--set`s, the first that alone causes the same message; else the last.
+        let culprit = if sets.len() == 1 {
+            &sets[0]
+        } else {
+            sets.iter()
+                .find(|s| parse_one(text, path, root, Some(profile), std::slice::from_ref(*s)).err().is_some_and(|e| e.diagnostics.iter().any(|x| x.message == d.message)))
+                .unwrap_or(&sets[sets.len() - 1])
+        };
+        let place = match &d.origin {
+            Origin::File { path, line, col, .. } => format!(" (it shows at {path}:{line}:{col})"),
+            _ => String::new(),
+        };
+        d.message = format!("{}{place}", d.message);
+        d.origin = Origin::Override { arg: culprit.clone() };
+    }
+}
+
+/// One parse with one profile (`None`: no profile's overrides at all, the spec as written).
+fn parse_one(text: &str, path: &Path, root: &Path, profile: Option<&str>, sets: &[String]) -> Result<Spec, SpecError> {
+    let selected = profile;
+    let profile = profile.unwrap_or(DEFAULT_PROFILE);
     let shown = path.display().to_string();
     let lines = LineIndex::new(text);
     let locator = Locator::new(text);
@@ -386,7 +474,7 @@ pub fn parse(text: &str, path: &Path, root: &Path, profile: &str, sets: &[String
 
     // 2. Overrides: the profile's entries, then --set, applied to the document tree.
     let mut overrides = Vec::new();
-    if profile != DEFAULT_PROFILE || file.profiles.contains_key(profile) {
+    if selected.is_some() && (profile != DEFAULT_PROFILE || file.profiles.contains_key(profile)) {
         match file.profiles.get(profile) {
             Some(entries) => {
                 for (k, v) in entries {
@@ -407,8 +495,8 @@ pub fn parse(text: &str, path: &Path, root: &Path, profile: &str, sets: &[String
                 }
                 return Err(SpecError {
                     diagnostics: vec![Diagnostic {
-                        origin: Origin::FileOnly { path: shown },
-                        message: format!("unknown profile `{profile}`"),
+                        origin: Origin::Argument { arg: format!("--profile {profile}") },
+                        message: format!("unknown profile `{profile}`: {shown} has no `[profiles.{profile}]`"),
                         hint: Some(params::suggest(profile, &names)),
                     }],
                 });
@@ -440,8 +528,22 @@ pub fn parse(text: &str, path: &Path, root: &Path, profile: &str, sets: &[String
         match SpecFile::deserialize(tree) {
             Ok(f) => f,
             Err(e) => {
-                let origin = overrides.last().map(|o| o.origin.clone()).unwrap_or(Origin::FileOnly { path: shown.clone() });
-                return Err(SpecError { diagnostics: vec![Diagnostic { origin, message: format!("after applying the overrides: {}", e.message()), hint: None }] });
+                // Blame each override that alone makes the document ill-typed; where only their
+                // combination does, the last one.
+                let base: toml::Value = toml::from_str(text).map_err(|e| SpecError { diagnostics: vec![toml_error(&e, &shown, &lines)] })?;
+                for o in &overrides {
+                    let mut one = base.clone();
+                    if apply_override(&mut one, o, schema).is_ok() {
+                        if let Err(e) = SpecFile::deserialize(one) {
+                            diags.push(Diagnostic { origin: o.origin.clone(), message: format!("after applying the override: {}", e.message()), hint: None });
+                        }
+                    }
+                }
+                if diags.is_empty() {
+                    let origin = overrides.last().map(|o| o.origin.clone()).unwrap_or(Origin::FileOnly { path: shown.clone() });
+                    diags.push(Diagnostic { origin, message: format!("after applying the overrides: {}", e.message()), hint: None });
+                }
+                return Err(SpecError { diagnostics: diags });
             }
         }
     };
@@ -462,11 +564,71 @@ pub fn parse(text: &str, path: &Path, root: &Path, profile: &str, sets: &[String
         diags.push(Diagnostic { origin: place(&path, key), message, hint });
     };
 
-    if file.report.id.is_empty() || !file.report.id.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_') {
-        err(segs("report.id"), false, format!("report id `{}` must be a non-empty name of letters, digits, `-` and `_`", file.report.id), Some("it names the report's folder under artifacts/".into()));
+    // Names that become file and folder names, or HTML ids: plain words only (see `confine`).
+    if !confine::is_name(&file.report.id) {
+        err(segs("report.id"), false, confine::name_message("report id", &file.report.id), Some("it names the report's folder under artifacts/".into()));
     }
-    if !root.join("templates").join(&file.report.template).is_file() {
-        err(segs("report.template"), false, format!("template `{}` not found in {}", file.report.template, root.join("templates").display()), None);
+    for (section, names, hint) in [
+        ("experiments", file.experiments.keys().collect::<Vec<_>>(), "it names the experiment's runs and cells"),
+        ("data", file.data.keys().collect(), "it names the data set's cells"),
+        ("profiles", file.profiles.keys().collect(), "it names the report's folder, `artifacts/<id>-<profile>/`"),
+    ] {
+        for name in names.into_iter().filter(|n| !confine::is_name(n)) {
+            let what = match section {
+                "experiments" => "experiment id",
+                "data" => "data set name",
+                _ => "profile name",
+            };
+            err(vec![section.to_string(), name.clone()], true, confine::name_message(what, name), Some(hint.into()));
+        }
+    }
+    for (what, ids) in [
+        ("tables", file.tables.iter().map(|t| &t.id).collect::<Vec<_>>()),
+        ("figures", file.figures.iter().map(|f| &f.id).collect()),
+        ("claims", file.claims.iter().map(|c| &c.id).collect()),
+    ] {
+        for (i, id) in ids.into_iter().enumerate().filter(|(_, id)| !confine::is_name(id)) {
+            let kind = &what[..what.len() - 1];
+            let hint = match what {
+                "claims" => "it is the claim's anchor in report.html".to_string(),
+                _ => format!("it names the file `{what}/<id>.{}` of the report", if what == "tables" { "csv" } else { "svg" }),
+            };
+            err(vec![what.to_string(), i.to_string(), "id".into()], false, confine::name_message(&format!("{kind} id"), id), Some(hint));
+        }
+    }
+    let declared_profiles: Vec<String> = std::iter::once(DEFAULT_PROFILE.to_string()).chain(file.profiles.keys().filter(|n| *n != DEFAULT_PROFILE).cloned()).collect();
+    for (id, ef) in &file.experiments {
+        for (i, p) in ef.profiles.iter().enumerate() {
+            if !declared_profiles.contains(p) {
+                err(vec!["experiments".into(), id.clone(), "profiles".into(), i.to_string()], false, format!("unknown profile `{p}`"), Some(params::suggest(p, &declared_profiles)));
+            }
+        }
+    }
+
+    // The template and the manifests are read from the project's own folders, nowhere else.
+    let templates = root.join("templates");
+    if let Err(why) = confine::resolve_in(&templates, &file.report.template) {
+        let known = confine::names_in(&templates, ".md.j2").into_iter().map(|n| format!("{n}.md.j2")).collect::<Vec<_>>();
+        let hint = match why {
+            confine::Confined::NotFound if !known.is_empty() => params::suggest(&file.report.template, &known),
+            _ => "name a template file inside templates/, e.g. `report.md.j2`".to_string(),
+        };
+        err(segs("report.template"), false, why.message("template", &file.report.template, &templates), Some(hint));
+    }
+    let manifests = root.join("data-manifests");
+    for (name, d) in &file.data {
+        let at = vec!["data".into(), name.clone(), "manifest".into()];
+        if !confine::is_name(&d.manifest) {
+            err(at, false, confine::name_message("manifest name", &d.manifest), Some("write the manifest's name, `data-manifests/<name>.toml` without folder or extension".into()));
+        } else if let Err(why) = confine::resolve_in(&manifests, &format!("{}.toml", d.manifest)) {
+            let message = match why {
+                confine::Confined::NotFound => format!("unknown manifest `{}`: no {}", d.manifest, manifests.join(format!("{}.toml", d.manifest)).display()),
+                other => other.message("manifest", &format!("{}.toml", d.manifest), &manifests),
+            };
+            let known = confine::names_in(&manifests, ".toml");
+            let hint = if known.is_empty() { "add the manifest under data-manifests/".to_string() } else { params::suggest(&d.manifest, &known) };
+            err(at, false, message, Some(hint));
+        }
     }
     for (name, d) in &file.data {
         if d.test_per_class == 0 {
@@ -757,7 +919,10 @@ fn inline_value(v: &toml::Value) -> String {
 }
 
 /// `key.path=value`: the value is read as TOML (`5`, `0.1`, `true`, `[1, 2]`, `"x"`), or as a
-/// bare string when it is not valid TOML (`--set defaults.model=cnn`).
+/// bare string when it is a plain word that is not TOML (`--set defaults.model=cnn`). A value
+/// that starts like a number, list, table or quoted string but is not valid TOML (`[1,2`,
+/// `1e400`) is an error rather than a string, and so is a line break, which would otherwise
+/// end the value early.
 fn parse_set(s: &str) -> Result<(Vec<String>, toml::Value), String> {
     let (k, v) = s.split_once('=').ok_or_else(|| format!("`{s}` is not of the form key.path=value"))?;
     let k = k.trim();
@@ -765,11 +930,43 @@ fn parse_set(s: &str) -> Result<(Vec<String>, toml::Value), String> {
         return Err(format!("`{k}` is not a dotted key path"));
     }
     let v = v.trim();
+    if v.contains(['\n', '\r']) {
+        return Err(format!("the value of `{k}` contains a line break; give a value on one line"));
+    }
+    // TOML calls `1e400` an invalid float and `99999999999999999999` an invalid integer; both
+    // are numbers that do not fit, which is what the user needs to hear.
+    let digits = v.replace('_', "");
+    let number_like = digits.strip_prefix(['+', '-']).unwrap_or(&digits).starts_with(|c: char| c.is_ascii_digit());
+    if number_like && digits.parse::<f64>().is_ok_and(|x| x.is_infinite()) {
+        return Err(format!("the value `{v}` of `{k}` is out of range for a number"));
+    }
+    if number_like && digits.strip_prefix(['+', '-']).unwrap_or(&digits).chars().all(|c| c.is_ascii_digit()) && digits.parse::<i64>().is_err() {
+        return Err(format!("the value `{v}` of `{k}` is out of range for an integer (at most {})", i64::MAX));
+    }
     let value = match toml::from_str::<toml::Table>(&format!("v = {v}")) {
         Ok(mut t) => t.remove("v").unwrap_or_else(|| toml::Value::String(v.to_string())),
+        Err(e) if v.starts_with(|c: char| c.is_ascii_digit() || "[{\"'+-.".contains(c)) => {
+            let why = e.message().lines().next().unwrap_or("invalid value").trim().to_string();
+            return Err(format!("the value `{v}` of `{k}` is not a valid TOML value ({why})"));
+        }
         Err(_) => toml::Value::String(v.to_string()),
     };
+    if let Some(x) = non_finite(&value) {
+        if !v.contains("inf") && !v.contains("nan") {
+            return Err(format!("the value `{v}` of `{k}` is out of range for a number (it reads as {x})"));
+        }
+    }
     Ok((segs(k), value))
+}
+
+/// The first infinite or NaN float in a value (a literal such as `1e400` overflows to infinity).
+fn non_finite(v: &toml::Value) -> Option<f64> {
+    match v {
+        toml::Value::Float(f) if !f.is_finite() => Some(*f),
+        toml::Value::Array(a) => a.iter().find_map(non_finite),
+        toml::Value::Table(t) => t.values().find_map(non_finite),
+        _ => None,
+    }
 }
 
 /// Apply one override to the document tree. The path must name an existing key, or a parameter

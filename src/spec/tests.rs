@@ -8,6 +8,10 @@ fn root() -> PathBuf {
     let dir = std::env::temp_dir().join(format!("reprise-spec-tests-{}", std::process::id()));
     std::fs::create_dir_all(dir.join("templates")).unwrap();
     std::fs::write(dir.join("templates/t.md.j2"), "x").unwrap();
+    // Only the manifest's presence is checked at load; its content is read by the planner.
+    std::fs::create_dir_all(dir.join("data-manifests")).unwrap();
+    std::fs::write(dir.join("data-manifests/mnist-5k.toml"), "").unwrap();
+    std::fs::write(dir.join("secret.toml"), "").unwrap();
     dir
 }
 
@@ -171,4 +175,168 @@ fn per_metric_reference_values_parse() {
     let s = parse_ok(&text, &[]);
     let r = s.tables[0].reference.as_ref().unwrap();
     assert_eq!(r.values["1.0"], RefValue::PerMetric([("accuracy".to_string(), "65-70".to_string())].into_iter().collect()));
+}
+
+fn messages(e: &SpecError) -> Vec<String> {
+    e.diagnostics.iter().map(|d| d.message.clone()).collect()
+}
+
+fn line_of(d: &Diagnostic) -> usize {
+    match &d.origin {
+        Origin::File { line, .. } => *line,
+        o => panic!("expected a place in the file, got {o:?}"),
+    }
+}
+
+const TABLE_FIGURE_CLAIM: &str = r#"
+[[tables]]
+id = "../../../../x"
+experiment = "e1"
+title = "T"
+metrics = ["accuracy"]
+
+[[figures]]
+id = "/any/where/x"
+experiment = "e1"
+title = "F"
+kind = "epochs"
+y = "accuracy"
+
+[[claims]]
+id = "c\" onmouseover=\"x"
+text = "T"
+experiment = "e1"
+kind = "change"
+metric = "accuracy"
+min = 0.0
+"#;
+
+/// Issue 20, defect 3: ids and names become file names (`tables/<id>.csv`, the report folder
+/// `<id>-<profile>`) or HTML ids, so anything but a plain name is an error at its place.
+#[test]
+fn issue_20_ids_and_names_that_are_paths_are_errors_at_their_place() {
+    let text = format!("{BASE}{TABLE_FIGURE_CLAIM}");
+    let e = parse_err(&text, "quick", &[]);
+    assert_eq!(e.diagnostics.len(), 3, "{e}");
+    assert!(e.diagnostics[0].message.contains("table id `../../../../x` must be a non-empty name"), "{e}");
+    assert_eq!(line_of(&e.diagnostics[0]), 20);
+    assert!(e.diagnostics[1].message.contains("figure id `/any/where/x`"), "{e}");
+    assert_eq!(line_of(&e.diagnostics[1]), 26);
+    assert!(e.diagnostics[2].message.starts_with("claim id `c\\\" onmouseover"), "{e}");
+    assert!(e.diagnostics.iter().all(|d| d.hint.is_some()), "{e}");
+
+    let text = BASE.replace("[experiments.e1]", "[experiments.\"../e1\"]").replace("[data.mnist]", "[data.\"a/b\"]");
+    let e = parse_err(&text, "quick", &[]);
+    let msgs = messages(&e);
+    assert!(msgs.iter().any(|m| m.contains("experiment id `../e1`")), "{e}");
+    assert!(msgs.iter().any(|m| m.contains("data set name `a/b`")), "{e}");
+
+    // A profile name, declared or given as the flag.
+    let text = format!("{BASE}\n[profiles.\"../../p\"]\n\"defaults.epochs\" = 2\n");
+    let e = parse_err(&text, "quick", &[]);
+    assert!(e.diagnostics[0].message.contains("profile name `../../p`"), "{e}");
+    assert_eq!(line_of(&e.diagnostics[0]), 19);
+    let e = parse_err(BASE, "../../p", &[]);
+    assert!(matches!(&e.diagnostics[0].origin, Origin::Argument { arg } if arg == "--profile ../../p"), "{e}");
+    assert!(e.to_string().contains("in the argument `--profile ../../p`"), "{e}");
+}
+
+/// Issue 20, defect 9: every profile is validated, not only the one selected.
+#[test]
+fn issue_20_every_profile_is_validated_whichever_runs() {
+    let text = format!("{BASE}\n[profiles.paper]\n\"defaults.epoch\" = 200\n\n[profiles.wide]\n\"defaults.epochs\" = 0\n\n[profiles.long]\n\"defaults.analyze_freq\" = 9\n");
+    let e = parse_err(&text, "quick", &[]);
+    assert_eq!(e.diagnostics.len(), 3, "{e}");
+    let by = |needle: &str| e.diagnostics.iter().find(|d| d.message.contains(needle)).unwrap_or_else(|| panic!("no `{needle}` in {e}"));
+    let d = by("unknown parameter `epoch`");
+    assert!(matches!(&d.origin, Origin::Profile { name, line: 20, .. } if name == "paper"), "{e}");
+    assert_eq!(d.hint.as_deref(), Some("did you mean `epochs`?"));
+    assert!(matches!(&by("`epochs` = 0 is out of range").origin, Origin::Profile { name, line: 23, .. } if name == "wide"), "{e}");
+    // A problem a profile causes away from its own entries names the profile.
+    assert!(by("with profile `long`: experiment `e1`").message.contains("analyze_freq = 9 exceeds epochs = 3"), "{e}");
+    // The same spec selected with a good profile still reports the bad ones.
+    let fixed = text.replace("\"defaults.epoch\" = 200", "\"defaults.epochs\" = 200");
+    let e = parse_err(&fixed, "paper", &[]);
+    assert_eq!(e.diagnostics.len(), 2, "{e}");
+    let with_good = fixed.replace("\"defaults.analyze_freq\" = 9", "\"defaults.analyze_freq\" = 2").replace("\"defaults.epochs\" = 0", "\"defaults.epochs\" = 1");
+    let s = parse_ok(&with_good, &[]);
+    assert_eq!(s.profile, "quick");
+
+    // An experiment limited to a profile that does not exist would silently never run.
+    let text = BASE.replace("seeds = [0, 1]", "seeds = [0, 1]\nprofiles = [\"papr\"]");
+    let text = format!("{text}\n[profiles.paper]\n\"defaults.epochs\" = 200\n");
+    let e = parse_err(&text, "quick", &[]);
+    assert_eq!(e.diagnostics[0].message, "unknown profile `papr`");
+    assert_eq!(e.diagnostics[0].hint.as_deref(), Some("did you mean `paper`?"));
+}
+
+/// Issue 20, defect 4: the template is read from `templates/` only.
+#[test]
+fn issue_20_template_outside_the_templates_folder_is_refused() {
+    for bad in ["../../../../etc/passwd", "/etc/passwd", "../secret.toml", "./t.md.j2"] {
+        let text = BASE.replace("template = \"t.md.j2\"", &format!("template = \"{bad}\""));
+        let e = parse_err(&text, "quick", &[]);
+        assert!(e.diagnostics[0].message.contains("must be a relative path inside"), "{bad}: {e}");
+        assert_eq!(line_of(&e.diagnostics[0]), 5);
+    }
+    #[cfg(unix)]
+    {
+        let link = root().join("templates/escape.md.j2");
+        let _ = std::fs::remove_file(&link);
+        std::os::unix::fs::symlink(root().join("secret.toml"), &link).unwrap();
+        let text = BASE.replace("template = \"t.md.j2\"", "template = \"escape.md.j2\"");
+        let e = parse_err(&text, "quick", &[]);
+        assert!(e.diagnostics[0].message.contains("leads outside"), "{e}");
+    }
+    let text = BASE.replace("template = \"t.md.j2\"", "template = \"tt.md.j2\"");
+    let e = parse_err(&text, "quick", &[]);
+    assert!(e.diagnostics[0].message.contains("template `tt.md.j2` not found"), "{e}");
+    assert_eq!(e.diagnostics[0].hint.as_deref(), Some("did you mean `t.md.j2`?"));
+}
+
+/// Issue 20, defects 4 and 10: a manifest is `data-manifests/<name>.toml`, nothing else, and an
+/// unknown one is placed in the spec with the known names.
+#[test]
+fn issue_20_manifest_names_are_confined_and_located() {
+    for bad in ["../secret", "/tmp/x", "a.b"] {
+        let text = BASE.replace("manifest = \"mnist-5k\"", &format!("manifest = \"{bad}\""));
+        let e = parse_err(&text, "quick", &[]);
+        assert!(e.diagnostics[0].message.contains(&format!("manifest name `{bad}` must be a non-empty name")), "{e}");
+        assert_eq!(line_of(&e.diagnostics[0]), 8);
+    }
+    let text = BASE.replace("manifest = \"mnist-5k\"", "manifest = \"mnist-5\"");
+    let e = parse_err(&text, "quick", &[]);
+    assert!(e.diagnostics[0].message.starts_with("unknown manifest `mnist-5`"), "{e}");
+    assert_eq!(line_of(&e.diagnostics[0]), 8);
+    assert_eq!(e.diagnostics[0].hint.as_deref(), Some("did you mean `mnist-5k`?"));
+    assert!(e.to_string().contains("reports/demo.toml:8:12"), "{e}");
+}
+
+/// Issue 20, defect 10: what a `--set` value is wrong with, and who is to blame.
+#[test]
+fn issue_20_set_values_that_are_not_toml_are_named_and_blamed_on_the_set() {
+    let e = parse_err(BASE, "quick", &["defaults.epochs=[1,2"]);
+    assert!(matches!(&e.diagnostics[0].origin, Origin::Override { arg } if arg == "defaults.epochs=[1,2"), "{e}");
+    assert!(e.diagnostics[0].message.contains("is not a valid TOML value"), "{e}");
+    assert!(!e.to_string().contains("found a string"), "{e}");
+
+    let e = parse_err(BASE, "quick", &["defaults.epochs=1e400"]);
+    assert!(e.diagnostics[0].message.contains("`1e400` of `defaults.epochs` is out of range"), "{e}");
+
+    let e = parse_err(BASE, "quick", &["report.title=a\nb"]);
+    assert!(e.diagnostics[0].message.contains("line break"), "{e}");
+
+    // Bare words are still strings.
+    let s = parse_ok(BASE, &["defaults.model=cnn"]);
+    assert_eq!(s.experiments[0].runs[0].params["model"], ParamValue::Str("cnn".into()));
+
+    // A `--set` that breaks a run shows at the experiment, but is the `--set`'s fault.
+    let e = parse_err(BASE, "quick", &["defaults.epochs=2", "defaults.analyze_freq=5"]);
+    assert_eq!(e.diagnostics.len(), 1, "{e}");
+    assert!(matches!(&e.diagnostics[0].origin, Origin::Override { arg } if arg == "defaults.analyze_freq=5"), "{e}");
+    assert!(e.diagnostics[0].message.contains("exceeds epochs") && e.diagnostics[0].message.contains("(it shows at reports/demo.toml:14:"), "{e}");
+
+    // A `--set` that makes the spec ill-typed is named, whichever of several it is.
+    let e = parse_err(BASE, "quick", &["report.title=5", "defaults.epochs=2"]);
+    assert!(matches!(&e.diagnostics[0].origin, Origin::Override { arg } if arg == "report.title=5"), "{e}");
 }
