@@ -785,118 +785,365 @@ impl Adam {
     }
 }
 
+/// One training cell: load the pretrained backbone, fix the setup and the initial φ and θ from
+/// the parameters, record epoch 0, train epoch by epoch (recording each), and return the record
+/// with the learned adapters, head and φ. A non-finite loss, meta objective or hypergradient ends
+/// the run as a failure with the epochs recorded so far.
 fn run(p: &Params, seed: u64, inputs: &TrainInputs, progress: &dyn Progress) -> Result<Outcome, MethodError> {
     let dev = device(p)?;
     let data = inputs.data;
-    let c = data.num_classes;
+    let dtype = DType::F32;
+    let backbone = load_backbone(p, inputs, dtype, &dev)?;
+    let net = &backbone.net;
+    let side = net.input_side();
+
+    let counts = class_counts(data, inputs.train);
+    let groups = metrics::groups_by_count(&counts, get_i(p, "head_min")?, get_i(p, "tail_max")?);
+    let factors = GroupFactors::from_params(p)?;
+    let setup = Setup::from_params(p, &counts, &groups, &factors, dtype)?;
+
+    let (train_idx, meta_idx) = meta_split(data, inputs.train, get_f(p, "meta_data_ratio")?, seed);
+    let meta = gather(data, &meta_idx, side, dtype, &dev)?;
+    let test = gather(data, inputs.test, side, dtype, &dev)?;
+
+    let schedule = Schedule::from_params(p)?;
+    let cx = RunContext { setup: &setup, net, data, side, dev: &dev };
+    let vars = as_vars(&initial_theta(net, &setup, seed, &dev)?)?;
+    let mut trainer = Trainer::new(cx, &meta, &schedule, vars, initial_phi(&setup, &groups, &factors), &train_idx, seed)?;
+    let evaluator = Evaluator { cx, test: &test, groups: &groups, imbalance_ratio: metrics::imbalance_ratio(&counts), gini: metrics::gini(&counts), source_accuracy: backbone.source_accuracy };
+
+    let mut order = train_idx.clone();
+    let mut order_rng = Rng::derive(seed, "batch-order");
+    let mut record = RunRecord { epochs: Vec::new(), train_counts: counts.clone(), failure: None };
+    record.epochs.push(evaluator.record(&trainer.theta(), &trainer.phi, 0, &EpochSums::default())?);
+    for epoch in 1..=schedule.epochs {
+        order_rng.shuffle(&mut order);
+        let mut sums = EpochSums::default();
+        for chunk in order.chunks(schedule.batch_size) {
+            if let Step::Diverged(reason) = trainer.step(epoch, chunk, &mut sums)? {
+                return failed(record, reason);
+            }
+        }
+        record.epochs.push(evaluator.record(&trainer.theta(), &trainer.phi, epoch, &sums)?);
+        progress.epoch(epoch, schedule.epochs, "");
+    }
+    Ok(Outcome::Done(outputs(&record, net, &trainer.vars, &trainer.phi)?))
+}
+
+/// The frozen backbone of a run and what its pretraining recorded.
+struct Backbone {
+    net: VitBackbone,
+    /// Test accuracy (%) of the last pretraining epoch; `None` for an imported checkpoint.
+    source_accuracy: Option<f64>,
+}
+
+/// The backbone from the pretraining cell's `backbone.safetensors`; its input channels must be
+/// those of the target data set.
+fn load_backbone(p: &Params, inputs: &TrainInputs, dtype: DType, dev: &Device) -> Result<Backbone, MethodError> {
     let pre = inputs.pretrained.ok_or_else(|| MethodError::Invalid("class_aware_lora needs its pretraining cell's output".into()))?;
     let bytes = pre.get("backbone.safetensors").ok_or_else(|| MethodError::Invalid("the pretraining output has no backbone.safetensors".into()))?;
     let source_accuracy = pre
         .get("pretrain.json")
         .and_then(|b| serde_json::from_slice::<PretrainRecord>(b).ok())
         .and_then(|r| r.source_accuracy.last().copied());
-    let dtype = DType::F32;
-    let net = VitBackbone::from_safetensors(bytes, load_options(p)?, dtype, &dev)?;
-    if net.channels() != data.channels {
-        return Err(MethodError::Invalid(format!("the backbone takes {} input channels but the target data set has {}", net.channels(), data.channels)));
+    let net = VitBackbone::from_safetensors(bytes, load_options(p)?, dtype, dev)?;
+    if net.channels() != inputs.data.channels {
+        return Err(MethodError::Invalid(format!("the backbone takes {} input channels but the target data set has {}", net.channels(), inputs.data.channels)));
     }
-    let side = net.input_side();
+    Ok(Backbone { net, source_accuracy })
+}
 
-    let mut counts = vec![0usize; c];
-    for &i in inputs.train {
+/// Training images per class in the subset `train`.
+fn class_counts(data: &ImageSet, train: &[usize]) -> Vec<usize> {
+    let mut counts = vec![0usize; data.num_classes];
+    for &i in train {
         counts[data.labels[i] as usize] += 1;
     }
-    let groups = metrics::groups_by_count(&counts, get_i(p, "head_min")?, get_i(p, "tail_max")?);
-    let class_aware = get_s(p, "variant")? == "class_aware";
-    let rank = get_i(p, "lora_rank")?;
-    let init = [get_f(p, "head_factor")?, get_f(p, "medium_factor")?, get_f(p, "tail_factor")?];
-    let cap = init.iter().cloned().fold(1.0, f64::max);
-    let alloc = if class_aware { (1.5 * rank as f64 * cap).ceil() as usize } else { rank };
-    let mut order: Vec<usize> = (0..c).collect();
-    order.sort_by(|&a, &b| counts[b].cmp(&counts[a]).then(a.cmp(&b)));
-    let setup = Setup {
-        class_aware,
-        rank,
-        alloc,
-        scale: get_f(p, "lora_alpha")? / rank as f64,
-        classes: c,
-        loss: match get_s(p, "loss")? {
-            "ldam" => Loss::Ldam,
-            "balanced_softmax" => Loss::BalancedSoftmax,
-            _ => Loss::Ce,
-        },
-        objective: if !class_aware {
-            Objective::Overall
-        } else {
-            match get_s(p, "meta_objective")? {
-                "gmean" => Objective::Gmean,
-                "worst_class" => Objective::Worst,
-                _ => Objective::Balanced,
-            }
-        },
-        tail_weight: get_f(p, "tail_loss_weight")?,
-        rank_divergence: get_f(p, "rank_divergence")?,
-        alpha_smoothness: get_f(p, "alpha_smoothness")?,
-        tail: groups.iter().map(|g| *g == Group::Tail).collect(),
-        counts: counts.clone(),
-        order,
-        dtype,
-    };
-    let factor = |g: Group| match g {
-        Group::Head => init[0],
-        Group::Medium => init[1],
-        Group::Tail => init[2],
-    };
-    let mut phi = Phi { alpha_meta: 1.0, rank: groups.iter().map(|&g| if class_aware { factor(g) } else { 1.0 }).collect(), alpha: groups.iter().map(|&g| if class_aware { factor(g) } else { 1.0 }).collect() };
-    let rank_max = alloc as f64 / rank as f64;
+    counts
+}
 
-    let (train_idx, meta_idx) = meta_split(data, inputs.train, get_f(p, "meta_data_ratio")?, seed);
-    let meta = gather(data, &meta_idx, side, dtype, &dev)?;
-    let test = gather(data, inputs.test, side, dtype, &dev)?;
+/// The initial rank and alpha factor of each class group (`head_factor`, `medium_factor`,
+/// `tail_factor`).
+struct GroupFactors {
+    head: f64,
+    medium: f64,
+    tail: f64,
+}
 
-    // Trainable: adapters and a new head.
-    let mut theta0 = net.init_adapters(alloc, seed, dtype, &dev)?;
-    let d = net.dim();
+impl GroupFactors {
+    fn from_params(p: &Params) -> Result<GroupFactors, MethodError> {
+        Ok(GroupFactors { head: get_f(p, "head_factor")?, medium: get_f(p, "medium_factor")?, tail: get_f(p, "tail_factor")? })
+    }
+
+    fn of(&self, g: Group) -> f64 {
+        match g {
+            Group::Head => self.head,
+            Group::Medium => self.medium,
+            Group::Tail => self.tail,
+        }
+    }
+
+    /// The largest factor, and at least 1: it sizes the allocated adapter components.
+    fn largest(&self) -> f64 {
+        [self.head, self.medium, self.tail].iter().cloned().fold(1.0, f64::max)
+    }
+}
+
+impl Setup {
+    /// The setup of a run from its parameters and the class counts and groups of its training
+    /// subset. The class-aware variant allocates R = ⌈1.5·r·largest factor⌉ components, so that a
+    /// rank factor can grow to R/r; the baseline allocates r.
+    fn from_params(p: &Params, counts: &[usize], groups: &[Group], factors: &GroupFactors, dtype: DType) -> Result<Setup, MethodError> {
+        let class_aware = get_s(p, "variant")? == "class_aware";
+        let rank = get_i(p, "lora_rank")?;
+        let alloc = if class_aware { (1.5 * rank as f64 * factors.largest()).ceil() as usize } else { rank };
+        let mut order: Vec<usize> = (0..counts.len()).collect();
+        order.sort_by(|&a, &b| counts[b].cmp(&counts[a]).then(a.cmp(&b)));
+        Ok(Setup {
+            class_aware,
+            rank,
+            alloc,
+            scale: get_f(p, "lora_alpha")? / rank as f64,
+            classes: counts.len(),
+            loss: match get_s(p, "loss")? {
+                "ldam" => Loss::Ldam,
+                "balanced_softmax" => Loss::BalancedSoftmax,
+                _ => Loss::Ce,
+            },
+            objective: if !class_aware {
+                Objective::Overall
+            } else {
+                match get_s(p, "meta_objective")? {
+                    "gmean" => Objective::Gmean,
+                    "worst_class" => Objective::Worst,
+                    _ => Objective::Balanced,
+                }
+            },
+            tail_weight: get_f(p, "tail_loss_weight")?,
+            rank_divergence: get_f(p, "rank_divergence")?,
+            alpha_smoothness: get_f(p, "alpha_smoothness")?,
+            tail: groups.iter().map(|g| *g == Group::Tail).collect(),
+            counts: counts.to_vec(),
+            order,
+            dtype,
+        })
+    }
+}
+
+/// φ before the first meta step: α_m = 1 and each class's rank and alpha factors at its group's
+/// initial factor (all 1 for the baseline).
+fn initial_phi(setup: &Setup, groups: &[Group], factors: &GroupFactors) -> Phi {
+    let per_class = |g: Group| if setup.class_aware { factors.of(g) } else { 1.0 };
+    Phi { alpha_meta: 1.0, rank: groups.iter().map(|&g| per_class(g)).collect(), alpha: groups.iter().map(|&g| per_class(g)).collect() }
+}
+
+/// θ before training: the backbone's adapters with R components (seeded), then a new head C×D
+/// drawn from U(−1/√D, 1/√D) with the stream "head-init".
+fn initial_theta(net: &VitBackbone, setup: &Setup, seed: u64, dev: &Device) -> Result<Vec<Tensor>, MethodError> {
+    let mut theta = net.init_adapters(setup.alloc, seed, setup.dtype, dev)?;
+    let (c, d) = (setup.classes, net.dim());
     let mut rng = Rng::derive(seed, "head-init");
     let bound = 1.0 / (d as f64).sqrt();
     let head: Vec<f64> = (0..c * d).map(|_| rng.uniform(-bound, bound)).collect();
-    theta0.push(Tensor::from_vec(head, (c, d), &dev)?.to_dtype(dtype)?);
-    let vars = as_vars(&theta0)?;
-    let lr = get_f(p, "lr")?;
-    let mut opt = Optimizer::new(vars.clone(), &OptimConfig { weight_decay: get_f(p, "weight_decay")?, ..OptimConfig::new(OptimizerKind::Adamw, lr) })?;
-    let n_learned = Phi::learned(c, class_aware);
-    let mut meta_opt = Adam { lr: get_f(p, "meta_lr")?, m: vec![0.0; n_learned], v: vec![0.0; n_learned], t: 0 };
+    theta.push(Tensor::from_vec(head, (c, d), dev)?.to_dtype(setup.dtype)?);
+    Ok(theta)
+}
 
-    let epochs = get_i(p, "epochs")?;
-    let bs = get_i(p, "batch_size")?.max(1);
-    let meta_every = get_i(p, "meta_every")?.max(1);
-    let inner_steps = get_i(p, "meta_inner_steps")?;
-    let eta = get_f(p, "meta_inner_lr")?;
-    let mut order = train_idx.clone();
-    let mut inner_order = train_idx.clone();
-    let mut brng = Rng::derive(seed, "batch-order");
-    let mut irng = Rng::derive(seed, "meta-batches");
-    irng.shuffle(&mut inner_order);
-    let mut inner_pos = 0usize;
-    let total = (order.len().div_ceil(bs) * epochs).max(1);
-    let mut step = 0usize;
-    let mut record = RunRecord { epochs: Vec::new(), train_counts: counts.clone(), failure: None };
-    let ir = metrics::imbalance_ratio(&counts);
-    let gini = metrics::gini(&counts);
+/// The parameters of the training loop.
+struct Schedule {
+    /// Peak learning rate of AdamW (cosine schedule over all steps) and its weight decay.
+    lr: f64,
+    weight_decay: f64,
+    /// Adam's learning rate for φ.
+    meta_lr: f64,
+    epochs: usize,
+    /// At least 1.
+    batch_size: usize,
+    /// A meta step every this many training steps (at least 1).
+    meta_every: usize,
+    /// Unrolled SGD steps of the hypergradient, and their step size η.
+    inner_steps: usize,
+    inner_lr: f64,
+}
 
-    let evaluate = |theta: &[Tensor], phi: &Phi, epoch: usize, train_loss: Option<f64>, meta_loss: Option<f64>, hg: Option<f64>| -> Result<EpochRecord, MethodError> {
-        let (pt, _) = phi_tensors(&setup, phi, &dev, false)?;
-        let g = gate(&setup, &pt, None)?;
-        let mut preds = Vec::with_capacity(test.ys.len());
-        let n = test.ys.len();
-        let mut start = 0;
-        while start < n {
-            let len = (n - start).min(500);
-            let z = scores(&setup, &net, theta, &test.x.narrow(0, start, len)?, &g)?;
-            preds.extend(z.argmax(D::Minus1)?.to_vec1::<u32>()?);
-            start += len;
+impl Schedule {
+    fn from_params(p: &Params) -> Result<Schedule, MethodError> {
+        Ok(Schedule {
+            lr: get_f(p, "lr")?,
+            weight_decay: get_f(p, "weight_decay")?,
+            meta_lr: get_f(p, "meta_lr")?,
+            epochs: get_i(p, "epochs")?,
+            batch_size: get_i(p, "batch_size")?.max(1),
+            meta_every: get_i(p, "meta_every")?.max(1),
+            inner_steps: get_i(p, "meta_inner_steps")?,
+            inner_lr: get_f(p, "meta_inner_lr")?,
+        })
+    }
+}
+
+/// The inner batches of the hypergradient: the training split in an order of their own (stream
+/// "meta-batches"), taken a batch at a time and shuffled again when a whole batch no longer fits.
+struct InnerBatches {
+    order: Vec<usize>,
+    pos: usize,
+    rng: Rng,
+}
+
+impl InnerBatches {
+    fn new(train_idx: &[usize], seed: u64) -> InnerBatches {
+        let mut order = train_idx.to_vec();
+        let mut rng = Rng::derive(seed, "meta-batches");
+        rng.shuffle(&mut order);
+        InnerBatches { order, pos: 0, rng }
+    }
+
+    /// The next `steps` batches of `bs` images.
+    fn next(&mut self, steps: usize, bs: usize, cx: &RunContext) -> candle_core::Result<Vec<Batch>> {
+        let mut inner = Vec::with_capacity(steps);
+        for _ in 0..steps {
+            if self.pos + bs > self.order.len() {
+                self.rng.shuffle(&mut self.order);
+                self.pos = 0;
+            }
+            let end = (self.pos + bs).min(self.order.len());
+            inner.push(gather(cx.data, &self.order[self.pos..end], cx.side, cx.setup.dtype, cx.dev)?);
+            self.pos = end;
         }
-        let acc = metrics::try_accuracy(&test.ys, &preds, &groups).map_err(|e| MethodError::Metrics(e.to_string()))?;
+        Ok(inner)
+    }
+}
+
+/// Running sums of one epoch, for its record.
+#[derive(Default)]
+struct EpochSums {
+    /// Σ training loss × batch size, over `seen` images.
+    loss: f64,
+    seen: usize,
+    /// Σ outer objective and Σ hypergradient norm, over `meta_steps` meta steps.
+    meta: f64,
+    hypergradient_norm: f64,
+    meta_steps: usize,
+}
+
+/// How a training step ended.
+enum Step {
+    Taken,
+    /// The loss, the outer objective or the hypergradient was not finite: the reason.
+    Diverged(String),
+}
+
+/// What every step and every evaluation of a run reads, and none changes.
+#[derive(Clone, Copy)]
+struct RunContext<'a> {
+    setup: &'a Setup,
+    net: &'a VitBackbone,
+    data: &'a ImageSet,
+    /// The backbone's input side, to which images are resized.
+    side: usize,
+    dev: &'a Device,
+}
+
+/// The training loop's state: θ (as variables) and AdamW, φ and its Adam, the inner batches and
+/// the step count.
+struct Trainer<'a> {
+    cx: RunContext<'a>,
+    meta: &'a Batch,
+    schedule: &'a Schedule,
+    vars: Vec<Var>,
+    opt: Optimizer,
+    phi: Phi,
+    meta_opt: Adam,
+    inner: InnerBatches,
+    /// Steps taken so far in the run.
+    steps_taken: usize,
+    /// Steps of the whole run, the length of the cosine schedule (at least 1).
+    total_steps: usize,
+}
+
+impl<'a> Trainer<'a> {
+    /// θ = `vars` and φ = `phi` before the first step, on the training split `train_idx`.
+    fn new(cx: RunContext<'a>, meta: &'a Batch, schedule: &'a Schedule, vars: Vec<Var>, phi: Phi, train_idx: &[usize], seed: u64) -> Result<Trainer<'a>, MethodError> {
+        let opt = Optimizer::new(vars.clone(), &OptimConfig { weight_decay: schedule.weight_decay, ..OptimConfig::new(OptimizerKind::Adamw, schedule.lr) })?;
+        let n_learned = Phi::learned(cx.setup.classes, cx.setup.class_aware);
+        let meta_opt = Adam { lr: schedule.meta_lr, m: vec![0.0; n_learned], v: vec![0.0; n_learned], t: 0 };
+        let total_steps = (train_idx.len().div_ceil(schedule.batch_size) * schedule.epochs).max(1);
+        Ok(Trainer { cx, meta, schedule, vars, opt, phi, meta_opt, inner: InnerBatches::new(train_idx, seed), steps_taken: 0, total_steps })
+    }
+
+    /// θ's current values.
+    fn theta(&self) -> Vec<Tensor> {
+        self.vars.iter().map(|v| v.as_tensor().clone()).collect()
+    }
+
+    /// One step on the batch `chunk`: a meta step first when the step count is a multiple of
+    /// `meta_every`, then one AdamW step of θ on the training loss (learning rate on the cosine
+    /// schedule).
+    fn step(&mut self, epoch: usize, chunk: &[usize], sums: &mut EpochSums) -> Result<Step, MethodError> {
+        let (cx, step) = (self.cx, self.steps_taken);
+        self.opt.set_lr(self.schedule.lr * 0.5 * (1.0 + (std::f64::consts::PI * step as f64 / self.total_steps as f64).cos()));
+        if step.is_multiple_of(self.schedule.meta_every) {
+            let inner = self.inner.next(self.schedule.inner_steps, self.schedule.batch_size, &cx)?;
+            let (value, h) = hypergradient(cx.setup, cx.net, &self.theta(), &self.phi, &inner, self.meta, self.schedule.inner_lr, HVP_EPS)?;
+            if !value.is_finite() || h.iter().any(|x| !x.is_finite()) {
+                return Ok(Step::Diverged(format!("the meta objective or its hypergradient became non-finite at epoch {epoch}, step {step}")));
+            }
+            self.update_phi(&h);
+            sums.meta += value;
+            sums.hypergradient_norm += h.iter().map(|x| x * x).sum::<f64>().sqrt();
+            sums.meta_steps += 1;
+        }
+        let b = gather(cx.data, chunk, cx.side, cx.setup.dtype, cx.dev)?;
+        let (pt, _) = phi_tensors(cx.setup, &self.phi, cx.dev, false)?;
+        let l = train_loss(cx.setup, cx.net, &self.theta(), &pt, &b.x, &b.y, &b.ys)?;
+        let lv = l.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+        if !lv.is_finite() {
+            return Ok(Step::Diverged(format!("the training loss became {lv} at epoch {epoch}, step {step}: the run diverged")));
+        }
+        self.opt.backward_step(&l)?;
+        sums.loss += lv * chunk.len() as f64;
+        sums.seen += chunk.len();
+        self.steps_taken += 1;
+        Ok(Step::Taken)
+    }
+
+    /// φ after one Adam step of its learned values along the hypergradient `h`, clamped: α_m
+    /// and the alpha factors to [0.05, 10], the rank factors to [0.1, R/r].
+    fn update_phi(&mut self, h: &[f64]) {
+        let setup = self.cx.setup;
+        let (c, class_aware) = (setup.classes, setup.class_aware);
+        let n_learned = Phi::learned(c, class_aware);
+        let rank_max = setup.alloc as f64 / setup.rank as f64;
+        let mut learned = self.phi.flat()[..n_learned].to_vec();
+        self.meta_opt.step(&mut learned, h);
+        let mut full = self.phi.flat();
+        full[..n_learned].copy_from_slice(&learned);
+        let mut phi = Phi::from_flat(&full, c, class_aware);
+        phi.alpha_meta = phi.alpha_meta.clamp(0.05, 10.0);
+        if class_aware {
+            phi.rank.iter_mut().for_each(|r| *r = r.clamp(0.1, rank_max));
+            phi.alpha.iter_mut().for_each(|a| *a = a.clamp(0.05, 10.0));
+        }
+        self.phi = phi;
+    }
+}
+
+/// What an epoch's record is measured with: the test split, the groups, and the values that stay
+/// fixed during the run.
+struct Evaluator<'a> {
+    cx: RunContext<'a>,
+    test: &'a Batch,
+    groups: &'a [Group],
+    imbalance_ratio: Option<f64>,
+    gini: Option<f64>,
+    source_accuracy: Option<f64>,
+}
+
+impl Evaluator<'_> {
+    /// The record of `epoch` for θ and φ, with the means of the epoch's `sums` (none at epoch 0).
+    fn record(&self, theta: &[Tensor], phi: &Phi, epoch: usize, sums: &EpochSums) -> Result<EpochRecord, MethodError> {
+        let preds = self.predictions(theta, phi)?;
+        let acc = metrics::try_accuracy(&self.test.ys, &preds, self.groups).map_err(|e| MethodError::Metrics(e.to_string()))?;
+        let avg = |s: f64, n: usize| (n > 0).then(|| s / n as f64);
         let pct = |x: f64| 100.0 * x;
         let mut m = BTreeMap::new();
         let mut put = |k: &str, v: Option<f64>| {
@@ -904,9 +1151,9 @@ fn run(p: &Params, seed: u64, inputs: &TrainInputs, progress: &dyn Progress) -> 
                 m.insert(k.to_string(), v);
             }
         };
-        put("train_loss", train_loss);
-        put("meta_loss", meta_loss);
-        put("hypergradient_norm", hg);
+        put("train_loss", avg(sums.loss, sums.seen));
+        put("meta_loss", avg(sums.meta, sums.meta_steps));
+        put("hypergradient_norm", avg(sums.hypergradient_norm, sums.meta_steps));
         put("accuracy", Some(pct(acc.overall)));
         put("balanced_accuracy", Some(pct(acc.balanced)));
         put("head_accuracy", acc.head.map(pct));
@@ -917,20 +1164,21 @@ fn run(p: &Params, seed: u64, inputs: &TrainInputs, progress: &dyn Progress) -> 
         let gm = if pcs.iter().any(|&a| a <= 0.0) { 0.0 } else { (pcs.iter().map(|a| a.ln()).sum::<f64>() / pcs.len().max(1) as f64).exp() };
         put("gmean", Some(pct(gm)));
         put("worst_class", pcs.iter().cloned().reduce(f64::min).map(pct));
-        put("imbalance_ratio", ir);
-        put("gini", gini);
+        put("imbalance_ratio", self.imbalance_ratio);
+        put("gini", self.gini);
         put("meta_alpha", Some(phi.alpha_meta));
-        put("source_accuracy", source_accuracy);
+        put("source_accuracy", self.source_accuracy);
         let w = theta[theta.len() - 1].to_dtype(DType::F64)?.to_vec2::<f64>()?;
-        let per_class = (0..c)
+        let setup = self.cx.setup;
+        let per_class = (0..setup.classes)
             .map(|k| {
                 let mut extra = BTreeMap::new();
                 extra.insert("rank_factor".to_string(), phi.rank[k]);
                 extra.insert("alpha_factor".to_string(), phi.alpha[k]);
                 ClassRecord {
                     class: k,
-                    train_count: counts[k],
-                    group: group_name(groups[k]).to_string(),
+                    train_count: setup.counts[k],
+                    group: group_name(self.groups[k]).to_string(),
                     test_accuracy: acc.per_class[k].map(pct),
                     classifier_norm: w[k].iter().map(|v| v * v).sum::<f64>().sqrt(),
                     extra,
@@ -938,67 +1186,38 @@ fn run(p: &Params, seed: u64, inputs: &TrainInputs, progress: &dyn Progress) -> 
             })
             .collect();
         Ok(EpochRecord { epoch, metrics: m, per_class, analysis_object: String::new() })
-    };
-
-    let current = |vars: &[Var]| -> Vec<Tensor> { vars.iter().map(|v| v.as_tensor().clone()).collect() };
-    record.epochs.push(evaluate(&current(&vars), &phi, 0, None, None, None)?);
-    for epoch in 1..=epochs {
-        brng.shuffle(&mut order);
-        let (mut loss_sum, mut seen) = (0.0, 0usize);
-        let (mut meta_sum, mut hg_sum, mut meta_n) = (0.0, 0.0, 0usize);
-        for chunk in order.chunks(bs) {
-            opt.set_lr(lr * 0.5 * (1.0 + (std::f64::consts::PI * step as f64 / total as f64).cos()));
-            if step.is_multiple_of(meta_every) {
-                let mut inner = Vec::with_capacity(inner_steps);
-                for _ in 0..inner_steps {
-                    if inner_pos + bs > inner_order.len() {
-                        irng.shuffle(&mut inner_order);
-                        inner_pos = 0;
-                    }
-                    let end = (inner_pos + bs).min(inner_order.len());
-                    inner.push(gather(data, &inner_order[inner_pos..end], side, dtype, &dev)?);
-                    inner_pos = end;
-                }
-                let (value, h) = hypergradient(&setup, &net, &current(&vars), &phi, &inner, &meta, eta, HVP_EPS)?;
-                if !value.is_finite() || h.iter().any(|x| !x.is_finite()) {
-                    let reason = format!("the meta objective or its hypergradient became non-finite at epoch {epoch}, step {step}");
-                    record.failure = Some(reason.clone());
-                    return Ok(Outcome::Failed { reason, objects: BTreeMap::from([("metrics.json".to_string(), to_json(&record)?)]) });
-                }
-                let mut flatv = phi.flat()[..n_learned].to_vec();
-                meta_opt.step(&mut flatv, &h);
-                let mut full = phi.flat();
-                full[..n_learned].copy_from_slice(&flatv);
-                phi = Phi::from_flat(&full, c, class_aware);
-                phi.alpha_meta = phi.alpha_meta.clamp(0.05, 10.0);
-                if class_aware {
-                    phi.rank.iter_mut().for_each(|r| *r = r.clamp(0.1, rank_max));
-                    phi.alpha.iter_mut().for_each(|a| *a = a.clamp(0.05, 10.0));
-                }
-                meta_sum += value;
-                hg_sum += h.iter().map(|x| x * x).sum::<f64>().sqrt();
-                meta_n += 1;
-            }
-            let b = gather(data, chunk, side, dtype, &dev)?;
-            let (pt, _) = phi_tensors(&setup, &phi, &dev, false)?;
-            let l = train_loss(&setup, &net, &current(&vars), &pt, &b.x, &b.y, &b.ys)?;
-            let lv = l.to_dtype(DType::F64)?.to_scalar::<f64>()?;
-            if !lv.is_finite() {
-                let reason = format!("the training loss became {lv} at epoch {epoch}, step {step}: the run diverged");
-                record.failure = Some(reason.clone());
-                return Ok(Outcome::Failed { reason, objects: BTreeMap::from([("metrics.json".to_string(), to_json(&record)?)]) });
-            }
-            opt.backward_step(&l)?;
-            loss_sum += lv * chunk.len() as f64;
-            seen += chunk.len();
-            step += 1;
-        }
-        let avg = |s: f64, n: usize| (n > 0).then(|| s / n as f64);
-        record.epochs.push(evaluate(&current(&vars), &phi, epoch, avg(loss_sum, seen), avg(meta_sum, meta_n), avg(hg_sum, meta_n))?);
-        progress.epoch(epoch, epochs, "");
     }
+
+    /// The predicted class of every test image, with the inference gates, in batches of 500.
+    fn predictions(&self, theta: &[Tensor], phi: &Phi) -> Result<Vec<u32>, MethodError> {
+        let (setup, net) = (self.cx.setup, self.cx.net);
+        let (pt, _) = phi_tensors(setup, phi, self.cx.dev, false)?;
+        let g = gate(setup, &pt, None)?;
+        let mut preds = Vec::with_capacity(self.test.ys.len());
+        let n = self.test.ys.len();
+        let mut start = 0;
+        while start < n {
+            let len = (n - start).min(500);
+            let z = scores(setup, net, theta, &self.test.x.narrow(0, start, len)?, &g)?;
+            preds.extend(z.argmax(D::Minus1)?.to_vec1::<u32>()?);
+            start += len;
+        }
+        Ok(preds)
+    }
+}
+
+/// A run that diverged: its record so far, with the reason, as a failure.
+fn failed(mut record: RunRecord, reason: String) -> Result<Outcome, MethodError> {
+    record.failure = Some(reason.clone());
+    Ok(Outcome::Failed { reason, objects: BTreeMap::from([("metrics.json".to_string(), to_json(&record)?)]) })
+}
+
+/// The objects of a finished run: `metrics.json` and `adapters.safetensors`, which holds the
+/// adapters under the backbone's names, the head as `head.weight` and φ as `meta.phi`
+/// ([α_m, ρ_1..ρ_C, a_1..a_C]).
+fn outputs(record: &RunRecord, net: &VitBackbone, vars: &[Var], phi: &Phi) -> Result<BTreeMap<String, Vec<u8>>, MethodError> {
     let mut objects = BTreeMap::new();
-    objects.insert("metrics.json".to_string(), to_json(&record)?);
+    objects.insert("metrics.json".to_string(), to_json(record)?);
     let net_names = net.adapter_names();
     let mut t: BTreeMap<String, Tensor> = BTreeMap::new();
     for (i, v) in vars.iter().enumerate() {
@@ -1008,9 +1227,10 @@ fn run(p: &Params, seed: u64, inputs: &TrainInputs, progress: &dyn Progress) -> 
     let mut phis = vec![phi.alpha_meta];
     phis.extend(&phi.rank);
     phis.extend(&phi.alpha);
-    t.insert("meta.phi".to_string(), Tensor::from_vec(phis, 1 + 2 * c, &Device::Cpu)?);
+    let len = phis.len();
+    t.insert("meta.phi".to_string(), Tensor::from_vec(phis, len, &Device::Cpu)?);
     objects.insert("adapters.safetensors".to_string(), safetensors_bytes(&t)?);
-    Ok(Outcome::Done(objects))
+    Ok(objects)
 }
 
 #[cfg(test)]
