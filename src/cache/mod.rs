@@ -3,31 +3,58 @@
 //!
 //! Layout under the store's root (default `artifacts/store`, or `--cache DIR`, or the
 //! environment variable `REPRISE_CACHE`):
+//! - `REPRISE-STORE` — the marker: a short text saying what the folder is. A folder is used as
+//!   a store only if it has the marker, is empty (a new store: the marker is written), or holds
+//!   nothing but the store's own subfolders below, with `objects/` and `cells/` among them (a
+//!   store made before the marker existed: the marker is written on first use). Any other
+//!   folder is refused, so that `--cache ~` cannot make `run` or `gc` delete the user's files;
+//! - `gc.lock` — the store-wide lock: every open store holds it shared for as long as it is
+//!   open (a whole `run`, `render`, `status`…), `gc` holds it exclusive and refuses to start
+//!   while anything else has the store open, so it never removes what a live run just made;
 //! - `objects/ab/abcdef…` — output bytes, named by their sha256;
 //! - `cells/<key>.json` — the record of a finished cell (its outputs' names and hashes): a first
 //!   line with the sha256 of the JSON body that follows it, so a damaged record is detected
 //!   byte for byte (no re-serialisation, whose float printing could differ);
-//! - `tmp/` — writes in progress: every write goes to a temporary file there, is flushed and
-//!   synced, then renamed into place, so a crash never leaves a partial object under its name;
+//! - `tmp/` — writes in progress, named `<pid>-<thread>-<n>.tmp` (and `probe-<pid>` for the
+//!   writability check): every write goes to a temporary file there, is flushed and synced,
+//!   then renamed into place, so a crash never leaves a partial object under its name;
 //! - `locks/<key>.lock` — advisory locks so that two runs on one store never compute the same
 //!   cell at once;
-//! - `runs/` — the objects each recent run referred to, which `gc` keeps.
+//! - `runs/<report>.json` — the objects each recent run referred to, which `gc` keeps.
 //!
 //! Every read re-hashes the bytes; a mismatch is reported and treated as a miss (the cell is
-//! recomputed), never used. The [`Store`] trait is what a remote backend would implement.
+//! recomputed), never used. The store deletes only names it makes itself (a 64-hex object
+//! under its two-letter folder, a `<64 hex>.json` record, a temporary file of the pattern
+//! above) and follows no symbolic link inside the store: a linked subfolder is an error. The
+//! root itself may be a link (a cache on another disk). The [`Store`] trait is what a remote
+//! backend would implement.
 
 use std::collections::BTreeMap;
-use std::fs::{self, File};
+use std::fs::{self, File, TryLockError};
 use std::io::{self, Read, Write};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
+use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 /// The environment variable that points the store elsewhere.
 pub const CACHE_ENV: &str = "REPRISE_CACHE";
+
+/// The marker file that makes a folder a store (see the module doc).
+pub const MARKER: &str = "REPRISE-STORE";
+
+/// The store-wide lock file: shared while a store is open, exclusive for `gc`.
+pub const STORE_LOCK: &str = "gc.lock";
+
+/// The store's own subfolders.
+const SUBDIRS: [&str; 5] = ["objects", "cells", "tmp", "locks", "runs"];
+
+const MARKER_TEXT: &str = "This folder is a reprise store: the content-addressed cache of report cells.\n\
+reprise writes and deletes files here (`reprise gc`, leftovers in tmp/); keep nothing else in it.\n\
+Deleting the whole folder is safe: `reprise run` recomputes what it needs.\n";
 
 /// Errors of the store; each names the path involved.
 #[derive(Debug, thiserror::Error)]
@@ -36,6 +63,14 @@ pub enum StoreError {
     Io { path: PathBuf, source: io::Error },
     #[error("cache directory {path} is not writable: {source} (point --cache or {CACHE_ENV} at a writable directory)")]
     NotWritable { path: PathBuf, source: io::Error },
+    #[error("cache directory {path} is not a reprise store: it holds {found} and no {MARKER} file, and a store deletes files in its folders. Point --cache or {CACHE_ENV} at an empty or new folder, or at an existing store")]
+    NotAStore { path: PathBuf, found: String },
+    #[error("{path} is a symbolic link or not a folder; a store follows no link inside itself, so that nothing outside it is ever deleted. Replace it with a real folder of that name, or point --cache or {CACHE_ENV} at an empty or new folder")]
+    Link { path: PathBuf },
+    #[error("the store {path} is in use by a run (or another command that reads it) and gc would remove what it is making; run gc again when it has finished (`gc --dry-run` does not wait)")]
+    InUse { path: PathBuf },
+    #[error("damaged run note {path}: {message}; gc removes nothing while a note cannot be read, since it names objects a report still needs. Run that report again to rewrite the note, or delete the file")]
+    DamagedRunNote { path: PathBuf, message: String },
 }
 
 fn io_err(path: &Path) -> impl FnOnce(io::Error) -> StoreError + '_ {
@@ -74,6 +109,26 @@ pub struct Corruption {
     pub actual: String,
 }
 
+impl std::fmt::Display for Corruption {
+    /// `corrupt cache object PATH (expected sha256 …, found …)`; callers add what became of it.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "corrupt cache object {} (expected sha256 {}, found {})", self.path.display(), self.expected, self.actual)
+    }
+}
+
+/// What [`LocalStore::check_record`] found for a key, without changing anything.
+#[derive(Debug, Clone, PartialEq)]
+pub enum RecordCheck {
+    /// No record.
+    Absent,
+    /// The record and every output read back with their hashes.
+    Intact(CellRecord),
+    /// An intact record with outputs missing (removed by `gc`, say): a miss.
+    Incomplete(CellRecord),
+    /// The record or outputs do not match their hashes: `run` removes and recomputes them.
+    Corrupt(Vec<Corruption>),
+}
+
 /// Storage of objects and cell records. Local today; a remote object store can implement it.
 pub trait Store: Send + Sync {
     /// Store bytes; returns their sha256 (hex).
@@ -99,10 +154,22 @@ pub struct CellLock {
     _file: Option<File>,
 }
 
-/// A store in a local directory.
+/// How an open store holds the store-wide lock.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Access {
+    /// Held for as long as the store is open; waits while `gc` runs (it is short).
+    Shared,
+    /// `gc`: nothing else may have the store open; refused, not waited for, when it has.
+    Exclusive,
+}
+
+/// A store in a local directory. While it is open it holds the store-wide lock (`gc.lock`)
+/// shared, so `gc` cannot remove what it is making: keep it open for a command's whole run.
 pub struct LocalStore {
     root: PathBuf,
     corruptions: Mutex<Vec<Corruption>>,
+    /// The store-wide lock, released when the store is dropped.
+    _held: File,
 }
 
 static TMP_COUNTER: AtomicU64 = AtomicU64::new(0);
@@ -131,19 +198,126 @@ fn valid_hash(h: &str) -> bool {
     h.len() == 64 && h.bytes().all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase())
 }
 
+/// Whether `name` is a temporary file the store makes: `<pid>-<thread>-<n>.tmp` or
+/// `probe-<pid>`.
+fn is_tmp_name(name: &str) -> bool {
+    let digits = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit());
+    if let Some(pid) = name.strip_prefix("probe-") {
+        return digits(pid);
+    }
+    match name.strip_suffix(".tmp") {
+        Some(stem) => {
+            let parts: Vec<&str> = stem.split('-').collect();
+            parts.len() == 3 && parts.iter().all(|p| digits(p))
+        }
+        None => false,
+    }
+}
+
+/// Whether `path` is a real folder (not a link to one).
+fn is_real_dir(path: &Path) -> bool {
+    fs::symlink_metadata(path).is_ok_and(|m| m.is_dir())
+}
+
+/// The names in `dir`, sorted, for messages and the marker check.
+fn names_in(dir: &Path) -> Result<Vec<String>, StoreError> {
+    let mut names = Vec::new();
+    for e in fs::read_dir(dir).map_err(io_err(dir))? {
+        names.push(e.map_err(io_err(dir))?.file_name().to_string_lossy().to_string());
+    }
+    names.sort();
+    Ok(names)
+}
+
+/// Make `root` a store or check that it is one (see the module doc): the marker, then the
+/// subfolders, none of them a link.
+fn prepare(root: &Path) -> Result<(), StoreError> {
+    fs::create_dir_all(root).map_err(|source| StoreError::NotWritable { path: root.to_path_buf(), source })?;
+    let marker = root.join(MARKER);
+    match fs::symlink_metadata(&marker) {
+        Ok(m) if m.is_file() => {}
+        Ok(_) => return Err(StoreError::Link { path: marker }),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => adopt(root)?,
+        Err(source) => return Err(StoreError::Io { path: marker, source }),
+    }
+    for sub in SUBDIRS {
+        let p = root.join(sub);
+        match fs::symlink_metadata(&p) {
+            Ok(m) if m.is_dir() => {}
+            Ok(_) => return Err(StoreError::Link { path: p }),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                // Another process may create it at the same moment: what counts is that a real
+                // folder is there afterwards.
+                if let Err(source) = fs::create_dir(&p) {
+                    if !is_real_dir(&p) {
+                        return Err(StoreError::NotWritable { path: p, source });
+                    }
+                }
+            }
+            Err(source) => return Err(StoreError::Io { path: p, source }),
+        }
+    }
+    Ok(())
+}
+
+/// Write the marker into an unmarked `root` if it is empty or a store made before markers;
+/// refuse any other folder.
+fn adopt(root: &Path) -> Result<(), StoreError> {
+    let names = names_in(root)?;
+    // A marker seen now was written by a process opening the same new store at this moment.
+    let raced = names.iter().any(|n| n == MARKER);
+    let own = |n: &String| (SUBDIRS.contains(&n.as_str()) && is_real_dir(&root.join(n))) || n == STORE_LOCK;
+    let old_store = names.iter().any(|n| n == "objects") && names.iter().any(|n| n == "cells") && names.iter().all(own);
+    if !(raced || names.is_empty() || old_store) {
+        let mut shown: Vec<String> = names.iter().take(5).map(|n| format!("`{n}`")).collect();
+        if names.len() > 5 {
+            shown.push(format!("{} more", names.len() - 5));
+        }
+        return Err(StoreError::NotAStore { path: root.to_path_buf(), found: shown.join(", ") });
+    }
+    let marker = root.join(MARKER);
+    match File::options().write(true).create_new(true).open(&marker) {
+        Ok(mut f) => f.write_all(MARKER_TEXT.as_bytes()).map_err(|source| StoreError::NotWritable { path: marker.clone(), source }),
+        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => Ok(()),
+        Err(source) => Err(StoreError::NotWritable { path: marker, source }),
+    }
+}
+
 impl LocalStore {
-    /// Open (creating if needed) a store at `root`; fails with a clear error if the directory
-    /// cannot be created or written.
+    /// Open (creating if needed) a store at `root` and hold its store-wide lock shared until
+    /// the store is dropped (waiting while a `gc` runs). Fails with a clear error if the
+    /// directory cannot be created or written, is not a store (see the module doc), or has a
+    /// linked subfolder.
     pub fn open(root: &Path) -> Result<Self, StoreError> {
-        for sub in ["objects", "cells", "tmp", "locks", "runs"] {
-            let p = root.join(sub);
-            fs::create_dir_all(&p).map_err(|source| StoreError::NotWritable { path: p.clone(), source })?;
+        Self::open_as(root, Access::Shared)
+    }
+
+    /// Open a store for `gc`: the store-wide lock exclusive, or [`StoreError::InUse`] at once
+    /// while anything else has the store open.
+    pub fn open_exclusive(root: &Path) -> Result<Self, StoreError> {
+        Self::open_as(root, Access::Exclusive)
+    }
+
+    fn open_as(root: &Path, access: Access) -> Result<Self, StoreError> {
+        prepare(root)?;
+        let lock_path = root.join(STORE_LOCK);
+        if fs::symlink_metadata(&lock_path).is_ok_and(|m| !m.is_file()) {
+            return Err(StoreError::Link { path: lock_path });
+        }
+        let held = File::options().create(true).truncate(false).read(true).write(true).open(&lock_path).map_err(|source| StoreError::NotWritable { path: lock_path.clone(), source })?;
+        match access {
+            Access::Shared => held.lock_shared().map_err(io_err(&lock_path))?,
+            Access::Exclusive => match held.try_lock() {
+                Ok(()) => {}
+                Err(TryLockError::WouldBlock) => return Err(StoreError::InUse { path: root.to_path_buf() }),
+                Err(TryLockError::Error(source)) => return Err(StoreError::Io { path: lock_path, source }),
+            },
         }
         // Probe writability now rather than after an hour of training.
         let probe = root.join("tmp").join(format!("probe-{}", std::process::id()));
         File::create(&probe).and_then(|mut f| f.write_all(b"ok")).map_err(|source| StoreError::NotWritable { path: root.to_path_buf(), source })?;
         let _ = fs::remove_file(&probe);
-        Ok(LocalStore { root: root.to_path_buf(), corruptions: Mutex::new(Vec::new()) })
+        Ok(LocalStore { root: root.to_path_buf(), corruptions: Mutex::new(Vec::new()), _held: held })
     }
 
     pub fn root(&self) -> &Path {
@@ -162,6 +336,12 @@ impl LocalStore {
 
     /// Write `bytes` to `dest` atomically: temporary file in the store, sync, rename.
     fn write_atomic(&self, dest: &Path, bytes: &[u8]) -> Result<(), StoreError> {
+        // A linked prefix folder would put the object outside the store.
+        if let Some(parent) = dest.parent() {
+            if fs::symlink_metadata(parent).is_ok_and(|m| !m.is_dir()) {
+                return Err(StoreError::Link { path: parent.to_path_buf() });
+            }
+        }
         let n = TMP_COUNTER.fetch_add(1, Ordering::Relaxed);
         let tmp = self.root.join("tmp").join(format!("{}-{}-{n}.tmp", std::process::id(), thread_id()));
         let result = (|| -> io::Result<()> {
@@ -186,19 +366,23 @@ impl LocalStore {
         }
     }
 
-    /// Every object hash present.
+    /// Every object hash present: files named by a hash in the real folder of their prefix
+    /// (anything else under `objects/`, or behind a link, is not the store's).
     pub fn list_objects(&self) -> Result<Vec<String>, StoreError> {
         let mut out = Vec::new();
         let dir = self.root.join("objects");
         for e in fs::read_dir(&dir).map_err(io_err(&dir))? {
             let e = e.map_err(io_err(&dir))?;
-            if e.path().is_dir() {
-                for f in fs::read_dir(e.path()).map_err(io_err(&e.path()))? {
-                    let f = f.map_err(io_err(&dir))?;
-                    if let Some(name) = f.file_name().to_str() {
-                        if valid_hash(name) {
-                            out.push(name.to_string());
-                        }
+            let prefix = e.file_name().to_string_lossy().to_string();
+            // DirEntry::file_type does not follow links.
+            if !e.file_type().is_ok_and(|t| t.is_dir()) || prefix.len() != 2 {
+                continue;
+            }
+            for f in fs::read_dir(e.path()).map_err(io_err(&e.path()))? {
+                let f = f.map_err(io_err(&e.path()))?;
+                if let Some(name) = f.file_name().to_str() {
+                    if valid_hash(name) && name.starts_with(&prefix) && f.file_type().is_ok_and(|t| t.is_file()) {
+                        out.push(name.to_string());
                     }
                 }
             }
@@ -207,29 +391,46 @@ impl LocalStore {
         Ok(out)
     }
 
-    /// Every cell key with a record.
+    /// Every cell key with a record: files named `<64 hex>.json`.
     pub fn list_records(&self) -> Result<Vec<String>, StoreError> {
         let dir = self.root.join("cells");
         let mut out = Vec::new();
         for e in fs::read_dir(&dir).map_err(io_err(&dir))? {
             let e = e.map_err(io_err(&dir))?;
             if let Some(k) = e.file_name().to_str().and_then(|n| n.strip_suffix(".json")) {
-                out.push(k.to_string());
+                if valid_hash(k) && e.file_type().is_ok_and(|t| t.is_file()) {
+                    out.push(k.to_string());
+                }
             }
         }
         out.sort();
         Ok(out)
     }
 
+    /// Size in bytes of object `hash` (0 when absent).
+    pub fn object_size(&self, hash: &str) -> u64 {
+        fs::symlink_metadata(self.object_path(hash)).map(|m| m.len()).unwrap_or(0)
+    }
+
+    /// Remove object `hash`; returns the bytes freed. Only a file the store names, in a real
+    /// prefix folder: anything else is an error and stays.
     pub fn remove_object(&self, hash: &str) -> Result<u64, StoreError> {
         let p = self.object_path(hash);
-        let len = fs::metadata(&p).map(|m| m.len()).unwrap_or(0);
+        let own = valid_hash(hash) && p.parent().is_some_and(is_real_dir) && fs::symlink_metadata(&p).is_ok_and(|m| m.is_file());
+        if !own {
+            return Err(StoreError::Link { path: p });
+        }
+        let len = self.object_size(hash);
         fs::remove_file(&p).map_err(io_err(&p))?;
         Ok(len)
     }
 
+    /// Remove the record of `key` (a `<64 hex>.json` file, never a link).
     pub fn remove_record(&self, key: &str) -> Result<(), StoreError> {
         let p = self.record_path(key);
+        if !(valid_hash(key) && fs::symlink_metadata(&p).is_ok_and(|m| m.is_file())) {
+            return Err(StoreError::Link { path: p });
+        }
         fs::remove_file(&p).map_err(io_err(&p))
     }
 
@@ -241,17 +442,25 @@ impl LocalStore {
         self.write_atomic(&self.root.join("runs").join(format!("{report}.json")), &bytes)
     }
 
-    /// Keys and objects named by the `runs/` notes.
+    /// Keys and objects named by the `runs/` notes. A note that cannot be read or parsed, or
+    /// anything in `runs/` that is not a note, is an error: what it would have kept is unknown.
     pub fn recent_references(&self) -> Result<(Vec<String>, Vec<String>), StoreError> {
         let dir = self.root.join("runs");
         let (mut keys, mut objs) = (Vec::new(), Vec::new());
         for e in fs::read_dir(&dir).map_err(io_err(&dir))? {
-            let p = e.map_err(io_err(&dir))?.path();
-            let Ok(bytes) = fs::read(&p) else { continue };
-            let Ok(v) = serde_json::from_slice::<serde_json::Value>(&bytes) else { continue };
+            let e = e.map_err(io_err(&dir))?;
+            let p = e.path();
+            let damaged = |message: String| StoreError::DamagedRunNote { path: p.clone(), message };
+            let is_note = e.file_name().to_str().is_some_and(|n| n.ends_with(".json")) && e.file_type().is_ok_and(|t| t.is_file());
+            if !is_note {
+                return Err(damaged("not a run note (reprise writes only regular `<report>.json` files there)".into()));
+            }
+            let bytes = fs::read(&p).map_err(|e| damaged(e.to_string()))?;
+            let v: serde_json::Value = serde_json::from_slice(&bytes).map_err(|e| damaged(e.to_string()))?;
             for (field, out) in [("cells", &mut keys), ("objects", &mut objs)] {
-                if let Some(a) = v.get(field).and_then(|a| a.as_array()) {
-                    out.extend(a.iter().filter_map(|s| s.as_str().map(String::from)));
+                let list = v.get(field).and_then(|a| a.as_array()).ok_or_else(|| damaged(format!("no `{field}` list")))?;
+                for item in list {
+                    out.push(item.as_str().ok_or_else(|| damaged(format!("`{field}` holds {item}, not a hash")))?.to_string());
                 }
             }
         }
@@ -259,20 +468,78 @@ impl LocalStore {
     }
 
     /// Remove leftovers of interrupted writes older than a minute (a live writer's temporary
-    /// file is younger).
+    /// file is younger); returns how many.
     pub fn clean_tmp(&self) -> usize {
+        self.clean_tmp_older_than(Duration::from_secs(60))
+    }
+
+    /// Remove the store's own temporary files (by name, never through a link) older than
+    /// `age`. `gc`, which holds the store alone, removes them at any age.
+    pub fn clean_tmp_older_than(&self, age: Duration) -> usize {
         let dir = self.root.join("tmp");
         let mut n = 0;
+        if !is_real_dir(&dir) {
+            return 0;
+        }
         if let Ok(rd) = fs::read_dir(&dir) {
             for e in rd.flatten() {
-                let old = e.metadata().and_then(|m| m.modified()).ok().and_then(|t| t.elapsed().ok()).is_some_and(|age| age.as_secs() > 60);
-                if old && fs::remove_file(e.path()).is_ok() {
+                let own = e.file_name().to_str().is_some_and(is_tmp_name) && e.file_type().is_ok_and(|t| t.is_file());
+                let old = e.metadata().and_then(|m| m.modified()).ok().and_then(|t| t.elapsed().ok()).is_some_and(|a| a >= age);
+                if own && old && fs::remove_file(e.path()).is_ok() {
                     n += 1;
                 }
             }
         }
         n
     }
+
+    /// What the store holds for `key`, every output re-hashed, without removing anything (what
+    /// `status` reports; [`Store::get_record`] is the lookup that removes what is corrupt).
+    pub fn check_record(&self, key: &str) -> Result<RecordCheck, StoreError> {
+        let p = self.record_path(key);
+        let bytes = match fs::read(&p) {
+            Ok(b) => b,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(RecordCheck::Absent),
+            Err(source) => return Err(StoreError::Io { path: p, source }),
+        };
+        let record = match parse_record(&bytes, key) {
+            Ok(r) => r,
+            Err((expected, actual)) => return Ok(RecordCheck::Corrupt(vec![Corruption { path: p, expected, actual }])),
+        };
+        let mut bad = Vec::new();
+        let mut missing = false;
+        for hash in record.outputs.values() {
+            let op = self.object_path(hash);
+            match fs::read(&op) {
+                Ok(b) => {
+                    let actual = sha256_hex(&b);
+                    if &actual != hash {
+                        bad.push(Corruption { path: op, expected: hash.clone(), actual });
+                    }
+                }
+                Err(e) if e.kind() == io::ErrorKind::NotFound => missing = true,
+                Err(source) => return Err(StoreError::Io { path: op, source }),
+            }
+        }
+        Ok(if !bad.is_empty() {
+            RecordCheck::Corrupt(bad)
+        } else if missing {
+            RecordCheck::Incomplete(record)
+        } else {
+            RecordCheck::Intact(record)
+        })
+    }
+}
+
+/// A sealed record's body for `key`, or (seal, actual hash) when it does not check out.
+fn parse_record(bytes: &[u8], key: &str) -> Result<CellRecord, (String, String)> {
+    let (seal, body) = match bytes.iter().position(|&b| b == b'\n') {
+        Some(i) => (String::from_utf8_lossy(&bytes[..i]).to_string(), &bytes[i + 1..]),
+        None => (String::new(), bytes),
+    };
+    let actual = sha256_hex(body);
+    let record: Option<CellRecord> = if actual == seal { serde_json::from_slice(body).ok() } else { None };
+    record.filter(|r| r.key == key).ok_or((seal, actual))
 }
 
 fn thread_id() -> String {
@@ -306,7 +573,9 @@ impl Store for LocalStore {
         let actual = sha256_hex(&bytes);
         if actual != hash {
             self.note_corruption(Corruption { path: p.clone(), expected: hash.to_string(), actual });
-            let _ = fs::remove_file(&p);
+            if p.parent().is_some_and(is_real_dir) {
+                let _ = fs::remove_file(&p);
+            }
             return Ok(None);
         }
         Ok(Some(bytes))
@@ -330,16 +599,13 @@ impl Store for LocalStore {
             Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
             Err(source) => return Err(StoreError::Io { path: p, source }),
         };
-        let (seal, body) = match bytes.iter().position(|&b| b == b'\n') {
-            Some(i) => (String::from_utf8_lossy(&bytes[..i]).to_string(), &bytes[i + 1..]),
-            None => (String::new(), &bytes[..]),
-        };
-        let actual = sha256_hex(body);
-        let record: Option<CellRecord> = if actual == seal { serde_json::from_slice(body).ok() } else { None };
-        let Some(record) = record.filter(|r| r.key == key) else {
-            self.note_corruption(Corruption { path: p.clone(), expected: seal, actual });
-            let _ = fs::remove_file(&p);
-            return Ok(None);
+        let record = match parse_record(&bytes, key) {
+            Ok(r) => r,
+            Err((expected, actual)) => {
+                self.note_corruption(Corruption { path: p.clone(), expected, actual });
+                let _ = fs::remove_file(&p);
+                return Ok(None);
+            }
         };
         if !record.outputs.values().all(|h| self.contains(h)) {
             return Ok(None);
@@ -403,6 +669,150 @@ mod tests {
         s.put_record(&r).unwrap();
         s.remove_object(&h).unwrap();
         assert_eq!(s.get_record(&key).unwrap(), None);
+    }
+
+    #[test]
+    fn a_run_holds_the_store_shared_and_gc_is_refused_meanwhile() {
+        let dir = tempfile::tempdir().unwrap();
+        let run = LocalStore::open(dir.path()).unwrap();
+        let other_run = LocalStore::open(dir.path()).unwrap();
+        let err = LocalStore::open_exclusive(dir.path()).err().unwrap();
+        assert!(matches!(err, StoreError::InUse { .. }), "{err}");
+        assert!(err.to_string().contains("in use by a run"), "{err}");
+        drop(run);
+        assert!(LocalStore::open_exclusive(dir.path()).is_err(), "one holder is enough to refuse");
+        drop(other_run);
+        let gc = LocalStore::open_exclusive(dir.path()).unwrap();
+        drop(gc);
+        LocalStore::open(dir.path()).unwrap();
+    }
+
+    #[test]
+    fn a_new_store_is_marked_and_an_ordinary_folder_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("new");
+        drop(LocalStore::open(&root).unwrap());
+        assert!(fs::read_to_string(root.join(MARKER)).unwrap().contains("reprise store"));
+        // An empty existing folder becomes a store too.
+        let empty = dir.path().join("empty");
+        fs::create_dir(&empty).unwrap();
+        drop(LocalStore::open(&empty).unwrap());
+        assert!(empty.join(MARKER).is_file());
+        // A folder with anything else in it is refused, and left as it was.
+        let home = dir.path().join("home");
+        fs::create_dir_all(home.join("tmp")).unwrap();
+        fs::write(home.join("tmp/notes.txt"), b"x").unwrap();
+        let err = LocalStore::open(&home).err().unwrap();
+        assert!(matches!(err, StoreError::NotAStore { .. }), "{err}");
+        assert!(err.to_string().contains("`tmp`") && err.to_string().contains("empty or new folder"), "{err}");
+        assert_eq!(fs::read_dir(&home).unwrap().count(), 1);
+        assert!(home.join("tmp/notes.txt").is_file());
+    }
+
+    #[test]
+    fn a_store_from_before_the_marker_is_adopted_but_not_a_look_alike() {
+        let dir = tempfile::tempdir().unwrap();
+        let old = dir.path().join("old");
+        for sub in SUBDIRS {
+            fs::create_dir_all(old.join(sub)).unwrap();
+        }
+        drop(LocalStore::open(&old).unwrap());
+        assert!(old.join(MARKER).is_file());
+        // The same names plus one file of the user's: not a store.
+        let look = dir.path().join("look-alike");
+        for sub in SUBDIRS {
+            fs::create_dir_all(look.join(sub)).unwrap();
+        }
+        fs::write(look.join("notes.txt"), b"x").unwrap();
+        assert!(matches!(LocalStore::open(&look), Err(StoreError::NotAStore { .. })));
+        // A `tmp` folder alone (a home folder's, say) is not a store either.
+        let home = dir.path().join("home");
+        fs::create_dir_all(home.join("tmp")).unwrap();
+        assert!(matches!(LocalStore::open(&home), Err(StoreError::NotAStore { .. })));
+    }
+
+    #[test]
+    fn linked_subfolders_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let elsewhere = dir.path().join("elsewhere");
+        fs::create_dir(&elsewhere).unwrap();
+        for sub in SUBDIRS {
+            let root = dir.path().join(format!("store-{sub}"));
+            drop(LocalStore::open(&root).unwrap());
+            fs::remove_dir(root.join(sub)).unwrap();
+            std::os::unix::fs::symlink(&elsewhere, root.join(sub)).unwrap();
+            let err = LocalStore::open(&root).err().unwrap();
+            assert!(matches!(err, StoreError::Link { .. }), "{sub}: {err}");
+        }
+        // A linked prefix folder under objects/ is neither listed nor written through.
+        let root = dir.path().join("store-prefix");
+        let s = LocalStore::open(&root).unwrap();
+        let h = sha256_hex(b"x");
+        std::os::unix::fs::symlink(&elsewhere, root.join("objects").join(&h[..2])).unwrap();
+        assert!(s.put(b"x").is_err());
+        assert!(!elsewhere.join(&h).exists());
+        fs::write(elsewhere.join(&h), b"x").unwrap();
+        assert!(s.list_objects().unwrap().is_empty());
+        assert!(s.remove_object(&h).is_err());
+        assert!(elsewhere.join(&h).is_file());
+    }
+
+    #[test]
+    fn only_the_stores_own_names_are_listed_and_cleaned() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = LocalStore::open(dir.path()).unwrap();
+        let h = s.put(b"object").unwrap();
+        let key = "b".repeat(64);
+        s.put_record(&CellRecord { key: key.clone(), kind: "split".into(), status: CellStatus::Ok, reason: None, outputs: BTreeMap::new(), seconds: 0.0 }).unwrap();
+        for f in ["cells/notes.json", "cells/README", "objects/notes.txt"] {
+            fs::write(dir.path().join(f), b"x").unwrap();
+        }
+        fs::write(s.object_path(&h).with_file_name("todo.txt"), b"x").unwrap();
+        assert_eq!(s.list_objects().unwrap(), vec![h]);
+        assert_eq!(s.list_records().unwrap(), vec![key]);
+        assert!(s.remove_record("notes").is_err());
+        let tmp = dir.path().join("tmp");
+        for f in ["1-2-3.tmp", "probe-42", "draft.txt", "1-2.tmp", "a-2-3.tmp"] {
+            fs::write(tmp.join(f), b"x").unwrap();
+        }
+        assert_eq!(s.clean_tmp(), 0, "nothing is older than a minute");
+        assert_eq!(s.clean_tmp_older_than(Duration::ZERO), 2);
+        assert_eq!(names_in(&tmp).unwrap(), ["1-2.tmp", "a-2-3.tmp", "draft.txt"]);
+    }
+
+    #[test]
+    fn a_damaged_run_note_is_an_error_naming_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = LocalStore::open(dir.path()).unwrap();
+        s.note_run("r", &["k".into()], &["o".into()]).unwrap();
+        assert_eq!(s.recent_references().unwrap(), (vec!["k".to_string()], vec!["o".to_string()]));
+        let note = dir.path().join("runs/r.json");
+        let damages: [&[u8]; 3] = [b"{\"cells\": [\"k\"], \"obj", b"{\"cells\": []}", b"{\"cells\": [], \"objects\": [1]}"];
+        for damage in damages {
+            fs::write(&note, damage).unwrap();
+            let err = s.recent_references().err().unwrap();
+            assert!(matches!(err, StoreError::DamagedRunNote { .. }) && err.to_string().contains("r.json"), "{err}");
+        }
+    }
+
+    #[test]
+    fn check_record_names_corruption_without_removing_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = LocalStore::open(dir.path()).unwrap();
+        let h = s.put(b"out").unwrap();
+        let key = "c".repeat(64);
+        let r = CellRecord { key: key.clone(), kind: "train".into(), status: CellStatus::Ok, reason: None, outputs: BTreeMap::from([("x".to_string(), h.clone())]), seconds: 1.0 };
+        assert_eq!(s.check_record(&key).unwrap(), RecordCheck::Absent);
+        s.put_record(&r).unwrap();
+        assert_eq!(s.check_record(&key).unwrap(), RecordCheck::Intact(r.clone()));
+        fs::write(s.object_path(&h), b"oUt").unwrap();
+        match s.check_record(&key).unwrap() {
+            RecordCheck::Corrupt(c) => assert_eq!(c[0].path, s.object_path(&h)),
+            other => panic!("{other:?}"),
+        }
+        assert!(s.object_path(&h).is_file(), "checking removes nothing");
+        fs::remove_file(s.object_path(&h)).unwrap();
+        assert_eq!(s.check_record(&key).unwrap(), RecordCheck::Incomplete(r));
     }
 
     #[test]

@@ -1,14 +1,23 @@
 //! `reprise gc`: remove store objects and records that no lock file of the project and no
 //! recent run refers to.
+//!
+//! gc takes the store alone (its lock exclusive, see `cache`): while a run, `render` or
+//! `status` has the store open it refuses at once rather than wait for a run that may take
+//! hours, and removes nothing. `--dry-run` only reads, so it neither waits nor refuses. Every
+//! source of references must be readable: a damaged run note or lock file stops gc before it
+//! removes anything, and gc runs only from a project root (a folder with `reports/`), whose
+//! `artifacts/*/lock.json` it reads.
 
 use std::collections::BTreeSet;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
 
+use anyhow::Context;
 use clap::Args;
 
-use super::{shown, EXIT_OK};
+use super::{shown, UsageError, EXIT_OK};
 use crate::artifacts::Lock;
-use crate::cache::{LocalStore, CACHE_ENV};
+use crate::cache::{LocalStore, StoreError, CACHE_ENV};
 
 #[derive(Args, Debug)]
 pub struct GcArgs {
@@ -20,36 +29,73 @@ pub struct GcArgs {
     pub dry_run: bool,
 }
 
+/// The project root gc works for: the current folder, which must hold `reports/`. Anywhere
+/// else gc would find no lock files and take every report's objects for garbage.
+fn project_root() -> anyhow::Result<PathBuf> {
+    let cwd = std::env::current_dir().context("reading the current folder")?;
+    if !cwd.join("reports").is_dir() {
+        return Err(UsageError(format!(
+            "{} is not a project root (it has no reports/ folder); gc keeps what the lock files under the project's artifacts/ name, so run it from the project root",
+            cwd.display()
+        ))
+        .into());
+    }
+    Ok(cwd)
+}
+
+/// Keys and objects named by every `artifacts/*/lock.json` under `root`; an unreadable lock
+/// file is an error, since what it would keep is unknown.
+fn locked_references(root: &Path) -> anyhow::Result<(Vec<String>, Vec<String>)> {
+    let (mut keys, mut objects) = (Vec::new(), Vec::new());
+    let dir = root.join("artifacts");
+    let rd = match std::fs::read_dir(&dir) {
+        Ok(rd) => rd,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok((keys, objects)),
+        Err(e) => return Err(e).with_context(|| format!("reading {}", dir.display())),
+    };
+    for e in rd {
+        let p = e.with_context(|| format!("reading {}", dir.display()))?.path();
+        if !p.is_dir() {
+            continue;
+        }
+        let lock = Lock::read(&p).context("gc removes nothing while a lock file cannot be read (it names objects a report needs); fix or delete it")?;
+        if let Some(lock) = lock {
+            for c in lock.cells {
+                objects.extend(c.outputs.into_values());
+                keys.push(c.key);
+            }
+        }
+    }
+    Ok((keys, objects))
+}
+
 pub fn gc(args: &GcArgs) -> anyhow::Result<i32> {
+    let root = project_root()?;
     let dir = match (&args.cache, std::env::var_os(CACHE_ENV)) {
         (Some(d), _) => d.clone(),
         (None, Some(d)) if !d.is_empty() => PathBuf::from(d),
-        _ => PathBuf::from("artifacts").join("store"),
+        _ => root.join("artifacts").join("store"),
     };
-    let store = LocalStore::open(&dir)?;
+    let opened = if args.dry_run { LocalStore::open(&dir) } else { LocalStore::open_exclusive(&dir) };
+    let store = match opened {
+        Ok(s) => s,
+        // A store in use is a matter of waiting (exit 1); any other refusal is the user's to fix.
+        Err(e @ StoreError::InUse { .. }) => return Err(e.into()),
+        Err(e) => return Err(UsageError(e.to_string()).into()),
+    };
     let (mut keys, mut objects): (BTreeSet<String>, BTreeSet<String>) = Default::default();
     let (k, o) = store.recent_references()?;
     keys.extend(k);
     objects.extend(o);
-    // Every lock file under artifacts/ keeps its cells.
-    if let Ok(rd) = std::fs::read_dir("artifacts") {
-        for e in rd.flatten() {
-            if let Ok(Some(lock)) = Lock::read(&e.path()) {
-                for c in lock.cells {
-                    objects.extend(c.outputs.into_values());
-                    keys.insert(c.key);
-                }
-            }
-        }
-    }
-    let mut freed = 0u64;
+    let (k, o) = locked_references(&root)?;
+    keys.extend(k);
+    objects.extend(o);
+    let mut bytes = 0u64;
     let (mut n_obj, mut n_rec) = (0, 0);
     for h in store.list_objects()? {
         if !objects.contains(&h) {
             n_obj += 1;
-            if !args.dry_run {
-                freed += store.remove_object(&h)?;
-            }
+            bytes += if args.dry_run { store.object_size(&h) } else { store.remove_object(&h)? };
         }
     }
     for k in store.list_records()? {
@@ -60,7 +106,11 @@ pub fn gc(args: &GcArgs) -> anyhow::Result<i32> {
             }
         }
     }
+    if !args.dry_run {
+        // Holding the store alone, no write is in progress: every temporary file is a leftover.
+        store.clean_tmp_older_than(Duration::ZERO);
+    }
     let verb = if args.dry_run { "would remove" } else { "removed" };
-    eprintln!("{verb} {n_obj} objects ({:.1} MB) and {n_rec} cell records from {}", freed as f64 / 1e6, shown(&dir));
+    eprintln!("{verb} {n_obj} objects ({:.1} MB) and {n_rec} cell records from {}", bytes as f64 / 1e6, shown(&dir));
     Ok(EXIT_OK)
 }

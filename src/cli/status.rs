@@ -8,7 +8,7 @@ use serde_json::json;
 
 use super::{load_spec, open_store, out_dir, SpecOpts, UsageError, EXIT_OK};
 use crate::artifacts::Lock;
-use crate::cache::Store;
+use crate::cache::{CellStatus, RecordCheck, Store};
 use crate::plan;
 
 #[derive(Args, Debug)]
@@ -59,21 +59,29 @@ pub fn status(args: &StatusArgs) -> anyhow::Result<i32> {
     let lock = Lock::read(&out_dir(&spec))?;
     if let Some(q) = &args.explain {
         let cell = plan.cell_by_name(q).ok_or_else(|| UsageError(format!("no cell `{q}` in {}; `reprise status {}` lists them", spec.path.display(), spec.path.display())))?;
-        let cached = store.get_record(&cell.key)?.is_some();
-        let v = json!({ "name": cell.name, "aliases": cell.aliases, "key": cell.key, "cached": cached, "key_material": cell.material });
+        let check = store.check_record(&cell.key)?;
+        let cached = matches!(check, RecordCheck::Intact(_));
+        let corrupt = matches!(check, RecordCheck::Corrupt(_));
+        let v = json!({ "name": cell.name, "aliases": cell.aliases, "key": cell.key, "cached": cached, "corrupt": corrupt, "key_material": cell.material });
         println!("{}", serde_json::to_string_pretty(&v)?);
         return Ok(EXIT_OK);
     }
     let mut rows = Vec::new();
     for c in &plan.cells {
-        let cached = store.get_record(&c.key)?;
+        // Every output re-hashed, nothing removed: status only looks (`run` replaces what is
+        // corrupt and says so).
+        let check = store.check_record(&c.key)?;
         let previous = lock.as_ref().and_then(|l| l.cells.iter().find(|x| x.name == c.name));
-        let (state, why) = match (&cached, previous) {
-            (Some(r), _) if r.status == crate::cache::CellStatus::Failed => ("failed", r.reason.clone().unwrap_or_default()),
-            (Some(_), _) => ("cached", String::new()),
-            (None, Some(p)) if p.key != c.key => ("stale", diff(&p.material, &c.material)),
-            (None, Some(_)) => ("missing", "in the lock file but not in this cache".to_string()),
-            (None, None) => ("missing", "never computed".to_string()),
+        let (state, why) = match (&check, previous) {
+            (RecordCheck::Corrupt(bad), _) => {
+                let files: Vec<String> = bad.iter().map(|b| b.to_string()).collect();
+                ("corrupt", format!("{}; `reprise run` recomputes it", files.join("; ")))
+            }
+            (RecordCheck::Intact(r), _) if r.status == CellStatus::Failed => ("failed", r.reason.clone().unwrap_or_default()),
+            (RecordCheck::Intact(_), _) => ("cached", String::new()),
+            (_, Some(p)) if p.key != c.key => ("stale", diff(&p.material, &c.material)),
+            (_, Some(_)) => ("missing", "in the lock file but not in this cache".to_string()),
+            (_, None) => ("missing", "never computed".to_string()),
         };
         rows.push((c, state, why));
     }
@@ -86,7 +94,11 @@ pub fn status(args: &StatusArgs) -> anyhow::Result<i32> {
             println!("{s:<8} {}  {}{why}", &c.key[..12], c.name);
         }
         let count = |s: &str| rows.iter().filter(|r| r.1 == s).count();
-        println!("{} cells: {} cached, {} stale, {} missing, {} failed (cache {})", rows.len(), count("cached"), count("stale"), count("missing"), count("failed"), store.location());
+        let corrupt = match count("corrupt") {
+            0 => String::new(),
+            n => format!(", {n} corrupt"),
+        };
+        println!("{} cells: {} cached, {} stale, {} missing, {} failed{corrupt} (cache {})", rows.len(), count("cached"), count("stale"), count("missing"), count("failed"), store.location());
     }
     Ok(EXIT_OK)
 }

@@ -102,6 +102,21 @@ impl Execution {
         let failed = self.outcomes.iter().filter(|o| o.failure().is_some()).count();
         (planned, cached, ran, failed)
     }
+
+    /// One warning per corrupt store file met (each was removed): `recomputed` when the run
+    /// computed the cell again, otherwise (a cache-only lookup: `render`, notebooks) the hint
+    /// that `reprise run` will.
+    pub fn corruption_warnings(&self, recomputed: bool) -> Vec<String> {
+        let then = if recomputed { "it was removed and recomputed" } else { "it was removed; `reprise run` recomputes it" };
+        self.corruptions.iter().map(|c| format!("warning: {c}; {then}")).collect()
+    }
+
+    /// Print [`Execution::corruption_warnings`] on stderr.
+    pub fn print_corruptions(&self, recomputed: bool) {
+        for w in self.corruption_warnings(recomputed) {
+            eprintln!("{w}");
+        }
+    }
 }
 
 /// Errors that stop execution as a whole (the store itself failing).
@@ -193,7 +208,7 @@ pub fn execute(plan: &Plan, store: &dyn Store, opts: &ExecOptions) -> Result<Exe
                                 s.states[i] = State::Running;
                                 break Some(i);
                             }
-                            if !s.states.iter().any(|st| *st == State::Waiting) {
+                            if !s.states.contains(&State::Waiting) {
                                 break None;
                             }
                             s = match wake.wait_timeout(s, Duration::from_millis(200)) {

@@ -16,7 +16,7 @@ use std::path::{Path, PathBuf};
 use polars::prelude::*;
 
 use crate::artifacts::write_atomic;
-use crate::cache::{CellStatus, Store, StoreError};
+use crate::cache::{CellRecord, CellStatus, Store, StoreError};
 use crate::exec::{read_output, CellOutcome, Execution};
 use crate::methods::RunRecord;
 use crate::params::{ParamValue, Params};
@@ -35,6 +35,9 @@ pub enum FrameError {
     Cell { key: String, message: String },
     #[error("frame {path}: {message}")]
     Shape { path: PathBuf, message: String },
+    /// A finished cell's metrics could not be read back: the run cannot report it.
+    #[error("cell {cell} (key {key}): its metrics.json {detail}")]
+    MissingMetrics { cell: String, key: String, detail: String },
 }
 
 /// One row of `results`.
@@ -116,10 +119,7 @@ pub fn collect(plan: &Plan, exec: &Execution, store: &dyn Store, metric_names: &
             }
             CellOutcome::Cached(r) | CellOutcome::Ran(r) => r,
         };
-        let Some(bytes) = read_output(store, record, "metrics.json")? else {
-            f.results.push(base("error", Some("metrics.json missing from the store".into()), None, empty));
-            continue;
-        };
+        let bytes = metrics_of(store, record, &cell.name)?;
         let rr: RunRecord = serde_json::from_slice(&bytes).map_err(|e| FrameError::Cell { key: cell.key.clone(), message: format!("metrics.json: {e}") })?;
         let status = if record.status == CellStatus::Failed { "failed" } else { "ok" };
         if rr.epochs.is_empty() {
@@ -150,6 +150,24 @@ pub fn collect(plan: &Plan, exec: &Execution, store: &dyn Store, metric_names: &
         }
     }
     Ok(f)
+}
+
+/// The `metrics.json` of a finished cell. Its absence is an error naming the cell and the
+/// object, never a row marked "error": the cell was reported as done, so a report without its
+/// numbers would be wrong without saying so.
+fn metrics_of(store: &dyn Store, record: &CellRecord, cell: &str) -> Result<Vec<u8>, FrameError> {
+    let missing = |detail: String| FrameError::MissingMetrics { cell: cell.to_string(), key: record.key.clone(), detail };
+    let Some(hash) = record.outputs.get("metrics.json") else {
+        return Err(missing("is not among the outputs its record lists".into()));
+    };
+    if let Some(bytes) = read_output(store, record, "metrics.json")? {
+        return Ok(bytes);
+    }
+    let detail = match store.take_corruptions().into_iter().find(|c| &c.expected == hash) {
+        Some(c) => format!("is damaged: {c}; it was removed, run again to recompute it"),
+        None => format!("(object {hash}) vanished from the store {} after the cell finished; run again to recompute it", store.location()),
+    };
+    Err(missing(detail))
 }
 
 fn param_series(name: &str, values: &[&ParamValue]) -> Column {
@@ -355,5 +373,61 @@ impl Frames {
             frames.objects.push(ObjectRow { key: k[i].clone().unwrap_or_default(), epoch: ep[i].unwrap_or(0), name: nm[i].clone().unwrap_or_default(), sha256: h[i].clone().unwrap_or_default() });
         }
         Ok(frames)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cache::{Corruption, LocalStore};
+    use crate::plan::{Cell, CellKind, KeyMaterial, PlannedRun};
+
+    /// A plan of one training cell whose record names `metrics` as its `metrics.json`.
+    fn one_cell(metrics: &str) -> (Plan, Execution) {
+        let key = "e".repeat(64);
+        let material = KeyMaterial { kind: "train:supervised".into(), version: 1, params: BTreeMap::new(), upstream: vec![], seed: Some(0), dtype: "f32".into(), device: "cpu".into() };
+        let cell = Cell { key: key.clone(), name: "train/imb/imbalance=1.0 seed=0".into(), aliases: vec![], kind: CellKind::Train { method: "supervised", params: Params::new(), seed: 0 }, material, upstream: vec![] };
+        let run = PlannedRun { experiment: "imb".into(), label: "imbalance=1.0".into(), point: Params::new(), params: Params::new(), seed: 0, cell: 0 };
+        let plan = Plan { report: "tiny".into(), root: PathBuf::from("."), method: "supervised", cells: vec![cell], runs: vec![run] };
+        let record = CellRecord { key, kind: "train".into(), status: CellStatus::Ok, reason: None, outputs: BTreeMap::from([("metrics.json".to_string(), metrics.to_string())]), seconds: 1.0 };
+        let exec = Execution { outcomes: vec![CellOutcome::Ran(record)], seconds: 1.0, corruptions: Vec::<Corruption>::new() };
+        (plan, exec)
+    }
+
+    #[test]
+    fn issue20_metrics_missing_at_collection_is_an_error_naming_the_cell_and_object() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = LocalStore::open(dir.path()).unwrap();
+        // The object was there when the cell finished; something removed it since.
+        let hash = store.put(b"{\"epochs\": []}").unwrap();
+        store.remove_object(&hash).unwrap();
+        let (plan, exec) = one_cell(&hash);
+        let err = collect(&plan, &exec, &store, &["accuracy"]).expect_err("a missing metrics file is an error");
+        let text = err.to_string();
+        assert!(matches!(err, FrameError::MissingMetrics { .. }), "{text}");
+        assert!(text.contains("train/imb/imbalance=1.0 seed=0") && text.contains(&hash) && text.contains("metrics.json"), "{text}");
+    }
+
+    #[test]
+    fn issue20_corrupt_metrics_at_collection_is_an_error_saying_so() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = LocalStore::open(dir.path()).unwrap();
+        let hash = store.put(b"{\"epochs\": []}").unwrap();
+        std::fs::write(store.object_path(&hash), b"{\"epochs\": [1]}").unwrap();
+        let (plan, exec) = one_cell(&hash);
+        let text = collect(&plan, &exec, &store, &["accuracy"]).expect_err("corrupt metrics are an error").to_string();
+        assert!(text.contains("is damaged: corrupt cache object") && text.contains(&hash), "{text}");
+    }
+
+    #[test]
+    fn intact_metrics_make_rows() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = LocalStore::open(dir.path()).unwrap();
+        let rr = serde_json::to_vec(&RunRecord { epochs: vec![], train_counts: vec![], failure: None }).unwrap();
+        let hash = store.put(&rr).unwrap();
+        let (plan, exec) = one_cell(&hash);
+        let f = collect(&plan, &exec, &store, &["accuracy"]).unwrap();
+        assert_eq!(f.results.len(), 1);
+        assert_eq!(f.results[0].status, "ok");
     }
 }
