@@ -652,9 +652,8 @@ impl Method for ClassAwareLora {
         "class_aware_lora"
     }
     fn version(&self) -> u32 {
-        // 2: the backbone's convolution (patch embedding) runs through the fast CPU kernel.
-        // 3: the backbone's LayerNorm, softmax, GELU and linear layers run through fused kernels.
-        // 4: GELU uses a polynomial erf/exp (differences below 3·10⁻⁷).
+        // Raised with every change to any bit of a run's results, a kernel's summation order
+        // included; CHANGELOG.md says what each version changed.
         4
     }
     fn schema(&self) -> &'static [ParamDef] {

@@ -165,16 +165,8 @@ impl Method for Supervised {
     }
 
     fn version(&self) -> u32 {
-        // 2: convolutions, pooling and batch norm run through the fast CPU kernels (results
-        // differ from version 1 in the last bits). 3: the convolution's weight gradient is
-        // summed in a fixed order, whatever the thread count. 4: linear layers, LayerNorm,
-        // softmax, GELU and residual add+ReLU run through fused CPU kernels. 5: BatchNorm's
-        // sums use 32 lanes (a different summation order) and GELU a polynomial erf/exp
-        // (differences below 3·10⁻⁷). 6: stride-1 "same" convolutions run as direct
-        // convolutions over padded planes (another summation order than im2col + GEMM).
-        // 7: so do the stride-2 3×3 ones (over phase-split planes). 8: the direct
-        // convolutions' weight gradient is one running sum per weight over a task's pixels
-        // (output channels in vector lanes) instead of 16 lane sums added at the end.
+        // Raised with every change to any bit of a run's results, a kernel's summation order
+        // included; CHANGELOG.md says what each version changed.
         8
     }
 

@@ -394,8 +394,7 @@ mod tests {
     /// A training step gives the same bits whatever the thread count: a cell's key does not name
     /// the threads it ran with (`run --jobs 1` on two cores gives each cell two), so every
     /// parallel split must leave the order of every sum alone. Batch 128 on 28×28, as the
-    /// reports train: smaller batches fall under the sizes where the kernels split work. (Before
-    /// 2026-12-01 LayerNorm's gradient partials were split by thread count: the ViT failed this.)
+    /// reports train: smaller batches fall under the sizes where the kernels split work.
     #[test]
     fn a_training_step_is_bit_identical_at_any_thread_count() {
         use crate::train::{OptimConfig, Optimizer};

@@ -1030,7 +1030,7 @@ mod tests {
     }
 
     /// On CPUs with AVX2 the direct kernels take every stride-1 "same" and stride-2 3×3 layer,
-    /// so the candle comparisons above no longer reach the im2col path for those shapes; CPUs
+    /// so the candle comparisons above do not reach the im2col path for those shapes; CPUs
     /// without AVX2 still use it. Both paths must agree (values and all three gradients).
     #[test]
     fn im2col_path_matches_the_direct_path() {
@@ -1212,9 +1212,8 @@ mod speed {
 
     /// Forward and backward time of the convolutions of the report backbones (batch 128),
     /// best of 5: [`forward`] and [`backward`] themselves on random slices, so candle's graph and
-    /// the seeding of a gradient are not counted (until 2026-12-01 the test timed
-    /// `conv2d(..).sum_all().backward()`, whose broadcast of the seed gradient took up to 40 % of
-    /// a layer's "backward"). The backward computes the weight gradient and, except for a first
+    /// the seeding of a gradient are not counted (through candle, the broadcast of the seed
+    /// gradient takes up to 40 % of a layer's "backward"). The backward computes the weight gradient and, except for a first
     /// layer (one input channel: the images), the input gradient, as in the models. Run with
     /// `cargo test --lib -- --ignored --nocapture conv_layer_speed`;
     /// `REPRISE_CONV_LAYER=res.s2.conv1` times one layer only, best of 100 (for a profiler).

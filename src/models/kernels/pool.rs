@@ -8,8 +8,8 @@
 //! Which gradient: candle's formula gives each of the t tied maxima of a k×k window
 //! grad·t/k², so a unique maximum receives grad/k² (a quarter of it for 2×2 pooling) rather than
 //! the whole gradient that PyTorch (and the definition of the derivative) gives it. The models
-//! keep candle's numbers ([`GRADIENT`] is [`PoolGradient::Candle`]) so that results computed before
-//! this module existed stay valid; [`PoolGradient::FirstMax`] is PyTorch's rule (the whole
+//! keep candle's numbers ([`GRADIENT`] is [`PoolGradient::Candle`]), those of every method version
+//! and committed report; [`PoolGradient::FirstMax`] is PyTorch's rule (the whole
 //! gradient to the first maximum in row-major order). Changing [`GRADIENT`] changes the training
 //! of every pooled model and so needs a new method version.
 //!
