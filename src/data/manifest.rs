@@ -220,6 +220,23 @@ impl Manifest {
         Self::from_toml_str(&text, path)
     }
 
+    /// Reads the manifest called `name`: `data-manifests/<name>.toml` under the project `root`,
+    /// and nothing else. A name with `..`, `/` or any character but letters, digits, `-` and
+    /// `_`, or a file that a symlink leads out of the folder, is an error naming the known
+    /// manifests, so a spec cannot make the planner read a file from anywhere.
+    pub fn load_named(root: &Path, name: &str) -> Result<Manifest, DataError> {
+        use crate::spec::confine;
+        let dir = root.join("data-manifests");
+        let known = confine::names_in(&dir, ".toml");
+        let hint = (!known.is_empty()).then(|| crate::params::suggest(name, &known));
+        if !confine::is_name(name) {
+            return Err(DataError::Manifest { path: dir, message: confine::name_message("manifest name", name), hint });
+        }
+        let file = format!("{name}.toml");
+        let path = confine::resolve_in(&dir, &file).map_err(|why| DataError::Manifest { path: dir.join(&file), message: why.message("manifest", &file, &dir), hint })?;
+        Self::load(&path)
+    }
+
     /// Every `*.toml` manifest in `dir`, sorted by name.
     pub fn load_all(dir: &Path) -> Result<Vec<Manifest>, DataError> {
         let mut paths = Vec::new();
@@ -580,6 +597,19 @@ mod tests {
 
     fn manifest_path(name: &str) -> PathBuf {
         crate_root().join("data-manifests").join(name)
+    }
+
+    /// Issue 20, defect 4: a manifest name cannot lead out of `data-manifests/`.
+    #[test]
+    fn issue_20_named_manifests_stay_in_their_folder() {
+        let m = Manifest::load_named(crate_root(), "optdigits-8x8").unwrap();
+        assert_eq!(m.name, "optdigits-8x8");
+        for bad in ["../reports/neural-collapse", "/etc/passwd", "a.b", ""] {
+            let e = Manifest::load_named(crate_root(), bad).unwrap_err().to_string();
+            assert!(e.contains("must be a non-empty name"), "{bad}: {e}");
+        }
+        let e = Manifest::load_named(crate_root(), "optdigits-8x9").unwrap_err().to_string();
+        assert!(e.contains("not found") && e.contains("did you mean `optdigits-8x8`?"), "{e}");
     }
 
     #[test]

@@ -251,7 +251,13 @@ fn template_context(spec: &Spec, claims: Vec<Value>) -> Value {
 /// spec (with empty tables, figures and claims), and every `table("…")`, `figure("…")` and
 /// `claim("…")` it calls — with a literal id anywhere in its text, or any id on the path
 /// that rendering takes — must name an id the spec declares. Every unknown call is reported.
+/// `templates/base.html.j2`, the HTML page, must be there and parse.
 pub fn check_template(spec: &Spec) -> Result<(), RenderError> {
+    // The HTML page around the report, which `render` reads last.
+    let base_path = template_file(spec, "base.html.j2")?;
+    let base = std::fs::read_to_string(&base_path).map_err(|source| RenderError::Io { path: base_path.clone(), source })?;
+    Environment::new().add_template_owned("base.html.j2", base).map_err(|source| RenderError::Template { path: base_path.clone(), source })?;
+
     let tpl_path = template_file(spec, &spec.report.template)?;
     let source = std::fs::read_to_string(&tpl_path).map_err(|source| RenderError::Io { path: tpl_path.clone(), source })?;
     let calls: Arc<std::sync::Mutex<Vec<(Call, String)>>> = Arc::default();

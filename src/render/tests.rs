@@ -162,6 +162,8 @@ fn issue_20_check_template_finds_every_unknown_call_before_any_run() {
     assert!(matches!(check_template(&spec_in(dir.path(), SPEC_FOR_CHECK)), Err(RenderError::Template { .. })));
     let dir = project("check-var", "{{ report.titel }}\n");
     assert!(matches!(check_template(&spec_in(dir.path(), SPEC_FOR_CHECK)), Err(RenderError::Template { .. })));
+    std::fs::write(dir.path().join("templates/base.html.j2"), "{% if %}").unwrap();
+    assert!(matches!(check_template(&spec_in(dir.path(), SPEC_FOR_CHECK)), Err(RenderError::Template { path, .. }) if path.ends_with("base.html.j2")));
     // An id computed at render time is checked on the path rendering takes.
     let dir = project("check-dynamic", "{% for id in ['imbalance', 'other'] %}{{ table(id) }}{% endfor %}\n");
     let e = check_template(&spec_in(dir.path(), SPEC_FOR_CHECK)).unwrap_err();

@@ -506,7 +506,7 @@ fn parse_one(text: &str, path: &Path, root: &Path, profile: Option<&str>, sets: 
     for s in sets {
         match parse_set(s) {
             Ok((path, value)) => overrides.push(Override { path, value, origin: Origin::Override { arg: s.clone() }, text: s.clone() }),
-            Err(msg) => diags.push(Diagnostic { origin: Origin::Override { arg: s.clone() }, message: msg, hint: Some("write `--set section.key=value`, e.g. `--set defaults.epochs=5`".into()) }),
+            Err((message, hint)) => diags.push(Diagnostic { origin: Origin::Override { arg: s.clone() }, message, hint: Some(hint) }),
         }
     }
     if !diags.is_empty() {
@@ -923,37 +923,39 @@ fn inline_value(v: &toml::Value) -> String {
 /// that starts like a number, list, table or quoted string but is not valid TOML (`[1,2`,
 /// `1e400`) is an error rather than a string, and so is a line break, which would otherwise
 /// end the value early.
-fn parse_set(s: &str) -> Result<(Vec<String>, toml::Value), String> {
-    let (k, v) = s.split_once('=').ok_or_else(|| format!("`{s}` is not of the form key.path=value"))?;
+fn parse_set(s: &str) -> Result<(Vec<String>, toml::Value), (String, String)> {
+    let form = || "write `--set section.key=value`, e.g. `--set defaults.epochs=5`".to_string();
+    let (k, v) = s.split_once('=').ok_or_else(|| (format!("`{s}` is not of the form key.path=value"), form()))?;
     let k = k.trim();
     if k.is_empty() || k.split('.').any(str::is_empty) {
-        return Err(format!("`{k}` is not a dotted key path"));
+        return Err((format!("`{k}` is not a dotted key path"), form()));
     }
     let v = v.trim();
+    let bad = |message: String| (message, "give one TOML value (`5`, `0.1`, `true`, `[1, 2]`, `\"text\"`) or a plain word".to_string());
     if v.contains(['\n', '\r']) {
-        return Err(format!("the value of `{k}` contains a line break; give a value on one line"));
+        return Err(bad(format!("the value of `{k}` contains a line break; give a value on one line")));
     }
     // TOML calls `1e400` an invalid float and `99999999999999999999` an invalid integer; both
     // are numbers that do not fit, which is what the user needs to hear.
     let digits = v.replace('_', "");
     let number_like = digits.strip_prefix(['+', '-']).unwrap_or(&digits).starts_with(|c: char| c.is_ascii_digit());
     if number_like && digits.parse::<f64>().is_ok_and(|x| x.is_infinite()) {
-        return Err(format!("the value `{v}` of `{k}` is out of range for a number"));
+        return Err(bad(format!("the value `{v}` of `{k}` is out of range for a number")));
     }
     if number_like && digits.strip_prefix(['+', '-']).unwrap_or(&digits).chars().all(|c| c.is_ascii_digit()) && digits.parse::<i64>().is_err() {
-        return Err(format!("the value `{v}` of `{k}` is out of range for an integer (at most {})", i64::MAX));
+        return Err(bad(format!("the value `{v}` of `{k}` is out of range for an integer (at most {})", i64::MAX)));
     }
     let value = match toml::from_str::<toml::Table>(&format!("v = {v}")) {
         Ok(mut t) => t.remove("v").unwrap_or_else(|| toml::Value::String(v.to_string())),
         Err(e) if v.starts_with(|c: char| c.is_ascii_digit() || "[{\"'+-.".contains(c)) => {
             let why = e.message().lines().next().unwrap_or("invalid value").trim().to_string();
-            return Err(format!("the value `{v}` of `{k}` is not a valid TOML value ({why})"));
+            return Err(bad(format!("the value `{v}` of `{k}` is not a valid TOML value ({why})")));
         }
         Err(_) => toml::Value::String(v.to_string()),
     };
     if let Some(x) = non_finite(&value) {
         if !v.contains("inf") && !v.contains("nan") {
-            return Err(format!("the value `{v}` of `{k}` is out of range for a number (it reads as {x})"));
+            return Err(bad(format!("the value `{v}` of `{k}` is out of range for a number (it reads as {x})")));
         }
     }
     Ok((segs(k), value))
