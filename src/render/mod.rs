@@ -379,18 +379,18 @@ fn appendix(spec: &Spec, frames: &Frames, mode: Mode) -> String {
     // Run labels, reasons and overrides are spec or user text: escaped for the HTML pass.
     let t = |s: &str| if mode == Mode::Html { md_esc(s) } else { s.to_string() };
     let mut out = String::new();
-    let mut runs: Vec<(&str, &str, &str, u64, &str, Option<&String>)> = Vec::new();
+    // The first row of each run (experiment and run label), in frame order.
+    let mut runs: Vec<&crate::frames::ResultRow> = Vec::new();
     for r in &frames.results {
-        let item = (r.experiment.as_str(), r.run.as_str(), r.key.as_str(), r.seed, r.status.as_str(), r.reason.as_ref());
-        if !runs.iter().any(|x| x.0 == item.0 && x.1 == item.1) {
-            runs.push(item);
+        if !runs.iter().any(|x| x.experiment == r.experiment && x.run == r.run) {
+            runs.push(r);
         }
     }
-    let failed: Vec<_> = runs.iter().filter(|r| r.4 != "ok").collect();
+    let failed: Vec<_> = runs.iter().filter(|r| r.status != "ok").collect();
     if !failed.is_empty() {
         out.push_str("\n## Failed runs\n\nThese runs produced no usable result; the tables and figures above leave them out.\n\n");
         for r in failed {
-            out.push_str(&format!("- `{}` {} (cell `{}`): {}\n", t(r.0), t(r.1), t(&r.2[..12.min(r.2.len())]), t(r.5.map_or("failed", |s| s.as_str()))));
+            out.push_str(&format!("- `{}` {} (cell `{}`): {}\n", t(&r.experiment), t(&r.run), t(r.key.get(..12).unwrap_or(&r.key)), t(r.reason.as_deref().unwrap_or("failed"))));
         }
     }
     out.push_str(&format!(
@@ -404,7 +404,7 @@ fn appendix(spec: &Spec, frames: &Frames, mode: Mode) -> String {
     }
     out.push_str("| experiment | run | seed | status | cell key |\n|---|---|---|---|---|\n");
     for r in &runs {
-        out.push_str(&format!("| {} | {} | {} | {} | `{}` |\n", t(r.0), t(r.1), r.3, t(r.4), t(r.2)));
+        out.push_str(&format!("| {} | {} | {} | {} | `{}` |\n", t(&r.experiment), t(&r.run), r.seed, t(&r.status), t(&r.key)));
     }
     if mode == Mode::Html {
         out.push_str("\n</details>\n");
