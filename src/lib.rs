@@ -4,12 +4,14 @@
 //! The modules follow the pipeline, and no stage reaches back to an earlier one:
 //! spec (TOML, validated) → plan (cells and their content keys) → exec (cache lookup, run what is
 //! missing, record) → frames (polars) → render (tables, figures, Markdown, HTML).
-//! `data`, `models`, `train`, `methods` and `metrics` are what cells compute with.
+//! `data`, `models`, `train`, `methods` and `metrics` are what cells compute with. `driver` owns
+//! the flow (a project's layout, a report's stages in order); `cli` and `notebook` call it.
 
 pub mod artifacts;
 pub mod cache;
 pub mod cli;
 pub mod data;
+pub mod driver;
 pub mod exec;
 pub mod frames;
 pub mod methods;
@@ -22,3 +24,4 @@ pub mod render;
 pub mod rng;
 pub mod spec;
 pub mod train;
+pub mod verify;

@@ -198,3 +198,125 @@ fn parquet_with_png(dir: &Path) -> Vec<u8> {
     ParquetWriter::new(std::fs::File::create(&path).unwrap()).finish(&mut df).unwrap();
     std::fs::read(path).unwrap()
 }
+
+/// Every file below `dir` with its bytes (what must not change outside the project).
+fn snapshot(dir: &Path) -> std::collections::BTreeMap<PathBuf, Vec<u8>> {
+    let mut out = std::collections::BTreeMap::new();
+    let mut todo = vec![dir.to_path_buf()];
+    while let Some(d) = todo.pop() {
+        let Ok(rd) = std::fs::read_dir(&d) else { continue };
+        for e in rd.flatten() {
+            let p = e.path();
+            if e.file_type().unwrap().is_dir() {
+                todo.push(p.clone());
+                out.insert(p, Vec::new());
+            } else {
+                out.insert(p.clone(), std::fs::read(&p).unwrap_or_default());
+            }
+        }
+    }
+    out
+}
+
+/// Run the binary; it must end with one of its exit codes, never a panic or a signal.
+fn run_bin(cwd: &Path, args: &[&str], store: &Path) -> i32 {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_reprise")).args(args).current_dir(cwd).env("REPRISE_CACHE", store).env_remove("REPRISE_WAIT").output().unwrap();
+    let code = out.status.code().unwrap_or(-1);
+    assert!([0, 1, 2].contains(&code), "{args:?} ended with {:?}:\n{}", out.status, String::from_utf8_lossy(&out.stderr));
+    code
+}
+
+/// Ids, profile names, the template and manifest names, and lock files rewritten with paths
+/// that point elsewhere (relative, absolute, through a symlink): nothing is read from or
+/// written to outside the project and its store.
+#[test]
+fn hostile_paths_in_specs_and_locks_stay_inside_the_project() {
+    let base = scratch("fuzz-paths");
+    let proj = base.path().join("proj");
+    let outside = base.path().join("outside");
+    std::fs::create_dir_all(&outside).unwrap();
+    const SECRET: &str = "SECRET-OUTSIDE-THE-PROJECT";
+    std::fs::write(outside.join("secret.md.j2"), format!("{SECRET}\n")).unwrap();
+    std::fs::write(outside.join("secret.toml"), format!("# {SECRET}\n")).unwrap();
+    for sub in ["reports", "templates", "data-manifests", "data"] {
+        std::fs::create_dir_all(proj.join(sub)).unwrap();
+    }
+    let fx = repo().join("tests/fixtures/tiny");
+    std::fs::copy(fx.join("templates/tiny.md.j2"), proj.join("templates/tiny.md.j2")).unwrap();
+    std::fs::copy(repo().join("templates/base.html.j2"), proj.join("templates/base.html.j2")).unwrap();
+    std::fs::copy(repo().join("data-manifests/optdigits-8x8.toml"), proj.join("data-manifests/optdigits-8x8.toml")).unwrap();
+    std::fs::copy(repo().join("data/optdigits_8x8.csv.gz"), proj.join("data/optdigits_8x8.csv.gz")).unwrap();
+    // A symlink inside templates/ that leads out of it.
+    std::os::unix::fs::symlink(outside.join("secret.md.j2"), proj.join("templates/link.md.j2")).unwrap();
+    let store = proj.join("artifacts/store");
+    let spec = std::fs::read_to_string(fx.join("reports/tiny.toml")).unwrap();
+    let abs_target = base.path().join("abs-target");
+    let abs = abs_target.to_string_lossy().to_string();
+    let hostile: Vec<String> = vec!["../../outside/x".into(), "../../../outside/x".into(), format!("{abs}/x"), "a/../../x".into(), "..".into(), ".".into(), "x/y".into(), "x\\\\y".into()];
+    // (what to replace in the spec, the replacement's template with {} for a hostile value)
+    let sites: Vec<(&str, Box<dyn Fn(&str) -> String>)> = vec![
+        ("id = \"imb\"\nexperiment", Box::new(|h: &str| format!("id = \"{h}\"\nexperiment"))),
+        ("id = \"drift\"\nexperiment = \"imb\"\nkind = \"line\"", Box::new(|h: &str| format!("id = \"{h}\"\nexperiment = \"imb\"\nkind = \"line\""))),
+        ("id = \"drift\"\ntext", Box::new(|h: &str| format!("id = \"{h}\"\ntext"))),
+        ("id = \"tiny\"", Box::new(|h: &str| format!("id = \"{h}\""))),
+        ("[profiles.long]", Box::new(|h: &str| format!("[profiles.\"{h}\"]"))),
+        ("[experiments.imb]", Box::new(|h: &str| format!("[experiments.\"{h}\"]"))),
+        ("template = \"tiny.md.j2\"", Box::new(|h: &str| format!("template = \"{h}.md.j2\""))),
+        ("manifest = \"optdigits-8x8\"", Box::new(|h: &str| format!("manifest = \"{h}\""))),
+    ];
+    let mut cases: Vec<(String, Option<String>)> = Vec::new();
+    for (site, make) in &sites {
+        for h in &hostile {
+            cases.push((spec.replace(site, &make(h)), None));
+        }
+    }
+    cases.push((spec.replace("template = \"tiny.md.j2\"", "template = \"link.md.j2\""), None));
+    cases.push((spec.replace("template = \"tiny.md.j2\"", &format!("template = \"{}\"", outside.join("secret.md.j2").display())), None));
+    cases.push((spec.replace("manifest = \"optdigits-8x8\"", "manifest = \"../../outside/secret\""), None));
+    // Hostile profile names declared in the spec and chosen on the command line.
+    for h in &hostile {
+        cases.push((spec.replace("[profiles.long]", &format!("[profiles.\"{h}\"]")), Some(h.clone())));
+    }
+    let before = snapshot(&outside);
+    let start = Instant::now();
+    for (i, (text, profile)) in cases.iter().enumerate() {
+        if start.elapsed() > Duration::from_secs(240) {
+            eprintln!("stopped after {i} of {} cases (time budget)", cases.len());
+            break;
+        }
+        std::fs::write(proj.join("reports/tiny.toml"), text).unwrap();
+        let mut args = vec!["run", "reports/tiny.toml"];
+        if let Some(p) = profile {
+            args.extend(["--profile", p]);
+        }
+        let code = run_bin(&proj, &args, &store);
+        eprintln!("case {i}: run exited {code}");
+        run_bin(&proj, &["verify", "reports/tiny.toml"], &store);
+        assert_eq!(snapshot(&outside), before, "case {i} changed a file outside the project");
+        assert!(!abs_target.exists(), "case {i} wrote to {abs}");
+        let names: Vec<_> = std::fs::read_dir(base.path()).unwrap().flatten().map(|e| e.file_name().to_string_lossy().to_string()).collect();
+        assert!(names.iter().all(|n| n == "proj" || n == "outside"), "case {i} wrote beside the project: {names:?}");
+        for (p, bytes) in snapshot(&proj.join("artifacts")) {
+            assert!(!String::from_utf8_lossy(&bytes).contains(SECRET), "case {i}: {} holds a file read from outside the project", p.display());
+        }
+    }
+
+    // A valid report, then its lock file mutated with hostile names: verify reads and writes
+    // nothing outside the project and never panics.
+    std::fs::write(proj.join("reports/tiny.toml"), &spec).unwrap();
+    assert_eq!(run_bin(&proj, &["run", "reports/tiny.toml"], &store), 0);
+    let lock_path = proj.join("artifacts/tiny/lock.json");
+    let lock = std::fs::read(&lock_path).unwrap();
+    let tokens: Vec<Vec<u8>> = hostile.iter().map(|h| format!("\"{h}\"").into_bytes()).chain([b"\"../../outside/secret.md.j2\": \"00\",".to_vec(), b"\"name\": \"../x\"".to_vec()]).collect();
+    let token_refs: Vec<&[u8]> = tokens.iter().map(|t| t.as_slice()).collect();
+    let mut rng = Rng::new(59);
+    let start = Instant::now();
+    let mut n = 0;
+    while n < 60 && start.elapsed() < Duration::from_secs(60) {
+        std::fs::write(&lock_path, mutate(&mut rng, &lock, &token_refs)).unwrap();
+        run_bin(&proj, &["verify", "reports/tiny.toml"], &store);
+        assert_eq!(snapshot(&outside), before, "a mutated lock file changed a file outside the project");
+        n += 1;
+    }
+    eprintln!("lock files: {n} cases");
+}

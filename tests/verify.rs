@@ -218,3 +218,19 @@ fn a_killed_recompute_leaves_no_scratch_store_behind_for_long() {
     let left: Vec<_> = std::fs::read_dir(tmp.path()).unwrap().flatten().map(|e| e.file_name()).collect();
     assert_eq!(left.len(), 2, "{left:?}");
 }
+
+#[test]
+fn a_template_error_stops_the_run_before_any_cell_and_is_printed_once() {
+    let p = project("verify-template");
+    let tpl = p.path().join("templates/tiny.md.j2");
+    let text = std::fs::read_to_string(&tpl).unwrap();
+    std::fs::write(&tpl, text.replace("{{ table(\"imb\") }}", "{{ table(\"imbalance\") }}")).unwrap();
+    let out = reprise(p.path(), &["run", "reports/tiny.toml"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert_eq!(err.matches("imbalance").count().min(1), 1, "{err}");
+    assert_eq!(err.lines().filter(|l| l.contains("no table") || l.contains("`imbalance`")).count(), 1, "one message, once:\n{err}");
+    let objects = p.path().join("artifacts/store/objects");
+    assert!(!objects.exists() || common::walk(&objects).is_empty(), "a cell ran before the template was checked");
+    assert!(!p.path().join("artifacts/tiny").exists());
+}

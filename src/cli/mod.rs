@@ -13,7 +13,8 @@ use std::path::{Path, PathBuf};
 
 use clap::{Args, Parser, Subcommand};
 
-use crate::cache::{LocalStore, CACHE_ENV};
+use crate::cache::LocalStore;
+use crate::driver::{self, DriverError, Options, Project};
 use crate::spec::{self, Spec, DEFAULT_PROFILE};
 
 #[cfg(test)]
@@ -86,12 +87,15 @@ pub fn main_with(cli: Cli) -> i32 {
         Ok(code) => code,
         Err(e) => {
             // Spec errors carry their own formatting; others get anyhow's chain of context.
-            if let Some(se) = e.downcast_ref::<spec::LoadError>() {
+            if let Some(se) = e.downcast_ref::<spec::LoadError>().or_else(|| match e.downcast_ref::<DriverError>() {
+                Some(DriverError::Spec(se)) => Some(se),
+                _ => None,
+            }) {
                 eprintln!("{se}");
                 return EXIT_USAGE;
             }
             eprintln!("error: {}", chain(&e));
-            if e.downcast_ref::<UsageError>().is_some() {
+            if e.downcast_ref::<UsageError>().is_some() || e.downcast_ref::<DriverError>().is_some_and(DriverError::is_usage) {
                 EXIT_USAGE
             } else {
                 EXIT_FAILED
@@ -152,62 +156,36 @@ pub fn find_specs(given: &[PathBuf]) -> anyhow::Result<Vec<PathBuf>> {
     Ok(specs)
 }
 
+/// Load a spec and check its template ([`driver::load`]).
 pub fn load_spec(path: &Path, opts: &SpecOpts) -> anyhow::Result<Spec> {
-    Ok(spec::load(path, &opts.profile, &opts.sets)?)
+    Ok(driver::load(path, &opts.options())?)
+}
+
+impl SpecOpts {
+    /// The same options for the library's driver.
+    pub fn options(&self) -> Options {
+        Options { profile: self.profile.clone(), sets: self.sets.clone(), cache: self.cache.clone() }
+    }
 }
 
 /// The store's folder: `--cache`, else $REPRISE_CACHE, else the project's `artifacts/store`.
 pub fn store_dir(spec_root: &Path, opts: &SpecOpts) -> PathBuf {
-    match (&opts.cache, std::env::var_os(CACHE_ENV)) {
-        (Some(d), _) => d.clone(),
-        (None, Some(d)) if !d.is_empty() => PathBuf::from(d),
-        _ => spec_root.join("artifacts").join("store"),
-    }
+    Project::at(spec_root).store_dir(opts.cache.as_deref())
 }
 
 /// The store at [`store_dir`], opened (created when missing).
 pub fn open_store(spec_root: &Path, opts: &SpecOpts) -> anyhow::Result<LocalStore> {
     // A cache that cannot be created or written is the user's to fix (exit 2).
-    LocalStore::open(&store_dir(spec_root, opts)).map_err(|e| UsageError(e.to_string()).into())
-}
-
-/// The options a user gives again to reach the same report and store (`--profile`, `--set`,
-/// `--cache`), quoted for a shell, each preceded by a space; empty for the defaults.
-pub fn repeat_flags(opts: &SpecOpts) -> String {
-    let mut s = String::new();
-    if opts.profile != DEFAULT_PROFILE {
-        s.push_str(&format!(" --profile {}", shell_quote(&opts.profile)));
-    }
-    for set in &opts.sets {
-        s.push_str(&format!(" --set {}", shell_quote(set)));
-    }
-    if let Some(c) = &opts.cache {
-        s.push_str(&format!(" --cache {}", shell_quote(&c.display().to_string())));
-    }
-    s
-}
-
-/// `s` as one shell word: bare when it holds only safe characters, else in single quotes.
-fn shell_quote(s: &str) -> String {
-    if !s.is_empty() && s.chars().all(|c| c.is_ascii_alphanumeric() || "-_./=:,".contains(c)) {
-        s.to_string()
-    } else {
-        format!("'{}'", s.replace('\'', "'\\''"))
-    }
+    Project::at(spec_root).open_store(opts.cache.as_deref()).map_err(|e| UsageError(e.to_string()).into())
 }
 
 /// Where a report's outputs go: `artifacts/<id>` for the default profile, else
 /// `artifacts/<id>-<profile>`.
 pub fn out_dir(spec: &Spec) -> PathBuf {
-    let name = if spec.profile == DEFAULT_PROFILE { spec.report.id.clone() } else { format!("{}-{}", spec.report.id, spec.profile) };
-    spec.root.join("artifacts").join(name)
+    driver::out_dir(spec)
 }
 
 /// A path relative to the current directory when it lies below it (for messages and JSON).
 pub fn shown(p: &Path) -> String {
-    let cwd = std::env::current_dir().ok().and_then(|c| std::fs::canonicalize(c).ok());
-    match cwd.and_then(|c| p.strip_prefix(&c).ok().map(Path::to_path_buf)) {
-        Some(rel) => rel.display().to_string(),
-        None => p.display().to_string(),
-    }
+    driver::shown(p)
 }

@@ -96,7 +96,7 @@ fn notebook(report: &Report, crate_dir: &Path) -> Result<Value, NotebookError> {
     let spec_rel = slashed(&relative(&dir, &spec_abs));
     let crate_abs = std::fs::canonicalize(crate_dir).unwrap_or_else(|_| crate_dir.to_path_buf());
     let crate_rel = slashed(&relative(&dir, &crate_abs));
-    let sets: Vec<String> = report.sets.iter().map(|s| format!("{s:?}")).collect();
+    let sets: Vec<String> = report.opts.sets.iter().map(|s| format!("{s:?}")).collect();
     let cache = match report.named_store() {
         Some(p) => format!("Some(std::path::Path::new({:?}))", slashed(p)),
         None => "None".to_string(),

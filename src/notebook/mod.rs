@@ -20,12 +20,10 @@ use polars::prelude::DataFrame;
 pub use display::Bundle;
 pub use export::{notebook_path, write_notebook};
 
-use crate::cache::{CellStatus, LocalStore};
-use crate::cli::run::{finish, from_cache};
-use crate::cli::{out_dir, SpecOpts};
-use crate::exec::Execution;
-use crate::frames::{self, FrameError, Frames};
-use crate::methods;
+use crate::cache::CellStatus;
+pub use crate::driver::Report;
+use crate::driver::{DriverError, Options, Project};
+use crate::frames::{FrameError, Frames};
 use crate::plan::Plan;
 use crate::render::{self, claims::ClaimResult, Part, RenderError};
 use crate::spec::{Spec, DEFAULT_PROFILE};
@@ -51,19 +49,7 @@ pub enum NotebookError {
 /// The frames a report has, by name (as written to `frames/<name>.parquet`).
 pub const FRAME_NAMES: [&str; 3] = ["results", "per_class", "objects"];
 
-/// A report opened from the cache: its spec, plan, cell records and metric frames.
-pub struct Report {
-    spec: Spec,
-    plan: Plan,
-    exec: Execution,
-    store: LocalStore,
-    frames: Frames,
-    /// The store was named (`cache` or $REPRISE_CACHE) rather than the project's default.
-    named_store: bool,
-    /// The overrides given when opening (besides the profile's).
-    sets: Vec<String>,
-}
-
+/// What a notebook does with a report opened from the cache (see the module doc).
 impl Report {
     /// Open `spec` with the default profile, no overrides and the default cache
     /// ($REPRISE_CACHE, else the project's `artifacts/store`).
@@ -76,13 +62,8 @@ impl Report {
     /// computed: every cell must be in the cache.
     pub fn open_with(spec: impl AsRef<Path>, profile: &str, sets: &[&str], cache: Option<&Path>) -> Result<Report, NotebookError> {
         let path = spec.as_ref();
-        let opts = SpecOpts { profile: profile.to_string(), sets: sets.iter().map(|s| s.to_string()).collect(), cache: cache.map(Path::to_path_buf) };
-        let c = from_cache(path, &opts).map_err(|e| NotebookError::Open { spec: path.to_path_buf(), message: format!("{e:#}") })?;
-        let metric_names = methods::metrics(c.plan.method);
-        // Render from the frames as their files would give them back, as `reprise run` does.
-        let frames = frames::collect(&c.plan, &c.exec, &c.store, metric_names)?.round_trip()?;
-        let named_store = c.store.root() != c.spec.root.join("artifacts").join("store");
-        Ok(Report { spec: c.spec, plan: c.plan, exec: c.exec, store: c.store, frames, named_store, sets: opts.sets })
+        let opts = Options { profile: profile.to_string(), sets: sets.iter().map(|s| s.to_string()).collect(), cache: cache.map(Path::to_path_buf) };
+        Report::open_cached(path, &opts).map_err(|e| NotebookError::Open { spec: path.to_path_buf(), message: e.to_string() })
     }
 
     pub fn id(&self) -> &str {
@@ -105,16 +86,6 @@ impl Report {
         &self.plan
     }
 
-    /// The typed rows of the three frames.
-    pub fn frames(&self) -> &Frames {
-        &self.frames
-    }
-
-    /// Where `reprise run` and [`Report::render`] write this report.
-    pub fn out_dir(&self) -> PathBuf {
-        out_dir(&self.spec)
-    }
-
     /// The cache directory the cells were read from.
     pub fn store_dir(&self) -> &Path {
         self.store.root()
@@ -122,7 +93,13 @@ impl Report {
 
     /// The cache directory when it is not the project's default one.
     pub fn named_store(&self) -> Option<&Path> {
-        self.named_store.then(|| self.store.root())
+        let default = Project::at(&self.spec.root).artifacts_dir().join("store");
+        (self.store.root() != default).then(|| self.store.root())
+    }
+
+    /// The typed rows of the three frames.
+    pub fn frames(&self) -> &Frames {
+        &self.frames
     }
 
     /// Every cell of the plan with its kind, key and recorded status.
@@ -195,7 +172,7 @@ impl Report {
     /// Re-render the report into its folder from the cache, as `reprise render` does: frames,
     /// Markdown, HTML, figures, tables and lock file.
     pub fn render(&self) -> Result<Rendered, NotebookError> {
-        let r = finish(self.spec.clone(), self.plan.clone(), self.exec.clone(), &self.store).map_err(|e| NotebookError::Write { path: self.out_dir(), message: format!("{e:#}") })?;
+        let r = self.write().map_err(|e: DriverError| NotebookError::Write { path: self.out_dir(), message: e.to_string() })?;
         Ok(Rendered { rendered: r.rendered, frames: r.frames })
     }
 }

@@ -163,8 +163,7 @@ fn data_cells(spec: &Spec, b: &mut Builder, memo: &mut HashMap<String, (usize, u
         name: data_name.to_string(),
         source: DataError::Manifest { path: spec.path.clone(), message: format!("data set `{data_name}` is not declared"), hint: None },
     })?;
-    let mpath = manifest_path(&spec.root, &decl.manifest);
-    let manifest = Manifest::load(&mpath).map_err(|source| PlanError::Data { name: data_name.to_string(), source })?;
+    let manifest = Manifest::load_named(&spec.root, &decl.manifest).map_err(|source| PlanError::Data { name: data_name.to_string(), source })?;
     let mut p = BTreeMap::new();
     p.insert("content_id".to_string(), manifest.content_id());
     if let Some(c) = decl.classes {
@@ -172,7 +171,7 @@ fn data_cells(spec: &Spec, b: &mut Builder, memo: &mut HashMap<String, (usize, u
             return Err(PlanError::Data {
                 name: data_name.to_string(),
                 source: DataError::Manifest {
-                    path: mpath.clone(),
+                    path: manifest_path(&spec.root, &decl.manifest),
                     message: format!("the spec asks for {c} classes but the data set has {}", manifest.classes.len()),
                     hint: Some(format!("set `classes` of [data.{data_name}] to at most {}", manifest.classes.len())),
                 },

@@ -1,0 +1,298 @@
+//! The driver: the one place that knows a project's layout and the order of a report's stages,
+//! so that the command line, `verify` and notebooks are thin callers and no stage is reached
+//! through the command line.
+//!
+//! A [`Project`] is a folder with `reports/`, `templates/`, `data-manifests/` and `artifacts/`;
+//! it resolves the store once (a named folder, else `$REPRISE_CACHE`, else `artifacts/store`)
+//! and a report's output folder (`artifacts/<id>` for the default profile, else
+//! `artifacts/<id>-<profile>`). A [`Report`] is a spec loaded with [`Options`], planned, and
+//! executed against the store (running what is missing, or looking it up only); it then
+//! writes its outputs in one order: frames → rendering from the frames as written → lock file
+//! → the store's note of what the run used.
+
+use std::path::{Path, PathBuf};
+
+use crate::artifacts::{Lock, LockError};
+use crate::cache::{LocalStore, Store, StoreError, CACHE_ENV};
+use crate::exec::{self, CellOutcome, ExecError, ExecOptions, Execution};
+use crate::frames::{self, FrameError, Frames};
+use crate::methods;
+use crate::plan::{self, PlanError, Plan};
+use crate::render::{self, RenderError, Rendered};
+use crate::spec::{self, LoadError, Spec, DEFAULT_PROFILE};
+
+/// Errors of the driver. [`DriverError::is_usage`] tells the user's mistakes (a bad spec,
+/// data, store folder or option: exit 2 on the command line) from failures.
+#[derive(Debug, thiserror::Error)]
+pub enum DriverError {
+    #[error(transparent)]
+    Spec(#[from] LoadError),
+    /// The report's template cannot render this spec (checked before any cell runs).
+    #[error("{spec}: {source}")]
+    Template { spec: PathBuf, source: RenderError },
+    #[error("{spec}: {source}")]
+    Plan { spec: PathBuf, source: PlanError },
+    /// The store cannot be created or written.
+    #[error(transparent)]
+    StoreOpen(StoreError),
+    #[error(transparent)]
+    Exec(#[from] ExecError),
+    #[error(transparent)]
+    Missing(#[from] MissingCells),
+    #[error(transparent)]
+    Frames(#[from] FrameError),
+    #[error(transparent)]
+    Render(#[from] RenderError),
+    #[error(transparent)]
+    Lock(#[from] LockError),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+impl DriverError {
+    /// The user's to fix: a spec, data, option or store folder.
+    pub fn is_usage(&self) -> bool {
+        matches!(self, DriverError::Spec(_) | DriverError::Template { .. } | DriverError::Plan { .. } | DriverError::StoreOpen(_))
+    }
+}
+
+/// Cells that a cache-only lookup did not find, each with the reason.
+#[derive(Debug, thiserror::Error)]
+#[error("{} cell(s) are not in the cache {store}; run `reprise run {spec}{flags}` first:\n{}", cells.len(), cells.join("\n"))]
+pub struct MissingCells {
+    pub store: String,
+    pub spec: String,
+    /// The `--profile`, `--set` and `--cache` options that reach the same cells.
+    pub flags: String,
+    pub cells: Vec<String>,
+}
+
+/// How a report is opened: the profile, `key.path=value` overrides (as `--set` takes them) and
+/// the store folder.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Options {
+    /// Default: `quick`.
+    pub profile: String,
+    /// Default: none.
+    pub sets: Vec<String>,
+    /// Default: `$REPRISE_CACHE`, else the project's `artifacts/store`.
+    pub cache: Option<PathBuf>,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Options { profile: DEFAULT_PROFILE.to_string(), sets: Vec::new(), cache: None }
+    }
+}
+
+impl Options {
+    /// The options a user gives again on the command line to reach the same report and store,
+    /// quoted for a shell, each preceded by a space; empty for the defaults.
+    pub fn as_flags(&self) -> String {
+        let mut s = String::new();
+        if self.profile != DEFAULT_PROFILE {
+            s.push_str(&format!(" --profile {}", shell_quote(&self.profile)));
+        }
+        for set in &self.sets {
+            s.push_str(&format!(" --set {}", shell_quote(set)));
+        }
+        if let Some(c) = &self.cache {
+            s.push_str(&format!(" --cache {}", shell_quote(&c.display().to_string())));
+        }
+        s
+    }
+}
+
+/// `s` as one shell word: bare when it holds only safe characters, else in single quotes.
+fn shell_quote(s: &str) -> String {
+    if !s.is_empty() && s.chars().all(|c| c.is_ascii_alphanumeric() || "-_./=:,".contains(c)) {
+        s.to_string()
+    } else {
+        format!("'{}'", s.replace('\'', "'\\''"))
+    }
+}
+
+/// A project folder and its layout.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Project {
+    root: PathBuf,
+}
+
+impl Project {
+    /// The project at `root`.
+    pub fn at(root: impl Into<PathBuf>) -> Project {
+        Project { root: root.into() }
+    }
+
+    /// The project a spec belongs to: the folder above its `reports/` (or the spec's own
+    /// folder when it is not in one).
+    pub fn of_spec(spec_path: &Path) -> Project {
+        Project { root: spec::project_root(spec_path) }
+    }
+
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    /// `artifacts/` of the project: committed reports, and the default store.
+    pub fn artifacts_dir(&self) -> PathBuf {
+        self.root.join("artifacts")
+    }
+
+    /// The store's folder: `cache` when named, else `$REPRISE_CACHE` when set and not empty,
+    /// else `artifacts/store`.
+    pub fn store_dir(&self, cache: Option<&Path>) -> PathBuf {
+        match (cache, std::env::var_os(CACHE_ENV)) {
+            (Some(d), _) => d.to_path_buf(),
+            (None, Some(d)) if !d.is_empty() => PathBuf::from(d),
+            _ => self.artifacts_dir().join("store"),
+        }
+    }
+
+    /// The store at [`Project::store_dir`], opened (created when missing).
+    pub fn open_store(&self, cache: Option<&Path>) -> Result<LocalStore, DriverError> {
+        LocalStore::open(&self.store_dir(cache)).map_err(DriverError::StoreOpen)
+    }
+
+    /// Where a report's outputs go: `artifacts/<id>` for the default profile, else
+    /// `artifacts/<id>-<profile>` (both names are validated when the spec is loaded).
+    pub fn out_dir(&self, report_id: &str, profile: &str) -> PathBuf {
+        let name = if profile == DEFAULT_PROFILE { report_id.to_string() } else { format!("{report_id}-{profile}") };
+        self.artifacts_dir().join(name)
+    }
+}
+
+/// Load and validate a spec with `opts`' profile and overrides, and check that its template
+/// renders it (every `table`, `figure` and `claim` call names a declared id), so a mistake
+/// there stops a command before any cell runs.
+pub fn load(spec_path: &Path, opts: &Options) -> Result<Spec, DriverError> {
+    let spec = spec::load(spec_path, &opts.profile, &opts.sets)?;
+    render::check_template(&spec).map_err(|source| DriverError::Template { spec: spec_path.to_path_buf(), source })?;
+    Ok(spec)
+}
+
+/// Where `spec`'s outputs go.
+pub fn out_dir(spec: &Spec) -> PathBuf {
+    Project::at(&spec.root).out_dir(&spec.report.id, &spec.profile)
+}
+
+/// A report: its spec, plan, store and the outcome of every cell.
+pub struct Report {
+    pub spec: Spec,
+    pub plan: Plan,
+    pub store: LocalStore,
+    pub exec: Execution,
+    /// The options it was opened with.
+    pub opts: Options,
+    /// The metric frames of the executed cells, as reading them back from their files gives
+    /// them (what rendering reads).
+    pub frames: Frames,
+}
+
+/// What [`Report::write`] wrote.
+#[derive(Debug, Clone)]
+pub struct Written {
+    pub rendered: Rendered,
+    pub frames: Vec<PathBuf>,
+    pub out_dir: PathBuf,
+}
+
+impl Report {
+    /// Plan a loaded spec and execute it against the store: look every cell up and, unless
+    /// `exec_opts.cache_only`, compute what is missing.
+    pub fn execute(spec: Spec, opts: &Options, exec_opts: &ExecOptions) -> Result<Report, DriverError> {
+        let plan = plan::plan(&spec).map_err(|source| DriverError::Plan { spec: spec.path.clone(), source })?;
+        let store = Project::at(&spec.root).open_store(opts.cache.as_deref())?;
+        if !exec_opts.cache_only {
+            store.clean_tmp();
+        }
+        let exec = exec::execute(&plan, &store, exec_opts)?;
+        let frames = frames::collect(&plan, &exec, &store, methods::metrics(plan.method))?.round_trip()?;
+        Ok(Report { spec, plan, store, exec, opts: opts.clone(), frames })
+    }
+
+    /// Load, plan and look every cell up in the cache without computing any; a missing cell
+    /// is a [`MissingCells`] error naming it and the command that computes it.
+    pub fn open_cached(spec_path: &Path, opts: &Options) -> Result<Report, DriverError> {
+        let spec = load(spec_path, opts)?;
+        let exec_opts = ExecOptions { cache_only: true, progress: false, ..ExecOptions::with_jobs(None) };
+        let r = Report::execute(spec, opts, &exec_opts)?;
+        // Before the missing cells: a corrupt file is one reason a cell is missing.
+        r.exec.print_corruptions(false);
+        let missing: Vec<String> = r.plan.cells.iter().zip(&r.exec.outcomes).filter(|(_, o)| matches!(o, CellOutcome::Failed(_))).map(|(c, o)| format!("  {} ({})", c.name, o.failure().unwrap_or_default())).collect();
+        if !missing.is_empty() {
+            return Err(MissingCells { store: r.store.location(), spec: spec_path.display().to_string(), flags: opts.as_flags(), cells: missing }.into());
+        }
+        Ok(r)
+    }
+
+    /// Where this report's outputs go.
+    pub fn out_dir(&self) -> PathBuf {
+        out_dir(&self.spec)
+    }
+
+    /// Write the outputs into [`Report::out_dir`]: frames, the report rendered from the frames
+    /// as written (exactly as `verify` re-renders it), the lock file; then note the cells and
+    /// objects used in the store, so `gc` keeps them.
+    pub fn write(&self) -> Result<Written, DriverError> {
+        let out = self.out_dir();
+        let metric_names = methods::metrics(self.plan.method);
+        let collected = frames::collect(&self.plan, &self.exec, &self.store, metric_names)?;
+        let frame_dir = out.join("frames");
+        let frame_files = collected.write(&frame_dir)?;
+        let reread = Frames::read(&frame_dir, metric_names)?;
+        let rendered = render::render(&self.spec, &reread, &out)?;
+        let mut files: Vec<PathBuf> = frame_files.clone();
+        files.push(rendered.markdown.clone());
+        files.push(rendered.html.clone());
+        files.extend(rendered.figures.iter().cloned());
+        files.extend(rendered.tables.iter().cloned());
+        let lock = Lock::build(&self.plan, &self.exec, &self.spec.profile, &self.spec.overrides, &out, &files)?;
+        lock.write(&out)?;
+        let keys: Vec<String> = self.plan.cells.iter().map(|c| c.key.clone()).collect();
+        let objects: Vec<String> = exec::outputs_of(&self.exec).into_iter().flat_map(|m| m.into_values()).collect();
+        self.store.note_run(&self.spec.report.id, &keys, &objects)?;
+        Ok(Written { rendered, frames: frame_files, out_dir: out })
+    }
+
+    /// Cells whose data could not be loaded (a missing file, a wrong hash, a malformed file),
+    /// each as `name — reason`.
+    pub fn data_errors(&self) -> Vec<String> {
+        self.plan
+            .cells
+            .iter()
+            .zip(&self.exec.outcomes)
+            .filter(|(c, o)| matches!(c.kind, plan::CellKind::Dataset { .. }) && matches!(o, CellOutcome::Failed(_)))
+            .map(|(c, o)| format!("{} — {}", c.name, o.failure().unwrap_or_default()))
+            .collect()
+    }
+}
+
+/// A path relative to the current directory when it lies below it (for messages and JSON).
+pub fn shown(p: &Path) -> String {
+    let cwd = std::env::current_dir().ok().and_then(|c| std::fs::canonicalize(c).ok());
+    match cwd.and_then(|c| p.strip_prefix(&c).ok().map(Path::to_path_buf)) {
+        Some(rel) => rel.display().to_string(),
+        None => p.display().to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn flags_are_quoted_for_a_shell() {
+        let opts = Options { profile: "paper".into(), sets: vec!["defaults.epochs=2".into(), "report.title=it's".into()], cache: Some(PathBuf::from("/tmp/my store")) };
+        assert_eq!(opts.as_flags(), " --profile paper --set defaults.epochs=2 --set 'report.title=it'\\''s' --cache '/tmp/my store'");
+        assert_eq!(Options::default().as_flags(), "");
+    }
+
+    #[test]
+    fn layout() {
+        let p = Project::at("/p");
+        assert_eq!(p.out_dir("r", DEFAULT_PROFILE), PathBuf::from("/p/artifacts/r"));
+        assert_eq!(p.out_dir("r", "paper"), PathBuf::from("/p/artifacts/r-paper"));
+        assert_eq!(p.store_dir(Some(Path::new("/c"))), PathBuf::from("/c"));
+    }
+}
