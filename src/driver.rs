@@ -16,7 +16,7 @@ use crate::artifacts::{Lock, LockError};
 use crate::cache::{LocalStore, Store, StoreError, CACHE_ENV};
 use crate::exec::{self, CellOutcome, ExecError, ExecOptions, Execution};
 use crate::frames::{self, FrameError, Frames};
-use crate::methods;
+use crate::methods::{Method, Registry};
 use crate::plan::{self, PlanError, Plan};
 use crate::render::{self, RenderError, Rendered};
 use crate::spec::{self, LoadError, Spec, DEFAULT_PROFILE};
@@ -112,26 +112,79 @@ fn shell_quote(s: &str) -> String {
     }
 }
 
-/// A project folder and its layout.
-#[derive(Debug, Clone, PartialEq)]
+/// A project folder, its layout and the methods its specs may name.
+#[derive(Debug, Clone)]
 pub struct Project {
     root: PathBuf,
+    registry: Registry,
+}
+
+/// Builds a [`Project`]: `Project::builder().with_method(MyMethod).build()`.
+#[derive(Debug, Clone)]
+pub struct ProjectBuilder {
+    root: Option<PathBuf>,
+    registry: Registry,
+}
+
+impl ProjectBuilder {
+    /// The project folder. Default: the current directory.
+    pub fn root(mut self, root: impl Into<PathBuf>) -> Self {
+        self.root = Some(root.into());
+        self
+    }
+
+    /// Add a method (a spec names it by [`Method::name`] in `report.method`). Default: the
+    /// built-in methods only.
+    pub fn with_method(mut self, method: impl Method + 'static) -> Self {
+        self.registry = self.registry.with(method);
+        self
+    }
+
+    pub fn build(self) -> Project {
+        // An empty path is the current directory, and keeps paths below it relative
+        // (`reports/x.toml`, not `./reports/x.toml`).
+        Project { root: self.root.unwrap_or_default(), registry: self.registry }
+    }
 }
 
 impl Project {
-    /// The project at `root`.
+    /// A project in the current directory with the built-in methods; see [`ProjectBuilder`].
+    pub fn builder() -> ProjectBuilder {
+        ProjectBuilder { root: None, registry: Registry::builtin() }
+    }
+
+    /// The project at `root`, with the built-in methods.
     pub fn at(root: impl Into<PathBuf>) -> Project {
-        Project { root: root.into() }
+        Project::builder().root(root).build()
     }
 
     /// The project a spec belongs to: the folder above its `reports/` (or the spec's own
     /// folder when it is not in one).
     pub fn of_spec(spec_path: &Path) -> Project {
-        Project { root: spec::project_root(spec_path) }
+        Project::at(spec::project_root(spec_path))
     }
 
     pub fn root(&self) -> &Path {
         &self.root
+    }
+
+    /// The methods this project's specs may name.
+    pub fn registry(&self) -> &Registry {
+        &self.registry
+    }
+
+    /// `reports/`, where the specs are.
+    pub fn reports_dir(&self) -> PathBuf {
+        self.root.join("reports")
+    }
+
+    /// Load and validate a spec with `opts`' profile and overrides and this project's methods,
+    /// and check that its template renders it (every `table`, `figure` and `claim` call names a
+    /// declared id), so a mistake there stops a command before any cell runs.
+    pub fn load(&self, spec_path: &Path, opts: &Options) -> Result<Spec, DriverError> {
+        let spec = spec::load_with(spec_path, &opts.profile, &opts.sets, &self.registry)?;
+        render::check_template(&spec).map_err(|source| DriverError::Template { spec: spec_path.to_path_buf(), source })?;
+        Ok(spec)
     }
 
     /// `artifacts/` of the project: committed reports, and the default store.
@@ -162,13 +215,9 @@ impl Project {
     }
 }
 
-/// Load and validate a spec with `opts`' profile and overrides, and check that its template
-/// renders it (every `table`, `figure` and `claim` call names a declared id), so a mistake
-/// there stops a command before any cell runs.
+/// [`Project::load`] with the built-in methods.
 pub fn load(spec_path: &Path, opts: &Options) -> Result<Spec, DriverError> {
-    let spec = spec::load(spec_path, &opts.profile, &opts.sets)?;
-    render::check_template(&spec).map_err(|source| DriverError::Template { spec: spec_path.to_path_buf(), source })?;
-    Ok(spec)
+    Project::of_spec(spec_path).load(spec_path, opts)
 }
 
 /// Where `spec`'s outputs go.
@@ -207,14 +256,20 @@ impl Report {
             store.clean_tmp();
         }
         let exec = exec::execute(&plan, &store, exec_opts)?;
-        let frames = frames::collect(&plan, &exec, &store, methods::metrics(plan.method))?.round_trip()?;
+        let frames = frames::collect(&plan, &exec, &store, plan.method.metrics())?.round_trip()?;
         Ok(Report { spec, plan, store, exec, opts: opts.clone(), frames })
     }
 
-    /// Load, plan and look every cell up in the cache without computing any; a missing cell
-    /// is a [`MissingCells`] error naming it and the command that computes it.
+    /// Load (with the built-in methods), plan and look every cell up in the cache without
+    /// computing any; a missing cell is a [`MissingCells`] error naming it and the command that
+    /// computes it.
     pub fn open_cached(spec_path: &Path, opts: &Options) -> Result<Report, DriverError> {
-        let spec = load(spec_path, opts)?;
+        Report::open_cached_in(&Project::of_spec(spec_path), spec_path, opts)
+    }
+
+    /// [`Report::open_cached`] with `project`'s methods.
+    pub fn open_cached_in(project: &Project, spec_path: &Path, opts: &Options) -> Result<Report, DriverError> {
+        let spec = project.load(spec_path, opts)?;
         let exec_opts = ExecOptions { cache_only: true, progress: false, ..ExecOptions::with_jobs(None) };
         let r = Report::execute(spec, opts, &exec_opts)?;
         // Before the missing cells: a corrupt file is one reason a cell is missing.
@@ -236,7 +291,7 @@ impl Report {
     /// objects used in the store, so `gc` keeps them.
     pub fn write(&self) -> Result<Written, DriverError> {
         let out = self.out_dir();
-        let metric_names = methods::metrics(self.plan.method);
+        let metric_names = self.plan.method.metrics();
         let collected = frames::collect(&self.plan, &self.exec, &self.store, metric_names)?;
         let frame_dir = out.join("frames");
         let frame_files = collected.write(&frame_dir)?;

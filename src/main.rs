@@ -1,8 +1,5 @@
-//! The `reprise` binary: parse the command line and hand over to the library.
-
-use clap::Parser;
+//! The `reprise` binary: the built-in methods, the command line, the library's driver.
 
 fn main() {
-    let cli = reprise::cli::Cli::parse();
-    std::process::exit(reprise::cli::main_with(cli));
+    std::process::exit(reprise::cli::main_with(reprise::driver::Project::builder().build()));
 }

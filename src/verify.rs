@@ -31,7 +31,6 @@ use crate::driver::{out_dir, DriverError, Options, Project};
 use crate::cache::{sha256_file, CellStatus, LocalStore, Store};
 use crate::exec::{self, ExecOptions};
 use crate::frames::Frames;
-use crate::methods;
 use crate::plan::{self, CellKind, Plan};
 use crate::render;
 use crate::spec::{Spec, DEFAULT_PROFILE};
@@ -192,7 +191,7 @@ fn check_against_store(spec: &Spec, opts: &Options, lock: &Lock, problems: &mut 
 /// Read the committed frames and check them against the plan and the lock; `None` when they
 /// cannot be read (a problem says why).
 fn check_frames(spec: &Spec, plan: &Plan, lock: &Lock, out: &Path, problems: &mut Vec<String>) -> Result<Option<Frames>, DriverError> {
-    let frames = match Frames::read(&out.join("frames"), methods::metrics(plan.method)) {
+    let frames = match Frames::read(&out.join("frames"), plan.method.metrics()) {
         Ok(f) => f,
         Err(e) => {
             problems.push(format!("cannot read the committed frames: {e}"));

@@ -249,7 +249,7 @@ fn the_neural_collapse_template_splits_into_prose_and_its_calls() {
     let spec = reprise::spec::load(&repo().join("reports/neural-collapse.toml"), "quick", &[]).unwrap();
     let plan = reprise::plan::plan(&spec).unwrap();
     let out = repo().join("artifacts/neural-collapse");
-    let frames = reprise::frames::Frames::read(&out.join("frames"), reprise::methods::metrics(plan.method)).unwrap();
+    let frames = reprise::frames::Frames::read(&out.join("frames"), plan.method.metrics()).unwrap();
     let parts = render::parts(&spec, &frames).unwrap();
 
     let template = std::fs::read_to_string(repo().join("templates/neural-collapse.md.j2")).unwrap();

@@ -550,7 +550,7 @@ pub fn bench(a: &BenchArgs) -> anyhow::Result<i32> {
     };
     let reports_on = a.reports || std::env::var(REPORTS_ENV).is_ok_and(|v| !v.is_empty() && v != "0");
     let report = if reports_on {
-        let specs = super::find_specs(&a.report)?;
+        let specs = super::find_specs(&a.report, &crate::driver::Project::builder().build())?;
         let mut timed = Vec::new();
         for spec in &specs {
             let (cold, warm) = time_report(spec)?;

@@ -67,21 +67,34 @@ pub struct SpecOpts {
     pub cache: Option<PathBuf>,
 }
 
-/// Run a parsed command line; returns the exit code.
-pub fn main_with(cli: Cli) -> i32 {
+/// The entry point of a `reprise` binary for `project`: parse the command line, run it, and
+/// return the exit code. A crate with its own methods needs five lines:
+///
+/// ```no_run
+/// fn main() {
+///     let project = reprise::driver::Project::builder() /* .with_method(MyMethod) */ .build();
+///     std::process::exit(reprise::cli::main_with(project));
+/// }
+/// ```
+pub fn main_with(project: Project) -> i32 {
+    run_cli(Cli::parse(), &project)
+}
+
+/// Run a parsed command line for `project`; returns the exit code.
+pub fn run_cli(cli: Cli, project: &Project) -> i32 {
     // Checked before any work starts, so that a typo does not silently choose the default.
     if let Err(e) = crate::exec::wait_policy() {
         eprintln!("error: {e}");
         return EXIT_USAGE;
     }
     let result = match cli.command {
-        Command::Run(a) => run::run(&a),
-        Command::Render(a) => run::render_only(&a),
-        Command::Status(a) => status::status(&a),
-        Command::Verify(a) => verify::verify(&a),
+        Command::Run(a) => run::run(&a, project),
+        Command::Render(a) => run::render_only(&a, project),
+        Command::Status(a) => status::status(&a, project),
+        Command::Verify(a) => verify::verify(&a, project),
         Command::Gc(a) => gc::gc(&a),
         Command::Bench(a) => bench::bench(&a),
-        Command::Notebook(a) => notebook::notebook(&a),
+        Command::Notebook(a) => notebook::notebook(&a, project),
     };
     match result {
         Ok(code) => code,
@@ -128,7 +141,7 @@ pub fn chain(e: &anyhow::Error) -> String {
 pub struct UsageError(pub String);
 
 /// The specs named, or every `reports/*.toml` of the current project when none is.
-pub fn find_specs(given: &[PathBuf]) -> anyhow::Result<Vec<PathBuf>> {
+pub fn find_specs(given: &[PathBuf], project: &Project) -> anyhow::Result<Vec<PathBuf>> {
     if !given.is_empty() {
         for p in given {
             // Follows symlinks: a link to a spec file is a spec file.
@@ -143,8 +156,8 @@ pub fn find_specs(given: &[PathBuf]) -> anyhow::Result<Vec<PathBuf>> {
         }
         return Ok(given.to_vec());
     }
-    let dir = Path::new("reports");
-    let mut specs: Vec<PathBuf> = std::fs::read_dir(dir)
+    let dir = project.reports_dir();
+    let mut specs: Vec<PathBuf> = std::fs::read_dir(&dir)
         .map_err(|e| UsageError(format!("no spec given and cannot read {}: {e} (run from the project root or name a spec)", dir.display())))?
         .filter_map(|e| e.ok().map(|e| e.path()))
         .filter(|p| p.extension().is_some_and(|x| x == "toml"))
@@ -156,9 +169,9 @@ pub fn find_specs(given: &[PathBuf]) -> anyhow::Result<Vec<PathBuf>> {
     Ok(specs)
 }
 
-/// Load a spec and check its template ([`driver::load`]).
-pub fn load_spec(path: &Path, opts: &SpecOpts) -> anyhow::Result<Spec> {
-    Ok(driver::load(path, &opts.options())?)
+/// Load a spec with `project`'s methods and check its template ([`Project::load`]).
+pub fn load_spec(path: &Path, opts: &SpecOpts, project: &Project) -> anyhow::Result<Spec> {
+    Ok(project.load(path, &opts.options())?)
 }
 
 impl SpecOpts {

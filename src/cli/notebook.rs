@@ -6,7 +6,8 @@ use std::path::{Path, PathBuf};
 use clap::Args;
 
 use super::{shown, SpecOpts, EXIT_OK};
-use crate::notebook::{write_notebook, Report};
+use crate::driver::{Project, Report};
+use crate::notebook::write_notebook;
 
 #[derive(Args, Debug)]
 pub struct NotebookArgs {
@@ -20,9 +21,8 @@ fn crate_dir() -> &'static Path {
     Path::new(env!("CARGO_MANIFEST_DIR"))
 }
 
-pub fn notebook(args: &NotebookArgs) -> anyhow::Result<i32> {
-    let sets: Vec<&str> = args.opts.sets.iter().map(String::as_str).collect();
-    let report = Report::open_with(&args.spec, &args.opts.profile, &sets, args.opts.cache.as_deref())?;
+pub fn notebook(args: &NotebookArgs, project: &Project) -> anyhow::Result<i32> {
+    let report = Report::open_cached_in(project, &args.spec, &args.opts.options())?;
     if !crate_dir().join("Cargo.toml").is_file() {
         eprintln!("warning: the reprise sources this binary was built from ({}) are gone; edit the notebook's `:dep` line to point at a checkout", crate_dir().display());
     }

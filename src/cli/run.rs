@@ -9,7 +9,7 @@ use clap::Args;
 use serde_json::json;
 
 use super::{find_specs, load_spec, shown, SpecOpts, UsageError, EXIT_FAILED, EXIT_OK};
-use crate::driver::{Report, Written};
+use crate::driver::{Project, Report, Written};
 use crate::exec::{self, CellOutcome, ExecOptions, Execution};
 use crate::spec::Spec;
 
@@ -89,15 +89,15 @@ fn print_summary(r: &ReportRun) {
     }
 }
 
-pub fn run(args: &RunArgs) -> anyhow::Result<i32> {
+pub fn run(args: &RunArgs, project: &Project) -> anyhow::Result<i32> {
     let start = Instant::now();
     if args.jobs == Some(0) {
         return Err(UsageError("--jobs 0: at least one cell must run at a time (default: one per core)".into()).into());
     }
-    let specs = find_specs(&args.specs)?;
+    let specs = find_specs(&args.specs, project)?;
     let opts = args.opts.options();
     // Every spec and its template are checked before anything is computed.
-    let loaded: Vec<Spec> = specs.iter().map(|p| load_spec(p, &args.opts)).collect::<anyhow::Result<_>>()?;
+    let loaded: Vec<Spec> = specs.iter().map(|p| load_spec(p, &args.opts, project)).collect::<anyhow::Result<_>>()?;
     let mut runs = Vec::new();
     for spec in loaded {
         let path = spec.path.clone();
@@ -148,8 +148,8 @@ pub fn run(args: &RunArgs) -> anyhow::Result<i32> {
     Ok(code)
 }
 
-pub fn render_only(args: &RenderArgs) -> anyhow::Result<i32> {
-    let report = Report::open_cached(&args.spec, &args.opts.options())?;
+pub fn render_only(args: &RenderArgs, project: &Project) -> anyhow::Result<i32> {
+    let report = Report::open_cached_in(project, &args.spec, &args.opts.options())?;
     let written = report.write()?;
     eprintln!("rendered {}", shown(&written.rendered.markdown));
     Ok(EXIT_OK)

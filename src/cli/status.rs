@@ -9,6 +9,7 @@ use serde_json::json;
 use super::{load_spec, open_store, out_dir, SpecOpts, UsageError, EXIT_OK};
 use crate::artifacts::Lock;
 use crate::cache::{CellStatus, RecordCheck, Store};
+use crate::driver::Project;
 use crate::plan;
 
 #[derive(Args, Debug)]
@@ -52,8 +53,8 @@ fn diff(old: &plan::KeyMaterial, new: &plan::KeyMaterial) -> String {
     }
 }
 
-pub fn status(args: &StatusArgs) -> anyhow::Result<i32> {
-    let spec = load_spec(&args.spec, &args.opts)?;
+pub fn status(args: &StatusArgs, project: &Project) -> anyhow::Result<i32> {
+    let spec = load_spec(&args.spec, &args.opts, project)?;
     let plan = plan::plan(&spec).map_err(|e| UsageError(e.to_string()))?;
     let store = open_store(&spec.root, &args.opts)?;
     let lock = Lock::read(&out_dir(&spec))?;

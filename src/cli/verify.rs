@@ -5,6 +5,7 @@ use std::path::PathBuf;
 use clap::Args;
 
 use super::{find_specs, load_spec, out_dir, shown, SpecOpts, EXIT_FAILED, EXIT_OK};
+use crate::driver::Project;
 use crate::verify;
 
 #[derive(Args, Debug)]
@@ -18,13 +19,13 @@ pub struct VerifyArgs {
     pub recompute: usize,
 }
 
-pub fn verify(args: &VerifyArgs) -> anyhow::Result<i32> {
-    let specs = find_specs(&args.specs)?;
+pub fn verify(args: &VerifyArgs, project: &Project) -> anyhow::Result<i32> {
+    let specs = find_specs(&args.specs, project)?;
     verify::remove_stale_scratch();
     let opts = args.opts.options();
     let mut failed = false;
     for path in specs {
-        let spec = load_spec(&path, &args.opts)?;
+        let spec = load_spec(&path, &args.opts, project)?;
         let v = verify::verify(&spec, &opts, args.recompute)?;
         if v.no_lock {
             let out = out_dir(&spec);

@@ -9,7 +9,7 @@ use serde::{Deserialize, Serialize};
 use super::CellOutcome;
 use crate::cache::{CellRecord, CellStatus, Store, StoreError};
 use crate::data::{self, ImageSet};
-use crate::methods::{self, Outcome, Progress, TrainInputs};
+use crate::methods::{Outcome, Progress, TrainInputs};
 use crate::plan::{CellKind, Plan};
 
 /// Decoded data sets by object hash, so that many training cells share one copy.
@@ -170,7 +170,7 @@ fn compute(kind: CellKind, inputs: &[CellRecord], store: &dyn Store, memo: &Memo
             objects.insert("subset.json".to_string(), json(&SubsetOutput { train, counts })?);
         }
         CellKind::Train { method, params, seed } => {
-            let m = methods::get(method).ok_or_else(|| CellFailure(format!("unknown method `{method}`")))?;
+            let m = method.as_ref();
             let images = load_images(store, memo, &inputs[0])?;
             let split: SplitOutput = load_json(store, &inputs[1], "split.json")?;
             let subset: SubsetOutput = load_json(store, &inputs[2], "subset.json")?;
@@ -189,7 +189,7 @@ fn compute(kind: CellKind, inputs: &[CellRecord], store: &dyn Store, memo: &Memo
             return Ok(m.run(&params, seed, &ti, progress)?);
         }
         CellKind::Pretrain { method, pretraining } => {
-            let m = methods::get(method).ok_or_else(|| CellFailure(format!("unknown method `{method}`")))?;
+            let m = method.as_ref();
             let images = load_images(store, memo, &inputs[0])?;
             let split: SplitOutput = load_json(store, &inputs[1], "split.json")?;
             let ti = TrainInputs { data: &images, train: &split.train, test: &split.test, pretrained: None, root: project_root };

@@ -382,13 +382,17 @@ mod tests {
     use crate::cache::{Corruption, LocalStore};
     use crate::plan::{Cell, CellKind, KeyMaterial, PlannedRun};
 
+    fn supervised() -> crate::methods::MethodRef {
+        crate::methods::Registry::builtin().get("supervised").unwrap()
+    }
+
     /// A plan of one training cell whose record names `metrics` as its `metrics.json`.
     fn one_cell(metrics: &str) -> (Plan, Execution) {
         let key = "e".repeat(64);
         let material = KeyMaterial { kind: "train:supervised".into(), version: 1, params: BTreeMap::new(), upstream: vec![], seed: Some(0), dtype: "f32".into(), device: "cpu".into() };
-        let cell = Cell { key: key.clone(), name: "train/imb/imbalance=1.0 seed=0".into(), aliases: vec![], kind: CellKind::Train { method: "supervised", params: Params::new(), seed: 0 }, material, upstream: vec![] };
+        let cell = Cell { key: key.clone(), name: "train/imb/imbalance=1.0 seed=0".into(), aliases: vec![], kind: CellKind::Train { method: supervised(), params: Params::new(), seed: 0 }, material, upstream: vec![] };
         let run = PlannedRun { experiment: "imb".into(), label: "imbalance=1.0".into(), point: Params::new(), params: Params::new(), seed: 0, cell: 0 };
-        let plan = Plan { report: "tiny".into(), root: PathBuf::from("."), method: "supervised", cells: vec![cell], runs: vec![run] };
+        let plan = Plan { report: "tiny".into(), root: PathBuf::from("."), method: supervised(), cells: vec![cell], runs: vec![run] };
         let record = CellRecord { key, kind: "train".into(), status: CellStatus::Ok, reason: None, outputs: BTreeMap::from([("metrics.json".to_string(), metrics.to_string())]), seconds: 1.0 };
         let exec = Execution { outcomes: vec![CellOutcome::Ran(record)], seconds: 1.0, corruptions: Vec::<Corruption>::new() };
         (plan, exec)

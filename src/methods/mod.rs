@@ -1,21 +1,23 @@
 //! Methods: the papers' algorithms, each one module behind [`Method`].
 //!
 //! A method declares its parameters (a schema the spec layer validates against), the metrics
-//! it records, and how to train one run. The executor only ever calls through the trait, so a
-//! new paper's algorithm is a new module and one line in [`get`].
+//! it records, and how to train one run. Methods are looked up by name in a [`Registry`] once,
+//! when a spec is loaded; the spec, its plan and every cell carry the method from then on, so
+//! the executor only ever calls through the trait. The built-in methods are registered like any
+//! other ([`Registry::builtin`]); a crate outside this one adds its own with
+//! [`Registry::with`] (or `Project::with_method`) without editing this one.
 
 pub mod class_aware_lora;
 pub mod supervised;
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 
 use crate::data::ImageSet;
 use serde::{Deserialize, Serialize};
 
 use crate::params::{ParamDef, Params};
 
-/// Names of the known methods.
-pub const NAMES: &[&str] = &["supervised", "class_aware_lora"];
 
 /// The data a training cell receives from its upstream cells.
 pub struct TrainInputs<'a> {
@@ -138,35 +140,59 @@ pub trait Method: Send + Sync {
     fn run(&self, params: &Params, seed: u64, inputs: &TrainInputs, progress: &dyn Progress) -> Result<Outcome, MethodError>;
 }
 
-/// The method called `name`.
-pub fn get(name: &str) -> Option<&'static dyn Method> {
-    match name {
-        "supervised" => Some(&supervised::Supervised),
-        "class_aware_lora" => Some(&class_aware_lora::ClassAwareLora),
-        _ => None,
+/// A method as specs, plans and cells hold it.
+pub type MethodRef = Arc<dyn Method>;
+
+impl std::fmt::Debug for dyn Method {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Method({} v{})", self.name(), self.version())
     }
 }
 
-pub fn schema(name: &str) -> Option<&'static [ParamDef]> {
-    get(name).map(|m| m.schema())
+/// The methods a project knows, by name.
+#[derive(Clone, Debug)]
+pub struct Registry {
+    methods: BTreeMap<&'static str, MethodRef>,
 }
 
-pub fn metrics(name: &str) -> &'static [&'static str] {
-    get(name).map_or(&[], |m| m.metrics())
+impl Default for Registry {
+    /// The built-in methods.
+    fn default() -> Self {
+        Registry::builtin()
+    }
 }
 
-/// Per-class columns a `class_epochs` figure may plot for method `name`.
-pub fn class_metrics(name: &str) -> Vec<String> {
+impl Registry {
+    /// No method at all.
+    pub fn empty() -> Registry {
+        Registry { methods: BTreeMap::new() }
+    }
+
+    /// The methods this crate ships: `supervised` and `class_aware_lora`.
+    pub fn builtin() -> Registry {
+        Registry::empty().with(supervised::Supervised).with(class_aware_lora::ClassAwareLora)
+    }
+
+    /// This registry with `method` added under its name (replacing a method of the same name).
+    pub fn with(mut self, method: impl Method + 'static) -> Registry {
+        self.methods.insert(method.name(), Arc::new(method));
+        self
+    }
+
+    /// The method called `name`.
+    pub fn get(&self, name: &str) -> Option<MethodRef> {
+        self.methods.get(name).cloned()
+    }
+
+    /// The names of every method, sorted.
+    pub fn names(&self) -> Vec<&'static str> {
+        self.methods.keys().copied().collect()
+    }
+}
+
+/// Per-class columns a `class_epochs` figure may plot for `method`.
+pub fn class_metrics(method: &dyn Method) -> Vec<String> {
     let mut v: Vec<String> = ["test_accuracy", "classifier_norm", "train_count"].iter().map(|s| s.to_string()).collect();
-    if let Some(m) = get(name) {
-        v.extend(m.class_metrics().iter().map(|s| s.to_string()));
-    }
+    v.extend(method.class_metrics().iter().map(|s| s.to_string()));
     v
-}
-
-pub fn check_run(name: &str, params: &Params) -> Result<(), (String, String, Option<String>)> {
-    match get(name) {
-        Some(m) => m.check_run(params),
-        None => Ok(()),
-    }
 }

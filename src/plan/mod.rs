@@ -18,7 +18,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::cache::sha256_hex;
 use crate::data::{DataError, Manifest};
-use crate::methods::{self, Method, Pretraining};
+use crate::methods::{MethodRef, Pretraining};
 use crate::params::{ParamValue, Params};
 use crate::spec::Spec;
 
@@ -61,10 +61,10 @@ pub enum CellKind {
     Subset { imbalance: f64, seed: u64 },
     /// A method's pretraining (e.g. a backbone on a balanced source task). Upstream: dataset,
     /// split of the source data.
-    Pretrain { method: &'static str, pretraining: Pretraining },
+    Pretrain { method: MethodRef, pretraining: Pretraining },
     /// One training run of a method. Upstream: dataset, split, subset, and the pretraining
     /// cell when the method has one.
-    Train { method: &'static str, params: Params, seed: u64 },
+    Train { method: MethodRef, params: Params, seed: u64 },
 }
 
 impl CellKind {
@@ -110,7 +110,8 @@ pub struct Plan {
     pub report: String,
     /// The project root (never part of a key).
     pub root: PathBuf,
-    pub method: &'static str,
+    /// The method of every training cell, resolved when the spec was loaded.
+    pub method: MethodRef,
     pub cells: Vec<Cell>,
     pub runs: Vec<PlannedRun>,
 }
@@ -191,7 +192,7 @@ fn data_cells(spec: &Spec, b: &mut Builder, memo: &mut HashMap<String, (usize, u
 
 /// Plan every cell of `spec`.
 pub fn plan(spec: &Spec) -> Result<Plan, PlanError> {
-    let method: &'static dyn Method = methods::get(&spec.report.method).ok_or_else(|| PlanError::Method(spec.report.method.clone()))?;
+    let method = spec.method.clone();
     let mut b = Builder { cells: Vec::new(), index: HashMap::new() };
     let mut memo: HashMap<String, (usize, usize)> = HashMap::new();
     let mut runs = Vec::new();
@@ -215,7 +216,7 @@ pub fn plan(spec: &Spec) -> Result<Plan, PlanError> {
                 let canon = pt.params.iter().map(|(k, v)| (k.clone(), v.canonical())).collect();
                 let m = material(&format!("pretrain:{}", method.name()), method.version(), canon, vec![b.cells[pds].key.clone(), b.cells[psplit].key.clone()], Some(pt.seed), &device);
                 let name = format!("pretrain/{}/{}", pt.dataset, &m.key()[..8]);
-                upstream.push(b.add(name, CellKind::Pretrain { method: method.name(), pretraining: pt }, m, vec![pds, psplit]));
+                upstream.push(b.add(name, CellKind::Pretrain { method: method.clone(), pretraining: pt }, m, vec![pds, psplit]));
             }
             let mut train_params = run.params.clone();
             for k in method.data_params() {
@@ -225,11 +226,11 @@ pub fn plan(spec: &Spec) -> Result<Plan, PlanError> {
             let up = upstream.iter().map(|&u| b.cells[u].key.clone()).collect();
             let m = material(&format!("train:{}", method.name()), method.version(), canon, up, Some(run.seed), &device);
             let name = format!("train/{}/{}", exp.id, run.label());
-            let cell = b.add(name, CellKind::Train { method: method.name(), params: run.params.clone(), seed: run.seed }, m, upstream);
+            let cell = b.add(name, CellKind::Train { method: method.clone(), params: run.params.clone(), seed: run.seed }, m, upstream);
             runs.push(PlannedRun { experiment: exp.id.clone(), label: run.label(), point: run.point.clone(), params: run.params.clone(), seed: run.seed, cell });
         }
     }
-    Ok(Plan { report: spec.report.id.clone(), root: spec.root.clone(), method: method.name(), cells: b.cells, runs })
+    Ok(Plan { report: spec.report.id.clone(), root: spec.root.clone(), method, cells: b.cells, runs })
 }
 
 /// `data-manifests/<name>.toml` under the project root.
@@ -257,7 +258,7 @@ impl Plan {
             cells.push(c);
         }
         let runs = self.runs.iter().filter(|r| keep[r.cell]).map(|r| PlannedRun { cell: new_index[r.cell], ..r.clone() }).collect();
-        Plan { report: self.report.clone(), root: self.root.clone(), method: self.method, cells, runs }
+        Plan { report: self.report.clone(), root: self.root.clone(), method: self.method.clone(), cells, runs }
     }
 }
 

@@ -22,7 +22,7 @@ pub use diag::{Diagnostic, Origin, SpecError};
 use diag::LineIndex;
 use locate::Locator;
 
-use crate::methods;
+use crate::methods::{self, MethodRef, Registry};
 use crate::params::{self, ParamDef, ParamValue, Params};
 
 /// The profile used when none is named.
@@ -313,6 +313,8 @@ pub struct Spec {
     pub tables: Vec<TableDecl>,
     pub figures: Vec<FigureDecl>,
     pub claims: Vec<ClaimDecl>,
+    /// The method named by `report.method`, resolved when the spec was loaded.
+    pub method: MethodRef,
 }
 
 impl Spec {
@@ -349,12 +351,18 @@ struct Override {
     text: String,
 }
 
-/// Load and validate `path` with `profile` and the command-line overrides (`key.path=value`).
+/// Load and validate `path` with `profile` and the command-line overrides (`key.path=value`),
+/// with the built-in methods.
 pub fn load(path: &Path, profile: &str, sets: &[String]) -> Result<Spec, LoadError> {
+    load_with(path, profile, sets, &Registry::builtin())
+}
+
+/// [`load`] with the methods of `registry`.
+pub fn load_with(path: &Path, profile: &str, sets: &[String], registry: &Registry) -> Result<Spec, LoadError> {
     check_regular(path)?;
     let text = std::fs::read_to_string(path).map_err(|source| LoadError::Io { path: path.to_path_buf(), source })?;
     let root = project_root(path);
-    Ok(parse(&text, path, &root, profile, sets)?)
+    Ok(parse_with(&text, path, &root, profile, sets, registry)?)
 }
 
 /// An error when `path` exists but is not a regular file (symlinks followed): a directory,
@@ -383,6 +391,11 @@ pub fn project_root(spec_path: &Path) -> PathBuf {
 /// `[profiles.paper]` is an error when running `quick`), and a problem that only the `--set`
 /// overrides cause is blamed on the `--set` even where it shows at a line of the spec.
 pub fn parse(text: &str, path: &Path, root: &Path, profile: &str, sets: &[String]) -> Result<Spec, SpecError> {
+    parse_with(text, path, root, profile, sets, &Registry::builtin())
+}
+
+/// [`parse`] with the methods of `registry`.
+pub fn parse_with(text: &str, path: &Path, root: &Path, profile: &str, sets: &[String], registry: &Registry) -> Result<Spec, SpecError> {
     // The profile names a folder (`artifacts/<id>-<profile>/`), so it is checked before use.
     if !confine::is_name(profile) {
         return Err(SpecError {
@@ -393,20 +406,20 @@ pub fn parse(text: &str, path: &Path, root: &Path, profile: &str, sets: &[String
             }],
         });
     }
-    let outer = parse_one(text, path, root, Some(profile), sets);
+    let outer = parse_one(text, path, root, Some(profile), sets, registry);
     let mut diags = match &outer {
         Ok(_) => Vec::new(),
         Err(e) => e.diagnostics.clone(),
     };
     if !diags.is_empty() && !sets.is_empty() {
-        blame_sets(&mut diags, text, path, root, profile, sets);
+        blame_sets(&mut diags, text, path, root, profile, sets, registry);
     }
     // Problems of the other profiles: what each adds to the spec without any profile.
     let others: Vec<String> = toml::from_str::<SpecFile>(text).map(|f| f.profiles.into_keys().filter(|n| n != profile).collect()).unwrap_or_default();
     let mut baseline: Option<Vec<Diagnostic>> = None;
     for other in others.iter().filter(|n| confine::is_name(n)) {
-        let Err(e) = parse_one(text, path, root, Some(other), &[]) else { continue };
-        let base = baseline.get_or_insert_with(|| parse_one(text, path, root, None, &[]).err().map(|e| e.diagnostics).unwrap_or_default());
+        let Err(e) = parse_one(text, path, root, Some(other), &[], registry) else { continue };
+        let base = baseline.get_or_insert_with(|| parse_one(text, path, root, None, &[], registry).err().map(|e| e.diagnostics).unwrap_or_default());
         for mut d in e.diagnostics {
             if base.contains(&d) || diags.contains(&d) {
                 continue;
@@ -426,8 +439,8 @@ pub fn parse(text: &str, path: &Path, root: &Path, profile: &str, sets: &[String
 /// Re-blame on a `--set` the problems that appear only with the `--set`s but are placed at a line
 /// of the spec (a value overridden in `defaults` that breaks an experiment's runs, say): the line
 /// is where the problem shows, the `--set` is what to change.
-fn blame_sets(diags: &mut [Diagnostic], text: &str, path: &Path, root: &Path, profile: &str, sets: &[String]) {
-    let without = parse_one(text, path, root, Some(profile), &[]).err().map(|e| e.diagnostics).unwrap_or_default();
+fn blame_sets(diags: &mut [Diagnostic], text: &str, path: &Path, root: &Path, profile: &str, sets: &[String], registry: &Registry) {
+    let without = parse_one(text, path, root, Some(profile), &[], registry).err().map(|e| e.diagnostics).unwrap_or_default();
     for d in diags.iter_mut() {
         if !matches!(d.origin, Origin::File { .. } | Origin::FileOnly { .. }) || without.contains(d) {
             continue;
@@ -437,7 +450,7 @@ fn blame_sets(diags: &mut [Diagnostic], text: &str, path: &Path, root: &Path, pr
             &sets[0]
         } else {
             sets.iter()
-                .find(|s| parse_one(text, path, root, Some(profile), std::slice::from_ref(*s)).err().is_some_and(|e| e.diagnostics.iter().any(|x| x.message == d.message)))
+                .find(|s| parse_one(text, path, root, Some(profile), std::slice::from_ref(*s), registry).err().is_some_and(|e| e.diagnostics.iter().any(|x| x.message == d.message)))
                 .unwrap_or(&sets[sets.len() - 1])
         };
         let place = match &d.origin {
@@ -450,7 +463,7 @@ fn blame_sets(diags: &mut [Diagnostic], text: &str, path: &Path, root: &Path, pr
 }
 
 /// One parse with one profile (`None`: no profile's overrides at all, the spec as written).
-fn parse_one(text: &str, path: &Path, root: &Path, profile: Option<&str>, sets: &[String]) -> Result<Spec, SpecError> {
+fn parse_one(text: &str, path: &Path, root: &Path, profile: Option<&str>, sets: &[String], registry: &Registry) -> Result<Spec, SpecError> {
     let selected = profile;
     let profile = profile.unwrap_or(DEFAULT_PROFILE);
     let shown = path.display().to_string();
@@ -461,8 +474,8 @@ fn parse_one(text: &str, path: &Path, root: &Path, profile: Option<&str>, sets: 
     let file: SpecFile = toml::from_str(text).map_err(|e| SpecError { diagnostics: vec![toml_error(&e, &shown, &lines)] })?;
     let mut diags = Vec::new();
     let data_names: Vec<String> = file.data.keys().cloned().collect();
-    let Some(schema) = methods::schema(&file.report.method) else {
-        let names: Vec<String> = methods::NAMES.iter().map(|s| s.to_string()).collect();
+    let Some(method) = registry.get(&file.report.method) else {
+        let names: Vec<String> = registry.names().iter().map(|s| s.to_string()).collect();
         return Err(SpecError {
             diagnostics: vec![Diagnostic {
                 origin: lines.origin(&shown, locator.span(&segs("report.method"))),
@@ -471,6 +484,7 @@ fn parse_one(text: &str, path: &Path, root: &Path, profile: Option<&str>, sets: 
             }],
         });
     };
+    let schema = method.schema();
 
     // 2. Overrides: the profile's entries, then --set, applied to the document tree.
     let mut overrides = Vec::new();
@@ -730,7 +744,7 @@ fn parse_one(text: &str, path: &Path, root: &Path, profile: Option<&str>, sets: 
     // Method-specific checks that involve several parameters at once.
     for e in &experiments {
         for r in &e.runs {
-            if let Err((key, msg, hint)) = methods::check_run(&file.report.method, &r.params) {
+            if let Err((key, msg, hint)) = method.check_run(&r.params) {
                 let path = if e.axes.contains(&key) { vec!["experiments".into(), e.id.clone(), "grid".into(), key] } else { vec!["experiments".into(), e.id.clone()] };
                 err(path, true, format!("experiment `{}` ({}): {msg}", e.id, r.label()), hint);
                 break;
@@ -739,7 +753,7 @@ fn parse_one(text: &str, path: &Path, root: &Path, profile: Option<&str>, sets: 
     }
 
     let exp_ids: Vec<String> = experiments.iter().map(|e| e.id.clone()).collect();
-    let metric_names: Vec<String> = methods::metrics(&file.report.method).iter().map(|s| s.to_string()).collect();
+    let metric_names: Vec<String> = method.metrics().iter().map(|s| s.to_string()).collect();
     let param_names = schema_names(schema);
     let (mut table_ids, mut figure_ids, mut claim_ids) = (std::collections::BTreeSet::new(), std::collections::BTreeSet::new(), std::collections::BTreeSet::new());
     let check_exp = |path: Vec<String>, e: &str, err: &mut dyn FnMut(Vec<String>, bool, String, Option<String>)| -> bool {
@@ -784,7 +798,7 @@ fn parse_one(text: &str, path: &Path, root: &Path, profile: Option<&str>, sets: 
         check_exp(at("experiment"), &f.experiment, &mut err);
         for (j, m) in f.y.to_vec().iter().enumerate() {
             if f.kind == FigureKind::ClassEpochs {
-                let names = methods::class_metrics(&file.report.method);
+                let names = methods::class_metrics(method.as_ref());
                 if !names.iter().any(|n| n == m) {
                     err(at(&format!("y.{j}")), false, format!("unknown per-class value `{m}`"), Some(params::suggest(m, &names)));
                 }
@@ -855,6 +869,7 @@ fn parse_one(text: &str, path: &Path, root: &Path, profile: Option<&str>, sets: 
         tables: file.tables,
         figures: file.figures,
         claims: file.claims,
+        method,
     })
 }
 
