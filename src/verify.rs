@@ -128,28 +128,38 @@ fn list_or_none(v: &[String]) -> String {
     }
 }
 
-/// The lock holds exactly the planned cells, with the spec's keys and material.
+/// The lock holds exactly the planned cells, with the spec's keys and material. A name may serve
+/// several cells (long-tailed subsets drawn with different seeds share theirs), so cells are
+/// matched by name and key together.
 fn check_cells(plan: &Plan, lock: &Lock, problems: &mut Vec<String>) {
-    let mut by_name: BTreeMap<&str, &LockedCell> = BTreeMap::new();
+    let mut locked: BTreeMap<(&str, &str), &LockedCell> = BTreeMap::new();
     for l in &lock.cells {
-        if by_name.insert(l.name.as_str(), l).is_some() {
+        if locked.insert((l.name.as_str(), l.key.as_str()), l).is_some() {
             problems.push(format!("cell {}: listed more than once in the lock file", l.name));
         }
     }
-    let planned: BTreeSet<&str> = plan.cells.iter().map(|c| c.name.as_str()).collect();
-    for l in &lock.cells {
-        if !planned.contains(l.name.as_str()) {
-            problems.push(format!("cell {}: in the lock file but not planned by the spec", l.name));
+    let planned: BTreeSet<(&str, &str)> = plan.cells.iter().map(|c| (c.name.as_str(), c.key.as_str())).collect();
+    let planned_names: BTreeSet<&str> = planned.iter().map(|(n, _)| *n).collect();
+    let mut stale_names = BTreeSet::new();
+    for (name, key) in locked.keys() {
+        if planned.contains(&(*name, *key)) {
+            continue;
+        }
+        if planned_names.contains(name) {
+            stale_names.insert(*name);
+            problems.push(format!("cell {name}: the spec now gives a different key than the committed lock (re-run the report)"));
+        } else {
+            problems.push(format!("cell {name}: in the lock file but not planned by the spec"));
         }
     }
     for c in &plan.cells {
-        let Some(l) = by_name.get(c.name.as_str()) else {
-            problems.push(format!("cell {}: planned by the spec but not in the lock file (re-run the report)", c.name));
+        let Some(l) = locked.get(&(c.name.as_str(), c.key.as_str())) else {
+            if !stale_names.contains(c.name.as_str()) {
+                problems.push(format!("cell {}: planned by the spec but not in the lock file (re-run the report)", c.name));
+            }
             continue;
         };
-        if l.key != c.key {
-            problems.push(format!("cell {}: the spec now gives a different key than the committed lock (re-run the report)", c.name));
-        } else if l.material != c.material {
+        if l.material != c.material {
             problems.push(format!("cell {}: the lock's key material is not the spec's (its key is; the lock file was edited)", c.name));
         }
         let train = matches!(c.kind, CellKind::Train { .. });

@@ -104,6 +104,10 @@ fn edited_cell_fields_fail() {
         bogus["name"] = Value::from("train/bogus");
         l["cells"].as_array_mut().unwrap().push(bogus);
     });
+    lock_edit_fails("verify-duplicate-cell", "listed more than once in the lock file", |l| {
+        let again = l["cells"][0].clone();
+        l["cells"].as_array_mut().unwrap().push(again);
+    });
     lock_edit_fails("verify-missing-cell", "planned by the spec but not in the lock file", |l| {
         l["cells"].as_array_mut().unwrap().pop();
     });
@@ -233,4 +237,16 @@ fn a_template_error_stops_the_run_before_any_cell_and_is_printed_once() {
     let objects = p.path().join("artifacts/store/objects");
     assert!(!objects.exists() || common::walk(&objects).is_empty(), "a cell ran before the template was checked");
     assert!(!p.path().join("artifacts/tiny").exists());
+}
+
+#[test]
+fn cells_that_share_a_name_verify() {
+    // Subsets drawn with different data seeds are different cells with one name.
+    let p = project("verify-shared-names");
+    let spec = p.path().join("reports/tiny.toml");
+    let text = std::fs::read_to_string(&spec).unwrap().replace("grid = { imbalance = [1.0, 0.1] }", "grid = { imbalance = [1.0, 0.1], data_seed = [0, 1] }");
+    std::fs::write(&spec, text).unwrap();
+    run_json(p.path(), &[]);
+    let (code, err) = verify(p.path(), &[]);
+    assert_eq!(code, Some(0), "{err}");
 }

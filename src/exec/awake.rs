@@ -55,7 +55,7 @@ impl WaitPolicy {
 }
 
 /// The policy `REPRISE_WAIT` names, read once per process. The command line checks it before it
-/// starts any work ([`crate::cli::main_with`]); a library user with a bad value gets the default
+/// starts any work (the command line's entry point); a library user with a bad value gets the default
 /// and one warning on stderr.
 pub fn wait_policy() -> Result<WaitPolicy, String> {
     static POLICY: OnceLock<Result<WaitPolicy, String>> = OnceLock::new();
