@@ -12,6 +12,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 use crate::cache::{sha256_file, StoreError};
+use crate::fs::write_atomic;
 use crate::exec::Execution;
 use crate::plan::{KeyMaterial, Plan};
 
@@ -50,18 +51,6 @@ pub enum LockError {
 }
 
 pub const LOCK_FILE: &str = "lock.json";
-
-/// Write a report output atomically: a temporary file beside it, then a rename. Two runs of
-/// one report at once, or a run killed mid-write, never leave a half-written file.
-pub fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
-    use std::sync::atomic::{AtomicU64, Ordering};
-    static N: AtomicU64 = AtomicU64::new(0);
-    let name = path.file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_default();
-    let tmp = path.with_file_name(format!(".{name}.tmp-{}-{}", std::process::id(), N.fetch_add(1, Ordering::Relaxed)));
-    std::fs::write(&tmp, bytes).and_then(|_| std::fs::rename(&tmp, path)).inspect_err(|_| {
-        let _ = std::fs::remove_file(&tmp);
-    })
-}
 
 impl Lock {
     /// Build from an executed plan and the files written in `out_dir` (paths under it).

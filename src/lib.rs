@@ -14,6 +14,7 @@ pub mod data;
 pub mod driver;
 pub mod exec;
 pub mod frames;
+pub mod fs;
 pub mod methods;
 pub mod metrics;
 pub mod models;

@@ -41,13 +41,13 @@ struct ReportRun {
 }
 
 fn report_json(r: &ReportRun) -> serde_json::Value {
-    let (planned, cached, ran, failed) = r.report.exec.count();
+    let c = r.report.exec.count();
     let p = |x: &Path| shown(x);
     let w = &r.written;
     json!({
         "report": r.report.spec.report.id,
         "profile": r.report.spec.profile,
-        "cells": { "planned": planned, "cached": cached, "run": ran, "failed": failed },
+        "cells": { "planned": c.planned, "cached": c.cached, "run": c.ran, "failed": c.failed },
         "outputs": {
             "markdown": p(&w.rendered.markdown),
             "html": p(&w.rendered.html),
@@ -72,8 +72,8 @@ fn errors(exec: &Execution) -> usize {
 
 /// One line per report, and the root causes of its failures in full.
 fn print_summary(r: &ReportRun) {
-    let (planned, cached, ran, failed) = r.report.exec.count();
-    eprintln!("{}: {planned} cells ({cached} cached, {ran} run, {failed} failed) in {:.1} s → {}", r.report.spec.report.id, r.report.exec.seconds, shown(&r.written.rendered.markdown));
+    let c = r.report.exec.count();
+    eprintln!("{}: {} cells ({} cached, {} run, {} failed) in {:.1} s → {}", r.report.spec.report.id, c.planned, c.cached, c.ran, c.failed, r.report.exec.seconds, shown(&r.written.rendered.markdown));
     // Cells that failed only because an upstream cell did are counted, not listed.
     let mut downstream = 0;
     for f in &failures(&r.report) {
@@ -134,10 +134,10 @@ pub fn run(args: &RunArgs, project: &Project) -> anyhow::Result<i32> {
             let counts: Vec<_> = runs.iter().map(|r| r.report.exec.count()).collect();
             json!({
                 "cells": {
-                    "planned": counts.iter().map(|c| c.0).sum::<usize>(),
-                    "cached": counts.iter().map(|c| c.1).sum::<usize>(),
-                    "run": counts.iter().map(|c| c.2).sum::<usize>(),
-                    "failed": counts.iter().map(|c| c.3).sum::<usize>(),
+                    "planned": counts.iter().map(|c| c.planned).sum::<usize>(),
+                    "cached": counts.iter().map(|c| c.cached).sum::<usize>(),
+                    "run": counts.iter().map(|c| c.ran).sum::<usize>(),
+                    "failed": counts.iter().map(|c| c.failed).sum::<usize>(),
                 },
                 "reports": runs.iter().map(report_json).collect::<Vec<_>>(),
                 "seconds": start.elapsed().as_secs_f64(),

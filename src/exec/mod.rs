@@ -85,6 +85,16 @@ impl CellOutcome {
     }
 }
 
+/// How many cells of a plan were found in the cache, computed, or have no usable result.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Counts {
+    pub planned: usize,
+    pub cached: usize,
+    pub ran: usize,
+    /// Errors and recorded failures (a diverged run) alike.
+    pub failed: usize,
+}
+
 /// The result of executing a plan.
 #[derive(Debug, Clone)]
 pub struct Execution {
@@ -95,12 +105,13 @@ pub struct Execution {
 }
 
 impl Execution {
-    pub fn count(&self) -> (usize, usize, usize, usize) {
-        let planned = self.outcomes.len();
-        let cached = self.outcomes.iter().filter(|o| matches!(o, CellOutcome::Cached(_))).count();
-        let ran = self.outcomes.iter().filter(|o| matches!(o, CellOutcome::Ran(_))).count();
-        let failed = self.outcomes.iter().filter(|o| o.failure().is_some()).count();
-        (planned, cached, ran, failed)
+    pub fn count(&self) -> Counts {
+        Counts {
+            planned: self.outcomes.len(),
+            cached: self.outcomes.iter().filter(|o| matches!(o, CellOutcome::Cached(_))).count(),
+            ran: self.outcomes.iter().filter(|o| matches!(o, CellOutcome::Ran(_))).count(),
+            failed: self.outcomes.iter().filter(|o| o.failure().is_some()).count(),
+        }
     }
 
     /// One warning per corrupt store file met (each was removed): `recomputed` when the run

@@ -15,7 +15,7 @@ use std::path::{Path, PathBuf};
 
 use polars::prelude::*;
 
-use crate::artifacts::write_atomic;
+use crate::fs::write_atomic;
 use crate::cache::{CellRecord, CellStatus, Store, StoreError};
 use crate::exec::{read_output, CellOutcome, Execution};
 use crate::methods::RunRecord;

@@ -22,7 +22,7 @@ use std::sync::Arc;
 use minijinja::{context, Environment, Value};
 use serde::Serialize;
 
-use crate::artifacts::write_atomic;
+use crate::fs::write_atomic;
 use crate::frames::Frames;
 use crate::spec::confine;
 use crate::spec::{FigureDecl, Spec, TableDecl};
