@@ -9,8 +9,8 @@ use serde::{Deserialize, Serialize};
 use super::CellOutcome;
 use crate::cache::{CellRecord, CellStatus, Store, StoreError};
 use crate::data::{self, ImageSet};
-use crate::methods::{Outcome, Progress, TrainInputs};
-use crate::plan::{CellKind, Plan};
+use crate::methods::{DataInput, Derive, InputDecl, Outcome, Progress, TrainInputs, PRETRAIN_INPUT};
+use crate::plan::{self, CellKind, Plan};
 
 /// Decoded data sets by object hash, so that many training cells share one copy.
 #[derive(Default)]
@@ -107,6 +107,32 @@ pub fn run_cell(plan: &Plan, i: usize, inputs: &[CellRecord], store: &dyn Store,
     Ok(CellOutcome::Ran(record))
 }
 
+/// One declared input's data, read from its upstream records (dataset, split, derived cell).
+struct LoadedInput {
+    images: Arc<ImageSet>,
+    split: SplitOutput,
+    /// The derived training indices; `None` for the split's whole training pool.
+    train: Option<Vec<usize>>,
+}
+
+impl LoadedInput {
+    fn view<'a>(&'a self, name: &'a str) -> DataInput<'a> {
+        let train = self.train.as_deref().unwrap_or(&self.split.train);
+        DataInput { name, data: &self.images, train, test: &self.split.test }
+    }
+}
+
+/// `recs` are the records of the cells [`plan::input_cell_count`] counts for `decl`.
+fn load_input(store: &dyn Store, memo: &Memo, decl: &InputDecl, recs: &[CellRecord]) -> Result<LoadedInput, CellFailure> {
+    let images = load_images(store, memo, &recs[0])?;
+    let split: SplitOutput = load_json(store, &recs[1], "split.json")?;
+    let train = match decl.derive {
+        Derive::Pool => None,
+        Derive::LongTail { .. } => Some(load_json::<SubsetOutput>(store, &recs[2], "subset.json")?.train),
+    };
+    Ok(LoadedInput { images, split, train })
+}
+
 /// The images of labels 0..k, in their order, as a k-class set.
 fn first_classes(images: &ImageSet, k: usize) -> ImageSet {
     let keep: Vec<usize> = (0..images.len()).filter(|&i| (images.labels[i] as usize) < k).collect();
@@ -171,10 +197,21 @@ fn compute(kind: CellKind, inputs: &[CellRecord], store: &dyn Store, memo: &Memo
         }
         CellKind::Train { method, params, seed } => {
             let m = method.as_ref();
-            let images = load_images(store, memo, &inputs[0])?;
-            let split: SplitOutput = load_json(store, &inputs[1], "split.json")?;
-            let subset: SubsetOutput = load_json(store, &inputs[2], "subset.json")?;
-            let pretrained = match inputs.get(3) {
+            // The plan put each declared input's cells upstream in declaration order, then the
+            // pretraining cell; the declarations are a pure function of the parameters.
+            let decls = m.inputs(&params)?;
+            let mut loaded = Vec::with_capacity(decls.len());
+            let mut rest = inputs;
+            for decl in &decls {
+                let n = plan::input_cell_count(decl);
+                if rest.len() < n {
+                    return Err(CellFailure(format!("input `{}` has {} upstream cells, expected {n}", decl.name, rest.len())));
+                }
+                let (mine, tail) = rest.split_at(n);
+                loaded.push(load_input(store, memo, decl, mine)?);
+                rest = tail;
+            }
+            let pretrained = match rest.first() {
                 Some(rec) => {
                     let mut objects = BTreeMap::new();
                     for (name, hash) in &rec.outputs {
@@ -185,14 +222,16 @@ fn compute(kind: CellKind, inputs: &[CellRecord], store: &dyn Store, memo: &Memo
                 }
                 None => None,
             };
-            let ti = TrainInputs { data: &images, train: &subset.train, test: &split.test, pretrained: pretrained.as_ref(), root: project_root };
+            let data = decls.iter().zip(&loaded).map(|(d, l)| l.view(&d.name)).collect();
+            let ti = TrainInputs { data, pretrained: pretrained.as_ref(), root: project_root };
             return Ok(m.run(&params, seed, &ti, progress)?);
         }
         CellKind::Pretrain { method, pretraining } => {
             let m = method.as_ref();
             let images = load_images(store, memo, &inputs[0])?;
             let split: SplitOutput = load_json(store, &inputs[1], "split.json")?;
-            let ti = TrainInputs { data: &images, train: &split.train, test: &split.test, pretrained: None, root: project_root };
+            let data = vec![DataInput { name: PRETRAIN_INPUT, data: &images, train: &split.train, test: &split.test }];
+            let ti = TrainInputs { data, pretrained: None, root: project_root };
             return Ok(m.pretrain(&pretraining, &ti, progress)?);
         }
     }

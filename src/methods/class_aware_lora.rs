@@ -61,7 +61,7 @@ use candle_nn::{VarBuilder, VarMap};
 use serde::{Deserialize, Serialize};
 
 use super::supervised::safetensors_bytes;
-use super::{ClassRecord, EpochRecord, Method, MethodError, Outcome, Pretraining, Progress, RunRecord, TrainInputs};
+use super::{ClassRecord, DataInput, EpochRecord, InputDecl, Method, MethodError, Outcome, Pretraining, Progress, RunRecord, TrainInputs, PRETRAIN_INPUT};
 use crate::data::ImageSet;
 use crate::metrics::{self, Group};
 use crate::models::lora::{Activation, VitBackbone, VitLoadOptions};
@@ -123,6 +123,10 @@ static SCHEMA: &[ParamDef] = &[
     ParamDef { name: "pretrain_lr", kind: fx(0.0, 10.0), default: Dv::Float(0.001), doc: "AdamW learning rate of pretraining" },
     ParamDef { name: "pretrain_seed", kind: K::Int { min: 0, max: i64::MAX }, default: Dv::Int(0), doc: "seed of the pretraining" },
 ];
+
+/// The run's one input: the long-tailed target data set (`dataset`, `imbalance`, `data_seed`)
+/// with its balanced test split. The pretraining's source set comes from [`Method::pretraining`].
+const TARGET: &str = "target";
 
 static METRICS: &[&str] = &[
     "train_loss",
@@ -669,6 +673,10 @@ impl Method for ClassAwareLora {
         &["dataset", "imbalance", "data_seed", "device"]
     }
 
+    fn inputs(&self, p: &Params) -> Result<Vec<InputDecl>, MethodError> {
+        Ok(vec![InputDecl::long_tail(TARGET, p)?])
+    }
+
     fn check_run(&self, p: &Params) -> Result<(), (String, String, Option<String>)> {
         if let (Some(h), Some(t)) = (p.get("head_min").and_then(ParamValue::as_i64), p.get("tail_max").and_then(ParamValue::as_i64)) {
             if t >= h {
@@ -708,6 +716,7 @@ impl Method for ClassAwareLora {
             objects.insert("pretrain.json".to_string(), to_json(&PretrainRecord { source_accuracy: Vec::new() })?);
             return Ok(Outcome::Done(objects));
         }
+        let inputs = inputs.input(PRETRAIN_INPUT)?;
         let data = inputs.data;
         let dev = Device::Cpu;
         let varmap = VarMap::new();
@@ -790,20 +799,21 @@ impl Adam {
 /// the run as a failure with the epochs recorded so far.
 fn run(p: &Params, seed: u64, inputs: &TrainInputs, progress: &dyn Progress) -> Result<Outcome, MethodError> {
     let dev = device(p)?;
-    let data = inputs.data;
     let dtype = DType::F32;
-    let backbone = load_backbone(p, inputs, dtype, &dev)?;
+    let target = inputs.input(TARGET)?;
+    let backbone = load_backbone(p, inputs.pretrained, target, dtype, &dev)?;
+    let data = target.data;
     let net = &backbone.net;
     let side = net.input_side();
 
-    let counts = class_counts(data, inputs.train);
+    let counts = class_counts(data, target.train);
     let groups = metrics::groups_by_count(&counts, get_i(p, "head_min")?, get_i(p, "tail_max")?);
     let factors = GroupFactors::from_params(p)?;
     let setup = Setup::from_params(p, &counts, &groups, &factors, dtype)?;
 
-    let (train_idx, meta_idx) = meta_split(data, inputs.train, get_f(p, "meta_data_ratio")?, seed);
+    let (train_idx, meta_idx) = meta_split(data, target.train, get_f(p, "meta_data_ratio")?, seed);
     let meta = gather(data, &meta_idx, side, dtype, &dev)?;
-    let test = gather(data, inputs.test, side, dtype, &dev)?;
+    let test = gather(data, target.test, side, dtype, &dev)?;
 
     let schedule = Schedule::from_params(p)?;
     let cx = RunContext { setup: &setup, net, data, side, dev: &dev };
@@ -838,16 +848,16 @@ struct Backbone {
 
 /// The backbone from the pretraining cell's `backbone.safetensors`; its input channels must be
 /// those of the target data set.
-fn load_backbone(p: &Params, inputs: &TrainInputs, dtype: DType, dev: &Device) -> Result<Backbone, MethodError> {
-    let pre = inputs.pretrained.ok_or_else(|| MethodError::Invalid("class_aware_lora needs its pretraining cell's output".into()))?;
+fn load_backbone(p: &Params, pretrained: Option<&BTreeMap<String, Vec<u8>>>, target: &DataInput, dtype: DType, dev: &Device) -> Result<Backbone, MethodError> {
+    let pre = pretrained.ok_or_else(|| MethodError::Invalid("class_aware_lora needs its pretraining cell's output".into()))?;
     let bytes = pre.get("backbone.safetensors").ok_or_else(|| MethodError::Invalid("the pretraining output has no backbone.safetensors".into()))?;
     let source_accuracy = pre
         .get("pretrain.json")
         .and_then(|b| serde_json::from_slice::<PretrainRecord>(b).ok())
         .and_then(|r| r.source_accuracy.last().copied());
     let net = VitBackbone::from_safetensors(bytes, load_options(p)?, dtype, dev)?;
-    if net.channels() != inputs.data.channels {
-        return Err(MethodError::Invalid(format!("the backbone takes {} input channels but the target data set has {}", net.channels(), inputs.data.channels)));
+    if net.channels() != target.data.channels {
+        return Err(MethodError::Invalid(format!("the backbone takes {} input channels but the target data set has {}", net.channels(), target.data.channels)));
     }
     Ok(Backbone { net, source_accuracy })
 }

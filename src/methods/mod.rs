@@ -16,20 +16,80 @@ use std::sync::Arc;
 use crate::data::ImageSet;
 use serde::{Deserialize, Serialize};
 
-use crate::params::{ParamDef, Params};
+use crate::params::{ParamDef, ParamValue, Params};
 
-
-/// The data a training cell receives from its upstream cells.
-pub struct TrainInputs<'a> {
+/// The data of one declared input, as a training cell receives it from its upstream cells.
+pub struct DataInput<'a> {
+    /// The name the method declared it under ([`InputDecl::name`]).
+    pub name: &'a str,
     pub data: &'a ImageSet,
-    /// Indices of the (long-tailed) training subset.
+    /// Indices of the training images ([`Derive`] says which).
     pub train: &'a [usize],
     /// Indices of the balanced test set.
     pub test: &'a [usize],
+}
+
+/// What a training cell receives from its upstream cells.
+pub struct TrainInputs<'a> {
+    /// The inputs the run declared ([`Method::inputs`]), in declaration order.
+    pub data: Vec<DataInput<'a>>,
     /// The outputs of the run's pretraining cell, by name (see [`Method::pretraining`]).
     pub pretrained: Option<&'a BTreeMap<String, Vec<u8>>>,
     /// The project root (where `data-manifests/` lives).
     pub root: &'a std::path::Path,
+}
+
+impl<'a> TrainInputs<'a> {
+    /// The input declared as `name`.
+    pub fn input(&self, name: &str) -> Result<&DataInput<'a>, MethodError> {
+        self.data.iter().find(|d| d.name == name).ok_or_else(|| {
+            let names: Vec<&str> = self.data.iter().map(|d| d.name).collect();
+            MethodError::Invalid(format!("no input `{name}` (declared: {})", if names.is_empty() { "none".to_string() } else { names.join(", ") }))
+        })
+    }
+}
+
+/// The name of a pretraining cell's one input in [`TrainInputs`]: the split of
+/// [`Pretraining::dataset`], training on its whole training pool.
+pub const PRETRAIN_INPUT: &str = "pretrain";
+
+/// One data input a run needs, declared by the method ([`Method::inputs`]). The plan turns it
+/// into cells: the data set, its split into a training pool and a balanced test set, and the
+/// derived cell of [`Derive`], each keyed like any cell. Several inputs may name the same data
+/// set; cells with the same key are planned once.
+#[derive(Debug, Clone, PartialEq)]
+pub struct InputDecl {
+    /// The name the method reads it by ([`TrainInputs::input`]); never part of a key.
+    pub name: String,
+    /// The `[data.NAME]` set it comes from.
+    pub dataset: String,
+    /// What the training indices are.
+    pub derive: Derive,
+}
+
+/// Which training images of a data set's split an input gets. Its test images are always the
+/// split's balanced test set.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Derive {
+    /// The split's whole training pool. No further cell.
+    Pool,
+    /// A long-tailed subset of the training pool: n_i = floor(n_max·imbalance^(i/(C−1))) images
+    /// of class i, picked by a per-class shuffle seeded with `seed`. One `subset` cell.
+    LongTail { imbalance: f64, seed: u64 },
+}
+
+impl InputDecl {
+    /// The input `name` that most runs declare: the data set named by the run's `dataset`
+    /// parameter, with a long-tailed subset of imbalance `imbalance` drawn with seed
+    /// `data_seed`. Each of the three must be in the method's schema (the spec layer then fills
+    /// its default); a missing one is an error, not a default.
+    pub fn long_tail(name: &str, params: &Params) -> Result<InputDecl, MethodError> {
+        let missing = |k: &str, what: &str| MethodError::Invalid(format!("input `{name}` reads the parameter `{k}` ({what}), which the run does not have; add it to the method's schema"));
+        let dataset = params.get("dataset").and_then(ParamValue::as_str).ok_or_else(|| missing("dataset", "a data set name"))?;
+        let imbalance = params.get("imbalance").and_then(ParamValue::as_f64).ok_or_else(|| missing("imbalance", "a number"))?;
+        let seed = params.get("data_seed").and_then(ParamValue::as_i64).and_then(|s| u64::try_from(s).ok()).ok_or_else(|| missing("data_seed", "an integer ≥ 0"))?;
+        Ok(InputDecl { name: name.to_string(), dataset: dataset.to_string(), derive: Derive::LongTail { imbalance, seed } })
+    }
 }
 
 /// Progress reports from inside a cell (epochs), shown by the executor's progress bars.
@@ -125,14 +185,32 @@ pub trait Method: Send + Sync {
     }
     /// Cross-parameter checks: Err((parameter, message, hint)).
     fn check_run(&self, params: &Params) -> Result<(), (String, String, Option<String>)>;
-    /// Parameters that only shape the upstream data cells, left out of the training key.
+    /// Parameters that only shape the upstream data cells (or the device), left out of the
+    /// training key: they reach it through the upstream keys (and the device class).
     fn data_params(&self) -> &'static [&'static str];
+    /// The data inputs a run needs, by name, in the order their cells go upstream of the
+    /// training cell. Default: none (the run gets no data cells). An input may only read
+    /// parameters of the method's schema, e.g. [`InputDecl::long_tail`].
+    fn inputs(&self, _params: &Params) -> Result<Vec<InputDecl>, MethodError> {
+        Ok(Vec::new())
+    }
+    /// The device class of a run's training and pretraining cells (part of their keys: CPU and
+    /// GPU results differ in the last bits). Default: the run's `device` parameter if the
+    /// schema has one (its schema default if the run lacks it), else `cpu`.
+    fn device(&self, params: &Params) -> String {
+        let Some(def) = self.schema().iter().find(|d| d.name == "device") else { return "cpu".to_string() };
+        match params.get("device") {
+            Some(v) => v.canonical(),
+            None => def.default.value().canonical(),
+        }
+    }
     /// The pretraining this run needs, if any. `root` is the project root (for files such as
     /// weights manifests whose pinned hashes belong in the key).
     fn pretraining(&self, _params: &Params, _root: &std::path::Path) -> Option<Pretraining> {
         None
     }
     /// Compute a pretraining cell: its objects become `TrainInputs::pretrained` of the runs.
+    /// `inputs` holds one input, [`PRETRAIN_INPUT`].
     fn pretrain(&self, _p: &Pretraining, _inputs: &TrainInputs, _progress: &dyn Progress) -> Result<Outcome, MethodError> {
         Err(MethodError::Invalid(format!("method `{}` has no pretraining", self.name())))
     }

@@ -12,7 +12,7 @@ use candle_core::{DType, Device, Tensor, D};
 use candle_nn::{VarBuilder, VarMap};
 use serde::Serialize;
 
-use super::{ClassRecord, EpochRecord, Method, MethodError, Outcome, Progress, RunRecord, TrainInputs};
+use super::{ClassRecord, DataInput, EpochRecord, InputDecl, Method, MethodError, Outcome, Progress, RunRecord, TrainInputs};
 use crate::data::ImageSet;
 use crate::metrics::{self, Centering, NcInput};
 use crate::models::{self, Classifier, ModelConfig, ModelKind};
@@ -52,6 +52,10 @@ static SCHEMA: &[ParamDef] = &[
     ParamDef { name: "device", kind: K::Choice(DEVICES), default: Dv::Str("cpu"), doc: "where to train: cpu, or cuda (needs a build with --features cuda)" },
     ParamDef { name: "centering", kind: K::Choice(CENTERINGS), default: Dv::Str("global"), doc: "mean that centres class means in NC1–NC3: sample mean (global) or class-balanced mean" },
 ];
+
+/// The run's one input: the `dataset` with its balanced test split and a long-tailed training
+/// subset (`imbalance`, `data_seed`).
+const INPUT: &str = "data";
 
 /// Metric columns, per analysis epoch. Accuracies are percentages on the balanced test set;
 /// NC metrics are measured on the training set's features.
@@ -182,6 +186,10 @@ impl Method for Supervised {
         &["dataset", "imbalance", "data_seed", "device"]
     }
 
+    fn inputs(&self, params: &Params) -> Result<Vec<InputDecl>, MethodError> {
+        Ok(vec![InputDecl::long_tail(INPUT, params)?])
+    }
+
     fn check_run(&self, p: &Params) -> Result<(), (String, String, Option<String>)> {
         if let (Some(e), Some(a)) = (p.get("epochs").and_then(|v| v.as_i64()), p.get("analyze_freq").and_then(|v| v.as_i64())) {
             if a > e {
@@ -193,7 +201,7 @@ impl Method for Supervised {
 
     fn run(&self, params: &Params, seed: u64, inputs: &TrainInputs, progress: &dyn Progress) -> Result<Outcome, MethodError> {
         let cfg = Config::from_params(params)?;
-        train_run(&cfg, seed, inputs, progress)
+        train_run(&cfg, seed, inputs.input(INPUT)?, progress)
     }
 }
 
@@ -232,7 +240,7 @@ fn device(cfg: &Config) -> Result<Device, MethodError> {
     crate::models::cuda_device(0)?.ok_or_else(|| MethodError::Invalid("device = \"cuda\" but this build of reprise has no CUDA support: rebuild with `cargo build --release --features cuda` on a machine with the CUDA toolkit, or set device = \"cpu\"".into()))
 }
 
-fn train_run(cfg: &Config, seed: u64, inputs: &TrainInputs, progress: &dyn Progress) -> Result<Outcome, MethodError> {
+fn train_run(cfg: &Config, seed: u64, inputs: &DataInput, progress: &dyn Progress) -> Result<Outcome, MethodError> {
     let dev = device(cfg)?;
     let data = inputs.data;
     let c = data.num_classes;
@@ -332,7 +340,7 @@ fn analyse(
     model: &dyn Classifier,
     dev: &Device,
     cfg: &Config,
-    inputs: &TrainInputs,
+    inputs: &DataInput,
     counts: &[usize],
     groups: &[metrics::Group],
     minority: &[usize],

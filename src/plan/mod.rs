@@ -18,7 +18,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::cache::sha256_hex;
 use crate::data::{DataError, Manifest};
-use crate::methods::{MethodRef, Pretraining};
+use crate::methods::{Derive, InputDecl, MethodRef, Pretraining};
 use crate::params::{ParamValue, Params};
 use crate::spec::Spec;
 
@@ -57,13 +57,13 @@ pub enum CellKind {
     Dataset { manifest: Box<Manifest>, root: PathBuf, classes: Option<usize> },
     /// Split into a training pool and a balanced test set. Upstream: dataset.
     Split { test_per_class: usize, seed: u64 },
-    /// Long-tailed subset of the training pool. Upstream: dataset, split.
+    /// Long-tailed subset of the training pool ([`Derive::LongTail`]). Upstream: dataset, split.
     Subset { imbalance: f64, seed: u64 },
     /// A method's pretraining (e.g. a backbone on a balanced source task). Upstream: dataset,
     /// split of the source data.
     Pretrain { method: MethodRef, pretraining: Pretraining },
-    /// One training run of a method. Upstream: dataset, split, subset, and the pretraining
-    /// cell when the method has one.
+    /// One training run of a method. Upstream: the cells of each declared input (dataset,
+    /// split, derived cell), then the pretraining cell when the method has one.
     Train { method: MethodRef, params: Params, seed: u64 },
 }
 
@@ -116,13 +116,19 @@ pub struct Plan {
     pub runs: Vec<PlannedRun>,
 }
 
-/// Errors of planning (data manifests).
+/// Errors of planning (data manifests, declared inputs).
 #[derive(Debug, thiserror::Error)]
 pub enum PlanError {
     #[error("data set `{name}`: {source}")]
     Data { name: String, source: DataError },
     #[error("unknown method `{0}`")]
     Method(String),
+    /// The method could not declare a run's inputs (e.g. a parameter missing from its schema).
+    #[error("{run}: the method's inputs: {message}")]
+    Inputs { run: String, message: String },
+    /// A run's input names a data set the spec does not declare.
+    #[error("{run}: input `{input}` needs data set `{dataset}`, which the spec does not declare under [data]; {hint}")]
+    UndeclaredData { run: String, input: String, dataset: String, hint: String },
 }
 
 impl Plan {
@@ -190,7 +196,36 @@ fn data_cells(spec: &Spec, b: &mut Builder, memo: &mut HashMap<String, (usize, u
     Ok((ds, split))
 }
 
-/// Plan every cell of `spec`.
+/// The cells of one declared input, in the order they go upstream of the training cell: the
+/// data set, its split, then the derived cell of `decl.derive` if it has one.
+fn input_cells(spec: &Spec, b: &mut Builder, memo: &mut HashMap<String, (usize, usize)>, decl: &InputDecl) -> Result<Vec<usize>, PlanError> {
+    let (ds, split) = data_cells(spec, b, memo, &decl.dataset)?;
+    let mut cells = vec![ds, split];
+    match decl.derive {
+        Derive::Pool => {}
+        Derive::LongTail { imbalance, seed } => {
+            let mut p = BTreeMap::new();
+            p.insert("imbalance".to_string(), ParamValue::Float(imbalance).canonical());
+            let m = material("subset", SUBSET_VERSION, p, vec![b.cells[ds].key.clone(), b.cells[split].key.clone()], Some(seed), "any");
+            let name = format!("subset/{}/imbalance={}", decl.dataset, ParamValue::Float(imbalance));
+            cells.push(b.add(name, CellKind::Subset { imbalance, seed }, m, vec![ds, split]));
+        }
+    }
+    Ok(cells)
+}
+
+/// How many upstream cells [`input_cells`] plans for `decl`: how the executor finds each
+/// input's records among a training cell's upstream records.
+pub fn input_cell_count(decl: &InputDecl) -> usize {
+    match decl.derive {
+        Derive::Pool => 2,
+        Derive::LongTail { .. } => 3,
+    }
+}
+
+/// Plan every cell of `spec`. A training cell's upstream cells are those of each input the
+/// method declares for the run ([`Method::inputs`](crate::methods::Method::inputs)), in
+/// declaration order, then its pretraining cell if it has one.
 pub fn plan(spec: &Spec) -> Result<Plan, PlanError> {
     let method = spec.method.clone();
     let mut b = Builder { cells: Vec::new(), index: HashMap::new() };
@@ -198,19 +233,21 @@ pub fn plan(spec: &Spec) -> Result<Plan, PlanError> {
     let mut runs = Vec::new();
     for exp in &spec.experiments {
         for run in &exp.runs {
-            let data_name = run.params.get("dataset").and_then(ParamValue::as_str).unwrap_or_default().to_string();
-            let (ds, split) = data_cells(spec, &mut b, &mut memo, &data_name)?;
-            let imbalance = run.params.get("imbalance").and_then(ParamValue::as_f64).unwrap_or(1.0);
-            let data_seed = run.params.get("data_seed").and_then(ParamValue::as_i64).unwrap_or(0).max(0) as u64;
-            let mut p = BTreeMap::new();
-            p.insert("imbalance".to_string(), ParamValue::Float(imbalance).canonical());
-            let m = material("subset", SUBSET_VERSION, p, vec![b.cells[ds].key.clone(), b.cells[split].key.clone()], Some(data_seed), "any");
-            let subset = b.add(format!("subset/{data_name}/imbalance={}", ParamValue::Float(imbalance)), CellKind::Subset { imbalance, seed: data_seed }, m, vec![ds, split]);
+            let name = format!("train/{}/{}", exp.id, run.label());
+            let decls = method.inputs(&run.params).map_err(|e| PlanError::Inputs { run: name.clone(), message: e.to_string() })?;
+            let mut upstream = Vec::new();
+            for decl in &decls {
+                if !spec.data.contains_key(&decl.dataset) {
+                    let declared: Vec<String> = spec.data.keys().cloned().collect();
+                    let hint = if declared.is_empty() { format!("add [data.{}]", decl.dataset) } else { crate::params::suggest(&decl.dataset, &declared) };
+                    return Err(PlanError::UndeclaredData { run: name, input: decl.name.clone(), dataset: decl.dataset.clone(), hint });
+                }
+                upstream.extend(input_cells(spec, &mut b, &mut memo, decl)?);
+            }
 
             // The device class goes into the key on its own: CPU and GPU results differ in the
             // last bits, so they are different cells.
-            let device = run.params.get("device").and_then(ParamValue::as_str).unwrap_or("cpu").to_string();
-            let mut upstream = vec![ds, split, subset];
+            let device = method.device(&run.params);
             if let Some(pt) = method.pretraining(&run.params, &spec.root) {
                 let (pds, psplit) = data_cells(spec, &mut b, &mut memo, &pt.dataset)?;
                 let canon = pt.params.iter().map(|(k, v)| (k.clone(), v.canonical())).collect();
@@ -225,7 +262,6 @@ pub fn plan(spec: &Spec) -> Result<Plan, PlanError> {
             let canon: BTreeMap<String, String> = train_params.iter().map(|(k, v)| (k.clone(), v.canonical())).collect();
             let up = upstream.iter().map(|&u| b.cells[u].key.clone()).collect();
             let m = material(&format!("train:{}", method.name()), method.version(), canon, up, Some(run.seed), &device);
-            let name = format!("train/{}/{}", exp.id, run.label());
             let cell = b.add(name, CellKind::Train { method: method.clone(), params: run.params.clone(), seed: run.seed }, m, upstream);
             runs.push(PlannedRun { experiment: exp.id.clone(), label: run.label(), point: run.point.clone(), params: run.params.clone(), seed: run.seed, cell });
         }
@@ -295,6 +331,92 @@ mod tests {
             change(&mut m);
             assert_ne!(m.key(), k, "variant {i} left the key unchanged");
         }
+    }
+
+    /// A method whose inputs are whatever `declare` says.
+    struct Declares {
+        declare: fn(&Params) -> Result<Vec<InputDecl>, crate::methods::MethodError>,
+    }
+
+    impl crate::methods::Method for Declares {
+        fn name(&self) -> &'static str {
+            "declares"
+        }
+        fn version(&self) -> u32 {
+            1
+        }
+        fn schema(&self) -> &'static [crate::params::ParamDef] {
+            &[]
+        }
+        fn metrics(&self) -> &'static [&'static str] {
+            &[]
+        }
+        fn check_run(&self, _: &Params) -> Result<(), (String, String, Option<String>)> {
+            Ok(())
+        }
+        fn data_params(&self) -> &'static [&'static str] {
+            &[]
+        }
+        fn inputs(&self, params: &Params) -> Result<Vec<InputDecl>, crate::methods::MethodError> {
+            (self.declare)(params)
+        }
+        fn run(&self, _: &Params, _: u64, _: &crate::methods::TrainInputs, _: &dyn crate::methods::Progress) -> Result<crate::methods::Outcome, crate::methods::MethodError> {
+            Ok(crate::methods::Outcome::Done(BTreeMap::new()))
+        }
+    }
+
+    /// A spec with one run of `method` and one data set, `mnist`, whose manifest does not exist
+    /// (so any attempt to plan its cells fails).
+    fn spec_with(method: Declares) -> Spec {
+        use crate::spec::{DataDecl, Experiment, ReportSection, RunSpec};
+        let report = ReportSection { id: "t".into(), title: "T".into(), document: None, template: "t.md.j2".into(), method: "declares".into(), description: None };
+        let mut data = BTreeMap::new();
+        data.insert("mnist".to_string(), DataDecl { manifest: "no-such-manifest".into(), test_per_class: 10, split_seed: 0, classes: None });
+        let run = RunSpec { point: Params::new(), params: Params::new(), seed: 0 };
+        let exp = Experiment { active: true, id: "e".into(), title: "E".into(), description: None, axes: vec![], seeds: vec![0], runs: vec![run] };
+        Spec {
+            path: PathBuf::from("reports/t.toml"),
+            root: std::env::temp_dir().join("reprise-plan-tests-no-project"),
+            profile: "quick".into(),
+            overrides: vec![],
+            report,
+            data,
+            experiments: vec![exp],
+            tables: vec![],
+            figures: vec![],
+            claims: vec![],
+            method: std::sync::Arc::new(method),
+        }
+    }
+
+    #[test]
+    fn a_method_without_inputs_gets_a_training_cell_without_data() {
+        let plan = plan(&spec_with(Declares { declare: |_| Ok(Vec::new()) })).expect("plans without reading any manifest");
+        assert_eq!(plan.cells.len(), 1, "{:?}", plan.cells.iter().map(|c| &c.name).collect::<Vec<_>>());
+        let cell = &plan.cells[0];
+        assert!(matches!(cell.kind, CellKind::Train { .. }));
+        assert_eq!(cell.name, "train/e/seed=0");
+        assert!(cell.upstream.is_empty() && cell.material.upstream.is_empty());
+        // No `device` in the schema: the CPU.
+        assert_eq!(cell.material.device, "cpu");
+        assert_eq!(plan.runs[0].cell, 0);
+    }
+
+    #[test]
+    fn an_input_naming_an_undeclared_data_set_is_an_error() {
+        let declare = |_: &Params| Ok(vec![InputDecl { name: "source".into(), dataset: "mnits".into(), derive: Derive::Pool }]);
+        let err = plan(&spec_with(Declares { declare })).expect_err("`mnits` is not declared");
+        assert!(matches!(&err, PlanError::UndeclaredData { dataset, input, .. } if dataset == "mnits" && input == "source"), "{err:?}");
+        assert_eq!(err.to_string(), "train/e/seed=0: input `source` needs data set `mnits`, which the spec does not declare under [data]; did you mean `mnist`?");
+    }
+
+    #[test]
+    fn an_input_reading_a_parameter_outside_the_schema_is_an_error() {
+        // `long_tail` reads `dataset`, `imbalance` and `data_seed`; this run has none of them.
+        let declare = |p: &Params| Ok(vec![InputDecl::long_tail("data", p)?]);
+        let err = plan(&spec_with(Declares { declare })).expect_err("no `dataset` parameter");
+        assert!(matches!(err, PlanError::Inputs { .. }), "{err:?}");
+        assert!(err.to_string().contains("parameter `dataset`"), "{err}");
     }
 
     #[test]

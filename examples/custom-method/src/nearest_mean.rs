@@ -8,7 +8,7 @@
 
 use std::collections::BTreeMap;
 
-use reprise::methods::{ClassRecord, EpochRecord, Method, MethodError, Outcome, Progress, RunRecord, TrainInputs};
+use reprise::methods::{ClassRecord, EpochRecord, InputDecl, Method, MethodError, Outcome, Progress, RunRecord, TrainInputs};
 use reprise::params::{DefaultValue as Dv, ParamDef, ParamKind as K, Params};
 
 pub struct NearestMean;
@@ -52,8 +52,14 @@ impl Method for NearestMean {
         &["dataset", "imbalance", "data_seed"]
     }
 
+    /// One input: `dataset` with its balanced test split and a long-tailed training subset.
+    fn inputs(&self, params: &Params) -> Result<Vec<InputDecl>, MethodError> {
+        Ok(vec![InputDecl::long_tail("data", params)?])
+    }
+
     fn run(&self, params: &Params, _seed: u64, inputs: &TrainInputs, progress: &dyn Progress) -> Result<Outcome, MethodError> {
         let cosine = params.get("distance").and_then(|v| v.as_str()) == Some("cosine");
+        let inputs = inputs.input("data")?;
         let data = inputs.data;
         let dim = data.channels * data.height * data.width;
         let classes = data.num_classes;
