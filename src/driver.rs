@@ -26,28 +26,41 @@ use crate::spec::{self, LoadError, Spec, DEFAULT_PROFILE};
 #[derive(Debug, thiserror::Error)]
 pub enum DriverError {
     #[error(transparent)]
-    Spec(#[from] LoadError),
+    Spec(Box<LoadError>),
     /// The report's template cannot render this spec (checked before any cell runs).
     #[error("{spec}: {source}")]
-    Template { spec: PathBuf, source: RenderError },
+    Template { spec: PathBuf, source: Box<RenderError> },
     #[error("{spec}: {source}")]
-    Plan { spec: PathBuf, source: PlanError },
+    Plan { spec: PathBuf, source: Box<PlanError> },
     /// The store cannot be created or written.
     #[error(transparent)]
-    StoreOpen(StoreError),
+    StoreOpen(Box<StoreError>),
     #[error(transparent)]
-    Exec(#[from] ExecError),
+    Exec(Box<ExecError>),
     #[error(transparent)]
-    Missing(#[from] MissingCells),
+    Missing(Box<MissingCells>),
     #[error(transparent)]
-    Frames(#[from] FrameError),
+    Frames(Box<FrameError>),
     #[error(transparent)]
-    Render(#[from] RenderError),
+    Render(Box<RenderError>),
     #[error(transparent)]
-    Lock(#[from] LockError),
+    Lock(Box<LockError>),
     #[error(transparent)]
-    Store(#[from] StoreError),
+    Store(Box<StoreError>),
 }
+
+// The causes are boxed so that a `Result` of the driver stays small on the happy path.
+macro_rules! boxed_from {
+    ($($source:ty => $variant:ident),* $(,)?) => {
+        $(impl From<$source> for DriverError {
+            fn from(e: $source) -> Self {
+                DriverError::$variant(Box::new(e))
+            }
+        })*
+    };
+}
+
+boxed_from!(LoadError => Spec, ExecError => Exec, MissingCells => Missing, FrameError => Frames, RenderError => Render, LockError => Lock, StoreError => Store);
 
 impl DriverError {
     /// The user's to fix: a spec, data, option or store folder.
@@ -183,7 +196,7 @@ impl Project {
     /// declared id), so a mistake there stops a command before any cell runs.
     pub fn load(&self, spec_path: &Path, opts: &Options) -> Result<Spec, DriverError> {
         let spec = spec::load_with(spec_path, &opts.profile, &opts.sets, &self.registry)?;
-        render::check_template(&spec).map_err(|source| DriverError::Template { spec: spec_path.to_path_buf(), source })?;
+        render::check_template(&spec).map_err(|source| DriverError::Template { spec: spec_path.to_path_buf(), source: Box::new(source) })?;
         Ok(spec)
     }
 
@@ -204,7 +217,7 @@ impl Project {
 
     /// The store at [`Project::store_dir`], opened (created when missing).
     pub fn open_store(&self, cache: Option<&Path>) -> Result<LocalStore, DriverError> {
-        LocalStore::open(&self.store_dir(cache)).map_err(DriverError::StoreOpen)
+        LocalStore::open(&self.store_dir(cache)).map_err(|e| DriverError::StoreOpen(Box::new(e)))
     }
 
     /// Where a report's outputs go: `artifacts/<id>` for the default profile, else
@@ -250,7 +263,7 @@ impl Report {
     /// Plan a loaded spec and execute it against the store: look every cell up and, unless
     /// `exec_opts.cache_only`, compute what is missing.
     pub fn execute(spec: Spec, opts: &Options, exec_opts: &ExecOptions) -> Result<Report, DriverError> {
-        let plan = plan::plan(&spec).map_err(|source| DriverError::Plan { spec: spec.path.clone(), source })?;
+        let plan = plan::plan(&spec).map_err(|source| DriverError::Plan { spec: spec.path.clone(), source: Box::new(source) })?;
         let store = Project::at(&spec.root).open_store(opts.cache.as_deref())?;
         if !exec_opts.cache_only {
             store.clean_tmp();

@@ -69,7 +69,7 @@ pub fn verify(spec: &Spec, opts: &Options, recompute: usize) -> Result<Verdict, 
         Ok(None) => return Ok(Verdict { no_lock: true, ..Default::default() }),
         Err(e) => return Ok(Verdict { problems: vec![e.to_string()], ..Default::default() }),
     };
-    let plan = plan::plan(spec).map_err(|source| DriverError::Plan { spec: spec.path.clone(), source })?;
+    let plan = plan::plan(spec).map_err(|source| DriverError::Plan { spec: spec.path.clone(), source: Box::new(source) })?;
     let mut problems = Vec::new();
     if check_header(spec, &lock, &mut problems) {
         check_cells(&plan, &lock, &mut problems);
@@ -322,7 +322,7 @@ fn recompute_cells(spec: &Spec, plan: &Plan, lock: &Lock, n: usize, problems: &m
     picked.sort();
     let sub = plan.closure(&picked);
     let scratch = scratch::Dir::new().map_err(scratch_error)?;
-    let store = LocalStore::open(scratch.path()).map_err(DriverError::StoreOpen)?;
+    let store = LocalStore::open(scratch.path()).map_err(|e| DriverError::StoreOpen(Box::new(e)))?;
     eprintln!("{}: recomputing {n} training cell(s) from scratch…", spec.report.id);
     let exec = exec::execute(&sub, &store, &ExecOptions { progress: true, ..ExecOptions::with_jobs(None) })?;
     for (c, o) in sub.cells.iter().zip(&exec.outcomes) {
@@ -344,7 +344,7 @@ fn recompute_cells(spec: &Spec, plan: &Plan, lock: &Lock, n: usize, problems: &m
 }
 
 fn scratch_error(source: std::io::Error) -> DriverError {
-    DriverError::Store(crate::cache::StoreError::Io { path: std::env::temp_dir(), source })
+    DriverError::Store(Box::new(crate::cache::StoreError::Io { path: std::env::temp_dir(), source }))
 }
 
 /// Scratch folders under the system's temporary folder, removed on drop; those of a `verify`

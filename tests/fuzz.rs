@@ -254,7 +254,8 @@ fn hostile_paths_in_specs_and_locks_stay_inside_the_project() {
     let abs = abs_target.to_string_lossy().to_string();
     let hostile: Vec<String> = vec!["../../outside/x".into(), "../../../outside/x".into(), format!("{abs}/x"), "a/../../x".into(), "..".into(), ".".into(), "x/y".into(), "x\\\\y".into()];
     // (what to replace in the spec, the replacement's template with {} for a hostile value)
-    let sites: Vec<(&str, Box<dyn Fn(&str) -> String>)> = vec![
+    type Rewrite = Box<dyn Fn(&str) -> String>;
+    let sites: Vec<(&str, Rewrite)> = vec![
         ("id = \"imb\"\nexperiment", Box::new(|h: &str| format!("id = \"{h}\"\nexperiment"))),
         ("id = \"drift\"\nexperiment = \"imb\"\nkind = \"line\"", Box::new(|h: &str| format!("id = \"{h}\"\nexperiment = \"imb\"\nkind = \"line\""))),
         ("id = \"drift\"\ntext", Box::new(|h: &str| format!("id = \"{h}\"\ntext"))),

@@ -71,10 +71,10 @@ pub struct SpecOpts {
 /// return the exit code. A crate with its own methods needs five lines:
 ///
 /// ```no_run
-/// fn main() {
-///     let project = reprise::driver::Project::builder() /* .with_method(MyMethod) */ .build();
-///     std::process::exit(reprise::cli::main_with(project));
-/// }
+/// // fn main() {
+/// let project = reprise::driver::Project::builder() /* .with_method(MyMethod) */ .build();
+/// std::process::exit(reprise::cli::main_with(project));
+/// // }
 /// ```
 pub fn main_with(project: Project) -> i32 {
     run_cli(Cli::parse(), &project)
@@ -101,7 +101,7 @@ pub fn run_cli(cli: Cli, project: &Project) -> i32 {
         Err(e) => {
             // Spec errors carry their own formatting; others get anyhow's chain of context.
             if let Some(se) = e.downcast_ref::<spec::LoadError>().or_else(|| match e.downcast_ref::<DriverError>() {
-                Some(DriverError::Spec(se)) => Some(se),
+                Some(DriverError::Spec(se)) => Some(se.as_ref()),
                 _ => None,
             }) {
                 eprintln!("{se}");
