@@ -411,9 +411,18 @@ fn flat(gs: &[Tensor]) -> candle_core::Result<Vec<f64>> {
     Ok(out)
 }
 
+/// The step sizes of an unrolled meta step: `eta` of the inner SGD steps, `hvp_eps` of the
+/// finite-difference Hessian-vector products.
+#[derive(Debug, Clone, Copy)]
+struct Unroll {
+    eta: f64,
+    hvp_eps: f64,
+}
+
 /// The outer objective after the unrolled inner steps, and its hypergradient with respect to the
 /// learned φ values (see the module doc).
-fn hypergradient(s: &Setup, net: &VitBackbone, theta: &[Tensor], phi: &Phi, inner: &[Batch], meta: &Batch, eta: f64, hvp_eps: f64) -> candle_core::Result<(f64, Vec<f64>)> {
+fn hypergradient(s: &Setup, net: &VitBackbone, theta: &[Tensor], phi: &Phi, inner: &[Batch], meta: &Batch, steps: Unroll) -> candle_core::Result<(f64, Vec<f64>)> {
+    let Unroll { eta, hvp_eps } = steps;
     let dev = theta[0].device();
     // Forward: the unrolled inner steps.
     let (pt, _) = phi_tensors(s, phi, dev, false)?;
@@ -1092,7 +1101,7 @@ impl<'a> Trainer<'a> {
         self.opt.set_lr(self.schedule.lr * 0.5 * (1.0 + (std::f64::consts::PI * step as f64 / self.total_steps as f64).cos()));
         if step.is_multiple_of(self.schedule.meta_every) {
             let inner = self.inner.next(self.schedule.inner_steps, self.schedule.batch_size, &cx)?;
-            let (value, h) = hypergradient(cx.setup, cx.net, &self.theta(), &self.phi, &inner, self.meta, self.schedule.inner_lr, HVP_EPS)?;
+            let (value, h) = hypergradient(cx.setup, cx.net, &self.theta(), &self.phi, &inner, self.meta, Unroll { eta: self.schedule.inner_lr, hvp_eps: HVP_EPS })?;
             if !value.is_finite() || h.iter().any(|x| !x.is_finite()) {
                 return Ok(Step::Diverged(format!("the meta objective or its hypergradient became non-finite at epoch {epoch}, step {step}")));
             }
@@ -1323,8 +1332,8 @@ mod tests {
         let eta = 0.5;
         // In f64 a small difference step makes the finite-difference Hessian products exact to
         // ~1e-8; the training default (1e-2, for f32) is checked to 2% below.
-        let (value, h) = hypergradient(s, &net, &th, &phi, &inner, &meta, eta, 1e-5).unwrap();
-        let (_, h_default) = hypergradient(s, &net, &th, &phi, &inner, &meta, eta, HVP_EPS).unwrap();
+        let (value, h) = hypergradient(s, &net, &th, &phi, &inner, &meta, Unroll { eta, hvp_eps: 1e-5 }).unwrap();
+        let (_, h_default) = hypergradient(s, &net, &th, &phi, &inner, &meta, Unroll { eta, hvp_eps: HVP_EPS }).unwrap();
         let n = Phi::learned(3, s.class_aware);
         assert_eq!(h.len(), n);
         let base = unrolled_outer(s, &net, &th, &phi, &inner, &meta, eta).unwrap();
@@ -1346,7 +1355,7 @@ mod tests {
         let off = h.iter().zip(&h_default).fold(0.0f64, |a, (x, y)| a.max((x - y).abs()));
         assert!(off < 2e-2 * scale.max(1.0), "the default difference step is off by {off}");
         // The indirect part (through the inner steps) is nonzero: dropping it changes h.
-        let (_, direct) = hypergradient(s, &net, &th, &phi, &[], &meta, eta, 1e-5).unwrap();
+        let (_, direct) = hypergradient(s, &net, &th, &phi, &[], &meta, Unroll { eta, hvp_eps: 1e-5 }).unwrap();
         assert!(h.iter().zip(&direct).any(|(a, b)| (a - b).abs() > 1e-4 * scale), "no gradient flows through the inner steps");
     }
 
@@ -1366,10 +1375,11 @@ mod tests {
         let y = Tensor::new(&[2u32, 0], &Device::Cpu).unwrap();
         let g = gate(&s, &pt, Some(&y)).unwrap().to_vec2::<f64>().unwrap();
         let sig = |x: f64| 1.0 / (1.0 + (-x).exp());
-        for k in 0..6 {
+        assert!(g[0].len() >= 6 && g[1].len() >= 6);
+        for (k, (g0, g1)) in g[0].iter().zip(&g[1]).take(6).enumerate() {
             // class 2: ρ = 2, a = 2 → 2·σ((4 − k − ½)/½); class 0: ρ = ½, a = ½.
-            assert!((g[0][k] - 2.0 * sig((4.0 - k as f64 - 0.5) / 0.5)).abs() < 1e-12);
-            assert!((g[1][k] - 0.5 * sig((1.0 - k as f64 - 0.5) / 0.5)).abs() < 1e-12);
+            assert!((g0 - 2.0 * sig((4.0 - k as f64 - 0.5) / 0.5)).abs() < 1e-12);
+            assert!((g1 - 0.5 * sig((1.0 - k as f64 - 0.5) / 0.5)).abs() < 1e-12);
         }
         let gi = gate(&s, &pt, None).unwrap().to_vec2::<f64>().unwrap();
         let (rm, am) = (3.5 / 3.0, 3.5 / 3.0);

@@ -312,7 +312,8 @@ mod tests {
     fn each_field_of_the_key_material_changes_the_key() {
         let k = base().key();
         assert_eq!(k, base().key(), "the key is a pure function of the material");
-        let variants: Vec<Box<dyn Fn(&mut KeyMaterial)>> = vec![
+        type Edit = Box<dyn Fn(&mut KeyMaterial)>;
+        let variants: Vec<Edit> = vec![
             Box::new(|m| m.version = 2),
             Box::new(|m| m.seed = Some(1)),
             Box::new(|m| m.dtype = "f16".into()),
