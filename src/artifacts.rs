@@ -12,8 +12,8 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 use crate::cache::{sha256_file, StoreError};
-use crate::fs::write_atomic;
 use crate::exec::Execution;
+use crate::fs::write_atomic;
 use crate::plan::{KeyMaterial, Plan};
 
 /// One cell in the lock file.

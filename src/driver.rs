@@ -17,7 +17,7 @@ use crate::cache::{LocalStore, Store, StoreError, CACHE_ENV};
 use crate::exec::{self, CellOutcome, ExecError, ExecOptions, Execution};
 use crate::frames::{self, FrameError, Frames};
 use crate::methods::{Method, Registry};
-use crate::plan::{self, PlanError, Plan};
+use crate::plan::{self, Plan, PlanError};
 use crate::render::{self, RenderError, Rendered};
 use crate::spec::{self, LoadError, Spec, DEFAULT_PROFILE};
 
@@ -47,6 +47,9 @@ pub enum DriverError {
     Lock(Box<LockError>),
     #[error(transparent)]
     Store(Box<StoreError>),
+    /// A folder of the report's layout that is a link, or that cannot be made.
+    #[error("{path}: {message}")]
+    Layout { path: PathBuf, message: String },
 }
 
 // The causes are boxed so that a `Result` of the driver stays small on the happy path.
@@ -65,7 +68,7 @@ boxed_from!(LoadError => Spec, ExecError => Exec, MissingCells => Missing, Frame
 impl DriverError {
     /// The user's to fix: a spec, data, option or store folder.
     pub fn is_usage(&self) -> bool {
-        matches!(self, DriverError::Spec(_) | DriverError::Template { .. } | DriverError::Plan { .. } | DriverError::StoreOpen(_))
+        matches!(self, DriverError::Spec(_) | DriverError::Template { .. } | DriverError::Plan { .. } | DriverError::StoreOpen(_) | DriverError::Layout { .. })
     }
 }
 
@@ -287,7 +290,8 @@ impl Report {
         let r = Report::execute(spec, opts, &exec_opts)?;
         // Before the missing cells: a corrupt file is one reason a cell is missing.
         r.exec.print_corruptions(false);
-        let missing: Vec<String> = r.plan.cells.iter().zip(&r.exec.outcomes).filter(|(_, o)| matches!(o, CellOutcome::Failed(_))).map(|(c, o)| format!("  {} ({})", c.name, o.failure().unwrap_or_default())).collect();
+        let missing: Vec<String> =
+            r.plan.cells.iter().zip(&r.exec.outcomes).filter(|(_, o)| matches!(o, CellOutcome::Failed(_))).map(|(c, o)| format!("  {} ({})", c.name, o.failure().unwrap_or_default())).collect();
         if !missing.is_empty() {
             return Err(MissingCells { store: r.store.location(), spec: spec_path.display().to_string(), flags: opts.as_flags(), cells: missing }.into());
         }
@@ -304,35 +308,123 @@ impl Report {
     /// objects used in the store, so `gc` keeps them.
     pub fn write(&self) -> Result<Written, DriverError> {
         let out = self.out_dir();
+        let project = Project::at(&self.spec.root);
+        check_real_dirs(&project.artifacts_dir(), &out)?;
+        // Everything is written into a staging folder beside the report's and moved into place
+        // only once it all succeeded: a failure midway (a template that fails on the results,
+        // a full disk) leaves the report's folder as it was.
+        let staging = Staging::new(&project.artifacts_dir(), &out)?;
+        let stage = staging.path();
         let metric_names = self.plan.method.metrics();
         let collected = frames::collect(&self.plan, &self.exec, &self.store, metric_names)?;
-        let frame_dir = out.join("frames");
-        let frame_files = collected.write(&frame_dir)?;
-        let reread = Frames::read(&frame_dir, metric_names)?;
-        let rendered = render::render(&self.spec, &reread, &out)?;
+        let frame_files = collected.write(&stage.join("frames"))?;
+        let reread = Frames::read(&stage.join("frames"), metric_names)?;
+        let rendered = render::render(&self.spec, &reread, stage)?;
         let mut files: Vec<PathBuf> = frame_files.clone();
-        files.push(rendered.markdown.clone());
-        files.push(rendered.html.clone());
+        files.extend([rendered.markdown.clone(), rendered.html.clone()]);
         files.extend(rendered.figures.iter().cloned());
         files.extend(rendered.tables.iter().cloned());
-        let lock = Lock::build(&self.plan, &self.exec, &self.spec.profile, &self.spec.overrides, &out, &files)?;
+        let lock = Lock::build(&self.plan, &self.exec, &self.spec.profile, &self.spec.overrides, stage, &files)?;
+        let moved = staging.move_into(&out, &files)?;
         lock.write(&out)?;
         let keys: Vec<String> = self.plan.cells.iter().map(|c| c.key.clone()).collect();
         let objects: Vec<String> = exec::outputs_of(&self.exec).into_iter().flat_map(|m| m.into_values()).collect();
         self.store.note_run(&self.spec.report.id, &keys, &objects)?;
-        Ok(Written { rendered, frames: frame_files, out_dir: out })
+        let rendered = Rendered {
+            markdown: moved(&rendered.markdown),
+            html: moved(&rendered.html),
+            figures: rendered.figures.iter().map(|p| moved(p)).collect(),
+            tables: rendered.tables.iter().map(|p| moved(p)).collect(),
+            claims: rendered.claims,
+        };
+        Ok(Written { rendered, frames: frame_files.iter().map(|p| moved(p)).collect(), out_dir: out })
     }
 
-    /// Cells whose data could not be loaded (a missing file, a wrong hash, a malformed file),
-    /// each as `name — reason`.
+    /// Data cells that could not be computed (a missing file, a wrong hash, a malformed file,
+    /// a split or subset the data cannot give), each as `name — reason`.
     pub fn data_errors(&self) -> Vec<String> {
         self.plan
             .cells
             .iter()
             .zip(&self.exec.outcomes)
-            .filter(|(c, o)| matches!(c.kind, plan::CellKind::Dataset { .. }) && matches!(o, CellOutcome::Failed(_)))
+            .filter(|(c, o)| matches!(c.kind, plan::CellKind::Dataset { .. } | plan::CellKind::Split { .. } | plan::CellKind::Subset { .. }) && matches!(o, CellOutcome::Failed(_)))
             .map(|(c, o)| format!("{} — {}", c.name, o.failure().unwrap_or_default()))
             .collect()
+    }
+}
+
+/// The folders a report is written to, which must not lead elsewhere: `artifacts/`, the
+/// report's folder and its `frames/`, `figures/` and `tables/` may be missing but not links
+/// (a committed link would make a run write, and `verify` read, outside the project).
+pub fn check_real_dirs(artifacts: &Path, out: &Path) -> Result<(), DriverError> {
+    let subs = ["frames", "figures", "tables"].map(|s| out.join(s));
+    for dir in [artifacts, out].into_iter().chain(subs.iter().map(PathBuf::as_path)) {
+        match std::fs::symlink_metadata(dir) {
+            Ok(m) if m.file_type().is_symlink() => {
+                return Err(DriverError::Layout { path: dir.to_path_buf(), message: "is a symbolic link; a report's folders must be real folders inside the project (remove the link)".into() })
+            }
+            Ok(m) if !m.is_dir() => return Err(DriverError::Layout { path: dir.to_path_buf(), message: "is not a folder (remove it)".into() }),
+            _ => {}
+        }
+    }
+    Ok(())
+}
+
+/// A staging folder inside `artifacts/`, removed on drop.
+struct Staging(PathBuf);
+
+impl Staging {
+    fn new(artifacts: &Path, out: &Path) -> Result<Staging, DriverError> {
+        let name = out.file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_default();
+        let layout = |path: &Path, e: std::io::Error| DriverError::Layout { path: path.to_path_buf(), message: e.to_string() };
+        std::fs::create_dir_all(artifacts).map_err(|e| layout(artifacts, e))?;
+        for n in 0..1000u32 {
+            let p = artifacts.join(format!(".{name}.staging-{}-{n}", std::process::id()));
+            match std::fs::create_dir(&p) {
+                Ok(()) => return Ok(Staging(p)),
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
+                Err(e) => return Err(layout(&p, e)),
+            }
+        }
+        Err(DriverError::Layout { path: artifacts.to_path_buf(), message: "cannot create a staging folder".into() })
+    }
+
+    fn path(&self) -> &Path {
+        &self.0
+    }
+
+    /// Move `files` (paths inside the staging folder) to the same places under `out`, then
+    /// remove the files of `out`'s `frames/`, `figures/` and `tables/` that the report no longer
+    /// produces. Returns the map from a staged path to its final one.
+    fn move_into(&self, out: &Path, files: &[PathBuf]) -> Result<impl Fn(&Path) -> PathBuf + '_, DriverError> {
+        let layout = |path: &Path, e: std::io::Error| DriverError::Layout { path: path.to_path_buf(), message: e.to_string() };
+        let mut kept = std::collections::BTreeSet::new();
+        for f in files {
+            let rel = f.strip_prefix(&self.0).unwrap_or(f);
+            let dest = out.join(rel);
+            if let Some(parent) = dest.parent() {
+                std::fs::create_dir_all(parent).map_err(|e| layout(parent, e))?;
+            }
+            std::fs::rename(f, &dest).map_err(|e| layout(&dest, e))?;
+            kept.insert(dest);
+        }
+        for sub in ["frames", "figures", "tables"] {
+            let Ok(rd) = std::fs::read_dir(out.join(sub)) else { continue };
+            for e in rd.flatten() {
+                let stale = e.file_type().is_ok_and(|t| t.is_file()) && !kept.contains(&e.path());
+                if stale {
+                    std::fs::remove_file(e.path()).map_err(|err| layout(&e.path(), err))?;
+                }
+            }
+        }
+        let out = out.to_path_buf();
+        Ok(move |p: &Path| out.join(p.strip_prefix(&self.0).unwrap_or(p)))
+    }
+}
+
+impl Drop for Staging {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
     }
 }
 

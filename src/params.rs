@@ -100,9 +100,16 @@ pub type Params = BTreeMap<String, ParamValue>;
 #[derive(Debug, Clone)]
 pub enum ParamKind {
     /// A float in `[min, max]`, or `(min, max]` when `min_exclusive`.
-    Float { min: f64, max: f64, min_exclusive: bool },
+    Float {
+        min: f64,
+        max: f64,
+        min_exclusive: bool,
+    },
     /// An integer in `[min, max]`.
-    Int { min: i64, max: i64 },
+    Int {
+        min: i64,
+        max: i64,
+    },
     /// One of a fixed list of names.
     Choice(&'static [&'static str]),
     /// The name of a data set declared in the spec's `[data]` section.
@@ -166,10 +173,7 @@ impl ParamDef {
                     other => return Err((format!("`{}` must be an integer, found {}", self.name, other.type_name()), None)),
                 };
                 if x < *min || x > *max {
-                    return Err((
-                        format!("`{}` = {x} is out of range", self.name),
-                        Some(format!("{} must lie in [{min}, {max}]: {}", self.name, self.doc)),
-                    ));
+                    return Err((format!("`{}` = {x} is out of range", self.name), Some(format!("{} must lie in [{min}, {max}]: {}", self.name, self.doc))));
                 }
                 Ok(ParamValue::Int(x))
             }
@@ -201,10 +205,7 @@ impl ParamDef {
 /// A hint naming the closest candidate ("did you mean `mnist`?") or, when none is close, the
 /// full list of candidates.
 pub fn suggest(word: &str, candidates: &[String]) -> String {
-    let best = candidates
-        .iter()
-        .map(|c| (levenshtein(word, c), c))
-        .min_by(|a, b| a.0.cmp(&b.0).then_with(|| a.1.cmp(b.1)));
+    let best = candidates.iter().map(|c| (levenshtein(word, c), c)).min_by(|a, b| a.0.cmp(&b.0).then_with(|| a.1.cmp(b.1)));
     match best {
         Some((d, c)) if d <= (word.len().max(2) / 2).max(2) => format!("did you mean `{c}`?"),
         _ => {
@@ -263,12 +264,7 @@ mod tests {
 
     #[test]
     fn range_checks() {
-        let def = ParamDef {
-            name: "imbalance",
-            kind: ParamKind::Float { min: 0.0, max: 1.0, min_exclusive: true },
-            default: DefaultValue::Float(0.01),
-            doc: "n_min / n_max",
-        };
+        let def = ParamDef { name: "imbalance", kind: ParamKind::Float { min: 0.0, max: 1.0, min_exclusive: true }, default: DefaultValue::Float(0.01), doc: "n_min / n_max" };
         assert!(def.check(&ParamValue::Float(0.0), &[]).is_err());
         assert!(def.check(&ParamValue::Float(1.5), &[]).is_err());
         assert_eq!(def.check(&ParamValue::Int(1), &[]).unwrap(), ParamValue::Float(1.0));

@@ -27,8 +27,8 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 
 use crate::artifacts::{Lock, LockedCell};
+use crate::cache::{sha256_file, CellStatus, LocalStore, RecordCheck, Store};
 use crate::driver::{out_dir, DriverError, Options, Project};
-use crate::cache::{sha256_file, CellStatus, LocalStore, Store};
 use crate::exec::{self, ExecOptions};
 use crate::frames::Frames;
 use crate::plan::{self, CellKind, Plan};
@@ -71,6 +71,10 @@ pub fn verify(spec: &Spec, opts: &Options, recompute: usize) -> Result<Verdict, 
     };
     let plan = plan::plan(spec).map_err(|source| DriverError::Plan { spec: spec.path.clone(), source: Box::new(source) })?;
     let mut problems = Vec::new();
+    if let Err(e) = crate::driver::check_real_dirs(&Project::at(&spec.root).artifacts_dir(), &out) {
+        problems.push(e.to_string());
+        return Ok(Verdict { problems, files: lock.files.len(), cells: lock.cells.len(), no_lock: false });
+    }
     if check_header(spec, &lock, &mut problems) {
         check_cells(&plan, &lock, &mut problems);
         check_against_store(spec, opts, &lock, &mut problems);
@@ -182,7 +186,16 @@ fn check_against_store(spec: &Spec, opts: &Options, lock: &Lock, problems: &mut 
     }
     let Ok(store) = LocalStore::open(&dir) else { return };
     for l in &lock.cells {
-        let Ok(Some(r)) = store.get_record(&l.key) else { continue };
+        // Read-only: a damaged record is named, not removed (`run` removes and recomputes it).
+        let r = match store.check_record(&l.key) {
+            Ok(RecordCheck::Intact(r)) | Ok(RecordCheck::Incomplete(r)) => r,
+            Ok(RecordCheck::Corrupt(bad)) => {
+                let what: Vec<String> = bad.iter().map(|c| c.to_string()).collect();
+                problems.push(format!("cell {}: its store record cannot be compared with the lock: {} (`reprise run` recomputes it)", l.name, what.join("; ")));
+                continue;
+            }
+            Ok(RecordCheck::Absent) | Err(_) => continue,
+        };
         let status = match r.status {
             CellStatus::Ok => "ok",
             CellStatus::Failed => "failed",
@@ -236,8 +249,12 @@ fn check_frames(spec: &Spec, plan: &Plan, lock: &Lock, out: &Path, problems: &mu
     }
     // Each training cell's status, reason and analysis objects agree with the lock.
     let locked: BTreeMap<&str, &LockedCell> = lock.cells.iter().map(|l| (l.key.as_str(), l)).collect();
+    let mut compared = BTreeSet::new();
     for r in &frames.results {
         let Some(l) = locked.get(r.key.as_str()) else { continue };
+        if !compared.insert(r.key.as_str()) {
+            continue; // one line per cell, not per epoch row
+        }
         let (status, reason) = match r.status.as_str() {
             "failed" => ("failed", r.reason.clone().or_else(|| Some("failed".into()))),
             s => (s, r.reason.clone()),
@@ -253,6 +270,18 @@ fn check_frames(spec: &Spec, plan: &Plan, lock: &Lock, out: &Path, problems: &mu
         };
         if l.outputs.get(&o.name) != Some(&o.sha256) {
             problems.push(format!("cell {}: output `{}` is {} in frames/objects but {} in the lock", l.name, o.name, o.sha256, l.outputs.get(&o.name).map_or("missing", String::as_str)));
+        }
+    }
+    // The other way: a training cell's analysis objects in the lock are those the frames name,
+    // and a recorded run has its metrics.
+    for c in plan.cells.iter().filter(|c| matches!(c.kind, CellKind::Train { .. })) {
+        let Some(l) = locked.get(c.key.as_str()) else { continue };
+        let framed: BTreeSet<&str> = frames.objects.iter().filter(|o| o.key == c.key).map(|o| o.name.as_str()).collect();
+        for name in l.outputs.keys().filter(|n| n.starts_with("analysis/") && !framed.contains(n.as_str())) {
+            problems.push(format!("cell {}: output `{name}` is in the lock but not in frames/objects", l.name));
+        }
+        if l.status != "error" && !l.outputs.contains_key("metrics.json") {
+            problems.push(format!("cell {}: the lock lists no metrics.json", l.name));
         }
     }
     Ok(Some(frames))
@@ -294,6 +323,23 @@ fn check_rendering(spec: &Spec, frames: &Frames, lock: &Lock, out: &Path, proble
     for f in lock.files.keys().filter(|f| !expected.contains(*f)) {
         problems.push(format!("{f}: listed in the lock file, but the report does not produce it"));
     }
+    // The report's folder holds its outputs, the lock file and notebooks, nothing else.
+    if let Ok(rd) = std::fs::read_dir(out) {
+        let mut extra: Vec<String> = rd
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().to_string())
+            .filter(|n| !["frames", "figures", "tables", "report.md", "report.html", crate::artifacts::LOCK_FILE].contains(&n.as_str()) && !n.ends_with(".ipynb"))
+            .collect();
+        extra.sort();
+        for f in extra {
+            problems.push(format!("{}: not produced by the report (a stale or foreign file; remove it)", crate::driver::shown(&out.join(f))));
+        }
+    }
+    for f in &expected {
+        if std::fs::symlink_metadata(out.join(f)).is_ok_and(|m| m.file_type().is_symlink()) {
+            problems.push(format!("{}: is a symbolic link, not a committed file", crate::driver::shown(&out.join(f))));
+        }
+    }
     for sub in ["frames", "figures", "tables"] {
         let Ok(rd) = std::fs::read_dir(out.join(sub)) else { continue };
         let mut extra: Vec<String> = rd.flatten().map(|e| format!("{sub}/{}", e.file_name().to_string_lossy())).filter(|f| !expected.contains(f)).collect();
@@ -325,10 +371,8 @@ fn recompute_cells(spec: &Spec, plan: &Plan, lock: &Lock, n: usize, problems: &m
     let store = LocalStore::open(scratch.path()).map_err(|e| DriverError::StoreOpen(Box::new(e)))?;
     eprintln!("{}: recomputing {n} training cell(s) from scratch…", spec.report.id);
     let exec = exec::execute(&sub, &store, &ExecOptions { progress: true, ..ExecOptions::with_jobs(None) })?;
+    // Every cell of the closure: the sampled training cells and the data cells they read.
     for (c, o) in sub.cells.iter().zip(&exec.outcomes) {
-        if !matches!(c.kind, CellKind::Train { .. }) {
-            continue;
-        }
         let locked = lock.cells.iter().find(|l| l.key == c.key);
         match (o.record(), locked) {
             (Some(r), Some(l)) if r.outputs == l.outputs => eprintln!("  reproduced {} bit-identically", c.name),

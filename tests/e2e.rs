@@ -93,9 +93,7 @@ fn spec_formatting_comments_and_key_order_do_not_change_keys() {
     let spec = p.path().join("reports/tiny.toml");
     let text = std::fs::read_to_string(&spec).unwrap();
     // Reorder keys, add comments and blank lines, write 1.0 as 1e0.
-    let edited = text
-        .replace("epochs = 2\nanalyze_freq = 1\n", "# a comment\nanalyze_freq   =   1\n\nepochs = 2 # two\n")
-        .replace("[1.0, 0.1]", "[1e0, 0.1]");
+    let edited = text.replace("epochs = 2\nanalyze_freq = 1\n", "# a comment\nanalyze_freq   =   1\n\nepochs = 2 # two\n").replace("[1.0, 0.1]", "[1e0, 0.1]");
     assert_ne!(edited, text);
     std::fs::write(&spec, edited).unwrap();
     assert_eq!(keys(p.path()), before);
@@ -261,7 +259,8 @@ fn official_test_split_of_a_cifar_manifest_is_used() {
     );
     std::fs::write(p.path().join("data-manifests/tiny-cifar.toml"), manifest).unwrap();
     let spec = p.path().join("reports/tiny.toml");
-    let text = std::fs::read_to_string(&spec).unwrap().replace("manifest = \"optdigits-8x8\"", "manifest = \"tiny-cifar\"").replace("grid = { imbalance = [1.0, 0.1] }", "grid = { imbalance = [1.0, 0.5] }");
+    let text =
+        std::fs::read_to_string(&spec).unwrap().replace("manifest = \"optdigits-8x8\"", "manifest = \"tiny-cifar\"").replace("grid = { imbalance = [1.0, 0.1] }", "grid = { imbalance = [1.0, 0.5] }");
     std::fs::write(&spec, text).unwrap();
     let v = run_json(p.path(), &["--set", "defaults.imbalance=0.5", "--set", "defaults.model=cnn"]);
     assert_eq!(cells(&v).3, 0, "{v}");
@@ -322,12 +321,7 @@ fn bench_compares_each_model_with_the_faster_reference() {
     assert_eq!(m["model"], "mlp");
     assert_eq!(m["steps"], 4);
     assert_eq!(m["pytorch_omp_wait"], "passive", "{m}");
-    let refs: Vec<(String, f64)> = m["pytorch_references"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|r| (r["omp_wait"].as_str().unwrap().to_string(), r["samples_per_s"].as_f64().unwrap()))
-        .collect();
+    let refs: Vec<(String, f64)> = m["pytorch_references"].as_array().unwrap().iter().map(|r| (r["omp_wait"].as_str().unwrap().to_string(), r["samples_per_s"].as_f64().unwrap())).collect();
     assert_eq!(refs, vec![("active".to_string(), 128.0 / 0.008), ("passive".to_string(), 128.0 / 0.002)]);
     let ours = m["ours_samples_per_s"].as_f64().unwrap();
     assert!((m["ratio"].as_f64().unwrap() - ours / 64_000.0).abs() < 1e-9, "{m}");

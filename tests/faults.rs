@@ -14,14 +14,7 @@ use sha2::{Digest, Sha256};
 const SLOW: [&str; 2] = ["--set", "defaults.epochs=40"];
 
 /// Settings under which the `loss` experiment's runs diverge within the first epoch.
-const DIVERGE: [&str; 6] = [
-    "--set",
-    "experiments.loss.params.lr=10.0",
-    "--set",
-    "experiments.loss.params.weight_decay=1.0",
-    "--set",
-    "experiments.loss.params.lr_schedule=constant",
-];
+const DIVERGE: [&str; 6] = ["--set", "experiments.loss.params.lr=10.0", "--set", "experiments.loss.params.weight_decay=1.0", "--set", "experiments.loss.params.lr_schedule=constant"];
 
 fn sha256(path: &Path) -> String {
     hex::encode(Sha256::digest(std::fs::read(path).unwrap()))
@@ -46,14 +39,8 @@ fn sigkill_at_random_points_then_resume_gives_the_clean_report() {
     for _ in 0..10 {
         state = state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
         let delay_ms = 30 + (state >> 33) % 900;
-        let mut child = Command::new(env!("CARGO_BIN_EXE_reprise"))
-            .args(["run", "reports/tiny.toml", "--jobs", "2"])
-            .args(SLOW)
-            .current_dir(p.path())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
+        let mut child =
+            Command::new(env!("CARGO_BIN_EXE_reprise")).args(["run", "reports/tiny.toml", "--jobs", "2"]).args(SLOW).current_dir(p.path()).stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap();
         std::thread::sleep(Duration::from_millis(delay_ms));
         let _ = child.kill(); // SIGKILL
         let _ = child.wait();

@@ -209,11 +209,7 @@ fn opening_without_the_cells_is_an_error_naming_the_command() {
 /// nbconvert) carry the kernel's own metadata and are not ours to validate.
 fn committed_notebooks() -> Vec<PathBuf> {
     let Ok(dirs) = std::fs::read_dir(repo().join("artifacts")) else { return Vec::new() };
-    let mut found: Vec<PathBuf> = dirs
-        .filter_map(|d| d.ok())
-        .map(|d| d.path().join(format!("{}.ipynb", d.file_name().to_string_lossy())))
-        .filter(|f| f.is_file())
-        .collect();
+    let mut found: Vec<PathBuf> = dirs.filter_map(|d| d.ok()).map(|d| d.path().join(format!("{}.ipynb", d.file_name().to_string_lossy()))).filter(|f| f.is_file()).collect();
     found.sort();
     found
 }

@@ -26,9 +26,7 @@ fn issue_20_ids_and_profiles_that_are_paths_write_nothing_anywhere() {
     let p = project("paths-ids");
     let abs = outside.path().join("x");
     edit_spec(p.path(), |t| {
-        t.replacen("id = \"imb\"", "id = \"../../../../x\"", 1)
-            .replacen("id = \"drift\"", &format!("id = \"{}\"", abs.display()), 1)
-            .replace("[profiles.long]", "[profiles.\"../../../../escape\"]")
+        t.replacen("id = \"imb\"", "id = \"../../../../x\"", 1).replacen("id = \"drift\"", &format!("id = \"{}\"", abs.display()), 1).replace("[profiles.long]", "[profiles.\"../../../../escape\"]")
     });
     let out = reprise(p.path(), &["run", "reports/tiny.toml"]);
     assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
@@ -82,11 +80,7 @@ fn issue_20_template_and_manifest_are_read_from_their_folders_only() {
 #[test]
 fn issue_20_bad_set_values_are_named_on_the_set() {
     let p = project("paths-set");
-    for (set, says) in [
-        ("defaults.epochs=[1,2", "is not a valid TOML value"),
-        ("defaults.epochs=1e400", "is out of range for a number"),
-        ("report.title=a\nb", "contains a line break"),
-    ] {
+    for (set, says) in [("defaults.epochs=[1,2", "is not a valid TOML value"), ("defaults.epochs=1e400", "is out of range for a number"), ("report.title=a\nb", "contains a line break")] {
         let out = reprise(p.path(), &["run", "reports/tiny.toml", "--set", set]);
         assert_eq!(out.status.code(), Some(2), "{set}: {}", stderr(&out));
         let err = stderr(&out);

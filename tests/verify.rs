@@ -157,7 +157,13 @@ fn a_data_error_leaves_the_committed_report_as_it_was() {
     let p = project("verify-dataerr");
     run_json(p.path(), &[]);
     let out_dir = p.path().join("artifacts/tiny");
-    let before: Vec<(std::path::PathBuf, Vec<u8>)> = common::walk(&out_dir).into_iter().map(|f| { let b = std::fs::read(&f).unwrap(); (f, b) }).collect();
+    let before: Vec<(std::path::PathBuf, Vec<u8>)> = common::walk(&out_dir)
+        .into_iter()
+        .map(|f| {
+            let b = std::fs::read(&f).unwrap();
+            (f, b)
+        })
+        .collect();
     // The data file goes missing; a new store makes the data cell read it again.
     std::fs::remove_file(p.path().join("data/optdigits_8x8.csv.gz")).unwrap();
     let out = reprise(p.path(), &["run", "reports/tiny.toml", "--cache", "fresh-store"]);
@@ -249,4 +255,104 @@ fn cells_that_share_a_name_verify() {
     run_json(p.path(), &[]);
     let (code, err) = verify(p.path(), &[]);
     assert_eq!(code, Some(0), "{err}");
+}
+
+/// Every file below `dir` with its bytes.
+fn contents(dir: &Path) -> Vec<(std::path::PathBuf, Vec<u8>)> {
+    let mut v: Vec<_> = common::walk(dir)
+        .into_iter()
+        .map(|f| {
+            let b = std::fs::read(&f).unwrap();
+            (f, b)
+        })
+        .collect();
+    v.sort();
+    v
+}
+
+#[test]
+fn a_linked_output_folder_is_refused_by_run_and_verify() {
+    let base = tempfile::tempdir().unwrap();
+    let p = project("verify-linked");
+    run_json(p.path(), &[]);
+    let tables = p.path().join("artifacts/tiny/tables");
+    std::fs::remove_dir_all(&tables).unwrap();
+    std::os::unix::fs::symlink(base.path(), &tables).unwrap();
+    let out = reprise(p.path(), &["run", "reports/tiny.toml"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(err.contains("symbolic link"), "{err}");
+    assert_eq!(std::fs::read_dir(base.path()).unwrap().count(), 0, "nothing written through the link");
+    let (code, err) = verify(p.path(), &[]);
+    assert_eq!(code, Some(1), "{err}");
+    assert!(err.contains("symbolic link"), "{err}");
+}
+
+#[test]
+fn a_template_that_fails_on_the_results_leaves_the_report_as_it_was() {
+    let p = project("verify-late-template");
+    run_json(p.path(), &[]);
+    let before = contents(&p.path().join("artifacts/tiny"));
+    // The id is computed from the results, so only rendering the real results finds it wrong.
+    let tpl = p.path().join("templates/tiny.md.j2");
+    let mut text = std::fs::read_to_string(&tpl).unwrap();
+    text.push_str("{% if claims[0].measured != \"\" %}{{ table(\"im\" ~ \"bx\") }}{% endif %}\n");
+    std::fs::write(&tpl, text).unwrap();
+    let out = reprise(p.path(), &["run", "reports/tiny.toml", "--set", "defaults.epochs=3"]);
+    assert_eq!(out.status.code(), Some(1), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(contents(&p.path().join("artifacts/tiny")), before, "the report's folder changed");
+    let left: Vec<_> = std::fs::read_dir(p.path().join("artifacts")).unwrap().flatten().map(|e| e.file_name()).collect();
+    assert!(left.iter().all(|n| !n.to_string_lossy().contains("staging")), "{left:?}");
+}
+
+#[test]
+fn a_split_the_data_cannot_give_leaves_the_report_as_it_was() {
+    let p = project("verify-split");
+    run_json(p.path(), &[]);
+    let before = contents(&p.path().join("artifacts/tiny"));
+    let out = reprise(p.path(), &["run", "reports/tiny.toml", "--set", "data.optdigits.test_per_class=175"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert_eq!(contents(&p.path().join("artifacts/tiny")), before, "the report's folder changed");
+}
+
+#[test]
+fn a_foreign_file_in_the_report_folder_fails() {
+    let p = project("verify-foreign");
+    run_json(p.path(), &[]);
+    std::fs::write(p.path().join("artifacts/tiny/index.html"), "<script>alert(1)</script>").unwrap();
+    let (code, err) = verify(p.path(), &[]);
+    assert_eq!(code, Some(1), "{err}");
+    assert!(err.contains("index.html: not produced by the report"), "{err}");
+}
+
+#[test]
+fn a_corrupt_store_record_is_named_and_kept() {
+    let p = project("verify-corrupt-record");
+    run_json(p.path(), &[]);
+    let cells = p.path().join("artifacts/store/cells");
+    let victim = std::fs::read_dir(&cells).unwrap().flatten().map(|e| e.path()).find(|p| p.extension().is_some_and(|x| x == "json")).unwrap();
+    let mut bytes = std::fs::read(&victim).unwrap();
+    bytes.extend_from_slice(b"x");
+    std::fs::write(&victim, &bytes).unwrap();
+    let (code, err) = verify(p.path(), &[]);
+    assert_eq!(code, Some(1), "{err}");
+    assert!(err.contains("store record cannot be compared"), "{err}");
+    assert_eq!(std::fs::read(&victim).unwrap(), bytes, "verify does not touch the store");
+}
+
+#[test]
+fn recompute_checks_the_data_cells_a_sampled_run_reads() {
+    let p = project("verify-recompute-data");
+    run_json(p.path(), &[]);
+    // Without a store, only recomputation can tell an edited output hash of a data cell.
+    std::fs::remove_dir_all(p.path().join("artifacts/store")).unwrap();
+    let mut lock = read_lock(p.path());
+    let split = lock["cells"].as_array_mut().unwrap().iter_mut().find(|c| c["name"].as_str().unwrap().starts_with("split/")).unwrap();
+    let name = split["outputs"].as_object().unwrap().keys().next().unwrap().clone();
+    split["outputs"][&name] = Value::from("0".repeat(64));
+    write_lock(p.path(), &lock);
+    let (code, err) = verify(p.path(), &["--recompute", "1"]);
+    assert_eq!(code, Some(1), "{err}");
+    assert!(err.contains("split/") && err.contains("recomputed outputs differ"), "{err}");
 }

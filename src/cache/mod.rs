@@ -100,7 +100,6 @@ pub struct CellRecord {
     pub seconds: f64,
 }
 
-
 /// A problem found while reading (a corrupt object), reported to the user and then recomputed.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Corruption {

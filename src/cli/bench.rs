@@ -118,11 +118,7 @@ impl std::str::FromStr for BenchDevice {
         match s {
             "cpu" => Ok(BenchDevice::Cpu),
             "cuda" => Ok(BenchDevice::Cuda(0)),
-            _ => s
-                .strip_prefix("cuda:")
-                .and_then(|n| n.parse().ok())
-                .map(BenchDevice::Cuda)
-                .ok_or_else(|| format!("unknown device {s:?}: use cpu, cuda or cuda:N (N = the GPU's index)")),
+            _ => s.strip_prefix("cuda:").and_then(|n| n.parse().ok()).map(BenchDevice::Cuda).ok_or_else(|| format!("unknown device {s:?}: use cpu, cuda or cuda:N (N = the GPU's index)")),
         }
     }
 }
@@ -141,15 +137,13 @@ impl BenchDevice {
     fn open(self) -> anyhow::Result<Device> {
         match self {
             BenchDevice::Cpu => Ok(Device::Cpu),
-            BenchDevice::Cuda(n) => models::cuda_device(n)
-                .with_context(|| format!("opening CUDA device {n} (is there an NVIDIA GPU and driver?)"))?
-                .ok_or_else(|| {
-                    UsageError(format!(
-                        "--device {self}: this build of reprise has no CUDA support; build it with \
+            BenchDevice::Cuda(n) => models::cuda_device(n).with_context(|| format!("opening CUDA device {n} (is there an NVIDIA GPU and driver?)"))?.ok_or_else(|| {
+                UsageError(format!(
+                    "--device {self}: this build of reprise has no CUDA support; build it with \
                          `cargo build --release --features cuda` (docs/cuda.md), or leave out --device"
-                    ))
-                    .into()
-                }),
+                ))
+                .into()
+            }),
         }
     }
 }
@@ -194,13 +188,7 @@ fn process_cpu_seconds() -> f64 {
 fn model_config(name: &str) -> Option<(&'static str, ModelConfig)> {
     let cfg = |kind| ModelConfig::new(kind, 1, 28, 28, 10);
     Some(match name {
-        "mlp-512" => (
-            "MLP 784-512-256-10",
-            ModelConfig {
-                width_mult: 2,
-                ..cfg(ModelKind::Mlp)
-            },
-        ),
+        "mlp-512" => ("MLP 784-512-256-10", ModelConfig { width_mult: 2, ..cfg(ModelKind::Mlp) }),
         "mlp" => ("MLP 784-256-128-10 (report)", cfg(ModelKind::Mlp)),
         "cnn" => ("CNN conv32-pool-conv64-pool-fc128", cfg(ModelKind::Cnn)),
         "resnet" => ("small ResNet (16/32/64)", cfg(ModelKind::Resnet)),
@@ -257,11 +245,7 @@ impl Timing {
     /// From the step times of each round.
     fn from_rounds(rounds: &[Vec<f64>]) -> Option<Self> {
         let median_step_s = median(&rounds.concat())?;
-        Some(Timing {
-            median_step_s,
-            samples_per_s: BATCH as f64 / median_step_s,
-            round_medians_s: rounds.iter().filter_map(|r| median(r)).collect(),
-        })
+        Some(Timing { median_step_s, samples_per_s: BATCH as f64 / median_step_s, round_medians_s: rounds.iter().filter_map(|r| median(r)).collect() })
     }
 
     /// Samples/s of the fastest round's median.
@@ -300,11 +284,7 @@ fn target_summary(measured: &[(String, f64)]) -> Option<String> {
         }
         let missed: Vec<String> = of.iter().filter(|(_, r)| *r < target).map(|(m, r)| format!("{m} {r:.2}")).collect();
         let names: Vec<&str> = of.iter().map(|(m, _)| m.as_str()).collect();
-        groups.push(if missed.is_empty() {
-            format!("{} ≥ {target:.1}: met", names.join(", "))
-        } else {
-            format!("{} ≥ {target:.1}: not met ({})", names.join(", "), missed.join(", "))
-        });
+        groups.push(if missed.is_empty() { format!("{} ≥ {target:.1}: met", names.join(", ")) } else { format!("{} ≥ {target:.1}: not met ({})", names.join(", "), missed.join(", ")) });
     }
     Some(format!("targets (ours / PyTorch, this run): {}", groups.join("; ")))
 }
@@ -334,11 +314,7 @@ fn round_ratios(ours: &Timing, theirs: &Timing) -> Vec<f64> {
 
 pub fn bench(a: &BenchArgs) -> anyhow::Result<i32> {
     let threads = set_threads(a.threads)?;
-    let names: Vec<String> = if a.models.is_empty() {
-        ALL_MODELS.iter().map(|s| s.to_string()).collect()
-    } else {
-        a.models.clone()
-    };
+    let names: Vec<String> = if a.models.is_empty() { ALL_MODELS.iter().map(|s| s.to_string()).collect() } else { a.models.clone() };
     for n in &names {
         if model_config(n).is_none() {
             return Err(UsageError(format!("unknown model {n:?}; known: {}", ALL_MODELS.join(", "))).into());
@@ -354,20 +330,12 @@ pub fn bench(a: &BenchArgs) -> anyhow::Result<i32> {
         return Err(UsageError("--rounds must be at least 1".into()).into());
     }
     if a.device != BenchDevice::Cpu && a.clock == Clock::Cpu {
-        return Err(UsageError(format!(
-            "--clock cpu counts only the CPU's time, not the GPU's work: use --clock wall with --device {}",
-            a.device
-        ))
-        .into());
+        return Err(UsageError(format!("--clock cpu counts only the CPU's time, not the GPU's work: use --clock wall with --device {}", a.device)).into());
     }
     let device = a.device.open()?;
     // Read once: the table's header and the JSON describe the same machine.
     let (cpu, id, features, cores) = (cpu_model(), cpu_id(), cpu_features(), num_cores());
-    println!(
-        "machine: {cpu} ({id}; {}) ({cores} cores), {threads} threads, load average {}",
-        features.join(" "),
-        load_average()
-    );
+    println!("machine: {cpu} ({id}; {}) ({cores} cores), {threads} threads, load average {}", features.join(" "), load_average());
     let data = Manifest::load(Path::new("data-manifests/mnist-5k.toml"))
         .and_then(|m| m.load_images(Path::new("."), None))
         .context("loading the embedded MNIST images (run `reprise bench` from the project root)")?;
@@ -462,23 +430,14 @@ pub fn bench(a: &BenchArgs) -> anyhow::Result<i32> {
         let ours = Timing::from_rounds(&ours_steps).context("no steps timed")?;
         // Every reference that ran to the end (one that failed part-way is left out, so no round
         // ratio pairs rounds of different times), and the fastest of them (by the median).
-        let references: Vec<(OmpWait, Timing)> = torch
-            .iter()
-            .zip(&theirs_steps)
-            .filter(|(r, _)| r.ok)
-            .filter_map(|(r, steps)| Some((r.policy, Timing::from_rounds(steps)?)))
-            .collect();
+        let references: Vec<(OmpWait, Timing)> = torch.iter().zip(&theirs_steps).filter(|(r, _)| r.ok).filter_map(|(r, steps)| Some((r.policy, Timing::from_rounds(steps)?))).collect();
         let best = references.iter().max_by(|x, y| x.1.samples_per_s.total_cmp(&y.1.samples_per_s));
         let theirs = best.map(|b| b.1.clone());
         let ratio = theirs.as_ref().map(|t| ours.samples_per_s / t.samples_per_s);
         let ratios = theirs.as_ref().map(|t| round_ratios(&ours, t)).unwrap_or_default();
         let (lo, hi) = extremes(&ratios);
         let phased = theirs.as_ref().is_some_and(|t| t.round_spread().max(ours.round_spread()) > PHASE_SPREAD);
-        let others: Vec<String> = references
-            .iter()
-            .filter(|r| Some(r.0) != best.map(|b| b.0))
-            .map(|(p, t)| format!("{} {:.0}", p.label(), t.samples_per_s))
-            .collect();
+        let others: Vec<String> = references.iter().filter(|r| Some(r.0) != best.map(|b| b.0)).map(|(p, t)| format!("{} {:.0}", p.label(), t.samples_per_s)).collect();
         println!(
             "{:<8} {:<36} {:>6} {:>12.0} {:>12} {:>7} {:>13}  {}",
             name,
@@ -554,12 +513,7 @@ pub fn bench(a: &BenchArgs) -> anyhow::Result<i32> {
         let mut timed = Vec::new();
         for spec in &specs {
             let (cold, warm) = time_report(spec)?;
-            println!(
-                "report {}: cold {:.1} s (empty cache), warm {:.2} s (all cached)",
-                spec.display(),
-                cold.as_secs_f64(),
-                warm.as_secs_f64()
-            );
+            println!("report {}: cold {:.1} s (empty cache), warm {:.2} s (all cached)", spec.display(), cold.as_secs_f64(), warm.as_secs_f64());
             timed.push(json!({"report": spec.display().to_string(), "cold_s": cold.as_secs_f64(), "warm_s": warm.as_secs_f64()}));
         }
         Some(serde_json::Value::Array(timed))
@@ -634,10 +588,7 @@ fn cpu_features() -> Vec<&'static str> {
     #[cfg(target_arch = "x86_64")]
     {
         use std::arch::is_x86_feature_detected as has;
-        [("avx2", has!("avx2")), ("fma", has!("fma")), ("avx512f", has!("avx512f"))]
-            .into_iter()
-            .filter_map(|(name, on)| on.then_some(name))
-            .collect()
+        [("avx2", has!("avx2")), ("fma", has!("fma")), ("avx512f", has!("avx512f"))].into_iter().filter_map(|(name, on)| on.then_some(name)).collect()
     }
     #[cfg(not(target_arch = "x86_64"))]
     {
@@ -860,10 +811,7 @@ impl Drop for Torch {
 
 /// The 1-minute load average (Linux), to say how busy the machine was.
 fn load_average() -> String {
-    std::fs::read_to_string("/proc/loadavg")
-        .ok()
-        .and_then(|s| s.split_whitespace().next().map(str::to_string))
-        .unwrap_or_else(|| "unknown".into())
+    std::fs::read_to_string("/proc/loadavg").ok().and_then(|s| s.split_whitespace().next().map(str::to_string)).unwrap_or_else(|| "unknown".into())
 }
 
 /// Hash a `mib` MiB file (just written, so in the page cache) three times; the median, in GB/s.
@@ -928,15 +876,7 @@ fn time_report(report: &Path) -> anyhow::Result<(Duration, Duration)> {
         let t0 = Instant::now();
         // The report runs with its own defaults (one thread per cell, as many cells as cores),
         // not with the thread count this benchmark set for itself.
-        let status = Command::new(&exe)
-            .env_remove("RAYON_NUM_THREADS")
-            .current_dir(&tmp)
-            .arg("run")
-            .arg(report)
-            .arg("--cache")
-            .arg(&cache)
-            .stdout(std::process::Stdio::null())
-            .status()?;
+        let status = Command::new(&exe).env_remove("RAYON_NUM_THREADS").current_dir(&tmp).arg("run").arg(report).arg("--cache").arg(&cache).stdout(std::process::Stdio::null()).status()?;
         if !status.success() {
             bail!("`reprise run {}` failed ({status})", report.display());
         }
@@ -1007,10 +947,7 @@ mod tests {
             target_summary(&m(&[("mlp", 1.3), ("cnn", 1.4), ("resnet", 0.98)])).unwrap(),
             "targets (ours / PyTorch, this run): cnn, resnet ≥ 1.0: not met (resnet 0.98); mlp ≥ 2.0: not met (mlp 1.30)"
         );
-        assert_eq!(
-            target_summary(&m(&[("resnet", 1.0), ("mlp-512", 2.0)])).unwrap(),
-            "targets (ours / PyTorch, this run): resnet ≥ 1.0: met; mlp-512 ≥ 2.0: met"
-        );
+        assert_eq!(target_summary(&m(&[("resnet", 1.0), ("mlp-512", 2.0)])).unwrap(), "targets (ours / PyTorch, this run): resnet ≥ 1.0: met; mlp-512 ≥ 2.0: met");
     }
 
     #[test]

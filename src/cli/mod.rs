@@ -28,7 +28,12 @@ pub const EXIT_FAILED: i32 = 1;
 pub const EXIT_USAGE: i32 = 2;
 
 #[derive(Parser, Debug)]
-#[command(name = "reprise", version, about = "Regenerate the tables and figures of ML papers from declarative report specs.", after_help = "Exit codes: 0 ok; 1 a check failed or cells could not be computed; 2 usage, spec or data error.")]
+#[command(
+    name = "reprise",
+    version,
+    about = "Regenerate the tables and figures of ML papers from declarative report specs.",
+    after_help = "Exit codes: 0 ok; 1 a check failed or cells could not be computed; 2 usage, spec or data error."
+)]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,

@@ -12,32 +12,20 @@ use crate::rng::Rng;
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
 pub enum DeriveError {
     #[error("label {label} at position {index} is out of range for {num_classes} classes")]
-    LabelOutOfRange {
-        index: usize,
-        label: u32,
-        num_classes: usize,
-    },
+    LabelOutOfRange { index: usize, label: u32, num_classes: usize },
 
     #[error(
         "class {class} has {have} samples but a split with {test_per_class} test samples per class \
          needs at least {} (one left for training); lower test_per_class",
         test_per_class + 1
     )]
-    TooFewSamples {
-        class: usize,
-        have: usize,
-        test_per_class: usize,
-    },
+    TooFewSamples { class: usize, have: usize, test_per_class: usize },
 
     #[error(
         "imbalance factor {imb_factor} leaves class {class} with 0 samples (the smallest class in the \
          pool has {n_max}); use a larger imbalance factor (closer to 1) or a larger pool"
     )]
-    EmptyClass {
-        class: usize,
-        imb_factor: f64,
-        n_max: usize,
-    },
+    EmptyClass { class: usize, imb_factor: f64, n_max: usize },
 
     #[error("imbalance factor must be in (0, 1] (1 = balanced, 0.01 = 100:1), found {imb_factor}")]
     BadImbalanceFactor { imb_factor: f64 },
@@ -50,27 +38,14 @@ pub enum DeriveError {
 }
 
 /// Indices of `labels` (or of `pool` when given) grouped by class, in ascending order.
-fn by_class(
-    labels: &[u32],
-    pool: Option<&[usize]>,
-    num_classes: usize,
-) -> Result<Vec<Vec<usize>>, DeriveError> {
+fn by_class(labels: &[u32], pool: Option<&[usize]>, num_classes: usize) -> Result<Vec<Vec<usize>>, DeriveError> {
     if num_classes == 0 {
         return Err(DeriveError::NoClasses);
     }
     let mut groups = vec![Vec::new(); num_classes];
     let mut put = |index: usize| -> Result<(), DeriveError> {
-        let label = *labels.get(index).ok_or(DeriveError::PoolIndexOutOfRange {
-            index,
-            len: labels.len(),
-        })?;
-        let g = groups
-            .get_mut(label as usize)
-            .ok_or(DeriveError::LabelOutOfRange {
-                index,
-                label,
-                num_classes,
-            })?;
+        let label = *labels.get(index).ok_or(DeriveError::PoolIndexOutOfRange { index, len: labels.len() })?;
+        let g = groups.get_mut(label as usize).ok_or(DeriveError::LabelOutOfRange { index, label, num_classes })?;
         g.push(index);
         Ok(())
     };
@@ -96,23 +71,14 @@ fn by_class(
 /// one `Rng::derive(seed, "split")` stream, drawn class by class in class order, and the first
 /// `test_per_class` go to test, the rest to train. Returns `(train, test)`, each sorted ascending.
 /// Every class needs at least `test_per_class + 1` samples.
-pub fn balanced_split(
-    labels: &[u32],
-    num_classes: usize,
-    test_per_class: usize,
-    seed: u64,
-) -> Result<(Vec<usize>, Vec<usize>), DeriveError> {
+pub fn balanced_split(labels: &[u32], num_classes: usize, test_per_class: usize, seed: u64) -> Result<(Vec<usize>, Vec<usize>), DeriveError> {
     let groups = by_class(labels, None, num_classes)?;
     let mut rng = Rng::derive(seed, "split");
     let mut train = Vec::with_capacity(labels.len());
     let mut test = Vec::with_capacity(test_per_class * num_classes);
     for (class, mut idx) in groups.into_iter().enumerate() {
         if idx.len() < test_per_class + 1 {
-            return Err(DeriveError::TooFewSamples {
-                class,
-                have: idx.len(),
-                test_per_class,
-            });
+            return Err(DeriveError::TooFewSamples { class, have: idx.len(), test_per_class });
         }
         rng.shuffle(&mut idx);
         test.extend_from_slice(&idx[..test_per_class]);
@@ -133,9 +99,7 @@ pub fn long_tail_counts(n_max: usize, num_classes: usize, imb_factor: f64) -> Ve
         return vec![n_max];
     }
     let denom = (num_classes - 1) as f64;
-    (0..num_classes)
-        .map(|i| (n_max as f64 * imb_factor.powf(i as f64 / denom)).floor() as usize)
-        .collect()
+    (0..num_classes).map(|i| (n_max as f64 * imb_factor.powf(i as f64 / denom)).floor() as usize).collect()
 }
 
 /// A long-tailed subset of `pool` (indices into `labels`): `n_max` is the smallest class count in
@@ -143,13 +107,7 @@ pub fn long_tail_counts(n_max: usize, num_classes: usize, imb_factor: f64) -> Ve
 /// chosen by shuffling them with a per-class stream `Rng::derive(seed, "long-tail/class-{i}")`
 /// and keeping the first ones. Returns sorted indices, a subset of `pool` (duplicates in `pool`
 /// count once). Fails, rather than returning an empty class, when some `n_i` would be 0.
-pub fn long_tail_subset(
-    labels: &[u32],
-    pool: &[usize],
-    num_classes: usize,
-    imb_factor: f64,
-    seed: u64,
-) -> Result<Vec<usize>, DeriveError> {
+pub fn long_tail_subset(labels: &[u32], pool: &[usize], num_classes: usize, imb_factor: f64, seed: u64) -> Result<Vec<usize>, DeriveError> {
     if !(imb_factor > 0.0 && imb_factor <= 1.0) {
         return Err(DeriveError::BadImbalanceFactor { imb_factor });
     }
@@ -157,11 +115,7 @@ pub fn long_tail_subset(
     let n_max = groups.iter().map(Vec::len).min().unwrap_or(0);
     let counts = long_tail_counts(n_max, num_classes, imb_factor);
     if let Some(class) = counts.iter().position(|&n| n == 0) {
-        return Err(DeriveError::EmptyClass {
-            class,
-            imb_factor,
-            n_max,
-        });
+        return Err(DeriveError::EmptyClass { class, imb_factor, n_max });
     }
     let mut out = Vec::with_capacity(counts.iter().sum());
     for (class, (mut idx, n)) in groups.into_iter().zip(counts).enumerate() {
@@ -185,15 +139,9 @@ mod tests {
     #[test]
     fn long_tail_counts_match_hand_computed() {
         // floor(500 · 0.01^(i/9)), computed independently in Python with math.floor.
-        assert_eq!(
-            long_tail_counts(500, 10, 0.01),
-            vec![500, 299, 179, 107, 64, 38, 23, 13, 8, 5]
-        );
+        assert_eq!(long_tail_counts(500, 10, 0.01), vec![500, 299, 179, 107, 64, 38, 23, 13, 8, 5]);
         // CIFAR-10-LT, imbalance 100: the published class sizes.
-        assert_eq!(
-            long_tail_counts(5000, 10, 0.01),
-            vec![5000, 2997, 1796, 1077, 645, 387, 232, 139, 83, 50]
-        );
+        assert_eq!(long_tail_counts(5000, 10, 0.01), vec![5000, 2997, 1796, 1077, 645, 387, 232, 139, 83, 50]);
         assert_eq!(long_tail_counts(37, 4, 1.0), vec![37; 4]);
         assert_eq!(long_tail_counts(9, 1, 0.1), vec![9]);
     }
@@ -221,23 +169,9 @@ mod tests {
     #[test]
     fn balanced_split_errors() {
         let l = labels(3);
-        assert_eq!(
-            balanced_split(&l, 10, 3, 0).unwrap_err(),
-            DeriveError::TooFewSamples {
-                class: 0,
-                have: 3,
-                test_per_class: 3
-            }
-        );
+        assert_eq!(balanced_split(&l, 10, 3, 0).unwrap_err(), DeriveError::TooFewSamples { class: 0, have: 3, test_per_class: 3 });
         let err = balanced_split(&[0, 1, 7], 3, 0, 0).unwrap_err();
-        assert!(matches!(
-            err,
-            DeriveError::LabelOutOfRange {
-                index: 2,
-                label: 7,
-                ..
-            }
-        ));
+        assert!(matches!(err, DeriveError::LabelOutOfRange { index: 2, label: 7, .. }));
     }
 
     #[test]
@@ -262,29 +196,10 @@ mod tests {
         let l = labels(10);
         let pool: Vec<usize> = (0..100).collect();
         let err = long_tail_subset(&l, &pool, 10, 0.01, 0).unwrap_err();
-        assert_eq!(
-            err,
-            DeriveError::EmptyClass {
-                class: 5,
-                imb_factor: 0.01,
-                n_max: 10
-            }
-        );
+        assert_eq!(err, DeriveError::EmptyClass { class: 5, imb_factor: 0.01, n_max: 10 });
         let msg = err.to_string();
-        assert!(
-            msg.contains("class 5") && msg.contains("larger imbalance factor"),
-            "{msg}"
-        );
-        assert!(matches!(
-            long_tail_subset(&l, &pool, 10, 0.0, 0),
-            Err(DeriveError::BadImbalanceFactor { .. })
-        ));
-        assert!(matches!(
-            long_tail_subset(&l, &[1000], 10, 0.5, 0),
-            Err(DeriveError::PoolIndexOutOfRange {
-                index: 1000,
-                len: 100
-            })
-        ));
+        assert!(msg.contains("class 5") && msg.contains("larger imbalance factor"), "{msg}");
+        assert!(matches!(long_tail_subset(&l, &pool, 10, 0.0, 0), Err(DeriveError::BadImbalanceFactor { .. })));
+        assert!(matches!(long_tail_subset(&l, &[1000], 10, 0.5, 0), Err(DeriveError::PoolIndexOutOfRange { index: 1000, len: 100 })));
     }
 }

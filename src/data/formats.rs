@@ -30,24 +30,20 @@ const MAX_INFERRED_CLASSES: u64 = 1 << 16;
 /// without that magic is an error, so a half-finished or mislabelled download is caught here.
 pub(crate) fn read_maybe_gz(path: &Path) -> Result<Vec<u8>, DataError> {
     let raw = std::fs::read(path).map_err(|e| DataError::io(path, e))?;
-    let gz_name = path
-        .extension()
-        .is_some_and(|e| e.eq_ignore_ascii_case("gz"));
+    let gz_name = path.extension().is_some_and(|e| e.eq_ignore_ascii_case("gz"));
     if raw.starts_with(&GZIP_MAGIC) {
         let mut out = Vec::new();
-        flate2::read::MultiGzDecoder::new(&raw[..])
-            .read_to_end(&mut out)
-            .map_err(|e| {
-                DataError::format(
-                    path,
-                    format!(
-                        "gzip stream is corrupt or truncated ({} compressed bytes, failed after \
+        flate2::read::MultiGzDecoder::new(&raw[..]).read_to_end(&mut out).map_err(|e| {
+            DataError::format(
+                path,
+                format!(
+                    "gzip stream is corrupt or truncated ({} compressed bytes, failed after \
                          {} decompressed bytes): {e}; re-download the file",
-                        raw.len(),
-                        out.len()
-                    ),
-                )
-            })?;
+                    raw.len(),
+                    out.len()
+                ),
+            )
+        })?;
         Ok(out)
     } else if gz_name {
         Err(DataError::format(
@@ -92,28 +88,10 @@ pub struct CsvLayout {
 
 impl CsvLayout {
     fn pixels_per_row(&self, path: &Path) -> Result<usize, DataError> {
-        let dim = self
-            .channels
-            .checked_mul(self.height)
-            .and_then(|d| d.checked_mul(self.width))
-            .filter(|&d| d > 0);
-        let dim = dim.ok_or_else(|| {
-            DataError::format(
-                path,
-                format!(
-                    "invalid CSV layout {}×{}×{}: every dimension must be positive",
-                    self.channels, self.height, self.width
-                ),
-            )
-        })?;
+        let dim = self.channels.checked_mul(self.height).and_then(|d| d.checked_mul(self.width)).filter(|&d| d > 0);
+        let dim = dim.ok_or_else(|| DataError::format(path, format!("invalid CSV layout {}×{}×{}: every dimension must be positive", self.channels, self.height, self.width)))?;
         if !(self.max_value.is_finite() && self.max_value > 0.0) {
-            return Err(DataError::format(
-                path,
-                format!(
-                    "invalid CSV layout: max_value must be a positive number, found {}",
-                    self.max_value
-                ),
-            ));
+            return Err(DataError::format(path, format!("invalid CSV layout: max_value must be a positive number, found {}", self.max_value)));
         }
         Ok(dim)
     }
@@ -125,15 +103,7 @@ impl CsvLayout {
 pub fn load_csv(path: &Path, layout: &CsvLayout) -> Result<ImageSet, DataError> {
     let dim = layout.pixels_per_row(path)?;
     let bytes = read_maybe_gz(path)?;
-    let text = std::str::from_utf8(&bytes).map_err(|e| {
-        DataError::format(
-            path,
-            format!(
-                "byte offset {}: not valid UTF-8 (expected CSV text of numbers)",
-                e.valid_up_to()
-            ),
-        )
-    })?;
+    let text = std::str::from_utf8(&bytes).map_err(|e| DataError::format(path, format!("byte offset {}: not valid UTF-8 (expected CSV text of numbers)", e.valid_up_to())))?;
     let max = layout.max_value;
     let expected = dim + 1;
     let mut pixels = Vec::new();
@@ -195,19 +165,9 @@ pub fn load_csv(path: &Path, layout: &CsvLayout) -> Result<ImageSet, DataError> 
         labels.push(label);
     }
     if labels.is_empty() {
-        return Err(DataError::format(
-            path,
-            format!("no rows: expected at least one line of {expected} comma-separated fields"),
-        ));
+        return Err(DataError::format(path, format!("no rows: expected at least one line of {expected} comma-separated fields")));
     }
-    Ok(ImageSet {
-        channels: layout.channels,
-        height: layout.height,
-        width: layout.width,
-        pixels,
-        num_classes: inferred_classes(&labels),
-        labels,
-    })
+    Ok(ImageSet { channels: layout.channels, height: layout.height, width: layout.width, pixels, num_classes: inferred_classes(&labels), labels })
 }
 
 /// A class label written as an integer, or as a float with no fractional part ("3.0"), as some
@@ -231,12 +191,7 @@ fn parse_label(tok: &str) -> Option<u32> {
 }
 
 /// The dimensions and payload of an IDX file of unsigned bytes with `ndims` dimensions.
-fn parse_idx<'a>(
-    path: &Path,
-    bytes: &'a [u8],
-    ndims: u8,
-    what: &str,
-) -> Result<(Vec<usize>, &'a [u8]), DataError> {
+fn parse_idx<'a>(path: &Path, bytes: &'a [u8], ndims: u8, what: &str) -> Result<(Vec<usize>, &'a [u8]), DataError> {
     let magic = u32::from_be_bytes([0, 0, 0x08, ndims]);
     let head: [u8; 4] = match bytes.get(..4) {
         Some(h) => [h[0], h[1], h[2], h[3]],
@@ -278,16 +233,9 @@ fn parse_idx<'a>(
             ),
         ));
     }
-    let dims: Vec<usize> = bytes[4..header]
-        .chunks_exact(4)
-        .map(|c| u32::from_be_bytes([c[0], c[1], c[2], c[3]]) as usize)
-        .collect();
+    let dims: Vec<usize> = bytes[4..header].chunks_exact(4).map(|c| u32::from_be_bytes([c[0], c[1], c[2], c[3]]) as usize).collect();
     let count = dims.iter().try_fold(1usize, |a, &d| a.checked_mul(d));
-    let shape = dims
-        .iter()
-        .map(|d| d.to_string())
-        .collect::<Vec<_>>()
-        .join("×");
+    let shape = dims.iter().map(|d| d.to_string()).collect::<Vec<_>>().join("×");
     let payload = &bytes[header..];
     match count {
         Some(count) if count == payload.len() => Ok((dims, payload)),
@@ -298,17 +246,10 @@ fn parse_idx<'a>(
                  {} bytes ({})",
                 header + count,
                 bytes.len(),
-                if payload.len() < count {
-                    "the file is truncated"
-                } else {
-                    "trailing bytes after the data"
-                }
+                if payload.len() < count { "the file is truncated" } else { "trailing bytes after the data" }
             ),
         )),
-        None => Err(DataError::format(
-            path,
-            format!("header declares an impossible size {shape}"),
-        )),
+        None => Err(DataError::format(path, format!("header declares an impossible size {shape}"))),
     }
 }
 
@@ -322,24 +263,10 @@ pub fn load_idx(images_path: &Path, labels_path: &Path) -> Result<ImageSet, Data
     let (ldims, lab) = parse_idx(labels_path, &lab_bytes, 1, "labels")?;
     let (n, height, width) = (dims[0], dims[1], dims[2]);
     if ldims[0] != n {
-        return Err(DataError::format(
-            labels_path,
-            format!(
-                "holds {} labels but the images file {} holds {n} images",
-                ldims[0],
-                images_path.display()
-            ),
-        ));
+        return Err(DataError::format(labels_path, format!("holds {} labels but the images file {} holds {n} images", ldims[0], images_path.display())));
     }
     let labels: Vec<u32> = lab.iter().map(|&b| u32::from(b)).collect();
-    Ok(ImageSet {
-        channels: 1,
-        height,
-        width,
-        pixels: img.iter().map(|&b| f32::from(b) / 255.0).collect(),
-        num_classes: inferred_classes(&labels),
-        labels,
-    })
+    Ok(ImageSet { channels: 1, height, width, pixels: img.iter().map(|&b| f32::from(b) / 255.0).collect(), num_classes: inferred_classes(&labels), labels })
 }
 
 /// Which label of the CIFAR binary format to read.
@@ -395,13 +322,7 @@ impl CifarVariant {
 /// one 3×32×32 set. Pixels are divided by 255.
 pub fn load_cifar(paths: &[PathBuf], variant: CifarVariant) -> Result<ImageSet, DataError> {
     if paths.is_empty() {
-        return Err(DataError::format(
-            Path::new("<no files>"),
-            format!(
-                "load_cifar needs at least one {} batch file",
-                variant.name()
-            ),
-        ));
+        return Err(DataError::format(Path::new("<no files>"), format!("load_cifar needs at least one {} batch file", variant.name())));
     }
     let rec = variant.record_len();
     let classes = variant.num_classes();
@@ -410,13 +331,7 @@ pub fn load_cifar(paths: &[PathBuf], variant: CifarVariant) -> Result<ImageSet, 
     for path in paths {
         let bytes = read_maybe_gz(path)?;
         if bytes.is_empty() {
-            return Err(DataError::format(
-                path,
-                format!(
-                    "file is empty: expected {rec}-byte {} records",
-                    variant.name()
-                ),
-            ));
+            return Err(DataError::format(path, format!("file is empty: expected {rec}-byte {} records", variant.name())));
         }
         if bytes.len() % rec != 0 {
             let full = bytes.len() / rec;
@@ -451,14 +366,7 @@ pub fn load_cifar(paths: &[PathBuf], variant: CifarVariant) -> Result<ImageSet, 
             pixels.extend(record[start..].iter().map(|&b| f32::from(b) / 255.0));
         }
     }
-    Ok(ImageSet {
-        channels: 3,
-        height: 32,
-        width: 32,
-        pixels,
-        labels,
-        num_classes: classes,
-    })
+    Ok(ImageSet { channels: 3, height: 32, width: 32, pixels, labels, num_classes: classes })
 }
 
 /// One decoded image: 8-bit samples, interleaved (row, column, channel), 1 (grey) or 3 (RGB)
@@ -481,19 +389,12 @@ fn decode_image(bytes: &[u8]) -> Result<Raster, String> {
         } else if bytes.starts_with(&[0xff, 0xd8, 0xff]) {
             decode_jpeg(bytes)
         } else {
-            Err(format!(
-                "image bytes are neither PNG (89 50 4e 47) nor JPEG (ff d8 ff): they start with {}",
-                hex_prefix(bytes)
-            ))
+            Err(format!("image bytes are neither PNG (89 50 4e 47) nor JPEG (ff d8 ff): they start with {}", hex_prefix(bytes)))
         }
     });
-    let raster = decoded
-        .unwrap_or_else(|_| Err("the image decoder crashed on these (malformed) bytes".into()))?;
+    let raster = decoded.unwrap_or_else(|_| Err("the image decoder crashed on these (malformed) bytes".into()))?;
     if raster.height == 0 || raster.width == 0 {
-        return Err(format!(
-            "image is {}×{}, which holds no pixels",
-            raster.height, raster.width
-        ));
+        return Err(format!("image is {}×{}, which holds no pixels", raster.height, raster.width));
     }
     Ok(raster)
 }
@@ -501,13 +402,9 @@ fn decode_image(bytes: &[u8]) -> Result<Raster, String> {
 fn decode_png(bytes: &[u8]) -> Result<Raster, String> {
     let mut decoder = png::Decoder::new(Cursor::new(bytes));
     decoder.set_transformations(png::Transformations::EXPAND | png::Transformations::STRIP_16);
-    let mut reader = decoder
-        .read_info()
-        .map_err(|e| format!("invalid PNG: {e}"))?;
+    let mut reader = decoder.read_info().map_err(|e| format!("invalid PNG: {e}"))?;
     let mut buf = vec![0u8; reader.output_buffer_size()];
-    let info = reader
-        .next_frame(&mut buf)
-        .map_err(|e| format!("invalid PNG: {e}"))?;
+    let info = reader.next_frame(&mut buf).map_err(|e| format!("invalid PNG: {e}"))?;
     let (width, height) = (info.width as usize, info.height as usize);
     let src_channels = match info.color_type {
         png::ColorType::Grayscale => 1,
@@ -520,9 +417,7 @@ fn decode_png(bytes: &[u8]) -> Result<Raster, String> {
     let row_len = width * src_channels;
     let mut data = Vec::with_capacity(width * height * channels);
     for row in buf.chunks(info.line_size.max(1)).take(height) {
-        let row = row
-            .get(..row_len)
-            .ok_or_else(|| "PNG row shorter than its width".to_string())?;
+        let row = row.get(..row_len).ok_or_else(|| "PNG row shorter than its width".to_string())?;
         for px in row.chunks_exact(src_channels) {
             data.extend_from_slice(&px[..channels]);
         }
@@ -530,42 +425,23 @@ fn decode_png(bytes: &[u8]) -> Result<Raster, String> {
     if data.len() != width * height * channels {
         return Err(format!("PNG holds fewer rows than its height {height}"));
     }
-    Ok(Raster {
-        channels,
-        height,
-        width,
-        data,
-    })
+    Ok(Raster { channels, height, width, data })
 }
 
 fn decode_jpeg(bytes: &[u8]) -> Result<Raster, String> {
     let mut decoder = jpeg_decoder::Decoder::new(Cursor::new(bytes));
     let data = decoder.decode().map_err(|e| format!("invalid JPEG: {e}"))?;
-    let info = decoder
-        .info()
-        .ok_or_else(|| "JPEG has no frame header".to_string())?;
+    let info = decoder.info().ok_or_else(|| "JPEG has no frame header".to_string())?;
     let channels = match info.pixel_format {
         jpeg_decoder::PixelFormat::L8 => 1,
         jpeg_decoder::PixelFormat::RGB24 => 3,
-        other => {
-            return Err(format!(
-                "JPEG pixel format {other:?} is not supported (only 8-bit grey and RGB)"
-            ))
-        }
+        other => return Err(format!("JPEG pixel format {other:?} is not supported (only 8-bit grey and RGB)")),
     };
     let (width, height) = (usize::from(info.width), usize::from(info.height));
     if data.len() != width * height * channels {
-        return Err(format!(
-            "JPEG decoded to {} bytes, expected {width}×{height}×{channels}",
-            data.len()
-        ));
+        return Err(format!("JPEG decoded to {} bytes, expected {width}×{height}×{channels}", data.len()));
     }
-    Ok(Raster {
-        channels,
-        height,
-        width,
-        data,
-    })
+    Ok(Raster { channels, height, width, data })
 }
 
 /// The raster as channel-major `f32` in `[0, 1]` with `channels` channels: RGB becomes grey by
@@ -582,8 +458,7 @@ fn to_chw(r: &Raster, channels: usize) -> Vec<f32> {
                 }
             }
             (_, 1) => {
-                let y =
-                    0.299 * f32::from(px[0]) + 0.587 * f32::from(px[1]) + 0.114 * f32::from(px[2]);
+                let y = 0.299 * f32::from(px[0]) + 0.587 * f32::from(px[1]) + 0.114 * f32::from(px[2]);
                 out[p] = (y / 255.0).clamp(0.0, 1.0);
             }
             _ => {
@@ -599,12 +474,7 @@ fn to_chw(r: &Raster, channels: usize) -> Vec<f32> {
 /// Bilinear resampling of channel-major planes from `h×w` to `th×tw`, sampling at pixel centres
 /// (`src = (dst + 0.5)·scale − 0.5`, clamped to the edge) without antialiasing, like
 /// OpenCV's `INTER_LINEAR` and PyTorch's `interpolate(mode="bilinear", align_corners=False)`.
-fn resize_bilinear(
-    src: &[f32],
-    channels: usize,
-    (h, w): (usize, usize),
-    (th, tw): (usize, usize),
-) -> Vec<f32> {
+fn resize_bilinear(src: &[f32], channels: usize, (h, w): (usize, usize), (th, tw): (usize, usize)) -> Vec<f32> {
     let coords = |dst_len: usize, src_len: usize| -> Vec<(usize, usize, f32)> {
         let scale = src_len as f32 / dst_len as f32;
         (0..dst_len)
@@ -641,81 +511,44 @@ fn resize_bilinear(
 /// sampling (see [`resize_bilinear`]: pixel-centre aligned, no antialiasing); without it all
 /// images must have the first image's size, and the first one that differs is an error naming
 /// its row.
-pub fn load_parquet_images(
-    path: &Path,
-    image_column: &str,
-    label_column: &str,
-    size: Option<(usize, usize)>,
-) -> Result<ImageSet, DataError> {
+pub fn load_parquet_images(path: &Path, image_column: &str, label_column: &str, size: Option<(usize, usize)>) -> Result<ImageSet, DataError> {
     // polars' Parquet reader can panic on a malformed footer rather than return an error
     // (found by tests/fuzz.rs); a damaged file must be an error naming it, never a crash.
     std::panic::catch_unwind(|| read_parquet_images(path, image_column, label_column, size))
-        .unwrap_or_else(|_| {
-            Err(DataError::format(
-                path,
-                "malformed Parquet file: the reader failed on its metadata".to_string(),
-            ))
-        })
+        .unwrap_or_else(|_| Err(DataError::format(path, "malformed Parquet file: the reader failed on its metadata".to_string())))
 }
 
-fn read_parquet_images(
-    path: &Path,
-    image_column: &str,
-    label_column: &str,
-    size: Option<(usize, usize)>,
-) -> Result<ImageSet, DataError> {
+fn read_parquet_images(path: &Path, image_column: &str, label_column: &str, size: Option<(usize, usize)>) -> Result<ImageSet, DataError> {
     let bad = |m: String| DataError::format(path, m);
     let file = std::fs::File::open(path).map_err(|e| DataError::io(path, e))?;
     let mut reader = ParquetReader::new(file);
-    let schema = reader
-        .schema()
-        .map_err(|e| bad(format!("not a readable Parquet file: {e}")))?;
+    let schema = reader.schema().map_err(|e| bad(format!("not a readable Parquet file: {e}")))?;
     for col in [image_column, label_column] {
         if !schema.contains(col) {
             let names: Vec<String> = schema.iter_names().map(|n| format!("{n:?}")).collect();
-            return Err(bad(format!(
-                "no column {col:?}; the file has columns {}",
-                names.join(", ")
-            )));
+            return Err(bad(format!("no column {col:?}; the file has columns {}", names.join(", "))));
         }
     }
     if let Some((h, w)) = size {
         if h == 0 || w == 0 {
-            return Err(bad(format!(
-                "requested image size {h}×{w} must be positive"
-            )));
+            return Err(bad(format!("requested image size {h}×{w} must be positive")));
         }
     }
     let columns = vec![image_column.into(), label_column.into()];
-    let df = reader
-        .with_columns(Some(columns))
-        .finish()
-        .map_err(|e| bad(format!("cannot read Parquet data: {e}")))?;
+    let df = reader.with_columns(Some(columns)).finish().map_err(|e| bad(format!("cannot read Parquet data: {e}")))?;
     let polars_err = |e: polars::error::PolarsError| bad(e.to_string());
 
     let image_col = df.column(image_column).map_err(polars_err)?;
     let images = match image_col.dtype() {
         DataType::Binary => image_col.binary().map_err(polars_err)?.clone(),
         DataType::Struct(_) => {
-            let field = image_col
-                .struct_()
-                .map_err(polars_err)?
-                .field_by_name("bytes")
-                .map_err(|_| {
-                    bad(format!(
-                        "column {image_column:?} is a struct without a `bytes` field (expected the \
+            let field = image_col.struct_().map_err(polars_err)?.field_by_name("bytes").map_err(|_| {
+                bad(format!(
+                    "column {image_column:?} is a struct without a `bytes` field (expected the \
                          Hugging Face datasets Image layout {{bytes, path}})"
-                    ))
-                })?;
-            field
-                .binary()
-                .map_err(|_| {
-                    bad(format!(
-                        "column {image_column:?}: struct field `bytes` has type {}, expected Binary",
-                        field.dtype()
-                    ))
-                })?
-                .clone()
+                ))
+            })?;
+            field.binary().map_err(|_| bad(format!("column {image_column:?}: struct field `bytes` has type {}, expected Binary", field.dtype())))?.clone()
         }
         other => {
             return Err(bad(format!(
@@ -726,29 +559,21 @@ fn read_parquet_images(
     };
     let label_col = df.column(label_column).map_err(polars_err)?;
     if !label_col.dtype().is_integer() {
-        return Err(bad(format!(
-            "column {label_column:?} has type {}; expected integer class labels",
-            label_col.dtype()
-        )));
+        return Err(bad(format!("column {label_column:?} has type {}; expected integer class labels", label_col.dtype())));
     }
     let label_i64 = label_col.cast(&DataType::Int64).map_err(polars_err)?;
     let label_ca = label_i64.i64().map_err(polars_err)?;
 
     let mut labels = Vec::with_capacity(df.height());
     for row in 0..label_ca.len() {
-        let l = label_ca
-            .get(row)
-            .ok_or_else(|| bad(format!("row {row}: label in {label_column:?} is null")))?;
-        let l = u32::try_from(l)
-            .ok()
-            .filter(|&l| u64::from(l) < MAX_INFERRED_CLASSES)
-            .ok_or_else(|| {
-                bad(format!(
-                    "row {row}: label {l} in {label_column:?} is not a class index (expected 0 to \
+        let l = label_ca.get(row).ok_or_else(|| bad(format!("row {row}: label in {label_column:?} is null")))?;
+        let l = u32::try_from(l).ok().filter(|&l| u64::from(l) < MAX_INFERRED_CLASSES).ok_or_else(|| {
+            bad(format!(
+                "row {row}: label {l} in {label_column:?} is not a class index (expected 0 to \
                      {})",
-                    MAX_INFERRED_CLASSES - 1
-                ))
-            })?;
+                MAX_INFERRED_CLASSES - 1
+            ))
+        })?;
         labels.push(l);
     }
     if labels.is_empty() {
@@ -773,12 +598,7 @@ fn read_parquet_images(
         if (raster.height, raster.width) == (height, width) {
             pixels.extend_from_slice(&chw);
         } else if size.is_some() {
-            pixels.extend(resize_bilinear(
-                &chw,
-                channels,
-                (raster.height, raster.width),
-                (height, width),
-            ));
+            pixels.extend(resize_bilinear(&chw, channels, (raster.height, raster.width), (height, width)));
         } else {
             return Err(bad(format!(
                 "row {row}: image is {}×{} but row 0 is {height}×{width}; set a size to resize \
@@ -788,14 +608,7 @@ fn read_parquet_images(
         }
     }
     let (channels, height, width) = shape.unwrap_or((0, 0, 0));
-    Ok(ImageSet {
-        channels,
-        height,
-        width,
-        pixels,
-        num_classes: inferred_classes(&labels),
-        labels,
-    })
+    Ok(ImageSet { channels, height, width, pixels, num_classes: inferred_classes(&labels), labels })
 }
 
 #[cfg(test)]
@@ -819,34 +632,19 @@ mod tests {
 
     /// The message of a Format error (which names the file), failing on any other error.
     fn format_message(err: DataError) -> String {
-        assert!(
-            matches!(err, DataError::Format { .. }),
-            "expected a Format error, got {err:?}"
-        );
+        assert!(matches!(err, DataError::Format { .. }), "expected a Format error, got {err:?}");
         err.to_string()
     }
 
     // ---- CSV ----
 
-    const LAYOUT: CsvLayout = CsvLayout {
-        channels: 1,
-        height: 2,
-        width: 2,
-        max_value: 4.0,
-    };
+    const LAYOUT: CsvLayout = CsvLayout { channels: 1, height: 2, width: 2, max_value: 4.0 };
     const CSV: &str = "0,1,2,3,1\n4,4,0,0,0\r\n2,2,2,2,2\n\n";
 
     #[test]
     fn csv_round_trip_plain_and_gz() {
         let dir = tempfile::tempdir().unwrap();
-        let expected = ImageSet {
-            channels: 1,
-            height: 2,
-            width: 2,
-            pixels: vec![0.0, 0.25, 0.5, 0.75, 1.0, 1.0, 0.0, 0.0, 0.5, 0.5, 0.5, 0.5],
-            labels: vec![1, 0, 2],
-            num_classes: 3,
-        };
+        let expected = ImageSet { channels: 1, height: 2, width: 2, pixels: vec![0.0, 0.25, 0.5, 0.75, 1.0, 1.0, 0.0, 0.0, 0.5, 0.5, 0.5, 0.5], labels: vec![1, 0, 2], num_classes: 3 };
         let plain = write(dir.path(), "a.csv", CSV.as_bytes());
         assert_eq!(load_csv(&plain, &LAYOUT).unwrap(), expected);
         let zipped = write(dir.path(), "a.csv.gz", &gz(CSV.as_bytes()));
@@ -864,10 +662,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let p = write(dir.path(), "bad.csv", b"0,1,2,3,1\n4,4,x,0,0\n");
         let msg = format_message(load_csv(&p, &LAYOUT).unwrap_err());
-        assert!(
-            msg.contains("bad.csv") && msg.contains("line 2, field 3"),
-            "{msg}"
-        );
+        assert!(msg.contains("bad.csv") && msg.contains("line 2, field 3"), "{msg}");
         assert!(msg.contains("\"x\""), "{msg}");
     }
 
@@ -875,30 +670,14 @@ mod tests {
     fn csv_malformed_cases() {
         let dir = tempfile::tempdir().unwrap();
         let cases: &[(&str, &[u8], &str)] = &[
-            (
-                "short.csv",
-                b"0,1,2,3,1\n0,1,2\n",
-                "line 2: expected 5 comma-separated fields",
-            ),
-            (
-                "range.csv",
-                b"0,1,2,5,1\n",
-                "line 1, field 4: pixel value 5 is outside",
-            ),
+            ("short.csv", b"0,1,2,3,1\n0,1,2\n", "line 2: expected 5 comma-separated fields"),
+            ("range.csv", b"0,1,2,5,1\n", "line 1, field 4: pixel value 5 is outside"),
             ("neg.csv", b"0,1,2,3,-1\n", "line 1, field 5 (the label)"),
             ("frac.csv", b"0,1,2,3,1.5\n", "line 1, field 5 (the label)"),
             ("empty.csv", b"", "no rows"),
             ("blank.csv", b"\n  \n", "no rows"),
-            (
-                "utf.csv",
-                b"0,1,\xff,3,1\n",
-                "byte offset 4: not valid UTF-8",
-            ),
-            (
-                "fake.csv.gz",
-                b"0,1,2,3,1\n",
-                "does not start with the gzip magic",
-            ),
+            ("utf.csv", b"0,1,\xff,3,1\n", "byte offset 4: not valid UTF-8"),
+            ("fake.csv.gz", b"0,1,2,3,1\n", "does not start with the gzip magic"),
             ("empty.csv.gz", b"", "does not start with the gzip magic"),
         ];
         for (name, bytes, needle) in cases {
@@ -914,10 +693,7 @@ mod tests {
         let full = gz(CSV.repeat(50).as_bytes());
         let p = write(dir.path(), "cut.csv.gz", &full[..full.len() / 2]);
         let msg = format_message(load_csv(&p, &LAYOUT).unwrap_err());
-        assert!(
-            msg.contains("cut.csv.gz") && msg.contains("gzip stream is corrupt or truncated"),
-            "{msg}"
-        );
+        assert!(msg.contains("cut.csv.gz") && msg.contains("gzip stream is corrupt or truncated"), "{msg}");
     }
 
     #[test]
@@ -951,23 +727,10 @@ mod tests {
         let data: Vec<u8> = (0..18).map(|i| (i * 15) as u8).collect(); // 3 images of 2×3
         let images = idx_images(3, 2, 3, &data);
         let labels = idx_labels(&[7, 0, 3]);
-        let expected = ImageSet {
-            channels: 1,
-            height: 2,
-            width: 3,
-            pixels: data.iter().map(|&b| f32::from(b) / 255.0).collect(),
-            labels: vec![7, 0, 3],
-            num_classes: 8,
-        };
-        let (i, l) = (
-            write(dir.path(), "i.idx", &images),
-            write(dir.path(), "l.idx", &labels),
-        );
+        let expected = ImageSet { channels: 1, height: 2, width: 3, pixels: data.iter().map(|&b| f32::from(b) / 255.0).collect(), labels: vec![7, 0, 3], num_classes: 8 };
+        let (i, l) = (write(dir.path(), "i.idx", &images), write(dir.path(), "l.idx", &labels));
         assert_eq!(load_idx(&i, &l).unwrap(), expected);
-        let (i, l) = (
-            write(dir.path(), "i.idx.gz", &gz(&images)),
-            write(dir.path(), "l-ubyte", &gz(&labels)),
-        );
+        let (i, l) = (write(dir.path(), "i.idx.gz", &gz(&images)), write(dir.path(), "l-ubyte", &gz(&labels)));
         assert_eq!(load_idx(&i, &l).unwrap(), expected);
     }
 
@@ -981,10 +744,7 @@ mod tests {
 
         // Swapped files: wrong magic, with a hint.
         let msg = format_message(load_idx(&lab, &img).unwrap_err());
-        assert!(
-            msg.contains("byte offset 0") && msg.contains("0x00000803") && msg.contains("swapped"),
-            "{msg}"
-        );
+        assert!(msg.contains("byte offset 0") && msg.contains("0x00000803") && msg.contains("swapped"), "{msg}");
 
         let other = write(dir.path(), "other", b"\x00\x00\x0d\x03rest");
         let msg = format_message(load_idx(&other, &lab).unwrap_err());
@@ -992,10 +752,7 @@ mod tests {
 
         let cut = write(dir.path(), "cut", &images[..images.len() - 1]);
         let msg = format_message(load_idx(&cut, &lab).unwrap_err());
-        assert!(
-            msg.contains("cut") && msg.contains("truncated") && msg.contains("3×2×2 = 12"),
-            "{msg}"
-        );
+        assert!(msg.contains("cut") && msg.contains("truncated") && msg.contains("3×2×2 = 12"), "{msg}");
 
         let head = write(dir.path(), "head", &images[..10]);
         assert!(format_message(load_idx(&head, &lab).unwrap_err()).contains("truncated header"));
@@ -1008,10 +765,7 @@ mod tests {
 
         let two = write(dir.path(), "two", &idx_labels(&[1, 2]));
         let msg = format_message(load_idx(&img, &two).unwrap_err());
-        assert!(
-            msg.contains("holds 2 labels") && msg.contains("3 images"),
-            "{msg}"
-        );
+        assert!(msg.contains("holds 2 labels") && msg.contains("3 images"), "{msg}");
 
         let z = gz(&images);
         let badgz = write(dir.path(), "img.gz", &z[..z.len() - 6]);
@@ -1029,47 +783,23 @@ mod tests {
     #[test]
     fn cifar10_round_trip_across_files() {
         let dir = tempfile::tempdir().unwrap();
-        let a = write(
-            dir.path(),
-            "data_batch_1.bin",
-            &[cifar_record(&[3], 10), cifar_record(&[9], 20)].concat(),
-        );
+        let a = write(dir.path(), "data_batch_1.bin", &[cifar_record(&[3], 10), cifar_record(&[9], 20)].concat());
         let b = write(dir.path(), "data_batch_2.bin", &cifar_record(&[0], 30));
         let set = load_cifar(&[a, b], CifarVariant::Cifar10).unwrap();
-        assert_eq!(
-            (
-                set.len(),
-                set.channels,
-                set.height,
-                set.width,
-                set.num_classes
-            ),
-            (3, 3, 32, 32, 10)
-        );
+        assert_eq!((set.len(), set.channels, set.height, set.width, set.num_classes), (3, 3, 32, 32, 10));
         assert_eq!(set.labels, vec![3, 9, 0]);
-        let expected: Vec<f32> = [10u8, 20, 30]
-            .iter()
-            .flat_map(|&f| cifar_record(&[], f))
-            .map(|b| f32::from(b) / 255.0)
-            .collect();
+        let expected: Vec<f32> = [10u8, 20, 30].iter().flat_map(|&f| cifar_record(&[], f)).map(|b| f32::from(b) / 255.0).collect();
         assert_eq!(set.pixels, expected);
     }
 
     #[test]
     fn cifar100_fine_and_coarse() {
         let dir = tempfile::tempdir().unwrap();
-        let p = write(
-            dir.path(),
-            "train.bin",
-            &[cifar_record(&[19, 99], 1), cifar_record(&[4, 55], 2)].concat(),
-        );
+        let p = write(dir.path(), "train.bin", &[cifar_record(&[19, 99], 1), cifar_record(&[4, 55], 2)].concat());
         let fine = load_cifar(std::slice::from_ref(&p), CifarVariant::Cifar100Fine).unwrap();
         assert_eq!((fine.labels.clone(), fine.num_classes), (vec![99, 55], 100));
         let coarse = load_cifar(std::slice::from_ref(&p), CifarVariant::Cifar100Coarse).unwrap();
-        assert_eq!(
-            (coarse.labels.clone(), coarse.num_classes),
-            (vec![19, 4], 20)
-        );
+        assert_eq!((coarse.labels.clone(), coarse.num_classes), (vec![19, 4], 20));
         assert_eq!(fine.pixels, coarse.pixels);
     }
 
@@ -1079,36 +809,18 @@ mod tests {
         let good = [cifar_record(&[1], 0), cifar_record(&[2], 0)].concat();
         let cut = write(dir.path(), "cut.bin", &[&good[..], &[1, 2, 3]].concat());
         let msg = format_message(load_cifar(&[cut], CifarVariant::Cifar10).unwrap_err());
-        assert!(
-            msg.contains("cut.bin")
-                && msg.contains("not a multiple of the 3073-byte")
-                && msg.contains("record 2 (byte offset 6146)"),
-            "{msg}"
-        );
+        assert!(msg.contains("cut.bin") && msg.contains("not a multiple of the 3073-byte") && msg.contains("record 2 (byte offset 6146)"), "{msg}");
 
-        let bad = write(
-            dir.path(),
-            "label.bin",
-            &[cifar_record(&[1], 0), cifar_record(&[10], 0)].concat(),
-        );
+        let bad = write(dir.path(), "label.bin", &[cifar_record(&[1], 0), cifar_record(&[10], 0)].concat());
         let msg = format_message(load_cifar(&[bad], CifarVariant::Cifar10).unwrap_err());
-        assert!(
-            msg.contains("record 1 (byte offset 3073): label 10 is out of range"),
-            "{msg}"
-        );
+        assert!(msg.contains("record 1 (byte offset 3073): label 10 is out of range"), "{msg}");
 
         let empty = write(dir.path(), "empty.bin", b"");
-        assert!(
-            format_message(load_cifar(&[empty], CifarVariant::Cifar10).unwrap_err())
-                .contains("file is empty")
-        );
+        assert!(format_message(load_cifar(&[empty], CifarVariant::Cifar10).unwrap_err()).contains("file is empty"));
 
         // A CIFAR-10 file read as CIFAR-100 has the wrong record length.
         let ten = write(dir.path(), "ten.bin", &good);
-        assert!(
-            format_message(load_cifar(&[ten], CifarVariant::Cifar100Fine).unwrap_err())
-                .contains("3074-byte")
-        );
+        assert!(format_message(load_cifar(&[ten], CifarVariant::Cifar100Fine).unwrap_err()).contains("3074-byte"));
         assert!(load_cifar(&[], CifarVariant::Cifar10).is_err());
     }
 
@@ -1132,44 +844,25 @@ mod tests {
     }
 
     fn write_parquet(path: &Path, columns: Vec<Series>) {
-        let mut df =
-            DataFrame::new_infer_height(columns.into_iter().map(Into::into).collect()).unwrap();
+        let mut df = DataFrame::new_infer_height(columns.into_iter().map(Into::into).collect()).unwrap();
         let mut f = std::fs::File::create(path).unwrap();
         ParquetWriter::new(&mut f).finish(&mut df).unwrap();
     }
 
     /// Three 2×3 grey images with distinct pixels.
     fn grey_images() -> Vec<Vec<u8>> {
-        (0..3u8)
-            .map(|k| (0..6u8).map(|i| k * 60 + i * 7).collect())
-            .collect()
+        (0..3u8).map(|k| (0..6u8).map(|i| k * 60 + i * 7).collect()).collect()
     }
 
     #[test]
     fn parquet_binary_png_round_trip() {
         let dir = tempfile::tempdir().unwrap();
         let raw = grey_images();
-        let pngs: Vec<Vec<u8>> = raw
-            .iter()
-            .map(|d| png_bytes(3, 2, png::ColorType::Grayscale, d))
-            .collect();
+        let pngs: Vec<Vec<u8>> = raw.iter().map(|d| png_bytes(3, 2, png::ColorType::Grayscale, d)).collect();
         let p = dir.path().join("t.parquet");
-        write_parquet(
-            &p,
-            vec![
-                binary_series("img", &pngs),
-                Series::new("label".into(), [2i64, 0, 1]),
-            ],
-        );
+        write_parquet(&p, vec![binary_series("img", &pngs), Series::new("label".into(), [2i64, 0, 1])]);
         let set = load_parquet_images(&p, "img", "label", None).unwrap();
-        let expected = ImageSet {
-            channels: 1,
-            height: 2,
-            width: 3,
-            pixels: raw.concat().iter().map(|&b| f32::from(b) / 255.0).collect(),
-            labels: vec![2, 0, 1],
-            num_classes: 3,
-        };
+        let expected = ImageSet { channels: 1, height: 2, width: 3, pixels: raw.concat().iter().map(|&b| f32::from(b) / 255.0).collect(), labels: vec![2, 0, 1], num_classes: 3 };
         assert_eq!(set, expected);
     }
 
@@ -1178,26 +871,16 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         // 1×2 images, interleaved RGB(A): pixel 0 = (10, 20, 30), pixel 1 = (40, 50, 60).
         let rgb = png_bytes(2, 1, png::ColorType::Rgb, &[10, 20, 30, 40, 50, 60]);
-        let rgba = png_bytes(
-            2,
-            1,
-            png::ColorType::Rgba,
-            &[10, 20, 30, 0, 40, 50, 60, 255],
-        );
+        let rgba = png_bytes(2, 1, png::ColorType::Rgba, &[10, 20, 30, 0, 40, 50, 60, 255]);
         let bytes = binary_series("bytes", &[rgb, rgba]);
         let paths = Series::new("path".into(), ["a.png", "b.png"]);
-        let image = StructChunked::from_series("image".into(), 2, [bytes, paths].iter())
-            .unwrap()
-            .into_series();
+        let image = StructChunked::from_series("image".into(), 2, [bytes, paths].iter()).unwrap().into_series();
         let p = dir.path().join("hf.parquet");
         write_parquet(&p, vec![image, Series::new("label".into(), [1u32, 1])]);
         let set = load_parquet_images(&p, "image", "label", None).unwrap();
         assert_eq!((set.channels, set.height, set.width), (3, 1, 2));
         // Channel-major: R plane, G plane, B plane; alpha dropped.
-        let one: Vec<f32> = [10u8, 40, 20, 50, 30, 60]
-            .iter()
-            .map(|&b| f32::from(b) / 255.0)
-            .collect();
+        let one: Vec<f32> = [10u8, 40, 20, 50, 30, 60].iter().map(|&b| f32::from(b) / 255.0).collect();
         assert_eq!(set.pixels, [one.clone(), one].concat());
         assert_eq!(set.labels, vec![1, 1]);
     }
@@ -1208,24 +891,12 @@ mod tests {
         let grey = png_bytes(1, 1, png::ColorType::Grayscale, &[100]);
         let rgb = png_bytes(1, 1, png::ColorType::Rgb, &[255, 0, 0]);
         let p = dir.path().join("mixed.parquet");
-        write_parquet(
-            &p,
-            vec![
-                binary_series("img", &[grey.clone(), rgb.clone()]),
-                Series::new("y".into(), [0i32, 1]),
-            ],
-        );
+        write_parquet(&p, vec![binary_series("img", &[grey.clone(), rgb.clone()]), Series::new("y".into(), [0i32, 1])]);
         let set = load_parquet_images(&p, "img", "y", None).unwrap();
         assert_eq!(set.channels, 1);
         assert!((set.pixels[1] - 0.299).abs() < 1e-5, "{:?}", set.pixels);
 
-        write_parquet(
-            &p,
-            vec![
-                binary_series("img", &[rgb, grey]),
-                Series::new("y".into(), [0i32, 1]),
-            ],
-        );
+        write_parquet(&p, vec![binary_series("img", &[rgb, grey]), Series::new("y".into(), [0i32, 1])]);
         let set = load_parquet_images(&p, "img", "y", None).unwrap();
         assert_eq!(set.channels, 3);
         assert_eq!(&set.pixels[3..], &[100.0 / 255.0; 3]);
@@ -1237,18 +908,9 @@ mod tests {
         let small = png_bytes(2, 1, png::ColorType::Grayscale, &[0, 255]);
         let big = png_bytes(4, 1, png::ColorType::Grayscale, &[7, 7, 7, 7]);
         let p = dir.path().join("sizes.parquet");
-        write_parquet(
-            &p,
-            vec![
-                binary_series("img", &[big, small]),
-                Series::new("y".into(), [0i64, 1]),
-            ],
-        );
+        write_parquet(&p, vec![binary_series("img", &[big, small]), Series::new("y".into(), [0i64, 1])]);
         let msg = format_message(load_parquet_images(&p, "img", "y", None).unwrap_err());
-        assert!(
-            msg.contains("row 1: image is 1×2 but row 0 is 1×4"),
-            "{msg}"
-        );
+        assert!(msg.contains("row 1: image is 1×2 but row 0 is 1×4"), "{msg}");
         let set = load_parquet_images(&p, "img", "y", Some((1, 4))).unwrap();
         assert_eq!(set.pixels[..4], [7.0 / 255.0; 4]);
         assert_eq!(set.pixels[4..], [0.0, 0.25, 0.75, 1.0]);
@@ -1261,9 +923,7 @@ mod tests {
         assert_eq!(&out[..4], &[0.0, 0.25, 0.75, 1.0]);
         // Shrinking a uniform image keeps it uniform; identity is exact.
         let src = vec![0.5f32; 2 * 6 * 6];
-        assert!(resize_bilinear(&src, 2, (6, 6), (3, 2))
-            .iter()
-            .all(|&v| v == 0.5));
+        assert!(resize_bilinear(&src, 2, (6, 6), (3, 2)).iter().all(|&v| v == 0.5));
         let ramp: Vec<f32> = (0..12).map(|i| i as f32).collect();
         assert_eq!(resize_bilinear(&ramp, 1, (3, 4), (3, 4)), ramp);
     }
@@ -1295,45 +955,18 @@ mod tests {
     fn parquet_jpeg_and_bad_image_bytes() {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("jpeg.parquet");
-        write_parquet(
-            &p,
-            vec![
-                binary_series("img", &[tiny_jpeg()]),
-                Series::new("y".into(), [4i64]),
-            ],
-        );
+        write_parquet(&p, vec![binary_series("img", &[tiny_jpeg()]), Series::new("y".into(), [4i64])]);
         let set = load_parquet_images(&p, "img", "y", None).unwrap();
         assert_eq!((set.channels, set.height, set.width), (1, 8, 8));
-        assert!(
-            set.pixels
-                .iter()
-                .all(|&v| (v - 192.0 / 255.0).abs() < 1.5 / 255.0),
-            "{:?}",
-            set.pixels
-        );
+        assert!(set.pixels.iter().all(|&v| (v - 192.0 / 255.0).abs() < 1.5 / 255.0), "{:?}", set.pixels);
 
         let png = png_bytes(1, 1, png::ColorType::Grayscale, &[1]);
         let garbage = b"GIF89a....".to_vec();
         let cut = png[..png.len() - 20].to_vec();
-        write_parquet(
-            &p,
-            vec![
-                binary_series("img", &[png.clone(), garbage, cut]),
-                Series::new("y".into(), [0i64, 0, 0]),
-            ],
-        );
+        write_parquet(&p, vec![binary_series("img", &[png.clone(), garbage, cut]), Series::new("y".into(), [0i64, 0, 0])]);
         let msg = format_message(load_parquet_images(&p, "img", "y", None).unwrap_err());
-        assert!(
-            msg.contains("row 1: image bytes are neither PNG") && msg.contains("47 49 46 38"),
-            "{msg}"
-        );
-        write_parquet(
-            &p,
-            vec![
-                binary_series("img", &[png.clone(), png[..png.len() - 20].to_vec()]),
-                Series::new("y".into(), [0i64, 0]),
-            ],
-        );
+        assert!(msg.contains("row 1: image bytes are neither PNG") && msg.contains("47 49 46 38"), "{msg}");
+        write_parquet(&p, vec![binary_series("img", &[png.clone(), png[..png.len() - 20].to_vec()]), Series::new("y".into(), [0i64, 0])]);
         let msg = format_message(load_parquet_images(&p, "img", "y", None).unwrap_err());
         assert!(msg.contains("row 1: invalid PNG"), "{msg}");
     }
@@ -1341,25 +974,11 @@ mod tests {
     #[test]
     fn parquet_column_errors() {
         let dir = tempfile::tempdir().unwrap();
-        let pngs: Vec<Vec<u8>> = grey_images()
-            .iter()
-            .map(|d| png_bytes(3, 2, png::ColorType::Grayscale, d))
-            .collect();
+        let pngs: Vec<Vec<u8>> = grey_images().iter().map(|d| png_bytes(3, 2, png::ColorType::Grayscale, d)).collect();
         let p = dir.path().join("cols.parquet");
-        write_parquet(
-            &p,
-            vec![
-                binary_series("img", &pngs),
-                Series::new("label".into(), [0i64, -1, 1]),
-            ],
-        );
+        write_parquet(&p, vec![binary_series("img", &pngs), Series::new("label".into(), [0i64, -1, 1])]);
         let msg = format_message(load_parquet_images(&p, "image", "label", None).unwrap_err());
-        assert!(
-            msg.contains("cols.parquet")
-                && msg.contains("no column \"image\"")
-                && msg.contains("\"img\""),
-            "{msg}"
-        );
+        assert!(msg.contains("cols.parquet") && msg.contains("no column \"image\"") && msg.contains("\"img\""), "{msg}");
         let msg = format_message(load_parquet_images(&p, "img", "labels", None).unwrap_err());
         assert!(msg.contains("no column \"labels\""), "{msg}");
         let msg = format_message(load_parquet_images(&p, "img", "label", None).unwrap_err());
@@ -1368,8 +987,7 @@ mod tests {
         assert!(msg.contains("column \"label\" has type"), "{msg}");
 
         let notparquet = write(dir.path(), "x.parquet", b"PAR1 but not really");
-        let msg =
-            format_message(load_parquet_images(&notparquet, "img", "label", None).unwrap_err());
+        let msg = format_message(load_parquet_images(&notparquet, "img", "label", None).unwrap_err());
         assert!(msg.contains("x.parquet"), "{msg}");
     }
 }

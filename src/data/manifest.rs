@@ -27,12 +27,7 @@ use super::{DataError, ImageSet};
 pub enum FormatSpec {
     /// Headerless CSV, optionally gzipped: one image per row, pixels then the label
     /// (see [`formats::load_csv`]).
-    CsvGz {
-        channels: usize,
-        height: usize,
-        width: usize,
-        max_value: f32,
-    },
+    CsvGz { channels: usize, height: usize, width: usize, max_value: f32 },
     /// MNIST IDX: files with role `images` and `labels`, or `<split>-images` and `<split>-labels`.
     Idx {},
     /// CIFAR binary batches.
@@ -61,12 +56,7 @@ impl FormatSpec {
     fn canonical(&self) -> String {
         let mut s = format!("format.kind={}\n", self.kind());
         match self {
-            FormatSpec::CsvGz {
-                channels,
-                height,
-                width,
-                max_value,
-            } => {
+            FormatSpec::CsvGz { channels, height, width, max_value } => {
                 s += &format!(
                     "format.channels={channels}\nformat.height={height}\nformat.width={width}\n\
                      format.max_value={max_value:?}\n"
@@ -76,14 +66,8 @@ impl FormatSpec {
             FormatSpec::CifarBinary { variant } => {
                 s += &format!("format.variant={}\n", variant.name());
             }
-            FormatSpec::ParquetImages {
-                image_column,
-                label_column,
-                size,
-            } => {
-                s += &format!(
-                    "format.image_column={image_column:?}\nformat.label_column={label_column:?}\n"
-                );
+            FormatSpec::ParquetImages { image_column, label_column, size } => {
+                s += &format!("format.image_column={image_column:?}\nformat.label_column={label_column:?}\n");
                 if let Some([h, w]) = size {
                     s += &format!("format.size={h}x{w}\n");
                 }
@@ -134,12 +118,7 @@ use crate::params::levenshtein as edit_distance;
 fn closest<'a>(word: &str, candidates: impl IntoIterator<Item = &'a str>) -> Option<&'a str> {
     let limit = (word.chars().count() / 3).max(2);
     // A strict prefix of a candidate ("csv" for "csv-gz") counts as close, whatever its distance.
-    candidates
-        .into_iter()
-        .map(|c| (edit_distance(word, c), c))
-        .filter(|&(d, c)| d > 0 && (d <= limit || (word.len() >= 3 && c.starts_with(word))))
-        .min_by_key(|&(d, _)| d)
-        .map(|(_, c)| c)
+    candidates.into_iter().map(|c| (edit_distance(word, c), c)).filter(|&(d, c)| d > 0 && (d <= limit || (word.len() >= 3 && c.starts_with(word)))).min_by_key(|&(d, _)| d).map(|(_, c)| c)
 }
 
 /// The backquoted words of a serde message after `marker` (e.g. the field names after
@@ -148,18 +127,12 @@ fn backquoted_after<'a>(message: &'a str, marker: &str) -> Vec<&'a str> {
     let Some(pos) = message.find(marker) else {
         return Vec::new();
     };
-    message[pos + marker.len()..]
-        .split('`')
-        .skip(1)
-        .step_by(2)
-        .collect()
+    message[pos + marker.len()..].split('`').skip(1).step_by(2).collect()
 }
 
 /// A "did you mean" hint for serde's "unknown field/variant `x`, expected one of ..." messages.
 fn typo_hint(message: &str) -> Option<String> {
-    let unknown = ["unknown field", "unknown variant"]
-        .iter()
-        .find_map(|m| backquoted_after(message, m).first().copied())?;
+    let unknown = ["unknown field", "unknown variant"].iter().find_map(|m| backquoted_after(message, m).first().copied())?;
     let known = backquoted_after(message, "expected");
     let best = closest(unknown, known.iter().copied())?;
     Some(format!("did you mean `{best}`?"))
@@ -191,9 +164,7 @@ fn line_col(text: &str, at: usize) -> (usize, usize) {
 }
 
 fn is_sha256_hex(s: &str) -> bool {
-    s.len() == 64
-        && s.bytes()
-            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+    s.len() == 64 && s.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
 }
 
 /// The lower-case hex sha256 of a file, read in 1 MiB chunks.
@@ -246,10 +217,7 @@ impl Manifest {
                 paths.push(p);
             }
         }
-        let mut out = paths
-            .iter()
-            .map(|p| Manifest::load(p))
-            .collect::<Result<Vec<_>, _>>()?;
+        let mut out = paths.iter().map(|p| Manifest::load(p)).collect::<Result<Vec<_>, _>>()?;
         out.sort_by(|a, b| a.name.cmp(&b.name));
         Ok(out)
     }
@@ -266,11 +234,7 @@ impl Manifest {
                 }
                 None => String::new(),
             };
-            DataError::Manifest {
-                path: path.to_path_buf(),
-                hint: typo_hint(&message),
-                message: format!("{at}{message}"),
-            }
+            DataError::Manifest { path: path.to_path_buf(), hint: typo_hint(&message), message: format!("{at}{message}") }
         })?;
         m.path = path.to_path_buf();
         if m.classes.is_empty() {
@@ -288,11 +252,7 @@ impl Manifest {
     }
 
     fn error(&self, message: String, hint: Option<String>) -> DataError {
-        DataError::Manifest {
-            path: self.path.clone(),
-            message,
-            hint,
-        }
+        DataError::Manifest { path: self.path.clone(), message, hint }
     }
 
     /// Checks what serde cannot: non-empty lists, well-formed hashes and paths, sane parameters.
@@ -301,87 +261,48 @@ impl Manifest {
             return Err(self.error("`name` is empty".into(), None));
         }
         if self.files.is_empty() {
-            return Err(self.error(
-                "`files` is empty".into(),
-                Some("add [[files]] tables with path, sha256 and role".into()),
-            ));
+            return Err(self.error("`files` is empty".into(), Some("add [[files]] tables with path, sha256 and role".into())));
         }
         if self.classes.is_empty() {
             return Err(self.error("`classes` is empty".into(), None));
         }
         for (i, c) in self.classes.iter().enumerate() {
             if self.classes[..i].contains(c) {
-                return Err(
-                    self.error(format!("class name {c:?} appears twice in `classes`"), None)
-                );
+                return Err(self.error(format!("class name {c:?} appears twice in `classes`"), None));
             }
         }
         for (i, f) in self.files.iter().enumerate() {
             let shown = f.path.display();
             if !is_sha256_hex(&f.sha256) && f.sha256 != UNPINNED {
-                return Err(self.error(
-                    format!(
-                        "files[{i}] ({shown}): sha256 must be 64 lower-case hex digits, found {:?}",
-                        f.sha256
-                    ),
-                    Some(format!("compute it with `sha256sum {shown}`")),
-                ));
+                return Err(self.error(format!("files[{i}] ({shown}): sha256 must be 64 lower-case hex digits, found {:?}", f.sha256), Some(format!("compute it with `sha256sum {shown}`"))));
             }
-            let escapes = f
-                .path
-                .components()
-                .any(|c| !matches!(c, Component::Normal(_) | Component::CurDir));
+            let escapes = f.path.components().any(|c| !matches!(c, Component::Normal(_) | Component::CurDir));
             if escapes || f.path.as_os_str().is_empty() {
-                return Err(self.error(
-                    format!("files[{i}]: path {shown:?} must be relative, inside the project"),
-                    Some("paths are relative to the project root, without `..`".into()),
-                ));
+                return Err(self.error(format!("files[{i}]: path {shown:?} must be relative, inside the project"), Some("paths are relative to the project root, without `..`".into())));
             }
             if f.role.trim().is_empty() {
                 return Err(self.error(format!("files[{i}] ({shown}): `role` is empty"), None));
             }
         }
         match &self.format {
-            FormatSpec::CsvGz {
-                channels,
-                height,
-                width,
-                max_value,
-            } => {
+            FormatSpec::CsvGz { channels, height, width, max_value } => {
                 if *channels == 0 || *height == 0 || *width == 0 {
-                    return Err(self.error(
-                        format!("format: channels, height and width must be positive, found {channels}×{height}×{width}"),
-                        None,
-                    ));
+                    return Err(self.error(format!("format: channels, height and width must be positive, found {channels}×{height}×{width}"), None));
                 }
                 if !(max_value.is_finite() && *max_value > 0.0) {
-                    return Err(self.error(
-                        format!("format: max_value must be positive, found {max_value}"),
-                        Some("it is the largest pixel value, e.g. 255".into()),
-                    ));
+                    return Err(self.error(format!("format: max_value must be positive, found {max_value}"), Some("it is the largest pixel value, e.g. 255".into())));
                 }
             }
             FormatSpec::Idx {} => {}
             FormatSpec::CifarBinary { variant } => {
                 if self.classes.len() != variant.num_classes() {
-                    return Err(self.error(
-                        format!(
-                            "{} has {} classes but `classes` lists {}",
-                            variant.name(),
-                            variant.num_classes(),
-                            self.classes.len()
-                        ),
-                        None,
-                    ));
+                    return Err(self.error(format!("{} has {} classes but `classes` lists {}", variant.name(), variant.num_classes(), self.classes.len()), None));
                 }
             }
             FormatSpec::ParquetImages { size, .. } => {
                 if let Some([h, w]) = size {
                     if *h == 0 || *w == 0 {
-                        return Err(self.error(
-                            format!("format: size must be positive, found [{h}, {w}]"),
-                            None,
-                        ));
+                        return Err(self.error(format!("format: size must be positive, found [{h}, {w}]"), None));
                     }
                 }
             }
@@ -410,10 +331,7 @@ impl Manifest {
         if found.is_empty() {
             let roles = self.roles();
             let hint = closest(role, roles.iter().copied()).map(|r| format!("did you mean {r:?}?"));
-            return Err(self.error(
-                format!("no file with role {role:?}; the roles here are {roles:?}"),
-                hint,
-            ));
+            return Err(self.error(format!("no file with role {role:?}; the roles here are {roles:?}"), hint));
         }
         Ok(found)
     }
@@ -455,40 +373,12 @@ impl Manifest {
         for f in selected {
             let path = root.join(&f.path);
             let set = match &self.format {
-                FormatSpec::CsvGz {
-                    channels,
-                    height,
-                    width,
-                    max_value,
-                } => formats::load_csv(
-                    &path,
-                    &CsvLayout {
-                        channels: *channels,
-                        height: *height,
-                        width: *width,
-                        max_value: *max_value,
-                    },
-                )?,
-                FormatSpec::ParquetImages {
-                    image_column,
-                    label_column,
-                    size,
-                } => formats::load_parquet_images(
-                    &path,
-                    image_column,
-                    label_column,
-                    size.map(|[h, w]| (h, w)),
-                )?,
-                FormatSpec::CifarBinary { variant } => {
-                    formats::load_cifar(std::slice::from_ref(&path), *variant)?
-                }
+                FormatSpec::CsvGz { channels, height, width, max_value } => formats::load_csv(&path, &CsvLayout { channels: *channels, height: *height, width: *width, max_value: *max_value })?,
+                FormatSpec::ParquetImages { image_column, label_column, size } => formats::load_parquet_images(&path, image_column, label_column, size.map(|[h, w]| (h, w)))?,
+                FormatSpec::CifarBinary { variant } => formats::load_cifar(std::slice::from_ref(&path), *variant)?,
                 // Read in image/label pairs above, before this loop; kept as an error rather
                 // than a panic should that branch ever change.
-                FormatSpec::Idx {} => {
-                    return Err(
-                        self.error("idx files are read in pairs, not one by one".into(), None)
-                    )
-                }
+                FormatSpec::Idx {} => return Err(self.error("idx files are read in pairs, not one by one".into(), None)),
             };
             let set = self.check_labels(set, &path)?;
             out = Some(match out {
@@ -504,12 +394,7 @@ impl Manifest {
     /// Checks every label of `set` (read from `path`) against `classes` and sets `num_classes`.
     fn check_labels(&self, mut set: ImageSet, path: &Path) -> Result<ImageSet, DataError> {
         let k = self.classes.len();
-        if let Some((i, l)) = set
-            .labels
-            .iter()
-            .enumerate()
-            .find(|(_, &l)| l as usize >= k)
-        {
+        if let Some((i, l)) = set.labels.iter().enumerate().find(|(_, &l)| l as usize >= k) {
             return Err(DataError::format(
                 path,
                 format!(
@@ -559,11 +444,7 @@ fn verify_file(root: &Path, f: &FileEntry) -> Result<(), DataError> {
         });
     }
     if actual != f.sha256 {
-        return Err(DataError::HashMismatch {
-            path,
-            expected: f.sha256.clone(),
-            actual,
-        });
+        return Err(DataError::HashMismatch { path, expected: f.sha256.clone(), actual });
     }
     Ok(())
 }
@@ -573,13 +454,7 @@ fn append(mut acc: ImageSet, next: ImageSet, path: &Path) -> Result<ImageSet, Da
     let a = (acc.channels, acc.height, acc.width);
     let b = (next.channels, next.height, next.width);
     if a != b {
-        return Err(DataError::format(
-            path,
-            format!(
-                "images are {}×{}×{} but the data set's earlier files hold {}×{}×{}",
-                b.0, b.1, b.2, a.0, a.1, a.2
-            ),
-        ));
+        return Err(DataError::format(path, format!("images are {}×{}×{} but the data set's earlier files hold {}×{}×{}", b.0, b.1, b.2, a.0, a.1, a.2)));
     }
     acc.pixels.extend(next.pixels);
     acc.labels.extend(next.labels);
@@ -618,10 +493,7 @@ mod tests {
         assert_eq!(m.name, "mnist-5k");
         m.verify(crate_root()).unwrap();
         let set = m.load_images(crate_root(), None).unwrap();
-        assert_eq!(
-            (set.len(), set.channels, set.height, set.width),
-            (5000, 1, 28, 28)
-        );
+        assert_eq!((set.len(), set.channels, set.height, set.width), (5000, 1, 28, 28));
         assert_eq!(set.num_classes, 10);
         assert_eq!(set.class_counts(), vec![500; 10]);
         assert!(set.pixels.iter().all(|&v| (0.0..=1.0).contains(&v)));
@@ -633,16 +505,10 @@ mod tests {
     fn embedded_optdigits_loads() {
         let m = Manifest::load(&manifest_path("optdigits-8x8.toml")).unwrap();
         let set = m.load_images(crate_root(), None).unwrap();
-        assert_eq!(
-            (set.len(), set.channels, set.height, set.width),
-            (1797, 1, 8, 8)
-        );
+        assert_eq!((set.len(), set.channels, set.height, set.width), (1797, 1, 8, 8));
         let counts = set.class_counts();
         assert_eq!(counts.len(), 10);
-        assert!(
-            counts.iter().all(|&c| (174..=183).contains(&c)),
-            "{counts:?}"
-        );
+        assert!(counts.iter().all(|&c| (174..=183).contains(&c)), "{counts:?}");
         assert!(set.pixels.iter().all(|&v| (0.0..=1.0).contains(&v)));
         assert_eq!(set.pixels.iter().cloned().fold(0.0f32, f32::max), 1.0);
     }
@@ -651,10 +517,7 @@ mod tests {
     fn load_all_finds_both_embedded_manifests() {
         let all = Manifest::load_all(&crate_root().join("data-manifests")).unwrap();
         let names: Vec<&str> = all.iter().map(|m| m.name.as_str()).collect();
-        assert!(
-            names.contains(&"mnist-5k") && names.contains(&"optdigits-8x8"),
-            "{names:?}"
-        );
+        assert!(names.contains(&"mnist-5k") && names.contains(&"optdigits-8x8"), "{names:?}");
     }
 
     #[test]
@@ -670,28 +533,15 @@ mod tests {
         let err = m.load_images(crate_root(), None).unwrap_err();
         let msg = err.to_string();
         match err {
-            DataError::HashMismatch {
-                path,
-                expected,
-                actual,
-            } => {
+            DataError::HashMismatch { path, expected, actual } => {
                 assert!(path.ends_with("data/optdigits_8x8.csv.gz"));
                 assert_eq!((expected.as_str(), actual.as_str()), (fake, real));
             }
             other => panic!("expected HashMismatch, got {other:?}"),
         }
-        assert!(
-            msg.contains(real) && msg.contains(fake) && msg.contains("optdigits_8x8.csv.gz"),
-            "{msg}"
-        );
-        assert!(
-            msg.contains("re-download") && msg.contains("update"),
-            "{msg}"
-        );
-        assert!(matches!(
-            m.verify(crate_root()),
-            Err(DataError::HashMismatch { .. })
-        ));
+        assert!(msg.contains(real) && msg.contains(fake) && msg.contains("optdigits_8x8.csv.gz"), "{msg}");
+        assert!(msg.contains("re-download") && msg.contains("update"), "{msg}");
+        assert!(matches!(m.verify(crate_root()), Err(DataError::HashMismatch { .. })));
     }
 
     const MINIMAL: &str = r#"
@@ -730,9 +580,7 @@ role = "train"
             e @ DataError::Manifest { .. } => {
                 let msg = e.to_string();
                 assert!(msg.starts_with("m/x.toml: "), "{msg}");
-                let DataError::Manifest { hint, .. } = e else {
-                    unreachable!()
-                };
+                let DataError::Manifest { hint, .. } = e else { unreachable!() };
                 (msg, hint)
             }
             other => panic!("expected a Manifest error, got {other:?}"),
@@ -747,10 +595,7 @@ role = "train"
         assert_eq!((set.len(), set.num_classes), (2, 3));
         assert_eq!(set.class_counts(), vec![1, 1, 0]);
         let err = m.load_images(dir.path(), Some("trian")).unwrap_err();
-        assert!(
-            matches!(&err, DataError::Manifest { hint: Some(h), .. } if h.contains("\"train\"")),
-            "{err}"
-        );
+        assert!(matches!(&err, DataError::Manifest { hint: Some(h), .. } if h.contains("\"train\"")), "{err}");
     }
 
     #[test]
@@ -758,29 +603,20 @@ role = "train"
         let (dir, text) = tiny_setup("0,1,2,3,1\n4,4,0,0,3\n");
         let m = Manifest::from_toml_str(&text, Path::new("tiny.toml")).unwrap();
         let msg = m.load_images(dir.path(), None).unwrap_err().to_string();
-        assert!(
-            msg.contains("tiny.csv") && msg.contains("image 1") && msg.contains("label 3"),
-            "{msg}"
-        );
+        assert!(msg.contains("tiny.csv") && msg.contains("image 1") && msg.contains("label 3"), "{msg}");
     }
 
     #[test]
     fn unknown_keys_name_line_column_and_suggest() {
         let (_dir, text) = tiny_setup("0,0,0,0,0\n");
         let (msg, hint) = manifest_error(&text.replace("licence =", "licnce ="));
-        assert!(
-            msg.contains("line 5, column 1") && msg.contains("unknown field `licnce`"),
-            "{msg}"
-        );
+        assert!(msg.contains("line 5, column 1") && msg.contains("unknown field `licnce`"), "{msg}");
         assert_eq!(hint.as_deref(), Some("did you mean `licence`?"));
         assert!(msg.contains("did you mean `licence`?"), "{msg}");
 
         // Reported where the key is written (line 11), not at the `[format]` header.
         let (msg, hint) = manifest_error(&text.replace("channels =", "chanels ="));
-        assert!(
-            msg.contains("line 11, column 1: unknown field `chanels`"),
-            "{msg}"
-        );
+        assert!(msg.contains("line 11, column 1: unknown field `chanels`"), "{msg}");
         assert_eq!(hint.as_deref(), Some("did you mean `channels`?"));
 
         let (msg, hint) = manifest_error(&text.replace("role =", "rol ="));
@@ -803,16 +639,9 @@ role = "train"
     #[test]
     fn validation_errors() {
         let (_dir, text) = tiny_setup("0,0,0,0,0\n");
-        let sha = text
-            .lines()
-            .find(|l| l.starts_with("sha256"))
-            .unwrap()
-            .to_string();
+        let sha = text.lines().find(|l| l.starts_with("sha256")).unwrap().to_string();
         let (msg, hint) = manifest_error(&text.replace(&sha, "sha256 = \"abc\""));
-        assert!(
-            msg.contains("files[0] (d/tiny.csv): sha256 must be 64"),
-            "{msg}"
-        );
+        assert!(msg.contains("files[0] (d/tiny.csv): sha256 must be 64"), "{msg}");
         assert!(hint.unwrap().contains("sha256sum d/tiny.csv"));
         let (msg, _) = manifest_error(&text.replace("d/tiny.csv", "../tiny.csv"));
         assert!(msg.contains("must be relative"), "{msg}");
@@ -825,36 +654,16 @@ role = "train"
     #[test]
     fn content_id_ignores_cosmetics_but_not_content() {
         let (_dir, text) = tiny_setup("0,0,0,0,0\n");
-        let id = |t: &str| {
-            Manifest::from_toml_str(t, Path::new("x.toml"))
-                .unwrap()
-                .content_id()
-        };
+        let id = |t: &str| Manifest::from_toml_str(t, Path::new("x.toml")).unwrap().content_id();
         let base = id(&text);
         assert_eq!(base.len(), 64);
         assert_eq!(id(&text.replace("d/tiny.csv", "elsewhere/tiny.csv")), base);
         assert_eq!(id(&text.replace("three 2x2 images", "other words")), base);
-        assert_eq!(
-            id(&text.replace("name = \"tiny\"", "name = \"renamed\"")),
-            base
-        );
-        assert_ne!(
-            id(&text.replace("max_value = 4.0", "max_value = 5.0")),
-            base
-        );
-        assert_ne!(
-            id(&text.replace("role = \"train\"", "role = \"test\"")),
-            base
-        );
-        let sha = text
-            .lines()
-            .find(|l| l.starts_with("sha256"))
-            .unwrap()
-            .to_string();
-        assert_ne!(
-            id(&text.replace(&sha, &format!("sha256 = \"{}\"", "0".repeat(64)))),
-            base
-        );
+        assert_eq!(id(&text.replace("name = \"tiny\"", "name = \"renamed\"")), base);
+        assert_ne!(id(&text.replace("max_value = 4.0", "max_value = 5.0")), base);
+        assert_ne!(id(&text.replace("role = \"train\"", "role = \"test\"")), base);
+        let sha = text.lines().find(|l| l.starts_with("sha256")).unwrap().to_string();
+        assert_ne!(id(&text.replace(&sha, &format!("sha256 = \"{}\"", "0".repeat(64)))), base);
         let real = Manifest::load(&manifest_path("mnist-5k.toml")).unwrap();
         assert_eq!(real.content_id(), real.content_id());
         assert_ne!(real.content_id(), base);
@@ -887,15 +696,9 @@ files = [
         );
         let m = Manifest::from_toml_str(&text, Path::new("idx.toml")).unwrap();
         let set = m.load_images(dir.path(), Some("train")).unwrap();
-        assert_eq!(
-            (set.labels.clone(), set.pixels.clone(), set.num_classes),
-            (vec![1, 0], vec![0.0, 1.0], 2)
-        );
+        assert_eq!((set.labels.clone(), set.pixels.clone(), set.num_classes), (vec![1, 0], vec![0.0, 1.0], 2));
         let err = m.load_images(dir.path(), None).unwrap_err();
-        assert!(
-            err.to_string().contains("no file with role \"images\""),
-            "{err}"
-        );
+        assert!(err.to_string().contains("no file with role \"images\""), "{err}");
         let (msg, _) = manifest_error(&text.replace("kind = \"idx\"", "kind = \"idx\", extra = 1"));
         assert!(msg.contains("extra"), "{msg}");
     }
@@ -935,15 +738,9 @@ files = [
         let m = Manifest::from_toml_str(&text, Path::new("cifar.toml")).unwrap();
         assert_eq!(m.roles(), vec!["train", "test"]);
         let train = m.load_images(dir.path(), Some("train")).unwrap();
-        assert_eq!(
-            (train.labels.clone(), train.num_classes),
-            (vec![1, 2, 3], 10)
-        );
+        assert_eq!((train.labels.clone(), train.num_classes), (vec![1, 2, 3], 10));
         assert_eq!(train.pixels.len(), 3 * 3072);
-        assert_eq!(
-            m.load_images(dir.path(), Some("test")).unwrap().labels,
-            vec![9]
-        );
+        assert_eq!(m.load_images(dir.path(), Some("test")).unwrap().labels, vec![9]);
         assert_eq!(m.load_images(dir.path(), None).unwrap().len(), 4);
         let (msg, _) = manifest_error(&text.replace("\"cifar10\"", "\"cifar100-fine\""));
         assert!(msg.contains("100 classes but `classes` lists 10"), "{msg}");
@@ -954,10 +751,7 @@ files = [
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("abc");
         std::fs::write(&p, "abc").unwrap();
-        assert_eq!(
-            sha256_file(&p).unwrap(),
-            "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
-        );
+        assert_eq!(sha256_file(&p).unwrap(), "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad");
         let err = sha256_file(&dir.path().join("nope")).unwrap_err();
         assert!(matches!(err, DataError::Io { .. }) && err.to_string().contains("nope"));
     }

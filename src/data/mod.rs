@@ -42,11 +42,7 @@ pub enum DataError {
          re-download the file, or if this new version is intended, update its sha256 in the manifest",
         path.display()
     )]
-    HashMismatch {
-        path: PathBuf,
-        expected: String,
-        actual: String,
-    },
+    HashMismatch { path: PathBuf, expected: String, actual: String },
 
     /// The file's bytes do not follow its format; `message` says where (line, record or byte
     /// offset) and what was expected there.
@@ -55,11 +51,7 @@ pub enum DataError {
 
     /// A manifest is malformed or inconsistent; `hint` suggests a fix when one is known.
     #[error("{}: {message}{}", path.display(), hint.as_ref().map(|h| format!(" ({h})")).unwrap_or_default())]
-    Manifest {
-        path: PathBuf,
-        message: String,
-        hint: Option<String>,
-    },
+    Manifest { path: PathBuf, message: String, hint: Option<String> },
 
     /// A derived split or subset cannot be formed from these labels.
     #[error(transparent)]
@@ -68,17 +60,11 @@ pub enum DataError {
 
 impl DataError {
     pub(crate) fn io(path: &Path, source: std::io::Error) -> Self {
-        DataError::Io {
-            path: path.to_path_buf(),
-            source,
-        }
+        DataError::Io { path: path.to_path_buf(), source }
     }
 
     pub(crate) fn format(path: &Path, message: impl Into<String>) -> Self {
-        DataError::Format {
-            path: path.to_path_buf(),
-            message: message.into(),
-        }
+        DataError::Format { path: path.to_path_buf(), message: message.into() }
     }
 }
 
@@ -129,14 +115,7 @@ impl ImageSet {
             pixels.extend_from_slice(self.image(i));
             labels.push(self.labels[i]);
         }
-        ImageSet {
-            channels: self.channels,
-            height: self.height,
-            width: self.width,
-            pixels,
-            labels,
-            num_classes: self.num_classes,
-        }
+        ImageSet { channels: self.channels, height: self.height, width: self.width, pixels, labels, num_classes: self.num_classes }
     }
 
     /// Number of images of each class, `num_classes` entries (labels at or above `num_classes`
@@ -172,17 +151,9 @@ impl ImageSet {
         // The views below are built from this set's own vectors with the shapes they have, so
         // `TensorView::new` and `serialize` can only fail if `pixels.len() != N·C·H·W`, which
         // every constructor in this module upholds.
-        let pixels = safetensors::tensor::TensorView::new(
-            safetensors::Dtype::F32,
-            vec![n, self.channels, self.height, self.width],
-            &pixel_bytes,
-        )
-        .expect("ImageSet invariant: pixels.len() == N*C*H*W");
-        let labels =
-            safetensors::tensor::TensorView::new(safetensors::Dtype::U32, vec![n], &label_bytes)
-                .expect("labels view always matches its own length");
-        safetensors::serialize([("labels", labels), ("pixels", pixels)], Some(meta))
-            .expect("serialising two consistent views cannot fail")
+        let pixels = safetensors::tensor::TensorView::new(safetensors::Dtype::F32, vec![n, self.channels, self.height, self.width], &pixel_bytes).expect("ImageSet invariant: pixels.len() == N*C*H*W");
+        let labels = safetensors::tensor::TensorView::new(safetensors::Dtype::U32, vec![n], &label_bytes).expect("labels view always matches its own length");
+        safetensors::serialize([("labels", labels), ("pixels", pixels)], Some(meta)).expect("serialising two consistent views cannot fail")
     }
 
     /// Reads a set written by [`ImageSet::to_safetensors_bytes`].
@@ -193,82 +164,30 @@ impl ImageSet {
     /// Like [`ImageSet::from_safetensors_bytes`], naming `origin` in errors.
     pub fn from_safetensors_bytes_at(bytes: &[u8], origin: &Path) -> Result<ImageSet, DataError> {
         let bad = |m: String| DataError::format(origin, m);
-        let st = safetensors::SafeTensors::deserialize(bytes)
-            .map_err(|e| bad(format!("not a valid safetensors file: {e}")))?;
-        let (_, header) = safetensors::SafeTensors::read_metadata(bytes)
-            .map_err(|e| bad(format!("not a valid safetensors header: {e}")))?;
-        let raw = header.metadata().as_ref().and_then(|m| m.get("imageset")).ok_or_else(|| {
-            bad(
-                "safetensors metadata is missing (expected channels, height, width, num_classes)"
-                    .into(),
-            )
-        })?;
-        let meta: std::collections::BTreeMap<String, String> = serde_json::from_str(raw)
-            .map_err(|e| bad(format!("safetensors metadata `imageset` is not valid JSON: {e}")))?;
+        let st = safetensors::SafeTensors::deserialize(bytes).map_err(|e| bad(format!("not a valid safetensors file: {e}")))?;
+        let (_, header) = safetensors::SafeTensors::read_metadata(bytes).map_err(|e| bad(format!("not a valid safetensors header: {e}")))?;
+        let raw = header.metadata().as_ref().and_then(|m| m.get("imageset")).ok_or_else(|| bad("safetensors metadata is missing (expected channels, height, width, num_classes)".into()))?;
+        let meta: std::collections::BTreeMap<String, String> = serde_json::from_str(raw).map_err(|e| bad(format!("safetensors metadata `imageset` is not valid JSON: {e}")))?;
         let field = |key: &str| -> Result<usize, DataError> {
-            let v = meta
-                .get(key)
-                .ok_or_else(|| bad(format!("safetensors metadata lacks `{key}`")))?;
-            v.parse::<usize>().map_err(|_| {
-                bad(format!(
-                    "safetensors metadata `{key}` should be a non-negative integer, found {v:?}"
-                ))
-            })
+            let v = meta.get(key).ok_or_else(|| bad(format!("safetensors metadata lacks `{key}`")))?;
+            v.parse::<usize>().map_err(|_| bad(format!("safetensors metadata `{key}` should be a non-negative integer, found {v:?}")))
         };
-        let (channels, height, width, num_classes) = (
-            field("channels")?,
-            field("height")?,
-            field("width")?,
-            field("num_classes")?,
-        );
-        let pixels = st
-            .tensor("pixels")
-            .map_err(|e| bad(format!("tensor `pixels`: {e}")))?;
-        let labels = st
-            .tensor("labels")
-            .map_err(|e| bad(format!("tensor `labels`: {e}")))?;
+        let (channels, height, width, num_classes) = (field("channels")?, field("height")?, field("width")?, field("num_classes")?);
+        let pixels = st.tensor("pixels").map_err(|e| bad(format!("tensor `pixels`: {e}")))?;
+        let labels = st.tensor("labels").map_err(|e| bad(format!("tensor `labels`: {e}")))?;
         if pixels.dtype() != safetensors::Dtype::F32 || labels.dtype() != safetensors::Dtype::U32 {
-            return Err(bad(format!(
-                "expected `pixels` F32 and `labels` U32, found {:?} and {:?}",
-                pixels.dtype(),
-                labels.dtype()
-            )));
+            return Err(bad(format!("expected `pixels` F32 and `labels` U32, found {:?} and {:?}", pixels.dtype(), labels.dtype())));
         }
         let n = labels.shape().first().copied().unwrap_or(0);
         if labels.shape().len() != 1 || pixels.shape() != [n, channels, height, width] {
-            return Err(bad(format!(
-                "shapes disagree: `labels` {:?}, `pixels` {:?}, metadata C×H×W = {channels}×{height}×{width}",
-                labels.shape(),
-                pixels.shape()
-            )));
+            return Err(bad(format!("shapes disagree: `labels` {:?}, `pixels` {:?}, metadata C×H×W = {channels}×{height}×{width}", labels.shape(), pixels.shape())));
         }
-        let pixels: Vec<f32> = pixels
-            .data()
-            .chunks_exact(4)
-            .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-            .collect();
-        let labels: Vec<u32> = labels
-            .data()
-            .chunks_exact(4)
-            .map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-            .collect();
-        if let Some((i, l)) = labels
-            .iter()
-            .enumerate()
-            .find(|(_, &l)| l as usize >= num_classes)
-        {
-            return Err(bad(format!(
-                "label {l} of image {i} is out of range for {num_classes} classes"
-            )));
+        let pixels: Vec<f32> = pixels.data().chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect();
+        let labels: Vec<u32> = labels.data().chunks_exact(4).map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect();
+        if let Some((i, l)) = labels.iter().enumerate().find(|(_, &l)| l as usize >= num_classes) {
+            return Err(bad(format!("label {l} of image {i} is out of range for {num_classes} classes")));
         }
-        Ok(ImageSet {
-            channels,
-            height,
-            width,
-            pixels,
-            labels,
-            num_classes,
-        })
+        Ok(ImageSet { channels, height, width, pixels, labels, num_classes })
     }
 
     /// Writes the set to `path` as safetensors.
@@ -288,14 +207,7 @@ mod tests {
     use super::*;
 
     fn tiny() -> ImageSet {
-        ImageSet {
-            channels: 1,
-            height: 2,
-            width: 2,
-            pixels: (0..12).map(|v| v as f32 / 11.0).collect(),
-            labels: vec![2, 0, 2],
-            num_classes: 3,
-        }
+        ImageSet { channels: 1, height: 2, width: 2, pixels: (0..12).map(|v| v as f32 / 11.0).collect(), labels: vec![2, 0, 2], num_classes: 3 }
     }
 
     #[test]

@@ -59,9 +59,7 @@ impl WaitPolicy {
 /// and one warning on stderr.
 pub fn wait_policy() -> Result<WaitPolicy, String> {
     static POLICY: OnceLock<Result<WaitPolicy, String>> = OnceLock::new();
-    POLICY
-        .get_or_init(|| WaitPolicy::parse(std::env::var(WAIT_ENV).ok().as_deref()))
-        .clone()
+    POLICY.get_or_init(|| WaitPolicy::parse(std::env::var(WAIT_ENV).ok().as_deref())).clone()
 }
 
 /// `pool.install(work)` with the pool's other workers kept awake while `work` runs (unless

@@ -15,9 +15,9 @@ use std::path::{Path, PathBuf};
 
 use polars::prelude::*;
 
-use crate::fs::write_atomic;
 use crate::cache::{CellRecord, CellStatus, Store, StoreError};
 use crate::exec::{read_output, CellOutcome, Execution};
+use crate::fs::write_atomic;
 use crate::methods::RunRecord;
 use crate::params::{ParamValue, Params};
 use crate::plan::Plan;
@@ -262,9 +262,7 @@ impl Frames {
             let p = dir.join(format!("{name}.parquet"));
             let file = File::open(&p).map_err(|source| FrameError::Io { path: p.clone(), source })?;
             // polars can panic on a damaged footer; a tampered frame must be an error.
-            std::panic::catch_unwind(|| ParquetReader::new(file).finish())
-                .map_err(|_| FrameError::Shape { path: p.clone(), message: "malformed Parquet file".into() })?
-                .map_err(FrameError::from)
+            std::panic::catch_unwind(|| ParquetReader::new(file).finish()).map_err(|_| FrameError::Shape { path: p.clone(), message: "malformed Parquet file".into() })?.map_err(FrameError::from)
         };
         Frames::from_dataframes(&read("results")?, &read("per_class")?, &read("objects")?, metric_names, &dir.join("results.parquet"))
     }
@@ -280,9 +278,7 @@ impl Frames {
     fn from_dataframes(res: &DataFrame, pc: &DataFrame, ob: &DataFrame, metric_names: &[&str], path: &Path) -> Result<Frames, FrameError> {
         let p = path.to_path_buf();
         let shape = |m: String| FrameError::Shape { path: p.clone(), message: m };
-        let strs = |df: &DataFrame, c: &str| -> Result<Vec<Option<String>>, FrameError> {
-            Ok(df.column(c)?.str()?.iter().map(|o| o.map(String::from)).collect())
-        };
+        let strs = |df: &DataFrame, c: &str| -> Result<Vec<Option<String>>, FrameError> { Ok(df.column(c)?.str()?.iter().map(|o| o.map(String::from)).collect()) };
         let ints = |df: &DataFrame, c: &str| -> Result<Vec<Option<i64>>, FrameError> { Ok(df.column(c)?.i64()?.iter().collect()) };
         let floats = |df: &DataFrame, c: &str| -> Result<Vec<Option<f64>>, FrameError> { Ok(df.column(c)?.f64()?.iter().collect()) };
 
@@ -390,7 +386,14 @@ mod tests {
     fn one_cell(metrics: &str) -> (Plan, Execution) {
         let key = "e".repeat(64);
         let material = KeyMaterial { kind: "train:supervised".into(), version: 1, params: BTreeMap::new(), upstream: vec![], seed: Some(0), dtype: "f32".into(), device: "cpu".into() };
-        let cell = Cell { key: key.clone(), name: "train/imb/imbalance=1.0 seed=0".into(), aliases: vec![], kind: CellKind::Train { method: supervised(), params: Params::new(), seed: 0 }, material, upstream: vec![] };
+        let cell = Cell {
+            key: key.clone(),
+            name: "train/imb/imbalance=1.0 seed=0".into(),
+            aliases: vec![],
+            kind: CellKind::Train { method: supervised(), params: Params::new(), seed: 0 },
+            material,
+            upstream: vec![],
+        };
         let run = PlannedRun { experiment: "imb".into(), label: "imbalance=1.0".into(), point: Params::new(), params: Params::new(), seed: 0, cell: 0 };
         let plan = Plan { report: "tiny".into(), root: PathBuf::from("."), method: supervised(), cells: vec![cell], runs: vec![run] };
         let record = CellRecord { key, kind: "train".into(), status: CellStatus::Ok, reason: None, outputs: BTreeMap::from([("metrics.json".to_string(), metrics.to_string())]), seconds: 1.0 };

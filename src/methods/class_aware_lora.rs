@@ -114,7 +114,12 @@ static SCHEMA: &[ParamDef] = &[
     ParamDef { name: "weight_decay", kind: f(0.0, 1.0), default: Dv::Float(0.0), doc: "decoupled weight decay of the adapters and head" },
     ParamDef { name: "epochs", kind: K::Int { min: 1, max: 100_000 }, default: Dv::Int(20), doc: "fine-tuning epochs" },
     ParamDef { name: "batch_size", kind: K::Int { min: 1, max: 1_000_000 }, default: Dv::Int(64), doc: "batch size" },
-    ParamDef { name: "backbone", kind: K::Choice(BACKBONES), default: Dv::Str("pretrain"), doc: "pretrain: the engine's ViT trained on pretrain_dataset; vit-b16-clip: the checkpoint named by data-manifests/weights/vit-b16-clip.toml" },
+    ParamDef {
+        name: "backbone",
+        kind: K::Choice(BACKBONES),
+        default: Dv::Str("pretrain"),
+        doc: "pretrain: the engine's ViT trained on pretrain_dataset; vit-b16-clip: the checkpoint named by data-manifests/weights/vit-b16-clip.toml",
+    },
     ParamDef { name: "vit_width", kind: K::Int { min: 1, max: 64 }, default: Dv::Int(1), doc: "width multiplier of the pretrained engine ViT" },
     ParamDef { name: "vit_heads", kind: K::Int { min: 1, max: 64 }, default: Dv::Int(4), doc: "attention heads of the backbone (4 for the engine ViT, 12 for ViT-B/16)" },
     ParamDef { name: "vit_activation", kind: K::Choice(ACTIVATIONS), default: Dv::Str("gelu"), doc: "MLP activation of the backbone (quick_gelu for OpenAI CLIP weights)" },
@@ -641,7 +646,12 @@ pub fn load_weights(root: &Path, name: &str) -> Result<Vec<u8>, MethodError> {
     let file = root.join(&m.path);
     let actual = crate::data::sha256_file(&file).map_err(|e| MethodError::Invalid(e.to_string()))?;
     if m.sha256 == crate::data::manifest::UNPINNED {
-        return Err(MethodError::Invalid(format!("{}: the checkpoint {} is unpinned; it hashes to {actual}: check that against the source ({}) and pin it", mpath.display(), file.display(), m.source)));
+        return Err(MethodError::Invalid(format!(
+            "{}: the checkpoint {} is unpinned; it hashes to {actual}: check that against the source ({}) and pin it",
+            mpath.display(),
+            file.display(),
+            m.source
+        )));
     }
     if m.sha256 != actual {
         return Err(MethodError::Invalid(format!("{}: sha256 mismatch: the manifest expects {} but the file hashes to {actual}", file.display(), m.sha256)));
@@ -761,7 +771,8 @@ impl Method for ClassAwareLora {
             rec.source_accuracy.push(100.0 * correct as f64 / test.ys.len().max(1) as f64);
             progress.epoch(epoch, epochs, "pretraining");
         }
-        let weights = varmap.data().lock().map_err(|_| MethodError::Invalid("the model's variables are poisoned".into()))?.iter().map(|(k, v)| (k.clone(), v.as_tensor().clone())).collect::<BTreeMap<_, _>>();
+        let weights =
+            varmap.data().lock().map_err(|_| MethodError::Invalid("the model's variables are poisoned".into()))?.iter().map(|(k, v)| (k.clone(), v.as_tensor().clone())).collect::<BTreeMap<_, _>>();
         objects.insert("backbone.safetensors".to_string(), safetensors_bytes(&weights)?);
         objects.insert("pretrain.json".to_string(), to_json(&rec)?);
         Ok(Outcome::Done(objects))
@@ -860,10 +871,7 @@ struct Backbone {
 fn load_backbone(p: &Params, pretrained: Option<&BTreeMap<String, Vec<u8>>>, target: &DataInput, dtype: DType, dev: &Device) -> Result<Backbone, MethodError> {
     let pre = pretrained.ok_or_else(|| MethodError::Invalid("class_aware_lora needs its pretraining cell's output".into()))?;
     let bytes = pre.get("backbone.safetensors").ok_or_else(|| MethodError::Invalid("the pretraining output has no backbone.safetensors".into()))?;
-    let source_accuracy = pre
-        .get("pretrain.json")
-        .and_then(|b| serde_json::from_slice::<PretrainRecord>(b).ok())
-        .and_then(|r| r.source_accuracy.last().copied());
+    let source_accuracy = pre.get("pretrain.json").and_then(|b| serde_json::from_slice::<PretrainRecord>(b).ok()).and_then(|r| r.source_accuracy.last().copied());
     let net = VitBackbone::from_safetensors(bytes, load_options(p)?, dtype, dev)?;
     if net.channels() != target.data.channels {
         return Err(MethodError::Invalid(format!("the backbone takes {} input channels but the target data set has {}", net.channels(), target.data.channels)));
@@ -1452,7 +1460,11 @@ mod tests {
         let bytes = safetensors_bytes(&t).unwrap();
         std::fs::write(dir.join("tiny-vit-b16.safetensors"), &bytes).unwrap();
         let sha = crate::cache::sha256_hex(&bytes);
-        let manifest = |sha: &str| format!("name = \"tiny\"\ndescription = \"test\"\nlayout = \"timm-vit\"\npath = \"tiny-vit-b16.safetensors\"\nsha256 = \"{sha}\"\nlicence = \"test\"\nsource = \"test\"\ncitation = \"test\"\n");
+        let manifest = |sha: &str| {
+            format!(
+                "name = \"tiny\"\ndescription = \"test\"\nlayout = \"timm-vit\"\npath = \"tiny-vit-b16.safetensors\"\nsha256 = \"{sha}\"\nlicence = \"test\"\nsource = \"test\"\ncitation = \"test\"\n"
+            )
+        };
         std::fs::write(dir.join("data-manifests/weights/tiny.toml"), manifest(&sha)).unwrap();
         let loaded = load_weights(&dir, "tiny").unwrap();
         let opts = VitLoadOptions { heads: 12, eps: 1e-6, activation: Activation::QuickGelu };

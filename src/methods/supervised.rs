@@ -18,7 +18,7 @@ use crate::metrics::{self, Centering, NcInput};
 use crate::models::{self, Classifier, ModelConfig, ModelKind};
 use crate::params::{DefaultValue as Dv, ParamDef, ParamKind as K, Params};
 use crate::rng::Rng;
-use crate::train::{self, LossKind, OptimConfig, OptimizerKind, Optimizer};
+use crate::train::{self, LossKind, OptimConfig, Optimizer, OptimizerKind};
 
 /// The method.
 pub struct Supervised;
@@ -32,7 +32,12 @@ const DEVICES: &[&str] = &["cpu", "cuda"];
 
 static SCHEMA: &[ParamDef] = &[
     ParamDef { name: "dataset", kind: K::DataName, default: Dv::Str("mnist"), doc: "a data set declared under [data]" },
-    ParamDef { name: "imbalance", kind: K::Float { min: 0.0, max: 1.0, min_exclusive: true }, default: Dv::Float(0.01), doc: "imbalance factor f = n_min/n_max; n_i = floor(n_max·f^(i/(C−1))); 1 is balanced" },
+    ParamDef {
+        name: "imbalance",
+        kind: K::Float { min: 0.0, max: 1.0, min_exclusive: true },
+        default: Dv::Float(0.01),
+        doc: "imbalance factor f = n_min/n_max; n_i = floor(n_max·f^(i/(C−1))); 1 is balanced",
+    },
     ParamDef { name: "data_seed", kind: K::Int { min: 0, max: i64::MAX }, default: Dv::Int(0), doc: "seed of the per-class shuffle that picks the long-tailed subset" },
     ParamDef { name: "model", kind: K::Choice(MODELS), default: Dv::Str("mlp"), doc: "backbone" },
     ParamDef { name: "width", kind: K::Int { min: 1, max: 64 }, default: Dv::Int(1), doc: "width multiplier of the backbone" },
@@ -45,7 +50,12 @@ static SCHEMA: &[ParamDef] = &[
     ParamDef { name: "lr_schedule", kind: K::Choice(SCHEDULES), default: Dv::Str("cosine"), doc: "learning-rate schedule over the epochs" },
     ParamDef { name: "momentum", kind: K::Float { min: 0.0, max: 0.999, min_exclusive: false }, default: Dv::Float(0.9), doc: "momentum (SGD, RMSprop)" },
     ParamDef { name: "weight_decay", kind: K::Float { min: 0.0, max: 1.0, min_exclusive: false }, default: Dv::Float(5e-4), doc: "weight decay (L2 for SGD/Adam/RMSprop, decoupled for AdamW)" },
-    ParamDef { name: "drift_penalty", kind: K::Float { min: 0.0, max: 1000.0, min_exclusive: false }, default: Dv::Float(0.0), doc: "weight of the drift penalty ‖batch mean − mean of batch class means‖²" },
+    ParamDef {
+        name: "drift_penalty",
+        kind: K::Float { min: 0.0, max: 1000.0, min_exclusive: false },
+        default: Dv::Float(0.0),
+        doc: "weight of the drift penalty ‖batch mean − mean of batch class means‖²",
+    },
     ParamDef { name: "epochs", kind: K::Int { min: 1, max: 100_000 }, default: Dv::Int(30), doc: "training epochs" },
     ParamDef { name: "batch_size", kind: K::Int { min: 1, max: 1_000_000 }, default: Dv::Int(128), doc: "batch size" },
     ParamDef { name: "analyze_freq", kind: K::Int { min: 1, max: 100_000 }, default: Dv::Int(5), doc: "analyse every this many epochs (and at the last)" },
@@ -136,16 +146,7 @@ impl Config {
             OptimizerKind::Sgd => get_f(p, "momentum")?,
             _ => 0.0,
         };
-        let optim = OptimConfig {
-            kind,
-            lr: get_f(p, "lr")?,
-            momentum,
-            weight_decay: get_f(p, "weight_decay")?,
-            beta1: 0.9,
-            beta2: 0.999,
-            eps: 1e-8,
-            alpha: 0.99,
-        };
+        let optim = OptimConfig { kind, lr: get_f(p, "lr")?, momentum, weight_decay: get_f(p, "weight_decay")?, beta1: 0.9, beta2: 0.999, eps: 1e-8, alpha: 0.99 };
         Ok(Config {
             model,
             width: get_i(p, "width")?,
@@ -237,7 +238,11 @@ fn device(cfg: &Config) -> Result<Device, MethodError> {
     if !cfg.cuda {
         return Ok(Device::Cpu);
     }
-    crate::models::cuda_device(0)?.ok_or_else(|| MethodError::Invalid("device = \"cuda\" but this build of reprise has no CUDA support: rebuild with `cargo build --release --features cuda` on a machine with the CUDA toolkit, or set device = \"cpu\"".into()))
+    crate::models::cuda_device(0)?.ok_or_else(|| {
+        MethodError::Invalid(
+            "device = \"cuda\" but this build of reprise has no CUDA support: rebuild with `cargo build --release --features cuda` on a machine with the CUDA toolkit, or set device = \"cpu\"".into(),
+        )
+    })
 }
 
 fn train_run(cfg: &Config, seed: u64, inputs: &DataInput, progress: &dyn Progress) -> Result<Outcome, MethodError> {
@@ -253,15 +258,7 @@ fn train_run(cfg: &Config, seed: u64, inputs: &DataInput, progress: &dyn Progres
 
     let varmap = VarMap::new();
     let vb = VarBuilder::from_varmap(&varmap, DType::F32, &dev);
-    let mcfg = ModelConfig {
-        kind: cfg.model,
-        channels: data.channels,
-        height: data.height,
-        width: data.width,
-        num_classes: c,
-        width_mult: cfg.width,
-        vit_final_norm: cfg.vit_final_norm,
-    };
+    let mcfg = ModelConfig { kind: cfg.model, channels: data.channels, height: data.height, width: data.width, num_classes: c, width_mult: cfg.width, vit_final_norm: cfg.vit_final_norm };
     let model = models::build(&mcfg, vb)?;
     models::seeded_init(&varmap, seed)?;
     let mut opt = Optimizer::new(varmap.all_vars(), &cfg.optim)?;
@@ -321,7 +318,13 @@ fn train_run(cfg: &Config, seed: u64, inputs: &DataInput, progress: &dyn Progres
         }
     }
     objects.insert("metrics.json".to_string(), to_json(&record)?);
-    let weights = varmap.data().lock().map_err(|_| MethodError::Invalid("the model's variables are poisoned".into()))?.iter().map(|(k, v)| Ok((k.clone(), v.as_tensor().to_device(&Device::Cpu)?))).collect::<Result<BTreeMap<_, _>, candle_core::Error>>()?;
+    let weights = varmap
+        .data()
+        .lock()
+        .map_err(|_| MethodError::Invalid("the model's variables are poisoned".into()))?
+        .iter()
+        .map(|(k, v)| Ok((k.clone(), v.as_tensor().to_device(&Device::Cpu)?)))
+        .collect::<Result<BTreeMap<_, _>, candle_core::Error>>()?;
     objects.insert("model.safetensors".to_string(), safetensors_bytes(&weights)?);
     Ok(Outcome::Done(objects))
 }
@@ -354,18 +357,8 @@ fn analyse(
     let w = model.classifier().to_dtype(DType::F32)?.to_device(&Device::Cpu)?;
     let d = model.feature_dim();
     let wv: Vec<f32> = w.flatten_all()?.to_vec1::<f32>()?;
-    let nc = metrics::neural_collapse(&NcInput {
-        features: &feats,
-        n: labels.len(),
-        d,
-        labels: &labels,
-        predictions: &preds,
-        classifier: &wv,
-        num_classes: c,
-        minority,
-        centering: cfg.centering,
-    })
-    .map_err(|e| MethodError::Metrics(e.to_string()))?;
+    let nc = metrics::neural_collapse(&NcInput { features: &feats, n: labels.len(), d, labels: &labels, predictions: &preds, classifier: &wv, num_classes: c, minority, centering: cfg.centering })
+        .map_err(|e| MethodError::Metrics(e.to_string()))?;
     let train_acc = metrics::accuracy(&labels, &preds, groups);
     let (_, test_preds) = evaluate(model, data, inputs.test, dev)?;
     let test_labels: Vec<u32> = inputs.test.iter().map(|&i| data.labels[i]).collect();

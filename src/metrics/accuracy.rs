@@ -43,17 +43,9 @@ pub fn accuracy(labels: &[u32], predictions: &[u32], groups: &[Group]) -> Accura
 
 /// Accuracy report over `groups.len()` classes (`groups[c]` is the group of class `c`).
 /// A prediction outside the classes simply counts as wrong.
-pub fn try_accuracy(
-    labels: &[u32],
-    predictions: &[u32],
-    groups: &[Group],
-) -> Result<AccuracyReport, MetricsError> {
+pub fn try_accuracy(labels: &[u32], predictions: &[u32], groups: &[Group]) -> Result<AccuracyReport, MetricsError> {
     if predictions.len() != labels.len() {
-        return Err(MetricsError::Shape {
-            what: "predictions",
-            expected: labels.len(),
-            got: predictions.len(),
-        });
+        return Err(MetricsError::Shape { what: "predictions", expected: labels.len(), got: predictions.len() });
     }
     if labels.is_empty() {
         return Err(MetricsError::NoSamples);
@@ -64,21 +56,14 @@ pub fn try_accuracy(
     for (index, (&y, &p)) in labels.iter().zip(predictions).enumerate() {
         let c = y as usize;
         if c >= num_classes {
-            return Err(MetricsError::ClassOutOfRange {
-                what: "labels",
-                index,
-                value: c,
-                num_classes,
-            });
+            return Err(MetricsError::ClassOutOfRange { what: "labels", index, value: c, num_classes });
         }
         total[c] += 1;
         if p == y {
             correct[c] += 1;
         }
     }
-    let per_class: Vec<Option<f64>> = (0..num_classes)
-        .map(|c| (total[c] > 0).then(|| correct[c] as f64 / total[c] as f64))
-        .collect();
+    let per_class: Vec<Option<f64>> = (0..num_classes).map(|c| (total[c] > 0).then(|| correct[c] as f64 / total[c] as f64)).collect();
     let present: Vec<f64> = per_class.iter().flatten().copied().collect();
     // At least one class is present because there is at least one sample.
     let balanced = present.iter().sum::<f64>() / present.len() as f64;
@@ -91,14 +76,7 @@ pub fn try_accuracy(
         }
         (t > 0).then(|| k as f64 / t as f64)
     };
-    Ok(AccuracyReport {
-        overall,
-        balanced,
-        per_class,
-        head: group_acc(Group::Head),
-        medium: group_acc(Group::Medium),
-        tail: group_acc(Group::Tail),
-    })
+    Ok(AccuracyReport { overall, balanced, per_class, head: group_acc(Group::Head), medium: group_acc(Group::Medium), tail: group_acc(Group::Tail) })
 }
 
 /// Groups by thresholds on the training count: head when `n ≥ head_min`, otherwise tail when
@@ -176,16 +154,10 @@ mod tests {
         let p = [0u32, 0, 1, 1, 0, 0];
         let r = accuracy(&y, &p, &[Head, Medium, Tail, Tail]);
         assert_eq!(r.overall, 0.5);
-        assert_eq!(
-            r.per_class,
-            vec![Some(2.0 / 3.0), Some(0.5), Some(0.0), None]
-        );
+        assert_eq!(r.per_class, vec![Some(2.0 / 3.0), Some(0.5), Some(0.0), None]);
         // Mean over the 3 present classes: (2/3 + 1/2 + 0)/3 = 7/18.
         assert!((r.balanced - 7.0 / 18.0).abs() < 1e-15);
-        assert_eq!(
-            (r.head, r.medium, r.tail),
-            (Some(2.0 / 3.0), Some(0.5), Some(0.0))
-        );
+        assert_eq!((r.head, r.medium, r.tail), (Some(2.0 / 3.0), Some(0.5), Some(0.0)));
         // Head pools classes 0–2 sample-wise: 3/6; no sample is medium or tail.
         let r = accuracy(&y, &p, &[Head, Head, Head, Tail]);
         assert_eq!((r.head, r.medium, r.tail), (Some(0.5), None, None));
@@ -195,22 +167,9 @@ mod tests {
 
     #[test]
     fn accuracy_errors() {
-        assert_eq!(
-            try_accuracy(&[], &[], &[Head]),
-            Err(MetricsError::NoSamples)
-        );
-        assert!(matches!(
-            try_accuracy(&[0], &[0, 1], &[Head]),
-            Err(MetricsError::Shape { .. })
-        ));
-        assert!(matches!(
-            try_accuracy(&[0, 2], &[0, 1], &[Head, Tail]),
-            Err(MetricsError::ClassOutOfRange {
-                index: 1,
-                value: 2,
-                ..
-            })
-        ));
+        assert_eq!(try_accuracy(&[], &[], &[Head]), Err(MetricsError::NoSamples));
+        assert!(matches!(try_accuracy(&[0], &[0, 1], &[Head]), Err(MetricsError::Shape { .. })));
+        assert!(matches!(try_accuracy(&[0, 2], &[0, 1], &[Head, Tail]), Err(MetricsError::ClassOutOfRange { index: 1, value: 2, .. })));
     }
 
     #[test]
@@ -221,17 +180,11 @@ mod tests {
 
     #[test]
     fn groups_from_counts_and_ranks() {
-        assert_eq!(
-            groups_by_count(&[500, 100, 20, 19, 5], 100, 19),
-            vec![Head, Head, Medium, Tail, Tail]
-        );
+        assert_eq!(groups_by_count(&[500, 100, 20, 19, 5], 100, 19), vec![Head, Head, Medium, Tail, Tail]);
         // Descending: 100(3) 50(1) 20(6) | 7(9) 5(0) 5(2) 5(5) | 5(7) 1(4) 0(8): the tie at 5
         // keeps class order, so class 7 is the one that falls into the tail.
         let counts = [5, 50, 5, 100, 1, 5, 20, 5, 0, 7];
-        assert_eq!(
-            groups_by_rank(&counts),
-            vec![Medium, Head, Medium, Head, Tail, Medium, Head, Tail, Tail, Medium]
-        );
+        assert_eq!(groups_by_rank(&counts), vec![Medium, Head, Medium, Head, Tail, Medium, Head, Tail, Tail, Medium]);
         assert_eq!(groups_by_rank(&[3, 9]), vec![Medium, Medium]);
         assert_eq!(groups_by_rank(&[1, 2, 3]), vec![Tail, Medium, Head]);
         assert!(groups_by_rank(&[]).is_empty());

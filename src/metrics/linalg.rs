@@ -66,10 +66,7 @@ pub(crate) fn jacobi_eigen(matrix: &[f64], n: usize) -> SymEigen {
             }
         }
     }
-    SymEigen {
-        values: (0..n).map(|k| a[k * n + k]).collect(),
-        vectors: v,
-    }
+    SymEigen { values: (0..n).map(|k| a[k * n + k]).collect(), vectors: v }
 }
 
 pub(crate) fn dot(a: &[f64], b: &[f64]) -> f64 {
@@ -120,13 +117,9 @@ mod tests {
         let e = jacobi_eigen(&a, n);
         for i in 0..n {
             for j in 0..n {
-                let rec: f64 = (0..n)
-                    .map(|k| e.vectors[i * n + k] * e.values[k] * e.vectors[j * n + k])
-                    .sum();
+                let rec: f64 = (0..n).map(|k| e.vectors[i * n + k] * e.values[k] * e.vectors[j * n + k]).sum();
                 assert!((rec - a[i * n + j]).abs() < 1e-12, "A[{i}][{j}]");
-                let orth: f64 = (0..n)
-                    .map(|k| e.vectors[k * n + i] * e.vectors[k * n + j])
-                    .sum();
+                let orth: f64 = (0..n).map(|k| e.vectors[k * n + i] * e.vectors[k * n + j]).sum();
                 let want = if i == j { 1.0 } else { 0.0 };
                 assert!((orth - want).abs() < 1e-12, "VᵀV[{i}][{j}]");
             }

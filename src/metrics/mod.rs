@@ -62,10 +62,7 @@ mod accuracy;
 mod linalg;
 mod nc;
 
-pub use accuracy::{
-    accuracy, gini, groups_by_count, groups_by_rank, imbalance_ratio, try_accuracy, AccuracyReport,
-    Group,
-};
+pub use accuracy::{accuracy, gini, groups_by_count, groups_by_rank, imbalance_ratio, try_accuracy, AccuracyReport, Group};
 pub use nc::{neural_collapse, Centering, NcInput, NcMetrics};
 
 /// Why a metric could not be computed.
@@ -74,18 +71,9 @@ pub enum MetricsError {
     #[error("no samples (N = 0)")]
     NoSamples,
     #[error("{what} has length {got}, expected {expected}")]
-    Shape {
-        what: &'static str,
-        expected: usize,
-        got: usize,
-    },
+    Shape { what: &'static str, expected: usize, got: usize },
     #[error("{what}[{index}] = {value} is not a class index below {num_classes}")]
-    ClassOutOfRange {
-        what: &'static str,
-        index: usize,
-        value: usize,
-        num_classes: usize,
-    },
+    ClassOutOfRange { what: &'static str, index: usize, value: usize, num_classes: usize },
     #[error("non-finite value in {what} at index {index}")]
     NonFinite { what: &'static str, index: usize },
     #[error("only {0} class(es) have samples; at least 2 are needed")]

@@ -64,22 +64,13 @@ fn check_len(what: &'static str, got: usize, expected: usize) -> Result<(), Metr
     if got == expected {
         Ok(())
     } else {
-        Err(MetricsError::Shape {
-            what,
-            expected,
-            got,
-        })
+        Err(MetricsError::Shape { what, expected, got })
     }
 }
 
 fn check_classes(what: &'static str, xs: &[u32], num_classes: usize) -> Result<(), MetricsError> {
     match xs.iter().position(|&x| x as usize >= num_classes) {
-        Some(index) => Err(MetricsError::ClassOutOfRange {
-            what,
-            index,
-            value: xs[index] as usize,
-            num_classes,
-        }),
+        Some(index) => Err(MetricsError::ClassOutOfRange { what, index, value: xs[index] as usize, num_classes }),
         None => Ok(()),
     }
 }
@@ -92,43 +83,20 @@ fn check_finite(what: &'static str, xs: &[f32]) -> Result<(), MetricsError> {
 }
 
 fn validate(input: &NcInput) -> Result<(), MetricsError> {
-    let NcInput {
-        features,
-        n,
-        d,
-        labels,
-        predictions,
-        classifier,
-        num_classes,
-        minority,
-        ..
-    } = *input;
+    let NcInput { features, n, d, labels, predictions, classifier, num_classes, minority, .. } = *input;
     if n == 0 {
         return Err(MetricsError::NoSamples);
     }
-    let nd = n.checked_mul(d).ok_or(MetricsError::Shape {
-        what: "features",
-        expected: usize::MAX,
-        got: features.len(),
-    })?;
+    let nd = n.checked_mul(d).ok_or(MetricsError::Shape { what: "features", expected: usize::MAX, got: features.len() })?;
     check_len("features", features.len(), nd)?;
     check_len("labels", labels.len(), n)?;
     check_len("predictions", predictions.len(), n)?;
-    let cd = num_classes.checked_mul(d).ok_or(MetricsError::Shape {
-        what: "classifier",
-        expected: usize::MAX,
-        got: classifier.len(),
-    })?;
+    let cd = num_classes.checked_mul(d).ok_or(MetricsError::Shape { what: "classifier", expected: usize::MAX, got: classifier.len() })?;
     check_len("classifier", classifier.len(), cd)?;
     check_classes("labels", labels, num_classes)?;
     check_classes("predictions", predictions, num_classes)?;
     if let Some(index) = minority.iter().position(|&m| m >= num_classes) {
-        return Err(MetricsError::ClassOutOfRange {
-            what: "minority",
-            index,
-            value: minority[index],
-            num_classes,
-        });
+        return Err(MetricsError::ClassOutOfRange { what: "minority", index, value: minority[index], num_classes });
     }
     check_finite("features", features)?;
     check_finite("classifier", classifier)?;
@@ -151,17 +119,7 @@ fn mean_over_pairs(k: usize, f: impl Fn(usize, usize) -> f64) -> f64 {
 /// Computes NC1–NC4, drift and minority collapse as defined in [`crate::metrics`].
 pub fn neural_collapse(input: &NcInput) -> Result<NcMetrics, MetricsError> {
     validate(input)?;
-    let NcInput {
-        features,
-        n,
-        d,
-        labels,
-        predictions,
-        classifier,
-        num_classes,
-        minority,
-        centering,
-    } = *input;
+    let NcInput { features, n, d, labels, predictions, classifier, num_classes, minority, centering } = *input;
     let row = |i: usize| &features[i * d..(i + 1) * d];
 
     // Class counts and means, over the classes that have samples.
@@ -184,15 +142,7 @@ pub fn neural_collapse(input: &NcInput) -> Result<NcMetrics, MetricsError> {
     for (k, &c) in present.iter().enumerate() {
         slot[c] = k;
     }
-    let means: Vec<Vec<f64>> = present
-        .iter()
-        .map(|&c| {
-            sums[c * d..(c + 1) * d]
-                .iter()
-                .map(|s| s / counts[c] as f64)
-                .collect()
-        })
-        .collect();
+    let means: Vec<Vec<f64>> = present.iter().map(|&c| sums[c * d..(c + 1) * d].iter().map(|s| s / counts[c] as f64).collect()).collect();
     let mut mu_g = vec![0.0; d];
     let mut mu_b = vec![0.0; d];
     for (k, &c) in present.iter().enumerate() {
@@ -206,23 +156,12 @@ pub fn neural_collapse(input: &NcInput) -> Result<NcMetrics, MetricsError> {
         Centering::Balanced => &mu_b,
     };
     // Rows of Mᵀ: the centred class means μ_c − μ̄.
-    let mt: Vec<Vec<f64>> = means
-        .iter()
-        .map(|m| m.iter().zip(centre).map(|(a, b)| a - b).collect())
-        .collect();
+    let mt: Vec<Vec<f64>> = means.iter().map(|m| m.iter().zip(centre).map(|(a, b)| a - b).collect()).collect();
     let m_fro = mt.iter().map(|v| dot(v, v)).sum::<f64>().sqrt();
     if m_fro == 0.0 {
         return Err(MetricsError::DegenerateMeans);
     }
-    let w: Vec<Vec<f64>> = present
-        .iter()
-        .map(|&c| {
-            classifier[c * d..(c + 1) * d]
-                .iter()
-                .map(|&x| f64::from(x))
-                .collect()
-        })
-        .collect();
+    let w: Vec<Vec<f64>> = present.iter().map(|&c| classifier[c * d..(c + 1) * d].iter().map(|&x| f64::from(x)).collect()).collect();
     let w_fro = w.iter().map(|v| dot(v, v)).sum::<f64>().sqrt();
     if w_fro == 0.0 {
         return Err(MetricsError::ZeroClassifier);
@@ -281,12 +220,7 @@ pub fn neural_collapse(input: &NcInput) -> Result<NcMetrics, MetricsError> {
         }
     }
     // Tr(Σ_W Σ_B⁺) = C' Σ_k (u_kᵀ Σ_W u_k) / s_k², and NC1 divides that by C'.
-    let trace = cp as f64
-        * basis
-            .iter()
-            .zip(&proj)
-            .map(|((_, s2), p)| (p / n as f64) / s2)
-            .sum::<f64>();
+    let trace = cp as f64 * basis.iter().zip(&proj).map(|((_, s2), p)| (p / n as f64) / s2).sum::<f64>();
     let nc1 = trace / cp as f64;
 
     // NC2.
@@ -297,10 +231,8 @@ pub fn neural_collapse(input: &NcInput) -> Result<NcMetrics, MetricsError> {
     let nc2_equinorm_classifier = std_over_mean(&w_norms).ok_or(MetricsError::ZeroClassifier)?;
     let target = 1.0 / (cp as f64 - 1.0);
     // |cos + 1/(C'−1)| is symmetric, so the mean over ordered pairs equals that over a < b.
-    let nc2_equiangular_features =
-        mean_over_pairs(cp, |a, b| (cosine(&mt[a], &mt[b]) + target).abs());
-    let nc2_equiangular_classifier =
-        mean_over_pairs(cp, |a, b| (cosine(&w[a], &w[b]) + target).abs());
+    let nc2_equiangular_features = mean_over_pairs(cp, |a, b| (cosine(&mt[a], &mt[b]) + target).abs());
+    let nc2_equiangular_classifier = mean_over_pairs(cp, |a, b| (cosine(&w[a], &w[b]) + target).abs());
 
     // NC3.
     let mut nc3 = 0.0;
@@ -343,35 +275,17 @@ pub fn neural_collapse(input: &NcInput) -> Result<NcMetrics, MetricsError> {
     let nc4 = mismatches as f64 / n as f64;
 
     // Drift of the global mean away from the class-balanced mean.
-    let drift_abs = norm(
-        &mu_g
-            .iter()
-            .zip(&mu_b)
-            .map(|(g, b)| g - b)
-            .collect::<Vec<_>>(),
-    );
-    let spread = means
-        .iter()
-        .map(|m| norm(&m.iter().zip(&mu_b).map(|(a, b)| a - b).collect::<Vec<_>>()))
-        .sum::<f64>()
-        / cp as f64;
+    let drift_abs = norm(&mu_g.iter().zip(&mu_b).map(|(g, b)| g - b).collect::<Vec<_>>());
+    let spread = means.iter().map(|m| norm(&m.iter().zip(&mu_b).map(|(a, b)| a - b).collect::<Vec<_>>())).sum::<f64>() / cp as f64;
     // spread > 0: if every μ_c equalled μ_B, all means would coincide and so would μ_G, making
     // M = 0 under either centering, which was rejected above.
     let drift_norm = drift_abs / spread;
 
     // Minority collapse among the non-empty minority classes.
-    let mut mins: Vec<usize> = minority
-        .iter()
-        .copied()
-        .filter(|&c| counts[c] > 0)
-        .collect();
+    let mut mins: Vec<usize> = minority.iter().copied().filter(|&c| counts[c] > 0).collect();
     mins.sort_unstable();
     mins.dedup();
-    let minority_cosine = (mins.len() >= 2).then(|| {
-        mean_over_pairs(mins.len(), |a, b| {
-            cosine(&w[slot[mins[a]]], &w[slot[mins[b]]])
-        })
-    });
+    let minority_cosine = (mins.len() >= 2).then(|| mean_over_pairs(mins.len(), |a, b| cosine(&w[slot[mins[a]]], &w[slot[mins[b]]])));
 
     Ok(NcMetrics {
         nc1,
@@ -393,35 +307,13 @@ mod tests {
     use super::*;
 
     #[allow(clippy::too_many_arguments)]
-    fn input<'a>(
-        features: &'a [f32],
-        d: usize,
-        labels: &'a [u32],
-        predictions: &'a [u32],
-        classifier: &'a [f32],
-        num_classes: usize,
-        minority: &'a [usize],
-        centering: Centering,
-    ) -> NcInput<'a> {
-        NcInput {
-            features,
-            n: labels.len(),
-            d,
-            labels,
-            predictions,
-            classifier,
-            num_classes,
-            minority,
-            centering,
-        }
+    fn input<'a>(features: &'a [f32], d: usize, labels: &'a [u32], predictions: &'a [u32], classifier: &'a [f32], num_classes: usize, minority: &'a [usize], centering: Centering) -> NcInput<'a> {
+        NcInput { features, n: labels.len(), d, labels, predictions, classifier, num_classes, minority, centering }
     }
 
     fn close(got: f64, want: f64, rel: f64, what: &str) {
         let tol = rel * want.abs().max(1e-300);
-        assert!(
-            (got - want).abs() <= tol,
-            "{what}: got {got:e}, want {want:e} (rel {rel:e})"
-        );
+        assert!((got - want).abs() <= tol, "{what}: got {got:e}, want {want:e} (rel {rel:e})");
     }
 
     /// Simplex ETF in R⁴: class c sits at `offset + e_c − ¼·1` (exact in f32), with no
@@ -437,9 +329,7 @@ mod tests {
                 labels.push(k as u32);
             }
         }
-        let w: Vec<f32> = (0..c)
-            .flat_map(|k| (0..d).map(move |j| 2.0 * vertex(k, j)))
-            .collect();
+        let w: Vec<f32> = (0..c).flat_map(|k| (0..d).map(move |j| 2.0 * vertex(k, j))).collect();
         (features, labels, w)
     }
 
@@ -456,17 +346,9 @@ mod tests {
             assert!(m.nc2_equiangular_classifier.abs() < 1e-12, "{m:?}");
             assert!(m.nc3.abs() < 1e-12, "{m:?}");
             assert_eq!(m.nc4, 0.0);
-            assert!(
-                m.drift_abs.abs() < 1e-12 && m.drift_norm.abs() < 1e-12,
-                "{m:?}"
-            );
+            assert!(m.drift_abs.abs() < 1e-12 && m.drift_norm.abs() < 1e-12, "{m:?}");
             // ETF rows: cos = −1/(C−1) = −1/3.
-            close(
-                m.minority_cosine.unwrap(),
-                -1.0 / 3.0,
-                1e-12,
-                "minority_cosine",
-            );
+            close(m.minority_cosine.unwrap(), -1.0 / 3.0, 1e-12, "minority_cosine");
             assert_eq!(m.empty_classes, 0);
         }
     }
@@ -487,16 +369,8 @@ mod tests {
         // p = (8,4,2,1)/15: μ_G − μ_B = p − ¼·1 (the ¼·1 terms cancel since Σ p = 1), so
         // drift_abs = ‖(17, 1, −7, −11)/60‖ = √460/60; ‖v_c‖ = √(9/16 + 3/16) = √3/2.
         close(glo.drift_abs, 460f64.sqrt() / 60.0, 1e-12, "drift_abs");
-        close(
-            glo.drift_norm,
-            (460f64.sqrt() / 60.0) / (3f64.sqrt() / 2.0),
-            1e-12,
-            "drift_norm",
-        );
-        assert_eq!(
-            (glo.drift_abs, glo.drift_norm),
-            (bal.drift_abs, bal.drift_norm)
-        );
+        close(glo.drift_norm, (460f64.sqrt() / 60.0) / (3f64.sqrt() / 2.0), 1e-12, "drift_norm");
+        assert_eq!((glo.drift_abs, glo.drift_norm), (bal.drift_abs, bal.drift_norm));
     }
 
     /// Two non-empty classes in 1-D plus an empty class 1 (its W row must be ignored).
@@ -521,10 +395,8 @@ mod tests {
         let y = [0u32, 0, 0, 2];
         let p = [0u32, 0, 2, 2];
         let w = [-1.0f32, 100.0, 2.0];
-        let glo =
-            neural_collapse(&input(&h, 1, &y, &p, &w, 3, &[1, 2], Centering::Global)).unwrap();
-        let bal =
-            neural_collapse(&input(&h, 1, &y, &p, &w, 3, &[1, 2], Centering::Balanced)).unwrap();
+        let glo = neural_collapse(&input(&h, 1, &y, &p, &w, 3, &[1, 2], Centering::Global)).unwrap();
+        let bal = neural_collapse(&input(&h, 1, &y, &p, &w, 3, &[1, 2], Centering::Balanced)).unwrap();
         close(glo.nc1, 1.0 / 20.0, 1e-12, "nc1 global");
         close(bal.nc1, 1.0 / 16.0, 1e-12, "nc1 balanced");
         close(glo.nc2_equinorm_features, 0.5, 1e-12, "equinorm global");
@@ -532,12 +404,7 @@ mod tests {
         close(glo.nc3, 2.0 - 14.0 / 50f64.sqrt(), 1e-9, "nc3 global");
         close(bal.nc3, 2.0 - 6.0 / 10f64.sqrt(), 1e-9, "nc3 balanced");
         for m in [&glo, &bal] {
-            close(
-                m.nc2_equinorm_classifier,
-                1.0 / 3.0,
-                1e-12,
-                "equinorm classifier",
-            );
+            close(m.nc2_equinorm_classifier, 1.0 / 3.0, 1e-12, "equinorm classifier");
             assert!(m.nc2_equiangular_features.abs() < 1e-15, "{m:?}");
             assert!(m.nc2_equiangular_classifier.abs() < 1e-15, "{m:?}");
             assert_eq!(m.nc4, 0.25);
@@ -547,8 +414,7 @@ mod tests {
             assert_eq!(m.minority_cosine, None);
             assert_eq!(m.empty_classes, 1);
         }
-        let m =
-            neural_collapse(&input(&h, 1, &y, &p, &w, 3, &[2, 0, 2], Centering::Global)).unwrap();
+        let m = neural_collapse(&input(&h, 1, &y, &p, &w, 3, &[2, 0, 2], Centering::Global)).unwrap();
         assert_eq!(m.minority_cosine, Some(-1.0));
     }
 
@@ -560,99 +426,20 @@ mod tests {
         let ok = input(&h, 1, &y, &y, &w, 2, &[], Centering::Global);
         assert!(neural_collapse(&ok).is_ok());
         let e = |i: NcInput| neural_collapse(&i).unwrap_err();
-        assert_eq!(
-            e(NcInput {
-                n: 0,
-                features: &[],
-                labels: &[],
-                predictions: &[],
-                ..ok
-            }),
-            MetricsError::NoSamples
-        );
-        assert!(matches!(
-            e(NcInput { d: 2, ..ok }),
-            MetricsError::Shape {
-                what: "features",
-                ..
-            }
-        ));
-        assert!(matches!(
-            e(NcInput {
-                predictions: &y[..3],
-                ..ok
-            }),
-            MetricsError::Shape {
-                what: "predictions",
-                ..
-            }
-        ));
-        assert!(matches!(
-            e(NcInput {
-                classifier: &w[..1],
-                ..ok
-            }),
-            MetricsError::Shape {
-                what: "classifier",
-                ..
-            }
-        ));
+        assert_eq!(e(NcInput { n: 0, features: &[], labels: &[], predictions: &[], ..ok }), MetricsError::NoSamples);
+        assert!(matches!(e(NcInput { d: 2, ..ok }), MetricsError::Shape { what: "features", .. }));
+        assert!(matches!(e(NcInput { predictions: &y[..3], ..ok }), MetricsError::Shape { what: "predictions", .. }));
+        assert!(matches!(e(NcInput { classifier: &w[..1], ..ok }), MetricsError::Shape { what: "classifier", .. }));
         let y_bad = [0u32, 0, 1, 2];
-        assert!(matches!(
-            e(NcInput {
-                labels: &y_bad,
-                ..ok
-            }),
-            MetricsError::ClassOutOfRange {
-                what: "labels",
-                index: 3,
-                ..
-            }
-        ));
-        assert!(matches!(
-            e(NcInput {
-                minority: &[5],
-                ..ok
-            }),
-            MetricsError::ClassOutOfRange {
-                what: "minority",
-                ..
-            }
-        ));
+        assert!(matches!(e(NcInput { labels: &y_bad, ..ok }), MetricsError::ClassOutOfRange { what: "labels", index: 3, .. }));
+        assert!(matches!(e(NcInput { minority: &[5], ..ok }), MetricsError::ClassOutOfRange { what: "minority", .. }));
         let h_nan = [0.0f32, f32::NAN, 2.0, 5.0];
-        assert_eq!(
-            e(NcInput {
-                features: &h_nan,
-                ..ok
-            }),
-            MetricsError::NonFinite {
-                what: "features",
-                index: 1
-            }
-        );
+        assert_eq!(e(NcInput { features: &h_nan, ..ok }), MetricsError::NonFinite { what: "features", index: 1 });
         let y_one = [1u32; 4];
-        assert_eq!(
-            e(NcInput {
-                labels: &y_one,
-                ..ok
-            }),
-            MetricsError::TooFewClasses(1)
-        );
+        assert_eq!(e(NcInput { labels: &y_one, ..ok }), MetricsError::TooFewClasses(1));
         let h_same = [1.0f32, 1.0, 1.0, 1.0];
-        assert_eq!(
-            e(NcInput {
-                features: &h_same,
-                ..ok
-            }),
-            MetricsError::DegenerateMeans
-        );
-        assert_eq!(
-            e(NcInput {
-                classifier: &[0.0, 0.0],
-                ..ok
-            }),
-            MetricsError::ZeroClassifier
-        );
+        assert_eq!(e(NcInput { features: &h_same, ..ok }), MetricsError::DegenerateMeans);
+        assert_eq!(e(NcInput { classifier: &[0.0, 0.0], ..ok }), MetricsError::ZeroClassifier);
     }
 
     #[derive(serde::Deserialize)]
@@ -724,26 +511,10 @@ mod tests {
             .unwrap();
             let pairs = [
                 ("nc1", got.nc1, want.nc1),
-                (
-                    "nc2_equinorm_features",
-                    got.nc2_equinorm_features,
-                    want.nc2_equinorm_features,
-                ),
-                (
-                    "nc2_equinorm_classifier",
-                    got.nc2_equinorm_classifier,
-                    want.nc2_equinorm_classifier,
-                ),
-                (
-                    "nc2_equiangular_features",
-                    got.nc2_equiangular_features,
-                    want.nc2_equiangular_features,
-                ),
-                (
-                    "nc2_equiangular_classifier",
-                    got.nc2_equiangular_classifier,
-                    want.nc2_equiangular_classifier,
-                ),
+                ("nc2_equinorm_features", got.nc2_equinorm_features, want.nc2_equinorm_features),
+                ("nc2_equinorm_classifier", got.nc2_equinorm_classifier, want.nc2_equinorm_classifier),
+                ("nc2_equiangular_features", got.nc2_equiangular_features, want.nc2_equiangular_features),
+                ("nc2_equiangular_classifier", got.nc2_equiangular_classifier, want.nc2_equiangular_classifier),
                 ("nc3", got.nc3, want.nc3),
                 ("nc4", got.nc4, want.nc4),
                 ("drift_abs", got.drift_abs, want.drift_abs),
@@ -752,12 +523,7 @@ mod tests {
             for (name, g, w) in pairs {
                 close(g, w, 1e-9, &format!("{centering:?} {name}"));
             }
-            close(
-                got.minority_cosine.unwrap(),
-                want.minority_cosine.unwrap(),
-                1e-9,
-                "minority_cosine",
-            );
+            close(got.minority_cosine.unwrap(), want.minority_cosine.unwrap(), 1e-9, "minority_cosine");
             assert_eq!(got.empty_classes, want.empty_classes);
         }
     }
@@ -769,49 +535,21 @@ mod tests {
         let (n, d, c) = (3 * CHUNK + 17, 3, 3);
         let mut state = 12345u64;
         let mut next = || {
-            state = state
-                .wrapping_mul(6364136223846793005)
-                .wrapping_add(1442695040888963407);
+            state = state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
             ((state >> 11) as f64 / (1u64 << 53) as f64) as f32 - 0.5
         };
         let labels: Vec<u32> = (0..n).map(|i| (i % c) as u32).collect();
-        let features: Vec<f32> = (0..n * d)
-            .map(|k| next() + if k % d == (k / d) % c { 2.0 } else { 0.0 })
-            .collect();
+        let features: Vec<f32> = (0..n * d).map(|k| next() + if k % d == (k / d) % c { 2.0 } else { 0.0 }).collect();
         let w: Vec<f32> = (0..c * d).map(|_| next()).collect();
         let preds: Vec<u32> = labels.iter().map(|&y| (y + (y == 2) as u32) % 3).collect();
-        let a = neural_collapse(&input(
-            &features,
-            d,
-            &labels,
-            &preds,
-            &w,
-            c,
-            &[0, 1],
-            Centering::Global,
-        ))
-        .unwrap();
+        let a = neural_collapse(&input(&features, d, &labels, &preds, &w, c, &[0, 1], Centering::Global)).unwrap();
         let rev_f: Vec<f32> = features.chunks(d).rev().flatten().copied().collect();
         let rev_y: Vec<u32> = labels.iter().rev().copied().collect();
         let rev_p: Vec<u32> = preds.iter().rev().copied().collect();
-        let b = neural_collapse(&input(
-            &rev_f,
-            d,
-            &rev_y,
-            &rev_p,
-            &w,
-            c,
-            &[0, 1],
-            Centering::Global,
-        ))
-        .unwrap();
+        let b = neural_collapse(&input(&rev_f, d, &rev_y, &rev_p, &w, c, &[0, 1], Centering::Global)).unwrap();
         close(a.nc1, b.nc1, 1e-12, "nc1");
         close(a.nc3, b.nc3, 1e-12, "nc3");
         assert_eq!(a.nc4, b.nc4);
-        assert!(
-            a.nc4 > 0.3 && a.nc4 < 0.4,
-            "class 2 is always mispredicted: {}",
-            a.nc4
-        );
+        assert!(a.nc4 > 0.3 && a.nc4 < 0.4, "class 2 is always mispredicted: {}", a.nc4);
     }
 }

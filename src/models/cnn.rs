@@ -28,11 +28,7 @@ impl Cnn {
     pub fn new(cfg: &ModelConfig, vb: VarBuilder) -> candle_core::Result<Self> {
         let (h, w) = (cfg.height / 4, cfg.width / 4);
         if h == 0 || w == 0 {
-            candle_core::bail!(
-                "cnn needs an input of at least 4×4, got {}×{}",
-                cfg.height,
-                cfg.width
-            );
+            candle_core::bail!("cnn needs an input of at least 4×4, got {}×{}", cfg.height, cfg.width);
         }
         let c1 = 32 * cfg.width_mult;
         let c2 = 64 * cfg.width_mult;

@@ -58,11 +58,7 @@ impl Conv4 {
             cin = width;
         }
         let dim = width * h * w;
-        Ok(Conv4 {
-            blocks,
-            classifier: classifier_weight(cfg.num_classes, dim, vb)?,
-            dim,
-        })
+        Ok(Conv4 { blocks, classifier: classifier_weight(cfg.num_classes, dim, vb)?, dim })
     }
 }
 

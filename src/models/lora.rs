@@ -144,9 +144,8 @@ impl VitBackbone {
     /// Build from named tensors in either layout (see the module doc), cast to `dtype`.
     pub fn from_tensors(t: &HashMap<String, Tensor>, opts: VitLoadOptions, dtype: DType, dev: &Device) -> candle_core::Result<Self> {
         let prefix = if t.contains_key("patch_embed.proj.weight") { "patch_embed.proj" } else { "patch_embed" };
-        let lin = |name: &str| -> candle_core::Result<FrozenLinear> {
-            Ok(FrozenLinear { weight: take(t, &format!("{name}.weight"), dtype, dev)?, bias: take_opt(t, &format!("{name}.bias"), dtype, dev)? })
-        };
+        let lin =
+            |name: &str| -> candle_core::Result<FrozenLinear> { Ok(FrozenLinear { weight: take(t, &format!("{name}.weight"), dtype, dev)?, bias: take_opt(t, &format!("{name}.bias"), dtype, dev)? }) };
         let norm = |name: &str| -> candle_core::Result<Option<FrozenNorm>> {
             match (take_opt(t, &format!("{name}.weight"), dtype, dev)?, take_opt(t, &format!("{name}.bias"), dtype, dev)?) {
                 (Some(weight), Some(bias)) => Ok(Some(FrozenNorm { weight, bias })),
@@ -154,9 +153,7 @@ impl VitBackbone {
                 _ => candle_core::bail!("ViT checkpoint: `{name}` has a weight or a bias but not both"),
             }
         };
-        let need = |name: &str| -> candle_core::Result<FrozenNorm> {
-            norm(name)?.ok_or_else(|| candle_core::Error::Msg(format!("ViT checkpoint: norm `{name}` is missing")))
-        };
+        let need = |name: &str| -> candle_core::Result<FrozenNorm> { norm(name)?.ok_or_else(|| candle_core::Error::Msg(format!("ViT checkpoint: norm `{name}` is missing"))) };
         let mut blocks = Vec::new();
         while t.contains_key(&format!("blocks.{}.attn.qkv.weight", blocks.len())) {
             let p = format!("blocks.{}", blocks.len());

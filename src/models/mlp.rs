@@ -24,12 +24,7 @@ impl Mlp {
         let input = cfg.channels * cfg.height * cfg.width;
         let hidden = 256 * cfg.width_mult;
         let dim = 128 * cfg.width_mult;
-        Ok(Mlp {
-            fc1: Linear::new(input, hidden, vb.pp("fc1"))?,
-            fc2: Linear::new(hidden, dim, vb.pp("fc2"))?,
-            classifier: classifier_weight(cfg.num_classes, dim, vb)?,
-            dim,
-        })
+        Ok(Mlp { fc1: Linear::new(input, hidden, vb.pp("fc1"))?, fc2: Linear::new(hidden, dim, vb.pp("fc2"))?, classifier: classifier_weight(cfg.num_classes, dim, vb)?, dim })
     }
 }
 

@@ -96,22 +96,8 @@ pub struct ModelConfig {
 
 impl ModelConfig {
     /// A config with the defaults for `width_mult` (1) and `vit_final_norm` (true).
-    pub fn new(
-        kind: ModelKind,
-        channels: usize,
-        height: usize,
-        width: usize,
-        num_classes: usize,
-    ) -> Self {
-        ModelConfig {
-            kind,
-            channels,
-            height,
-            width,
-            num_classes,
-            width_mult: 1,
-            vit_final_norm: true,
-        }
+    pub fn new(kind: ModelKind, channels: usize, height: usize, width: usize, num_classes: usize) -> Self {
+        ModelConfig { kind, channels, height, width, num_classes, width_mult: 1, vit_final_norm: true }
     }
 }
 
@@ -134,10 +120,7 @@ pub trait Classifier: Send + Sync {
 ///
 /// Variables get candle's default initialisation; call [`seeded_init`] on the backing `VarMap`
 /// for a reproducible one.
-pub fn build(
-    cfg: &ModelConfig,
-    vb: candle_nn::VarBuilder,
-) -> candle_core::Result<Box<dyn Classifier>> {
+pub fn build(cfg: &ModelConfig, vb: candle_nn::VarBuilder) -> candle_core::Result<Box<dyn Classifier>> {
     if cfg.channels == 0 || cfg.height == 0 || cfg.width == 0 || cfg.num_classes == 0 {
         candle_core::bail!("model config has a zero dimension: {cfg:?}");
     }
@@ -171,10 +154,7 @@ const TOKEN_INIT_STD: f64 = 0.02;
 /// * rank ≤ 1 named `…weight` (norm-layer scales) or `…running_var`: 1;
 /// * every other rank ≤ 1 tensor (biases, norm shifts, `running_mean`): 0.
 pub fn seeded_init(varmap: &VarMap, seed: u64) -> candle_core::Result<()> {
-    let data = varmap
-        .data()
-        .lock()
-        .map_err(|_| candle_core::Error::Msg("VarMap lock poisoned".into()))?;
+    let data = varmap.data().lock().map_err(|_| candle_core::Error::Msg("VarMap lock poisoned".into()))?;
     let mut names: Vec<&String> = data.keys().collect();
     names.sort();
     let mut rng = Rng::derive(seed, "model-init");
@@ -215,11 +195,7 @@ impl LayerNorm {
     pub(crate) fn new(dim: usize, vb: candle_nn::VarBuilder) -> candle_core::Result<Self> {
         let weight = vb.get_with_hints(dim, "weight", candle_nn::Init::Const(1.0))?;
         let bias = vb.get_with_hints(dim, "bias", candle_nn::Init::Const(0.0))?;
-        Ok(LayerNorm {
-            weight,
-            bias,
-            eps: 1e-5,
-        })
+        Ok(LayerNorm { weight, bias, eps: 1e-5 })
     }
 
     pub(crate) fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
@@ -230,12 +206,7 @@ impl LayerNorm {
     }
 
     /// The same computation from candle's primitives (other devices and dtypes; tests).
-    pub(crate) fn reference(
-        x: &Tensor,
-        weight: &Tensor,
-        bias: &Tensor,
-        eps: f64,
-    ) -> candle_core::Result<Tensor> {
+    pub(crate) fn reference(x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64) -> candle_core::Result<Tensor> {
         let mean = x.mean_keepdim(D::Minus1)?;
         let xc = x.broadcast_sub(&mean)?;
         let var = xc.sqr()?.mean_keepdim(D::Minus1)?;
@@ -276,10 +247,7 @@ pub(crate) fn attention_reference(qkv: &Tensor, heads: usize) -> candle_core::Re
     let k = qkv.get(1)?.contiguous()?;
     let v = qkv.get(2)?.contiguous()?;
     let scores = (q.matmul(&k.t()?.contiguous()?)? * (1.0 / (dh as f64).sqrt()))?;
-    softmax_last(&scores)?
-        .matmul(&v)?
-        .transpose(1, 2)?
-        .reshape((n, t, d))
+    softmax_last(&scores)?.matmul(&v)?.transpose(1, 2)?.reshape((n, t, d))
 }
 
 /// Softmax over the last dimension from differentiable primitives.
@@ -290,20 +258,9 @@ pub(crate) fn softmax_last_reference(x: &Tensor) -> candle_core::Result<Tensor> 
 }
 
 /// The classifier weight, C×D, shared by all architectures under the name `classifier.weight`.
-pub(crate) fn classifier_weight(
-    num_classes: usize,
-    dim: usize,
-    vb: candle_nn::VarBuilder,
-) -> candle_core::Result<Tensor> {
+pub(crate) fn classifier_weight(num_classes: usize, dim: usize, vb: candle_nn::VarBuilder) -> candle_core::Result<Tensor> {
     let bound = 1.0 / (dim as f64).sqrt();
-    vb.pp("classifier").get_with_hints(
-        (num_classes, dim),
-        "weight",
-        candle_nn::Init::Uniform {
-            lo: -bound,
-            up: bound,
-        },
-    )
+    vb.pp("classifier").get_with_hints((num_classes, dim), "weight", candle_nn::Init::Uniform { lo: -bound, up: bound })
 }
 
 /// The dtype reprise builds and trains models in (inputs are N×C×H×W f32); pass it to
@@ -411,9 +368,7 @@ mod tests {
                     }
                     let mut vars: Vec<_> = varmap.data().lock().unwrap().iter().map(|(k, v)| (k.clone(), v.clone())).collect();
                     vars.sort_by(|a, b| a.0.cmp(&b.0));
-                    vars.iter()
-                        .map(|(_, v)| v.flatten_all().unwrap().to_vec1::<f32>().unwrap().iter().map(|f| f.to_bits()).collect())
-                        .collect()
+                    vars.iter().map(|(_, v)| v.flatten_all().unwrap().to_vec1::<f32>().unwrap().iter().map(|f| f.to_bits()).collect()).collect()
                 })
             };
             let one = step(1);
@@ -440,11 +395,7 @@ mod tests {
             fn name(&self) -> &'static str {
                 "misfit"
             }
-            fn cpu_fwd(
-                &self,
-                s: &candle_core::CpuStorage,
-                l: &candle_core::Layout,
-            ) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
+            fn cpu_fwd(&self, s: &candle_core::CpuStorage, l: &candle_core::Layout) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
                 let v = kernels::cpu_f32(s, l, "misfit", "input")?.to_vec();
                 Ok((candle_core::CpuStorage::F32(v), l.shape().clone()))
             }
@@ -466,9 +417,7 @@ mod tests {
     fn backward_sums_gradient_contributions_exactly() {
         let mut rng = crate::rng::Rng::new(3);
         for n in [1000usize, 70_000] {
-            let v = |rng: &mut crate::rng::Rng| -> Vec<f32> {
-                (0..n).map(|_| rng.normal() as f32).collect()
-            };
+            let v = |rng: &mut crate::rng::Rng| -> Vec<f32> { (0..n).map(|_| rng.normal() as f32).collect() };
             let (xv, rv) = (v(&mut rng), v(&mut rng));
             let x = candle_core::Var::from_vec(xv, n, &Device::Cpu).unwrap();
             let r = Tensor::from_vec(rv.clone(), n, &Device::Cpu).unwrap();
@@ -485,11 +434,7 @@ mod tests {
                 // Contributions in the order the backward pass meets them.
                 let want = (ri * ri + ri * 3.0) + ri * 2.0;
                 let alt = (ri * 2.0 + ri * 3.0) + ri * ri;
-                assert!(
-                    gx[i] == want || gx[i] == alt,
-                    "n {n}, element {i}: {} vs {want} / {alt}",
-                    gx[i]
-                );
+                assert!(gx[i] == want || gx[i] == alt, "n {n}, element {i}: {} vs {want} / {alt}", gx[i]);
                 assert_eq!(gy[i], ri, "n {n}, element {i}");
             }
         }
@@ -502,16 +447,7 @@ mod tests {
     fn speed_of_one_training_step() {
         use crate::train::optim::{OptimConfig, Optimizer};
         const STEPS: u32 = 20;
-        for (side, kind) in [28usize, 8].into_iter().flat_map(|side| {
-            [
-                ModelKind::Mlp,
-                ModelKind::Cnn,
-                ModelKind::Resnet,
-                ModelKind::Vit,
-                ModelKind::Conv4,
-            ]
-            .map(|k| (side, k))
-        }) {
+        for (side, kind) in [28usize, 8].into_iter().flat_map(|side| [ModelKind::Mlp, ModelKind::Cnn, ModelKind::Resnet, ModelKind::Vit, ModelKind::Conv4].map(|k| (side, k))) {
             let cfg = ModelConfig::new(kind, 1, side, side, 10);
             let (varmap, model) = test_support::build_seeded(&cfg, 1);
             let (x, y) = test_support::batch(128, 1, side, side, 10);
@@ -533,19 +469,10 @@ mod tests {
 
     #[test]
     fn config_serde_defaults() {
-        let cfg: ModelConfig = serde_json::from_str(
-            r#"{"kind":"vit","channels":1,"height":28,"width":28,"num_classes":10}"#,
-        )
-        .unwrap();
+        let cfg: ModelConfig = serde_json::from_str(r#"{"kind":"vit","channels":1,"height":28,"width":28,"num_classes":10}"#).unwrap();
         assert_eq!(cfg, ModelConfig::new(ModelKind::Vit, 1, 28, 28, 10));
-        assert_eq!(
-            serde_json::to_string(&ModelKind::Resnet).unwrap(),
-            "\"resnet\""
-        );
-        assert_eq!(
-            serde_json::to_string(&ModelKind::Conv4).unwrap(),
-            "\"conv4\""
-        );
+        assert_eq!(serde_json::to_string(&ModelKind::Resnet).unwrap(), "\"resnet\"");
+        assert_eq!(serde_json::to_string(&ModelKind::Conv4).unwrap(), "\"conv4\"");
     }
 
     #[test]
@@ -553,33 +480,15 @@ mod tests {
         let cfg = ModelConfig::new(ModelKind::Vit, 1, 8, 8, 3);
         let vm_a = VarMap::new();
         let vm_b = VarMap::new();
-        let _a = build(
-            &cfg,
-            VarBuilder::from_varmap(&vm_a, DType::F32, &Device::Cpu),
-        )
-        .unwrap();
-        let _b = build(
-            &cfg,
-            VarBuilder::from_varmap(&vm_b, DType::F32, &Device::Cpu),
-        )
-        .unwrap();
+        let _a = build(&cfg, VarBuilder::from_varmap(&vm_a, DType::F32, &Device::Cpu)).unwrap();
+        let _b = build(&cfg, VarBuilder::from_varmap(&vm_b, DType::F32, &Device::Cpu)).unwrap();
         seeded_init(&vm_a, 42).unwrap();
         seeded_init(&vm_b, 42).unwrap();
         let da = vm_a.data().lock().unwrap();
         let db = vm_b.data().lock().unwrap();
         for (name, va) in da.iter() {
-            let a = va
-                .as_tensor()
-                .flatten_all()
-                .unwrap()
-                .to_vec1::<f32>()
-                .unwrap();
-            let b = db[name]
-                .as_tensor()
-                .flatten_all()
-                .unwrap()
-                .to_vec1::<f32>()
-                .unwrap();
+            let a = va.as_tensor().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            let b = db[name].as_tensor().flatten_all().unwrap().to_vec1::<f32>().unwrap();
             assert_eq!(a, b, "{name}");
             let dims = va.dims();
             if name.ends_with("cls_token") || name.ends_with("pos_embed") {
@@ -597,17 +506,10 @@ mod tests {
         }
         drop(db);
         let vm_c = VarMap::new();
-        let _c = build(
-            &cfg,
-            VarBuilder::from_varmap(&vm_c, DType::F32, &Device::Cpu),
-        )
-        .unwrap();
+        let _c = build(&cfg, VarBuilder::from_varmap(&vm_c, DType::F32, &Device::Cpu)).unwrap();
         seeded_init(&vm_c, 43).unwrap();
         let w_a = da["classifier.weight"].as_tensor().flatten_all().unwrap();
-        let w_c = vm_c.data().lock().unwrap()["classifier.weight"]
-            .as_tensor()
-            .flatten_all()
-            .unwrap();
+        let w_c = vm_c.data().lock().unwrap()["classifier.weight"].as_tensor().flatten_all().unwrap();
         assert_ne!(w_a.to_vec1::<f32>().unwrap(), w_c.to_vec1::<f32>().unwrap());
     }
 
@@ -617,20 +519,10 @@ mod tests {
         let vm = VarMap::new();
         let ln = LayerNorm::new(4, VarBuilder::from_varmap(&vm, DType::F32, &Device::Cpu)).unwrap();
         let xs = vec![1.0f64, 2.0, 4.0, -1.0, 0.5, 0.5, 3.0, 2.0];
-        let x32 = Tensor::from_vec(
-            xs.iter().map(|&v| v as f32).collect::<Vec<_>>(),
-            (2, 4),
-            &Device::Cpu,
-        )
-        .unwrap();
+        let x32 = Tensor::from_vec(xs.iter().map(|&v| v as f32).collect::<Vec<_>>(), (2, 4), &Device::Cpu).unwrap();
         let ours = ln.forward(&x32).unwrap();
         let reference = candle_nn::ops::layer_norm(&x32, &ln.weight, &ln.bias, 1e-5).unwrap();
-        let diff = (ours - reference)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap();
+        let diff = (ours - reference).unwrap().abs().unwrap().max_all().unwrap();
         assert!(diff.to_scalar::<f32>().unwrap() < 1e-5);
         // ... and by hand in f64: row [1, 2, 4, −1] has mean 1.5 and variance
         // (0.25 + 0.25 + 6.25 + 6.25)/4 = 3.25, so its first entry maps to −0.5/√(3.25 + 1e-5).
@@ -639,15 +531,7 @@ mod tests {
         let x = candle_core::Var::from_vec(xs, (2, 4), &Device::Cpu).unwrap();
         let y = ln.forward(x.as_tensor()).unwrap().to_vec2::<f64>().unwrap();
         assert!((y[0][0] + 0.5 / (3.25f64 + 1e-5).sqrt()).abs() < 1e-12);
-        let g = ln
-            .forward(x.as_tensor())
-            .unwrap()
-            .sqr()
-            .unwrap()
-            .sum_all()
-            .unwrap()
-            .backward()
-            .unwrap();
+        let g = ln.forward(x.as_tensor()).unwrap().sqr().unwrap().sum_all().unwrap().backward().unwrap();
         assert!(g.get(&ln.weight).is_some());
         let s = softmax_last(x.as_tensor()).unwrap();
         let sref = candle_nn::ops::softmax_last_dim(x.as_tensor()).unwrap();
@@ -670,10 +554,7 @@ mod fast_kernels {
         let a = a.flatten_all().unwrap().to_vec1::<f32>().unwrap();
         let b = b.flatten_all().unwrap().to_vec1::<f32>().unwrap();
         let scale = b.iter().fold(1e-3f32, |m, v| m.max(v.abs()));
-        a.iter()
-            .zip(&b)
-            .fold(0f32, |m, (x, y)| m.max((x - y).abs()))
-            / scale
+        a.iter().zip(&b).fold(0f32, |m, (x, y)| m.max((x - y).abs())) / scale
     }
 
     /// For every model, input size and train/eval mode: the same loss, gradient of every variable
@@ -688,13 +569,7 @@ mod fast_kernels {
     #[test]
     fn every_model_matches_candle_ops() {
         let mut worst = 0f32;
-        let kinds = [
-            ModelKind::Mlp,
-            ModelKind::Cnn,
-            ModelKind::Resnet,
-            ModelKind::Vit,
-            ModelKind::Conv4,
-        ];
+        let kinds = [ModelKind::Mlp, ModelKind::Cnn, ModelKind::Resnet, ModelKind::Vit, ModelKind::Conv4];
         for kind in kinds {
             for side in [28usize, 8] {
                 for train in [true, false] {
@@ -704,8 +579,7 @@ mod fast_kernels {
                         let go = || {
                             let (vm, model) = build_seeded(&cfg, 8);
                             let (_, logits) = model.forward(&x, train).unwrap();
-                            let loss =
-                                crate::train::loss(&LossKind::Ce, &logits, &y, &[1; 10]).unwrap();
+                            let loss = crate::train::loss(&LossKind::Ce, &logits, &y, &[1; 10]).unwrap();
                             let grads = loss.backward().unwrap();
                             let data = vm.data().lock().unwrap();
                             let mut names: Vec<String> = data.keys().cloned().collect();
@@ -729,13 +603,8 @@ mod fast_kernels {
                     let (loss_fast, fast) = run(false);
                     let (loss_ref, reference) = run(true);
                     let what = format!("{kind:?} {side}x{side} train {train}");
-                    assert!(
-                        (loss_fast - loss_ref).abs() <= 1e-5 * loss_ref.abs().max(1.0),
-                        "{what}: loss {loss_fast} vs {loss_ref}"
-                    );
-                    for ((name, value, grad), (_, value_ref, grad_ref)) in
-                        fast.iter().zip(&reference)
-                    {
+                    assert!((loss_fast - loss_ref).abs() <= 1e-5 * loss_ref.abs().max(1.0), "{what}: loss {loss_fast} vs {loss_ref}");
+                    for ((name, value, grad), (_, value_ref, grad_ref)) in fast.iter().zip(&reference) {
                         // Values: BatchNorm running statistics (the other variables are untouched).
                         assert!(rel_diff(value, value_ref) < 1e-5, "{what}: {name}");
                         match (grad, grad_ref) {

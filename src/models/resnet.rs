@@ -20,13 +20,7 @@ use super::kernels::fused;
 use super::kernels::norm::BatchNorm2d;
 use super::{classifier_weight, Classifier, ModelConfig};
 
-fn conv(
-    cin: usize,
-    cout: usize,
-    kernel: usize,
-    stride: usize,
-    vb: VarBuilder,
-) -> candle_core::Result<Conv> {
+fn conv(cin: usize, cout: usize, kernel: usize, stride: usize, vb: VarBuilder) -> candle_core::Result<Conv> {
     Conv::new(cin, cout, kernel, stride, kernel / 2, false, vb)
 }
 
@@ -62,28 +56,15 @@ struct BasicBlock {
 
 impl BasicBlock {
     fn new(cin: usize, cout: usize, stride: usize, vb: VarBuilder) -> candle_core::Result<Self> {
-        let first = ConvBn {
-            conv: conv(cin, cout, 3, stride, vb.pp("conv1"))?,
-            bn: bn(cout, vb.pp("bn1"))?,
-        };
-        let second = ConvBn {
-            conv: conv(cout, cout, 3, 1, vb.pp("conv2"))?,
-            bn: bn(cout, vb.pp("bn2"))?,
-        };
+        let first = ConvBn { conv: conv(cin, cout, 3, stride, vb.pp("conv1"))?, bn: bn(cout, vb.pp("bn1"))? };
+        let second = ConvBn { conv: conv(cout, cout, 3, 1, vb.pp("conv2"))?, bn: bn(cout, vb.pp("bn2"))? };
         let shortcut = if stride != 1 || cin != cout {
             let vs = vb.pp("shortcut");
-            Some(ConvBn {
-                conv: conv(cin, cout, 1, stride, vs.pp("conv"))?,
-                bn: bn(cout, vs.pp("bn"))?,
-            })
+            Some(ConvBn { conv: conv(cin, cout, 1, stride, vs.pp("conv"))?, bn: bn(cout, vs.pp("bn"))? })
         } else {
             None
         };
-        Ok(BasicBlock {
-            first,
-            second,
-            shortcut,
-        })
+        Ok(BasicBlock { first, second, shortcut })
     }
 
     fn forward(&self, x: &Tensor, train: bool) -> candle_core::Result<Tensor> {
@@ -110,29 +91,16 @@ impl ResNet {
     pub fn new(cfg: &ModelConfig, vb: VarBuilder) -> candle_core::Result<Self> {
         let m = cfg.width_mult;
         let widths = [16 * m, 32 * m, 64 * m];
-        let stem = ConvBn {
-            conv: conv(cfg.channels, widths[0], 3, 1, vb.pp("stem").pp("conv"))?,
-            bn: bn(widths[0], vb.pp("stem").pp("bn"))?,
-        };
+        let stem = ConvBn { conv: conv(cfg.channels, widths[0], 3, 1, vb.pp("stem").pp("conv"))?, bn: bn(widths[0], vb.pp("stem").pp("bn"))? };
         let mut stages = Vec::with_capacity(3);
         let mut cin = widths[0];
         for (i, &cout) in widths.iter().enumerate() {
             let stride = if i == 0 { 1 } else { 2 };
-            stages.push(BasicBlock::new(
-                cin,
-                cout,
-                stride,
-                vb.pp(format!("stage{}", i + 1)),
-            )?);
+            stages.push(BasicBlock::new(cin, cout, stride, vb.pp(format!("stage{}", i + 1)))?);
             cin = cout;
         }
         let dim = widths[2];
-        Ok(ResNet {
-            stem,
-            stages,
-            classifier: classifier_weight(cfg.num_classes, dim, vb)?,
-            dim,
-        })
+        Ok(ResNet { stem, stages, classifier: classifier_weight(cfg.num_classes, dim, vb)?, dim })
     }
 }
 
@@ -175,12 +143,7 @@ mod tests {
         let cfg = ModelConfig::new(ModelKind::Resnet, 1, 8, 8, 3);
         let (vm, model) = test_support::build_seeded(&cfg, 5);
         let (x, _) = test_support::batch(6, 1, 8, 8, 3);
-        let mean = || {
-            vm.data().lock().unwrap()["stem.bn.running_mean"]
-                .as_tensor()
-                .to_vec1::<f32>()
-                .unwrap()
-        };
+        let mean = || vm.data().lock().unwrap()["stem.bn.running_mean"].as_tensor().to_vec1::<f32>().unwrap();
         let m0 = mean();
         model.features(&x, false).unwrap();
         assert_eq!(mean(), m0);

@@ -31,8 +31,7 @@ struct Attention {
 
 impl Attention {
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        self.proj
-            .forward(&attention(&self.qkv.forward(x)?, self.heads)?)
+        self.proj.forward(&attention(&self.qkv.forward(x)?, self.heads)?)
     }
 }
 
@@ -51,11 +50,7 @@ impl Block {
         let vm = vb.pp("mlp");
         Ok(Block {
             norm1: LayerNorm::new(dim, vb.pp("norm1"))?,
-            attn: Attention {
-                qkv: Linear::new(dim, 3 * dim, va.pp("qkv"))?,
-                proj: Linear::new(dim, dim, va.pp("proj"))?,
-                heads: HEADS,
-            },
+            attn: Attention { qkv: Linear::new(dim, 3 * dim, va.pp("qkv"))?, proj: Linear::new(dim, dim, va.pp("proj"))?, heads: HEADS },
             norm2: LayerNorm::new(dim, vb.pp("norm2"))?,
             fc1: Linear::new(dim, mlp, vm.pp("fc1"))?,
             fc2: Linear::new(mlp, dim, vm.pp("fc2"))?,
@@ -85,37 +80,16 @@ impl Vit {
     pub fn new(cfg: &ModelConfig, vb: VarBuilder) -> candle_core::Result<Self> {
         let patch = cfg.height / 4;
         if patch == 0 || !cfg.height.is_multiple_of(patch) || !cfg.width.is_multiple_of(patch) {
-            candle_core::bail!(
-                "vit: patch size H/4 = {patch} must divide the {}×{} input",
-                cfg.height,
-                cfg.width
-            );
+            candle_core::bail!("vit: patch size H/4 = {patch} must divide the {}×{} input", cfg.height, cfg.width);
         }
         let tokens = (cfg.height / patch) * (cfg.width / patch);
         let dim = 64 * cfg.width_mult;
         let mlp = 128 * cfg.width_mult;
-        let token_init = candle_nn::Init::Randn {
-            mean: 0.0,
-            stdev: 0.02,
-        };
-        let blocks = (0..DEPTH)
-            .map(|i| Block::new(dim, mlp, vb.pp("blocks").pp(i)))
-            .collect::<candle_core::Result<Vec<_>>>()?;
-        let norm = if cfg.vit_final_norm {
-            Some(LayerNorm::new(dim, vb.pp("norm"))?)
-        } else {
-            None
-        };
+        let token_init = candle_nn::Init::Randn { mean: 0.0, stdev: 0.02 };
+        let blocks = (0..DEPTH).map(|i| Block::new(dim, mlp, vb.pp("blocks").pp(i))).collect::<candle_core::Result<Vec<_>>>()?;
+        let norm = if cfg.vit_final_norm { Some(LayerNorm::new(dim, vb.pp("norm"))?) } else { None };
         Ok(Vit {
-            patch_embed: Conv::new(
-                cfg.channels,
-                dim,
-                patch,
-                patch,
-                0,
-                true,
-                vb.pp("patch_embed"),
-            )?,
+            patch_embed: Conv::new(cfg.channels, dim, patch, patch, 0, true, vb.pp("patch_embed"))?,
             cls_token: vb.get_with_hints((1, 1, dim), "cls_token", token_init)?,
             pos_embed: vb.get_with_hints((1, tokens + 1, dim), "pos_embed", token_init)?,
             blocks,
@@ -130,11 +104,7 @@ impl Classifier for Vit {
     fn features(&self, x: &Tensor, _train: bool) -> candle_core::Result<Tensor> {
         let n = x.dim(0)?;
         // N×D×h×w → N×T×D
-        let patches = self
-            .patch_embed
-            .forward(x)?
-            .flatten_from(2)?
-            .transpose(1, 2)?;
+        let patches = self.patch_embed.forward(x)?.flatten_from(2)?.transpose(1, 2)?;
         let cls = self.cls_token.broadcast_as((n, 1, self.dim))?;
         let mut h = Tensor::cat(&[&cls, &patches], 1)?.broadcast_add(&self.pos_embed)?;
         for block in &self.blocks {

@@ -99,7 +99,14 @@ impl Cells {
         let mut text = String::new();
         for c in self.iter() {
             let short = c.key.get(..12).unwrap_or(&c.key);
-            html.push_str(&format!("<tr><td>{}</td><td>{}</td><td>{}</td><td class=\"num\">{}</td><td title=\"{}\"><code>{short}</code></td></tr>", esc(&c.name), c.kind, esc(&c.status), secs(c.seconds), esc(&c.key)));
+            html.push_str(&format!(
+                "<tr><td>{}</td><td>{}</td><td>{}</td><td class=\"num\">{}</td><td title=\"{}\"><code>{short}</code></td></tr>",
+                esc(&c.name),
+                c.kind,
+                esc(&c.status),
+                secs(c.seconds),
+                esc(&c.key)
+            ));
             text.push_str(&format!("{:<8} {short}  {}  {}\n", c.status, c.kind, c.name));
         }
         html.push_str("</tbody></table>");

@@ -110,10 +110,7 @@ fn notebook(report: &Report, crate_dir: &Path) -> Result<Value, NotebookError> {
          which takes several minutes the first time (see `docs/notebooks.md`).*"
     ));
     cells.code(&format!(":dep reprise = {{ path = {} }}", toml_string(&crate_rel)), None);
-    cells.code(
-        &format!("use reprise::notebook::Report;\n\nlet report = Report::open_with({spec_rel:?}, {:?}, &[{}], {cache})?;\nreport", report.profile(), sets.join(", ")),
-        Some("report".into()),
-    );
+    cells.code(&format!("use reprise::notebook::Report;\n\nlet report = Report::open_with({spec_rel:?}, {:?}, &[{}], {cache})?;\nreport", report.profile(), sets.join(", ")), Some("report".into()));
     for part in report.parts()? {
         match part {
             Part::Prose(text) => cells.markdown(&text),

@@ -83,26 +83,14 @@ pub fn evaluate(c: &ClaimDecl, frames: &Frames) -> ClaimResult {
                 let d = sa.mean - sb.mean;
                 r.holds = Some(within(c, d));
                 r.value = Some(d);
-                r.measured = format!(
-                    "{} difference {} ({} vs {}; n = {} and {}; {})",
-                    c.metric,
-                    signed(&c.metric, d),
-                    fmt_value(&c.metric, sa.mean),
-                    fmt_value(&c.metric, sb.mean),
-                    sa.n,
-                    sb.n,
-                    bounds(c)
-                );
+                r.measured =
+                    format!("{} difference {} ({} vs {}; n = {} and {}; {})", c.metric, signed(&c.metric, d), fmt_value(&c.metric, sa.mean), fmt_value(&c.metric, sb.mean), sa.n, sb.n, bounds(c));
             }
         }
         ClaimKind::Change => {
             let mut diffs = Vec::new();
             for last in finals.iter().filter(|row| row.status == "ok") {
-                let first = frames
-                    .results
-                    .iter()
-                    .filter(|row| row.experiment == c.experiment && row.key == last.key && row.run == last.run)
-                    .min_by_key(|row| row.epoch);
+                let first = frames.results.iter().filter(|row| row.experiment == c.experiment && row.key == last.key && row.run == last.run).min_by_key(|row| row.epoch);
                 if let (Some(f), Some(l)) = (first.and_then(|f| f.metrics.get(&c.metric).copied().flatten()), last.metrics.get(&c.metric).copied().flatten()) {
                     if f.is_finite() && l.is_finite() {
                         diffs.push(l - f);

@@ -13,16 +13,8 @@ use crate::frames::Frames;
 use crate::params::ParamValue;
 use crate::spec::{Experiment, FigureDecl, FigureKind};
 
-const PALETTE: [RGBColor; 8] = [
-    RGBColor(31, 119, 180),
-    RGBColor(255, 127, 14),
-    RGBColor(44, 160, 44),
-    RGBColor(214, 39, 40),
-    RGBColor(148, 103, 189),
-    RGBColor(140, 86, 75),
-    RGBColor(227, 119, 194),
-    RGBColor(127, 127, 127),
-];
+const PALETTE: [RGBColor; 8] =
+    [RGBColor(31, 119, 180), RGBColor(255, 127, 14), RGBColor(44, 160, 44), RGBColor(214, 39, 40), RGBColor(148, 103, 189), RGBColor(140, 86, 75), RGBColor(227, 119, 194), RGBColor(127, 127, 127)];
 
 /// One line of a panel: name, (x, mean, std) points, and a colour when it means something
 /// (the group of a class).
@@ -185,13 +177,8 @@ pub fn svg(decl: &FigureDecl, exp: &Experiment, frames: &Frames) -> Result<Strin
             let pad = ((y1 - y0) * 0.08).max(1e-9);
             y0 -= pad;
             y1 += pad;
-            let mut chart = ChartBuilder::on(panel)
-                .margin(12)
-                .caption(metric, ("sans-serif", 15))
-                .x_label_area_size(36)
-                .y_label_area_size(56)
-                .build_cartesian_2d(x0..x1, y0..y1)
-                .map_err(|e| fail(&e))?;
+            let mut chart =
+                ChartBuilder::on(panel).margin(12).caption(metric, ("sans-serif", 15)).x_label_area_size(36).y_label_area_size(56).build_cartesian_2d(x0..x1, y0..y1).map_err(|e| fail(&e))?;
             let y_log = decl.y_log;
             chart
                 .configure_mesh()

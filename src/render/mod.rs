@@ -22,12 +22,12 @@ use std::sync::Arc;
 use minijinja::{context, Environment, Value};
 use serde::Serialize;
 
-use crate::fs::write_atomic;
 use crate::frames::Frames;
+use crate::fs::write_atomic;
 use crate::spec::confine;
 use crate::spec::{FigureDecl, Spec, TableDecl};
-use table::esc;
 use claims::ClaimResult;
+use table::esc;
 
 /// Errors of rendering, each naming what failed.
 #[derive(Debug, thiserror::Error)]
@@ -475,7 +475,11 @@ pub fn render(spec: &Spec, frames: &Frames, out_dir: &Path) -> Result<Rendered, 
     env.add_template_owned("base.html.j2", base).map_err(|source| RenderError::Template { path: base_path.clone(), source })?;
     let html = env
         .get_template("base.html.j2")
-        .and_then(|t| t.render(context! { title => Value::from_safe_string(esc(&spec.report.title)), css => Value::from_safe_string(format!("{PAGE_CSS}{COMPONENT_CSS}")), body => Value::from_safe_string(body) }))
+        .and_then(|t| {
+            t.render(
+                context! { title => Value::from_safe_string(esc(&spec.report.title)), css => Value::from_safe_string(format!("{PAGE_CSS}{COMPONENT_CSS}")), body => Value::from_safe_string(body) },
+            )
+        })
         .map_err(|source| RenderError::Template { path: base_path.clone(), source })?;
     let p = out_dir.join("report.html");
     write_atomic(&p, html.as_bytes()).map_err(io(&p))?;

@@ -65,9 +65,8 @@ pub fn resolve_in(folder: &Path, name: &str) -> Result<PathBuf, Confined> {
 
 /// The names of the files in `folder` that end in `suffix`, without it, sorted (for hints).
 pub fn names_in(folder: &Path, suffix: &str) -> Vec<String> {
-    let mut out: Vec<String> = std::fs::read_dir(folder)
-        .map(|rd| rd.flatten().filter_map(|e| e.file_name().to_str().and_then(|n| n.strip_suffix(suffix)).map(String::from)).collect())
-        .unwrap_or_default();
+    let mut out: Vec<String> =
+        std::fs::read_dir(folder).map(|rd| rd.flatten().filter_map(|e| e.file_name().to_str().and_then(|n| n.strip_suffix(suffix)).map(String::from)).collect()).unwrap_or_default();
     out.sort();
     out
 }

@@ -43,9 +43,7 @@ impl fmt::Display for Diagnostic {
             Origin::FileOnly { path } => writeln!(f, "  --> {path}")?,
             Origin::Override { arg } => writeln!(f, "  --> in the override `--set {arg}`")?,
             Origin::Argument { arg } => writeln!(f, "  --> in the argument `{arg}`")?,
-            Origin::Profile { name, path, line, col } => {
-                writeln!(f, "  --> {path}:{line}:{col} (profile `{name}`)")?
-            }
+            Origin::Profile { name, path, line, col } => writeln!(f, "  --> {path}:{line}:{col} (profile `{name}`)")?,
         }
         if let Some(h) = &self.hint {
             writeln!(f, "  = hint: {h}")?;

@@ -18,8 +18,8 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-pub use diag::{Diagnostic, Origin, SpecError};
 use diag::LineIndex;
+pub use diag::{Diagnostic, Origin, SpecError};
 use locate::Locator;
 
 use crate::methods::{self, MethodRef, Registry};
@@ -596,11 +596,9 @@ fn parse_one(text: &str, path: &Path, root: &Path, profile: Option<&str>, sets: 
             err(vec![section.to_string(), name.clone()], true, confine::name_message(what, name), Some(hint.into()));
         }
     }
-    for (what, ids) in [
-        ("tables", file.tables.iter().map(|t| &t.id).collect::<Vec<_>>()),
-        ("figures", file.figures.iter().map(|f| &f.id).collect()),
-        ("claims", file.claims.iter().map(|c| &c.id).collect()),
-    ] {
+    for (what, ids) in
+        [("tables", file.tables.iter().map(|t| &t.id).collect::<Vec<_>>()), ("figures", file.figures.iter().map(|f| &f.id).collect()), ("claims", file.claims.iter().map(|c| &c.id).collect())]
+    {
         for (i, id) in ids.into_iter().enumerate().filter(|(_, id)| !confine::is_name(id)) {
             let kind = &what[..what.len() - 1];
             let hint = match what {
@@ -718,7 +716,13 @@ fn parse_one(text: &str, path: &Path, root: &Path, profile: Option<&str>, sets: 
         }
         let grid_axes: Vec<(String, Vec<ParamValue>)> = axes.iter().filter(|(_, v)| !v.is_empty()).cloned().collect();
         let mut runs = Vec::new();
-        for point in cartesian(&grid_axes).into_iter().flat_map(|g| explicit.iter().map(move |e| { let mut q = g.clone(); q.extend(e.clone()); q })) {
+        for point in cartesian(&grid_axes).into_iter().flat_map(|g| {
+            explicit.iter().map(move |e| {
+                let mut q = g.clone();
+                q.extend(e.clone());
+                q
+            })
+        }) {
             for &seed in &ef.seeds {
                 let mut p = params.clone();
                 for (k, v) in &point {
@@ -878,14 +882,7 @@ fn schema_names(schema: &[ParamDef]) -> Vec<String> {
 }
 
 /// Check a table of parameters against the schema, writing valid values into `out`.
-fn check_params(
-    table: &toml::Table,
-    at: &[&str],
-    schema: &[ParamDef],
-    data_names: &[String],
-    out: &mut Params,
-    err: &mut dyn FnMut(Vec<String>, bool, String, Option<String>),
-) {
+fn check_params(table: &toml::Table, at: &[&str], schema: &[ParamDef], data_names: &[String], out: &mut Params, err: &mut dyn FnMut(Vec<String>, bool, String, Option<String>)) {
     for (k, v) in table {
         let mut path: Vec<String> = at.iter().map(|s| s.to_string()).collect();
         path.push(k.clone());
@@ -991,8 +988,7 @@ fn non_finite(v: &toml::Value) -> Option<f64> {
 fn apply_override(tree: &mut toml::Value, o: &Override, schema: &[ParamDef]) -> Result<(), (String, Option<String>)> {
     let shown = o.path.join(".");
     let (last, parents) = o.path.split_last().ok_or_else(|| ("empty key path".to_string(), None))?;
-    let param_section = matches!(parents.first().map(String::as_str), Some("defaults"))
-        || (parents.len() == 3 && parents[0] == "experiments" && (parents[2] == "params" || parents[2] == "grid"));
+    let param_section = matches!(parents.first().map(String::as_str), Some("defaults")) || (parents.len() == 3 && parents[0] == "experiments" && (parents[2] == "params" || parents[2] == "grid"));
     let mut node = tree;
     for (i, seg) in parents.iter().enumerate() {
         let here = o.path[..i].join(".");

@@ -33,35 +33,20 @@ const FOCAL_FLOOR: f64 = 1e-30;
 /// they are only read by the prior-corrected losses, which require one count per logit column.
 ///
 /// `logits` is N×C (f32 or f64), `targets` N class indices (u32).
-pub fn loss(
-    kind: &LossKind,
-    logits: &Tensor,
-    targets: &Tensor,
-    class_counts: &[usize],
-) -> candle_core::Result<Tensor> {
+pub fn loss(kind: &LossKind, logits: &Tensor, targets: &Tensor, class_counts: &[usize]) -> candle_core::Result<Tensor> {
     let (n, c) = logits.dims2()?;
     if targets.dims() != [n] {
-        candle_core::bail!(
-            "loss: targets {:?} do not match logits {:?}",
-            targets.shape(),
-            logits.shape()
-        );
+        candle_core::bail!("loss: targets {:?} do not match logits {:?}", targets.shape(), logits.shape());
     }
     let z = match kind {
         LossKind::Ce | LossKind::Focal { .. } => logits.clone(),
         LossKind::LogitAdjustment { tau } => {
             let total: usize = counts_for(class_counts, c)?.iter().sum();
-            let offsets: Vec<f64> = class_counts
-                .iter()
-                .map(|&k| tau * (k as f64 / total.max(1) as f64).max(LOG_FLOOR).ln())
-                .collect();
+            let offsets: Vec<f64> = class_counts.iter().map(|&k| tau * (k as f64 / total.max(1) as f64).max(LOG_FLOOR).ln()).collect();
             logits.broadcast_add(&row(offsets, logits)?)?
         }
         LossKind::BalancedSoftmax => {
-            let offsets: Vec<f64> = counts_for(class_counts, c)?
-                .iter()
-                .map(|&k| (k as f64).max(LOG_FLOOR).ln())
-                .collect();
+            let offsets: Vec<f64> = counts_for(class_counts, c)?.iter().map(|&k| (k as f64).max(LOG_FLOOR).ln()).collect();
             logits.broadcast_add(&row(offsets, logits)?)?
         }
     };
@@ -78,8 +63,7 @@ pub fn loss(
                 }
                 others[i * c + y as usize] = 0.0;
             }
-            let others =
-                Tensor::from_vec(others, (n, c), logits.device())?.to_dtype(logits.dtype())?;
+            let others = Tensor::from_vec(others, (n, c), logits.device())?.to_dtype(logits.dtype())?;
             let one_minus_p = (logp.exp()? * others)?.sum(1)?;
             let floor = Tensor::full(FOCAL_FLOOR, n, logits.device())?.to_dtype(logits.dtype())?;
             let weight = (one_minus_p.maximum(&floor)?.log()? * *gamma)?.exp()?;
@@ -91,10 +75,7 @@ pub fn loss(
 
 fn counts_for(class_counts: &[usize], classes: usize) -> candle_core::Result<&[usize]> {
     if class_counts.len() != classes {
-        candle_core::bail!(
-            "loss: {} class counts for {classes} logit columns",
-            class_counts.len()
-        );
+        candle_core::bail!("loss: {} class counts for {classes} logit columns", class_counts.len());
     }
     Ok(class_counts)
 }
@@ -111,32 +92,20 @@ fn row(values: Vec<f64>, like: &Tensor) -> candle_core::Result<Tensor> {
 /// Both means are linear in the features, so the difference is w·F with
 /// w_i = 1/N − 1/(K·n_{y_i}), K the number of classes present and n_c their batch counts; the
 /// penalty is the squared norm of that D-vector. It is 0 when the batch is class-balanced.
-pub fn drift_penalty(
-    features: &Tensor,
-    targets: &[u32],
-    num_classes: usize,
-) -> candle_core::Result<Tensor> {
+pub fn drift_penalty(features: &Tensor, targets: &[u32], num_classes: usize) -> candle_core::Result<Tensor> {
     let (n, _) = features.dims2()?;
     if targets.len() != n || n == 0 {
-        candle_core::bail!(
-            "drift_penalty: {} targets for {n} feature rows",
-            targets.len()
-        );
+        candle_core::bail!("drift_penalty: {} targets for {n} feature rows", targets.len());
     }
     let mut counts = vec![0usize; num_classes];
     for &y in targets {
         match counts.get_mut(y as usize) {
             Some(k) => *k += 1,
-            None => candle_core::bail!(
-                "drift_penalty: target {y} out of range for {num_classes} classes"
-            ),
+            None => candle_core::bail!("drift_penalty: target {y} out of range for {num_classes} classes"),
         }
     }
     let present = counts.iter().filter(|&&k| k > 0).count() as f64;
-    let w: Vec<f64> = targets
-        .iter()
-        .map(|&y| 1.0 / n as f64 - 1.0 / (present * counts[y as usize] as f64))
-        .collect();
+    let w: Vec<f64> = targets.iter().map(|&y| 1.0 / n as f64 - 1.0 / (present * counts[y as usize] as f64)).collect();
     let w = Tensor::from_vec(w, (1, n), features.device())?.to_dtype(features.dtype())?;
     w.matmul(features)?.sqr()?.sum_all()
 }
@@ -155,14 +124,7 @@ mod tests {
     }
 
     fn all_kinds() -> Vec<LossKind> {
-        vec![
-            LossKind::Ce,
-            LossKind::Focal { gamma: 2.0 },
-            LossKind::Focal { gamma: 0.5 },
-            LossKind::LogitAdjustment { tau: 1.0 },
-            LossKind::LogitAdjustment { tau: 0.7 },
-            LossKind::BalancedSoftmax,
-        ]
+        vec![LossKind::Ce, LossKind::Focal { gamma: 2.0 }, LossKind::Focal { gamma: 0.5 }, LossKind::LogitAdjustment { tau: 1.0 }, LossKind::LogitAdjustment { tau: 0.7 }, LossKind::BalancedSoftmax]
     }
 
     #[test]
@@ -209,13 +171,7 @@ mod tests {
         let var = Var::from_tensor(&t2(x0, rows, cols)).unwrap();
         let out = f(var.as_tensor());
         let grads = out.backward().unwrap();
-        let g = grads
-            .get(var.as_tensor())
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .to_vec1::<f64>()
-            .unwrap();
+        let g = grads.get(var.as_tensor()).unwrap().flatten_all().unwrap().to_vec1::<f64>().unwrap();
         for i in 0..x0.len() {
             let mut plus = x0.to_vec();
             let mut minus = x0.to_vec();
@@ -224,19 +180,13 @@ mod tests {
             let fp = scalar(&f(&t2(&plus, rows, cols)));
             let fm = scalar(&f(&t2(&minus, rows, cols)));
             let fd = (fp - fm) / (2.0 * EPS);
-            assert!(
-                (fd - g[i]).abs() < 1e-6,
-                "element {i}: autograd {} vs fd {fd}",
-                g[i]
-            );
+            assert!((fd - g[i]).abs() < 1e-6, "element {i}: autograd {} vs fd {fd}", g[i]);
         }
     }
 
     #[test]
     fn loss_gradients_match_finite_differences() {
-        let z = [
-            0.3, -1.2, 2.0, 0.1, 0.5, 0.5, -0.7, 1.5, -2.0, 0.0, 3.0, 1.0,
-        ];
+        let z = [0.3, -1.2, 2.0, 0.1, 0.5, 0.5, -0.7, 1.5, -2.0, 0.0, 3.0, 1.0];
         let y = Tensor::new(&[2u32, 0, 1], &Device::Cpu).unwrap();
         let counts = [50usize, 5, 1, 0];
         for kind in all_kinds() {
@@ -246,9 +196,7 @@ mod tests {
 
     #[test]
     fn drift_penalty_gradient_matches_finite_differences() {
-        let f = [
-            0.3, -1.2, 2.0, 0.1, 0.5, 0.5, -0.7, 1.5, -2.0, 0.0, 3.0, 1.0,
-        ];
+        let f = [0.3, -1.2, 2.0, 0.1, 0.5, 0.5, -0.7, 1.5, -2.0, 0.0, 3.0, 1.0];
         check_grad(&f, 4, 3, &|x| drift_penalty(x, &[1, 1, 0, 2], 3).unwrap());
     }
 
@@ -262,13 +210,7 @@ mod tests {
             let l = loss(&kind, var.as_tensor(), &y, &[3, 1]).unwrap();
             assert!(l.to_scalar::<f32>().unwrap().is_finite(), "{kind:?}");
             let g = l.backward().unwrap();
-            let g = g
-                .get(var.as_tensor())
-                .unwrap()
-                .flatten_all()
-                .unwrap()
-                .to_vec1::<f32>()
-                .unwrap();
+            let g = g.get(var.as_tensor()).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
             assert!(g.iter().all(|v| v.is_finite()), "{kind:?}: {g:?}");
         }
     }
@@ -279,9 +221,6 @@ mod tests {
         assert_eq!(k, LossKind::Focal { gamma: 2.0 });
         let k: LossKind = serde_json::from_str(r#"{"kind":"balanced_softmax"}"#).unwrap();
         assert_eq!(k, LossKind::BalancedSoftmax);
-        assert_eq!(
-            serde_json::to_string(&LossKind::LogitAdjustment { tau: 1.0 }).unwrap(),
-            r#"{"kind":"logit_adjustment","tau":1.0}"#
-        );
+        assert_eq!(serde_json::to_string(&LossKind::LogitAdjustment { tau: 1.0 }).unwrap(), r#"{"kind":"logit_adjustment","tau":1.0}"#);
     }
 }

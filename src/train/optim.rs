@@ -82,11 +82,7 @@ impl OptimConfig {
             kind,
             lr,
             momentum: if kind == OptimizerKind::Sgd { 0.9 } else { 0.0 },
-            weight_decay: if kind == OptimizerKind::Adamw {
-                0.01
-            } else {
-                0.0
-            },
+            weight_decay: if kind == OptimizerKind::Adamw { 0.01 } else { 0.0 },
             beta1: 0.9,
             beta2: 0.999,
             eps: 1e-8,
@@ -124,16 +120,8 @@ impl OptimConfig {
             }
         };
         check(self.lr.is_finite() && self.lr >= 0.0, "lr", self.lr)?;
-        check(
-            self.momentum.is_finite() && self.momentum >= 0.0,
-            "momentum",
-            self.momentum,
-        )?;
-        check(
-            self.weight_decay.is_finite() && self.weight_decay >= 0.0,
-            "weight_decay",
-            self.weight_decay,
-        )?;
+        check(self.momentum.is_finite() && self.momentum >= 0.0, "momentum", self.momentum)?;
+        check(self.weight_decay.is_finite() && self.weight_decay >= 0.0, "weight_decay", self.weight_decay)?;
         check((0.0..1.0).contains(&self.beta1), "beta1", self.beta1)?;
         check((0.0..1.0).contains(&self.beta2), "beta2", self.beta2)?;
         check(self.eps.is_finite() && self.eps > 0.0, "eps", self.eps)?;
@@ -165,20 +153,8 @@ impl Optimizer {
     /// An optimiser updating `vars` with the rule and hyper-parameters in `cfg`.
     pub fn new(vars: Vec<Var>, cfg: &OptimConfig) -> candle_core::Result<Self> {
         cfg.validate().map_err(candle_core::Error::Msg)?;
-        let slots = vars
-            .into_iter()
-            .map(|var| Slot {
-                var,
-                steps: 0,
-                first: None,
-                second: None,
-            })
-            .collect();
-        Ok(Optimizer {
-            cfg: cfg.clone(),
-            slots,
-            in_place: true,
-        })
+        let slots = vars.into_iter().map(|var| Slot { var, steps: 0, first: None, second: None }).collect();
+        Ok(Optimizer { cfg: cfg.clone(), slots, in_place: true })
     }
 
     /// Apply one update to every variable that has a gradient in `grads`; the others (e.g.
@@ -292,9 +268,7 @@ impl Optimizer {
 /// Whether SGD can update this variable in place: f32 tensors on the CPU, contiguous, of one
 /// shape (other devices and dtypes take the tensor-operation path).
 fn in_place_ok(theta: &Tensor, g: &Tensor, buffer: Option<&Tensor>) -> bool {
-    let ok = |t: &Tensor| {
-        t.dtype() == DType::F32 && t.device().is_cpu() && t.is_contiguous() && t.shape() == theta.shape()
-    };
+    let ok = |t: &Tensor| t.dtype() == DType::F32 && t.device().is_cpu() && t.is_contiguous() && t.shape() == theta.shape();
     ok(theta) && ok(g) && buffer.is_none_or(ok)
 }
 
@@ -332,9 +306,7 @@ const PAR_UPDATE_MIN: usize = 1 << 16;
 /// element, so the result does not depend on the split.
 fn par_update(dst: &mut [f32], a: &[f32], b: &[f32], f: impl Fn(&mut f32, f32, f32) + Sync) {
     const CHUNK: usize = 1 << 14;
-    let run = |(d, (a, b)): (&mut [f32], (&[f32], &[f32]))| {
-        d.iter_mut().zip(a.iter().zip(b)).for_each(|(d, (&a, &b))| f(d, a, b))
-    };
+    let run = |(d, (a, b)): (&mut [f32], (&[f32], &[f32]))| d.iter_mut().zip(a.iter().zip(b)).for_each(|(d, (&a, &b))| f(d, a, b));
     if dst.len() >= PAR_UPDATE_MIN && rayon::current_num_threads() > 1 {
         use rayon::prelude::*;
         dst.par_chunks_mut(CHUNK).zip(a.par_chunks(CHUNK).zip(b.par_chunks(CHUNK))).for_each(run);
@@ -385,15 +357,7 @@ impl InplaceOp3 for Momentum {
     fn name(&self) -> &'static str {
         "sgd-momentum"
     }
-    fn cpu_fwd(
-        &self,
-        s1: &mut CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-        s3: &CpuStorage,
-        l3: &Layout,
-    ) -> candle_core::Result<()> {
+    fn cpu_fwd(&self, s1: &mut CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout, s3: &CpuStorage, l3: &Layout) -> candle_core::Result<()> {
         let g = crate::models::kernels::cpu_f32(s2, l2, "sgd", "gradient")?;
         let theta = crate::models::kernels::cpu_f32(s3, l3, "sgd", "variable")?;
         let b = f32_mut(s1, l1)?;
@@ -446,11 +410,8 @@ mod tests {
 
     fn sgd_in_place_matches_tensor_operations(n: usize) {
         let mut rng = crate::rng::Rng::new(7);
-        let theta0: Vec<f32> =
-            (0..n).map(|i| if i % 97 == 0 { -0.0 } else { rng.next_f64() as f32 * 2.0 - 1.0 }).collect();
-        let grads: Vec<Vec<f32>> = (0..4)
-            .map(|_| (0..n).map(|i| if i % 89 == 0 { -0.0 } else { rng.next_f64() as f32 - 0.5 }).collect())
-            .collect();
+        let theta0: Vec<f32> = (0..n).map(|i| if i % 97 == 0 { -0.0 } else { rng.next_f64() as f32 * 2.0 - 1.0 }).collect();
+        let grads: Vec<Vec<f32>> = (0..4).map(|_| (0..n).map(|i| if i % 89 == 0 { -0.0 } else { rng.next_f64() as f32 - 0.5 }).collect()).collect();
         for (momentum, wd) in [(0.0, 0.0), (0.9, 0.0), (0.0, 5e-4), (0.9, 5e-4), (0.5, 0.05)] {
             let mut cfg = OptimConfig::sgd(0.05);
             cfg.momentum = momentum;
@@ -506,13 +467,7 @@ mod tests {
         let th = run(&cfg, &[1.0, 1.0], &[0.5, -2.0], 3);
         for (t, theta) in th.iter().enumerate() {
             let t = (t + 1) as f64;
-            close(
-                theta,
-                &[
-                    1.0 - 0.1 * t * 0.5 / (0.5 + 1e-8),
-                    1.0 + 0.1 * t * 2.0 / (2.0 + 1e-8),
-                ],
-            );
+            close(theta, &[1.0 - 0.1 * t * 0.5 / (0.5 + 1e-8), 1.0 + 0.1 * t * 2.0 / (2.0 + 1e-8)]);
         }
         // Adam with L2 wd 0.5, θ0 = [1], g = [0.5], lr 0.1:
         // Step 1: g' = 0.5 + 0.5 = 1; m = 0.1, v = 0.001; m̂ = 1, v̂ = 1; θ = 1 − 0.1·1/(1 + 1e-8).
@@ -527,10 +482,7 @@ mod tests {
         let g2 = 0.5 + 0.5 * t1;
         let m = 0.09 + 0.1 * g2;
         let v = 0.999 * 0.001 + 0.001 * g2 * g2;
-        close(
-            &th[1],
-            &[t1 - 0.1 * (m / 0.19) / ((v / 0.001999).sqrt() + 1e-8)],
-        );
+        close(&th[1], &[t1 - 0.1 * (m / 0.19) / ((v / 0.001999).sqrt() + 1e-8)]);
     }
 
     #[test]
@@ -592,8 +544,7 @@ mod tests {
         let rms: OptimConfig = serde_json::from_str(r#"{"kind":"rmsprop","lr":0.01}"#).unwrap();
         assert_eq!(rms.momentum, 0.0);
         assert_eq!(rms.alpha, 0.99);
-        let aw: OptimConfig =
-            serde_json::from_str(r#"{"kind":"adamw","lr":0.001,"weight_decay":0.05}"#).unwrap();
+        let aw: OptimConfig = serde_json::from_str(r#"{"kind":"adamw","lr":0.001,"weight_decay":0.05}"#).unwrap();
         assert_eq!(aw.weight_decay, 0.05);
         let back: OptimConfig = serde_json::from_str(&serde_json::to_string(&aw).unwrap()).unwrap();
         assert_eq!(back, aw);

@@ -73,11 +73,7 @@ impl<'a> UninitChunk<'a> {
 
 impl ZeroedLater {
     pub(crate) fn new(len: usize) -> Self {
-        ZeroedLater {
-            buf: Vec::with_capacity(len),
-            len,
-            zeroed: AtomicUsize::new(0),
-        }
+        ZeroedLater { buf: Vec::with_capacity(len), len, zeroed: AtomicUsize::new(0) }
     }
 
     /// The buffer in chunks of `size` elements (the last one shorter; `size` ≥ 1). Calling it
@@ -86,20 +82,13 @@ impl ZeroedLater {
         let ZeroedLater { buf, len, zeroed } = self;
         *zeroed.get_mut() = 0;
         let zeroed = &*zeroed;
-        buf.spare_capacity_mut()[..*len]
-            .chunks_mut(size.max(1))
-            .map(|mem| UninitChunk { mem, zeroed })
-            .collect()
+        buf.spare_capacity_mut()[..*len].chunks_mut(size.max(1)).map(|mem| UninitChunk { mem, zeroed }).collect()
     }
 
     /// The buffer, once every chunk has been zeroed (panics otherwise).
     pub(crate) fn into_vec(mut self) -> Vec<f32> {
         let done = self.zeroed.load(Ordering::Relaxed);
-        assert!(
-            done == self.len,
-            "ZeroedLater: {done} of {} elements were initialised",
-            self.len
-        );
+        assert!(done == self.len, "ZeroedLater: {done} of {} elements were initialised", self.len);
         // SAFETY: the capacity is at least `len`. The counter counts only the chunks of the last
         // `chunks` call (which resets it), which partition the first `len` elements, and each is
         // counted at most once (`zeroed` consumes the chunk); so a count of `len` means every
@@ -111,16 +100,9 @@ impl ZeroedLater {
 
 /// A zero-filled buffer of `len` elements, filled in parallel by `f(chunk index, chunk)` over
 /// chunks of `size` elements, each zeroed by its own task (see [`ZeroedLater`]).
-pub(crate) fn par_zeroed(
-    len: usize,
-    size: usize,
-    f: impl Fn(usize, &mut [f32]) + Sync + Send,
-) -> Vec<f32> {
+pub(crate) fn par_zeroed(len: usize, size: usize, f: impl Fn(usize, &mut [f32]) + Sync + Send) -> Vec<f32> {
     let mut z = ZeroedLater::new(len);
-    z.chunks(size)
-        .into_par_iter()
-        .enumerate()
-        .for_each(|(i, c)| f(i, c.zeroed()));
+    z.chunks(size).into_par_iter().enumerate().for_each(|(i, c)| f(i, c.zeroed()));
     z.into_vec()
 }
 
@@ -139,11 +121,7 @@ mod tests {
             });
             assert_eq!(v.len(), len);
             for (j, &x) in v.iter().enumerate() {
-                let want = if j % size == 0 {
-                    (j / size) as f32 + 1.0
-                } else {
-                    0.0
-                };
+                let want = if j % size == 0 { (j / size) as f32 + 1.0 } else { 0.0 };
                 assert_eq!(x, want, "{len}/{size} at {j}");
             }
         }

@@ -34,11 +34,7 @@ const OP: &str = "fast conv";
 /// [0, len), for kernel offset `j`.
 fn valid_range(out: usize, len: usize, s: usize, j: usize, pad: usize) -> (usize, usize) {
     let lo = if pad > j { (pad - j).div_ceil(s) } else { 0 };
-    let hi = if len + pad > j {
-        ((len - 1 + pad - j) / s + 1).min(out)
-    } else {
-        0
-    };
+    let hi = if len + pad > j { ((len - 1 + pad - j) / s + 1).min(out) } else { 0 };
     (lo.min(hi), hi)
 }
 
@@ -47,14 +43,7 @@ type Spans = Vec<(usize, usize)>;
 
 /// [`valid_range`] of every kernel row offset (output rows) and column offset (output columns).
 fn ranges(g: &Geom) -> (Spans, Spans) {
-    (
-        (0..g.kh)
-            .map(|i| valid_range(g.ho, g.h, g.stride, i, g.pad))
-            .collect(),
-        (0..g.kw)
-            .map(|j| valid_range(g.wo, g.w, g.stride, j, g.pad))
-            .collect(),
-    )
+    ((0..g.kh).map(|i| valid_range(g.ho, g.h, g.stride, i, g.pad)).collect(), (0..g.kw).map(|j| valid_range(g.wo, g.w, g.stride, j, g.pad)).collect())
 }
 
 /// `dst[t] = src[t·stride]` for every t. Stride 2 (the downsampling convolutions) goes through
@@ -315,27 +304,14 @@ avx2_variant! {
 
 /// The convolution of a batch (N×C×H×W) with `w` (O×K), plus `bias`, then ReLU if asked:
 /// N×O×Ho×Wo. Stride-1 "same" convolutions go through [`direct`], the others through im2col.
-pub(super) fn forward(
-    g: &Geom,
-    x: &[f32],
-    w: &[f32],
-    bias: Option<&[f32]>,
-    apply_relu: bool,
-) -> Vec<f32> {
+pub(super) fn forward(g: &Geom, x: &[f32], w: &[f32], bias: Option<&[f32]>, apply_relu: bool) -> Vec<f32> {
     match Plan::new(g) {
         Some(plan) => forward_direct(g, &plan, x, w, bias, apply_relu),
         None => forward_im2col(g, x, w, bias, apply_relu),
     }
 }
 
-fn forward_direct(
-    g: &Geom,
-    plan: &Plan,
-    x: &[f32],
-    w: &[f32],
-    bias: Option<&[f32]>,
-    apply_relu: bool,
-) -> Vec<f32> {
+fn forward_direct(g: &Geom, plan: &Plan, x: &[f32], w: &[f32], bias: Option<&[f32]>, apply_relu: bool) -> Vec<f32> {
     let il = g.in_len();
     let packed = plan.pack_conv(w, g.o);
     let lens = [plan.input_len(g.c), plan.wide_len(g.o)];
@@ -345,13 +321,7 @@ fn forward_direct(
     })
 }
 
-fn forward_im2col(
-    g: &Geom,
-    x: &[f32],
-    w: &[f32],
-    bias: Option<&[f32]>,
-    apply_relu: bool,
-) -> Vec<f32> {
+fn forward_im2col(g: &Geom, x: &[f32], w: &[f32], bias: Option<&[f32]>, apply_relu: bool) -> Vec<f32> {
     let (k, p, il) = (g.k(), g.p(), g.in_len());
     let wm = Mat::row_major(w, g.o, k);
     let par = split(g.n).1;
@@ -371,13 +341,7 @@ fn forward_im2col(
 /// The frame of both forward passes: the batch's N×O×Ho×Wo output in tasks of [`split`]
 /// samples, each task with this thread's scratch cut to `lens`; `sample(n, scratch, out)`
 /// writes sample n's output, then the bias and ReLU are applied to it.
-fn forward_samples<const S: usize>(
-    g: &Geom,
-    lens: [usize; S],
-    bias: Option<&[f32]>,
-    apply_relu: bool,
-    sample: impl Fn(usize, &mut [&mut [f32]; S], &mut [f32]) + Sync + Send,
-) -> Vec<f32> {
+fn forward_samples<const S: usize>(g: &Geom, lens: [usize; S], bias: Option<&[f32]>, apply_relu: bool, sample: impl Fn(usize, &mut [&mut [f32]; S], &mut [f32]) + Sync + Send) -> Vec<f32> {
     let (p, ol) = (g.p(), g.out_len());
     let (per, _) = split(g.n);
     par_zeroed(g.n * ol, per * ol, |t, chunk| {
@@ -399,12 +363,7 @@ pub(super) enum GradIn<'a> {
     Relu(&'a [f32]),
     /// The op applied training-mode BatchNorm (and a ReLU if `relu`) to the convolution's output
     /// `z`, with final output `res`: dz = k1·dy + k2·z + k3 per output channel (`coef`).
-    BatchNorm {
-        z: &'a [f32],
-        res: &'a [f32],
-        coef: &'a [(f32, f32, f32)],
-        relu: bool,
-    },
+    BatchNorm { z: &'a [f32], res: &'a [f32], coef: &'a [(f32, f32, f32)], relu: bool },
 }
 
 /// Which gradients to compute, and from what.
@@ -425,13 +384,7 @@ fn same_stride1(g: &Geom) -> bool {
 
 /// Sample `n`'s gradient w.r.t. the convolution's output: `a.grad` itself, or its masked /
 /// BatchNorm-transformed version written to `buf` (`ol` floats, unused for [`GradIn::Plain`]).
-fn output_grad<'c>(
-    a: &BackwardInputs<'c>,
-    p: usize,
-    ol: usize,
-    n: usize,
-    buf: &'c mut [f32],
-) -> &'c [f32] {
+fn output_grad<'c>(a: &BackwardInputs<'c>, p: usize, ol: usize, n: usize, buf: &'c mut [f32]) -> &'c [f32] {
     let sample = n * ol..(n + 1) * ol;
     let go = &a.grad[sample.clone()];
     match a.dout {
@@ -471,12 +424,7 @@ pub(super) fn backward(g: &Geom, a: &BackwardInputs) -> (Option<Vec<f32>>, Vec<f
 
 /// Task `t` (of `per` samples): its first sample, its sample count, and its partial weight and
 /// bias gradients (zero, sized as asked).
-fn task_start(
-    g: &Geom,
-    a: &BackwardInputs,
-    t: usize,
-    per: usize,
-) -> (usize, usize, Vec<f32>, Vec<f32>) {
+fn task_start(g: &Geom, a: &BackwardInputs, t: usize, per: usize) -> (usize, usize, Vec<f32>, Vec<f32>) {
     let first = t * per;
     let count = per.min(g.n.saturating_sub(first));
     let gw = vec![0f32; if a.need_w { g.o * g.k() } else { 0 }];
@@ -485,11 +433,7 @@ fn task_start(
 }
 
 /// Sum per-task partial gradients (weight, bias) in task order.
-fn sum_partials(
-    g: &Geom,
-    a: &BackwardInputs,
-    partials: &[(Vec<f32>, Vec<f32>)],
-) -> (Vec<f32>, Vec<f32>) {
+fn sum_partials(g: &Geom, a: &BackwardInputs, partials: &[(Vec<f32>, Vec<f32>)]) -> (Vec<f32>, Vec<f32>) {
     let mut gw = vec![0f32; if a.need_w { g.o * g.k() } else { 0 }];
     let mut gb = vec![0f32; if a.need_b { g.o } else { 0 }];
     for (pw, pb) in partials {
@@ -506,12 +450,7 @@ fn input_grad_buf(g: &Geom, a: &BackwardInputs) -> ZeroedLater {
 
 /// One slot per task of `per` samples: that task's chunk of the input gradient (zeroed by the
 /// task), if asked for.
-fn task_chunks<'x>(
-    gx: &'x mut ZeroedLater,
-    g: &Geom,
-    a: &BackwardInputs,
-    per: usize,
-) -> Vec<Option<UninitChunk<'x>>> {
+fn task_chunks<'x>(gx: &'x mut ZeroedLater, g: &Geom, a: &BackwardInputs, per: usize) -> Vec<Option<UninitChunk<'x>>> {
     let il = g.in_len();
     if a.need_x && il > 0 {
         gx.chunks(per * il).into_iter().map(Some).collect()
@@ -520,11 +459,7 @@ fn task_chunks<'x>(
     }
 }
 
-fn backward_direct(
-    g: &Geom,
-    plan: &Plan,
-    a: &BackwardInputs,
-) -> (Option<Vec<f32>>, Vec<f32>, Vec<f32>) {
+fn backward_direct(g: &Geom, plan: &Plan, a: &BackwardInputs) -> (Option<Vec<f32>>, Vec<f32>, Vec<f32>) {
     let (p, ol, il) = (g.p(), g.out_len(), g.in_len());
     let per = DIRECT_SAMPLES_PER_TASK.min(g.n.max(1));
     let mut gx = input_grad_buf(g, a);
@@ -534,16 +469,8 @@ fn backward_direct(
     // correlation per input phase (see `direct::Plan::input_grad`).
     let transposed = plan.transposable();
     let wt = (a.need_x && transposed).then(|| plan.pack_conv(&transposed_conv(g, a.w).1, g.c));
-    let packs = if a.need_x && !transposed {
-        plan.input_grad_weights(a.w, g.o, g.c)
-    } else {
-        Vec::new()
-    };
-    let (up_gp, up_wide) = if a.need_x {
-        plan.input_grad_scratch(g.o, g.c)
-    } else {
-        (0, 0)
-    };
+    let packs = if a.need_x && !transposed { plan.input_grad_weights(a.w, g.o, g.c) } else { Vec::new() };
+    let (up_gp, up_wide) = if a.need_x { plan.input_grad_scratch(g.o, g.c) } else { (0, 0) };
     // Stride 1's input gradient reads the output gradient as padded planes (one sample at a
     // time); the weight gradient reads every sample of the task transposed (pixel-major).
     let (gl, tl, xl) = (plan.input_len(g.o), plan.grad_t_len(g.o), plan.input_len(g.c));
@@ -558,11 +485,7 @@ fn backward_direct(
                 if a.need_x && transposed { gl } else { 0 },
                 if a.need_w { count * tl } else { 0 },
                 if a.need_w { count * xl } else { 0 },
-                if a.need_x && transposed {
-                    plan.wide_len(g.c)
-                } else {
-                    up_wide
-                },
+                if a.need_x && transposed { plan.wide_len(g.c) } else { up_wide },
                 up_gp,
             ];
             with_scratch(lens, |[masked, gpad, gt, xpad, wide, up]| {
@@ -675,12 +598,7 @@ struct ConvOp {
 }
 
 impl ConvOp {
-    fn fwd(
-        &self,
-        x: (&CpuStorage, &Layout),
-        w: (&CpuStorage, &Layout),
-        b: Option<(&CpuStorage, &Layout)>,
-    ) -> candle_core::Result<(CpuStorage, Shape)> {
+    fn fwd(&self, x: (&CpuStorage, &Layout), w: (&CpuStorage, &Layout), b: Option<(&CpuStorage, &Layout)>) -> candle_core::Result<(CpuStorage, Shape)> {
         let g = Geom::new(x.1.dims(), w.1.dims(), self.stride, self.pad)?;
         let xs = cpu_f32(x.0, x.1, OP, "input")?;
         let ws = cpu_f32(w.0, w.1, OP, "weight")?;
@@ -699,14 +617,7 @@ impl ConvOp {
     }
 
     #[allow(clippy::type_complexity)]
-    fn bwd_tensors(
-        &self,
-        x: &Tensor,
-        w: &Tensor,
-        b: Option<&Tensor>,
-        res: &Tensor,
-        grad: &Tensor,
-    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+    fn bwd_tensors(&self, x: &Tensor, w: &Tensor, b: Option<&Tensor>, res: &Tensor, grad: &Tensor) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let g = Geom::new(x.dims(), w.dims(), self.stride, self.pad)?;
         let need_x = x.track_op();
         let need_w = w.track_op();
@@ -716,15 +627,7 @@ impl ConvOp {
             operands.push((res, "output"));
         }
         let (gx, gw, gb) = with_f32(OP, &operands, |s| {
-            let inputs = BackwardInputs {
-                x: s[0],
-                w: s[1],
-                dout: s.get(3).map_or(GradIn::Plain, |r| GradIn::Relu(r)),
-                grad: s[2],
-                need_x,
-                need_w,
-                need_b,
-            };
+            let inputs = BackwardInputs { x: s[0], w: s[1], dout: s.get(3).map_or(GradIn::Plain, |r| GradIn::Relu(r)), grad: s[2], need_x, need_w, need_b };
             Ok(backward(&g, &inputs))
         })?;
         let dev = x.device();
@@ -732,11 +635,7 @@ impl ConvOp {
             Some(v) => Some(Tensor::from_vec(v, x.shape(), dev)?),
             None => None,
         };
-        let gw = if need_w {
-            Some(Tensor::from_vec(gw, w.shape(), dev)?)
-        } else {
-            None
-        };
+        let gw = if need_w { Some(Tensor::from_vec(gw, w.shape(), dev)?) } else { None };
         let gb = match b {
             Some(b) if need_b => Some(Tensor::from_vec(gb, b.shape(), dev)?),
             _ => None,
@@ -750,23 +649,11 @@ impl CustomOp2 for ConvOp {
         "im2col-conv2d"
     }
 
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-    ) -> candle_core::Result<(CpuStorage, Shape)> {
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
         self.fwd((s1, l1), (s2, l2), None)
     }
 
-    fn bwd(
-        &self,
-        x: &Tensor,
-        w: &Tensor,
-        res: &Tensor,
-        grad: &Tensor,
-    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+    fn bwd(&self, x: &Tensor, w: &Tensor, res: &Tensor, grad: &Tensor) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
         let (gx, gw, _) = self.bwd_tensors(x, w, None, res, grad)?;
         Ok((gx, gw))
     }
@@ -777,27 +664,12 @@ impl CustomOp3 for ConvOp {
         "im2col-conv2d-bias"
     }
 
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-        s3: &CpuStorage,
-        l3: &Layout,
-    ) -> candle_core::Result<(CpuStorage, Shape)> {
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout, s3: &CpuStorage, l3: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
         self.fwd((s1, l1), (s2, l2), Some((s3, l3)))
     }
 
     #[allow(clippy::type_complexity)]
-    fn bwd(
-        &self,
-        x: &Tensor,
-        w: &Tensor,
-        b: &Tensor,
-        res: &Tensor,
-        grad: &Tensor,
-    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+    fn bwd(&self, x: &Tensor, w: &Tensor, b: &Tensor, res: &Tensor, grad: &Tensor) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         self.bwd_tensors(x, w, Some(b), res, grad)
     }
 }
@@ -810,22 +682,11 @@ fn fast_path(tensors: &[Option<&Tensor>]) -> bool {
 
 /// `relu?(conv2d(x, w) + b)`: x N×C×H×W, w O×C×kh×kw, b of length O; symmetric stride and
 /// padding, groups 1, dilation 1. im2col + GEMM on the CPU in f32, candle's `conv2d` otherwise.
-pub fn conv2d(
-    x: &Tensor,
-    w: &Tensor,
-    b: Option<&Tensor>,
-    stride: usize,
-    padding: usize,
-    apply_relu: bool,
-) -> candle_core::Result<Tensor> {
+pub fn conv2d(x: &Tensor, w: &Tensor, b: Option<&Tensor>, stride: usize, padding: usize, apply_relu: bool) -> candle_core::Result<Tensor> {
     if !fast_path(&[Some(x), Some(w), b]) {
         return reference_conv2d(x, w, b, stride, padding, apply_relu);
     }
-    let op = ConvOp {
-        stride,
-        pad: padding,
-        relu: apply_relu,
-    };
+    let op = ConvOp { stride, pad: padding, relu: apply_relu };
     let (x, w) = (x.contiguous()?, w.contiguous()?);
     match b {
         Some(b) => x.apply_op3(&w, &b.contiguous()?, op),
@@ -834,14 +695,7 @@ pub fn conv2d(
 }
 
 /// The same computation from candle's own operations (the fallback, and the tests' reference).
-pub fn reference_conv2d(
-    x: &Tensor,
-    w: &Tensor,
-    b: Option<&Tensor>,
-    stride: usize,
-    padding: usize,
-    apply_relu: bool,
-) -> candle_core::Result<Tensor> {
+pub fn reference_conv2d(x: &Tensor, w: &Tensor, b: Option<&Tensor>, stride: usize, padding: usize, apply_relu: bool) -> candle_core::Result<Tensor> {
     let y = x.conv2d(w, padding, stride, 1, 1)?;
     let y = match b {
         Some(b) => y.broadcast_add(&b.reshape((1, (), 1, 1))?)?,
@@ -866,54 +720,19 @@ pub struct Conv {
 impl Conv {
     /// `cin → cout` channels, `kernel`×`kernel`, with or without a bias; variables `weight`
     /// (cout×cin×k×k) and `bias` (cout) under `vb`, initialised as candle-nn does.
-    pub fn new(
-        cin: usize,
-        cout: usize,
-        kernel: usize,
-        stride: usize,
-        padding: usize,
-        bias: bool,
-        vb: VarBuilder,
-    ) -> candle_core::Result<Self> {
-        let cfg = Conv2dConfig {
-            padding,
-            stride,
-            ..Default::default()
-        };
-        let layer = if bias {
-            candle_nn::conv2d(cin, cout, kernel, cfg, vb)?
-        } else {
-            candle_nn::conv2d_no_bias(cin, cout, kernel, cfg, vb)?
-        };
-        Ok(Conv {
-            weight: layer.weight().clone(),
-            bias: layer.bias().cloned(),
-            stride,
-            padding,
-        })
+    pub fn new(cin: usize, cout: usize, kernel: usize, stride: usize, padding: usize, bias: bool, vb: VarBuilder) -> candle_core::Result<Self> {
+        let cfg = Conv2dConfig { padding, stride, ..Default::default() };
+        let layer = if bias { candle_nn::conv2d(cin, cout, kernel, cfg, vb)? } else { candle_nn::conv2d_no_bias(cin, cout, kernel, cfg, vb)? };
+        Ok(Conv { weight: layer.weight().clone(), bias: layer.bias().cloned(), stride, padding })
     }
 
     pub fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        conv2d(
-            x,
-            &self.weight,
-            self.bias.as_ref(),
-            self.stride,
-            self.padding,
-            false,
-        )
+        conv2d(x, &self.weight, self.bias.as_ref(), self.stride, self.padding, false)
     }
 
     /// `relu(forward(x))`, fused on the CPU.
     pub fn forward_relu(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        conv2d(
-            x,
-            &self.weight,
-            self.bias.as_ref(),
-            self.stride,
-            self.padding,
-            true,
-        )
+        conv2d(x, &self.weight, self.bias.as_ref(), self.stride, self.padding, true)
     }
 
     pub fn weight(&self) -> &Tensor {
@@ -948,14 +767,8 @@ mod tests {
         let a = a.flatten_all().unwrap().to_vec1::<f32>().unwrap();
         let b = b.flatten_all().unwrap().to_vec1::<f32>().unwrap();
         let scale = b.iter().fold(1f32, |m, v| m.max(v.abs()));
-        let diff = a
-            .iter()
-            .zip(&b)
-            .fold(0f32, |m, (x, y)| m.max((x - y).abs()));
-        assert!(
-            diff <= tol * scale,
-            "{what}: max diff {diff} (scale {scale})"
-        );
+        let diff = a.iter().zip(&b).fold(0f32, |m, (x, y)| m.max((x - y).abs()));
+        assert!(diff <= tol * scale, "{what}: max diff {diff} (scale {scale})");
     }
 
     /// Values and gradients (w.r.t. input, weight, bias) of the fast op against candle's.
@@ -967,8 +780,7 @@ mod tests {
         let b = Var::from_tensor(&randn(&mut rng, &[o])).unwrap();
         let b_opt = bias.then_some(b.as_tensor());
         let fast = conv2d(x.as_tensor(), wt.as_tensor(), b_opt, stride, pad, relu).unwrap();
-        let slow =
-            reference_conv2d(x.as_tensor(), wt.as_tensor(), b_opt, stride, pad, relu).unwrap();
+        let slow = reference_conv2d(x.as_tensor(), wt.as_tensor(), b_opt, stride, pad, relu).unwrap();
         let what = format!("{shape:?} bias {bias} relu {relu}");
         assert_close(&fast, &slow, 1e-5, &format!("{what}: values"));
         // A random linear functional of the output, so every output entry gets its own weight.
@@ -976,17 +788,11 @@ mod tests {
         let gf = (&fast * &r).unwrap().sum_all().unwrap().backward().unwrap();
         let gs = (&slow * &r).unwrap().sum_all().unwrap().backward().unwrap();
         for (name, v) in [("input", &x), ("weight", &wt)] {
-            let (a, b) = (
-                gf.get(v.as_tensor()).unwrap(),
-                gs.get(v.as_tensor()).unwrap(),
-            );
+            let (a, b) = (gf.get(v.as_tensor()).unwrap(), gs.get(v.as_tensor()).unwrap());
             assert_close(a, b, 1e-4, &format!("{what}: grad {name}"));
         }
         if bias {
-            let (a, bb) = (
-                gf.get(b.as_tensor()).unwrap(),
-                gs.get(b.as_tensor()).unwrap(),
-            );
+            let (a, bb) = (gf.get(b.as_tensor()).unwrap(), gs.get(b.as_tensor()).unwrap());
             assert_close(a, bb, 1e-4, &format!("{what}: grad bias"));
         } else {
             assert!(gf.get(b.as_tensor()).is_none());
@@ -1036,12 +842,7 @@ mod tests {
     fn im2col_path_matches_the_direct_path() {
         let mut rng = Rng::new(21);
         let mut v = |n: usize| (0..n).map(|_| rng.normal() as f32).collect::<Vec<f32>>();
-        for (n, c, h, w, o, k, stride, pad) in [
-            (3, 4, 9, 7, 6, 3, 1, 1),
-            (2, 3, 8, 8, 5, 5, 1, 2),
-            (3, 4, 9, 8, 6, 3, 2, 1),
-            (2, 3, 14, 14, 8, 3, 2, 1),
-        ] {
+        for (n, c, h, w, o, k, stride, pad) in [(3, 4, 9, 7, 6, 3, 1, 1), (2, 3, 8, 8, 5, 5, 1, 2), (3, 4, 9, 8, 6, 3, 2, 1), (2, 3, 14, 14, 8, 3, 2, 1)] {
             let g = Geom::new(&[n, c, h, w], &[o, c, k, k], stride, pad).unwrap();
             let Some(plan) = Plan::new(&g) else {
                 eprintln!("skipped: no direct kernels on this CPU");
@@ -1054,21 +855,9 @@ mod tests {
                 assert!(diff <= 1e-5 * scale, "{g:?} {what}: {diff} (scale {scale})");
             };
             let direct = forward_direct(&g, &plan, &x, &wt, Some(&b), true);
-            close(
-                &direct,
-                &forward_im2col(&g, &x, &wt, Some(&b), true),
-                "values",
-            );
+            close(&direct, &forward_im2col(&g, &x, &wt, Some(&b), true), "values");
             let grad = v(n * g.out_len());
-            let inputs = BackwardInputs {
-                x: &x,
-                w: &wt,
-                dout: GradIn::Relu(&direct),
-                grad: &grad,
-                need_x: true,
-                need_w: true,
-                need_b: true,
-            };
+            let inputs = BackwardInputs { x: &x, w: &wt, dout: GradIn::Relu(&direct), grad: &grad, need_x: true, need_w: true, need_b: true };
             let (dx, dw, db) = backward_direct(&g, &plan, &inputs);
             let (ix, iw, ib) = backward_im2col(&g, &inputs);
             close(&dx.unwrap(), &ix.unwrap(), "input gradient");
@@ -1093,34 +882,18 @@ mod tests {
         // The loss Σ r·conv(x, w) + b is linear in each of x, w and b, so central differences are
         // exact up to rounding; step 1e-2 keeps f32 rounding well below the tolerance.
         let mut rng = Rng::new(17);
-        let (x0, w0, b0) = (
-            randn(&mut rng, &[2, 2, 5, 4]),
-            randn(&mut rng, &[3, 2, 3, 3]),
-            randn(&mut rng, &[3]),
-        );
+        let (x0, w0, b0) = (randn(&mut rng, &[2, 2, 5, 4]), randn(&mut rng, &[3, 2, 3, 3]), randn(&mut rng, &[3]));
         let r = randn(&mut rng, &[2, 3, 3, 2]);
         let loss = |x: &Tensor, w: &Tensor, b: &Tensor| {
             let y = conv2d(x, w, Some(b), 2, 1, false).unwrap();
             (y * &r).unwrap().sum_all().unwrap()
         };
-        let (xv, wv, bv) = (
-            Var::from_tensor(&x0).unwrap(),
-            Var::from_tensor(&w0).unwrap(),
-            Var::from_tensor(&b0).unwrap(),
-        );
-        let grads = loss(xv.as_tensor(), wv.as_tensor(), bv.as_tensor())
-            .backward()
-            .unwrap();
+        let (xv, wv, bv) = (Var::from_tensor(&x0).unwrap(), Var::from_tensor(&w0).unwrap(), Var::from_tensor(&b0).unwrap());
+        let grads = loss(xv.as_tensor(), wv.as_tensor(), bv.as_tensor()).backward().unwrap();
         let eps = 1e-2f32;
         for which in 0..3 {
             let base = [&x0, &w0, &b0][which];
-            let analytic = grads
-                .get([&xv, &wv, &bv][which].as_tensor())
-                .unwrap()
-                .flatten_all()
-                .unwrap()
-                .to_vec1::<f32>()
-                .unwrap();
+            let analytic = grads.get([&xv, &wv, &bv][which].as_tensor()).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
             let flat = base.flatten_all().unwrap().to_vec1::<f32>().unwrap();
             for i in 0..flat.len() {
                 let shifted = |d: f32| {
@@ -1129,17 +902,11 @@ mod tests {
                     let t = Tensor::from_vec(v, base.dims(), &Device::Cpu).unwrap();
                     let mut args = [x0.clone(), w0.clone(), b0.clone()];
                     args[which] = t;
-                    loss(&args[0], &args[1], &args[2])
-                        .to_scalar::<f32>()
-                        .unwrap()
+                    loss(&args[0], &args[1], &args[2]).to_scalar::<f32>().unwrap()
                 };
                 let fd = (shifted(eps) - shifted(-eps)) / (2.0 * eps);
                 let tol = 1e-2 * (1.0 + analytic[i].abs());
-                assert!(
-                    (fd - analytic[i]).abs() < tol,
-                    "arg {which} entry {i}: fd {fd} vs {}",
-                    analytic[i]
-                );
+                assert!((fd - analytic[i]).abs() < tol, "arg {which} entry {i}: fd {fd} vs {}", analytic[i]);
             }
         }
     }
@@ -1162,45 +929,26 @@ mod tests {
     #[test]
     fn results_do_not_depend_on_the_thread_count() {
         let run = |threads: usize| -> Vec<Vec<f32>> {
-            let pool = rayon::ThreadPoolBuilder::new()
-                .num_threads(threads)
-                .build()
-                .unwrap();
+            let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
             pool.install(|| {
                 let mut rng = Rng::new(5);
                 let x = candle_core::Var::from_tensor(&randn(&mut rng, &[37, 3, 9, 9])).unwrap();
                 let w = candle_core::Var::from_tensor(&randn(&mut rng, &[5, 3, 3, 3])).unwrap();
                 let b = candle_core::Var::from_tensor(&randn(&mut rng, &[5])).unwrap();
-                let y = conv2d(
-                    x.as_tensor(),
-                    w.as_tensor(),
-                    Some(b.as_tensor()),
-                    2,
-                    1,
-                    true,
-                )
-                .unwrap();
+                let y = conv2d(x.as_tensor(), w.as_tensor(), Some(b.as_tensor()), 2, 1, true).unwrap();
                 let loss = y.sqr().unwrap().sum_all().unwrap();
                 let grads = loss.backward().unwrap();
-                [
-                    y.flatten_all().unwrap(),
-                    grads.get(&x).unwrap().flatten_all().unwrap(),
-                    grads.get(&w).unwrap().flatten_all().unwrap(),
-                    grads.get(&b).unwrap().flatten_all().unwrap(),
-                ]
-                .iter()
-                .map(|t| t.to_vec1::<f32>().unwrap())
-                .collect()
+                [y.flatten_all().unwrap(), grads.get(&x).unwrap().flatten_all().unwrap(), grads.get(&w).unwrap().flatten_all().unwrap(), grads.get(&b).unwrap().flatten_all().unwrap()]
+                    .iter()
+                    .map(|t| t.to_vec1::<f32>().unwrap())
+                    .collect()
             })
         };
         let one = run(1);
         for threads in [2, 3, 8] {
             let many = run(threads);
             for (a, b) in one.iter().zip(&many) {
-                assert!(
-                    a.iter().zip(b).all(|(p, q)| p.to_bits() == q.to_bits()),
-                    "{threads} threads differ from 1"
-                );
+                assert!(a.iter().zip(b).all(|(p, q)| p.to_bits() == q.to_bits()), "{threads} threads differ from 1");
             }
         }
     }
@@ -1259,13 +1007,7 @@ mod speed {
             }
             let gflop = 2.0 * 128.0 * (o * c * k * k * g.ho * g.wo) as f64 / 1e9;
             let products = if c > 1 { 2.0 } else { 1.0 };
-            println!(
-                "{name:14} fwd {:7.2} ms ({:5.1} GFLOP/s)  bwd {:7.2} ms ({:5.1} GFLOP/s; {products} products)",
-                fwd * 1e3,
-                gflop / fwd,
-                bwd * 1e3,
-                products * gflop / bwd
-            );
+            println!("{name:14} fwd {:7.2} ms ({:5.1} GFLOP/s)  bwd {:7.2} ms ({:5.1} GFLOP/s; {products} products)", fwd * 1e3, gflop / fwd, bwd * 1e3, products * gflop / bwd);
         }
     }
 }

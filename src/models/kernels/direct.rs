@@ -143,11 +143,7 @@ fn cpu_isa() -> Option<Isa> {
             return None;
         }
         let forced = std::env::var("REPRISE_DIRECT_ISA").is_ok_and(|v| v == "avx2");
-        Some(if has!("avx512f") && !forced {
-            Isa::Avx512
-        } else {
-            Isa::Avx2
-        })
+        Some(if has!("avx512f") && !forced { Isa::Avx512 } else { Isa::Avx2 })
     }
     #[cfg(not(target_arch = "x86_64"))]
     {
@@ -193,9 +189,7 @@ impl Plan {
                 cplane: plane,
                 phase: plane,
                 qr,
-                taps: (0..g.kh)
-                    .flat_map(|i| (0..g.kw).map(move |j| i * wp + j))
-                    .collect(),
+                taps: (0..g.kh).flat_map(|i| (0..g.kw).map(move |j| i * wp + j)).collect(),
                 pixels: pixels(g.h, g.w, wp),
                 lanes: lanes_path(isa, qr, g.h * g.w),
                 wgrad_cols: WGRAD_COLS,
@@ -212,11 +206,7 @@ impl Plan {
         let reach = (g.kh - 1) / 2 * wq + (g.kw - 1) / 2;
         // Every read (tap offset + q, q < qr) stays inside its own phase plane.
         let phase = (hp.div_ceil(2) * wq).max(qr + reach);
-        let taps = (0..g.kh)
-            .flat_map(|i| {
-                (0..g.kw).map(move |j| ((i % 2) * 2 + j % 2) * phase + i / 2 * wq + j / 2)
-            })
-            .collect();
+        let taps = (0..g.kh).flat_map(|i| (0..g.kw).map(move |j| ((i % 2) * 2 + j % 2) * phase + i / 2 * wq + j / 2)).collect();
         Plan {
             h: g.h,
             w: g.w,
@@ -249,38 +239,18 @@ impl Plan {
         let phases = (0..2)
             .flat_map(|a| (0..2).map(move |b| (a, b)))
             .map(|(a, b)| {
-                let taps: Vec<(usize, usize)> = (0..g.kh)
-                    .flat_map(|i| (0..g.kw).map(move |j| (i, j)))
-                    .filter(|&(i, j)| i % 2 == a && j % 2 == b)
-                    .collect();
-                let offsets = taps
-                    .iter()
-                    .map(|&(i, j)| (e - i / 2) * wg + e - j / 2)
-                    .collect();
+                let taps: Vec<(usize, usize)> = (0..g.kh).flat_map(|i| (0..g.kw).map(move |j| (i, j))).filter(|&(i, j)| i % 2 == a && j % 2 == b).collect();
+                let offsets = taps.iter().map(|&(i, j)| (e - i / 2) * wg + e - j / 2).collect();
                 // Padded input (2r + a, 2s + b) is input (2r + a − pad, 2s + b − pad).
                 let inside = |v: usize, len: usize| v.checked_sub(g.pad).filter(|&u| u < len);
                 let pixels = (0..hq)
                     .filter_map(|r| inside(2 * r + a, g.h).map(|iy| (r, iy)))
-                    .flat_map(|(r, iy)| {
-                        (0..wg).filter_map(move |s| inside(2 * s + b, g.w).map(|ix| (r * wg + s, iy * g.w + ix)))
-                    })
+                    .flat_map(|(r, iy)| (0..wg).filter_map(move |s| inside(2 * s + b, g.w).map(|ix| (r * wg + s, iy * g.w + ix))))
                     .collect();
-                PhaseTaps {
-                    parity: (a, b),
-                    taps,
-                    offsets,
-                    pixels,
-                }
+                PhaseTaps { parity: (a, b), taps, offsets, pixels }
             })
             .collect();
-        Up {
-            e,
-            wg,
-            hq,
-            plane,
-            qr,
-            phases,
-        }
+        Up { e, wg, hq, plane, qr, phases }
     }
 
     /// Floats of one sample's input layout with `ch` channels. The slack after the last plane
@@ -339,16 +309,7 @@ impl Plan {
     /// (`o`×Ho×Wo), with the packs of [`Plan::input_grad_weights`] and the scratch sizes of
     /// [`Plan::input_grad_scratch`]. Every element of `gx` is written.
     #[allow(clippy::too_many_arguments)]
-    pub(super) fn input_grad(
-        &self,
-        go: &[f32],
-        o: usize,
-        packs: &[Vec<f32>],
-        c: usize,
-        gp: &mut [f32],
-        wide: &mut [f32],
-        gx: &mut [f32],
-    ) {
+    pub(super) fn input_grad(&self, go: &[f32], o: usize, packs: &[Vec<f32>], c: usize, gp: &mut [f32], wide: &mut [f32], gx: &mut [f32]) {
         let up = self.up.as_ref().expect("input_grad is for stride-2 plans");
         let (ho, wo, wg, e) = (self.ho, self.wo, up.wg, up.e);
         gp.fill(0.0);
@@ -363,10 +324,7 @@ impl Plan {
             let l = lanes(c);
             for (ph, pack) in up.phases.iter().zip(packs) {
                 let n = ph.pixels.len();
-                assert!(
-                    gp.len() >= o * up.plane && pack.len() == o * ph.offsets.len() * l && wide.len() >= n * l,
-                    "direct conv: inconsistent buffer sizes"
-                );
+                assert!(gp.len() >= o * up.plane && pack.len() == o * ph.offsets.len() * l && wide.len() >= n * l, "direct conv: inconsistent buffer sizes");
                 // SAFETY: AVX2 and FMA are present (checked when the plan was made); every read of
                 // `gp` stays inside its o planes (asserted; a wide index below qr plus a phase
                 // offset stays inside `up.plane`, see `Plan::up`), `pack` holds o·taps rows of l
@@ -384,11 +342,7 @@ impl Plan {
             return;
         }
         for (ph, pack) in up.phases.iter().zip(packs) {
-            let sweep = Sweep {
-                plane: up.plane,
-                taps: &ph.offsets,
-                qr: up.qr,
-            };
+            let sweep = Sweep { plane: up.plane, taps: &ph.offsets, qr: up.qr };
             self.sweep(&sweep, gp, o, pack, c, wide);
             let (a, b) = ph.parity;
             // Padded input (2r + a, 2s + b) is input (2r + a − pad, 2s + b − pad).
@@ -428,10 +382,7 @@ impl Plan {
         debug_assert_eq!(dst.len(), self.input_len(ch));
         if self.stride == 2 {
             dst.fill(0.0);
-            for (s, d) in src
-                .chunks_exact(h * w)
-                .zip(dst.chunks_exact_mut(self.cplane))
-            {
+            for (s, d) in src.chunks_exact(h * w).zip(dst.chunks_exact_mut(self.cplane)) {
                 for (y, row) in s.chunks_exact(w).enumerate() {
                     let py = y + pad;
                     let row_at = |b: usize| (py % 2 * 2 + b) * self.phase + py / 2 * self.wq;
@@ -461,10 +412,7 @@ impl Plan {
         }
         let wp = self.wq;
         let top = pad * wp;
-        for (s, d) in src
-            .chunks_exact(h * w)
-            .zip(dst.chunks_exact_mut(self.cplane))
-        {
+        for (s, d) in src.chunks_exact(h * w).zip(dst.chunks_exact_mut(self.cplane)) {
             d[..top + pad].fill(0.0);
             for (y, row) in s.chunks_exact(w).enumerate() {
                 let at = top + y * wp + pad;
@@ -493,10 +441,7 @@ impl Plan {
     /// The image (`ch`×Ho×Wo) inside a wide result (`wide_len(ch)`).
     pub(super) fn compact(&self, wide: &[f32], dst: &mut [f32]) {
         let (ho, wo, wq) = (self.ho, self.wo, self.wq);
-        for (d, s) in dst
-            .chunks_exact_mut(ho * wo)
-            .zip(wide.chunks_exact(self.qr))
-        {
+        for (d, s) in dst.chunks_exact_mut(ho * wo).zip(wide.chunks_exact(self.qr)) {
             for (drow, srow) in d.chunks_exact_mut(wo).zip(s.chunks(wq)) {
                 drow.copy_from_slice(&srow[..wo]);
             }
@@ -534,28 +479,14 @@ impl Plan {
     /// sums each output over (channel, tap) in weight order from zero, one FMA per term: the
     /// same bits.
     #[allow(clippy::too_many_arguments)]
-    pub(super) fn conv_into(
-        &self,
-        src: &[f32],
-        cin: usize,
-        packed: &[f32],
-        o: usize,
-        wide: &mut [f32],
-        dst: &mut [f32],
-    ) {
+    pub(super) fn conv_into(&self, src: &[f32], cin: usize, packed: &[f32], o: usize, wide: &mut [f32], dst: &mut [f32]) {
         if !self.lanes {
             self.conv(src, cin, packed, o, wide);
             return self.compact(wide, dst);
         }
         let (px, l, k) = (self.ho * self.wo, lanes(o), cin * self.taps.len());
         let reach = self.taps.iter().max().map_or(0, |t| t + (self.ho - 1) * self.wq + self.wo);
-        assert!(
-            packed.len() == k * l
-                && wide.len() >= px * l
-                && dst.len() == o * px
-                && (cin == 0 || (cin - 1) * self.cplane + reach <= src.len()),
-            "direct conv: inconsistent buffer sizes"
-        );
+        assert!(packed.len() == k * l && wide.len() >= px * l && dst.len() == o * px && (cin == 0 || (cin - 1) * self.cplane + reach <= src.len()), "direct conv: inconsistent buffer sizes");
         // SAFETY: the CPU has AVX2 and FMA (checked when the plan was made); the assert bounds
         // the reads of `src` (channel cin−1's last tap at the last pixel), `packed` (k rows of
         // l lanes) and the writes to `wide` (px rows of l lanes).
@@ -569,15 +500,8 @@ impl Plan {
     /// `wide` (`wide_len(o)`) = the convolution of one padded sample `src` (`cin` channels) with
     /// the packed weights of `o` output channels.
     pub(super) fn conv(&self, src: &[f32], cin: usize, packed: &[f32], o: usize, wide: &mut [f32]) {
-        assert!(
-            src.len() >= self.input_len(cin) && wide.len() == self.wide_len(o),
-            "direct conv: inconsistent buffer sizes"
-        );
-        let sweep = Sweep {
-            plane: self.cplane,
-            taps: &self.taps,
-            qr: self.qr,
-        };
+        assert!(src.len() >= self.input_len(cin) && wide.len() == self.wide_len(o), "direct conv: inconsistent buffer sizes");
+        let sweep = Sweep { plane: self.cplane, taps: &self.taps, qr: self.qr };
         // The layout bounds every read: at most (cin−1)·cplane + taps.last() + qr − 1, below
         // cin·cplane (stride 1: the extra rows; stride 2: each phase plane holds qr + the
         // largest in-phase tap offset).
@@ -587,25 +511,11 @@ impl Plan {
     /// Run the forward tiles of `sweep` over `src` (`cin` channels of `sweep.plane` floats) into
     /// `wide` (⌈o/mr⌉·mr × sweep.qr). The caller guarantees that every tap offset + q < qr lies
     /// inside `src`, which the first assert checks for the last channel.
-    fn sweep(
-        &self,
-        sweep: &Sweep,
-        src: &[f32],
-        cin: usize,
-        packed: &[f32],
-        o: usize,
-        wide: &mut [f32],
-    ) {
+    fn sweep(&self, sweep: &Sweep, src: &[f32], cin: usize, packed: &[f32], o: usize, wide: &mut [f32]) {
         let (k, mr) = (cin * sweep.taps.len(), self.isa.mr());
         let reach = sweep.taps.iter().max().map_or(0, |t| t + sweep.qr);
-        assert!(
-            cin == 0 || (cin - 1) * sweep.plane + reach <= src.len(),
-            "direct conv: reads past the input"
-        );
-        assert!(
-            packed.len() == self.tile_rows(o) * k && wide.len() >= self.tile_rows(o) * sweep.qr,
-            "direct conv: inconsistent buffer sizes"
-        );
+        assert!(cin == 0 || (cin - 1) * sweep.plane + reach <= src.len(), "direct conv: reads past the input");
+        assert!(packed.len() == self.tile_rows(o) * k && wide.len() >= self.tile_rows(o) * sweep.qr, "direct conv: inconsistent buffer sizes");
         // SAFETY: the CPU has the plan's instructions (checked when the plan was made); the
         // asserts bound every read (above) and write (o_round × qr floats of `wide`).
         #[cfg(target_arch = "x86_64")]
@@ -622,15 +532,7 @@ impl Plan {
                 for b in 0..blocks {
                     let wb = packed.as_ptr().wrapping_add(b * k * mr);
                     let dst = out.wrapping_add(b * mr * sweep.qr + q0);
-                    tile(
-                        s.wrapping_add(q0),
-                        sweep.plane,
-                        cin,
-                        sweep.taps,
-                        wb,
-                        dst,
-                        sweep.qr,
-                    );
+                    tile(s.wrapping_add(q0), sweep.plane, cin, sweep.taps, wb, dst, sweep.qr);
                 }
             }
         }
@@ -644,22 +546,11 @@ impl Plan {
     /// channels, `input_len(cin)` per sample, from [`Plan::pad_into`]). Every gradient is one
     /// running sum in one vector lane (the lanes are output channels), the same on every
     /// instruction set and for every tile shape.
-    pub(super) fn weight_grad(
-        &self,
-        gt: &[f32],
-        o: usize,
-        xpad: &[f32],
-        cin: usize,
-        samples: usize,
-        gw: &mut [f32],
-    ) {
+    pub(super) fn weight_grad(&self, gt: &[f32], o: usize, xpad: &[f32], cin: usize, samples: usize, gw: &mut [f32]) {
         let k = cin * self.taps.len();
         let reach = self.taps.iter().max().map_or(0, |t| t + (self.ho - 1) * self.wq + self.wo);
         assert!(
-            gt.len() >= samples * self.grad_t_len(o)
-                && xpad.len() >= samples * self.input_len(cin)
-                && (cin == 0 || (cin - 1) * self.cplane + reach <= self.input_len(cin))
-                && gw.len() == o * k,
+            gt.len() >= samples * self.grad_t_len(o) && xpad.len() >= samples * self.input_len(cin) && (cin == 0 || (cin - 1) * self.cplane + reach <= self.input_len(cin)) && gw.len() == o * k,
             "direct conv: inconsistent buffer sizes"
         );
         let l = lanes(o);
@@ -708,10 +599,7 @@ fn transpose(src: &[f32], rows: usize, cols: usize, src_ld: usize, dst: &mut [f3
     if rows == 0 || cols == 0 {
         return;
     }
-    assert!(
-        (rows - 1) * src_ld + cols <= src.len() && (cols - 1) * dst_ld + rows <= dst.len(),
-        "transpose: buffers too small"
-    );
+    assert!((rows - 1) * src_ld + cols <= src.len() && (cols - 1) * dst_ld + rows <= dst.len(), "transpose: buffers too small");
     let (rb, cb) = (rows / 8 * 8, cols / 8 * 8);
     #[cfg(target_arch = "x86_64")]
     if std::arch::is_x86_feature_detected!("avx2") {
@@ -719,9 +607,7 @@ fn transpose(src: &[f32], rows: usize, cols: usize, src_ld: usize, dst: &mut [f3
             for j in (0..cb).step_by(8) {
                 // SAFETY: AVX2 is present; the block's reads (rows i..i+8, columns j..j+8) and
                 // writes (rows j..j+8, columns i..i+8) lie inside the asserted extents.
-                unsafe {
-                    avx::transpose8(src.as_ptr().add(i * src_ld + j), src_ld, dst.as_mut_ptr().add(j * dst_ld + i), dst_ld)
-                }
+                unsafe { avx::transpose8(src.as_ptr().add(i * src_ld + j), src_ld, dst.as_mut_ptr().add(j * dst_ld + i), dst_ld) }
             }
         }
     }
@@ -749,15 +635,7 @@ pub(super) mod avx {
     /// One 4-channel × 16-pixel tile, accumulated in eight named registers (arrays of vectors
     /// were kept on the stack by the compiler).
     #[target_feature(enable = "avx2,fma")]
-    pub(super) unsafe fn conv_tile(
-        src: *const f32,
-        plane: usize,
-        cin: usize,
-        taps: &[usize],
-        w: *const f32,
-        dst: *mut f32,
-        ld: usize,
-    ) {
+    pub(super) unsafe fn conv_tile(src: *const f32, plane: usize, cin: usize, taps: &[usize], w: *const f32, dst: *mut f32, ld: usize) {
         let z = _mm256_setzero_ps();
         let (mut c00, mut c01, mut c10, mut c11) = (z, z, z, z);
         let (mut c20, mut c21, mut c30, mut c31) = (z, z, z, z);
@@ -783,10 +661,7 @@ pub(super) mod avx {
                 wk = wk.wrapping_add(MR);
             }
         }
-        for (r, (a0, a1)) in [(c00, c01), (c10, c11), (c20, c21), (c30, c31)]
-            .into_iter()
-            .enumerate()
-        {
+        for (r, (a0, a1)) in [(c00, c01), (c10, c11), (c20, c21), (c30, c31)].into_iter().enumerate() {
             let d = dst.wrapping_add(r * ld);
             store(d, a0);
             store(d.wrapping_add(8), a1);
@@ -864,17 +739,7 @@ pub(super) mod avx {
     /// `w` in K rows of `l` lanes.
     #[target_feature(enable = "avx2,fma")]
     #[allow(clippy::too_many_arguments)]
-    pub(super) unsafe fn lanes_sweep(
-        x: *const f32,
-        plane: usize,
-        cin: usize,
-        taps: &[usize],
-        px: usize,
-        q: impl Fn(usize) -> usize,
-        w: *const f32,
-        l: usize,
-        out: *mut f32,
-    ) {
+    pub(super) unsafe fn lanes_sweep(x: *const f32, plane: usize, cin: usize, taps: &[usize], px: usize, q: impl Fn(usize) -> usize, w: *const f32, l: usize, out: *mut f32) {
         let mut qs = [0usize; 6];
         for o0 in (0..l).step_by(16) {
             let two = l - o0 >= 16;
@@ -904,16 +769,7 @@ pub(super) mod avx {
     /// (rows of `l`).
     #[target_feature(enable = "avx2,fma")]
     #[allow(clippy::too_many_arguments)]
-    unsafe fn ftile<const V: usize, const T: usize>(
-        x: *const f32,
-        q: &[usize],
-        plane: usize,
-        cin: usize,
-        taps: &[usize],
-        w: *const f32,
-        l: usize,
-        d: *mut f32,
-    ) {
+    unsafe fn ftile<const V: usize, const T: usize>(x: *const f32, q: &[usize], plane: usize, cin: usize, taps: &[usize], w: *const f32, l: usize, d: *mut f32) {
         let mut base: [*const f32; T] = std::array::from_fn(|j| x.wrapping_add(q[j]));
         let mut a = [[_mm256_setzero_ps(); V]; T];
         let mut wk = w;
@@ -939,12 +795,7 @@ pub(super) mod avx {
     /// Always inlined into its callers (which enable AVX2 and FMA), so that the accumulators
     /// stay in registers; with `#[inline]` alone the weight-gradient tile slowed by 20–40 %.
     #[inline(always)]
-    unsafe fn rank1<const V: usize, const T: usize>(
-        a: &mut [[__m256; V]; T],
-        lanes: *const f32,
-        base: &[*const f32; T],
-        off: usize,
-    ) {
+    unsafe fn rank1<const V: usize, const T: usize>(a: &mut [[__m256; V]; T], lanes: *const f32, base: &[*const f32; T], off: usize) {
         let m: [__m256; V] = std::array::from_fn(|v| load(lanes.wrapping_add(8 * v)));
         for j in 0..T {
             let b = bcast(base[j].wrapping_add(off));
@@ -970,18 +821,7 @@ pub(super) mod avx {
     /// with V = 2, T = 6 that is 8 loads for 12 FMAs and no horizontal sums.
     #[target_feature(enable = "avx2,fma")]
     #[allow(clippy::too_many_arguments)]
-    unsafe fn wtile<const V: usize, const T: usize>(
-        p: &Plan,
-        gt: *const f32,
-        l: usize,
-        x: *const f32,
-        xstride: usize,
-        samples: usize,
-        o0: usize,
-        f: &[usize],
-        k0: usize,
-        acc: *mut f32,
-    ) {
+    unsafe fn wtile<const V: usize, const T: usize>(p: &Plan, gt: *const f32, l: usize, x: *const f32, xstride: usize, samples: usize, o0: usize, f: &[usize], k0: usize, acc: *mut f32) {
         let f: [usize; T] = std::array::from_fn(|j| f[j]);
         let at = |j: usize, v: usize| acc.wrapping_add((k0 + j) * l + o0 + 8 * v);
         let mut a: [[__m256; V]; T] = std::array::from_fn(|j| std::array::from_fn(|v| load(at(j, v))));
@@ -1010,16 +850,7 @@ pub(super) mod avx {
     /// run these kernels, so the bits do not depend on which one the CPU has.
     #[target_feature(enable = "avx2,fma")]
     #[allow(clippy::too_many_arguments)]
-    pub(super) unsafe fn weight_grad(
-        p: &Plan,
-        gt: &[f32],
-        l: usize,
-        xpad: &[f32],
-        cin: usize,
-        samples: usize,
-        acc: &mut [f32],
-        cols: usize,
-    ) {
+    pub(super) unsafe fn weight_grad(p: &Plan, gt: &[f32], l: usize, xpad: &[f32], cin: usize, samples: usize, acc: &mut [f32], cols: usize) {
         let cols = cols.clamp(1, super::WGRAD_COLS);
         let k = cin * p.taps.len();
         let (g, x, a) = (gt.as_ptr(), xpad.as_ptr(), acc.as_mut_ptr());
@@ -1084,15 +915,7 @@ mod avx512 {
 
     /// One 8-channel × 32-pixel tile in sixteen named registers.
     #[target_feature(enable = "avx512f")]
-    pub(super) unsafe fn conv_tile(
-        src: *const f32,
-        plane: usize,
-        cin: usize,
-        taps: &[usize],
-        w: *const f32,
-        dst: *mut f32,
-        ld: usize,
-    ) {
+    pub(super) unsafe fn conv_tile(src: *const f32, plane: usize, cin: usize, taps: &[usize], w: *const f32, dst: *mut f32, ld: usize) {
         let z = _mm512_setzero_ps();
         let (mut c00, mut c01, mut c10, mut c11) = (z, z, z, z);
         let (mut c20, mut c21, mut c30, mut c31) = (z, z, z, z);
@@ -1132,16 +955,7 @@ mod avx512 {
                 wk = wk.wrapping_add(MR);
             }
         }
-        let rows = [
-            (c00, c01),
-            (c10, c11),
-            (c20, c21),
-            (c30, c31),
-            (c40, c41),
-            (c50, c51),
-            (c60, c61),
-            (c70, c71),
-        ];
+        let rows = [(c00, c01), (c10, c11), (c20, c21), (c30, c31), (c40, c41), (c50, c51), (c60, c61), (c70, c71)];
         for (r, (a0, a1)) in rows.into_iter().enumerate() {
             let d = dst.wrapping_add(r * ld);
             store(d, a0);
@@ -1211,14 +1025,7 @@ mod tests {
 
     #[test]
     fn other_geometries_have_no_plan() {
-        for (k, stride, pad) in [
-            (3, 1, 0),
-            (1, 1, 0),
-            (3, 2, 0),
-            (2, 2, 1),
-            (3, 3, 1),
-            (1, 2, 0),
-        ] {
+        for (k, stride, pad) in [(3, 1, 0), (1, 1, 0), (3, 2, 0), (2, 2, 1), (3, 3, 1), (1, 2, 0)] {
             let g = Geom::new(&[1, 2, 9, 9], &[2, 2, k, k], stride, pad).unwrap();
             assert!(Plan::new(&g).is_none(), "{k}×{k} stride {stride} pad {pad}");
         }
@@ -1380,13 +1187,8 @@ mod speed {
     fn direct_pass_speed() {
         let Some(isa) = cpu_isa() else { return };
         let mut rng = Rng::new(5);
-        for &(name, c, hw, o, stride) in &[
-            ("res.s1", 16, 28, 16, 1),
-            ("res.s2.conv1", 16, 28, 32, 2),
-            ("res.s2.conv2", 32, 14, 32, 1),
-            ("res.s3.conv1", 32, 14, 64, 2),
-            ("res.s3.conv2", 64, 7, 64, 1),
-        ] {
+        for &(name, c, hw, o, stride) in &[("res.s1", 16, 28, 16, 1), ("res.s2.conv1", 16, 28, 32, 2), ("res.s2.conv2", 32, 14, 32, 1), ("res.s3.conv1", 32, 14, 64, 2), ("res.s3.conv2", 64, 7, 64, 1)]
+        {
             let (n, per) = (128, 8);
             let g = Geom::new(&[n, c, hw, hw], &[o, c, 3, 3], stride, 1).unwrap();
             let p = Plan::layout(&g, isa);
@@ -1439,10 +1241,7 @@ mod speed {
                 }
             });
             let gf = 2.0 * (n * o * c * 9 * g.ho * g.wo) as f64 / 1e9;
-            println!(
-                "{name:13} fwd {:6.2} ms ({:4.1})  igrad {:6.2} ms ({:4.1})  wgrad {:6.2} ms ({:4.1} GFLOP/s)",
-                fwd * 1e3, gf / fwd, igrad * 1e3, gf / igrad, wgrad * 1e3, gf / wgrad
-            );
+            println!("{name:13} fwd {:6.2} ms ({:4.1})  igrad {:6.2} ms ({:4.1})  wgrad {:6.2} ms ({:4.1} GFLOP/s)", fwd * 1e3, gf / fwd, igrad * 1e3, gf / igrad, wgrad * 1e3, gf / wgrad);
         }
     }
 }

@@ -73,50 +73,29 @@ impl CustomOp3 for LayerNormOp {
         "fused-layer-norm"
     }
 
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-        s3: &CpuStorage,
-        l3: &Layout,
-    ) -> candle_core::Result<(CpuStorage, Shape)> {
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout, s3: &CpuStorage, l3: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
         let x = cpu_f32(s1, l1, OP, "input")?;
         let w = cpu_f32(s2, l2, OP, "weight")?;
         let b = cpu_f32(s3, l3, OP, "bias")?;
         let d = w.len();
         if d == 0 || b.len() != d || l1.dims().last() != Some(&d) {
-            candle_core::bail!(
-                "layer norm: last dimension {:?} vs weight {d} and bias {}",
-                l1.dims().last(),
-                b.len()
-            );
+            candle_core::bail!("layer norm: last dimension {:?} vs weight {d} and bias {}", l1.dims().last(), b.len());
         }
         let mut out = vec![0f32; x.len()];
         let t = task_len(x.len(), d);
-        out.par_chunks_mut(t)
-            .zip(x.par_chunks(t))
-            .for_each(|(o, xs)| {
-                for (orow, xrow) in o.chunks_exact_mut(d).zip(xs.chunks_exact(d)) {
-                    let (mean, inv) = row_stats(xrow, self.eps);
-                    for (((o, &v), &wv), &bv) in orow.iter_mut().zip(xrow).zip(w).zip(b) {
-                        *o = (v - mean) * inv * wv + bv;
-                    }
+        out.par_chunks_mut(t).zip(x.par_chunks(t)).for_each(|(o, xs)| {
+            for (orow, xrow) in o.chunks_exact_mut(d).zip(xs.chunks_exact(d)) {
+                let (mean, inv) = row_stats(xrow, self.eps);
+                for (((o, &v), &wv), &bv) in orow.iter_mut().zip(xrow).zip(w).zip(b) {
+                    *o = (v - mean) * inv * wv + bv;
                 }
-            });
+            }
+        });
         Ok((CpuStorage::F32(out), l1.shape().clone()))
     }
 
     #[allow(clippy::type_complexity)]
-    fn bwd(
-        &self,
-        x: &Tensor,
-        w: &Tensor,
-        b: &Tensor,
-        _res: &Tensor,
-        grad: &Tensor,
-    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+    fn bwd(&self, x: &Tensor, w: &Tensor, b: &Tensor, _res: &Tensor, grad: &Tensor) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let d = w.elem_count();
         let eps = self.eps;
         let operands = [(x, "input"), (w, "weight"), (grad, "output gradient")];
@@ -130,21 +109,12 @@ impl CustomOp3 for LayerNormOp {
                 .map(|(gxc, (xc, gc))| {
                     let mut pw = vec![0f32; d];
                     let mut pb = vec![0f32; d];
-                    for ((gxr, xr), gr) in gxc
-                        .chunks_exact_mut(d)
-                        .zip(xc.chunks_exact(d))
-                        .zip(gc.chunks_exact(d))
-                    {
+                    for ((gxr, xr), gr) in gxc.chunks_exact_mut(d).zip(xc.chunks_exact(d)).zip(gc.chunks_exact(d)) {
                         let (mean, inv) = row_stats(xr, eps);
                         // x̂ = (x − mean)·inv, g = dy·w; dx = inv·(g − mean(g) − x̂·mean(g·x̂)).
                         let mut sg = 0f32;
                         let mut sgx = 0f32;
-                        for (((&v, &dy), &wv), (pw, pb)) in xr
-                            .iter()
-                            .zip(gr)
-                            .zip(ws)
-                            .zip(pw.iter_mut().zip(pb.iter_mut()))
-                        {
+                        for (((&v, &dy), &wv), (pw, pb)) in xr.iter().zip(gr).zip(ws).zip(pw.iter_mut().zip(pb.iter_mut())) {
                             let xh = (v - mean) * inv;
                             let g = dy * wv;
                             sg += g;
@@ -171,34 +141,21 @@ impl CustomOp3 for LayerNormOp {
         })?;
         let dev = x.device();
         Ok((
-            x.track_op()
-                .then(|| Tensor::from_vec(gx, x.shape(), dev))
-                .transpose()?,
-            w.track_op()
-                .then(|| Tensor::from_vec(gw, w.shape(), dev))
-                .transpose()?,
-            b.track_op()
-                .then(|| Tensor::from_vec(gb, b.shape(), dev))
-                .transpose()?,
+            x.track_op().then(|| Tensor::from_vec(gx, x.shape(), dev)).transpose()?,
+            w.track_op().then(|| Tensor::from_vec(gw, w.shape(), dev)).transpose()?,
+            b.track_op().then(|| Tensor::from_vec(gb, b.shape(), dev)).transpose()?,
         ))
     }
 }
 
 /// LayerNorm of `x` over its last dimension: (x − mean)/√(var + eps)·weight + bias, with the
 /// biased variance. `None` when the fused op does not apply (not f32 on the CPU).
-pub fn layer_norm(
-    x: &Tensor,
-    weight: &Tensor,
-    bias: &Tensor,
-    eps: f64,
-) -> candle_core::Result<Option<Tensor>> {
+pub fn layer_norm(x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64) -> candle_core::Result<Option<Tensor>> {
     if !fast(&[x, weight, bias]) {
         return Ok(None);
     }
     let op = LayerNormOp { eps: eps as f32 };
-    x.contiguous()?
-        .apply_op3(&weight.contiguous()?, &bias.contiguous()?, op)
-        .map(Some)
+    x.contiguous()?.apply_op3(&weight.contiguous()?, &bias.contiguous()?, op).map(Some)
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -238,41 +195,28 @@ impl CustomOp1 for SoftmaxOp {
         let d = l.dims().last().copied().unwrap_or(1).max(1);
         let mut out = vec![0f32; x.len()];
         let t = task_len(x.len(), d);
-        out.par_chunks_mut(t)
-            .zip(x.par_chunks(t))
-            .for_each(|(o, xs)| {
-                for (orow, xrow) in o.chunks_exact_mut(d).zip(xs.chunks_exact(d)) {
-                    orow.copy_from_slice(xrow);
-                    softmax_row(orow);
-                }
-            });
+        out.par_chunks_mut(t).zip(x.par_chunks(t)).for_each(|(o, xs)| {
+            for (orow, xrow) in o.chunks_exact_mut(d).zip(xs.chunks_exact(d)) {
+                orow.copy_from_slice(xrow);
+                softmax_row(orow);
+            }
+        });
         Ok((CpuStorage::F32(out), l.shape().clone()))
     }
 
-    fn bwd(
-        &self,
-        arg: &Tensor,
-        res: &Tensor,
-        grad: &Tensor,
-    ) -> candle_core::Result<Option<Tensor>> {
+    fn bwd(&self, arg: &Tensor, res: &Tensor, grad: &Tensor) -> candle_core::Result<Option<Tensor>> {
         let d = arg.dims().last().copied().unwrap_or(1).max(1);
         let operands = [(res, "output"), (grad, "output gradient")];
         let gx = with_f32(OP, &operands, |s| {
             let (ys, gs) = (s[0], s[1]);
             let mut gx = vec![0f32; ys.len()];
             let t = task_len(ys.len(), d);
-            gx.par_chunks_mut(t)
-                .zip(ys.par_chunks(t).zip(gs.par_chunks(t)))
-                .for_each(|(o, (yc, gc))| {
-                    for ((orow, yr), gr) in o
-                        .chunks_exact_mut(d)
-                        .zip(yc.chunks_exact(d))
-                        .zip(gc.chunks_exact(d))
-                    {
-                        orow.copy_from_slice(gr);
-                        softmax_row_backward(orow, yr);
-                    }
-                });
+            gx.par_chunks_mut(t).zip(ys.par_chunks(t).zip(gs.par_chunks(t))).for_each(|(o, (yc, gc))| {
+                for ((orow, yr), gr) in o.chunks_exact_mut(d).zip(yc.chunks_exact(d)).zip(gc.chunks_exact(d)) {
+                    orow.copy_from_slice(gr);
+                    softmax_row_backward(orow, yr);
+                }
+            });
             Ok(gx)
         })?;
         Ok(Some(Tensor::from_vec(gx, arg.shape(), arg.device())?))
@@ -308,13 +252,8 @@ impl AttentionOp {
     /// (T, D, head width) of a `qkv` of dimensions `dims`.
     fn shape(&self, dims: &[usize]) -> candle_core::Result<(usize, usize, usize)> {
         match *dims {
-            [_, t, three_d] if three_d > 0 && three_d % (3 * self.heads) == 0 && t > 0 => {
-                Ok((t, three_d / 3, three_d / 3 / self.heads))
-            }
-            _ => candle_core::bail!(
-                "{OP}: attention needs q, k, v packed as N×T×3D with D divisible by {} heads, got {dims:?}",
-                self.heads
-            ),
+            [_, t, three_d] if three_d > 0 && three_d % (3 * self.heads) == 0 && t > 0 => Ok((t, three_d / 3, three_d / 3 / self.heads)),
+            _ => candle_core::bail!("{OP}: attention needs q, k, v packed as N×T×3D with D divisible by {} heads, got {dims:?}", self.heads),
         }
     }
 
@@ -342,63 +281,50 @@ impl CustomOp1 for AttentionOp {
         let n = l.dims()[0];
         let mut out = vec![0f32; n * t * d];
         let mut probs = vec![0f32; n * self.heads * t * t];
-        out.par_chunks_mut(t * d)
-            .zip(probs.par_chunks_mut(self.heads * t * t))
-            .zip(x.par_chunks(t * 3 * d))
-            .for_each(|((o, ps), qkv)| {
-                for (h, p) in ps.chunks_exact_mut(t * t).enumerate() {
-                    self.probabilities(p, qkv, t, d, h);
-                    let v = Mat::strided(&qkv[2 * d + h * dh..], t, dh, 3 * d, 1);
-                    let p = Mat::row_major(p, t, t);
-                    matmul_rows(&mut o[h * dh..], d, p, v, false, Parallelism::None);
-                }
-            });
+        out.par_chunks_mut(t * d).zip(probs.par_chunks_mut(self.heads * t * t)).zip(x.par_chunks(t * 3 * d)).for_each(|((o, ps), qkv)| {
+            for (h, p) in ps.chunks_exact_mut(t * t).enumerate() {
+                self.probabilities(p, qkv, t, d, h);
+                let v = Mat::strided(&qkv[2 * d + h * dh..], t, dh, 3 * d, 1);
+                let p = Mat::row_major(p, t, t);
+                matmul_rows(&mut o[h * dh..], d, p, v, false, Parallelism::None);
+            }
+        });
         // One forward per op instance (a new one per call).
         let _ = self.probs.set(probs);
         Ok((CpuStorage::F32(out), Shape::from((n, t, d))))
     }
 
-    fn bwd(
-        &self,
-        arg: &Tensor,
-        _res: &Tensor,
-        grad: &Tensor,
-    ) -> candle_core::Result<Option<Tensor>> {
+    fn bwd(&self, arg: &Tensor, _res: &Tensor, grad: &Tensor) -> candle_core::Result<Option<Tensor>> {
         let (t, d, dh) = self.shape(arg.dims())?;
-        let Some(probs) = self.probs.get() else {
-            candle_core::bail!("fused attention: backward before forward")
-        };
+        let Some(probs) = self.probs.get() else { candle_core::bail!("fused attention: backward before forward") };
         let operands = [(arg, "qkv"), (grad, "output gradient")];
         let gx = with_f32(OP, &operands, |s| {
             let (x, g) = (s[0], s[1]);
             let mut gx = vec![0f32; x.len()];
-            gx.par_chunks_mut(t * 3 * d)
-                .zip(x.par_chunks(t * 3 * d).zip(g.par_chunks(t * d)))
-                .zip(probs.par_chunks(self.heads * t * t))
-                .for_each(|((gqkv, (qkv, go)), ps)| {
-                    let mut gp = vec![0f32; t * t];
-                    for (h, p) in ps.chunks_exact(t * t).enumerate() {
-                        let go_h = Mat::strided(&go[h * dh..], t, dh, d, 1);
-                        let pm = Mat::row_major(p, t, t);
-                        // v: pᵀ·go
-                        let gv = &mut gqkv[2 * d + h * dh..];
-                        matmul_rows(gv, 3 * d, pm.t(), go_h, false, Parallelism::None);
-                        // p: go·vᵀ, then through the softmax and the scaling
-                        let vt = Mat::strided(&qkv[2 * d + h * dh..], dh, t, 1, 3 * d);
-                        matmul(&mut gp, go_h, vt, false, Parallelism::None);
-                        for (grow, prow) in gp.chunks_exact_mut(t).zip(p.chunks_exact(t)) {
-                            softmax_row_backward(grow, prow);
-                            grow.iter_mut().for_each(|v| *v *= self.scale);
-                        }
-                        let gs = Mat::row_major(&gp, t, t);
-                        // q: gs·k; k: gsᵀ·q
-                        let k = Mat::strided(&qkv[d + h * dh..], t, dh, 3 * d, 1);
-                        let q = Mat::strided(&qkv[h * dh..], t, dh, 3 * d, 1);
-                        matmul_rows(&mut gqkv[h * dh..], 3 * d, gs, k, false, Parallelism::None);
-                        let gk = &mut gqkv[d + h * dh..];
-                        matmul_rows(gk, 3 * d, gs.t(), q, false, Parallelism::None);
+            gx.par_chunks_mut(t * 3 * d).zip(x.par_chunks(t * 3 * d).zip(g.par_chunks(t * d))).zip(probs.par_chunks(self.heads * t * t)).for_each(|((gqkv, (qkv, go)), ps)| {
+                let mut gp = vec![0f32; t * t];
+                for (h, p) in ps.chunks_exact(t * t).enumerate() {
+                    let go_h = Mat::strided(&go[h * dh..], t, dh, d, 1);
+                    let pm = Mat::row_major(p, t, t);
+                    // v: pᵀ·go
+                    let gv = &mut gqkv[2 * d + h * dh..];
+                    matmul_rows(gv, 3 * d, pm.t(), go_h, false, Parallelism::None);
+                    // p: go·vᵀ, then through the softmax and the scaling
+                    let vt = Mat::strided(&qkv[2 * d + h * dh..], dh, t, 1, 3 * d);
+                    matmul(&mut gp, go_h, vt, false, Parallelism::None);
+                    for (grow, prow) in gp.chunks_exact_mut(t).zip(p.chunks_exact(t)) {
+                        softmax_row_backward(grow, prow);
+                        grow.iter_mut().for_each(|v| *v *= self.scale);
                     }
-                });
+                    let gs = Mat::row_major(&gp, t, t);
+                    // q: gs·k; k: gsᵀ·q
+                    let k = Mat::strided(&qkv[d + h * dh..], t, dh, 3 * d, 1);
+                    let q = Mat::strided(&qkv[h * dh..], t, dh, 3 * d, 1);
+                    matmul_rows(&mut gqkv[h * dh..], 3 * d, gs, k, false, Parallelism::None);
+                    let gk = &mut gqkv[d + h * dh..];
+                    matmul_rows(gk, 3 * d, gs.t(), q, false, Parallelism::None);
+                }
+            });
             Ok(gx)
         })?;
         Ok(Some(Tensor::from_vec(gx, arg.shape(), arg.device())?))
@@ -415,11 +341,7 @@ pub fn attention(qkv: &Tensor, heads: usize) -> candle_core::Result<Option<Tenso
         return Ok(None);
     }
     let dh = qkv.dim(candle_core::D::Minus1)? / 3 / heads;
-    let op = AttentionOp {
-        heads,
-        scale: (1.0 / (dh as f64).sqrt()) as f32,
-        probs: OnceLock::new(),
-    };
+    let op = AttentionOp { heads, scale: (1.0 / (dh as f64).sqrt()) as f32, probs: OnceLock::new() };
     qkv.contiguous()?.apply_op1(op).map(Some)
 }
 
@@ -450,12 +372,7 @@ fn exp_vec(x: f32) -> f32 {
     // n as an integer, read from the low mantissa bits (a float-to-int cast would not vectorise).
     let ni = shifted.to_bits().wrapping_sub(ROUND.to_bits()) as i32;
     let r = (x - n * LN2_HI) - n * LN2_LO;
-    let p = 1.0
-        + r * (1.0
-            + r * (0.5
-                + r * (1.0 / 6.0
-                    + r * (1.0 / 24.0
-                        + r * (1.0 / 120.0 + r * (1.0 / 720.0 + r * (1.0 / 5040.0)))))));
+    let p = 1.0 + r * (1.0 + r * (0.5 + r * (1.0 / 6.0 + r * (1.0 / 24.0 + r * (1.0 / 120.0 + r * (1.0 / 720.0 + r * (1.0 / 5040.0)))))));
     f32::from_bits((ni.wrapping_add(127) as u32) << 23) * p
 }
 
@@ -464,13 +381,7 @@ fn exp_vec(x: f32) -> f32 {
 #[inline(always)]
 fn erf_vec(x: f32) -> f32 {
     const P: f32 = 0.327_591_1;
-    const A: [f32; 5] = [
-        0.254_829_6,
-        -0.284_496_74,
-        1.421_413_7,
-        -1.453_152_1,
-        1.061_405_4,
-    ];
+    const A: [f32; 5] = [0.254_829_6, -0.284_496_74, 1.421_413_7, -1.453_152_1, 1.061_405_4];
     let z = x.abs();
     let t = 1.0 / (1.0 + P * z);
     let poly = t * (A[0] + t * (A[1] + t * (A[2] + t * (A[3] + t * A[4]))));
@@ -480,13 +391,7 @@ fn erf_vec(x: f32) -> f32 {
     let z2 = z * z;
     let series = z
         * (std::f32::consts::FRAC_2_SQRT_PI
-            + z2 * (-0.376_126_4
-                + z2 * (0.112_837_92
-                    + z2 * (-0.026_866_17
-                        + z2 * (0.005_223_977
-                            + z2 * (-8.548_327e-4
-                                + z2 * (1.205_533_5e-4
-                                    + z2 * (-1.492_565e-5 + z2 * 1.646_211_4e-6))))))));
+            + z2 * (-0.376_126_4 + z2 * (0.112_837_92 + z2 * (-0.026_866_17 + z2 * (0.005_223_977 + z2 * (-8.548_327e-4 + z2 * (1.205_533_5e-4 + z2 * (-1.492_565e-5 + z2 * 1.646_211_4e-6))))))));
     let y = if z < 0.75 { series } else { tail };
     if x < 0.0 {
         -y
@@ -510,55 +415,39 @@ impl CustomOp1 for GeluOp {
         let mut out = vec![0f32; x.len()];
         let mut erf = vec![0f32; x.len()];
         let t = task_len(x.len(), 1);
-        out.par_chunks_mut(t)
-            .zip(erf.par_chunks_mut(t))
-            .zip(x.par_chunks(t))
-            .for_each(|((o, e), xs)| {
-                // Equal lengths up front and indexed loops, so that these vectorise.
-                let len = o.len();
-                let (e, xs) = (&mut e[..len], &xs[..len]);
-                for t in 0..len {
-                    e[t] = erf_scaled(xs[t]);
-                }
-                for t in 0..len {
-                    // candle's formula, so that the values are identical.
-                    o[t] = (e[t] + 1.) * 0.5 * xs[t];
-                }
-            });
+        out.par_chunks_mut(t).zip(erf.par_chunks_mut(t)).zip(x.par_chunks(t)).for_each(|((o, e), xs)| {
+            // Equal lengths up front and indexed loops, so that these vectorise.
+            let len = o.len();
+            let (e, xs) = (&mut e[..len], &xs[..len]);
+            for t in 0..len {
+                e[t] = erf_scaled(xs[t]);
+            }
+            for t in 0..len {
+                // candle's formula, so that the values are identical.
+                o[t] = (e[t] + 1.) * 0.5 * xs[t];
+            }
+        });
         // One forward per op instance (candle makes a new one per call).
         let _ = self.erf.set(erf);
         Ok((CpuStorage::F32(out), l.shape().clone()))
     }
 
-    fn bwd(
-        &self,
-        arg: &Tensor,
-        _res: &Tensor,
-        grad: &Tensor,
-    ) -> candle_core::Result<Option<Tensor>> {
-        let Some(erf) = self.erf.get() else {
-            candle_core::bail!("fused gelu: backward before forward")
-        };
+    fn bwd(&self, arg: &Tensor, _res: &Tensor, grad: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        let Some(erf) = self.erf.get() else { candle_core::bail!("fused gelu: backward before forward") };
         let operands = [(arg, "input"), (grad, "output gradient")];
         let gx = with_f32(OP, &operands, |s| {
             let (xs, gs) = (s[0], s[1]);
             let mut gx = vec![0f32; xs.len()];
             let t = task_len(xs.len(), 1);
-            gx.par_chunks_mut(t)
-                .zip(
-                    xs.par_chunks(t)
-                        .zip(gs.par_chunks(t))
-                        .zip(erf.par_chunks(t)),
-                )
-                .for_each(|(o, ((xc, gc), ec))| {
-                    let len = o.len();
-                    let (xc, gc, ec) = (&xc[..len], &gc[..len], &ec[..len]);
-                    for t in 0..len {
-                        let v = xc[t];
-                        // candle's backward: 0.5 + 0.398942·e^(−x²/2)·x + 0.5·erf(x/√2).
-                        o[t] = gc[t] * (0.5 + 0.398942 * exp_vec(-(v * v) / 2.0) * v + 0.5 * ec[t]);
-                    }
-                });
+            gx.par_chunks_mut(t).zip(xs.par_chunks(t).zip(gs.par_chunks(t)).zip(erf.par_chunks(t))).for_each(|(o, ((xc, gc), ec))| {
+                let len = o.len();
+                let (xc, gc, ec) = (&xc[..len], &gc[..len], &ec[..len]);
+                for t in 0..len {
+                    let v = xc[t];
+                    // candle's backward: 0.5 + 0.398942·e^(−x²/2)·x + 0.5·erf(x/√2).
+                    o[t] = gc[t] * (0.5 + 0.398942 * exp_vec(-(v * v) / 2.0) * v + 0.5 * ec[t]);
+                }
+            });
             Ok(gx)
         })?;
         Ok(Some(Tensor::from_vec(gx, arg.shape(), arg.device())?))
@@ -570,9 +459,7 @@ pub fn gelu_erf(x: &Tensor) -> candle_core::Result<Tensor> {
     if !fast(&[x]) {
         return x.gelu_erf();
     }
-    x.contiguous()?.apply_op1(GeluOp {
-        erf: OnceLock::new(),
-    })
+    x.contiguous()?.apply_op1(GeluOp { erf: OnceLock::new() })
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -585,21 +472,11 @@ impl CustomOp2 for AddReluOp {
         "fused-add-relu"
     }
 
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-    ) -> candle_core::Result<(CpuStorage, Shape)> {
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
         let a = cpu_f32(s1, l1, OP, "lhs")?;
         let b = cpu_f32(s2, l2, OP, "rhs")?;
         if l1.dims() != l2.dims() {
-            candle_core::bail!(
-                "add_relu: shapes {:?} and {:?} differ",
-                l1.dims(),
-                l2.dims()
-            );
+            candle_core::bail!("add_relu: shapes {:?} and {:?} differ", l1.dims(), l2.dims());
         }
         let t = task_len(a.len(), 1);
         let out = par_zeroed(a.len(), t, |i, o| {
@@ -612,21 +489,10 @@ impl CustomOp2 for AddReluOp {
         Ok((CpuStorage::F32(out), l1.shape().clone()))
     }
 
-    fn bwd(
-        &self,
-        a: &Tensor,
-        b: &Tensor,
-        res: &Tensor,
-        grad: &Tensor,
-    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+    fn bwd(&self, a: &Tensor, b: &Tensor, res: &Tensor, grad: &Tensor) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
         // candle's ReLU passes the gradient where its input is ≥ 0; the output is 0 exactly
         // there too only when a + b = 0, which the mask below treats the same way (via a + b).
-        let operands = [
-            (a, "lhs"),
-            (b, "rhs"),
-            (grad, "output gradient"),
-            (res, "output"),
-        ];
+        let operands = [(a, "lhs"), (b, "rhs"), (grad, "output gradient"), (res, "output")];
         let g = with_f32(OP, &operands, |s| {
             let (ac, bc, gc) = (s[0], s[1], s[2]);
             let t = task_len(gc.len(), 1);
@@ -669,42 +535,19 @@ mod tests {
         let a = a.flatten_all().unwrap().to_vec1::<f32>().unwrap();
         let b = b.flatten_all().unwrap().to_vec1::<f32>().unwrap();
         let scale = b.iter().fold(1e-3f32, |m, v| m.max(v.abs()));
-        a.iter()
-            .zip(&b)
-            .fold(0f32, |m, (x, y)| m.max((x - y).abs()))
-            / scale
+        a.iter().zip(&b).fold(0f32, |m, (x, y)| m.max((x - y).abs())) / scale
     }
 
     /// Compare `fast(inputs)` with `slow(inputs)`: values and gradients of Σ r·y w.r.t. every
     /// input.
-    fn compare(
-        inputs: &[Var],
-        fast: impl Fn(&[Tensor]) -> Tensor,
-        slow: impl Fn(&[Tensor]) -> Tensor,
-        tol: f32,
-        what: &str,
-    ) {
+    fn compare(inputs: &[Var], fast: impl Fn(&[Tensor]) -> Tensor, slow: impl Fn(&[Tensor]) -> Tensor, tol: f32, what: &str) {
         let ts: Vec<Tensor> = inputs.iter().map(|v| v.as_tensor().clone()).collect();
         let (yf, ys) = (fast(&ts), slow(&ts));
-        assert!(
-            max_rel_diff(&yf, &ys) < tol,
-            "{what}: values {}",
-            max_rel_diff(&yf, &ys)
-        );
+        assert!(max_rel_diff(&yf, &ys) < tol, "{what}: values {}", max_rel_diff(&yf, &ys));
         let mut rng = Rng::new(99);
         let r = randn(&mut rng, yf.dims(), 1.0);
-        let gf = (&yf * r.as_tensor())
-            .unwrap()
-            .sum_all()
-            .unwrap()
-            .backward()
-            .unwrap();
-        let gs = (&ys * r.as_tensor())
-            .unwrap()
-            .sum_all()
-            .unwrap()
-            .backward()
-            .unwrap();
+        let gf = (&yf * r.as_tensor()).unwrap().sum_all().unwrap().backward().unwrap();
+        let gs = (&ys * r.as_tensor()).unwrap().sum_all().unwrap().backward().unwrap();
         for (i, t) in ts.iter().enumerate() {
             let d = max_rel_diff(gf.get(t).unwrap(), gs.get(t).unwrap());
             assert!(d < tol * 10.0, "{what}: gradient {i}: {d}");
@@ -719,13 +562,7 @@ mod tests {
             let x = randn(&mut rng, &dims, 2.0);
             let w = randn(&mut rng, &[d], 1.0);
             let b = randn(&mut rng, &[d], 1.0);
-            compare(
-                &[x, w, b],
-                |t| layer_norm(&t[0], &t[1], &t[2], 1e-5).unwrap().unwrap(),
-                |t| LayerNorm::reference(&t[0], &t[1], &t[2], 1e-5).unwrap(),
-                1e-5,
-                &format!("layer norm {dims:?}"),
-            );
+            compare(&[x, w, b], |t| layer_norm(&t[0], &t[1], &t[2], 1e-5).unwrap().unwrap(), |t| LayerNorm::reference(&t[0], &t[1], &t[2], 1e-5).unwrap(), 1e-5, &format!("layer norm {dims:?}"));
         }
     }
 
@@ -733,21 +570,9 @@ mod tests {
     fn attention_matches_primitives() {
         let mut rng = Rng::new(7);
         // (N, T, D, heads): the ViT's shape, odd token counts, one token, one head, dh = 1.
-        for (n, t, d, heads) in [
-            (3, 50, 64, 4),
-            (2, 7, 12, 3),
-            (1, 1, 8, 2),
-            (2, 5, 6, 1),
-            (2, 3, 4, 4),
-        ] {
+        for (n, t, d, heads) in [(3, 50, 64, 4), (2, 7, 12, 3), (1, 1, 8, 2), (2, 5, 6, 1), (2, 3, 4, 4)] {
             let qkv = randn(&mut rng, &[n, t, 3 * d], 1.5);
-            compare(
-                &[qkv],
-                |x| attention(&x[0], heads).unwrap().unwrap(),
-                |x| crate::models::attention_reference(&x[0], heads).unwrap(),
-                1e-5,
-                &format!("attention {n}x{t}x{d}, {heads} heads"),
-            );
+            compare(&[qkv], |x| attention(&x[0], heads).unwrap().unwrap(), |x| crate::models::attention_reference(&x[0], heads).unwrap(), 1e-5, &format!("attention {n}x{t}x{d}, {heads} heads"));
         }
     }
 
@@ -755,10 +580,7 @@ mod tests {
     fn attention_rejects_a_width_the_heads_do_not_divide() {
         let qkv = Tensor::zeros((2, 5, 3 * 10), candle_core::DType::F32, &Device::Cpu).unwrap();
         let err = attention(&qkv, 4).unwrap_err().to_string();
-        assert!(
-            err.contains("divisible by 4 heads") && err.contains("[2, 5, 30]"),
-            "{err}"
-        );
+        assert!(err.contains("divisible by 4 heads") && err.contains("[2, 5, 30]"), "{err}");
         let empty = Tensor::zeros((2, 5, 0), candle_core::DType::F32, &Device::Cpu).unwrap();
         assert!(attention(&empty, 1).is_err());
         let err = attention(&qkv, 0).unwrap_err().to_string();
@@ -770,13 +592,7 @@ mod tests {
         let mut rng = Rng::new(2);
         for dims in [[4usize, 3, 17, 17], [1, 1, 2, 5]] {
             let x = randn(&mut rng, &dims, 3.0);
-            compare(
-                &[x],
-                |t| softmax_last(&t[0]).unwrap().unwrap(),
-                |t| softmax_last_reference(&t[0]).unwrap(),
-                1e-5,
-                "softmax",
-            );
+            compare(&[x], |t| softmax_last(&t[0]).unwrap().unwrap(), |t| softmax_last_reference(&t[0]).unwrap(), 1e-5, "softmax");
         }
     }
 
@@ -784,13 +600,7 @@ mod tests {
     fn gelu_matches_candle() {
         let mut rng = Rng::new(3);
         let x = randn(&mut rng, &[5, 17, 33], 2.0);
-        compare(
-            &[x],
-            |t| gelu_erf(&t[0]).unwrap(),
-            |t| t[0].gelu_erf().unwrap(),
-            1e-6,
-            "gelu",
-        );
+        compare(&[x], |t| gelu_erf(&t[0]).unwrap(), |t| t[0].gelu_erf().unwrap(), 1e-6, "gelu");
     }
 
     #[test]
@@ -807,10 +617,7 @@ mod tests {
             worst_erf = worst_erf.max((got - want).abs());
         }
         assert!(worst_exp < 2e-7, "exp: worst relative error {worst_exp:e}");
-        assert!(
-            worst_erf < 2.5e-7,
-            "erf: worst absolute error {worst_erf:e}"
-        );
+        assert!(worst_erf < 2.5e-7, "erf: worst absolute error {worst_erf:e}");
         // Signs, zero and the saturated tails.
         assert_eq!(erf_vec(0.0), 0.0);
         assert_eq!(erf_vec(-1.0), -erf_vec(1.0));
@@ -824,12 +631,6 @@ mod tests {
         let mut rng = Rng::new(4);
         let a = randn(&mut rng, &[3, 4, 5, 6], 1.0);
         let b = randn(&mut rng, &[3, 4, 5, 6], 1.0);
-        compare(
-            &[a, b],
-            |t| add_relu(&t[0], &t[1]).unwrap(),
-            |t| (&t[0] + &t[1]).unwrap().relu().unwrap(),
-            1e-6,
-            "add_relu",
-        );
+        compare(&[a, b], |t| add_relu(&t[0], &t[1]).unwrap(), |t| (&t[0] + &t[1]).unwrap().relu().unwrap(), 1e-6, "add_relu");
     }
 }

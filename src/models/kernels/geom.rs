@@ -21,15 +21,8 @@ pub(super) struct Geom {
 }
 
 impl Geom {
-    pub(super) fn new(
-        x: &[usize],
-        w: &[usize],
-        stride: usize,
-        pad: usize,
-    ) -> candle_core::Result<Geom> {
-        let (&[n, c, h, wd], &[o, c2, kh, kw]) = (x, w) else {
-            candle_core::bail!("conv2d: expected a 4-d input and weight, got {x:?} and {w:?}")
-        };
+    pub(super) fn new(x: &[usize], w: &[usize], stride: usize, pad: usize) -> candle_core::Result<Geom> {
+        let (&[n, c, h, wd], &[o, c2, kh, kw]) = (x, w) else { candle_core::bail!("conv2d: expected a 4-d input and weight, got {x:?} and {w:?}") };
         if c != c2 {
             candle_core::bail!("conv2d: input has {c} channels but the weight expects {c2}");
         }
@@ -39,19 +32,7 @@ impl Geom {
         if h + 2 * pad < kh || wd + 2 * pad < kw {
             candle_core::bail!("conv2d: kernel {kh}×{kw} larger than the padded {h}×{wd} input");
         }
-        Ok(Geom {
-            n,
-            c,
-            h,
-            w: wd,
-            o,
-            kh,
-            kw,
-            stride,
-            pad,
-            ho: (h + 2 * pad - kh) / stride + 1,
-            wo: (wd + 2 * pad - kw) / stride + 1,
-        })
+        Ok(Geom { n, c, h, w: wd, o, kh, kw, stride, pad, ho: (h + 2 * pad - kh) / stride + 1, wo: (wd + 2 * pad - kw) / stride + 1 })
     }
 
     /// Rows of the patch matrix: C·kh·kw.
@@ -81,19 +62,14 @@ impl Geom {
 /// The convolution that maps an output gradient (O channels) to the input gradient (C channels)
 /// of a stride-1 "same" convolution, and its weight W'[c, o, i, j] = W[o, c, kh−1−i, kw−1−j].
 pub(super) fn transposed_conv(g: &Geom, w: &[f32]) -> (Geom, Vec<f32>) {
-    let gt = Geom {
-        c: g.o,
-        o: g.c,
-        ..*g
-    };
+    let gt = Geom { c: g.o, o: g.c, ..*g };
     let (kh, kw) = (g.kh, g.kw);
     let mut wt = vec![0f32; w.len()];
     for o in 0..g.o {
         for c in 0..g.c {
             for i in 0..kh {
                 for j in 0..kw {
-                    wt[((c * g.o + o) * kh + i) * kw + j] =
-                        w[((o * g.c + c) * kh + (kh - 1 - i)) * kw + (kw - 1 - j)];
+                    wt[((c * g.o + o) * kh + i) * kw + j] = w[((o * g.c + c) * kh + (kh - 1 - i)) * kw + (kw - 1 - j)];
                 }
             }
         }

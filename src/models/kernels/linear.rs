@@ -30,29 +30,10 @@ impl CustomOp3 for LinearOp {
         "fused-linear"
     }
 
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-        s3: &CpuStorage,
-        l3: &Layout,
-    ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let (&[n, k], &[o, k2]) = (l1.dims(), l2.dims()) else {
-            candle_core::bail!(
-                "fused linear: expected 2-d input and weight, got {:?} and {:?}",
-                l1.dims(),
-                l2.dims()
-            )
-        };
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout, s3: &CpuStorage, l3: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (&[n, k], &[o, k2]) = (l1.dims(), l2.dims()) else { candle_core::bail!("fused linear: expected 2-d input and weight, got {:?} and {:?}", l1.dims(), l2.dims()) };
         if k != k2 || l3.dims() != [o] {
-            candle_core::bail!(
-                "fused linear: input {:?}, weight {:?}, bias {:?}",
-                l1.dims(),
-                l2.dims(),
-                l3.dims()
-            );
+            candle_core::bail!("fused linear: input {:?}, weight {:?}, bias {:?}", l1.dims(), l2.dims(), l3.dims());
         }
         let x = cpu_f32(s1, l1, OP, "input")?;
         let w = cpu_f32(s2, l2, OP, "weight")?;
@@ -62,9 +43,7 @@ impl CustomOp3 for LinearOp {
         if o > 0 {
             for row in y.chunks_exact_mut(o) {
                 if self.relu {
-                    row.iter_mut()
-                        .zip(b)
-                        .for_each(|(v, &bv)| *v = relu(*v + bv));
+                    row.iter_mut().zip(b).for_each(|(v, &bv)| *v = relu(*v + bv));
                 } else {
                     row.iter_mut().zip(b).for_each(|(v, &bv)| *v += bv);
                 }
@@ -74,14 +53,7 @@ impl CustomOp3 for LinearOp {
     }
 
     #[allow(clippy::type_complexity)]
-    fn bwd(
-        &self,
-        x: &Tensor,
-        w: &Tensor,
-        b: &Tensor,
-        res: &Tensor,
-        grad: &Tensor,
-    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+    fn bwd(&self, x: &Tensor, w: &Tensor, b: &Tensor, res: &Tensor, grad: &Tensor) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let (n, k) = x.dims2()?;
         let (o, _) = w.dims2()?;
         let mut operands = vec![(x, "input"), (w, "weight"), (grad, "output gradient")];
@@ -92,11 +64,7 @@ impl CustomOp3 for LinearOp {
             let (xs, ws, gs) = (s[0], s[1], s[2]);
             let masked: Vec<f32>;
             let gy: &[f32] = if self.relu {
-                masked = gs
-                    .iter()
-                    .zip(s[3])
-                    .map(|(&g, &r)| relu_backward(g, r))
-                    .collect();
+                masked = gs.iter().zip(s[3]).map(|(&g, &r)| relu_backward(g, r)).collect();
                 &masked
             } else {
                 gs
@@ -139,9 +107,7 @@ pub struct Linear {
 impl Linear {
     /// `input → output` features; variables `weight` (output×input) and `bias` (output).
     pub fn new(input: usize, output: usize, vb: VarBuilder) -> candle_core::Result<Self> {
-        Ok(Linear {
-            inner: candle_nn::linear(input, output, vb)?,
-        })
+        Ok(Linear { inner: candle_nn::linear(input, output, vb)? })
     }
 
     pub fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
@@ -155,9 +121,7 @@ impl Linear {
 
     fn apply(&self, x: &Tensor, apply_relu: bool) -> candle_core::Result<Tensor> {
         let w = self.inner.weight();
-        let Some(b) = self.inner.bias() else {
-            candle_core::bail!("fused linear: the layer has no bias")
-        };
+        let Some(b) = self.inner.bias() else { candle_core::bail!("fused linear: the layer has no bias") };
         let fast = super::fast_cpu(&[x, w, b]);
         if !fast || x.rank() == 0 {
             let y = self.inner.forward(x)?;
@@ -187,10 +151,7 @@ mod tests {
         let a = a.flatten_all().unwrap().to_vec1::<f32>().unwrap();
         let b = b.flatten_all().unwrap().to_vec1::<f32>().unwrap();
         let scale = b.iter().fold(1e-3f32, |m, v| m.max(v.abs()));
-        a.iter()
-            .zip(&b)
-            .fold(0f32, |m, (x, y)| m.max((x - y).abs()))
-            / scale
+        a.iter().zip(&b).fold(0f32, |m, (x, y)| m.max((x - y).abs())) / scale
     }
 
     #[test]
@@ -202,12 +163,7 @@ mod tests {
                 let vb = VarBuilder::from_varmap(&vm, DType::F32, &Device::Cpu);
                 let ours = Linear::new(13, 9, vb.pp("l")).unwrap();
                 let n: usize = dims.iter().product();
-                let x = Var::from_vec(
-                    (0..n).map(|_| rng.normal() as f32).collect::<Vec<_>>(),
-                    dims.as_slice(),
-                    &Device::Cpu,
-                )
-                .unwrap();
+                let x = Var::from_vec((0..n).map(|_| rng.normal() as f32).collect::<Vec<_>>(), dims.as_slice(), &Device::Cpu).unwrap();
                 let ya = ours.apply(x.as_tensor(), apply_relu).unwrap();
                 let yb = ours.inner.forward(x.as_tensor()).unwrap();
                 let yb = if apply_relu { yb.relu().unwrap() } else { yb };
@@ -231,13 +187,7 @@ mod tests {
         let vm = VarMap::new();
         let l = Linear::new(4, 3, VarBuilder::from_varmap(&vm, DType::F32, &Device::Cpu)).unwrap();
         let x = Tensor::ones((2, 4), DType::F32, &Device::Cpu).unwrap();
-        let g = l
-            .forward(&x)
-            .unwrap()
-            .sum_all()
-            .unwrap()
-            .backward()
-            .unwrap();
+        let g = l.forward(&x).unwrap().sum_all().unwrap().backward().unwrap();
         assert!(g.get(&x).is_none());
         assert!(g.get(l.inner.weight()).is_some());
     }

@@ -21,52 +21,26 @@ pub(super) struct Mat<'a> {
 
 impl<'a> Mat<'a> {
     pub(super) fn row_major(data: &'a [f32], rows: usize, cols: usize) -> Self {
-        Mat {
-            data,
-            rows,
-            cols,
-            rs: cols,
-            cs: 1,
-        }
+        Mat { data, rows, cols, rs: cols, cs: 1 }
     }
 
     /// Element (r, c) at `data[r·rs + c·cs]`: e.g. one head's columns of a wider row-major matrix.
     pub(super) fn strided(data: &'a [f32], rows: usize, cols: usize, rs: usize, cs: usize) -> Self {
-        Mat {
-            data,
-            rows,
-            cols,
-            rs,
-            cs,
-        }
+        Mat { data, rows, cols, rs, cs }
     }
 
     pub(super) fn t(self) -> Self {
-        Mat {
-            data: self.data,
-            rows: self.cols,
-            cols: self.rows,
-            rs: self.cs,
-            cs: self.rs,
-        }
+        Mat { data: self.data, rows: self.cols, cols: self.rows, rs: self.cs, cs: self.rs }
     }
 
     /// Rows `r0..r0 + rows` (r0 < self.rows).
     fn sub_rows(self, r0: usize, rows: usize) -> Self {
-        Mat {
-            data: &self.data[r0 * self.rs..],
-            rows,
-            ..self
-        }
+        Mat { data: &self.data[r0 * self.rs..], rows, ..self }
     }
 
     /// Columns `c0..c0 + cols` (c0 < self.cols).
     fn sub_cols(self, c0: usize, cols: usize) -> Self {
-        Mat {
-            data: &self.data[c0 * self.cs..],
-            cols,
-            ..self
-        }
+        Mat { data: &self.data[c0 * self.cs..], cols, ..self }
     }
 
     /// Every element lies inside `data`.
@@ -74,32 +48,19 @@ impl<'a> Mat<'a> {
         if self.rows == 0 || self.cols == 0 {
             return true;
         }
-        let last = (self.rows - 1)
-            .checked_mul(self.rs)
-            .zip((self.cols - 1).checked_mul(self.cs))
-            .and_then(|(r, c)| r.checked_add(c));
+        let last = (self.rows - 1).checked_mul(self.rs).zip((self.cols - 1).checked_mul(self.cs)).and_then(|(r, c)| r.checked_add(c));
         last.is_some_and(|i| i < self.data.len())
     }
 }
 
 /// `dst` (row-major a.rows × b.cols) = a·b, or dst + a·b when `accumulate`.
 pub(super) fn matmul(dst: &mut [f32], a: Mat, b: Mat, accumulate: bool, par: gemm::Parallelism) {
-    assert!(
-        dst.len() == a.rows * b.cols,
-        "conv matmul: inconsistent shapes"
-    );
+    assert!(dst.len() == a.rows * b.cols, "conv matmul: inconsistent shapes");
     matmul_rows(dst, b.cols, a, b, accumulate, par);
 }
 
 /// [`matmul`] into a.rows × b.cols elements of `dst` whose rows start `dst_rs` (≥ b.cols) apart.
-pub(super) fn matmul_rows(
-    dst: &mut [f32],
-    dst_rs: usize,
-    a: Mat,
-    b: Mat,
-    accumulate: bool,
-    par: gemm::Parallelism,
-) {
+pub(super) fn matmul_rows(dst: &mut [f32], dst_rs: usize, a: Mat, b: Mat, accumulate: bool, par: gemm::Parallelism) {
     let (m, k, n) = (a.rows, a.cols, b.cols);
     if m == 0 || n == 0 {
         return;
@@ -108,14 +69,7 @@ pub(super) fn matmul_rows(
     // checking it here is what makes the raw-pointer call below sound, so a violation must stop
     // rather than read or write out of bounds.
     let dst_end = (m - 1).checked_mul(dst_rs).and_then(|v| v.checked_add(n));
-    assert!(
-        b.rows == k
-            && dst_rs >= n
-            && dst_end.is_some_and(|end| end <= dst.len())
-            && a.in_bounds()
-            && b.in_bounds(),
-        "conv matmul: inconsistent shapes"
-    );
+    assert!(b.rows == k && dst_rs >= n && dst_end.is_some_and(|end| end <= dst.len()) && a.in_bounds() && b.in_bounds(), "conv matmul: inconsistent shapes");
     // SAFETY: all three matrices lie inside their slices (asserted above), `dst` is exclusively
     // borrowed and does not alias `a` or `b`.
     unsafe { gemm_raw(dst.as_mut_ptr(), dst_rs, a, b, accumulate, par) }
@@ -183,10 +137,7 @@ pub(super) fn matmul_par(dst: &mut [f32], a: Mat, b: Mat, accumulate: bool) {
     if !(rows_ok || cols_ok) {
         return matmul(dst, a, b, accumulate, gemm::Parallelism::None);
     }
-    assert!(
-        dst.len() == m * n && b.rows == k && a.in_bounds() && b.in_bounds(),
-        "conv matmul: inconsistent shapes"
-    );
+    assert!(dst.len() == m * n && b.rows == k && a.in_bounds() && b.in_bounds(), "conv matmul: inconsistent shapes");
     if rows_ok && (m >= n || !cols_ok) {
         dst.par_chunks_mut(rows * n).enumerate().for_each(|(i, block)| {
             let r0 = i * rows;
@@ -341,14 +292,7 @@ mod split_tests {
             let gemm2 = best(&mut || pool.install(|| matmul(&mut dst, a, b, false, gemm::Parallelism::Rayon(2))));
             let split = best(&mut || pool.install(|| matmul_par(&mut dst, a, b, false)));
             let gf = 2.0 * (m * k * n) as f64 / 1e9;
-            println!(
-                "{m}x{k}x{n}: 1 thread {:.3} ms ({:.0} GFLOP/s), gemm Rayon(2) {:.3} ms, split {:.3} ms ({:.2}x)",
-                one * 1e3,
-                gf / one,
-                gemm2 * 1e3,
-                split * 1e3,
-                one / split
-            );
+            println!("{m}x{k}x{n}: 1 thread {:.3} ms ({:.0} GFLOP/s), gemm Rayon(2) {:.3} ms, split {:.3} ms ({:.2}x)", one * 1e3, gf / one, gemm2 * 1e3, split * 1e3, one / split);
         }
     }
 }

@@ -64,15 +64,8 @@ use candle_core::{DType, Tensor};
 
 /// The f32 elements of a contiguous CPU storage, for the custom ops' kernels; `op` and `what`
 /// name the operation and the operand in the error.
-pub(crate) fn cpu_f32<'a>(
-    s: &'a candle_core::CpuStorage,
-    l: &candle_core::Layout,
-    op: &str,
-    what: &str,
-) -> candle_core::Result<&'a [f32]> {
-    let candle_core::CpuStorage::F32(v) = s else {
-        candle_core::bail!("{op}: the {what} must be f32")
-    };
+pub(crate) fn cpu_f32<'a>(s: &'a candle_core::CpuStorage, l: &candle_core::Layout, op: &str, what: &str) -> candle_core::Result<&'a [f32]> {
+    let candle_core::CpuStorage::F32(v) = s else { candle_core::bail!("{op}: the {what} must be f32") };
     match l.contiguous_offsets() {
         Some((a, b)) => Ok(&v[a..b]),
         None => candle_core::bail!("{op}: the {what} must be contiguous"),
@@ -80,12 +73,7 @@ pub(crate) fn cpu_f32<'a>(
 }
 
 /// The f32 elements of a tensor's storage, which must be on the CPU and contiguous.
-pub(crate) fn storage_f32<'a>(
-    s: &'a candle_core::Storage,
-    l: &candle_core::Layout,
-    op: &str,
-    what: &str,
-) -> candle_core::Result<&'a [f32]> {
+pub(crate) fn storage_f32<'a>(s: &'a candle_core::Storage, l: &candle_core::Layout, op: &str, what: &str) -> candle_core::Result<&'a [f32]> {
     match s {
         candle_core::Storage::Cpu(c) => cpu_f32(c, l, op, what),
         _ => candle_core::bail!("{op}: the {what} is not on the CPU"),
@@ -95,21 +83,10 @@ pub(crate) fn storage_f32<'a>(
 /// Run `f` on the contiguous f32 CPU data of `tensors` (each made contiguous first, a copy only if
 /// it was not), given as (tensor, name); `op` and the name go into the error for a tensor that is
 /// not f32 on the CPU. The custom ops' backward passes read their operands through this.
-pub(crate) fn with_f32<R>(
-    op: &str,
-    tensors: &[(&Tensor, &str)],
-    f: impl FnOnce(&[&[f32]]) -> candle_core::Result<R>,
-) -> candle_core::Result<R> {
-    let owned: Vec<Tensor> = tensors
-        .iter()
-        .map(|(t, _)| t.contiguous())
-        .collect::<candle_core::Result<_>>()?;
+pub(crate) fn with_f32<R>(op: &str, tensors: &[(&Tensor, &str)], f: impl FnOnce(&[&[f32]]) -> candle_core::Result<R>) -> candle_core::Result<R> {
+    let owned: Vec<Tensor> = tensors.iter().map(|(t, _)| t.contiguous()).collect::<candle_core::Result<_>>()?;
     let guards: Vec<_> = owned.iter().map(Tensor::storage_and_layout).collect();
-    let slices: Vec<&[f32]> = guards
-        .iter()
-        .zip(tensors)
-        .map(|((s, l), (_, what))| storage_f32(s, l, op, what))
-        .collect::<candle_core::Result<_>>()?;
+    let slices: Vec<&[f32]> = guards.iter().zip(tensors).map(|((s, l), (_, what))| storage_f32(s, l, op, what)).collect::<candle_core::Result<_>>()?;
     f(&slices)
 }
 
@@ -137,7 +114,5 @@ pub(crate) fn fast_cpu(tensors: &[&Tensor]) -> bool {
     if super::test_support::REFERENCE_OPS.with(std::cell::Cell::get) {
         return false;
     }
-    tensors
-        .iter()
-        .all(|t| t.device().is_cpu() && t.dtype() == DType::F32)
+    tensors.iter().all(|t| t.device().is_cpu() && t.dtype() == DType::F32)
 }

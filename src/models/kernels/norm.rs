@@ -47,8 +47,7 @@ fn lane_sum(v: &[f32], f: impl Fn(f32) -> f32) -> f64 {
             *a += f(x);
         }
     }
-    acc.iter().map(|&a| f64::from(a)).sum::<f64>()
-        + tail.iter().map(|&x| f64::from(f(x))).sum::<f64>()
+    acc.iter().map(|&a| f64::from(a)).sum::<f64>() + tail.iter().map(|&x| f64::from(f(x))).sum::<f64>()
 }
 
 /// `if r <= 0 { 0 } else { g }` (the gradient through a ReLU whose output is `r`) as a bit
@@ -72,26 +71,14 @@ avx2_variant! {
 }
 
 #[inline(always)]
-fn backward_sums_masked<const RELU: bool>(
-    g: &[f32],
-    r: &[f32],
-    x: &[f32],
-    mean: f32,
-) -> (f64, f64) {
+fn backward_sums_masked<const RELU: bool>(g: &[f32], r: &[f32], x: &[f32], mean: f32) -> (f64, f64) {
     let len = g.len();
     let (r, x) = (&r[..len], &x[..len]);
     let (mut a, mut b) = ([0f32; LANES], [0f32; LANES]);
-    let chunks = g
-        .chunks_exact(LANES)
-        .zip(r.chunks_exact(LANES))
-        .zip(x.chunks_exact(LANES));
+    let chunks = g.chunks_exact(LANES).zip(r.chunks_exact(LANES)).zip(x.chunks_exact(LANES));
     for ((gc, rc), xc) in chunks {
         // Fixed-size views: no bounds checks, and the lane loop unrolls into vector operations.
-        let (gc, rc, xc): (&[f32; LANES], &[f32; LANES], &[f32; LANES]) = (
-            gc.try_into().expect("chunk of LANES"),
-            rc.try_into().expect("chunk of LANES"),
-            xc.try_into().expect("chunk of LANES"),
-        );
+        let (gc, rc, xc): (&[f32; LANES], &[f32; LANES], &[f32; LANES]) = (gc.try_into().expect("chunk of LANES"), rc.try_into().expect("chunk of LANES"), xc.try_into().expect("chunk of LANES"));
         for l in 0..LANES {
             let d = if RELU { relu_grad(gc[l], rc[l]) } else { gc[l] };
             a[l] += d;
@@ -117,9 +104,7 @@ pub(super) struct Dims {
 
 impl Dims {
     pub(super) fn of(dims: &[usize]) -> candle_core::Result<Dims> {
-        let &[n, c, h, w] = dims else {
-            candle_core::bail!("batch-norm: expected an N×C×H×W input, got {dims:?}")
-        };
+        let &[n, c, h, w] = dims else { candle_core::bail!("batch-norm: expected an N×C×H×W input, got {dims:?}") };
         Ok(Dims { n, c, hw: h * w })
     }
 
@@ -182,22 +167,10 @@ pub(super) fn batch_stats(d: Dims, x: &[f32]) -> Stats {
 }
 
 /// y = (x − mean)/√(var + eps)·w + b per channel, then ReLU if `relu`.
-pub(super) fn normalise(
-    d: Dims,
-    x: &[f32],
-    w: &[f32],
-    b: &[f32],
-    eps: f64,
-    relu: bool,
-    stats: &Stats,
-) -> Vec<f32> {
+pub(super) fn normalise(d: Dims, x: &[f32], w: &[f32], b: &[f32], eps: f64, relu: bool, stats: &Stats) -> Vec<f32> {
     // y = x·a + c per channel, a = w/√(var+eps), c = b − mean·a.
-    let scale: Vec<f32> = (0..d.c)
-        .map(|ch| (f64::from(w[ch]) / (stats.var[ch] + eps).sqrt()) as f32)
-        .collect();
-    let shift: Vec<f32> = (0..d.c)
-        .map(|ch| (f64::from(b[ch]) - stats.mean[ch] * f64::from(scale[ch])) as f32)
-        .collect();
+    let scale: Vec<f32> = (0..d.c).map(|ch| (f64::from(w[ch]) / (stats.var[ch] + eps).sqrt()) as f32).collect();
+    let shift: Vec<f32> = (0..d.c).map(|ch| (f64::from(b[ch]) - stats.mean[ch] * f64::from(scale[ch])) as f32).collect();
     super::alloc::par_zeroed(x.len(), d.hw, |i, o| {
         let xi = &x[i * d.hw..(i + 1) * d.hw];
         affine(o, xi, scale[i % d.c], shift[i % d.c], relu)
@@ -214,16 +187,7 @@ pub(super) struct BnGrads {
 }
 
 #[allow(clippy::too_many_arguments)]
-pub(super) fn bn_grads(
-    d: Dims,
-    stats: &Stats,
-    eps: f64,
-    w: &[f32],
-    g: &[f32],
-    r: &[f32],
-    x: &[f32],
-    relu: bool,
-) -> BnGrads {
+pub(super) fn bn_grads(d: Dims, stats: &Stats, eps: f64, w: &[f32], g: &[f32], r: &[f32], x: &[f32], relu: bool) -> BnGrads {
     let m = d.m().max(1) as f64;
     // Per channel: Σ dy and Σ dy·(x − mean).
     let sums: Vec<(f64, f64)> = (0..d.c)
@@ -251,13 +215,7 @@ pub(super) fn bn_grads(
             (k1 as f32, k2 as f32, k3 as f32)
         })
         .collect();
-    BnGrads {
-        weight: (0..d.c)
-            .map(|ch| (sums[ch].1 * invstd[ch]) as f32)
-            .collect(),
-        bias: sums.iter().map(|s| s.0 as f32).collect(),
-        coef,
-    }
+    BnGrads { weight: (0..d.c).map(|ch| (sums[ch].1 * invstd[ch]) as f32).collect(), bias: sums.iter().map(|s| s.0 as f32).collect(), coef }
 }
 
 avx2_variant! {
@@ -300,26 +258,13 @@ impl CustomOp3 for BnOp {
         "fused-batch-norm"
     }
 
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-        s3: &CpuStorage,
-        l3: &Layout,
-    ) -> candle_core::Result<(CpuStorage, Shape)> {
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout, s3: &CpuStorage, l3: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
         let d = Dims::of(l1.dims())?;
         let x = cpu_f32(s1, l1, OP, "input")?;
         let w = cpu_f32(s2, l2, OP, "weight")?;
         let b = cpu_f32(s3, l3, OP, "bias")?;
         if w.len() != d.c || b.len() != d.c {
-            candle_core::bail!(
-                "fused batch-norm: {} channels but weight/bias of {}/{}",
-                d.c,
-                w.len(),
-                b.len()
-            );
+            candle_core::bail!("fused batch-norm: {} channels but weight/bias of {}/{}", d.c, w.len(), b.len());
         }
         let stats = batch_stats(d, x);
         let out = normalise(d, x, w, b, self.eps, self.relu, &stats);
@@ -329,25 +274,11 @@ impl CustomOp3 for BnOp {
     }
 
     #[allow(clippy::type_complexity)]
-    fn bwd(
-        &self,
-        x: &Tensor,
-        w: &Tensor,
-        b: &Tensor,
-        res: &Tensor,
-        grad: &Tensor,
-    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let Some(stats) = self.stats.get() else {
-            candle_core::bail!("fused batch-norm: backward before forward")
-        };
+    fn bwd(&self, x: &Tensor, w: &Tensor, b: &Tensor, res: &Tensor, grad: &Tensor) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let Some(stats) = self.stats.get() else { candle_core::bail!("fused batch-norm: backward before forward") };
         let d = Dims::of(x.dims())?;
         let dev = x.device();
-        let operands = [
-            (x, "input"),
-            (w, "weight"),
-            (grad, "output gradient"),
-            (res, "output"),
-        ];
+        let operands = [(x, "input"), (w, "weight"), (grad, "output gradient"), (res, "output")];
         let (grads, gx) = with_f32(OP, &operands, |s| {
             let (xs, ws, gs, rs) = (s[0], s[1], s[2], s[3]);
             let grads = bn_grads(d, stats, self.eps, ws, gs, rs, xs, self.relu);
@@ -364,14 +295,8 @@ impl CustomOp3 for BnOp {
             Ok((grads, gx))
         })?;
         let (gw, gb) = (grads.weight, grads.bias);
-        let gw = w
-            .track_op()
-            .then(|| Tensor::from_vec(gw, w.shape(), dev))
-            .transpose()?;
-        let gb = b
-            .track_op()
-            .then(|| Tensor::from_vec(gb, b.shape(), dev))
-            .transpose()?;
+        let gw = w.track_op().then(|| Tensor::from_vec(gw, w.shape(), dev)).transpose()?;
+        let gb = b.track_op().then(|| Tensor::from_vec(gb, b.shape(), dev)).transpose()?;
         Ok((gx, gw, gb))
     }
 }
@@ -392,11 +317,7 @@ impl BatchNorm2d {
         // The running statistics are variables of the VarMap, so these share their storage.
         let running_mean = Var::from_tensor(bn.running_mean())?;
         let running_var = Var::from_tensor(bn.running_var())?;
-        Ok(BatchNorm2d {
-            bn,
-            running_mean,
-            running_var,
-        })
+        Ok(BatchNorm2d { bn, running_mean, running_var })
     }
 
     /// Batch statistics (and a running-statistics update) when `train`, running statistics
@@ -409,24 +330,16 @@ impl BatchNorm2d {
             return if relu { y.relu() } else { Ok(y) };
         }
         let stats = Arc::new(OnceLock::new());
-        let op = BnOp {
-            eps,
-            relu,
-            stats: stats.clone(),
-        };
+        let op = BnOp { eps, relu, stats: stats.clone() };
         let y = x.contiguous()?.apply_op3(w, b, op)?;
-        let Some(s) = stats.get() else {
-            candle_core::bail!("fused batch-norm: the forward pass left no statistics")
-        };
+        let Some(s) = stats.get() else { candle_core::bail!("fused batch-norm: the forward pass left no statistics") };
         self.update_running(s, Dims::of(x.dims())?)?;
         Ok(y)
     }
 
     /// The weight and bias (every layer made by [`BatchNorm2d::new`] has them), and eps.
     pub(super) fn affine(&self) -> candle_core::Result<(&Tensor, &Tensor, f64)> {
-        let Some((w, b)) = self.bn.weight_and_bias() else {
-            candle_core::bail!("batch-norm without affine parameters is not supported")
-        };
+        let Some((w, b)) = self.bn.weight_and_bias() else { candle_core::bail!("batch-norm without affine parameters is not supported") };
         Ok((w, b, self.bn.eps()))
     }
 
@@ -438,11 +351,7 @@ impl BatchNorm2d {
         let m = d.m() as f64;
         let update = |var: &Var, stat: &[f64], factor: f64| -> candle_core::Result<()> {
             let old = var.as_tensor().to_vec1::<f32>()?;
-            let new: Vec<f32> = old
-                .iter()
-                .zip(stat)
-                .map(|(&r, &s)| r * (1.0 - mom) as f32 + (s * factor) as f32)
-                .collect();
+            let new: Vec<f32> = old.iter().zip(stat).map(|(&r, &s)| r * (1.0 - mom) as f32 + (s * factor) as f32).collect();
             var.set(&Tensor::from_vec(new, old.len(), var.device())?)
         };
         update(&self.running_mean, &s.mean, mom)?;
@@ -462,24 +371,13 @@ mod tests {
         let b = b.flatten_all().unwrap().to_vec1::<f32>().unwrap();
         assert_eq!(a.len(), b.len());
         let scale = b.iter().fold(1f32, |m, v| m.max(v.abs()));
-        a.iter()
-            .zip(&b)
-            .fold(0f32, |m, (x, y)| m.max((x - y).abs()))
-            / scale
+        a.iter().zip(&b).fold(0f32, |m, (x, y)| m.max((x - y).abs())) / scale
     }
 
     #[test]
     fn relu_grad_is_the_branch_it_replaces() {
         let branch = |g: f32, r: f32| if r <= 0.0 { 0.0 } else { g };
-        let values = [
-            1.5f32,
-            -2.0,
-            0.0,
-            -0.0,
-            f32::NAN,
-            f32::INFINITY,
-            f32::MIN_POSITIVE,
-        ];
+        let values = [1.5f32, -2.0, 0.0, -0.0, f32::NAN, f32::INFINITY, f32::MIN_POSITIVE];
         for &g in &values {
             for &r in &values {
                 let (a, b) = (relu_grad(g, r), branch(g, r));
@@ -497,8 +395,7 @@ mod tests {
                 let vm = VarMap::new();
                 let vb = VarBuilder::from_varmap(&vm, DType::F32, &Device::Cpu);
                 let ours = BatchNorm2d::new(c, vb.pp("a")).unwrap();
-                let theirs =
-                    candle_nn::batch_norm(c, BatchNormConfig::default(), vb.pp("b")).unwrap();
+                let theirs = candle_nn::batch_norm(c, BatchNormConfig::default(), vb.pp("b")).unwrap();
                 // Non-trivial affine parameters, the same in both.
                 {
                     let data = vm.data().lock().unwrap();
@@ -509,9 +406,7 @@ mod tests {
                         data[&format!("b.{name}")].set(&t).unwrap();
                     }
                 }
-                let xv: Vec<f32> = (0..n * c * h * w)
-                    .map(|_| (rng.normal() * 2.0 + 0.5) as f32)
-                    .collect();
+                let xv: Vec<f32> = (0..n * c * h * w).map(|_| (rng.normal() * 2.0 + 0.5) as f32).collect();
                 let x = Var::from_vec(xv, (n, c, h, w), &Device::Cpu).unwrap();
                 let r: Vec<f32> = (0..n * c * h * w).map(|_| rng.normal() as f32).collect();
                 let r = Tensor::from_vec(r, (n, c, h, w), &Device::Cpu).unwrap();
@@ -524,21 +419,14 @@ mod tests {
                     let ga = (&ya * &r).unwrap().sum_all().unwrap().backward().unwrap();
                     let gb = (&yb * &r).unwrap().sum_all().unwrap().backward().unwrap();
                     let var = |name: &str| vm.data().lock().unwrap()[name].as_tensor().clone();
-                    let pairs = [
-                        (x.as_tensor().clone(), x.as_tensor().clone()),
-                        (var("a.weight"), var("b.weight")),
-                        (var("a.bias"), var("b.bias")),
-                    ];
+                    let pairs = [(x.as_tensor().clone(), x.as_tensor().clone()), (var("a.weight"), var("b.weight")), (var("a.bias"), var("b.bias"))];
                     for (i, (ta, tb)) in pairs.iter().enumerate() {
                         let d = max_rel_diff(ga.get(ta).unwrap(), gb.get(tb).unwrap());
                         assert!(d < 1e-4, "{what}: gradient {i}: {d}");
                     }
                     for stat in ["running_mean", "running_var"] {
                         let data = vm.data().lock().unwrap();
-                        let d = max_rel_diff(
-                            data[&format!("a.{stat}")].as_tensor(),
-                            data[&format!("b.{stat}")].as_tensor(),
-                        );
+                        let d = max_rel_diff(data[&format!("a.{stat}")].as_tensor(), data[&format!("b.{stat}")].as_tensor());
                         assert!(d < 1e-5, "{what}: {stat}");
                     }
                 }

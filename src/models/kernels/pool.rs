@@ -59,9 +59,7 @@ struct MaxPool {
 
 /// (planes N·C, H, W, Ho, Wo) of a 4-d input, checking that at least one window fits.
 fn pool_dims(dims: &[usize], k: usize) -> candle_core::Result<(usize, usize, usize, usize, usize)> {
-    let &[n, c, h, w] = dims else {
-        candle_core::bail!("max_pool2d: expected a 4-d input, got {dims:?}")
-    };
+    let &[n, c, h, w] = dims else { candle_core::bail!("max_pool2d: expected a 4-d input, got {dims:?}") };
     if k == 0 || h < k || w < k {
         candle_core::bail!("max_pool2d: kernel {k} does not fit the {h}×{w} input");
     }
@@ -76,11 +74,7 @@ fn planes_per_task(planes: usize) -> usize {
 /// One output row of 2×2 pooling from input rows `r0` and `r1`.
 #[inline]
 fn pool2_row(r0: &[f32], r1: &[f32], out: &mut [f32]) {
-    for ((o, a), b) in out
-        .iter_mut()
-        .zip(r0.chunks_exact(2))
-        .zip(r1.chunks_exact(2))
-    {
+    for ((o, a), b) in out.iter_mut().zip(r0.chunks_exact(2)).zip(r1.chunks_exact(2)) {
         *o = a[0].max(a[1]).max(b[0].max(b[1]));
     }
 }
@@ -91,16 +85,7 @@ fn pool2_row(r0: &[f32], r1: &[f32], out: &mut [f32]) {
 /// (every operation is exact or this code's own, in the same order).
 #[inline]
 #[allow(clippy::too_many_arguments)]
-fn unpool2_row(
-    rule: PoolGradient,
-    avx2: bool,
-    r0: &[f32],
-    r1: &[f32],
-    m: &[f32],
-    g: &[f32],
-    d0: &mut [f32],
-    d1: &mut [f32],
-) {
+fn unpool2_row(rule: PoolGradient, avx2: bool, r0: &[f32], r1: &[f32], m: &[f32], g: &[f32], d0: &mut [f32], d1: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
     if avx2 && rule == PoolGradient::Candle {
         // SAFETY: the caller checked that the CPU has AVX2.
@@ -108,10 +93,7 @@ fn unpool2_row(
         return;
     }
     let _ = avx2;
-    let windows = r0
-        .chunks_exact(2)
-        .zip(r1.chunks_exact(2))
-        .zip(d0.chunks_exact_mut(2).zip(d1.chunks_exact_mut(2)));
+    let windows = r0.chunks_exact(2).zip(r1.chunks_exact(2)).zip(d0.chunks_exact_mut(2).zip(d1.chunks_exact_mut(2)));
     for ((((a, b), (da, db)), &mv), &gv) in windows.zip(m).zip(g) {
         let e = [a[0] == mv, a[1] == mv, b[0] == mv, b[1] == mv];
         let share = match rule {
@@ -162,24 +144,11 @@ mod avx2 {
     /// # Safety
     /// The CPU must have AVX2.
     #[target_feature(enable = "avx2")]
-    pub(super) unsafe fn unpool2_candle(
-        r0: &[f32],
-        r1: &[f32],
-        m: &[f32],
-        g: &[f32],
-        d0: &mut [f32],
-        d1: &mut [f32],
-    ) {
+    pub(super) unsafe fn unpool2_candle(r0: &[f32], r1: &[f32], m: &[f32], g: &[f32], d0: &mut [f32], d1: &mut [f32]) {
         let n = m.len();
         // What keeps every access of `step` inside the slices.
-        assert!(
-            g.len() == n && r0.len() == 2 * n && r1.len() == 2 * n,
-            "unpool2: row lengths"
-        );
-        assert!(
-            d0.len() == 2 * n && d1.len() == 2 * n,
-            "unpool2: row lengths"
-        );
+        assert!(g.len() == n && r0.len() == 2 * n && r1.len() == 2 * n, "unpool2: row lengths");
+        assert!(d0.len() == 2 * n && d1.len() == 2 * n, "unpool2: row lengths");
         if n < 4 {
             return super::unpool2_row(super::PoolGradient::Candle, false, r0, r1, m, g, d0, d1);
         }
@@ -193,14 +162,8 @@ mod avx2 {
             let both = _mm256_add_ps(_mm256_and_ps(ea, one), _mm256_and_ps(eb, one));
             let ties = _mm256_add_ps(both, _mm256_permute_ps::<0b10_11_00_01>(both));
             let share = _mm256_mul_ps(gd, _mm256_mul_ps(ties, quarter));
-            store(
-                d0.as_mut_ptr().wrapping_add(2 * i),
-                _mm256_and_ps(ea, share),
-            );
-            store(
-                d1.as_mut_ptr().wrapping_add(2 * i),
-                _mm256_and_ps(eb, share),
-            );
+            store(d0.as_mut_ptr().wrapping_add(2 * i), _mm256_and_ps(ea, share));
+            store(d1.as_mut_ptr().wrapping_add(2 * i), _mm256_and_ps(eb, share));
         }
     }
 
@@ -223,12 +186,8 @@ impl CustomOp1 for MaxPool {
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
         let (planes, h, w, ho, wo) = pool_dims(l.dims(), self.k)?;
-        let CpuStorage::F32(v) = s else {
-            candle_core::bail!("max_pool2d: fast path needs f32")
-        };
-        let Some((a, b)) = l.contiguous_offsets() else {
-            candle_core::bail!("max_pool2d: fast path needs a contiguous input")
-        };
+        let CpuStorage::F32(v) = s else { candle_core::bail!("max_pool2d: fast path needs f32") };
+        let Some((a, b)) = l.contiguous_offsets() else { candle_core::bail!("max_pool2d: fast path needs a contiguous input") };
         let x = &v[a..b];
         let k = self.k;
         let per = planes_per_task(planes);
@@ -249,25 +208,13 @@ impl CustomOp1 for MaxPool {
             }
         });
         let dims = l.dims();
-        Ok((
-            CpuStorage::F32(out),
-            Shape::from((dims[0], dims[1], ho, wo)),
-        ))
+        Ok((CpuStorage::F32(out), Shape::from((dims[0], dims[1], ho, wo))))
     }
 
-    fn bwd(
-        &self,
-        arg: &Tensor,
-        res: &Tensor,
-        grad: &Tensor,
-    ) -> candle_core::Result<Option<Tensor>> {
+    fn bwd(&self, arg: &Tensor, res: &Tensor, grad: &Tensor) -> candle_core::Result<Option<Tensor>> {
         let (planes, h, w, ho, wo) = pool_dims(arg.dims(), self.k)?;
         let (xc, rc, gc) = (arg.contiguous()?, res.contiguous()?, grad.contiguous()?);
-        let (xs, rs, gs) = (
-            xc.storage_and_layout(),
-            rc.storage_and_layout(),
-            gc.storage_and_layout(),
-        );
+        let (xs, rs, gs) = (xc.storage_and_layout(), rc.storage_and_layout(), gc.storage_and_layout());
         let x = f32_slice(&xs.0, xs.1)?;
         let r = f32_slice(&rs.0, rs.1)?;
         let g = f32_slice(&gs.0, gs.1)?;
@@ -276,15 +223,9 @@ impl CustomOp1 for MaxPool {
         let avx2 = has_avx2();
         let per = planes_per_task(planes);
         let gx = par_zeroed(planes * h * w, per * h * w, |t, gxs| {
-            let (xs, rs, gs) = (
-                &x[t * per * h * w..],
-                &r[t * per * ho * wo..],
-                &g[t * per * ho * wo..],
-            );
+            let (xs, rs, gs) = (&x[t * per * h * w..], &r[t * per * ho * wo..], &g[t * per * ho * wo..]);
             let planes = gxs.chunks_exact_mut(h * w).zip(xs.chunks_exact(h * w));
-            for ((gxp, plane), (rp, gp)) in
-                planes.zip(rs.chunks_exact(ho * wo).zip(gs.chunks_exact(ho * wo)))
-            {
+            for ((gxp, plane), (rp, gp)) in planes.zip(rs.chunks_exact(ho * wo).zip(gs.chunks_exact(ho * wo))) {
                 if k == 2 {
                     for oy in 0..ho {
                         let (top, bottom) = gxp[2 * oy * w..(2 * oy + 2) * w].split_at_mut(w);
@@ -310,16 +251,7 @@ impl CustomOp1 for MaxPool {
 
 /// The gradient of one plane for any window size (`gxp` starts at zero).
 #[allow(clippy::too_many_arguments)]
-fn unpool_generic(
-    rule: PoolGradient,
-    plane: &[f32],
-    gp: &[f32],
-    gxp: &mut [f32],
-    w: usize,
-    k: usize,
-    ho: usize,
-    wo: usize,
-) {
+fn unpool_generic(rule: PoolGradient, plane: &[f32], gp: &[f32], gxp: &mut [f32], w: usize, k: usize, ho: usize, wo: usize) {
     for oy in 0..ho {
         for ox in 0..wo {
             let g = gp[oy * wo + ox];
@@ -329,14 +261,7 @@ fn unpool_generic(
                 PoolGradient::Candle => {
                     let m = plane[best];
                     let window = |i: usize| (oy * k + i) * w + ox * k;
-                    let ties = (0..k)
-                        .map(|i| {
-                            plane[window(i)..window(i) + k]
-                                .iter()
-                                .filter(|&&v| v == m)
-                                .count()
-                        })
-                        .sum::<usize>();
+                    let ties = (0..k).map(|i| plane[window(i)..window(i) + k].iter().filter(|&&v| v == m).count()).sum::<usize>();
                     let share = g * (ties as f32 / (k * k) as f32);
                     for i in 0..k {
                         let row = window(i);
@@ -353,9 +278,7 @@ fn unpool_generic(
 }
 
 fn f32_slice<'a>(s: &'a Storage, l: &Layout) -> candle_core::Result<&'a [f32]> {
-    let Storage::Cpu(CpuStorage::F32(v)) = s else {
-        candle_core::bail!("max_pool2d: fast path needs f32 on the CPU")
-    };
+    let Storage::Cpu(CpuStorage::F32(v)) = s else { candle_core::bail!("max_pool2d: fast path needs f32 on the CPU") };
     match l.contiguous_offsets() {
         Some((a, b)) => Ok(&v[a..b]),
         None => candle_core::bail!("max_pool2d: fast path needs contiguous tensors"),
@@ -369,19 +292,13 @@ pub fn max_pool2d(x: &Tensor, k: usize) -> candle_core::Result<Tensor> {
 }
 
 /// Max-pooling with a chosen gradient rule.
-pub fn max_pool2d_with(
-    x: &Tensor,
-    k: usize,
-    gradient: PoolGradient,
-) -> candle_core::Result<Tensor> {
+pub fn max_pool2d_with(x: &Tensor, k: usize, gradient: PoolGradient) -> candle_core::Result<Tensor> {
     let (_, _, h, w) = x.dims4()?;
     let exact_fit = k > 0 && h % k == 0 && w % k == 0;
     let fast = super::fast_cpu(&[x]);
     match gradient {
         PoolGradient::Candle if !(fast && exact_fit) => x.max_pool2d(k),
-        PoolGradient::FirstMax if !fast => candle_core::bail!(
-            "max_pool2d: the first-max gradient is implemented for f32 on the CPU only"
-        ),
+        PoolGradient::FirstMax if !fast => candle_core::bail!("max_pool2d: the first-max gradient is implemented for f32 on the CPU only"),
         _ => x.contiguous()?.apply_op1(MaxPool { k, gradient }),
     }
 }
@@ -407,10 +324,7 @@ mod tests {
                 let mut pick = || levels[(rng.next_u64() % levels.len() as u64) as usize];
                 let r0: Vec<f32> = (0..2 * n).map(|_| pick()).collect();
                 let r1: Vec<f32> = (0..2 * n).map(|_| pick()).collect();
-                let m: Vec<f32> = (0..n)
-                    .map(|i| [r0[2 * i], r0[2 * i + 1], r1[2 * i], r1[2 * i + 1]])
-                    .map(|w| w.into_iter().fold(f32::NEG_INFINITY, f32::max))
-                    .collect();
+                let m: Vec<f32> = (0..n).map(|i| [r0[2 * i], r0[2 * i + 1], r1[2 * i], r1[2 * i + 1]]).map(|w| w.into_iter().fold(f32::NEG_INFINITY, f32::max)).collect();
                 let g: Vec<f32> = (0..n).map(|_| rng.normal() as f32).collect();
                 let run = |fast: bool| {
                     let (mut d0, mut d1) = (vec![7f32; 2 * n], vec![7f32; 2 * n]);
@@ -427,11 +341,7 @@ mod tests {
     #[test]
     fn matches_candle_values_and_gradients_without_ties() {
         let mut rng = Rng::new(5);
-        for &(n, c, h, w, k) in &[
-            (2usize, 3usize, 8usize, 8usize, 2usize),
-            (1, 2, 7, 9, 2),
-            (3, 1, 9, 6, 3),
-        ] {
+        for &(n, c, h, w, k) in &[(2usize, 3usize, 8usize, 8usize, 2usize), (1, 2, 7, 9, 2), (3, 1, 9, 6, 3)] {
             let v: Vec<f32> = (0..n * c * h * w).map(|_| rng.normal() as f32).collect();
             let x = Var::from_vec(v, (n, c, h, w), &Device::Cpu).unwrap();
             let fast = max_pool2d_with(x.as_tensor(), k, PoolGradient::FirstMax).unwrap();
@@ -439,35 +349,19 @@ mod tests {
             assert_eq!(fast.dims(), slow.dims());
             let d = (&fast - &slow).unwrap().abs().unwrap().max_all().unwrap();
             assert_eq!(d.to_scalar::<f32>().unwrap(), 0.0);
-            let r: Vec<f32> = (0..fast.elem_count())
-                .map(|_| rng.normal() as f32)
-                .collect();
+            let r: Vec<f32> = (0..fast.elem_count()).map(|_| rng.normal() as f32).collect();
             let r = Tensor::from_vec(r, fast.dims(), &Device::Cpu).unwrap();
             let gf = (&fast * &r).unwrap().sum_all().unwrap().backward().unwrap();
-            let gf = gf
-                .get(x.as_tensor())
-                .unwrap()
-                .flatten_all()
-                .unwrap()
-                .to_vec1::<f32>()
-                .unwrap();
+            let gf = gf.get(x.as_tensor()).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
             // Reference: each window's maximum receives its output's gradient.
-            let xs = x
-                .as_tensor()
-                .flatten_all()
-                .unwrap()
-                .to_vec1::<f32>()
-                .unwrap();
+            let xs = x.as_tensor().flatten_all().unwrap().to_vec1::<f32>().unwrap();
             let rs = r.flatten_all().unwrap().to_vec1::<f32>().unwrap();
             let (ho, wo) = (h / k, w / k);
             let mut expect = vec![0f32; xs.len()];
             for p in 0..n * c {
                 for oy in 0..ho {
                     for ox in 0..wo {
-                        let idx = (0..k * k)
-                            .map(|t| p * h * w + (oy * k + t / k) * w + ox * k + t % k)
-                            .max_by(|&a, &b| xs[a].total_cmp(&xs[b]))
-                            .unwrap();
+                        let idx = (0..k * k).map(|t| p * h * w + (oy * k + t / k) * w + ox * k + t % k).max_by(|&a, &b| xs[a].total_cmp(&xs[b])).unwrap();
                         expect[idx] += rs[p * ho * wo + oy * wo + ox];
                     }
                 }
@@ -481,13 +375,7 @@ mod tests {
         let x = Var::from_vec(vec![1f32, 1.0, 0.0, 1.0], (1, 1, 2, 2), &Device::Cpu).unwrap();
         let y = max_pool2d_with(x.as_tensor(), 2, PoolGradient::FirstMax).unwrap();
         let g = y.sum_all().unwrap().backward().unwrap();
-        let g = g
-            .get(x.as_tensor())
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .to_vec1::<f32>()
-            .unwrap();
+        let g = g.get(x.as_tensor()).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
         assert_eq!(g, [1.0, 0.0, 0.0, 0.0]);
     }
 
@@ -496,56 +384,26 @@ mod tests {
     #[test]
     fn candle_mode_matches_candle_exactly() {
         let mut rng = Rng::new(9);
-        for &(n, c, h, w, k) in &[
-            (2usize, 3usize, 8usize, 8usize, 2usize),
-            (1, 2, 7, 9, 2),
-            (3, 2, 9, 6, 3),
-        ] {
-            let v: Vec<f32> = (0..n * c * h * w)
-                .map(|_| (rng.normal() * 1.5).round() as f32)
-                .collect();
+        for &(n, c, h, w, k) in &[(2usize, 3usize, 8usize, 8usize, 2usize), (1, 2, 7, 9, 2), (3, 2, 9, 6, 3)] {
+            let v: Vec<f32> = (0..n * c * h * w).map(|_| (rng.normal() * 1.5).round() as f32).collect();
             let x = Var::from_vec(v, (n, c, h, w), &Device::Cpu).unwrap();
             let fast = max_pool2d(x.as_tensor(), k).unwrap();
             let slow = x.as_tensor().max_pool2d(k).unwrap();
-            let r: Vec<f32> = (0..fast.elem_count())
-                .map(|_| rng.normal() as f32)
-                .collect();
+            let r: Vec<f32> = (0..fast.elem_count()).map(|_| rng.normal() as f32).collect();
             let r = Tensor::from_vec(r, fast.dims(), &Device::Cpu).unwrap();
             let grad = |y: &Tensor| {
                 let g = (y * &r).unwrap().sum_all().unwrap().backward().unwrap();
-                g.get(x.as_tensor())
-                    .unwrap()
-                    .flatten_all()
-                    .unwrap()
-                    .to_vec1::<f32>()
-                    .unwrap()
+                g.get(x.as_tensor()).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap()
             };
-            assert_eq!(
-                fast.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
-                slow.flatten_all().unwrap().to_vec1::<f32>().unwrap()
-            );
+            assert_eq!(fast.flatten_all().unwrap().to_vec1::<f32>().unwrap(), slow.flatten_all().unwrap().to_vec1::<f32>().unwrap());
             let (gf, gs) = (grad(&fast), grad(&slow));
-            let diff = gf
-                .iter()
-                .zip(&gs)
-                .fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+            let diff = gf.iter().zip(&gs).fold(0f32, |m, (a, b)| m.max((a - b).abs()));
             assert!(diff <= 1e-6, "{n}x{c}x{h}x{w} k {k}: {diff}");
         }
         // A unique maximum of a 2×2 window gets a quarter of the gradient (candle's rule).
         let x = Var::from_vec(vec![1f32, 2.0, 0.0, 3.0], (1, 1, 2, 2), &Device::Cpu).unwrap();
-        let g = max_pool2d(x.as_tensor(), 2)
-            .unwrap()
-            .sum_all()
-            .unwrap()
-            .backward()
-            .unwrap();
-        let g = g
-            .get(x.as_tensor())
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .to_vec1::<f32>()
-            .unwrap();
+        let g = max_pool2d(x.as_tensor(), 2).unwrap().sum_all().unwrap().backward().unwrap();
+        let g = g.get(x.as_tensor()).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
         assert_eq!(g, [0.0, 0.0, 0.0, 0.25]);
     }
 }
