@@ -197,9 +197,16 @@ impl Project {
     /// Load and validate a spec with `opts`' profile and overrides and this project's methods,
     /// and check that its template renders it (every `table`, `figure` and `claim` call names a
     /// declared id), so a mistake there stops a command before any cell runs.
+    /// The other profiles' templates are checked too (a profile may change what the template
+    /// is given), so a mistake in `[profiles.paper]` shows when running `quick`.
     pub fn load(&self, spec_path: &Path, opts: &Options) -> Result<Spec, DriverError> {
         let spec = spec::load_with(spec_path, &opts.profile, &opts.sets, &self.registry)?;
-        render::check_template(&spec).map_err(|source| DriverError::Template { spec: spec_path.to_path_buf(), source: Box::new(source) })?;
+        let template_error = |source| DriverError::Template { spec: spec_path.to_path_buf(), source: Box::new(source) };
+        render::check_template(&spec).map_err(template_error)?;
+        for other in spec.profiles.iter().filter(|p| **p != spec.profile) {
+            let with_other = spec::load_with(spec_path, other, &[], &self.registry)?;
+            render::check_template(&with_other).map_err(|e| DriverError::Template { spec: spec_path.to_path_buf(), source: Box::new(RenderError::Unknown(format!("with profile `{other}`: {e}"))) })?;
+        }
         Ok(spec)
     }
 
@@ -378,6 +385,18 @@ impl Staging {
         let name = out.file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_default();
         let layout = |path: &Path, e: std::io::Error| DriverError::Layout { path: path.to_path_buf(), message: e.to_string() };
         std::fs::create_dir_all(artifacts).map_err(|e| layout(artifacts, e))?;
+        // Staging folders of runs that were killed (their process is gone).
+        let prefix = format!(".{name}.staging-");
+        if let Ok(rd) = std::fs::read_dir(artifacts) {
+            for e in rd.flatten() {
+                let file_name = e.file_name().to_string_lossy().to_string();
+                let pid = file_name.strip_prefix(&prefix).and_then(|r| r.split_once('-')).and_then(|(p, _)| p.parse::<u32>().ok());
+                let is_dir = e.file_type().is_ok_and(|t| t.is_dir());
+                if is_dir && pid.is_some_and(|p| p != std::process::id() && !crate::fs::process_alive(p)) {
+                    let _ = std::fs::remove_dir_all(e.path());
+                }
+            }
+        }
         for n in 0..1000u32 {
             let p = artifacts.join(format!(".{name}.staging-{}-{n}", std::process::id()));
             match std::fs::create_dir(&p) {

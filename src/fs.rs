@@ -14,6 +14,15 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     })
 }
 
+/// Whether process `pid` is alive. Where `/proc` is not available every process counts as
+/// alive, so that nothing of a live process is ever removed.
+pub fn process_alive(pid: u32) -> bool {
+    if !Path::new("/proc/self").exists() {
+        return true;
+    }
+    Path::new("/proc").join(pid.to_string()).exists()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -28,5 +37,10 @@ mod tests {
         assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1);
         // A failed write (the folder is gone) leaves nothing and says so.
         assert!(write_atomic(&dir.path().join("missing/b.txt"), b"x").is_err());
+    }
+
+    #[test]
+    fn this_process_is_alive() {
+        assert!(process_alive(std::process::id()));
     }
 }

@@ -423,15 +423,6 @@ mod scratch {
         }
     }
 
-    /// Whether process `pid` is alive. Where `/proc` is not available, every process counts as
-    /// alive, so nothing is removed.
-    fn alive(pid: u32) -> bool {
-        if !Path::new("/proc/self").exists() {
-            return true;
-        }
-        Path::new("/proc").join(pid.to_string()).exists()
-    }
-
     /// Remove the scratch folders of `verify` processes that no longer run (a killed
     /// `--recompute` leaves its scratch store behind). Only folders named by [`Dir::new`] and
     /// owned by no live process are touched; a symlink is never followed.
@@ -441,7 +432,7 @@ mod scratch {
             let name = e.file_name().to_string_lossy().to_string();
             let Some(pid) = name.strip_prefix(PREFIX).and_then(|r| r.split_once('-')).and_then(|(p, n)| n.parse::<u32>().ok().and(p.parse::<u32>().ok())) else { continue };
             let is_dir = e.file_type().is_ok_and(|t| t.is_dir());
-            if is_dir && pid != std::process::id() && !alive(pid) {
+            if is_dir && pid != std::process::id() && !crate::fs::process_alive(pid) {
                 let _ = std::fs::remove_dir_all(e.path());
             }
         }

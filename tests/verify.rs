@@ -356,3 +356,28 @@ fn recompute_checks_the_data_cells_a_sampled_run_reads() {
     assert_eq!(code, Some(1), "{err}");
     assert!(err.contains("split/") && err.contains("recomputed outputs differ"), "{err}");
 }
+
+#[test]
+fn another_profiles_template_calls_are_checked_too() {
+    let p = project("verify-profile-template");
+    let spec = p.path().join("reports/tiny.toml");
+    let mut text = std::fs::read_to_string(&spec).unwrap();
+    text.push_str("\n[profiles.other]\n\"claims.0.id\" = \"zz\"\n");
+    std::fs::write(&spec, text).unwrap();
+    let out = reprise(p.path(), &["run", "reports/tiny.toml"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(err.contains("with profile `other`"), "{err}");
+}
+
+#[test]
+fn a_killed_runs_staging_folder_is_removed_by_the_next_run() {
+    let p = project("verify-staging");
+    let mut child = std::process::Command::new("true").spawn().unwrap();
+    let dead = child.id();
+    child.wait().unwrap();
+    let stale = p.path().join(format!("artifacts/.tiny.staging-{dead}-0"));
+    std::fs::create_dir_all(stale.join("frames")).unwrap();
+    run_json(p.path(), &[]);
+    assert!(!stale.exists());
+}

@@ -387,6 +387,7 @@ mod tests {
             figures: vec![],
             claims: vec![],
             method: std::sync::Arc::new(method),
+            profiles: vec![],
         }
     }
 

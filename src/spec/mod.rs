@@ -315,6 +315,8 @@ pub struct Spec {
     pub claims: Vec<ClaimDecl>,
     /// The method named by `report.method`, resolved when the spec was loaded.
     pub method: MethodRef,
+    /// Every profile the spec declares (`[profiles.NAME]`), sorted.
+    pub profiles: Vec<String>,
 }
 
 impl Spec {
@@ -874,6 +876,7 @@ fn parse_one(text: &str, path: &Path, root: &Path, profile: Option<&str>, sets: 
         figures: file.figures,
         claims: file.claims,
         method,
+        profiles: file.profiles.keys().cloned().collect(),
     })
 }
 
