@@ -259,6 +259,8 @@ pub struct Report {
     /// The metric frames of the executed cells, as reading them back from their files gives
     /// them (what rendering reads).
     pub frames: Frames,
+    /// The same frames as collected from the cells, which [`Report::write`] writes.
+    collected: Frames,
 }
 
 /// What [`Report::write`] wrote.
@@ -279,8 +281,9 @@ impl Report {
             store.clean_tmp();
         }
         let exec = exec::execute(&plan, &store, exec_opts)?;
-        let frames = frames::collect(&plan, &exec, &store, plan.method.metrics())?.round_trip()?;
-        Ok(Report { spec, plan, store, exec, opts: opts.clone(), frames })
+        let collected = frames::collect(&plan, &exec, &store, plan.method.metrics())?;
+        let frames = collected.round_trip()?;
+        Ok(Report { spec, plan, store, exec, opts: opts.clone(), frames, collected })
     }
 
     /// Load (with the built-in methods), plan and look every cell up in the cache without
@@ -322,10 +325,8 @@ impl Report {
         // a full disk) leaves the report's folder as it was.
         let staging = Staging::new(&project.artifacts_dir(), &out)?;
         let stage = staging.path();
-        let metric_names = self.plan.method.metrics();
-        let collected = frames::collect(&self.plan, &self.exec, &self.store, metric_names)?;
-        let frame_files = collected.write(&stage.join("frames"))?;
-        let reread = Frames::read(&stage.join("frames"), metric_names)?;
+        let frame_files = self.collected.write(&stage.join("frames"))?;
+        let reread = Frames::read(&stage.join("frames"), self.plan.method.metrics())?;
         let rendered = render::render(&self.spec, &reread, stage)?;
         let mut files: Vec<PathBuf> = frame_files.clone();
         files.extend([rendered.markdown.clone(), rendered.html.clone()]);
@@ -377,39 +378,22 @@ pub fn check_real_dirs(artifacts: &Path, out: &Path) -> Result<(), DriverError> 
     Ok(())
 }
 
-/// A staging folder inside `artifacts/`, removed on drop.
-struct Staging(PathBuf);
+/// A staging folder inside `artifacts/` (`.<name>.staging-<pid>-<n>`), removed on drop; a killed
+/// run's is removed by the next run of the report.
+struct Staging(crate::fs::OwnedDir);
 
 impl Staging {
     fn new(artifacts: &Path, out: &Path) -> Result<Staging, DriverError> {
         let name = out.file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_default();
         let layout = |path: &Path, e: std::io::Error| DriverError::Layout { path: path.to_path_buf(), message: e.to_string() };
         std::fs::create_dir_all(artifacts).map_err(|e| layout(artifacts, e))?;
-        // Staging folders of runs that were killed (their process is gone).
         let prefix = format!(".{name}.staging-");
-        if let Ok(rd) = std::fs::read_dir(artifacts) {
-            for e in rd.flatten() {
-                let file_name = e.file_name().to_string_lossy().to_string();
-                let pid = file_name.strip_prefix(&prefix).and_then(|r| r.split_once('-')).and_then(|(p, _)| p.parse::<u32>().ok());
-                let is_dir = e.file_type().is_ok_and(|t| t.is_dir());
-                if is_dir && pid.is_some_and(|p| p != std::process::id() && !crate::fs::process_alive(p)) {
-                    let _ = std::fs::remove_dir_all(e.path());
-                }
-            }
-        }
-        for n in 0..1000u32 {
-            let p = artifacts.join(format!(".{name}.staging-{}-{n}", std::process::id()));
-            match std::fs::create_dir(&p) {
-                Ok(()) => return Ok(Staging(p)),
-                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
-                Err(e) => return Err(layout(&p, e)),
-            }
-        }
-        Err(DriverError::Layout { path: artifacts.to_path_buf(), message: "cannot create a staging folder".into() })
+        crate::fs::OwnedDir::remove_stale(artifacts, &prefix);
+        crate::fs::OwnedDir::new(artifacts, &prefix).map(Staging).map_err(|e| layout(artifacts, e))
     }
 
     fn path(&self) -> &Path {
-        &self.0
+        self.0.path()
     }
 
     /// Move `files` (paths inside the staging folder) to the same places under `out`, then
@@ -419,7 +403,7 @@ impl Staging {
         let layout = |path: &Path, e: std::io::Error| DriverError::Layout { path: path.to_path_buf(), message: e.to_string() };
         let mut kept = std::collections::BTreeSet::new();
         for f in files {
-            let rel = f.strip_prefix(&self.0).unwrap_or(f);
+            let rel = f.strip_prefix(self.path()).unwrap_or(f);
             let dest = out.join(rel);
             if let Some(parent) = dest.parent() {
                 std::fs::create_dir_all(parent).map_err(|e| layout(parent, e))?;
@@ -437,13 +421,7 @@ impl Staging {
             }
         }
         let out = out.to_path_buf();
-        Ok(move |p: &Path| out.join(p.strip_prefix(&self.0).unwrap_or(p)))
-    }
-}
-
-impl Drop for Staging {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
+        Ok(move |p: &Path| out.join(p.strip_prefix(self.path()).unwrap_or(p)))
     }
 }
 

@@ -33,7 +33,7 @@ use crate::exec::{self, ExecOptions};
 use crate::frames::Frames;
 use crate::plan::{self, CellKind, Plan};
 use crate::render;
-use crate::spec::{Spec, DEFAULT_PROFILE};
+use crate::spec::Spec;
 
 pub use scratch::remove_stale as remove_stale_scratch;
 
@@ -90,15 +90,11 @@ pub fn verify(spec: &Spec, opts: &Options, recompute: usize) -> Result<Verdict, 
 
 /// `--profile X --set a --set b` as a user would type them.
 fn flags(profile: &str, overrides: &[String]) -> String {
-    let mut parts = Vec::new();
-    if profile != DEFAULT_PROFILE {
-        parts.push(format!("--profile {profile}"));
-    }
-    parts.extend(overrides.iter().map(|o| format!("--set '{o}'")));
-    if parts.is_empty() {
+    let f = Options { profile: profile.to_string(), sets: overrides.to_vec(), cache: None }.as_flags();
+    if f.is_empty() {
         "no --profile or --set".to_string()
     } else {
-        parts.join(" ")
+        f.trim_start().to_string()
     }
 }
 
@@ -222,7 +218,7 @@ fn check_frames(spec: &Spec, plan: &Plan, lock: &Lock, out: &Path, problems: &mu
         }
     };
     // Every CSV frame is what its parquet twin writes.
-    let scratch = scratch::Dir::new().map_err(scratch_error)?;
+    let scratch = scratch::dir().map_err(scratch_error)?;
     match frames.write(scratch.path()) {
         Ok(_) => {
             for n in ["results", "per_class", "objects"] {
@@ -290,7 +286,7 @@ fn check_frames(spec: &Spec, plan: &Plan, lock: &Lock, out: &Path, problems: &mu
 /// Re-render into a scratch folder; the lock lists exactly what that produces, and every
 /// committed file has its listed hash and the re-rendered bytes.
 fn check_rendering(spec: &Spec, frames: &Frames, lock: &Lock, out: &Path, problems: &mut Vec<String>) -> Result<(), DriverError> {
-    let scratch = scratch::Dir::new().map_err(scratch_error)?;
+    let scratch = scratch::dir().map_err(scratch_error)?;
     let rendered = match render::render(spec, frames, scratch.path()) {
         Ok(r) => r,
         Err(e) => {
@@ -367,7 +363,7 @@ fn recompute_cells(spec: &Spec, plan: &Plan, lock: &Lock, n: usize, problems: &m
     let mut picked: Vec<usize> = shuffled.into_iter().take(n).collect();
     picked.sort();
     let sub = plan.closure(&picked);
-    let scratch = scratch::Dir::new().map_err(scratch_error)?;
+    let scratch = scratch::dir().map_err(scratch_error)?;
     let store = LocalStore::open(scratch.path()).map_err(|e| DriverError::StoreOpen(Box::new(e)))?;
     eprintln!("{}: recomputing {n} training cell(s) from scratch…", spec.report.id);
     let exec = exec::execute(&sub, &store, &ExecOptions { progress: true, ..ExecOptions::with_jobs(None) })?;
@@ -391,50 +387,21 @@ fn scratch_error(source: std::io::Error) -> DriverError {
     DriverError::Store(Box::new(crate::cache::StoreError::Io { path: std::env::temp_dir(), source }))
 }
 
-/// Scratch folders under the system's temporary folder, removed on drop; those of a `verify`
-/// that was killed (its process gone) are removed by the next one.
+/// Scratch folders under the system's temporary folder (`reprise-verify-<pid>-<n>`), removed on
+/// drop; those of a `verify` that was killed are removed by the next one.
 mod scratch {
-    use std::path::{Path, PathBuf};
+    use crate::fs::OwnedDir;
 
     const PREFIX: &str = "reprise-verify-";
 
-    pub struct Dir(PathBuf);
-
-    impl Dir {
-        pub fn new() -> std::io::Result<Self> {
-            let base = std::env::temp_dir();
-            for n in 0..1000u32 {
-                let p = base.join(format!("{PREFIX}{}-{n}", std::process::id()));
-                if std::fs::create_dir(&p).is_ok() {
-                    return Ok(Dir(p));
-                }
-            }
-            Err(std::io::Error::other(format!("cannot create a scratch folder in {}", base.display())))
-        }
-
-        pub fn path(&self) -> &Path {
-            &self.0
-        }
-    }
-
-    impl Drop for Dir {
-        fn drop(&mut self) {
-            let _ = std::fs::remove_dir_all(&self.0);
-        }
+    /// A new scratch folder.
+    pub fn dir() -> std::io::Result<OwnedDir> {
+        OwnedDir::new(&std::env::temp_dir(), PREFIX)
     }
 
     /// Remove the scratch folders of `verify` processes that no longer run (a killed
-    /// `--recompute` leaves its scratch store behind). Only folders named by [`Dir::new`] and
-    /// owned by no live process are touched; a symlink is never followed.
+    /// `--recompute` leaves its scratch store behind).
     pub fn remove_stale() {
-        let Ok(rd) = std::fs::read_dir(std::env::temp_dir()) else { return };
-        for e in rd.flatten() {
-            let name = e.file_name().to_string_lossy().to_string();
-            let Some(pid) = name.strip_prefix(PREFIX).and_then(|r| r.split_once('-')).and_then(|(p, n)| n.parse::<u32>().ok().and(p.parse::<u32>().ok())) else { continue };
-            let is_dir = e.file_type().is_ok_and(|t| t.is_dir());
-            if is_dir && pid != std::process::id() && !crate::fs::process_alive(pid) {
-                let _ = std::fs::remove_dir_all(e.path());
-            }
-        }
+        OwnedDir::remove_stale(&std::env::temp_dir(), PREFIX);
     }
 }

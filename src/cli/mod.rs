@@ -186,12 +186,7 @@ impl SpecOpts {
     }
 }
 
-/// The store's folder: `--cache`, else $REPRISE_CACHE, else the project's `artifacts/store`.
-pub fn store_dir(spec_root: &Path, opts: &SpecOpts) -> PathBuf {
-    Project::at(spec_root).store_dir(opts.cache.as_deref())
-}
-
-/// The store at [`store_dir`], opened (created when missing).
+/// The store of [`Project::store_dir`], opened (created when missing).
 pub fn open_store(spec_root: &Path, opts: &SpecOpts) -> anyhow::Result<LocalStore> {
     // A cache that cannot be created or written is the user's to fix (exit 2).
     Project::at(spec_root).open_store(opts.cache.as_deref()).map_err(|e| UsageError(e.to_string()).into())
