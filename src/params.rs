@@ -202,6 +202,149 @@ impl ParamDef {
     }
 }
 
+/// A method's parameters as a typed struct: the struct (serde) is what the method's code reads,
+/// [`ParamStruct::SCHEMA`] is what the spec layer validates against (types, ranges, choices,
+/// defaults, documentation). [`Schema::check`] proves the two agree: the same names, every
+/// default, choice and range bound decodes into the struct. The registry runs it when a method
+/// is registered, so a field without a schema entry (or the reverse) cannot reach a run.
+///
+/// A field that some configurations do not read (see `Method::inactive`) is an `Option`. The
+/// struct must not use `#[serde(flatten)]` (its fields could not be listed).
+pub trait ParamStruct: serde::de::DeserializeOwned {
+    /// One definition per field, in the order the documentation shows them.
+    const SCHEMA: &'static [ParamDef];
+
+    /// The run's resolved parameters as this struct.
+    fn decode(params: &Params) -> Result<Self, String> {
+        decode(params)
+    }
+}
+
+/// What the spec layer and the registry know of a method's parameters: the definitions, and
+/// the typed struct behind them (to check that the two agree).
+#[derive(Clone, Copy)]
+pub struct Schema {
+    pub defs: &'static [ParamDef],
+    fields: fn() -> Result<Vec<&'static str>, String>,
+    decodes: fn(&Params) -> Result<(), String>,
+}
+
+impl std::fmt::Debug for Schema {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_list().entries(self.defs.iter().map(|d| d.name)).finish()
+    }
+}
+
+impl Schema {
+    /// The schema of the typed struct `T`.
+    pub fn of<T: ParamStruct>() -> Schema {
+        Schema { defs: T::SCHEMA, fields: field_names::<T>, decodes: |p| decode::<T>(p).map(|_| ()) }
+    }
+
+    /// The definitions' defaults, as resolved parameters.
+    pub fn defaults(&self) -> Params {
+        self.defs.iter().map(|d| (d.name.to_string(), d.default.value())).collect()
+    }
+
+    /// Every disagreement between the definitions and the struct, one line each: a name on one
+    /// side only, a default, choice or range bound the struct cannot hold, a default outside its
+    /// own definition.
+    pub fn check(&self) -> Result<(), String> {
+        let mut problems = Vec::new();
+        let fields = (self.fields)()?;
+        for f in &fields {
+            if !self.defs.iter().any(|d| d.name == *f) {
+                problems.push(format!("field `{f}` has no definition in the schema"));
+            }
+        }
+        let mut seen = std::collections::BTreeSet::new();
+        for d in self.defs {
+            if !fields.contains(&d.name) {
+                problems.push(format!("`{}` is defined in the schema but is no field of the struct", d.name));
+            }
+            if !seen.insert(d.name) {
+                problems.push(format!("`{}` is defined twice", d.name));
+            }
+        }
+        let defaults = self.defaults();
+        if let Err(e) = (self.decodes)(&defaults) {
+            problems.push(format!("the defaults do not decode: {e}"));
+        }
+        for d in self.defs {
+            if let Err((m, _)) = d.check(&d.default.value(), &[d.default.value().canonical()]) {
+                problems.push(format!("default of `{}`: {m}", d.name));
+            }
+            let admissible: Vec<ParamValue> = match &d.kind {
+                ParamKind::Float { min, max, .. } => vec![ParamValue::Float(*min), ParamValue::Float(*max)],
+                ParamKind::Int { min, max } => vec![ParamValue::Int(*min), ParamValue::Int(*max)],
+                ParamKind::Choice(cs) => cs.iter().map(|c| ParamValue::Str(c.to_string())).collect(),
+                ParamKind::Bool => vec![ParamValue::Bool(false), ParamValue::Bool(true)],
+                ParamKind::DataName => vec![ParamValue::Str("any_data_set".into())],
+            };
+            for v in admissible {
+                let mut p = defaults.clone();
+                p.insert(d.name.to_string(), v.clone());
+                if let Err(e) = (self.decodes)(&p) {
+                    problems.push(format!("`{}` = {v} is admissible but does not decode: {e}", d.name));
+                }
+            }
+        }
+        if problems.is_empty() {
+            Ok(())
+        } else {
+            Err(problems.join("; "))
+        }
+    }
+}
+
+impl std::ops::Deref for Schema {
+    type Target = [ParamDef];
+    fn deref(&self) -> &[ParamDef] {
+        self.defs
+    }
+}
+
+/// Resolved parameters as the typed struct `T` (a message naming the parameter on failure).
+pub fn decode<T: serde::de::DeserializeOwned>(params: &Params) -> Result<T, String> {
+    let map: serde_json::Map<String, serde_json::Value> = params.iter().map(|(k, v)| (k.clone(), to_json(v))).collect();
+    serde_json::from_value(serde_json::Value::Object(map)).map_err(|e| format!("parameters do not fit their struct: {e}"))
+}
+
+fn to_json(v: &ParamValue) -> serde_json::Value {
+    match v {
+        ParamValue::Bool(b) => serde_json::Value::Bool(*b),
+        ParamValue::Int(i) => serde_json::Value::from(*i),
+        // Non-finite floats never pass the schema; null makes the decode fail if one did.
+        ParamValue::Float(f) => serde_json::Number::from_f64(*f).map(serde_json::Value::Number).unwrap_or(serde_json::Value::Null),
+        ParamValue::Str(s) => serde_json::Value::String(s.clone()),
+    }
+}
+
+/// The field names of a struct, as its `Deserialize` implementation declares them.
+fn field_names<T: serde::de::DeserializeOwned>() -> Result<Vec<&'static str>, String> {
+    use serde::de::{self, Visitor};
+    struct Fields(std::cell::Cell<Option<&'static [&'static str]>>);
+    impl<'de> de::Deserializer<'de> for &Fields {
+        type Error = de::value::Error;
+        fn deserialize_any<V: Visitor<'de>>(self, _: V) -> Result<V::Value, Self::Error> {
+            Err(de::Error::custom("the parameters are not a plain struct (is `flatten` used?)"))
+        }
+        fn deserialize_struct<V: Visitor<'de>>(self, _: &'static str, fields: &'static [&'static str], _: V) -> Result<V::Value, Self::Error> {
+            self.0.set(Some(fields));
+            Err(de::Error::custom("fields recorded"))
+        }
+        serde::forward_to_deserialize_any! {
+            bool i8 i16 i32 i64 i128 u8 u16 u32 u64 u128 f32 f64 char str string bytes byte_buf option unit unit_struct
+            newtype_struct seq tuple tuple_struct map enum identifier ignored_any
+        }
+    }
+    let rec = Fields(std::cell::Cell::new(None));
+    match T::deserialize(&rec) {
+        Ok(_) => Err("the parameters are not a struct".into()),
+        Err(e) => rec.0.get().map(|f| f.to_vec()).ok_or_else(|| e.to_string()),
+    }
+}
+
 /// A hint naming the closest candidate ("did you mean `mnist`?") or, when none is close, the
 /// full list of candidates.
 pub fn suggest(word: &str, candidates: &[String]) -> String {
@@ -260,6 +403,78 @@ mod tests {
         assert_eq!(suggest("minst", &c), "did you mean `mnist`?");
         assert_eq!(suggest("cifar", &c), "expected one of `mnist`, `optdigits`");
         assert_eq!(levenshtein("kitten", "sitting"), 3);
+    }
+
+    #[derive(serde::Deserialize)]
+    #[serde(deny_unknown_fields)]
+    #[allow(dead_code)]
+    struct Good {
+        lr: f64,
+        epochs: usize,
+        opt: Opt,
+        momentum: Option<f64>,
+    }
+
+    #[derive(serde::Deserialize)]
+    #[serde(rename_all = "snake_case")]
+    enum Opt {
+        Sgd,
+        Adam,
+    }
+
+    const FLOAT: ParamKind = ParamKind::Float { min: 0.0, max: 1.0, min_exclusive: true };
+    static GOOD: &[ParamDef] = &[
+        ParamDef { name: "lr", kind: FLOAT, default: DefaultValue::Float(0.1), doc: "" },
+        ParamDef { name: "epochs", kind: ParamKind::Int { min: 1, max: 10 }, default: DefaultValue::Int(3), doc: "" },
+        ParamDef { name: "opt", kind: ParamKind::Choice(&["sgd", "adam"]), default: DefaultValue::Str("sgd"), doc: "" },
+        ParamDef { name: "momentum", kind: FLOAT, default: DefaultValue::Float(0.9), doc: "" },
+    ];
+
+    impl ParamStruct for Good {
+        const SCHEMA: &'static [ParamDef] = GOOD;
+    }
+
+    /// `Good` checked against other definitions than its own.
+    fn check_with(defs: &'static [ParamDef]) -> Result<(), String> {
+        Schema { defs, ..Schema::of::<Good>() }.check()
+    }
+
+    #[test]
+    fn a_struct_and_its_schema_agree() {
+        Schema::of::<Good>().check().unwrap();
+        let p: Good = decode(&Schema::of::<Good>().defaults()).unwrap();
+        assert_eq!((p.epochs, p.momentum), (3, Some(0.9)));
+        // An inactive parameter left out of the run decodes as `None`.
+        let mut q = Schema::of::<Good>().defaults();
+        q.remove("momentum");
+        assert_eq!(decode::<Good>(&q).unwrap().momentum, None);
+    }
+
+    #[test]
+    fn every_disagreement_between_struct_and_schema_is_named() {
+        // A field without a definition, and a definition without a field.
+        static RENAMED: &[ParamDef] = &[
+            ParamDef { name: "learning_rate", kind: FLOAT, default: DefaultValue::Float(0.1), doc: "" },
+            ParamDef { name: "epochs", kind: ParamKind::Int { min: 1, max: 10 }, default: DefaultValue::Int(3), doc: "" },
+            ParamDef { name: "opt", kind: ParamKind::Choice(&["sgd", "adam"]), default: DefaultValue::Str("sgd"), doc: "" },
+            ParamDef { name: "momentum", kind: FLOAT, default: DefaultValue::Float(0.9), doc: "" },
+        ];
+        let e = check_with(RENAMED).unwrap_err();
+        assert!(e.contains("field `lr` has no definition"), "{e}");
+        assert!(e.contains("`learning_rate` is defined in the schema but is no field"), "{e}");
+        // A choice the enum does not have, a range bound the field cannot hold, a default
+        // outside its own range.
+        static WIDER: &[ParamDef] = &[
+            ParamDef { name: "lr", kind: FLOAT, default: DefaultValue::Float(2.0), doc: "" },
+            ParamDef { name: "epochs", kind: ParamKind::Int { min: -1, max: 10 }, default: DefaultValue::Int(3), doc: "" },
+            ParamDef { name: "opt", kind: ParamKind::Choice(&["sgd", "adam", "lion"]), default: DefaultValue::Str("sgd"), doc: "" },
+            ParamDef { name: "momentum", kind: ParamKind::Bool, default: DefaultValue::Bool(true), doc: "" },
+        ];
+        let e = check_with(WIDER).unwrap_err();
+        assert!(e.contains("`opt` = lion is admissible but does not decode"), "{e}");
+        assert!(e.contains("`epochs` = -1 is admissible but does not decode"), "{e}");
+        assert!(e.contains("default of `lr`: `lr` = 2.0 is out of range"), "{e}");
+        assert!(e.contains("the defaults do not decode"), "{e}");
     }
 
     #[test]

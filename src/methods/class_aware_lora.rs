@@ -61,12 +61,12 @@ use candle_nn::{VarBuilder, VarMap};
 use serde::{Deserialize, Serialize};
 
 use super::supervised::safetensors_bytes;
-use super::{ClassRecord, DataInput, EpochRecord, InputDecl, Method, MethodError, Outcome, Pretraining, Progress, RunRecord, TrainInputs, PRETRAIN_INPUT};
+use super::{ClassRecord, DataInput, EpochRecord, InputDecl, Method, MethodError, Outcome, Pretraining, Progress, RunProblem, RunRecord, TrainInputs, PRETRAIN_INPUT};
 use crate::data::ImageSet;
 use crate::metrics::{self, Group};
 use crate::models::lora::{Activation, VitBackbone, VitLoadOptions};
 use crate::models::{self, ModelConfig, ModelKind};
-use crate::params::{DefaultValue as Dv, ParamDef, ParamKind as K, ParamValue, Params};
+use crate::params::{DefaultValue as Dv, ParamDef, ParamKind as K, ParamStruct, ParamValue, Params, Schema};
 use crate::rng::Rng;
 use crate::train::{self, LossKind, OptimConfig, Optimizer, OptimizerKind};
 
@@ -86,6 +86,108 @@ const fn f(min: f64, max: f64) -> K {
 const fn fx(min: f64, max: f64) -> K {
     K::Float { min, max, min_exclusive: true }
 }
+
+/// A run's parameters, as the code reads them; [`SCHEMA`] defines and documents each.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct P {
+    dataset: String,
+    imbalance: f64,
+    data_seed: u64,
+    device: Dev,
+    variant: Variant,
+    lora_rank: usize,
+    lora_alpha: f64,
+    meta_objective: MetaObjective,
+    meta_data_ratio: f64,
+    meta_inner_steps: usize,
+    meta_inner_lr: f64,
+    meta_lr: f64,
+    meta_every: usize,
+    tail_loss_weight: f64,
+    rank_divergence: f64,
+    alpha_smoothness: f64,
+    head_factor: f64,
+    medium_factor: f64,
+    tail_factor: f64,
+    head_min: usize,
+    tail_max: usize,
+    loss: LossName,
+    lr: f64,
+    weight_decay: f64,
+    epochs: usize,
+    batch_size: usize,
+    backbone: String,
+    /// The engine's pretrained ViT only ([`ClassAwareLora::inactive`]), like the two below;
+    /// decoded to check them, read by the pretraining cell from its key.
+    #[allow(dead_code)]
+    vit_width: Option<usize>,
+    vit_heads: usize,
+    vit_activation: ActivationName,
+    pretrain_dataset: String,
+    #[allow(dead_code)]
+    pretrain_epochs: Option<usize>,
+    #[allow(dead_code)]
+    pretrain_lr: Option<f64>,
+    pretrain_seed: u64,
+}
+
+impl ParamStruct for P {
+    const SCHEMA: &'static [ParamDef] = SCHEMA;
+}
+
+/// What a pretraining cell's key holds ([`ClassAwareLora::pretraining`]).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PretrainP {
+    backbone: String,
+    vit_width: Option<usize>,
+    pretrain_epochs: Option<usize>,
+    pretrain_lr: Option<f64>,
+    /// The pinned sha256 of an imported checkpoint: key material, read by nothing.
+    #[allow(dead_code)]
+    weights_sha256: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+enum Dev {
+    Cpu,
+    Cuda,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+enum Variant {
+    Baseline,
+    ClassAware,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+enum MetaObjective {
+    BalancedAccuracy,
+    Gmean,
+    WorstClass,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+enum LossName {
+    Ce,
+    Ldam,
+    BalancedSoftmax,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+enum ActivationName {
+    Gelu,
+    QuickGelu,
+}
+
+/// Parameters only pretraining the engine's ViT reads (`backbone = "pretrain"`).
+const PRETRAIN_ONLY: &[&str] = &["vit_width", "pretrain_epochs", "pretrain_lr"];
 
 static SCHEMA: &[ParamDef] = &[
     ParamDef { name: "dataset", kind: K::DataName, default: Dv::Str("mnist"), doc: "the long-tailed target data set, declared under [data]" },
@@ -586,30 +688,23 @@ fn meta_split(data: &ImageSet, train: &[usize], ratio: f64, seed: u64) -> (Vec<u
     (tr, me)
 }
 
-fn get_f(p: &Params, k: &str) -> Result<f64, MethodError> {
-    p.get(k).and_then(ParamValue::as_f64).ok_or_else(|| MethodError::Invalid(format!("parameter `{k}` missing or not a number")))
-}
-fn get_i(p: &Params, k: &str) -> Result<usize, MethodError> {
-    p.get(k).and_then(ParamValue::as_i64).map(|i| i.max(0) as usize).ok_or_else(|| MethodError::Invalid(format!("parameter `{k}` missing or not an integer")))
-}
-fn get_s<'a>(p: &'a Params, k: &str) -> Result<&'a str, MethodError> {
-    p.get(k).and_then(ParamValue::as_str).ok_or_else(|| MethodError::Invalid(format!("parameter `{k}` missing or not a string")))
-}
-
-fn device(p: &Params) -> Result<Device, MethodError> {
-    if p.get("device").and_then(ParamValue::as_str) != Some("cuda") {
+fn device(p: &P) -> Result<Device, MethodError> {
+    if p.device != Dev::Cuda {
         return Ok(Device::Cpu);
     }
     crate::models::cuda_device(0)?.ok_or_else(|| MethodError::Invalid("device = \"cuda\" but this build has no CUDA support: rebuild with --features cuda, or set device = \"cpu\"".into()))
 }
 
-fn load_options(p: &Params) -> Result<VitLoadOptions, MethodError> {
-    let imported = get_s(p, "backbone")? != "pretrain";
+fn load_options(p: &P) -> Result<VitLoadOptions, MethodError> {
+    let imported = p.backbone != "pretrain";
     Ok(VitLoadOptions {
-        heads: get_i(p, "vit_heads")?,
+        heads: p.vit_heads,
         // timm's ViTs use ε = 1e-6; the engine's LayerNorm 1e-5.
         eps: if imported { 1e-6 } else { 1e-5 },
-        activation: if get_s(p, "vit_activation")? == "quick_gelu" { Activation::QuickGelu } else { Activation::Gelu },
+        activation: match p.vit_activation {
+            ActivationName::QuickGelu => Activation::QuickGelu,
+            ActivationName::Gelu => Activation::Gelu,
+        },
     })
 }
 
@@ -679,8 +774,8 @@ impl Method for ClassAwareLora {
         // included; CHANGELOG.md says what each version changed.
         4
     }
-    fn schema(&self) -> &'static [ParamDef] {
-        SCHEMA
+    fn schema(&self) -> Schema {
+        Schema::of::<P>()
     }
     fn metrics(&self) -> &'static [&'static str] {
         METRICS
@@ -692,45 +787,47 @@ impl Method for ClassAwareLora {
         &["dataset", "imbalance", "data_seed", "device"]
     }
 
-    fn inputs(&self, p: &Params) -> Result<Vec<InputDecl>, MethodError> {
-        Ok(vec![InputDecl::long_tail(TARGET, p)?])
+    fn inputs(&self, params: &Params) -> Result<Vec<InputDecl>, MethodError> {
+        let p: P = super::params(params)?;
+        Ok(vec![InputDecl::long_tail_of(TARGET, &p.dataset, p.imbalance, p.data_seed)])
     }
 
-    fn check_run(&self, p: &Params) -> Result<(), (String, String, Option<String>)> {
+    fn check_run(&self, p: &Params) -> Vec<RunProblem> {
+        let mut problems = Vec::new();
         if let (Some(h), Some(t)) = (p.get("head_min").and_then(ParamValue::as_i64), p.get("tail_max").and_then(ParamValue::as_i64)) {
             if t >= h {
-                return Err(("tail_max".into(), format!("tail_max = {t} is not below head_min = {h}"), Some("a class cannot be both head and tail; lower tail_max".into())));
+                problems.push(RunProblem::new("tail_max", format!("tail_max = {t} is not below head_min = {h}")).hint("a class cannot be both head and tail; lower tail_max"));
             }
         }
-        Ok(())
+        problems
     }
 
-    fn pretraining(&self, p: &Params, root: &Path) -> Option<Pretraining> {
-        let backbone = p.get("backbone").and_then(ParamValue::as_str);
-        let keys: &[&str] = match backbone {
-            Some("pretrain") => &["backbone", "vit_width", "pretrain_epochs", "pretrain_lr"],
-            _ => &["backbone"],
-        };
+    fn inactive(&self, p: &Params) -> Vec<&'static str> {
+        match p.get("backbone").and_then(ParamValue::as_str) {
+            Some("pretrain") | None => Vec::new(),
+            Some(_) => PRETRAIN_ONLY.to_vec(),
+        }
+    }
+
+    fn pretraining(&self, p: &Params, root: &Path) -> Result<Option<Pretraining>, MethodError> {
+        let run: P = super::params(p)?;
+        let keys: &[&str] = if run.backbone == "pretrain" { &["backbone", "vit_width", "pretrain_epochs", "pretrain_lr"] } else { &["backbone"] };
         let mut params: Params = keys.iter().filter_map(|k| p.get(*k).map(|v| (k.to_string(), v.clone()))).collect();
         // An imported checkpoint is part of the key through its pinned sha256, so pinning a
         // new file recomputes every cell that used the old one.
-        if let Some(name) = backbone.filter(|b| *b != "pretrain") {
-            let pinned = weights_manifest(root, name).map(|m| m.sha256).unwrap_or_else(|_| "unreadable manifest".to_string());
-            params.insert("weights_sha256".to_string(), ParamValue::Str(pinned));
+        if run.backbone != "pretrain" {
+            params.insert("weights_sha256".to_string(), ParamValue::Str(weights_manifest(root, &run.backbone)?.sha256));
         }
-        Some(Pretraining {
-            dataset: p.get("pretrain_dataset").and_then(ParamValue::as_str).unwrap_or("optdigits").to_string(),
-            params,
-            seed: p.get("pretrain_seed").and_then(ParamValue::as_i64).unwrap_or(0).max(0) as u64,
-        })
+        Ok(Some(Pretraining { dataset: run.pretrain_dataset, params, seed: run.pretrain_seed }))
     }
 
     fn pretrain(&self, pt: &Pretraining, inputs: &TrainInputs, progress: &dyn Progress) -> Result<Outcome, MethodError> {
         let mut objects = BTreeMap::new();
-        let backbone = get_s(&pt.params, "backbone")?;
-        if backbone != "pretrain" {
+        let pp: PretrainP = crate::params::decode(&pt.params).map_err(MethodError::Invalid)?;
+        let missing = |k: &str| MethodError::Invalid(format!("pretraining the engine's ViT needs `{k}`"));
+        if pp.backbone != "pretrain" {
             // An imported checkpoint named by a weights manifest under the project root.
-            let bytes = load_weights(inputs.root, backbone)?;
+            let bytes = load_weights(inputs.root, &pp.backbone)?;
             objects.insert("backbone.safetensors".to_string(), bytes);
             objects.insert("pretrain.json".to_string(), to_json(&PretrainRecord { source_accuracy: Vec::new() })?);
             return Ok(Outcome::Done(objects));
@@ -741,11 +838,11 @@ impl Method for ClassAwareLora {
         let varmap = VarMap::new();
         let vb = VarBuilder::from_varmap(&varmap, DType::F32, &dev);
         let mut cfg = ModelConfig::new(ModelKind::Vit, data.channels, data.height, data.width, data.num_classes);
-        cfg.width_mult = get_i(&pt.params, "vit_width")?;
+        cfg.width_mult = pp.vit_width.ok_or_else(|| missing("vit_width"))?;
         let model = models::build(&cfg, vb)?;
         models::seeded_init(&varmap, pt.seed)?;
-        let lr = get_f(&pt.params, "pretrain_lr")?;
-        let epochs = get_i(&pt.params, "pretrain_epochs")?;
+        let lr = pp.pretrain_lr.ok_or_else(|| missing("pretrain_lr"))?;
+        let epochs = pp.pretrain_epochs.ok_or_else(|| missing("pretrain_epochs"))?;
         let mut opt = Optimizer::new(varmap.all_vars(), &OptimConfig { weight_decay: 0.05, ..OptimConfig::new(OptimizerKind::Adamw, lr) })?;
         let counts = vec![1usize; data.num_classes];
         let mut order = inputs.train.to_vec();
@@ -818,6 +915,7 @@ impl Adam {
 /// with the learned adapters, head and φ. A non-finite loss, meta objective or hypergradient ends
 /// the run as a failure with the epochs recorded so far.
 fn run(p: &Params, seed: u64, inputs: &TrainInputs, progress: &dyn Progress) -> Result<Outcome, MethodError> {
+    let p: &P = &super::params(p)?;
     let dev = device(p)?;
     let dtype = DType::F32;
     let target = inputs.input(TARGET)?;
@@ -827,15 +925,15 @@ fn run(p: &Params, seed: u64, inputs: &TrainInputs, progress: &dyn Progress) -> 
     let side = net.input_side();
 
     let counts = class_counts(data, target.train);
-    let groups = metrics::groups_by_count(&counts, get_i(p, "head_min")?, get_i(p, "tail_max")?);
-    let factors = GroupFactors::from_params(p)?;
-    let setup = Setup::from_params(p, &counts, &groups, &factors, dtype)?;
+    let groups = metrics::groups_by_count(&counts, p.head_min, p.tail_max);
+    let factors = GroupFactors { head: p.head_factor, medium: p.medium_factor, tail: p.tail_factor };
+    let setup = Setup::new(p, &counts, &groups, &factors, dtype);
 
-    let (train_idx, meta_idx) = meta_split(data, target.train, get_f(p, "meta_data_ratio")?, seed);
+    let (train_idx, meta_idx) = meta_split(data, target.train, p.meta_data_ratio, seed);
     let meta = gather(data, &meta_idx, side, dtype, &dev)?;
     let test = gather(data, target.test, side, dtype, &dev)?;
 
-    let schedule = Schedule::from_params(p)?;
+    let schedule = Schedule::new(p);
     let cx = RunContext { setup: &setup, net, data, side, dev: &dev };
     let vars = as_vars(&initial_theta(net, &setup, seed, &dev)?)?;
     let mut trainer = Trainer::new(cx, &meta, &schedule, vars, initial_phi(&setup, &groups, &factors), &train_idx, seed)?;
@@ -868,7 +966,7 @@ struct Backbone {
 
 /// The backbone from the pretraining cell's `backbone.safetensors`; its input channels must be
 /// those of the target data set.
-fn load_backbone(p: &Params, pretrained: Option<&BTreeMap<String, Vec<u8>>>, target: &DataInput, dtype: DType, dev: &Device) -> Result<Backbone, MethodError> {
+fn load_backbone(p: &P, pretrained: Option<&BTreeMap<String, Vec<u8>>>, target: &DataInput, dtype: DType, dev: &Device) -> Result<Backbone, MethodError> {
     let pre = pretrained.ok_or_else(|| MethodError::Invalid("class_aware_lora needs its pretraining cell's output".into()))?;
     let bytes = pre.get("backbone.safetensors").ok_or_else(|| MethodError::Invalid("the pretraining output has no backbone.safetensors".into()))?;
     let source_accuracy = pre.get("pretrain.json").and_then(|b| serde_json::from_slice::<PretrainRecord>(b).ok()).and_then(|r| r.source_accuracy.last().copied());
@@ -897,10 +995,6 @@ struct GroupFactors {
 }
 
 impl GroupFactors {
-    fn from_params(p: &Params) -> Result<GroupFactors, MethodError> {
-        Ok(GroupFactors { head: get_f(p, "head_factor")?, medium: get_f(p, "medium_factor")?, tail: get_f(p, "tail_factor")? })
-    }
-
     fn of(&self, g: Group) -> f64 {
         match g {
             Group::Head => self.head,
@@ -919,40 +1013,40 @@ impl Setup {
     /// The setup of a run from its parameters and the class counts and groups of its training
     /// subset. The class-aware variant allocates R = ⌈1.5·r·largest factor⌉ components, so that a
     /// rank factor can grow to R/r; the baseline allocates r.
-    fn from_params(p: &Params, counts: &[usize], groups: &[Group], factors: &GroupFactors, dtype: DType) -> Result<Setup, MethodError> {
-        let class_aware = get_s(p, "variant")? == "class_aware";
-        let rank = get_i(p, "lora_rank")?;
+    fn new(p: &P, counts: &[usize], groups: &[Group], factors: &GroupFactors, dtype: DType) -> Setup {
+        let class_aware = p.variant == Variant::ClassAware;
+        let rank = p.lora_rank;
         let alloc = if class_aware { (1.5 * rank as f64 * factors.largest()).ceil() as usize } else { rank };
         let mut order: Vec<usize> = (0..counts.len()).collect();
         order.sort_by(|&a, &b| counts[b].cmp(&counts[a]).then(a.cmp(&b)));
-        Ok(Setup {
+        Setup {
             class_aware,
             rank,
             alloc,
-            scale: get_f(p, "lora_alpha")? / rank as f64,
+            scale: p.lora_alpha / rank as f64,
             classes: counts.len(),
-            loss: match get_s(p, "loss")? {
-                "ldam" => Loss::Ldam,
-                "balanced_softmax" => Loss::BalancedSoftmax,
-                _ => Loss::Ce,
+            loss: match p.loss {
+                LossName::Ldam => Loss::Ldam,
+                LossName::BalancedSoftmax => Loss::BalancedSoftmax,
+                LossName::Ce => Loss::Ce,
             },
             objective: if !class_aware {
                 Objective::Overall
             } else {
-                match get_s(p, "meta_objective")? {
-                    "gmean" => Objective::Gmean,
-                    "worst_class" => Objective::Worst,
-                    _ => Objective::Balanced,
+                match p.meta_objective {
+                    MetaObjective::Gmean => Objective::Gmean,
+                    MetaObjective::WorstClass => Objective::Worst,
+                    MetaObjective::BalancedAccuracy => Objective::Balanced,
                 }
             },
-            tail_weight: get_f(p, "tail_loss_weight")?,
-            rank_divergence: get_f(p, "rank_divergence")?,
-            alpha_smoothness: get_f(p, "alpha_smoothness")?,
+            tail_weight: p.tail_loss_weight,
+            rank_divergence: p.rank_divergence,
+            alpha_smoothness: p.alpha_smoothness,
             tail: groups.iter().map(|g| *g == Group::Tail).collect(),
             counts: counts.to_vec(),
             order,
             dtype,
-        })
+        }
     }
 }
 
@@ -993,17 +1087,17 @@ struct Schedule {
 }
 
 impl Schedule {
-    fn from_params(p: &Params) -> Result<Schedule, MethodError> {
-        Ok(Schedule {
-            lr: get_f(p, "lr")?,
-            weight_decay: get_f(p, "weight_decay")?,
-            meta_lr: get_f(p, "meta_lr")?,
-            epochs: get_i(p, "epochs")?,
-            batch_size: get_i(p, "batch_size")?.max(1),
-            meta_every: get_i(p, "meta_every")?.max(1),
-            inner_steps: get_i(p, "meta_inner_steps")?,
-            inner_lr: get_f(p, "meta_inner_lr")?,
-        })
+    fn new(p: &P) -> Schedule {
+        Schedule {
+            lr: p.lr,
+            weight_decay: p.weight_decay,
+            meta_lr: p.meta_lr,
+            epochs: p.epochs,
+            batch_size: p.batch_size.max(1),
+            meta_every: p.meta_every.max(1),
+            inner_steps: p.meta_inner_steps,
+            inner_lr: p.meta_inner_lr,
+        }
     }
 }
 

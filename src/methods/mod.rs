@@ -16,7 +16,7 @@ use std::sync::Arc;
 use crate::data::ImageSet;
 use serde::{Deserialize, Serialize};
 
-use crate::params::{ParamDef, ParamValue, Params};
+use crate::params::{ParamStruct, ParamValue, Params, Schema};
 
 /// The data of one declared input, as a training cell receives it from its upstream cells.
 pub struct DataInput<'a> {
@@ -79,6 +79,12 @@ pub enum Derive {
 }
 
 impl InputDecl {
+    /// Input `name`: `dataset` with a long-tailed subset of imbalance `imbalance` drawn with
+    /// seed `seed` (see [`Derive::LongTail`]).
+    pub fn long_tail_of(name: &str, dataset: &str, imbalance: f64, seed: u64) -> InputDecl {
+        InputDecl { name: name.to_string(), dataset: dataset.to_string(), derive: Derive::LongTail { imbalance, seed } }
+    }
+
     /// The input `name` that most runs declare: the data set named by the run's `dataset`
     /// parameter, with a long-tailed subset of imbalance `imbalance` drawn with seed
     /// `data_seed`. Each of the three must be in the method's schema (the spec layer then fills
@@ -112,6 +118,32 @@ pub enum Outcome {
     /// loss diverged): recorded and cached like a result, shown as failed in the report.
     /// `objects` holds whatever was measured before the failure.
     Failed { reason: String, objects: BTreeMap<String, Vec<u8>> },
+}
+
+/// A problem with one run's combination of parameters ([`Method::check_run`]), blamed on one
+/// of them.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RunProblem {
+    /// The parameter the message is located at.
+    pub param: String,
+    pub message: String,
+    pub hint: Option<String>,
+}
+
+impl RunProblem {
+    pub fn new(param: &str, message: impl Into<String>) -> RunProblem {
+        RunProblem { param: param.to_string(), message: message.into(), hint: None }
+    }
+
+    pub fn hint(mut self, hint: impl Into<String>) -> RunProblem {
+        self.hint = Some(hint.into());
+        self
+    }
+}
+
+/// A run's parameters as the method's typed struct.
+pub fn params<T: ParamStruct>(p: &Params) -> Result<T, MethodError> {
+    T::decode(p).map_err(MethodError::Invalid)
 }
 
 /// Errors that stop a cell without a recordable result (a bug, a resource problem).
@@ -175,7 +207,8 @@ pub trait Method: Send + Sync {
     fn name(&self) -> &'static str;
     /// Bumped whenever a change alters results; part of every training cell's key.
     fn version(&self) -> u32;
-    fn schema(&self) -> &'static [ParamDef];
+    /// The parameters: `Schema::of::<MyParams>()` for the method's [`ParamStruct`].
+    fn schema(&self) -> Schema;
     /// Metric columns this method records per analysis epoch.
     fn metrics(&self) -> &'static [&'static str];
     /// Method-specific per-class values it records (`ClassRecord::extra`), which `class_epochs`
@@ -183,8 +216,17 @@ pub trait Method: Send + Sync {
     fn class_metrics(&self) -> &'static [&'static str] {
         &[]
     }
-    /// Cross-parameter checks: Err((parameter, message, hint)).
-    fn check_run(&self, params: &Params) -> Result<(), (String, String, Option<String>)>;
+    /// Checks that involve several parameters of one run, each problem blamed on one parameter.
+    /// Default: none.
+    fn check_run(&self, _params: &Params) -> Vec<RunProblem> {
+        Vec::new()
+    }
+    /// Parameters this run's configuration does not read (e.g. `momentum` with Adam). The spec
+    /// layer drops them from the run, so they are in neither its cell key nor its frame row, and
+    /// two runs that differ only in them are one run. Their fields are `Option`s. Default: none.
+    fn inactive(&self, _params: &Params) -> Vec<&'static str> {
+        Vec::new()
+    }
     /// Parameters that only shape the upstream data cells (or the device), left out of the
     /// training key: they reach it through the upstream keys (and the device class).
     fn data_params(&self) -> &'static [&'static str];
@@ -198,7 +240,7 @@ pub trait Method: Send + Sync {
     /// GPU results differ in the last bits). Default: the run's `device` parameter if the
     /// schema has one (its schema default if the run lacks it), else `cpu`.
     fn device(&self, params: &Params) -> String {
-        let Some(def) = self.schema().iter().find(|d| d.name == "device") else { return "cpu".to_string() };
+        let Some(def) = self.schema().defs.iter().find(|d| d.name == "device") else { return "cpu".to_string() };
         match params.get("device") {
             Some(v) => v.canonical(),
             None => def.default.value().canonical(),
@@ -206,8 +248,9 @@ pub trait Method: Send + Sync {
     }
     /// The pretraining this run needs, if any. `root` is the project root (for files such as
     /// weights manifests whose pinned hashes belong in the key).
-    fn pretraining(&self, _params: &Params, _root: &std::path::Path) -> Option<Pretraining> {
-        None
+    /// An error (e.g. an unreadable weights manifest) stops planning with the run named.
+    fn pretraining(&self, _params: &Params, _root: &std::path::Path) -> Result<Option<Pretraining>, MethodError> {
+        Ok(None)
     }
     /// Compute a pretraining cell: its objects become `TrainInputs::pretrained` of the runs.
     /// `inputs` holds one input, [`PRETRAIN_INPUT`].
@@ -252,7 +295,14 @@ impl Registry {
     }
 
     /// This registry with `method` added under its name (replacing a method of the same name).
+    ///
+    /// # Panics
+    /// When the method's schema and its parameter struct disagree ([`Schema::check`]): a bug in
+    /// the method, shown the first time any program or test registers it.
     pub fn with(mut self, method: impl Method + 'static) -> Registry {
+        if let Err(e) = method.schema().check() {
+            panic!("method `{}`: its schema and its parameter struct disagree: {e}", method.name());
+        }
         self.methods.insert(method.name(), Arc::new(method));
         self
     }

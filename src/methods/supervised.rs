@@ -10,13 +10,13 @@ use std::collections::BTreeMap;
 
 use candle_core::{DType, Device, Tensor, D};
 use candle_nn::{VarBuilder, VarMap};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
-use super::{ClassRecord, DataInput, EpochRecord, InputDecl, Method, MethodError, Outcome, Progress, RunRecord, TrainInputs};
+use super::{ClassRecord, DataInput, EpochRecord, InputDecl, Method, MethodError, Outcome, Progress, RunProblem, RunRecord, TrainInputs};
 use crate::data::ImageSet;
 use crate::metrics::{self, Centering, NcInput};
 use crate::models::{self, Classifier, ModelConfig, ModelKind};
-use crate::params::{DefaultValue as Dv, ParamDef, ParamKind as K, Params};
+use crate::params::{DefaultValue as Dv, ParamDef, ParamKind as K, ParamStruct, Params, Schema};
 use crate::rng::Rng;
 use crate::train::{self, LossKind, OptimConfig, Optimizer, OptimizerKind};
 
@@ -30,6 +30,82 @@ const SCHEDULES: &[&str] = &["constant", "cosine"];
 const CENTERINGS: &[&str] = &["global", "balanced"];
 const DEVICES: &[&str] = &["cpu", "cuda"];
 
+/// A run's parameters, as the code reads them; [`SCHEMA`] defines and documents each.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct P {
+    dataset: String,
+    imbalance: f64,
+    data_seed: u64,
+    model: Model,
+    width: usize,
+    /// The ViT's only.
+    vit_final_norm: Option<bool>,
+    loss: Loss,
+    /// The focal loss's only ([`Supervised::inactive`]).
+    focal_gamma: Option<f64>,
+    /// Logit adjustment's only.
+    la_tau: Option<f64>,
+    optimizer: Optim,
+    lr: f64,
+    lr_schedule: LrSchedule,
+    /// SGD's only ([`Supervised::inactive`]).
+    momentum: Option<f64>,
+    weight_decay: f64,
+    drift_penalty: f64,
+    epochs: usize,
+    batch_size: usize,
+    analyze_freq: usize,
+    device: Dev,
+    centering: Centering,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+enum Model {
+    Mlp,
+    Cnn,
+    Resnet,
+    Vit,
+    Conv4,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+enum Loss {
+    Ce,
+    Focal,
+    LogitAdjustment,
+    BalancedSoftmax,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+enum Optim {
+    Sgd,
+    Adam,
+    Adamw,
+    Rmsprop,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+enum LrSchedule {
+    Constant,
+    Cosine,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+enum Dev {
+    Cpu,
+    Cuda,
+}
+
+impl ParamStruct for P {
+    const SCHEMA: &'static [ParamDef] = SCHEMA;
+}
+
 static SCHEMA: &[ParamDef] = &[
     ParamDef { name: "dataset", kind: K::DataName, default: Dv::Str("mnist"), doc: "a data set declared under [data]" },
     ParamDef {
@@ -41,14 +117,29 @@ static SCHEMA: &[ParamDef] = &[
     ParamDef { name: "data_seed", kind: K::Int { min: 0, max: i64::MAX }, default: Dv::Int(0), doc: "seed of the per-class shuffle that picks the long-tailed subset" },
     ParamDef { name: "model", kind: K::Choice(MODELS), default: Dv::Str("mlp"), doc: "backbone" },
     ParamDef { name: "width", kind: K::Int { min: 1, max: 64 }, default: Dv::Int(1), doc: "width multiplier of the backbone" },
-    ParamDef { name: "vit_final_norm", kind: K::Bool, default: Dv::Bool(true), doc: "keep the ViT's final LayerNorm (false replaces it by the identity)" },
+    ParamDef { name: "vit_final_norm", kind: K::Bool, default: Dv::Bool(true), doc: "keep the ViT's final LayerNorm (false replaces it by the identity); ViT runs only" },
     ParamDef { name: "loss", kind: K::Choice(LOSSES), default: Dv::Str("ce"), doc: "training loss" },
-    ParamDef { name: "focal_gamma", kind: K::Float { min: 0.0, max: 10.0, min_exclusive: false }, default: Dv::Float(2.0), doc: "focusing parameter γ of the focal loss" },
-    ParamDef { name: "la_tau", kind: K::Float { min: 0.0, max: 10.0, min_exclusive: false }, default: Dv::Float(1.0), doc: "temperature τ of logit adjustment" },
+    ParamDef {
+        name: "focal_gamma",
+        kind: K::Float { min: 0.0, max: 10.0, min_exclusive: false },
+        default: Dv::Float(2.0),
+        doc: "focusing parameter γ of the focal loss (read by focal runs only, left out of the others)",
+    },
+    ParamDef {
+        name: "la_tau",
+        kind: K::Float { min: 0.0, max: 10.0, min_exclusive: false },
+        default: Dv::Float(1.0),
+        doc: "temperature τ of logit adjustment (read by its runs only, left out of the others)",
+    },
     ParamDef { name: "optimizer", kind: K::Choice(OPTIMIZERS), default: Dv::Str("sgd"), doc: "optimiser" },
     ParamDef { name: "lr", kind: K::Float { min: 0.0, max: 10.0, min_exclusive: true }, default: Dv::Float(0.05), doc: "learning rate" },
     ParamDef { name: "lr_schedule", kind: K::Choice(SCHEDULES), default: Dv::Str("cosine"), doc: "learning-rate schedule over the epochs" },
-    ParamDef { name: "momentum", kind: K::Float { min: 0.0, max: 0.999, min_exclusive: false }, default: Dv::Float(0.9), doc: "momentum (SGD, RMSprop)" },
+    ParamDef {
+        name: "momentum",
+        kind: K::Float { min: 0.0, max: 0.999, min_exclusive: false },
+        default: Dv::Float(0.9),
+        doc: "momentum of SGD; the other optimisers do not read it, and their runs leave it out",
+    },
     ParamDef { name: "weight_decay", kind: K::Float { min: 0.0, max: 1.0, min_exclusive: false }, default: Dv::Float(5e-4), doc: "weight decay (L2 for SGD/Adam/RMSprop, decoupled for AdamW)" },
     ParamDef {
         name: "drift_penalty",
@@ -106,60 +197,51 @@ struct Config {
     cuda: bool,
 }
 
-fn get_f(p: &Params, k: &str) -> Result<f64, MethodError> {
-    p.get(k).and_then(|v| v.as_f64()).ok_or_else(|| MethodError::Invalid(format!("parameter `{k}` missing or not a number")))
-}
-fn get_i(p: &Params, k: &str) -> Result<usize, MethodError> {
-    p.get(k).and_then(|v| v.as_i64()).map(|i| i.max(0) as usize).ok_or_else(|| MethodError::Invalid(format!("parameter `{k}` missing or not an integer")))
-}
-fn get_s<'a>(p: &'a Params, k: &str) -> Result<&'a str, MethodError> {
-    p.get(k).and_then(|v| v.as_str()).ok_or_else(|| MethodError::Invalid(format!("parameter `{k}` missing or not a string")))
-}
-
 impl Config {
     fn from_params(p: &Params) -> Result<Self, MethodError> {
-        let model = match get_s(p, "model")? {
-            "mlp" => ModelKind::Mlp,
-            "cnn" => ModelKind::Cnn,
-            "resnet" => ModelKind::Resnet,
-            "vit" => ModelKind::Vit,
-            "conv4" => ModelKind::Conv4,
-            other => return Err(MethodError::Invalid(format!("unknown model `{other}`"))),
+        let p: P = super::params(p)?;
+        let needs = |k: &str| MethodError::Invalid(format!("this run reads `{k}`, which it lacks"));
+        let model = match p.model {
+            Model::Mlp => ModelKind::Mlp,
+            Model::Cnn => ModelKind::Cnn,
+            Model::Resnet => ModelKind::Resnet,
+            Model::Vit => ModelKind::Vit,
+            Model::Conv4 => ModelKind::Conv4,
         };
-        let loss = match get_s(p, "loss")? {
-            "ce" => LossKind::Ce,
-            "focal" => LossKind::Focal { gamma: get_f(p, "focal_gamma")? },
-            "logit_adjustment" => LossKind::LogitAdjustment { tau: get_f(p, "la_tau")? },
-            "balanced_softmax" => LossKind::BalancedSoftmax,
-            other => return Err(MethodError::Invalid(format!("unknown loss `{other}`"))),
+        let loss = match p.loss {
+            Loss::Ce => LossKind::Ce,
+            Loss::Focal => LossKind::Focal { gamma: p.focal_gamma.ok_or_else(|| needs("focal_gamma"))? },
+            Loss::LogitAdjustment => LossKind::LogitAdjustment { tau: p.la_tau.ok_or_else(|| needs("la_tau"))? },
+            Loss::BalancedSoftmax => LossKind::BalancedSoftmax,
         };
-        let kind = match get_s(p, "optimizer")? {
-            "sgd" => OptimizerKind::Sgd,
-            "adam" => OptimizerKind::Adam,
-            "adamw" => OptimizerKind::Adamw,
-            "rmsprop" => OptimizerKind::Rmsprop,
-            other => return Err(MethodError::Invalid(format!("unknown optimizer `{other}`"))),
+        let kind = match p.optimizer {
+            Optim::Sgd => OptimizerKind::Sgd,
+            Optim::Adam => OptimizerKind::Adam,
+            Optim::Adamw => OptimizerKind::Adamw,
+            Optim::Rmsprop => OptimizerKind::Rmsprop,
         };
-        // RMSprop's momentum is 0 unless asked for, as in PyTorch; the spec's `momentum`
-        // (default 0.9) is SGD's.
+        // RMSprop runs without momentum, as PyTorch's default; `momentum` is SGD's.
         let momentum = match kind {
-            OptimizerKind::Sgd => get_f(p, "momentum")?,
+            OptimizerKind::Sgd => p.momentum.ok_or_else(|| needs("momentum"))?,
             _ => 0.0,
         };
-        let optim = OptimConfig { kind, lr: get_f(p, "lr")?, momentum, weight_decay: get_f(p, "weight_decay")?, beta1: 0.9, beta2: 0.999, eps: 1e-8, alpha: 0.99 };
+        let optim = OptimConfig { kind, lr: p.lr, momentum, weight_decay: p.weight_decay, beta1: 0.9, beta2: 0.999, eps: 1e-8, alpha: 0.99 };
         Ok(Config {
             model,
-            width: get_i(p, "width")?,
-            vit_final_norm: p.get("vit_final_norm").and_then(|v| v.as_bool()).unwrap_or(true),
+            width: p.width,
+            vit_final_norm: match p.model {
+                Model::Vit => p.vit_final_norm.ok_or_else(|| needs("vit_final_norm"))?,
+                _ => true,
+            },
             loss,
             optim,
-            cosine: get_s(p, "lr_schedule")? == "cosine",
-            drift_penalty: get_f(p, "drift_penalty")?,
-            epochs: get_i(p, "epochs")?,
-            batch_size: get_i(p, "batch_size")?,
-            analyze_freq: get_i(p, "analyze_freq")?,
-            centering: if get_s(p, "centering")? == "balanced" { Centering::Balanced } else { Centering::Global },
-            cuda: p.get("device").and_then(|v| v.as_str()) == Some("cuda"),
+            cosine: p.lr_schedule == LrSchedule::Cosine,
+            drift_penalty: p.drift_penalty,
+            epochs: p.epochs,
+            batch_size: p.batch_size,
+            analyze_freq: p.analyze_freq,
+            centering: p.centering,
+            cuda: p.device == Dev::Cuda,
         })
     }
 }
@@ -175,8 +257,8 @@ impl Method for Supervised {
         8
     }
 
-    fn schema(&self) -> &'static [ParamDef] {
-        SCHEMA
+    fn schema(&self) -> Schema {
+        Schema::of::<P>()
     }
 
     fn metrics(&self) -> &'static [&'static str] {
@@ -188,16 +270,29 @@ impl Method for Supervised {
     }
 
     fn inputs(&self, params: &Params) -> Result<Vec<InputDecl>, MethodError> {
-        Ok(vec![InputDecl::long_tail(INPUT, params)?])
+        let p: P = super::params(params)?;
+        Ok(vec![InputDecl::long_tail_of(INPUT, &p.dataset, p.imbalance, p.data_seed)])
     }
 
-    fn check_run(&self, p: &Params) -> Result<(), (String, String, Option<String>)> {
+    fn check_run(&self, p: &Params) -> Vec<RunProblem> {
+        let mut problems = Vec::new();
         if let (Some(e), Some(a)) = (p.get("epochs").and_then(|v| v.as_i64()), p.get("analyze_freq").and_then(|v| v.as_i64())) {
             if a > e {
-                return Err(("analyze_freq".into(), format!("analyze_freq = {a} exceeds epochs = {e}"), Some("the last epoch is always analysed; lower analyze_freq".into())));
+                problems.push(RunProblem::new("analyze_freq", format!("analyze_freq = {a} exceeds epochs = {e}")).hint("the last epoch is always analysed; lower analyze_freq"));
             }
         }
-        Ok(())
+        problems
+    }
+
+    fn inactive(&self, p: &Params) -> Vec<&'static str> {
+        let is = |k: &str, v: &str| p.get(k).and_then(|x| x.as_str()) == Some(v);
+        let mut unread = Vec::new();
+        for (param, applies) in [("momentum", is("optimizer", "sgd")), ("focal_gamma", is("loss", "focal")), ("la_tau", is("loss", "logit_adjustment")), ("vit_final_norm", is("model", "vit"))] {
+            if !applies {
+                unread.push(param);
+            }
+        }
+        unread
     }
 
     fn run(&self, params: &Params, seed: u64, inputs: &TrainInputs, progress: &dyn Progress) -> Result<Outcome, MethodError> {

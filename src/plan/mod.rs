@@ -126,6 +126,9 @@ pub enum PlanError {
     /// The method could not declare a run's inputs (e.g. a parameter missing from its schema).
     #[error("{run}: the method's inputs: {message}")]
     Inputs { run: String, message: String },
+    /// The method could not say what a run's pretraining is (e.g. an unreadable weights manifest).
+    #[error("{run}: its pretraining: {message}")]
+    Pretraining { run: String, message: String },
     /// A run's input names a data set the spec does not declare.
     #[error("{run}: input `{input}` needs data set `{dataset}`, which the spec does not declare under [data]; {hint}")]
     UndeclaredData { run: String, input: String, dataset: String, hint: String },
@@ -248,7 +251,8 @@ pub fn plan(spec: &Spec) -> Result<Plan, PlanError> {
             // The device class goes into the key on its own: CPU and GPU results differ in the
             // last bits, so they are different cells.
             let device = method.device(&run.params);
-            if let Some(pt) = method.pretraining(&run.params, &spec.root) {
+            let pretraining = method.pretraining(&run.params, &spec.root).map_err(|e| PlanError::Pretraining { run: name.clone(), message: e.to_string() })?;
+            if let Some(pt) = pretraining {
                 let (pds, psplit) = data_cells(spec, &mut b, &mut memo, &pt.dataset)?;
                 let canon = pt.params.iter().map(|(k, v)| (k.clone(), v.canonical())).collect();
                 let m = material(&format!("pretrain:{}", method.name()), method.version(), canon, vec![b.cells[pds].key.clone(), b.cells[psplit].key.clone()], Some(pt.seed), &device);
@@ -339,6 +343,13 @@ mod tests {
         declare: fn(&Params) -> Result<Vec<InputDecl>, crate::methods::MethodError>,
     }
 
+    #[derive(serde::Deserialize)]
+    struct NoParams {}
+
+    impl crate::params::ParamStruct for NoParams {
+        const SCHEMA: &'static [crate::params::ParamDef] = &[];
+    }
+
     impl crate::methods::Method for Declares {
         fn name(&self) -> &'static str {
             "declares"
@@ -346,14 +357,11 @@ mod tests {
         fn version(&self) -> u32 {
             1
         }
-        fn schema(&self) -> &'static [crate::params::ParamDef] {
-            &[]
+        fn schema(&self) -> crate::params::Schema {
+            crate::params::Schema::of::<NoParams>()
         }
         fn metrics(&self) -> &'static [&'static str] {
             &[]
-        }
-        fn check_run(&self, _: &Params) -> Result<(), (String, String, Option<String>)> {
-            Ok(())
         }
         fn data_params(&self) -> &'static [&'static str] {
             &[]

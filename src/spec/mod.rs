@@ -486,7 +486,7 @@ fn parse_one(text: &str, path: &Path, root: &Path, profile: Option<&str>, sets: 
             }],
         });
     };
-    let schema = method.schema();
+    let schema: &[ParamDef] = method.schema().defs;
 
     // 2. Overrides: the profile's entries, then --set, applied to the document tree.
     let mut overrides = Vec::new();
@@ -730,7 +730,16 @@ fn parse_one(text: &str, path: &Path, root: &Path, profile: Option<&str>, sets: 
                 for (k, v) in &point {
                     p.insert(k.clone(), v.clone());
                 }
-                runs.push(RunSpec { point: point.clone(), params: p, seed });
+                // What this configuration does not read leaves the run (and its key); runs that
+                // differed only there are one run.
+                for k in method.inactive(&p) {
+                    p.remove(k);
+                }
+                let mut point = point.clone();
+                point.retain(|k, _| p.contains_key(k));
+                if !runs.iter().any(|r: &RunSpec| r.params == p && r.seed == seed) {
+                    runs.push(RunSpec { point, params: p, seed });
+                }
             }
         }
         let active = ef.profiles.is_empty() || ef.profiles.iter().any(|p| p == profile);
@@ -750,9 +759,12 @@ fn parse_one(text: &str, path: &Path, root: &Path, profile: Option<&str>, sets: 
     // Method-specific checks that involve several parameters at once.
     for e in &experiments {
         for r in &e.runs {
-            if let Err((key, msg, hint)) = method.check_run(&r.params) {
-                let path = if e.axes.contains(&key) { vec!["experiments".into(), e.id.clone(), "grid".into(), key] } else { vec!["experiments".into(), e.id.clone()] };
-                err(path, true, format!("experiment `{}` ({}): {msg}", e.id, r.label()), hint);
+            let problems = method.check_run(&r.params);
+            for pr in &problems {
+                let path = if e.axes.contains(&pr.param) { vec!["experiments".into(), e.id.clone(), "grid".into(), pr.param.clone()] } else { vec!["experiments".into(), e.id.clone()] };
+                err(path, true, format!("experiment `{}` ({}): {}", e.id, r.label(), pr.message), pr.hint.clone());
+            }
+            if !problems.is_empty() {
                 break;
             }
         }

@@ -8,12 +8,36 @@
 
 use std::collections::BTreeMap;
 
-use reprise::methods::{ClassRecord, EpochRecord, InputDecl, Method, MethodError, Outcome, Progress, RunRecord, TrainInputs};
-use reprise::params::{DefaultValue as Dv, ParamDef, ParamKind as K, Params};
+use reprise::methods::{self, ClassRecord, EpochRecord, InputDecl, Method, MethodError, Outcome, Progress, RunRecord, TrainInputs};
+use reprise::params::{DefaultValue as Dv, ParamDef, ParamKind as K, ParamStruct, Params, Schema};
+use serde::Deserialize;
 
 pub struct NearestMean;
 
 const DISTANCES: &[&str] = &["euclidean", "cosine"];
+
+/// A run's parameters as the code reads them; [`SCHEMA`] defines and documents each (the
+/// registry checks that the two agree).
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+#[allow(dead_code)] // the data parameters are read by the data cells, not by `run`
+struct P {
+    dataset: String,
+    imbalance: f64,
+    data_seed: u64,
+    distance: Distance,
+}
+
+#[derive(Deserialize, PartialEq)]
+#[serde(rename_all = "snake_case")]
+enum Distance {
+    Euclidean,
+    Cosine,
+}
+
+impl ParamStruct for P {
+    const SCHEMA: &'static [ParamDef] = SCHEMA;
+}
 
 static SCHEMA: &[ParamDef] = &[
     ParamDef { name: "dataset", kind: K::DataName, default: Dv::Str("optdigits"), doc: "a data set declared under [data]" },
@@ -36,16 +60,12 @@ impl Method for NearestMean {
         1
     }
 
-    fn schema(&self) -> &'static [ParamDef] {
-        SCHEMA
+    fn schema(&self) -> Schema {
+        Schema::of::<P>()
     }
 
     fn metrics(&self) -> &'static [&'static str] {
         METRICS
-    }
-
-    fn check_run(&self, _params: &Params) -> Result<(), (String, String, Option<String>)> {
-        Ok(())
     }
 
     fn data_params(&self) -> &'static [&'static str] {
@@ -58,7 +78,7 @@ impl Method for NearestMean {
     }
 
     fn run(&self, params: &Params, _seed: u64, inputs: &TrainInputs, progress: &dyn Progress) -> Result<Outcome, MethodError> {
-        let cosine = params.get("distance").and_then(|v| v.as_str()) == Some("cosine");
+        let cosine = methods::params::<P>(params)?.distance == Distance::Cosine;
         let inputs = inputs.input("data")?;
         let data = inputs.data;
         let dim = data.channels * data.height * data.width;
