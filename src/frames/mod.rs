@@ -93,9 +93,10 @@ pub struct Frames {
 /// Collect frames from the executed plan's training cells.
 pub fn collect(plan: &Plan, exec: &Execution, store: &dyn Store, metric_names: &[&str]) -> Result<Frames, FrameError> {
     let mut f = Frames { metric_names: metric_names.iter().map(|s| s.to_string()).collect(), ..Default::default() };
-    let mut param_names: Vec<String> = plan.runs.first().map(|r| r.params.keys().cloned().collect()).unwrap_or_default();
-    param_names.sort();
-    f.param_names = param_names;
+    // Every parameter of any run: a run that leaves one out (the method does not read it in
+    // that configuration) has a null there.
+    let param_names: std::collections::BTreeSet<String> = plan.runs.iter().flat_map(|r| r.params.keys().cloned()).collect();
+    f.param_names = param_names.into_iter().collect();
     let mut seen_objects = std::collections::BTreeSet::new();
     for run in &plan.runs {
         let cell = &plan.cells[run.cell];
@@ -170,15 +171,20 @@ fn metrics_of(store: &dyn Store, record: &CellRecord, cell: &str) -> Result<Vec<
     Err(missing(detail))
 }
 
-fn param_series(name: &str, values: &[&ParamValue]) -> Column {
+/// One parameter's column; a run without the parameter has a null. Integers and floats in one
+/// column are floats.
+fn param_series(name: &str, values: &[Option<&ParamValue>]) -> Column {
     let col = format!("param_{name}");
-    match values.first() {
-        Some(ParamValue::Float(_)) | Some(ParamValue::Int(_)) if values.iter().any(|v| matches!(v, ParamValue::Float(_))) => {
-            Column::new(col.into(), values.iter().map(|v| v.as_f64()).collect::<Vec<_>>())
-        }
-        Some(ParamValue::Int(_)) => Column::new(col.into(), values.iter().map(|v| v.as_i64()).collect::<Vec<_>>()),
-        Some(ParamValue::Bool(_)) => Column::new(col.into(), values.iter().map(|v| v.as_bool()).collect::<Vec<_>>()),
-        _ => Column::new(col.into(), values.iter().map(|v| v.as_str().map(String::from)).collect::<Vec<_>>()),
+    let present = || values.iter().flatten();
+    let all = |f: fn(&ParamValue) -> bool| present().all(|v| f(v));
+    if all(|v| matches!(v, ParamValue::Int(_))) && present().next().is_some() {
+        Column::new(col.into(), values.iter().map(|v| v.and_then(ParamValue::as_i64)).collect::<Vec<_>>())
+    } else if all(|v| matches!(v, ParamValue::Int(_) | ParamValue::Float(_))) && present().next().is_some() {
+        Column::new(col.into(), values.iter().map(|v| v.and_then(ParamValue::as_f64)).collect::<Vec<_>>())
+    } else if all(|v| matches!(v, ParamValue::Bool(_))) && present().next().is_some() {
+        Column::new(col.into(), values.iter().map(|v| v.and_then(ParamValue::as_bool)).collect::<Vec<_>>())
+    } else {
+        Column::new(col.into(), values.iter().map(|v| v.map(ParamValue::canonical)).collect::<Vec<_>>())
     }
 }
 
@@ -196,10 +202,8 @@ impl Frames {
             Column::new("epoch".into(), r.iter().map(|x| x.epoch).collect::<Vec<_>>()),
         ];
         for p in &self.param_names {
-            let vals: Vec<&ParamValue> = r.iter().filter_map(|x| x.params.get(p)).collect();
-            if vals.len() == r.len() {
-                cols.push(param_series(p, &vals));
-            }
+            let vals: Vec<Option<&ParamValue>> = r.iter().map(|x| x.params.get(p)).collect();
+            cols.push(param_series(p, &vals));
         }
         for m in &self.metric_names {
             cols.push(Column::new(m.as_str().into(), r.iter().map(|x| x.metrics.get(m).copied().flatten()).collect::<Vec<_>>()));
@@ -436,5 +440,35 @@ mod tests {
         let f = collect(&plan, &exec, &store, &["accuracy"]).unwrap();
         assert_eq!(f.results.len(), 1);
         assert_eq!(f.results[0].status, "ok");
+    }
+
+    #[test]
+    fn a_parameter_that_some_runs_leave_out_is_a_column_with_nulls_there() {
+        let row = |run: &str, params: Params| ResultRow {
+            experiment: "opt".into(),
+            run: run.into(),
+            key: "k".into(),
+            seed: 0,
+            status: "ok".into(),
+            reason: None,
+            epoch: Some(1),
+            params,
+            metrics: BTreeMap::from([("accuracy".to_string(), Some(50.0))]),
+        };
+        let sgd = Params::from([("optimizer".to_string(), ParamValue::Str("sgd".into())), ("momentum".to_string(), ParamValue::Float(0.9))]);
+        let adam = Params::from([("optimizer".to_string(), ParamValue::Str("adam".into()))]);
+        let frames = Frames {
+            results: vec![row("adam", adam.clone()), row("sgd", sgd.clone())],
+            param_names: vec!["momentum".into(), "optimizer".into()],
+            metric_names: vec!["accuracy".into()],
+            ..Default::default()
+        };
+        let df = frames.results_frame().unwrap();
+        let momentum: Vec<Option<f64>> = df.column("param_momentum").unwrap().f64().unwrap().iter().collect();
+        assert_eq!(momentum, vec![None, Some(0.9)]);
+        // Read back, each run has exactly its own parameters.
+        let back = frames.round_trip().unwrap();
+        assert_eq!(back.results[0].params, adam);
+        assert_eq!(back.results[1].params, sgd);
     }
 }

@@ -1355,6 +1355,16 @@ fn outputs(record: &RunRecord, net: &VitBackbone, vars: &[Var], phi: &Phi) -> Re
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn the_parameter_struct_and_the_schema_agree() {
+        crate::params::Schema::of::<P>().check().unwrap();
+        // An imported backbone does not read the engine ViT's pretraining parameters.
+        let mut p = crate::params::Schema::of::<P>().defaults();
+        assert!(ClassAwareLora.inactive(&p).is_empty());
+        p.insert("backbone".into(), ParamValue::Str("vit-b16-clip".into()));
+        assert_eq!(ClassAwareLora.inactive(&p), PRETRAIN_ONLY);
+    }
+
     use super::*;
     use std::collections::HashMap;
 

@@ -513,3 +513,58 @@ fn group_name(g: metrics::Group) -> &'static str {
         metrics::Group::Tail => "tail",
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_parameter_struct_and_the_schema_agree() {
+        Schema::of::<P>().check().unwrap();
+    }
+
+    /// A spec over optimizers × momentum: the momentum of non-SGD runs is not read, so it leaves
+    /// those runs (and their keys), and the runs that differed only there are one.
+    #[test]
+    fn parameters_a_configuration_does_not_read_leave_the_run() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(dir.path().join("templates")).unwrap();
+        std::fs::write(dir.path().join("templates/t.md.j2"), "x").unwrap();
+        std::fs::create_dir_all(dir.path().join("data-manifests")).unwrap();
+        std::fs::write(dir.path().join("data-manifests/m.toml"), "").unwrap();
+        let text = r#"
+[report]
+id = "demo"
+title = "Demo"
+template = "t.md.j2"
+
+[data.mnist]
+manifest = "m"
+
+[experiments.e]
+title = "E"
+grid = { optimizer = ["sgd", "adam"], momentum = [0.5, 0.9], loss = ["ce", "focal"] }
+"#;
+        let spec = crate::spec::parse(text, std::path::Path::new("reports/demo.toml"), dir.path(), "quick", &[]).unwrap();
+        let runs = &spec.experiments[0].runs;
+        let labels: Vec<String> = runs.iter().map(|r| r.label()).collect();
+        // sgd: 2 momenta × 2 losses; adam: one run per loss.
+        assert_eq!(runs.len(), 6, "{labels:?}");
+        for r in runs {
+            let sgd = r.params["optimizer"].as_str() == Some("sgd");
+            assert_eq!(r.params.contains_key("momentum"), sgd, "{}", r.label());
+            assert_eq!(r.point.contains_key("momentum"), sgd, "{}", r.label());
+            assert_eq!(r.params.contains_key("focal_gamma"), r.params["loss"].as_str() == Some("focal"), "{}", r.label());
+            assert!(!r.params.contains_key("la_tau") && !r.params.contains_key("vit_final_norm"), "{}", r.label());
+        }
+        // Every run still decodes, and an SGD run reads its momentum.
+        for r in runs {
+            let cfg = Config::from_params(&r.params).unwrap();
+            if r.params["optimizer"].as_str() == Some("sgd") {
+                assert_eq!(Some(cfg.optim.momentum), r.params["momentum"].as_f64());
+            } else {
+                assert_eq!(cfg.optim.momentum, 0.0);
+            }
+        }
+    }
+}
