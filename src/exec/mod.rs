@@ -6,14 +6,15 @@
 //! have finished it), computes, writes the outputs and then the record. A crash at any point
 //! leaves either no record (the cell is recomputed next time) or a complete one.
 //! Progress bars (cells done / total, each worker's cell and epoch) show on a terminal and stay
-//! silent otherwise.
+//! silent otherwise; a [`ProgressSink`] in the options receives the same events as values (a
+//! notebook, a log, a cluster driver).
 
 mod awake;
 mod cells;
 
 use std::collections::BTreeMap;
 use std::io::IsTerminal;
-use std::sync::{Condvar, Mutex};
+use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
 use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
@@ -24,8 +25,41 @@ use crate::cache::{CellRecord, CellStatus, Corruption, Store, StoreError};
 use crate::methods::Progress;
 use crate::plan::Plan;
 
+/// What execution reports as it goes, to a [`ProgressSink`].
+#[derive(Debug, Clone, PartialEq)]
+pub enum Event<'a> {
+    /// Execution begins: `cells` in the plan, run by up to `jobs` workers.
+    Started { cells: usize, jobs: usize },
+    /// Worker `job` took `cell` (a cached cell finishes at once).
+    CellStarted { job: usize, cell: &'a str },
+    /// Inside a computed cell: `done` of `total` epochs, with the method's note.
+    Epoch { job: usize, cell: &'a str, done: usize, total: usize, note: &'a str },
+    /// `cell` ended: `outcome` is `cached`, `ran` or `failed`; `done` of `cells` have ended.
+    CellFinished { job: usize, cell: &'a str, outcome: &'static str, done: usize, cells: usize },
+    /// Every cell has ended (or a store error stopped execution), after `seconds`.
+    Finished { seconds: f64 },
+}
+
+/// Receives [`Event`]s from every worker thread (so it must be `Sync`); it should return
+/// quickly, as the worker waits for it.
+pub trait ProgressSink: Send + Sync {
+    fn event(&self, event: &Event);
+}
+
+/// A sink that keeps every event as a line of text (for tests and logs).
+#[derive(Debug, Default)]
+pub struct EventLog(pub Mutex<Vec<String>>);
+
+impl ProgressSink for EventLog {
+    fn event(&self, event: &Event) {
+        if let Ok(mut lines) = self.0.lock() {
+            lines.push(format!("{event:?}"));
+        }
+    }
+}
+
 /// How to execute.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct ExecOptions {
     /// Cells computed at once. Default: the number of cores.
     pub jobs: usize,
@@ -35,12 +69,26 @@ pub struct ExecOptions {
     pub progress: bool,
     /// Do not compute anything: a missing cell is an error (rendering from the cache only).
     pub cache_only: bool,
+    /// Where events go besides the bars. Default: nowhere.
+    pub sink: Option<Arc<dyn ProgressSink>>,
+}
+
+impl std::fmt::Debug for ExecOptions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ExecOptions")
+            .field("jobs", &self.jobs)
+            .field("threads_per_job", &self.threads_per_job)
+            .field("progress", &self.progress)
+            .field("cache_only", &self.cache_only)
+            .field("sink", &self.sink.is_some())
+            .finish()
+    }
 }
 
 impl Default for ExecOptions {
     fn default() -> Self {
         let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-        ExecOptions { jobs: cores, threads_per_job: 1, progress: true, cache_only: false }
+        ExecOptions { jobs: cores, threads_per_job: 1, progress: true, cache_only: false, sink: None }
     }
 }
 
@@ -49,6 +97,18 @@ impl ExecOptions {
         let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
         let jobs = jobs.unwrap_or(cores).max(1);
         ExecOptions { jobs, threads_per_job: (cores / jobs).max(1), ..Default::default() }
+    }
+
+    /// These options with `sink` receiving the events.
+    pub fn with_sink(mut self, sink: Arc<dyn ProgressSink>) -> Self {
+        self.sink = Some(sink);
+        self
+    }
+
+    fn emit(&self, event: &Event) {
+        if let Some(s) = &self.sink {
+            s.event(event);
+        }
     }
 }
 
@@ -151,17 +211,20 @@ struct Shared {
     fatal: Option<StoreError>,
 }
 
-/// Progress of one worker, drawn as a bar.
-struct BarProgress {
+/// Progress of one worker, drawn as a bar and sent to the sink.
+struct BarProgress<'a> {
     bar: ProgressBar,
     name: String,
+    job: usize,
+    opts: &'a ExecOptions,
 }
 
-impl Progress for BarProgress {
+impl Progress for BarProgress<'_> {
     fn epoch(&self, done: usize, total: usize, note: &str) {
         self.bar.set_length(total as u64);
         self.bar.set_position(done as u64);
         self.bar.set_message(format!("{} {note}", self.name));
+        self.opts.emit(&Event::Epoch { job: self.job, cell: &self.name, done, total, note });
     }
 }
 
@@ -181,10 +244,13 @@ pub fn execute(plan: &Plan, store: &dyn Store, opts: &ExecOptions) -> Result<Exe
         total.enable_steady_tick(Duration::from_millis(500));
     }
     let memo = cells::Memo::default();
+    let jobs = opts.jobs.max(1).min(n.max(1));
+    opts.emit(&Event::Started { cells: n, jobs });
+    let ended = std::sync::atomic::AtomicUsize::new(0);
 
     std::thread::scope(|scope| {
-        for w in 0..opts.jobs.max(1).min(n.max(1)) {
-            let (shared, wake, multi, total, memo) = (&shared, &wake, &multi, &total, &memo);
+        for w in 0..jobs {
+            let (shared, wake, multi, total, memo, ended) = (&shared, &wake, &multi, &total, &memo, &ended);
             scope.spawn(move || {
                 let bar = multi.add(ProgressBar::new(1));
                 bar.set_style(ProgressStyle::with_template("{prefix:>8} [{bar:30}] epoch {pos}/{len}  {msg}").unwrap_or_else(|_| ProgressStyle::default_bar()).progress_chars("=> "));
@@ -208,6 +274,8 @@ pub fn execute(plan: &Plan, store: &dyn Store, opts: &ExecOptions) -> Result<Exe
                                     let up: Vec<String> = plan.cells[i].upstream.iter().filter(|&&u| s.states[u] == State::Failed).map(|&u| plan.cells[u].name.clone()).collect();
                                     s.outcomes[i] = Some(CellOutcome::Failed(format!("{UPSTREAM_FAILED}: {}", up.join(", "))));
                                     total.inc(1);
+                                    let done = ended.fetch_add(1, std::sync::atomic::Ordering::SeqCst) + 1;
+                                    opts.emit(&Event::CellFinished { job: w + 1, cell: &plan.cells[i].name, outcome: "failed", done, cells: n });
                                     changed = true;
                                 }
                             }
@@ -230,7 +298,8 @@ pub fn execute(plan: &Plan, store: &dyn Store, opts: &ExecOptions) -> Result<Exe
                     };
                     let Some(i) = next else { break };
                     let cell = &plan.cells[i];
-                    let progress = BarProgress { bar: bar.clone(), name: cell.name.clone() };
+                    let progress = BarProgress { bar: bar.clone(), name: cell.name.clone(), job: w + 1, opts };
+                    opts.emit(&Event::CellStarted { job: w + 1, cell: &cell.name });
                     bar.set_message(cell.name.clone());
                     bar.set_position(0);
                     let inputs: Vec<CellRecord> = {
@@ -251,6 +320,12 @@ pub fn execute(plan: &Plan, store: &dyn Store, opts: &ExecOptions) -> Result<Exe
                         Ok(g) => g,
                         Err(p) => p.into_inner(),
                     };
+                    let shown = match &result {
+                        Ok(CellOutcome::Cached(r)) | Ok(CellOutcome::Ran(r)) if r.status != CellStatus::Ok => "failed",
+                        Ok(CellOutcome::Cached(_)) => "cached",
+                        Ok(CellOutcome::Ran(_)) => "ran",
+                        _ => "failed",
+                    };
                     match result {
                         Ok(outcome) => {
                             let usable = outcome.record().is_some_and(|r| r.status == CellStatus::Ok);
@@ -266,6 +341,9 @@ pub fn execute(plan: &Plan, store: &dyn Store, opts: &ExecOptions) -> Result<Exe
                         }
                     }
                     total.inc(1);
+                    let done = ended.fetch_add(1, std::sync::atomic::Ordering::SeqCst) + 1;
+                    drop(s);
+                    opts.emit(&Event::CellFinished { job: w + 1, cell: &cell.name, outcome: shown, done, cells: n });
                     wake.notify_all();
                 }
                 bar.finish_and_clear();
@@ -273,6 +351,7 @@ pub fn execute(plan: &Plan, store: &dyn Store, opts: &ExecOptions) -> Result<Exe
         }
     });
     total.finish_and_clear();
+    opts.emit(&Event::Finished { seconds: start.elapsed().as_secs_f64() });
     let s = shared.into_inner().unwrap_or_else(|p| p.into_inner());
     if let Some(e) = s.fatal {
         return Err(ExecError::Store(e));
@@ -304,4 +383,85 @@ pub fn read_output(store: &dyn Store, record: &CellRecord, name: &str) -> Result
 /// Output name → hash of every cell, for lock files.
 pub fn outputs_of(exec: &Execution) -> Vec<BTreeMap<String, String>> {
     exec.outcomes.iter().map(|o| o.record().map(|r| r.outputs.clone()).unwrap_or_default()).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cache::LocalStore;
+    use crate::methods::{Method, MethodError, Outcome, Registry, TrainInputs};
+    use crate::params::{ParamDef, ParamStruct, Params, Schema};
+
+    /// A method with no data and no parameters whose run reports two epochs.
+    struct Counter;
+
+    #[derive(serde::Deserialize)]
+    struct NoParams {}
+
+    impl ParamStruct for NoParams {
+        const SCHEMA: &'static [ParamDef] = &[];
+    }
+
+    impl Method for Counter {
+        fn name(&self) -> &'static str {
+            "counter"
+        }
+        fn version(&self) -> u32 {
+            1
+        }
+        fn schema(&self) -> Schema {
+            Schema::of::<NoParams>()
+        }
+        fn metrics(&self) -> &'static [&'static str] {
+            &[]
+        }
+        fn data_params(&self) -> &'static [&'static str] {
+            &[]
+        }
+        fn run(&self, _: &Params, seed: u64, _: &TrainInputs, progress: &dyn Progress) -> Result<Outcome, MethodError> {
+            progress.epoch(1, 2, "first");
+            progress.epoch(2, 2, "");
+            Ok(Outcome::Done(BTreeMap::from([("metrics.json".to_string(), format!("{{\"seed\": {seed}}}").into_bytes())])))
+        }
+    }
+
+    fn events(plan: &Plan, store: &LocalStore) -> Vec<String> {
+        let log = Arc::new(EventLog::default());
+        let opts = ExecOptions { progress: false, ..ExecOptions::with_jobs(Some(2)) }.with_sink(log.clone());
+        execute(plan, store, &opts).unwrap();
+        let lines = log.0.lock().unwrap().clone();
+        lines
+    }
+
+    #[test]
+    fn a_sink_receives_every_cell_and_epoch_once() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(dir.path().join("templates")).unwrap();
+        std::fs::write(dir.path().join("templates/t.md.j2"), "x").unwrap();
+        let text = "[report]\nid = \"c\"\ntitle = \"C\"\ntemplate = \"t.md.j2\"\nmethod = \"counter\"\n\n[experiments.e]\ntitle = \"E\"\nseeds = [0, 1, 2]\n";
+        let registry = Registry::empty().with(Counter);
+        let spec = crate::spec::parse_with(text, std::path::Path::new("reports/c.toml"), dir.path(), "quick", &[], &registry).unwrap();
+        let plan = crate::plan::plan(&spec).unwrap();
+        let store = LocalStore::open(&dir.path().join("store")).unwrap();
+
+        let first = events(&plan, &store);
+        assert_eq!(first.first().unwrap(), "Started { cells: 3, jobs: 2 }", "{first:#?}");
+        assert!(first.last().unwrap().starts_with("Finished"), "{first:#?}");
+        for cell in plan.cells.iter().map(|c| &c.name) {
+            let of = |what: &str| first.iter().filter(|l| l.starts_with(what) && l.contains(&format!("cell: {cell:?}"))).count();
+            assert_eq!((of("CellStarted"), of("Epoch"), of("CellFinished")), (1, 2, 1), "{cell}: {first:#?}");
+            assert!(first.iter().any(|l| l.contains(&format!("cell: {cell:?}, done: 1, total: 2, note: \"first\""))), "{first:#?}");
+        }
+        let finished: Vec<&String> = first.iter().filter(|l| l.starts_with("CellFinished")).collect();
+        assert!(finished.iter().all(|l| l.contains("outcome: \"ran\"")), "{finished:#?}");
+        // `done` counts the ended cells, whichever worker ended them.
+        let mut done: Vec<usize> = finished.iter().map(|l| l.split("done: ").nth(1).unwrap().split(',').next().unwrap().parse().unwrap()).collect();
+        done.sort();
+        assert_eq!(done, vec![1, 2, 3]);
+
+        // Again: every cell is cached, and no epoch runs.
+        let second = events(&plan, &store);
+        assert_eq!(second.iter().filter(|l| l.contains("outcome: \"cached\"")).count(), 3, "{second:#?}");
+        assert!(!second.iter().any(|l| l.starts_with("Epoch")), "{second:#?}");
+    }
 }
