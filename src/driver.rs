@@ -355,7 +355,7 @@ impl Report {
             .cells
             .iter()
             .zip(&self.exec.outcomes)
-            .filter(|(c, o)| matches!(c.kind, plan::CellKind::Dataset { .. } | plan::CellKind::Split { .. } | plan::CellKind::Subset { .. }) && matches!(o, CellOutcome::Failed(_)))
+            .filter(|(c, o)| matches!(c.kind, plan::CellKind::Dataset { .. } | plan::CellKind::Split { .. } | plan::CellKind::Derive { .. }) && matches!(o, CellOutcome::Failed(_)))
             .map(|(c, o)| format!("{} — {}", c.name, o.failure().unwrap_or_default()))
             .collect()
     }

@@ -35,6 +35,21 @@ pub enum DeriveError {
 
     #[error("need at least one class, found num_classes = 0")]
     NoClasses,
+
+    #[error("a per-class cap must be at least 1, found 0")]
+    ZeroCap,
+
+    #[error("the relabelling maps {len} classes but the data set has {num_classes}; give one new label per class")]
+    RelabelLength { len: usize, num_classes: usize },
+
+    #[error("class {class} is listed twice; list each class once")]
+    RepeatedClass { class: u32 },
+
+    #[error("class {class} is out of range for {num_classes} classes")]
+    ClassOutOfRange { class: u32, num_classes: usize },
+
+    #[error("no classes were kept; list at least one")]
+    NoClassesKept,
 }
 
 /// Indices of `labels` (or of `pool` when given) grouped by class, in ascending order.
@@ -127,6 +142,65 @@ pub fn long_tail_subset(labels: &[u32], pool: &[usize], num_classes: usize, imb_
     Ok(out)
 }
 
+/// At most `cap` indices of each class from `pool`: a class with more is cut to the first `cap`
+/// of its pool indices shuffled by the per-class stream `Rng::derive(seed, "cap/class-{i}")`; a
+/// class with fewer keeps all. Returns sorted indices, a subset of `pool`.
+pub fn cap_per_class(labels: &[u32], pool: &[usize], num_classes: usize, cap: usize, seed: u64) -> Result<Vec<usize>, DeriveError> {
+    if cap == 0 {
+        return Err(DeriveError::ZeroCap);
+    }
+    let groups = by_class(labels, Some(pool), num_classes)?;
+    let mut out = Vec::new();
+    for (class, mut idx) in groups.into_iter().enumerate() {
+        if idx.len() > cap {
+            Rng::derive(seed, &format!("cap/class-{class}")).shuffle(&mut idx);
+            idx.truncate(cap);
+        }
+        out.extend(idx);
+    }
+    out.sort_unstable();
+    Ok(out)
+}
+
+/// New labels: label `c` becomes `map[c]`. The new number of classes is `max(map) + 1`. Several
+/// classes may share a new label (fine → coarse); a new label nothing maps to stays empty.
+pub fn relabel(labels: &[u32], num_classes: usize, map: &[u32]) -> Result<(Vec<u32>, usize), DeriveError> {
+    if map.len() != num_classes {
+        return Err(DeriveError::RelabelLength { len: map.len(), num_classes });
+    }
+    let out = labels.iter().enumerate().map(|(index, &l)| map.get(l as usize).copied().ok_or(DeriveError::LabelOutOfRange { index, label: l, num_classes })).collect::<Result<Vec<u32>, _>>()?;
+    let classes = map.iter().max().map_or(0, |m| *m as usize + 1);
+    Ok((out, classes))
+}
+
+/// Keep only the images of `classes` among `idx`, relabelled by their position in `classes`
+/// (the first listed class becomes 0). Returns the kept indices (in `idx`'s order) and their new
+/// labels.
+pub fn keep_classes(labels: &[u32], idx: &[usize], num_classes: usize, classes: &[u32]) -> Result<(Vec<usize>, Vec<u32>), DeriveError> {
+    if classes.is_empty() {
+        return Err(DeriveError::NoClassesKept);
+    }
+    let mut new_label = vec![None; num_classes];
+    for (k, &c) in classes.iter().enumerate() {
+        let slot = new_label.get_mut(c as usize).ok_or(DeriveError::ClassOutOfRange { class: c, num_classes })?;
+        if slot.is_some() {
+            return Err(DeriveError::RepeatedClass { class: c });
+        }
+        *slot = Some(k as u32);
+    }
+    let mut kept = Vec::new();
+    let mut kept_labels = Vec::new();
+    for &i in idx {
+        let label = *labels.get(i).ok_or(DeriveError::PoolIndexOutOfRange { index: i, len: labels.len() })?;
+        let new = *new_label.get(label as usize).ok_or(DeriveError::LabelOutOfRange { index: i, label, num_classes })?;
+        if let Some(n) = new {
+            kept.push(i);
+            kept_labels.push(n);
+        }
+    }
+    Ok((kept, kept_labels))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -201,5 +275,40 @@ mod tests {
         assert!(msg.contains("class 5") && msg.contains("larger imbalance factor"), "{msg}");
         assert!(matches!(long_tail_subset(&l, &pool, 10, 0.0, 0), Err(DeriveError::BadImbalanceFactor { .. })));
         assert!(matches!(long_tail_subset(&l, &[1000], 10, 0.5, 0), Err(DeriveError::PoolIndexOutOfRange { index: 1000, len: 100 })));
+    }
+
+    #[test]
+    fn a_cap_keeps_at_most_n_per_class_from_the_pool() {
+        let l = labels(7); // 7 per class
+        let pool: Vec<usize> = (0..70).filter(|i| i % 3 != 0).collect();
+        let kept = cap_per_class(&l, &pool, 10, 3, 5).unwrap();
+        let mut counts = [0usize; 10];
+        for &i in &kept {
+            assert!(pool.contains(&i));
+            counts[l[i] as usize] += 1;
+        }
+        // Each class has 4 or 5 pool images here, all cut to 3.
+        assert_eq!(counts, [3; 10]);
+        assert!(kept.windows(2).all(|w| w[0] < w[1]));
+        // A cap above every class count keeps the whole pool; the seed decides which survive.
+        assert_eq!(cap_per_class(&l, &pool, 10, 100, 5).unwrap(), pool);
+        assert_ne!(cap_per_class(&l, &pool, 10, 3, 6).unwrap(), kept);
+        assert_eq!(cap_per_class(&l, &pool, 10, 0, 5), Err(DeriveError::ZeroCap));
+    }
+
+    #[test]
+    fn relabelling_and_class_selection_by_hand() {
+        // Fine classes 0..6 into coarse 0..2: {0,1} → 0, {2,3} → 1, {4,5} → 2.
+        let (coarse, k) = relabel(&[5, 0, 3, 2, 1, 4], 6, &[0, 0, 1, 1, 2, 2]).unwrap();
+        assert_eq!((coarse, k), (vec![2, 0, 1, 1, 0, 2], 3));
+        assert!(matches!(relabel(&[0], 6, &[0, 1]), Err(DeriveError::RelabelLength { len: 2, num_classes: 6 })));
+        // Keep classes 4 and 1, in that order: 4 → 0, 1 → 1; others dropped, order kept.
+        let labels = [1, 4, 2, 4, 1, 0];
+        let (kept, new) = keep_classes(&labels, &[5, 4, 3, 2, 1, 0], 5, &[4, 1]).unwrap();
+        assert_eq!(kept, vec![4, 3, 1, 0]);
+        assert_eq!(new, vec![1, 0, 0, 1]);
+        assert_eq!(keep_classes(&labels, &[0], 5, &[1, 1]), Err(DeriveError::RepeatedClass { class: 1 }));
+        assert_eq!(keep_classes(&labels, &[0], 5, &[7]), Err(DeriveError::ClassOutOfRange { class: 7, num_classes: 5 }));
+        assert_eq!(keep_classes(&labels, &[0], 5, &[]), Err(DeriveError::NoClassesKept));
     }
 }

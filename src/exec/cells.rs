@@ -9,7 +9,7 @@ use serde::{Deserialize, Serialize};
 use super::CellOutcome;
 use crate::cache::{CellRecord, CellStatus, Store, StoreError};
 use crate::data::{self, ImageSet};
-use crate::methods::{DataInput, Derive, InputDecl, Outcome, Progress, TrainInputs, PRETRAIN_INPUT};
+use crate::methods::{DataInput, Derive, Outcome, Progress, TrainInputs, PRETRAIN_INPUT};
 use crate::plan::{self, CellKind, Plan};
 
 /// Decoded data sets by object hash, so that many training cells share one copy.
@@ -107,30 +107,91 @@ pub fn run_cell(plan: &Plan, i: usize, inputs: &[CellRecord], store: &dyn Store,
     Ok(CellOutcome::Ran(record))
 }
 
-/// One declared input's data, read from its upstream records (dataset, split, derived cell).
-struct LoadedInput {
+/// The data after a chain of data cells (dataset, split, derivation steps): the latest images
+/// any of them wrote, and the latest training and test indices into them.
+struct View {
     images: Arc<ImageSet>,
-    split: SplitOutput,
-    /// The derived training indices; `None` for the split's whole training pool.
-    train: Option<Vec<usize>>,
+    train: Vec<usize>,
+    test: Vec<usize>,
 }
 
-impl LoadedInput {
-    fn view<'a>(&'a self, name: &'a str) -> DataInput<'a> {
-        let train = self.train.as_deref().unwrap_or(&self.split.train);
-        DataInput { name, data: &self.images, train, test: &self.split.test }
+impl View {
+    fn input<'a>(&'a self, name: &'a str) -> DataInput<'a> {
+        DataInput { name, data: &self.images, train: &self.train, test: &self.test }
     }
 }
 
-/// `recs` are the records of the cells [`plan::input_cell_count`] counts for `decl`.
-fn load_input(store: &dyn Store, memo: &Memo, decl: &InputDecl, recs: &[CellRecord]) -> Result<LoadedInput, CellFailure> {
-    let images = load_images(store, memo, &recs[0])?;
-    let split: SplitOutput = load_json(store, &recs[1], "split.json")?;
-    let train = match decl.derive {
-        Derive::Pool => None,
-        Derive::LongTail { .. } => Some(load_json::<SubsetOutput>(store, &recs[2], "subset.json")?.train),
+/// `recs` are the records of a chain: a dataset, its split, then derivation steps, in order.
+fn view_of(store: &dyn Store, memo: &Memo, recs: &[CellRecord]) -> Result<View, CellFailure> {
+    let (Some(ds), Some(split)) = (recs.first(), recs.get(1)) else {
+        return Err(CellFailure(format!("a data input needs its data set and split cells, found {} cells", recs.len())));
     };
-    Ok(LoadedInput { images, split, train })
+    let mut images = load_images(store, memo, ds)?;
+    let SplitOutput { mut train, mut test } = load_json(store, split, "split.json")?;
+    for rec in &recs[2..] {
+        if rec.outputs.contains_key("images.safetensors") {
+            images = load_images(store, memo, rec)?;
+        }
+        if rec.outputs.contains_key("view.json") {
+            SplitOutput { train, test } = load_json(store, rec, "view.json")?;
+        } else if rec.outputs.contains_key("subset.json") {
+            train = load_json::<SubsetOutput>(store, rec, "subset.json")?.train;
+        }
+    }
+    Ok(View { images, train, test })
+}
+
+/// One derivation step applied to `view`: its output objects.
+fn derive(step: &Derive, view: &View) -> Result<BTreeMap<String, Vec<u8>>, CellFailure> {
+    let images = &view.images;
+    let mut objects = BTreeMap::new();
+    let put_view = |objects: &mut BTreeMap<String, Vec<u8>>, train: Vec<usize>, test: Vec<usize>| -> Result<(), CellFailure> {
+        objects.insert("view.json".to_string(), json(&SplitOutput { train, test })?);
+        Ok(())
+    };
+    // Steps that write images keep only the input's images: its training images, then its test
+    // images, at indices 0.. and n_train.. of the new set.
+    let compact = |set: ImageSet, n_train: usize, objects: &mut BTreeMap<String, Vec<u8>>| -> Result<(), CellFailure> {
+        let n = set.len();
+        objects.insert("images.safetensors".to_string(), set.to_safetensors_bytes());
+        put_view(objects, (0..n_train).collect(), (n_train..n).collect())
+    };
+    let both: Vec<usize> = view.train.iter().chain(&view.test).copied().collect();
+    match step {
+        Derive::LongTail { imbalance, seed } => {
+            let train = data::long_tail_subset(&images.labels, &view.train, images.num_classes, *imbalance, *seed)?;
+            let mut counts = vec![0usize; images.num_classes];
+            for &t in &train {
+                counts[images.labels[t] as usize] += 1;
+            }
+            objects.insert("subset.json".to_string(), json(&SubsetOutput { train, counts })?);
+        }
+        Derive::Cap { per_class, seed } => {
+            let train = data::derived::cap_per_class(&images.labels, &view.train, images.num_classes, *per_class, *seed)?;
+            put_view(&mut objects, train, view.test.clone())?;
+        }
+        Derive::Relabel { map } => {
+            let mut set = images.subset(&both);
+            (set.labels, set.num_classes) = data::derived::relabel(&set.labels, images.num_classes, map)?;
+            compact(set, view.train.len(), &mut objects)?;
+        }
+        Derive::Classes { classes } => {
+            let (train, train_labels) = data::derived::keep_classes(&images.labels, &view.train, images.num_classes, classes)?;
+            let (test, test_labels) = data::derived::keep_classes(&images.labels, &view.test, images.num_classes, classes)?;
+            let mut set = images.subset(&[train.as_slice(), test.as_slice()].concat());
+            set.labels = [train_labels, test_labels].concat();
+            set.num_classes = classes.len();
+            compact(set, train.len(), &mut objects)?;
+        }
+        Derive::Rotate { degrees } => compact(data::transform::rotate(&images.subset(&both), *degrees), view.train.len(), &mut objects)?,
+        Derive::Resize { height, width } => {
+            if *height == 0 || *width == 0 {
+                return Err(CellFailure(format!("cannot resize to {height}×{width}: both sides must be at least 1")));
+            }
+            compact(data::transform::resize(&images.subset(&both), *height, *width), view.train.len(), &mut objects)?
+        }
+    }
+    Ok(objects)
 }
 
 /// The images of labels 0..k, in their order, as a k-class set.
@@ -185,15 +246,9 @@ fn compute(kind: CellKind, inputs: &[CellRecord], store: &dyn Store, memo: &Memo
                 objects.insert("split.json".to_string(), json(&SplitOutput { train, test })?);
             }
         }
-        CellKind::Subset { imbalance, seed } => {
-            let images = load_images(store, memo, &inputs[0])?;
-            let split: SplitOutput = load_json(store, &inputs[1], "split.json")?;
-            let train = data::long_tail_subset(&images.labels, &split.train, images.num_classes, imbalance, seed)?;
-            let mut counts = vec![0usize; images.num_classes];
-            for &t in &train {
-                counts[images.labels[t] as usize] += 1;
-            }
-            objects.insert("subset.json".to_string(), json(&SubsetOutput { train, counts })?);
+        CellKind::Derive { step } => {
+            let view = view_of(store, memo, inputs)?;
+            objects = derive(&step, &view)?;
         }
         CellKind::Train { method, params, seed } => {
             let m = method.as_ref();
@@ -208,7 +263,7 @@ fn compute(kind: CellKind, inputs: &[CellRecord], store: &dyn Store, memo: &Memo
                     return Err(CellFailure(format!("input `{}` has {} upstream cells, expected {n}", decl.name, rest.len())));
                 }
                 let (mine, tail) = rest.split_at(n);
-                loaded.push(load_input(store, memo, decl, mine)?);
+                loaded.push(view_of(store, memo, mine)?);
                 rest = tail;
             }
             let pretrained = match rest.first() {
@@ -222,7 +277,7 @@ fn compute(kind: CellKind, inputs: &[CellRecord], store: &dyn Store, memo: &Memo
                 }
                 None => None,
             };
-            let data = decls.iter().zip(&loaded).map(|(d, l)| l.view(&d.name)).collect();
+            let data = decls.iter().zip(&loaded).map(|(d, l)| l.input(&d.name)).collect();
             let ti = TrainInputs { data, pretrained: pretrained.as_ref(), root: project_root };
             return Ok(m.run(&params, seed, &ti, progress)?);
         }

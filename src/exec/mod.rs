@@ -464,4 +464,121 @@ mod tests {
         assert_eq!(second.iter().filter(|l| l.contains("outcome: \"cached\"")).count(), 3, "{second:#?}");
         assert!(!second.iter().any(|l| l.starts_with("Epoch")), "{second:#?}");
     }
+
+    /// A method whose one run declares a chain of derivation steps on the optical digits and a
+    /// plain long-tailed input, and records what it received.
+    struct Peek {
+        cap: usize,
+    }
+
+    const CHAIN: &[u32] = &[3, 7, 1];
+
+    fn chain(cap: usize) -> crate::methods::InputDecl {
+        use crate::methods::{Derive, InputDecl};
+        InputDecl::new("chain", "digits")
+            .then(Derive::Classes { classes: CHAIN.to_vec() })
+            .then(Derive::Cap { per_class: cap, seed: 1 })
+            .then(Derive::Rotate { degrees: 90.0 })
+            .then(Derive::Resize { height: 4, width: 4 })
+    }
+
+    #[derive(serde::Serialize, serde::Deserialize, Debug, PartialEq)]
+    struct Seen {
+        num_classes: usize,
+        side: (usize, usize),
+        train_counts: Vec<usize>,
+        test_counts: Vec<usize>,
+        first_train: Vec<f32>,
+        plain_train: usize,
+    }
+
+    impl Method for Peek {
+        fn name(&self) -> &'static str {
+            "peek"
+        }
+        fn version(&self) -> u32 {
+            1
+        }
+        fn schema(&self) -> Schema {
+            Schema::of::<NoParams>()
+        }
+        fn metrics(&self) -> &'static [&'static str] {
+            &[]
+        }
+        fn data_params(&self) -> &'static [&'static str] {
+            &[]
+        }
+        fn inputs(&self, _: &Params) -> Result<Vec<crate::methods::InputDecl>, MethodError> {
+            Ok(vec![chain(self.cap), crate::methods::InputDecl::long_tail_of("plain", "digits", 0.1, 0)])
+        }
+        fn run(&self, _: &Params, _: u64, inputs: &TrainInputs, _: &dyn Progress) -> Result<Outcome, MethodError> {
+            let c = inputs.input("chain")?;
+            let counts = |idx: &[usize]| {
+                let mut n = vec![0; c.data.num_classes];
+                idx.iter().for_each(|&i| n[c.data.labels[i] as usize] += 1);
+                n
+            };
+            let seen = Seen {
+                num_classes: c.data.num_classes,
+                side: (c.data.height, c.data.width),
+                train_counts: counts(c.train),
+                test_counts: counts(c.test),
+                first_train: c.data.image(c.train[0]).to_vec(),
+                plain_train: inputs.input("plain")?.train.len(),
+            };
+            Ok(Outcome::Done(BTreeMap::from([("seen.json".to_string(), serde_json::to_vec(&seen).unwrap())])))
+        }
+    }
+
+    #[test]
+    fn a_chain_of_derivation_steps_reaches_the_run_and_each_step_is_its_own_cell() {
+        let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+        let text = "[report]\nid = \"p\"\ntitle = \"P\"\ntemplate = \"neural-collapse.md.j2\"\nmethod = \"peek\"\n\n[data.digits]\nmanifest = \"optdigits-8x8\"\ntest_per_class = 10\n\n[experiments.e]\ntitle = \"E\"\n";
+        let registry = Registry::empty().with(Peek { cap: 20 });
+        let spec = crate::spec::parse_with(text, &root.join("reports/p.toml"), root, "quick", &[], &registry).unwrap();
+        let plan = crate::plan::plan(&spec).unwrap();
+        let names: Vec<&str> = plan.cells.iter().map(|c| c.name.as_str()).collect();
+        assert_eq!(
+            names,
+            [
+                "data/digits",
+                "split/digits",
+                "classes/digits/classes=[3,7,1]",
+                "cap/digits/classes=[3,7,1]/per_class=20",
+                "rotate/digits/classes=[3,7,1]/per_class=20/degrees=90.0",
+                "resize/digits/classes=[3,7,1]/per_class=20/degrees=90.0/height=4,width=4",
+                "subset/digits/imbalance=0.1",
+                "train/e/seed=0",
+            ]
+        );
+        let dir = tempfile::tempdir().unwrap();
+        let store = LocalStore::open(dir.path()).unwrap();
+        let exec = execute(&plan, &store, &ExecOptions { progress: false, ..ExecOptions::with_jobs(Some(1)) }).unwrap();
+        let train = exec.outcomes.last().and_then(|o| o.record()).unwrap_or_else(|| panic!("{:?}", exec.outcomes));
+        let seen: Seen = serde_json::from_slice(&store.get(&train.outputs["seen.json"]).unwrap().unwrap()).unwrap();
+
+        // What the steps should give, computed here from the data set and split alone.
+        let ds = exec.outcomes[0].record().unwrap();
+        let images = crate::data::ImageSet::from_safetensors_bytes(&store.get(&ds.outputs["images.safetensors"]).unwrap().unwrap()).unwrap();
+        let split: cells::SplitOutput = serde_json::from_slice(&store.get(&exec.outcomes[1].record().unwrap().outputs["split.json"]).unwrap().unwrap()).unwrap();
+        let in_pool = |class: u32, idx: &[usize]| idx.iter().filter(|&&i| images.labels[i] == class).count();
+        assert_eq!(seen.num_classes, 3);
+        assert_eq!(seen.side, (4, 4));
+        assert_eq!(seen.train_counts, CHAIN.iter().map(|&c| in_pool(c, &split.train).min(20)).collect::<Vec<_>>());
+        assert_eq!(seen.test_counts, vec![10, 10, 10]);
+        // The first training image, followed through the steps: the class selection keeps the
+        // split's training images of the three classes in index order, relabelled 0, 1, 2; the
+        // cap picks among those positions by the new labels.
+        let (kept, relabelled) = crate::data::derived::keep_classes(&images.labels, &split.train, images.num_classes, CHAIN).unwrap();
+        let capped = crate::data::derived::cap_per_class(&relabelled, &(0..kept.len()).collect::<Vec<_>>(), 3, 20, 1).unwrap();
+        let first = images.subset(&[kept[capped[0]]]);
+        let expect = crate::data::transform::resize(&crate::data::transform::rotate(&first, 90.0), 4, 4);
+        assert_eq!(seen.first_train, expect.pixels);
+        assert!(seen.plain_train > 0);
+
+        // Changing the cap changes its cell and those after it, nothing before.
+        let plan21 = crate::plan::plan(&crate::spec::parse_with(text, &root.join("reports/p.toml"), root, "quick", &[], &Registry::empty().with(Peek { cap: 21 })).unwrap()).unwrap();
+        let same: Vec<bool> = plan.cells.iter().zip(&plan21.cells).map(|(a, b)| a.key == b.key).collect();
+        assert_eq!(same, [true, true, true, false, false, false, true, false]);
+    }
 }

@@ -23,7 +23,7 @@ pub struct DataInput<'a> {
     /// The name the method declared it under ([`InputDecl::name`]).
     pub name: &'a str,
     pub data: &'a ImageSet,
-    /// Indices of the training images ([`Derive`] says which).
+    /// Indices of the training images (the input's [`Derive`] steps say which).
     pub train: &'a [usize],
     /// Indices of the balanced test set.
     pub test: &'a [usize],
@@ -54,35 +54,99 @@ impl<'a> TrainInputs<'a> {
 pub const PRETRAIN_INPUT: &str = "pretrain";
 
 /// One data input a run needs, declared by the method ([`Method::inputs`]). The plan turns it
-/// into cells: the data set, its split into a training pool and a balanced test set, and the
-/// derived cell of [`Derive`], each keyed like any cell. Several inputs may name the same data
-/// set; cells with the same key are planned once.
+/// into cells: the data set, its split into a training pool and a balanced test set, then one
+/// cell per derivation step ([`Derive`]), each keyed like any cell by its step and everything
+/// upstream of it (so changing a cap reruns only what reads it). Several inputs may name the
+/// same data set; cells with the same key are planned once.
 #[derive(Debug, Clone, PartialEq)]
 pub struct InputDecl {
     /// The name the method reads it by ([`TrainInputs::input`]); never part of a key.
     pub name: String,
     /// The `[data.NAME]` set it comes from.
     pub dataset: String,
-    /// What the training indices are.
-    pub derive: Derive,
+    /// What is derived from the split, in order; none: the split as it is.
+    pub steps: Vec<Derive>,
 }
 
-/// Which training images of a data set's split an input gets. Its test images are always the
-/// split's balanced test set.
+/// One derivation step: what it does to the images, labels, training and test indices that
+/// the step before it (or the split) produced.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Derive {
-    /// The split's whole training pool. No further cell.
-    Pool,
-    /// A long-tailed subset of the training pool: n_i = floor(n_max·imbalance^(i/(C−1))) images
-    /// of class i, picked by a per-class shuffle seeded with `seed`. One `subset` cell.
+    /// A long-tailed subset of the training images: n_i = floor(n_max·imbalance^(i/(C−1))) of
+    /// class i, n_max the smallest class count, picked by a per-class shuffle seeded with
+    /// `seed`. Test images unchanged.
     LongTail { imbalance: f64, seed: u64 },
+    /// At most `per_class` training images of each class, picked by a per-class shuffle seeded
+    /// with `seed`. Test images unchanged.
+    Cap { per_class: usize, seed: u64 },
+    /// New labels, training and test alike: class c becomes `map[c]` (one entry per class; the
+    /// number of classes becomes max(map) + 1), e.g. fine → coarse classes.
+    Relabel { map: Vec<u32> },
+    /// Only the images of `classes` (training and test), relabelled 0, 1, … in the listed order:
+    /// disjoint class lists give disjoint tasks (meta-train / meta-test classes).
+    Classes { classes: Vec<u32> },
+    /// Every image rotated by `degrees` counter-clockwise about its centre (bilinear; 0 outside).
+    Rotate { degrees: f64 },
+    /// Every image resampled to `height`×`width` by area averaging (down or up).
+    Resize { height: usize, width: usize },
+}
+
+impl Derive {
+    /// The cell kind's name: the key's kind and the first part of the cell's name.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Derive::LongTail { .. } => "subset",
+            Derive::Cap { .. } => "cap",
+            Derive::Relabel { .. } => "relabel",
+            Derive::Classes { .. } => "classes",
+            Derive::Rotate { .. } => "rotate",
+            Derive::Resize { .. } => "resize",
+        }
+    }
+
+    /// What goes into the key besides the upstream keys: canonical text of each setting, and
+    /// the seed of a random step.
+    pub fn material(&self) -> (BTreeMap<String, String>, Option<u64>) {
+        let list = |v: &[u32]| format!("[{}]", v.iter().map(u32::to_string).collect::<Vec<_>>().join(","));
+        let one = |k: &str, v: String| BTreeMap::from([(k.to_string(), v)]);
+        match self {
+            Derive::LongTail { imbalance, seed } => (one("imbalance", ParamValue::Float(*imbalance).canonical()), Some(*seed)),
+            Derive::Cap { per_class, seed } => (one("per_class", per_class.to_string()), Some(*seed)),
+            Derive::Relabel { map } => (one("map", list(map)), None),
+            Derive::Classes { classes } => (one("classes", list(classes)), None),
+            Derive::Rotate { degrees } => (one("degrees", ParamValue::Float(*degrees).canonical()), None),
+            Derive::Resize { height, width } => (BTreeMap::from([("height".to_string(), height.to_string()), ("width".to_string(), width.to_string())]), None),
+        }
+    }
+
+    /// Its settings as a cell name's last part, e.g. `imbalance=0.01`.
+    pub fn label(&self) -> String {
+        let (m, _) = self.material();
+        m.iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>().join(",")
+    }
+
+    /// Whether the step writes new images or labels (the others write indices only).
+    pub fn changes_images(&self) -> bool {
+        !matches!(self, Derive::LongTail { .. } | Derive::Cap { .. })
+    }
 }
 
 impl InputDecl {
+    /// Input `name`: the split of `dataset` as it is; add steps with [`InputDecl::then`].
+    pub fn new(name: &str, dataset: &str) -> InputDecl {
+        InputDecl { name: name.to_string(), dataset: dataset.to_string(), steps: Vec::new() }
+    }
+
+    /// This input with `step` after its other steps.
+    pub fn then(mut self, step: Derive) -> InputDecl {
+        self.steps.push(step);
+        self
+    }
+
     /// Input `name`: `dataset` with a long-tailed subset of imbalance `imbalance` drawn with
     /// seed `seed` (see [`Derive::LongTail`]).
     pub fn long_tail_of(name: &str, dataset: &str, imbalance: f64, seed: u64) -> InputDecl {
-        InputDecl { name: name.to_string(), dataset: dataset.to_string(), derive: Derive::LongTail { imbalance, seed } }
+        InputDecl::new(name, dataset).then(Derive::LongTail { imbalance, seed })
     }
 
     /// The input `name` that most runs declare: the data set named by the run's `dataset`
@@ -94,7 +158,7 @@ impl InputDecl {
         let dataset = params.get("dataset").and_then(ParamValue::as_str).ok_or_else(|| missing("dataset", "a data set name"))?;
         let imbalance = params.get("imbalance").and_then(ParamValue::as_f64).ok_or_else(|| missing("imbalance", "a number"))?;
         let seed = params.get("data_seed").and_then(ParamValue::as_i64).and_then(|s| u64::try_from(s).ok()).ok_or_else(|| missing("data_seed", "an integer ≥ 0"))?;
-        Ok(InputDecl { name: name.to_string(), dataset: dataset.to_string(), derive: Derive::LongTail { imbalance, seed } })
+        Ok(InputDecl::long_tail_of(name, dataset, imbalance, seed))
     }
 }
 

@@ -19,13 +19,16 @@ use serde::{Deserialize, Serialize};
 use crate::cache::sha256_hex;
 use crate::data::{DataError, Manifest};
 use crate::methods::{Derive, InputDecl, MethodRef, Pretraining};
-use crate::params::{ParamValue, Params};
+use crate::params::Params;
 use crate::spec::Spec;
 
 /// Versions of the data cells' code; bump when their output changes.
 pub const DATASET_VERSION: u32 = 2;
 pub const SPLIT_VERSION: u32 = 1;
 pub const SUBSET_VERSION: u32 = 1;
+/// Version of the derivation steps other than the long-tailed subset (caps, relabelling, class
+/// selection, rotation, resizing).
+pub const DERIVE_VERSION: u32 = 1;
 
 /// Everything that determines a cell's output, serialised canonically for its key.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -57,8 +60,9 @@ pub enum CellKind {
     Dataset { manifest: Box<Manifest>, root: PathBuf, classes: Option<usize> },
     /// Split into a training pool and a balanced test set. Upstream: dataset.
     Split { test_per_class: usize, seed: u64 },
-    /// Long-tailed subset of the training pool ([`Derive::LongTail`]). Upstream: dataset, split.
-    Subset { imbalance: f64, seed: u64 },
+    /// One derivation step of an input ([`Derive`]; a long-tailed subset is `subset`).
+    /// Upstream: the dataset, its split and the input's steps before this one.
+    Derive { step: Derive },
     /// A method's pretraining (e.g. a backbone on a balanced source task). Upstream: dataset,
     /// split of the source data.
     Pretrain { method: MethodRef, pretraining: Pretraining },
@@ -72,7 +76,7 @@ impl CellKind {
         match self {
             CellKind::Dataset { .. } => "dataset",
             CellKind::Split { .. } => "split",
-            CellKind::Subset { .. } => "subset",
+            CellKind::Derive { step } => step.kind(),
             CellKind::Pretrain { .. } => "pretrain",
             CellKind::Train { .. } => "train",
         }
@@ -200,19 +204,19 @@ fn data_cells(spec: &Spec, b: &mut Builder, memo: &mut HashMap<String, (usize, u
 }
 
 /// The cells of one declared input, in the order they go upstream of the training cell: the
-/// data set, its split, then the derived cell of `decl.derive` if it has one.
+/// data set, its split, then one cell per step of `decl.steps`, each downstream of all before it.
 fn input_cells(spec: &Spec, b: &mut Builder, memo: &mut HashMap<String, (usize, usize)>, decl: &InputDecl) -> Result<Vec<usize>, PlanError> {
     let (ds, split) = data_cells(spec, b, memo, &decl.dataset)?;
     let mut cells = vec![ds, split];
-    match decl.derive {
-        Derive::Pool => {}
-        Derive::LongTail { imbalance, seed } => {
-            let mut p = BTreeMap::new();
-            p.insert("imbalance".to_string(), ParamValue::Float(imbalance).canonical());
-            let m = material("subset", SUBSET_VERSION, p, vec![b.cells[ds].key.clone(), b.cells[split].key.clone()], Some(seed), "any");
-            let name = format!("subset/{}/imbalance={}", decl.dataset, ParamValue::Float(imbalance));
-            cells.push(b.add(name, CellKind::Subset { imbalance, seed }, m, vec![ds, split]));
-        }
+    let mut labels = Vec::new();
+    for step in &decl.steps {
+        let (p, seed) = step.material();
+        let version = if matches!(step, Derive::LongTail { .. }) { SUBSET_VERSION } else { DERIVE_VERSION };
+        let m = material(step.kind(), version, p, cells.iter().map(|&c| b.cells[c].key.clone()).collect(), seed, "any");
+        labels.push(step.label());
+        let name = format!("{}/{}/{}", step.kind(), decl.dataset, labels.join("/"));
+        let upstream = cells.clone();
+        cells.push(b.add(name, CellKind::Derive { step: step.clone() }, m, upstream));
     }
     Ok(cells)
 }
@@ -220,10 +224,7 @@ fn input_cells(spec: &Spec, b: &mut Builder, memo: &mut HashMap<String, (usize, 
 /// How many upstream cells [`input_cells`] plans for `decl`: how the executor finds each
 /// input's records among a training cell's upstream records.
 pub fn input_cell_count(decl: &InputDecl) -> usize {
-    match decl.derive {
-        Derive::Pool => 2,
-        Derive::LongTail { .. } => 3,
-    }
+    2 + decl.steps.len()
 }
 
 /// Plan every cell of `spec`. A training cell's upstream cells are those of each input the
@@ -414,7 +415,7 @@ mod tests {
 
     #[test]
     fn an_input_naming_an_undeclared_data_set_is_an_error() {
-        let declare = |_: &Params| Ok(vec![InputDecl { name: "source".into(), dataset: "mnits".into(), derive: Derive::Pool }]);
+        let declare = |_: &Params| Ok(vec![InputDecl::new("source", "mnits")]);
         let err = plan(&spec_with(Declares { declare })).expect_err("`mnits` is not declared");
         assert!(matches!(&err, PlanError::UndeclaredData { dataset, input, .. } if dataset == "mnits" && input == "source"), "{err:?}");
         assert_eq!(err.to_string(), "train/e/seed=0: input `source` needs data set `mnits`, which the spec does not declare under [data]; did you mean `mnist`?");
