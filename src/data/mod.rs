@@ -14,6 +14,7 @@
 //! - [`derived`]: seeded splits and long-tail subsets as index lists.
 
 pub mod derived;
+pub mod episodes;
 pub mod transform;
 pub mod formats;
 pub mod manifest;

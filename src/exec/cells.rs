@@ -8,6 +8,7 @@ use serde::{Deserialize, Serialize};
 
 use super::CellOutcome;
 use crate::cache::{CellRecord, CellStatus, Store, StoreError};
+use crate::data::episodes::Episode;
 use crate::data::{self, ImageSet};
 use crate::methods::{DataInput, Derive, Outcome, Progress, TrainInputs, PRETRAIN_INPUT};
 use crate::plan::{self, CellKind, Plan};
@@ -113,11 +114,12 @@ struct View {
     images: Arc<ImageSet>,
     train: Vec<usize>,
     test: Vec<usize>,
+    episodes: Vec<Episode>,
 }
 
 impl View {
     fn input<'a>(&'a self, name: &'a str) -> DataInput<'a> {
-        DataInput { name, data: &self.images, train: &self.train, test: &self.test }
+        DataInput { name, data: &self.images, train: &self.train, test: &self.test, episodes: &self.episodes }
     }
 }
 
@@ -128,7 +130,11 @@ fn view_of(store: &dyn Store, memo: &Memo, recs: &[CellRecord]) -> Result<View, 
     };
     let mut images = load_images(store, memo, ds)?;
     let SplitOutput { mut train, mut test } = load_json(store, split, "split.json")?;
+    let mut episodes = Vec::new();
     for rec in &recs[2..] {
+        if rec.outputs.contains_key("episodes.json") {
+            episodes = load_json(store, rec, "episodes.json")?;
+        }
         if rec.outputs.contains_key("images.safetensors") {
             images = load_images(store, memo, rec)?;
         }
@@ -138,7 +144,7 @@ fn view_of(store: &dyn Store, memo: &Memo, recs: &[CellRecord]) -> Result<View, 
             train = load_json::<SubsetOutput>(store, rec, "subset.json")?.train;
         }
     }
-    Ok(View { images, train, test })
+    Ok(View { images, train, test, episodes })
 }
 
 /// One derivation step applied to `view`: its output objects.
@@ -182,6 +188,11 @@ fn derive(step: &Derive, view: &View) -> Result<BTreeMap<String, Vec<u8>>, CellF
             set.labels = [train_labels, test_labels].concat();
             set.num_classes = classes.len();
             compact(set, train.len(), &mut objects)?;
+        }
+        Derive::Episodes { spec, test } => {
+            let pool = if *test { &view.test } else { &view.train };
+            let episodes = data::episodes::sample(&images.labels, pool, images.num_classes, spec).map_err(|e| CellFailure(e.to_string()))?;
+            objects.insert("episodes.json".to_string(), json(&episodes)?);
         }
         Derive::Rotate { degrees } => compact(data::transform::rotate(&images.subset(&both), *degrees), view.train.len(), &mut objects)?,
         Derive::Resize { height, width } => {
@@ -285,7 +296,7 @@ fn compute(kind: CellKind, inputs: &[CellRecord], store: &dyn Store, memo: &Memo
             let m = method.as_ref();
             let images = load_images(store, memo, &inputs[0])?;
             let split: SplitOutput = load_json(store, &inputs[1], "split.json")?;
-            let data = vec![DataInput { name: PRETRAIN_INPUT, data: &images, train: &split.train, test: &split.test }];
+            let data = vec![DataInput { name: PRETRAIN_INPUT, data: &images, train: &split.train, test: &split.test, episodes: &[] }];
             let ti = TrainInputs { data, pretrained: None, root: project_root };
             return Ok(m.pretrain(&pretraining, &ti, progress)?);
         }

@@ -490,6 +490,10 @@ mod tests {
         test_counts: Vec<usize>,
         first_train: Vec<f32>,
         plain_train: usize,
+        /// Test episodes of the input `eps`, with its test indices and labels.
+        episodes: Vec<crate::data::episodes::Episode>,
+        eps_test: Vec<usize>,
+        eps_labels: Vec<u32>,
     }
 
     impl Method for Peek {
@@ -509,7 +513,11 @@ mod tests {
             &[]
         }
         fn inputs(&self, _: &Params) -> Result<Vec<crate::methods::InputDecl>, MethodError> {
-            Ok(vec![chain(self.cap), crate::methods::InputDecl::long_tail_of("plain", "digits", 0.1, 0)])
+            use crate::data::episodes::{EpisodeSpec, Shots};
+            let spec = EpisodeSpec { count: 20, ways: 3, max_shot: 5, queries: 3, shots: Shots::Mixed, seed: 2 };
+            let eps =
+                crate::methods::InputDecl::new("eps", "digits").then(crate::methods::Derive::Classes { classes: vec![0, 2, 4, 5, 6, 8] }).then(crate::methods::Derive::Episodes { spec, test: true });
+            Ok(vec![chain(self.cap), crate::methods::InputDecl::long_tail_of("plain", "digits", 0.1, 0), eps])
         }
         fn run(&self, _: &Params, _: u64, inputs: &TrainInputs, _: &dyn Progress) -> Result<Outcome, MethodError> {
             let c = inputs.input("chain")?;
@@ -525,6 +533,9 @@ mod tests {
                 test_counts: counts(c.test),
                 first_train: c.data.image(c.train[0]).to_vec(),
                 plain_train: inputs.input("plain")?.train.len(),
+                episodes: inputs.input("eps")?.episodes.to_vec(),
+                eps_test: inputs.input("eps")?.test.to_vec(),
+                eps_labels: inputs.input("eps")?.data.labels.clone(),
             };
             Ok(Outcome::Done(BTreeMap::from([("seen.json".to_string(), serde_json::to_vec(&seen).unwrap())])))
         }
@@ -548,6 +559,8 @@ mod tests {
                 "rotate/digits/classes=[3,7,1]/per_class=20/degrees=90.0",
                 "resize/digits/classes=[3,7,1]/per_class=20/degrees=90.0/height=4,width=4",
                 "subset/digits/imbalance=0.1",
+                "classes/digits/classes=[0,2,4,5,6,8]",
+                "episodes/digits/classes=[0,2,4,5,6,8]/count=20,from=test,max_shot=5,queries=3,shots=mixed,ways=3",
                 "train/e/seed=0",
             ]
         );
@@ -575,10 +588,20 @@ mod tests {
         let expect = crate::data::transform::resize(&crate::data::transform::rotate(&first, 90.0), 4, 4);
         assert_eq!(seen.first_train, expect.pixels);
         assert!(seen.plain_train > 0);
+        // The episodes: drawn from the selected classes' test images, labels 0..6.
+        assert_eq!(seen.episodes.len(), 20);
+        for e in &seen.episodes {
+            assert_eq!(e.classes.len(), 3);
+            assert!(e.classes.iter().all(|&c| c < 6));
+            for (k, &c) in e.classes.iter().enumerate() {
+                assert!(e.support[k].iter().chain(&e.query[k]).all(|i| seen.eps_test.contains(i) && seen.eps_labels[*i] == c));
+                assert!((1..=5).contains(&e.support[k].len()) && e.query[k].len() == 3);
+            }
+        }
 
         // Changing the cap changes its cell and those after it, nothing before.
         let plan21 = crate::plan::plan(&crate::spec::parse_with(text, &root.join("reports/p.toml"), root, "quick", &[], &Registry::empty().with(Peek { cap: 21 })).unwrap()).unwrap();
         let same: Vec<bool> = plan.cells.iter().zip(&plan21.cells).map(|(a, b)| a.key == b.key).collect();
-        assert_eq!(same, [true, true, true, false, false, false, true, false]);
+        assert_eq!(same, [true, true, true, false, false, false, true, true, true, false]);
     }
 }

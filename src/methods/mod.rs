@@ -13,6 +13,7 @@ pub mod supervised;
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
+use crate::data::episodes::{Episode, EpisodeSpec};
 use crate::data::ImageSet;
 use serde::{Deserialize, Serialize};
 
@@ -27,6 +28,8 @@ pub struct DataInput<'a> {
     pub train: &'a [usize],
     /// Indices of the balanced test set.
     pub test: &'a [usize],
+    /// The episodes of the input's last [`Derive::Episodes`] step (none without one).
+    pub episodes: &'a [Episode],
 }
 
 /// What a training cell receives from its upstream cells.
@@ -89,6 +92,11 @@ pub enum Derive {
     Rotate { degrees: f64 },
     /// Every image resampled to `height`×`width` by area averaging (down or up).
     Resize { height: usize, width: usize },
+    /// Few-shot episodes drawn once from the input's training images (`test: false`) or test
+    /// images (`test: true`); images and indices pass through unchanged and the run gets the
+    /// episodes as [`DataInput::episodes`]. Only as an input's last step (planning refuses
+    /// others). See [`crate::data::episodes`].
+    Episodes { spec: EpisodeSpec, test: bool },
 }
 
 impl Derive {
@@ -101,6 +109,7 @@ impl Derive {
             Derive::Classes { .. } => "classes",
             Derive::Rotate { .. } => "rotate",
             Derive::Resize { .. } => "resize",
+            Derive::Episodes { .. } => "episodes",
         }
     }
 
@@ -116,6 +125,17 @@ impl Derive {
             Derive::Classes { classes } => (one("classes", list(classes)), None),
             Derive::Rotate { degrees } => (one("degrees", ParamValue::Float(*degrees).canonical()), None),
             Derive::Resize { height, width } => (BTreeMap::from([("height".to_string(), height.to_string()), ("width".to_string(), width.to_string())]), None),
+            Derive::Episodes { spec, test } => {
+                let m = [
+                    ("count", spec.count.to_string()),
+                    ("ways", spec.ways.to_string()),
+                    ("max_shot", spec.max_shot.to_string()),
+                    ("queries", spec.queries.to_string()),
+                    ("shots", spec.shots.name().to_string()),
+                    ("from", if *test { "test" } else { "train" }.to_string()),
+                ];
+                (m.into_iter().map(|(k, v)| (k.to_string(), v)).collect(), Some(spec.seed))
+            }
         }
     }
 
@@ -127,7 +147,7 @@ impl Derive {
 
     /// Whether the step writes new images or labels (the others write indices only).
     pub fn changes_images(&self) -> bool {
-        !matches!(self, Derive::LongTail { .. } | Derive::Cap { .. })
+        !matches!(self, Derive::LongTail { .. } | Derive::Cap { .. } | Derive::Episodes { .. })
     }
 }
 

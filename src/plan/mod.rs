@@ -206,6 +206,12 @@ fn data_cells(spec: &Spec, b: &mut Builder, memo: &mut HashMap<String, (usize, u
 /// The cells of one declared input, in the order they go upstream of the training cell: the
 /// data set, its split, then one cell per step of `decl.steps`, each downstream of all before it.
 fn input_cells(spec: &Spec, b: &mut Builder, memo: &mut HashMap<String, (usize, usize)>, decl: &InputDecl) -> Result<Vec<usize>, PlanError> {
+    if let Some(k) = decl.steps.iter().position(|s| matches!(s, Derive::Episodes { .. })) {
+        if k + 1 != decl.steps.len() {
+            let message = format!("input `{}`: episodes must be its last step (a later step renumbers the images they list); declare another input for what follows", decl.name);
+            return Err(PlanError::Inputs { run: format!("data/{}", decl.dataset), message });
+        }
+    }
     let (ds, split) = data_cells(spec, b, memo, &decl.dataset)?;
     let mut cells = vec![ds, split];
     let mut labels = Vec::new();
@@ -419,6 +425,17 @@ mod tests {
         let err = plan(&spec_with(Declares { declare })).expect_err("`mnits` is not declared");
         assert!(matches!(&err, PlanError::UndeclaredData { dataset, input, .. } if dataset == "mnits" && input == "source"), "{err:?}");
         assert_eq!(err.to_string(), "train/e/seed=0: input `source` needs data set `mnits`, which the spec does not declare under [data]; did you mean `mnist`?");
+    }
+
+    #[test]
+    fn episodes_before_another_step_are_an_error() {
+        use crate::data::episodes::{EpisodeSpec, Shots};
+        let declare = |_: &Params| {
+            let spec = EpisodeSpec { count: 1, ways: 2, max_shot: 1, queries: 1, shots: Shots::Fixed, seed: 0 };
+            Ok(vec![InputDecl::new("tasks", "mnist").then(Derive::Episodes { spec, test: false }).then(Derive::Rotate { degrees: 90.0 })])
+        };
+        let err = plan(&spec_with(Declares { declare })).expect_err("episodes are not last");
+        assert!(err.to_string().contains("input `tasks`: episodes must be its last step"), "{err}");
     }
 
     #[test]
