@@ -13,7 +13,7 @@ pub mod confine;
 pub mod diag;
 pub mod locate;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
@@ -22,7 +22,7 @@ use diag::LineIndex;
 pub use diag::{Diagnostic, Origin, SpecError};
 use locate::Locator;
 
-use crate::methods::{self, MethodRef, Registry};
+use crate::methods::{self, Method, MethodRef, Registry};
 use crate::params::{self, ParamDef, ParamValue, Params};
 
 /// The profile used when none is named.
@@ -465,416 +465,38 @@ fn blame_sets(diags: &mut [Diagnostic], text: &str, path: &Path, root: &Path, pr
 }
 
 /// One parse with one profile (`None`: no profile's overrides at all, the spec as written).
+///
+/// The first steps stop at their problem (nothing else can be checked without the typed file,
+/// its method and a known profile); from the overrides on, every problem is collected.
 fn parse_one(text: &str, path: &Path, root: &Path, profile: Option<&str>, sets: &[String], registry: &Registry) -> Result<Spec, SpecError> {
     let selected = profile;
     let profile = profile.unwrap_or(DEFAULT_PROFILE);
-    let shown = path.display().to_string();
-    let lines = LineIndex::new(text);
-    let locator = Locator::new(text);
+    let src = Source::new(text, path);
 
-    // 1. The file itself, typed: syntax, unknown keys and wrong types, with toml's span.
-    let file: SpecFile = toml::from_str(text).map_err(|e| SpecError { diagnostics: vec![toml_error(&e, &shown, &lines)] })?;
-    let mut diags = Vec::new();
-    let data_names: Vec<String> = file.data.keys().cloned().collect();
-    let Some(method) = registry.get(&file.report.method) else {
-        let names: Vec<String> = registry.names().iter().map(|s| s.to_string()).collect();
-        return Err(SpecError {
-            diagnostics: vec![Diagnostic {
-                origin: lines.origin(&shown, locator.span(&segs("report.method"))),
-                message: format!("unknown method `{}`", file.report.method),
-                hint: Some(params::suggest(&file.report.method, &names)),
-            }],
-        });
-    };
-    let schema: &[ParamDef] = method.schema().defs;
+    // 1. The file itself, typed, and its method.
+    let file = src.read()?;
+    let method = src.resolve_method(&file, registry)?;
 
     // 2. Overrides: the profile's entries, then --set, applied to the document tree.
-    let mut overrides = Vec::new();
-    if selected.is_some() && (profile != DEFAULT_PROFILE || file.profiles.contains_key(profile)) {
-        match file.profiles.get(profile) {
-            Some(entries) => {
-                for (k, v) in entries {
-                    let span = locator.key_span(&[String::from("profiles"), profile.to_string(), k.clone()]);
-                    let (line, col, _) = lines.locate(span.map_or(0, |s| s.start));
-                    overrides.push(Override {
-                        path: segs(k),
-                        value: v.clone(),
-                        origin: Origin::Profile { name: profile.to_string(), path: shown.clone(), line, col },
-                        text: format!("{k}={}", inline_value(v)),
-                    });
-                }
-            }
-            None => {
-                let mut names: Vec<String> = file.profiles.keys().cloned().collect();
-                if !names.iter().any(|n| n == DEFAULT_PROFILE) {
-                    names.insert(0, DEFAULT_PROFILE.to_string());
-                }
-                return Err(SpecError {
-                    diagnostics: vec![Diagnostic {
-                        origin: Origin::Argument { arg: format!("--profile {profile}") },
-                        message: format!("unknown profile `{profile}`: {shown} has no `[profiles.{profile}]`"),
-                        hint: Some(params::suggest(profile, &names)),
-                    }],
-                });
-            }
-        }
-    }
-    for s in sets {
-        match parse_set(s) {
-            Ok((path, value)) => overrides.push(Override { path, value, origin: Origin::Override { arg: s.clone() }, text: s.clone() }),
-            Err((message, hint)) => diags.push(Diagnostic { origin: Origin::Override { arg: s.clone() }, message, hint: Some(hint) }),
-        }
-    }
-    if !diags.is_empty() {
-        return Err(SpecError { diagnostics: diags });
-    }
-
-    let file = if overrides.is_empty() {
-        file
-    } else {
-        let mut tree: toml::Value = toml::from_str(text).map_err(|e| SpecError { diagnostics: vec![toml_error(&e, &shown, &lines)] })?;
-        for o in &overrides {
-            if let Err((msg, hint)) = apply_override(&mut tree, o, schema) {
-                diags.push(Diagnostic { origin: o.origin.clone(), message: msg, hint });
-            }
-        }
-        if !diags.is_empty() {
-            return Err(SpecError { diagnostics: diags });
-        }
-        match SpecFile::deserialize(tree) {
-            Ok(f) => f,
-            Err(e) => {
-                // Blame each override that alone makes the document ill-typed; where only their
-                // combination does, the last one.
-                let base: toml::Value = toml::from_str(text).map_err(|e| SpecError { diagnostics: vec![toml_error(&e, &shown, &lines)] })?;
-                for o in &overrides {
-                    let mut one = base.clone();
-                    if apply_override(&mut one, o, schema).is_ok() {
-                        if let Err(e) = SpecFile::deserialize(one) {
-                            diags.push(Diagnostic { origin: o.origin.clone(), message: format!("after applying the override: {}", e.message()), hint: None });
-                        }
-                    }
-                }
-                if diags.is_empty() {
-                    let origin = overrides.last().map(|o| o.origin.clone()).unwrap_or(Origin::FileOnly { path: shown.clone() });
-                    diags.push(Diagnostic { origin, message: format!("after applying the overrides: {}", e.message()), hint: None });
-                }
-                return Err(SpecError { diagnostics: diags });
-            }
-        }
-    };
+    let overrides = src.collect_overrides(&file, selected, sets)?;
+    let mut cx = Checker::new(src, method.schema().defs, &file);
+    let file = cx.apply_overrides(file, overrides)?;
 
     // 3. Semantics, every problem at once. Places changed by an override are blamed on it.
-    let place = |path: &[String], key: bool| -> Origin {
-        for o in overrides.iter().rev() {
-            let n = o.path.len().min(path.len());
-            if o.path[..n] == path[..n] {
-                return o.origin.clone();
-            }
-        }
-        let span = if key { locator.key_span(path) } else { locator.span(path) };
-        lines.origin(&shown, span)
-    };
-    let mut diags = Vec::new();
-    let mut err = |path: Vec<String>, key: bool, message: String, hint: Option<String>| {
-        diags.push(Diagnostic { origin: place(&path, key), message, hint });
-    };
-
-    // Names that become file and folder names, or HTML ids: plain words only (see `confine`).
-    if !confine::is_name(&file.report.id) {
-        err(segs("report.id"), false, confine::name_message("report id", &file.report.id), Some("it names the report's folder under artifacts/".into()));
-    }
-    for (section, names, hint) in [
-        ("experiments", file.experiments.keys().collect::<Vec<_>>(), "it names the experiment's runs and cells"),
-        ("data", file.data.keys().collect(), "it names the data set's cells"),
-        ("profiles", file.profiles.keys().collect(), "it names the report's folder, `artifacts/<id>-<profile>/`"),
-    ] {
-        for name in names.into_iter().filter(|n| !confine::is_name(n)) {
-            let what = match section {
-                "experiments" => "experiment id",
-                "data" => "data set name",
-                _ => "profile name",
-            };
-            err(vec![section.to_string(), name.clone()], true, confine::name_message(what, name), Some(hint.into()));
-        }
-    }
-    for (what, ids) in
-        [("tables", file.tables.iter().map(|t| &t.id).collect::<Vec<_>>()), ("figures", file.figures.iter().map(|f| &f.id).collect()), ("claims", file.claims.iter().map(|c| &c.id).collect())]
-    {
-        for (i, id) in ids.into_iter().enumerate().filter(|(_, id)| !confine::is_name(id)) {
-            let kind = &what[..what.len() - 1];
-            let hint = match what {
-                "claims" => "it is the claim's anchor in report.html".to_string(),
-                _ => format!("it names the file `{what}/<id>.{}` of the report", if what == "tables" { "csv" } else { "svg" }),
-            };
-            err(vec![what.to_string(), i.to_string(), "id".into()], false, confine::name_message(&format!("{kind} id"), id), Some(hint));
-        }
-    }
-    let declared_profiles: Vec<String> = std::iter::once(DEFAULT_PROFILE.to_string()).chain(file.profiles.keys().filter(|n| *n != DEFAULT_PROFILE).cloned()).collect();
-    for (id, ef) in &file.experiments {
-        for (i, p) in ef.profiles.iter().enumerate() {
-            if !declared_profiles.contains(p) {
-                err(vec!["experiments".into(), id.clone(), "profiles".into(), i.to_string()], false, format!("unknown profile `{p}`"), Some(params::suggest(p, &declared_profiles)));
-            }
-        }
-    }
-
-    // The template and the manifests are read from the project's own folders, nowhere else.
-    let templates = root.join("templates");
-    if let Err(why) = confine::resolve_in(&templates, &file.report.template) {
-        let known = confine::names_in(&templates, ".md.j2").into_iter().map(|n| format!("{n}.md.j2")).collect::<Vec<_>>();
-        let hint = match why {
-            confine::Confined::NotFound if !known.is_empty() => params::suggest(&file.report.template, &known),
-            _ => "name a template file inside templates/, e.g. `report.md.j2`".to_string(),
-        };
-        err(segs("report.template"), false, why.message("template", &file.report.template, &templates), Some(hint));
-    }
-    let manifests = root.join("data-manifests");
-    for (name, d) in &file.data {
-        let at = vec!["data".into(), name.clone(), "manifest".into()];
-        if !confine::is_name(&d.manifest) {
-            err(at, false, confine::name_message("manifest name", &d.manifest), Some("write the manifest's name, `data-manifests/<name>.toml` without folder or extension".into()));
-        } else if let Err(why) = confine::resolve_in(&manifests, &format!("{}.toml", d.manifest)) {
-            let message = match why {
-                confine::Confined::NotFound => format!("unknown manifest `{}`: no {}", d.manifest, manifests.join(format!("{}.toml", d.manifest)).display()),
-                other => other.message("manifest", &format!("{}.toml", d.manifest), &manifests),
-            };
-            let known = confine::names_in(&manifests, ".toml");
-            let hint = if known.is_empty() { "add the manifest under data-manifests/".to_string() } else { params::suggest(&d.manifest, &known) };
-            err(at, false, message, Some(hint));
-        }
-    }
-    for (name, d) in &file.data {
-        if d.test_per_class == 0 {
-            err(vec!["data".into(), name.clone(), "test_per_class".into()], false, "`test_per_class` must be at least 1".into(), None);
-        }
-        if d.classes.is_some_and(|c| c < 2) {
-            err(vec!["data".into(), name.clone(), "classes".into()], false, "`classes` must be at least 2".into(), None);
-        }
-    }
-
-    // Defaults: schema defaults overlaid with [defaults].
-    let mut base = Params::new();
-    for def in schema {
-        base.insert(def.name.to_string(), def.default.value());
-    }
-    check_params(&file.defaults, &["defaults"], schema, &data_names, &mut base, &mut err);
-
-    let mut experiments = Vec::new();
-    for (id, ef) in &file.experiments {
-        let at = |rest: &str| -> Vec<String> {
-            let mut v = vec!["experiments".to_string(), id.clone()];
-            v.extend(segs(rest));
-            v
-        };
-        let mut params = base.clone();
-        check_params(&ef.params, &["experiments", id, "params"], schema, &data_names, &mut params, &mut err);
-        if ef.seeds.is_empty() {
-            err(at("seeds"), false, format!("experiment `{id}` has an empty list of seeds"), Some("give at least one seed, e.g. `seeds = [0]`".into()));
-        }
-        let mut axes: Vec<(String, Vec<ParamValue>)> = Vec::new();
-        for (k, v) in &ef.grid {
-            let Some(def) = schema.iter().find(|d| d.name == k) else {
-                err(at(&format!("grid.{k}")), true, format!("unknown parameter `{k}` in the grid of `{id}`"), Some(params::suggest(k, &schema_names(schema))));
-                continue;
-            };
-            let Some(list) = v.as_array() else {
-                err(at(&format!("grid.{k}")), false, format!("grid entry `{k}` must be a list of values"), Some(format!("write `{k} = [a, b, ...]`")));
-                continue;
-            };
-            if list.is_empty() {
-                err(at(&format!("grid.{k}")), false, format!("grid entry `{k}` of `{id}` is empty: the experiment would have no runs"), Some("list at least one value".into()));
-                continue;
-            }
-            let mut vals = Vec::new();
-            for (i, item) in list.iter().enumerate() {
-                let path = at(&format!("grid.{k}.{i}"));
-                match params::from_toml(item) {
-                    Some(pv) => match def.check(&pv, &data_names) {
-                        Ok(ok) => vals.push(ok),
-                        Err((m, h)) => err(path, false, m, h),
-                    },
-                    None => err(path, false, format!("grid values of `{k}` must be plain values"), None),
-                }
-            }
-            axes.push((k.clone(), vals));
-        }
-        let mut explicit: Vec<Params> = Vec::new();
-        for (i, table) in ef.points.iter().enumerate() {
-            let mut p = Params::new();
-            check_params(table, &["experiments", id, "points", &i.to_string()], schema, &data_names, &mut p, &mut err);
-            for k in p.keys() {
-                if ef.grid.contains_key(k) {
-                    err(at(&format!("points.{i}.{k}")), true, format!("`{k}` is both a grid axis and set by a point of `{id}`"), Some("keep each parameter in one place".into()));
-                }
-                if !axes.iter().any(|(a, _)| a == k) {
-                    axes.push((k.clone(), Vec::new()));
-                }
-            }
-            explicit.push(p);
-        }
-        if explicit.is_empty() {
-            explicit.push(Params::new());
-        }
-        let grid_axes: Vec<(String, Vec<ParamValue>)> = axes.iter().filter(|(_, v)| !v.is_empty()).cloned().collect();
-        let mut runs = Vec::new();
-        for point in cartesian(&grid_axes).into_iter().flat_map(|g| {
-            explicit.iter().map(move |e| {
-                let mut q = g.clone();
-                q.extend(e.clone());
-                q
-            })
-        }) {
-            for &seed in &ef.seeds {
-                let mut p = params.clone();
-                for (k, v) in &point {
-                    p.insert(k.clone(), v.clone());
-                }
-                // What this configuration does not read leaves the run (and its key); runs that
-                // differed only there are one run.
-                for k in method.inactive(&p) {
-                    p.remove(k);
-                }
-                let mut point = point.clone();
-                point.retain(|k, _| p.contains_key(k));
-                if !runs.iter().any(|r: &RunSpec| r.params == p && r.seed == seed) {
-                    runs.push(RunSpec { point, params: p, seed });
-                }
-            }
-        }
-        let active = ef.profiles.is_empty() || ef.profiles.iter().any(|p| p == profile);
-        if !active {
-            runs.clear();
-        }
-        experiments.push(Experiment {
-            active,
-            id: id.clone(),
-            title: ef.title.clone(),
-            description: ef.description.clone(),
-            axes: axes.iter().map(|(k, _)| k.clone()).collect(),
-            seeds: ef.seeds.clone(),
-            runs,
-        });
-    }
-    // Method-specific checks that involve several parameters at once.
-    for e in &experiments {
-        for r in &e.runs {
-            let problems = method.check_run(&r.params);
-            for pr in &problems {
-                let path = if e.axes.contains(&pr.param) { vec!["experiments".into(), e.id.clone(), "grid".into(), pr.param.clone()] } else { vec!["experiments".into(), e.id.clone()] };
-                err(path, true, format!("experiment `{}` ({}): {}", e.id, r.label(), pr.message), pr.hint.clone());
-            }
-            if !problems.is_empty() {
-                break;
-            }
-        }
-    }
-
-    let exp_ids: Vec<String> = experiments.iter().map(|e| e.id.clone()).collect();
-    let metric_names: Vec<String> = method.metrics().iter().map(|s| s.to_string()).collect();
-    let param_names = schema_names(schema);
-    let (mut table_ids, mut figure_ids, mut claim_ids) = (std::collections::BTreeSet::new(), std::collections::BTreeSet::new(), std::collections::BTreeSet::new());
-    let check_exp = |path: Vec<String>, e: &str, err: &mut dyn FnMut(Vec<String>, bool, String, Option<String>)| -> bool {
-        if exp_ids.iter().any(|x| x == e) {
-            true
-        } else {
-            err(path, false, format!("unknown experiment `{e}`"), Some(params::suggest(e, &exp_ids)));
-            false
-        }
-    };
-    let check_metric = |path: Vec<String>, m: &str, err: &mut dyn FnMut(Vec<String>, bool, String, Option<String>)| {
-        if !metric_names.iter().any(|x| x == m) {
-            err(path, false, format!("unknown metric `{m}`"), Some(params::suggest(m, &metric_names)));
-        }
-    };
-    let check_param = |path: Vec<String>, p: &str, err: &mut dyn FnMut(Vec<String>, bool, String, Option<String>)| {
-        if !param_names.iter().any(|x| x == p) {
-            err(path, false, format!("unknown parameter `{p}`"), Some(params::suggest(p, &param_names)));
-        }
-    };
-    for (i, t) in file.tables.iter().enumerate() {
-        let at = |rest: &str| segs(&format!("tables.{i}.{rest}"));
-        if !table_ids.insert(t.id.clone()) {
-            err(at("id"), false, format!("duplicate table id `{}`", t.id), None);
-        }
-        check_exp(at("experiment"), &t.experiment, &mut err);
-        if t.metrics.is_empty() {
-            err(at("metrics"), false, format!("table `{}` lists no metrics", t.id), None);
-        }
-        for (j, m) in t.metrics.iter().enumerate() {
-            check_metric(at(&format!("metrics.{j}")), m, &mut err);
-        }
-        for (j, r) in t.rows.iter().enumerate() {
-            check_param(at(&format!("rows.{j}")), r, &mut err);
-        }
-    }
-    for (i, f) in file.figures.iter().enumerate() {
-        let at = |rest: &str| segs(&format!("figures.{i}.{rest}"));
-        if !figure_ids.insert(f.id.clone()) {
-            err(at("id"), false, format!("duplicate figure id `{}`", f.id), None);
-        }
-        check_exp(at("experiment"), &f.experiment, &mut err);
-        for (j, m) in f.y.to_vec().iter().enumerate() {
-            if f.kind == FigureKind::ClassEpochs {
-                let names = methods::class_metrics(method.as_ref());
-                if !names.iter().any(|n| n == m) {
-                    err(at(&format!("y.{j}")), false, format!("unknown per-class value `{m}`"), Some(params::suggest(m, &names)));
-                }
-            } else {
-                check_metric(at(&format!("y.{j}")), m, &mut err);
-            }
-        }
-        if f.kind != FigureKind::Classes && f.y.to_vec().is_empty() {
-            err(at("kind"), false, format!("figure `{}` needs `y`, the metric(s) to plot", f.id), None);
-        }
-        if f.kind == FigureKind::Line && f.x.is_none() {
-            err(at("kind"), false, format!("line figure `{}` needs `x`, the parameter on the horizontal axis", f.id), None);
-        }
-        if let Some(x) = &f.x {
-            check_param(at("x"), x, &mut err);
-        }
-        for (j, s) in f.series.as_ref().map(OneOrMany::to_vec).unwrap_or_default().iter().enumerate() {
-            check_param(at(&format!("series.{j}")), s, &mut err);
-        }
-    }
-    for (i, c) in file.claims.iter().enumerate() {
-        let at = |rest: &str| segs(&format!("claims.{i}.{rest}"));
-        if !claim_ids.insert(c.id.clone()) {
-            err(at("id"), false, format!("duplicate claim id `{}`", c.id), None);
-        }
-        check_exp(at("experiment"), &c.experiment, &mut err);
-        check_metric(at("metric"), &c.metric, &mut err);
-        match c.kind {
-            ClaimKind::Trend => {
-                match &c.x {
-                    Some(x) => check_param(at("x"), x, &mut err),
-                    None => err(at("kind"), false, format!("trend claim `{}` needs `x`", c.id), None),
-                }
-                if !matches!(c.direction.as_deref(), Some("increasing") | Some("decreasing")) {
-                    err(at("direction"), false, format!("trend claim `{}` needs `direction = \"increasing\"` or `\"decreasing\"`", c.id), None);
-                }
-            }
-            ClaimKind::Compare => {
-                for (side, sel) in [("a", &c.a), ("b", &c.b)] {
-                    match sel {
-                        None => err(at("kind"), false, format!("compare claim `{}` needs `{side}`, a selection such as `{{ loss = \"ce\" }}`", c.id), None),
-                        Some(t) => {
-                            for k in t.keys() {
-                                check_param(at(&format!("{side}.{k}")), k, &mut err);
-                            }
-                        }
-                    }
-                }
-            }
-            ClaimKind::Change => {}
-        }
-        if c.min.is_none() && c.max.is_none() && c.kind != ClaimKind::Trend {
-            err(at("kind"), false, format!("claim `{}` needs `min` and/or `max`", c.id), None);
-        }
-    }
-    if !diags.is_empty() {
-        return Err(SpecError { diagnostics: diags });
-    }
+    cx.check_names(&file);
+    cx.check_ids(&file);
+    cx.check_experiment_profiles(&file);
+    cx.check_template(&file.report, root);
+    cx.check_manifests(&file.data, root);
+    cx.check_data(&file.data);
+    let base = cx.resolve_defaults(&file.defaults);
+    let experiments: Vec<Experiment> = file.experiments.iter().map(|(id, ef)| cx.expand_experiment(id, ef, &base, method.as_ref(), profile)).collect();
+    cx.check_runs(&experiments, method.as_ref());
+    let known = Known::new(&experiments, method.as_ref(), cx.schema);
+    cx.check_tables(&file.tables, &known);
+    cx.check_figures(&file.figures, &known);
+    cx.check_claims(&file.claims, &known);
+    let overrides = cx.finish()?;
 
     Ok(Spec {
         path: path.to_path_buf(),
@@ -892,29 +514,623 @@ fn parse_one(text: &str, path: &Path, root: &Path, profile: Option<&str>, sets: 
     })
 }
 
-fn schema_names(schema: &[ParamDef]) -> Vec<String> {
-    schema.iter().map(|d| d.name.to_string()).collect()
+/// The spec text and how to point into it (file:line:col of a dotted path).
+struct Source<'t> {
+    text: &'t str,
+    /// The spec's path as messages show it.
+    shown: String,
+    lines: LineIndex<'t>,
+    locator: Locator,
 }
 
-/// Check a table of parameters against the schema, writing valid values into `out`.
-fn check_params(table: &toml::Table, at: &[&str], schema: &[ParamDef], data_names: &[String], out: &mut Params, err: &mut dyn FnMut(Vec<String>, bool, String, Option<String>)) {
-    for (k, v) in table {
-        let mut path: Vec<String> = at.iter().map(|s| s.to_string()).collect();
-        path.push(k.clone());
-        let Some(def) = schema.iter().find(|d| d.name == k) else {
-            err(path, true, format!("unknown parameter `{k}`"), Some(params::suggest(k, &schema_names(schema))));
-            continue;
-        };
-        match params::from_toml(v) {
-            Some(pv) => match def.check(&pv, data_names) {
-                Ok(ok) => {
-                    out.insert(k.clone(), ok);
+impl<'t> Source<'t> {
+    fn new(text: &'t str, path: &Path) -> Self {
+        Source { text, shown: path.display().to_string(), lines: LineIndex::new(text), locator: Locator::new(text) }
+    }
+
+    /// The place of `path` in the file: its key with `key`, else its value (where the path ends
+    /// early, the deepest part of it that exists).
+    fn origin(&self, path: &[String], key: bool) -> Origin {
+        let span = if key { self.locator.key_span(path) } else { self.locator.span(path) };
+        self.lines.origin(&self.shown, span)
+    }
+
+    /// A toml syntax or type error as the one problem of the spec.
+    fn toml_error(&self, e: &toml::de::Error) -> SpecError {
+        SpecError { diagnostics: vec![toml_error(e, &self.shown, &self.lines)] }
+    }
+
+    /// The file, typed: syntax, unknown keys and wrong types, each at toml's span. A problem here
+    /// stops the parse.
+    fn read(&self) -> Result<SpecFile, SpecError> {
+        toml::from_str(self.text).map_err(|e| self.toml_error(&e))
+    }
+
+    /// The document tree, untyped: what overrides are applied to.
+    fn tree(&self) -> Result<toml::Value, SpecError> {
+        toml::from_str(self.text).map_err(|e| self.toml_error(&e))
+    }
+
+    /// The method named by `report.method`. An unknown one stops the parse: its parameters are
+    /// what the rest is checked against.
+    fn resolve_method(&self, file: &SpecFile, registry: &Registry) -> Result<MethodRef, SpecError> {
+        registry.get(&file.report.method).ok_or_else(|| {
+            let names: Vec<String> = registry.names().iter().map(|s| s.to_string()).collect();
+            SpecError {
+                diagnostics: vec![Diagnostic {
+                    origin: self.origin(&segs("report.method"), false),
+                    message: format!("unknown method `{}`", file.report.method),
+                    hint: Some(params::suggest(&file.report.method, &names)),
+                }],
+            }
+        })
+    }
+
+    /// The overrides to apply, in order: the selected profile's entries (none without a
+    /// selected profile, nor for the default profile where the spec does not declare it), then
+    /// every `--set`, parsed. A `--set` that is not `key.path=value` with one value is its own
+    /// problem, kept in its place among the others. An unknown profile stops the parse.
+    fn collect_overrides(&self, file: &SpecFile, selected: Option<&str>, sets: &[String]) -> Result<Vec<Result<Override, Diagnostic>>, SpecError> {
+        let profile = selected.unwrap_or(DEFAULT_PROFILE);
+        let mut overrides = Vec::new();
+        if selected.is_some() && (profile != DEFAULT_PROFILE || file.profiles.contains_key(profile)) {
+            let Some(entries) = file.profiles.get(profile) else {
+                let mut names: Vec<String> = file.profiles.keys().cloned().collect();
+                if !names.iter().any(|n| n == DEFAULT_PROFILE) {
+                    names.insert(0, DEFAULT_PROFILE.to_string());
                 }
-                Err((m, h)) => err(path, false, m, h),
-            },
-            None => err(path, false, format!("`{k}` must be a single value"), Some("lists of values belong in an experiment's `grid`".into())),
+                return Err(SpecError {
+                    diagnostics: vec![Diagnostic {
+                        origin: Origin::Argument { arg: format!("--profile {profile}") },
+                        message: format!("unknown profile `{profile}`: {} has no `[profiles.{profile}]`", self.shown),
+                        hint: Some(params::suggest(profile, &names)),
+                    }],
+                });
+            };
+            for (k, v) in entries {
+                let span = self.locator.key_span(&[String::from("profiles"), profile.to_string(), k.clone()]);
+                let (line, col, _) = self.lines.locate(span.map_or(0, |s| s.start));
+                overrides.push(Ok(Override {
+                    path: segs(k),
+                    value: v.clone(),
+                    origin: Origin::Profile { name: profile.to_string(), path: self.shown.clone(), line, col },
+                    text: format!("{k}={}", inline_value(v)),
+                }));
+            }
+        }
+        for s in sets {
+            let origin = Origin::Override { arg: s.clone() };
+            overrides.push(match parse_set(s) {
+                Ok((path, value)) => Ok(Override { path, value, origin, text: s.clone() }),
+                Err((message, hint)) => Err(Diagnostic { origin, message, hint: Some(hint) }),
+            });
+        }
+        Ok(overrides)
+    }
+}
+
+/// The checks of one parse once the file is typed and its method known: what they check
+/// against, the overrides applied (a problem at a place an override changed is blamed on the
+/// override), and every problem found so far.
+struct Checker<'t> {
+    src: Source<'t>,
+    /// The method's parameters.
+    schema: &'static [ParamDef],
+    /// The spec's data sets as written (what a `dataset` parameter may name).
+    data_names: Vec<String>,
+    /// The overrides applied, in order.
+    applied: Vec<Override>,
+    diags: Vec<Diagnostic>,
+}
+
+impl<'t> Checker<'t> {
+    fn new(src: Source<'t>, schema: &'static [ParamDef], file: &SpecFile) -> Self {
+        Checker { src, schema, data_names: file.data.keys().cloned().collect(), applied: Vec::new(), diags: Vec::new() }
+    }
+
+    /// Where a problem at `path` is: the last applied override that set the path, a part of it
+    /// or a section holding it; else its place in the file (see [`Source::origin`]).
+    fn place(&self, path: &[String], key: bool) -> Origin {
+        for o in self.applied.iter().rev() {
+            let n = o.path.len().min(path.len());
+            if o.path[..n] == path[..n] {
+                return o.origin.clone();
+            }
+        }
+        self.src.origin(path, key)
+    }
+
+    /// Records a problem at `path` (placed by [`Checker::place`]).
+    fn err(&mut self, path: Vec<String>, key: bool, message: String, hint: Option<String>) {
+        let origin = self.place(&path, key);
+        self.diags.push(Diagnostic { origin, message, hint });
+    }
+
+    /// The applied overrides when no problem was found; else every problem, in the order found.
+    fn finish(self) -> Result<Vec<Override>, SpecError> {
+        if self.diags.is_empty() {
+            Ok(self.applied)
+        } else {
+            Err(SpecError { diagnostics: self.diags })
         }
     }
+
+    /// Applies the overrides to the document tree, in order, and types the spec again. Each
+    /// wrong override is a problem of its own and is left out, so that the others are still
+    /// applied and the spec still checked: a `--set` that did not parse, a path to a key the
+    /// spec does not have (or to an unknown parameter), and an override that alone makes the
+    /// spec ill-typed (see [`Checker::drop_ill_typed`]).
+    fn apply_overrides(&mut self, file: SpecFile, overrides: Vec<Result<Override, Diagnostic>>) -> Result<SpecFile, SpecError> {
+        if !overrides.iter().any(Result::is_ok) {
+            self.diags.extend(overrides.into_iter().filter_map(Result::err));
+            return Ok(file);
+        }
+        let base = self.src.tree()?;
+        let mut tree = base.clone();
+        let mut applied = Vec::new();
+        for o in overrides {
+            let o = match o {
+                Ok(o) => o,
+                Err(d) => {
+                    self.diags.push(d);
+                    continue;
+                }
+            };
+            // On a copy: an override that fails half-way leaves nothing behind.
+            let mut next = tree.clone();
+            match apply_override(&mut next, &o, self.schema) {
+                Ok(()) => {
+                    tree = next;
+                    applied.push(o);
+                }
+                Err((message, hint)) => self.diags.push(Diagnostic { origin: o.origin.clone(), message, hint }),
+            }
+        }
+        match SpecFile::deserialize(tree) {
+            Ok(f) => {
+                self.applied = applied;
+                Ok(f)
+            }
+            Err(e) => self.drop_ill_typed(&base, applied, e),
+        }
+    }
+
+    /// The spec typed again where the `applied` overrides make it ill-typed (`e`): each override
+    /// that alone does is a problem, blamed on it, and left out. Where no one alone does, or the
+    /// rest is still ill-typed without them, the parse stops with the combination blamed on the
+    /// last override; where the rest no longer applies without them, with their problems.
+    fn drop_ill_typed(&mut self, base: &toml::Value, applied: Vec<Override>, e: toml::de::Error) -> Result<SpecFile, SpecError> {
+        let count = applied.len();
+        let mut fine = Vec::new();
+        for o in applied {
+            match typed_with(base, std::slice::from_ref(&o), self.schema) {
+                Some(Err(e)) => self.diags.push(Diagnostic { origin: o.origin.clone(), message: format!("after applying the override: {}", e.message()), hint: None }),
+                _ => fine.push(o),
+            }
+        }
+        let rest = if fine.len() < count { typed_with(base, &fine, self.schema) } else { Some(Err(e)) };
+        match rest {
+            Some(Ok(f)) => {
+                self.applied = fine;
+                return Ok(f);
+            }
+            Some(Err(e)) => {
+                let origin = fine.last().map(|o| o.origin.clone()).unwrap_or(Origin::FileOnly { path: self.src.shown.clone() });
+                self.diags.push(Diagnostic { origin, message: format!("after applying the overrides: {}", e.message()), hint: None });
+            }
+            // The rest needs one of those left out: their problems say what to fix first.
+            None => {}
+        }
+        Err(SpecError { diagnostics: std::mem::take(&mut self.diags) })
+    }
+
+    /// Names that become file and folder names: the report id and the names of experiments,
+    /// data sets and profiles must be plain words (see [`confine`]).
+    fn check_names(&mut self, file: &SpecFile) {
+        if !confine::is_name(&file.report.id) {
+            self.err(segs("report.id"), false, confine::name_message("report id", &file.report.id), Some("it names the report's folder under artifacts/".into()));
+        }
+        for (section, names, hint) in [
+            ("experiments", file.experiments.keys().collect::<Vec<_>>(), "it names the experiment's runs and cells"),
+            ("data", file.data.keys().collect(), "it names the data set's cells"),
+            ("profiles", file.profiles.keys().collect(), "it names the report's folder, `artifacts/<id>-<profile>/`"),
+        ] {
+            for name in names.into_iter().filter(|n| !confine::is_name(n)) {
+                let what = match section {
+                    "experiments" => "experiment id",
+                    "data" => "data set name",
+                    _ => "profile name",
+                };
+                self.err(vec![section.to_string(), name.clone()], true, confine::name_message(what, name), Some(hint.into()));
+            }
+        }
+    }
+
+    /// The ids of tables, figures and claims must be plain words: they name the report's files
+    /// (`tables/<id>.csv`, `figures/<id>.svg`) and the claims' anchors in report.html.
+    fn check_ids(&mut self, file: &SpecFile) {
+        for (what, ids) in
+            [("tables", file.tables.iter().map(|t| &t.id).collect::<Vec<_>>()), ("figures", file.figures.iter().map(|f| &f.id).collect()), ("claims", file.claims.iter().map(|c| &c.id).collect())]
+        {
+            for (i, id) in ids.into_iter().enumerate().filter(|(_, id)| !confine::is_name(id)) {
+                let kind = &what[..what.len() - 1];
+                let hint = match what {
+                    "claims" => "it is the claim's anchor in report.html".to_string(),
+                    _ => format!("it names the file `{what}/<id>.{}` of the report", if what == "tables" { "csv" } else { "svg" }),
+                };
+                self.err(vec![what.to_string(), i.to_string(), "id".into()], false, confine::name_message(&format!("{kind} id"), id), Some(hint));
+            }
+        }
+    }
+
+    /// Every profile an experiment is limited to is declared (or is the default profile): an
+    /// experiment limited to an unknown one would silently never run.
+    fn check_experiment_profiles(&mut self, file: &SpecFile) {
+        let declared: Vec<String> = std::iter::once(DEFAULT_PROFILE.to_string()).chain(file.profiles.keys().filter(|n| *n != DEFAULT_PROFILE).cloned()).collect();
+        for (id, ef) in &file.experiments {
+            for (i, p) in ef.profiles.iter().enumerate() {
+                if !declared.contains(p) {
+                    self.err(vec!["experiments".into(), id.clone(), "profiles".into(), i.to_string()], false, format!("unknown profile `{p}`"), Some(params::suggest(p, &declared)));
+                }
+            }
+        }
+    }
+
+    /// The template is a file inside the project's `templates/` folder, nowhere else.
+    fn check_template(&mut self, report: &ReportSection, root: &Path) {
+        let templates = root.join("templates");
+        if let Err(why) = confine::resolve_in(&templates, &report.template) {
+            let known = confine::names_in(&templates, ".md.j2").into_iter().map(|n| format!("{n}.md.j2")).collect::<Vec<_>>();
+            let hint = match why {
+                confine::Confined::NotFound if !known.is_empty() => params::suggest(&report.template, &known),
+                _ => "name a template file inside templates/, e.g. `report.md.j2`".to_string(),
+            };
+            self.err(segs("report.template"), false, why.message("template", &report.template, &templates), Some(hint));
+        }
+    }
+
+    /// Each data set's manifest is a plain name whose file `data-manifests/<name>.toml` exists
+    /// inside the project's `data-manifests/` folder (its content is read by the planner).
+    fn check_manifests(&mut self, data: &BTreeMap<String, DataDecl>, root: &Path) {
+        let manifests = root.join("data-manifests");
+        for (name, d) in data {
+            let at = vec!["data".into(), name.clone(), "manifest".into()];
+            if !confine::is_name(&d.manifest) {
+                self.err(at, false, confine::name_message("manifest name", &d.manifest), Some("write the manifest's name, `data-manifests/<name>.toml` without folder or extension".into()));
+            } else if let Err(why) = confine::resolve_in(&manifests, &format!("{}.toml", d.manifest)) {
+                let message = match why {
+                    confine::Confined::NotFound => format!("unknown manifest `{}`: no {}", d.manifest, manifests.join(format!("{}.toml", d.manifest)).display()),
+                    other => other.message("manifest", &format!("{}.toml", d.manifest), &manifests),
+                };
+                let known = confine::names_in(&manifests, ".toml");
+                let hint = if known.is_empty() { "add the manifest under data-manifests/".to_string() } else { params::suggest(&d.manifest, &known) };
+                self.err(at, false, message, Some(hint));
+            }
+        }
+    }
+
+    /// Each data set's numbers: at least one test image per class, and at least two classes.
+    fn check_data(&mut self, data: &BTreeMap<String, DataDecl>) {
+        for (name, d) in data {
+            if d.test_per_class == 0 {
+                self.err(vec!["data".into(), name.clone(), "test_per_class".into()], false, "`test_per_class` must be at least 1".into(), None);
+            }
+            if d.classes.is_some_and(|c| c < 2) {
+                self.err(vec!["data".into(), name.clone(), "classes".into()], false, "`classes` must be at least 2".into(), None);
+            }
+        }
+    }
+
+    /// Every parameter of the method: the schema's defaults overlaid with the valid entries of
+    /// `[defaults]`, each entry checked.
+    fn resolve_defaults(&mut self, defaults: &toml::Table) -> Params {
+        let mut base = Params::new();
+        for def in self.schema {
+            base.insert(def.name.to_string(), def.default.value());
+        }
+        self.check_params(defaults, &["defaults"], &mut base);
+        base
+    }
+
+    /// Checks a table of parameters against the schema (a known name, one valid value each),
+    /// writing the valid values into `out`.
+    fn check_params(&mut self, table: &toml::Table, at: &[&str], out: &mut Params) {
+        for (k, v) in table {
+            let mut path: Vec<String> = at.iter().map(|s| s.to_string()).collect();
+            path.push(k.clone());
+            let Some(def) = self.schema.iter().find(|d| d.name == k) else {
+                self.err(path, true, format!("unknown parameter `{k}`"), Some(params::suggest(k, &schema_names(self.schema))));
+                continue;
+            };
+            match params::from_toml(v) {
+                Some(pv) => match def.check(&pv, &self.data_names) {
+                    Ok(ok) => {
+                        out.insert(k.clone(), ok);
+                    }
+                    Err((m, h)) => self.err(path, false, m, h),
+                },
+                None => self.err(path, false, format!("`{k}` must be a single value"), Some("lists of values belong in an experiment's `grid`".into())),
+            }
+        }
+    }
+
+    /// One experiment with its grid expanded: its `params` checked over the defaults (`base`),
+    /// its seeds, grid and points checked, and its runs (none where it is limited to profiles
+    /// other than `profile`).
+    fn expand_experiment(&mut self, id: &str, ef: &ExperimentFile, base: &Params, method: &dyn Method, profile: &str) -> Experiment {
+        let mut params = base.clone();
+        self.check_params(&ef.params, &["experiments", id, "params"], &mut params);
+        if ef.seeds.is_empty() {
+            self.err(experiment_path(id, "seeds"), false, format!("experiment `{id}` has an empty list of seeds"), Some("give at least one seed, e.g. `seeds = [0]`".into()));
+        }
+        let mut axes = self.check_grid(id, &ef.grid);
+        let explicit = self.check_points(id, ef, &mut axes);
+        let active = ef.profiles.is_empty() || ef.profiles.iter().any(|p| p == profile);
+        Experiment {
+            active,
+            id: id.to_string(),
+            title: ef.title.clone(),
+            description: ef.description.clone(),
+            axes: axes.iter().map(|(k, _)| k.clone()).collect(),
+            seeds: ef.seeds.clone(),
+            runs: if active { expand_runs(&params, &axes, &explicit, &ef.seeds, method) } else { Vec::new() },
+        }
+    }
+
+    /// The axes of an experiment's grid, in the order the spec lists them, each with its valid
+    /// values. An unknown parameter, an entry that is not a list and an empty list are problems
+    /// (and no axis); so is each value the schema refuses (left out of its axis).
+    fn check_grid(&mut self, id: &str, grid: &toml::Table) -> Vec<(String, Vec<ParamValue>)> {
+        let mut axes = Vec::new();
+        for (k, v) in grid {
+            let at = experiment_path(id, &format!("grid.{k}"));
+            let Some(def) = self.schema.iter().find(|d| d.name == k) else {
+                self.err(at, true, format!("unknown parameter `{k}` in the grid of `{id}`"), Some(params::suggest(k, &schema_names(self.schema))));
+                continue;
+            };
+            let Some(list) = v.as_array() else {
+                self.err(at, false, format!("grid entry `{k}` must be a list of values"), Some(format!("write `{k} = [a, b, ...]`")));
+                continue;
+            };
+            if list.is_empty() {
+                self.err(at, false, format!("grid entry `{k}` of `{id}` is empty: the experiment would have no runs"), Some("list at least one value".into()));
+                continue;
+            }
+            let mut vals = Vec::new();
+            for (i, item) in list.iter().enumerate() {
+                let path = experiment_path(id, &format!("grid.{k}.{i}"));
+                match params::from_toml(item) {
+                    Some(pv) => match def.check(&pv, &self.data_names) {
+                        Ok(ok) => vals.push(ok),
+                        Err((m, h)) => self.err(path, false, m, h),
+                    },
+                    None => self.err(path, false, format!("grid values of `{k}` must be plain values"), None),
+                }
+            }
+            axes.push((k.clone(), vals));
+        }
+        axes
+    }
+
+    /// An experiment's explicit points, each checked like `params`. A parameter a point sets
+    /// becomes an axis (with no grid values) and must not also be a grid axis. With no points,
+    /// one empty point, so that the grid alone makes the runs.
+    fn check_points(&mut self, id: &str, ef: &ExperimentFile, axes: &mut Vec<(String, Vec<ParamValue>)>) -> Vec<Params> {
+        let mut explicit: Vec<Params> = Vec::new();
+        for (i, table) in ef.points.iter().enumerate() {
+            let mut p = Params::new();
+            self.check_params(table, &["experiments", id, "points", &i.to_string()], &mut p);
+            for k in p.keys() {
+                if ef.grid.contains_key(k) {
+                    self.err(experiment_path(id, &format!("points.{i}.{k}")), true, format!("`{k}` is both a grid axis and set by a point of `{id}`"), Some("keep each parameter in one place".into()));
+                }
+                if !axes.iter().any(|(a, _)| a == k) {
+                    axes.push((k.clone(), Vec::new()));
+                }
+            }
+            explicit.push(p);
+        }
+        if explicit.is_empty() {
+            explicit.push(Params::new());
+        }
+        explicit
+    }
+
+    /// The method's checks that involve several parameters at once ([`Method::check_run`]): for
+    /// each experiment, every problem of its first run that has any, located at the grid axis
+    /// the problem names (else at the experiment) and naming the run.
+    fn check_runs(&mut self, experiments: &[Experiment], method: &dyn Method) {
+        for e in experiments {
+            for r in &e.runs {
+                let problems = method.check_run(&r.params);
+                for pr in &problems {
+                    let path = if e.axes.contains(&pr.param) { vec!["experiments".into(), e.id.clone(), "grid".into(), pr.param.clone()] } else { vec!["experiments".into(), e.id.clone()] };
+                    self.err(path, true, format!("experiment `{}` ({}): {}", e.id, r.label(), pr.message), pr.hint.clone());
+                }
+                if !problems.is_empty() {
+                    break;
+                }
+            }
+        }
+    }
+
+    /// `name` is one of `known`; else "unknown {what} `name`", with the nearest known name as
+    /// the hint.
+    fn check_known(&mut self, path: Vec<String>, name: &str, known: &[String], what: &str) {
+        if !known.iter().any(|x| x == name) {
+            self.err(path, false, format!("unknown {what} `{name}`"), Some(params::suggest(name, known)));
+        }
+    }
+
+    /// `[[tables]]`: unique ids, a known experiment, at least one metric, known metrics and
+    /// known row parameters.
+    fn check_tables(&mut self, tables: &[TableDecl], known: &Known) {
+        let mut ids = BTreeSet::new();
+        for (i, t) in tables.iter().enumerate() {
+            let at = |rest: &str| segs(&format!("tables.{i}.{rest}"));
+            if !ids.insert(t.id.clone()) {
+                self.err(at("id"), false, format!("duplicate table id `{}`", t.id), None);
+            }
+            self.check_known(at("experiment"), &t.experiment, &known.experiments, "experiment");
+            if t.metrics.is_empty() {
+                self.err(at("metrics"), false, format!("table `{}` lists no metrics", t.id), None);
+            }
+            for (j, m) in t.metrics.iter().enumerate() {
+                self.check_known(at(&format!("metrics.{j}")), m, &known.metrics, "metric");
+            }
+            for (j, r) in t.rows.iter().enumerate() {
+                self.check_known(at(&format!("rows.{j}")), r, &known.params, "parameter");
+            }
+        }
+    }
+
+    /// `[[figures]]`: unique ids, a known experiment, known metrics (per-class values for
+    /// `class_epochs`) and parameters, and what each kind needs (`y` but for `classes`, `x` for
+    /// `line`).
+    fn check_figures(&mut self, figures: &[FigureDecl], known: &Known) {
+        let mut ids = BTreeSet::new();
+        for (i, f) in figures.iter().enumerate() {
+            let at = |rest: &str| segs(&format!("figures.{i}.{rest}"));
+            if !ids.insert(f.id.clone()) {
+                self.err(at("id"), false, format!("duplicate figure id `{}`", f.id), None);
+            }
+            self.check_known(at("experiment"), &f.experiment, &known.experiments, "experiment");
+            for (j, m) in f.y.to_vec().iter().enumerate() {
+                if f.kind == FigureKind::ClassEpochs {
+                    self.check_known(at(&format!("y.{j}")), m, &known.class_metrics, "per-class value");
+                } else {
+                    self.check_known(at(&format!("y.{j}")), m, &known.metrics, "metric");
+                }
+            }
+            if f.kind != FigureKind::Classes && f.y.to_vec().is_empty() {
+                self.err(at("kind"), false, format!("figure `{}` needs `y`, the metric(s) to plot", f.id), None);
+            }
+            if f.kind == FigureKind::Line && f.x.is_none() {
+                self.err(at("kind"), false, format!("line figure `{}` needs `x`, the parameter on the horizontal axis", f.id), None);
+            }
+            if let Some(x) = &f.x {
+                self.check_known(at("x"), x, &known.params, "parameter");
+            }
+            for (j, s) in f.series.as_ref().map(OneOrMany::to_vec).unwrap_or_default().iter().enumerate() {
+                self.check_known(at(&format!("series.{j}")), s, &known.params, "parameter");
+            }
+        }
+    }
+
+    /// `[[claims]]`: unique ids, a known experiment and metric, and what each kind needs (a
+    /// known `x` and a `direction` for a trend, selections `a` and `b` of known parameters for a
+    /// comparison, `min` and/or `max` but for a trend).
+    fn check_claims(&mut self, claims: &[ClaimDecl], known: &Known) {
+        let mut ids = BTreeSet::new();
+        for (i, c) in claims.iter().enumerate() {
+            let at = |rest: &str| segs(&format!("claims.{i}.{rest}"));
+            if !ids.insert(c.id.clone()) {
+                self.err(at("id"), false, format!("duplicate claim id `{}`", c.id), None);
+            }
+            self.check_known(at("experiment"), &c.experiment, &known.experiments, "experiment");
+            self.check_known(at("metric"), &c.metric, &known.metrics, "metric");
+            match c.kind {
+                ClaimKind::Trend => {
+                    match &c.x {
+                        Some(x) => self.check_known(at("x"), x, &known.params, "parameter"),
+                        None => self.err(at("kind"), false, format!("trend claim `{}` needs `x`", c.id), None),
+                    }
+                    if !matches!(c.direction.as_deref(), Some("increasing") | Some("decreasing")) {
+                        self.err(at("direction"), false, format!("trend claim `{}` needs `direction = \"increasing\"` or `\"decreasing\"`", c.id), None);
+                    }
+                }
+                ClaimKind::Compare => {
+                    for (side, sel) in [("a", &c.a), ("b", &c.b)] {
+                        match sel {
+                            None => self.err(at("kind"), false, format!("compare claim `{}` needs `{side}`, a selection such as `{{ loss = \"ce\" }}`", c.id), None),
+                            Some(t) => {
+                                for k in t.keys() {
+                                    self.check_known(at(&format!("{side}.{k}")), k, &known.params, "parameter");
+                                }
+                            }
+                        }
+                    }
+                }
+                ClaimKind::Change => {}
+            }
+            if c.min.is_none() && c.max.is_none() && c.kind != ClaimKind::Trend {
+                self.err(at("kind"), false, format!("claim `{}` needs `min` and/or `max`", c.id), None);
+            }
+        }
+    }
+}
+
+/// The names that tables, figures and claims may refer to.
+struct Known {
+    experiments: Vec<String>,
+    metrics: Vec<String>,
+    params: Vec<String>,
+    /// The per-class values a `class_epochs` figure may plot.
+    class_metrics: Vec<String>,
+}
+
+impl Known {
+    fn new(experiments: &[Experiment], method: &dyn Method, schema: &[ParamDef]) -> Self {
+        Known {
+            experiments: experiments.iter().map(|e| e.id.clone()).collect(),
+            metrics: method.metrics().iter().map(|s| s.to_string()).collect(),
+            params: schema_names(schema),
+            class_metrics: methods::class_metrics(method),
+        }
+    }
+}
+
+/// The runs of an experiment: every point of the grid (the axes with values) combined with
+/// every explicit point, with every seed, over `params`. What a run's configuration does not
+/// read ([`Method::inactive`]) leaves the run and its point, and runs that then differ in
+/// nothing are one run.
+fn expand_runs(params: &Params, axes: &[(String, Vec<ParamValue>)], explicit: &[Params], seeds: &[u64], method: &dyn Method) -> Vec<RunSpec> {
+    let grid_axes: Vec<(String, Vec<ParamValue>)> = axes.iter().filter(|(_, v)| !v.is_empty()).cloned().collect();
+    let mut runs = Vec::new();
+    for point in cartesian(&grid_axes).into_iter().flat_map(|g| {
+        explicit.iter().map(move |e| {
+            let mut q = g.clone();
+            q.extend(e.clone());
+            q
+        })
+    }) {
+        for &seed in seeds {
+            let mut p = params.clone();
+            for (k, v) in &point {
+                p.insert(k.clone(), v.clone());
+            }
+            // What this configuration does not read leaves the run (and its key).
+            for k in method.inactive(&p) {
+                p.remove(k);
+            }
+            let mut point = point.clone();
+            point.retain(|k, _| p.contains_key(k));
+            if !runs.iter().any(|r: &RunSpec| r.params == p && r.seed == seed) {
+                runs.push(RunSpec { point, params: p, seed });
+            }
+        }
+    }
+    runs
+}
+
+/// The spec typed with `overrides` applied to `base`; `None` where one of them does not apply.
+fn typed_with(base: &toml::Value, overrides: &[Override], schema: &[ParamDef]) -> Option<Result<SpecFile, toml::de::Error>> {
+    let mut tree = base.clone();
+    for o in overrides {
+        apply_override(&mut tree, o, schema).ok()?;
+    }
+    Some(SpecFile::deserialize(tree))
+}
+
+/// `experiments.<id>.<rest>` as a path.
+fn experiment_path(id: &str, rest: &str) -> Vec<String> {
+    let mut v = vec!["experiments".to_string(), id.to_string()];
+    v.extend(segs(rest));
+    v
+}
+
+fn schema_names(schema: &[ParamDef]) -> Vec<String> {
+    schema.iter().map(|d| d.name.to_string()).collect()
 }
 
 /// Every combination of the axes' values, in order (the last axis varies fastest).

@@ -340,3 +340,54 @@ fn issue_20_set_values_that_are_not_toml_are_named_and_blamed_on_the_set() {
     let e = parse_err(BASE, "quick", &["report.title=5", "defaults.epochs=2"]);
     assert!(matches!(&e.diagnostics[0].origin, Origin::Override { arg } if arg == "report.title=5"), "{e}");
 }
+
+/// The messages of the problems blamed on the override `--set arg`.
+fn blamed_on(e: &SpecError, arg: &str) -> Vec<String> {
+    e.diagnostics.iter().filter(|d| matches!(&d.origin, Origin::Override { arg: a } if a == arg)).map(|d| d.message.clone()).collect()
+}
+
+/// Every bad `--set` is a problem of its own, blamed on it: one did not stop the others from
+/// being applied and checked.
+#[test]
+fn every_bad_set_is_reported_and_blamed_on_its_set() {
+    // A plain word where an integer is needed, and an unknown parameter.
+    let e = parse_err(BASE, "quick", &["defaults.epochs=x", "defaults.nope=1"]);
+    assert_eq!(e.diagnostics.len(), 2, "{e}");
+    assert_eq!(blamed_on(&e, "defaults.epochs=x"), vec!["`epochs` must be an integer, found a string"], "{e}");
+    assert_eq!(blamed_on(&e, "defaults.nope=1"), vec!["`defaults.nope`: unknown parameter `nope`"], "{e}");
+    assert!(e.to_string().contains("in the override `--set defaults.epochs=x`") && e.to_string().contains("in the override `--set defaults.nope=1`"), "{e}");
+
+    // One of each kind: not TOML, no such key, ill-typed, out of range; a good one among them.
+    let sets = ["defaults.epochs=[1,2", "experiments.e9.seeds=[1]", "report.title=5", "defaults.lr=0.5", "defaults.imbalance=2"];
+    let e = parse_err(BASE, "quick", &sets);
+    assert_eq!(e.diagnostics.len(), 4, "{e}");
+    assert!(blamed_on(&e, sets[0])[0].contains("is not a valid TOML value"), "{e}");
+    assert!(blamed_on(&e, sets[1])[0].contains("no key `e9`"), "{e}");
+    assert!(blamed_on(&e, sets[2])[0].contains("after applying the override"), "{e}");
+    assert!(blamed_on(&e, sets[3]).is_empty(), "{e}");
+    assert!(blamed_on(&e, sets[4])[0].contains("`imbalance` = 2.0 is out of range"), "{e}");
+    assert!(e.to_string().contains("4 problems"), "{e}");
+}
+
+/// A bad `--set` does not hide the problems of the file, nor they it.
+#[test]
+fn a_bad_set_and_a_bad_value_in_the_file_are_both_reported() {
+    let text = BASE.replace("[1.0, 0.1]", "[1.0, 0.0]");
+    for set in ["defaults.nope=1", "defaults.epochs=x", "defaults.epochs=[1,2", "report.title=5"] {
+        let e = parse_err(&text, "quick", &[set]);
+        assert_eq!(e.diagnostics.len(), 2, "{set}: {e}");
+        assert_eq!(blamed_on(&e, set).len(), 1, "{set}: {e}");
+        let d = e.diagnostics.iter().find(|d| d.message.contains("`imbalance` = 0.0 is out of range")).unwrap_or_else(|| panic!("{set}: {e}"));
+        assert_eq!(line_of(d), 16, "{set}: {e}");
+        assert!(e.to_string().contains("reports/demo.toml:16:28"), "{set}: {e}");
+    }
+    // Every problem of both: two bad `--set`s, two bad entries in the file.
+    let text = text.replace("analyze_freq = 1", "analyze_freq = 1\nlearning_rate = 0.1");
+    let e = parse_err(&text, "quick", &["defaults.epochs=x", "defaults.nope=1"]);
+    assert_eq!(e.diagnostics.len(), 4, "{e}");
+    assert_eq!(blamed_on(&e, "defaults.epochs=x").len(), 1, "{e}");
+    assert_eq!(blamed_on(&e, "defaults.nope=1").len(), 1, "{e}");
+    let msgs = messages(&e);
+    assert!(msgs.iter().any(|m| m.contains("`imbalance` = 0.0 is out of range")), "{e}");
+    assert!(msgs.iter().any(|m| m == "unknown parameter `learning_rate`"), "{e}");
+}
