@@ -4,6 +4,7 @@
 
 pub mod loss;
 pub mod optim;
+pub mod schedule;
 
 pub use loss::{drift_penalty, loss, LossKind};
 pub use optim::{OptimConfig, Optimizer, OptimizerKind};
