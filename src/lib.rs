@@ -15,6 +15,7 @@ pub mod driver;
 pub mod exec;
 pub mod frames;
 pub mod fs;
+pub mod meta;
 pub mod methods;
 pub mod metrics;
 pub mod models;

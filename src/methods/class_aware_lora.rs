@@ -43,10 +43,11 @@
 //! v_K = ∇_θ M, h = ∂_φ M; for j = K−1..0: h −= η ∂_φ⟨∇_θ L_train(θ_j, φ), v_{j+1}⟩ and
 //! v_j = v_{j+1} − η ∇²_θ L_train(θ_j, φ) v_{j+1}. Both second-order products come from one
 //! central difference of first-order gradients, (∇L(θ_j + εv) − ∇L(θ_j − εv))/(2ε) with
-//! ε = 10⁻²/‖v‖ (as in DARTS), taken with respect to θ and φ at once — O(ε²) accurate. φ then
-//! takes an Adam step (`meta_lr`). The lookahead is discarded: θ itself moves only by the main
-//! optimiser (AdamW, cosine schedule). A test compares h with central finite differences of
-//! M(θ_K(φ), φ) on a small network.
+//! ε = 10⁻²/‖v‖ (as in DARTS), taken with respect to θ and φ at once — O(ε²) accurate (the shared
+//! [`crate::meta::hypergradient()`], with one scalar step size η). φ then takes an Adam step
+//! (`meta_lr`). The lookahead is discarded: θ itself moves only by the main optimiser (AdamW,
+//! cosine schedule). A test compares h with central finite differences of M(θ_K(φ), φ) on a
+//! small network.
 //!
 //! **Records.** Every epoch (and epoch 0, before training): test accuracies (percent, balanced
 //! test set) overall, balanced, per group, head−tail gap, G-mean (geometric mean of per-class
@@ -63,6 +64,7 @@ use serde::{Deserialize, Serialize};
 use super::supervised::safetensors_bytes;
 use super::{ClassRecord, DataInput, EpochRecord, InputDecl, Method, MethodError, Outcome, Pretraining, Progress, RunProblem, RunRecord, TrainInputs, PRETRAIN_INPUT};
 use crate::data::ImageSet;
+use crate::meta::{self, Problem, StepSize, Unroll, HVP_EPS};
 use crate::metrics::{self, Group};
 use crate::models::lora::{Activation, VitBackbone, VitLoadOptions};
 use crate::models::{self, ModelConfig, ModelKind};
@@ -260,8 +262,6 @@ const WORST_TAU: f64 = 0.25;
 /// LDAM's largest margin and logit scale (Cao et al. 2019).
 const LDAM_MAX_MARGIN: f64 = 0.5;
 const LDAM_SCALE: f64 = 30.0;
-/// Relative step of the finite-difference Hessian-vector products.
-const HVP_EPS: f64 = 1e-2;
 
 /// Which training loss.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -335,33 +335,16 @@ impl Phi {
     }
 }
 
-/// φ as tensors (variables when their gradient is wanted).
+/// φ as tensors.
 struct PhiT {
     alpha_meta: Tensor,
     rank: Tensor,
     alpha: Tensor,
 }
 
-fn phi_tensors(s: &Setup, phi: &Phi, dev: &Device, vars: bool) -> Result<(PhiT, Vec<Var>), candle_core::Error> {
+fn phi_tensors(s: &Setup, phi: &Phi, dev: &Device) -> candle_core::Result<PhiT> {
     let mk = |v: &[f64]| Tensor::from_vec(v.to_vec(), v.len(), dev).and_then(|t| t.to_dtype(s.dtype));
-    let am = mk(&[phi.alpha_meta])?;
-    let r = mk(&phi.rank)?;
-    let a = mk(&phi.alpha)?;
-    if !vars {
-        return Ok((PhiT { alpha_meta: am, rank: r, alpha: a }, Vec::new()));
-    }
-    let am = Var::from_tensor(&am)?;
-    let mut list = vec![am.clone()];
-    let (r, a) = if s.class_aware {
-        let r = Var::from_tensor(&r)?;
-        let a = Var::from_tensor(&a)?;
-        list.push(r.clone());
-        list.push(a.clone());
-        (r.as_tensor().clone(), a.as_tensor().clone())
-    } else {
-        (r, a)
-    };
-    Ok((PhiT { alpha_meta: am.as_tensor().clone(), rank: r, alpha: a }, list))
+    Ok(PhiT { alpha_meta: mk(&[phi.alpha_meta])?, rank: mk(&phi.rank)?, alpha: mk(&phi.alpha)? })
 }
 
 /// The gate, N×R with labels (training) or 1×R without (inference).
@@ -487,123 +470,48 @@ struct Batch {
     ys: Vec<u32>,
 }
 
-/// Gradients of `loss` with respect to `wrt` (zeros where it does not depend on one).
-fn grads_of(loss: &Tensor, wrt: &[&Tensor]) -> candle_core::Result<Vec<Tensor>> {
-    let gs = loss.backward()?;
-    wrt.iter().map(|t| gs.get(t).cloned().map_or_else(|| t.zeros_like(), Ok)).collect()
-}
-
-fn as_vars(ts: &[Tensor]) -> candle_core::Result<Vec<Var>> {
-    ts.iter().map(|t| Var::from_tensor(&t.detach())).collect()
-}
-
-fn axpy(x: &[Tensor], a: f64, v: &[Tensor]) -> candle_core::Result<Vec<Tensor>> {
-    x.iter().zip(v).map(|(x, v)| x + (v * a)?).collect()
-}
-
-fn norm(v: &[Tensor]) -> candle_core::Result<f64> {
-    let mut s = 0.0;
-    for t in v {
-        s += t.to_dtype(DType::F64)?.sqr()?.sum_all()?.to_scalar::<f64>()?;
-    }
-    Ok(s.sqrt())
-}
-
-/// Flatten the φ-gradient tensors (α_m, then ρ and a for class_aware) into one vector.
-fn flat(gs: &[Tensor]) -> candle_core::Result<Vec<f64>> {
-    let mut out = Vec::new();
-    for g in gs {
-        out.extend(g.to_dtype(DType::F64)?.flatten_all()?.to_vec1::<f64>()?);
-    }
-    Ok(out)
-}
-
-/// The step sizes of an unrolled meta step: `eta` of the inner SGD steps, `hvp_eps` of the
-/// finite-difference Hessian-vector products.
-#[derive(Debug, Clone, Copy)]
-struct Unroll {
+/// One meta step's bilevel problem (see the module doc): the training loss on the inner batches
+/// (inner step j reads `inner[j]`), the outer objective on the meta split, SGD steps of size η.
+/// The learned φ tensors are [α_m] (baseline) or [α_m, ρ, a] (class_aware); the rest of φ stays
+/// at its values.
+struct Bilevel<'a> {
+    s: &'a Setup,
+    net: &'a VitBackbone,
+    /// φ's values, which supply what is not learned.
+    fixed: PhiT,
     eta: f64,
-    hvp_eps: f64,
+    inner: &'a [Batch],
+    meta: &'a Batch,
 }
 
-/// The outer objective after the unrolled inner steps, and its hypergradient with respect to the
-/// learned φ values (see the module doc).
-fn hypergradient(s: &Setup, net: &VitBackbone, theta: &[Tensor], phi: &Phi, inner: &[Batch], meta: &Batch, steps: Unroll) -> candle_core::Result<(f64, Vec<f64>)> {
-    let Unroll { eta, hvp_eps } = steps;
-    let dev = theta[0].device();
-    // Forward: the unrolled inner steps.
-    let (pt, _) = phi_tensors(s, phi, dev, false)?;
-    let mut thetas = vec![theta.iter().map(|t| t.detach()).collect::<Vec<_>>()];
-    for b in inner {
-        let cur = thetas.last().cloned().unwrap_or_default();
-        let vars = as_vars(&cur)?;
-        let vt: Vec<Tensor> = vars.iter().map(|v| v.as_tensor().clone()).collect();
-        let l = train_loss(s, net, &vt, &pt, &b.x, &b.y, &b.ys)?;
-        let g = grads_of(&l, &vt.iter().collect::<Vec<_>>())?;
-        thetas.push(axpy(&cur, -eta, &g)?.into_iter().map(|t| t.detach()).collect());
+impl<'a> Bilevel<'a> {
+    /// The problem at `phi`, and the learned φ tensors to pass to [`meta::hypergradient()`].
+    fn new(s: &'a Setup, net: &'a VitBackbone, phi: &Phi, eta: f64, inner: &'a [Batch], meta: &'a Batch, dev: &Device) -> candle_core::Result<(Bilevel<'a>, Vec<Tensor>)> {
+        let fixed = phi_tensors(s, phi, dev)?;
+        let learned = if s.class_aware { vec![fixed.alpha_meta.clone(), fixed.rank.clone(), fixed.alpha.clone()] } else { vec![fixed.alpha_meta.clone()] };
+        Ok((Bilevel { s, net, fixed, eta, inner, meta }, learned))
     }
-    // The outer objective and its direct gradients.
-    let last = thetas.last().cloned().unwrap_or_default();
-    let vars = as_vars(&last)?;
-    let vt: Vec<Tensor> = vars.iter().map(|v| v.as_tensor().clone()).collect();
-    let (pv, plist) = phi_tensors(s, phi, dev, true)?;
-    let m = outer(s, net, &vt, &pv, &meta.x, &meta.y, &meta.ys)?;
-    let value = m.to_dtype(DType::F64)?.to_scalar::<f64>()?;
-    let mut wrt: Vec<&Tensor> = vt.iter().collect();
-    let ptens: Vec<Tensor> = plist.iter().map(|v| v.as_tensor().clone()).collect();
-    wrt.extend(ptens.iter());
-    let g = grads_of(&m, &wrt)?;
-    let k = vt.len();
-    let mut v: Vec<Tensor> = g[..k].to_vec();
-    let mut h = flat(&g[k..])?;
-    // Reverse through the inner steps.
-    for (j, b) in inner.iter().enumerate().rev() {
-        let vn = norm(&v)?;
-        if vn == 0.0 {
-            break;
-        }
-        let eps = hvp_eps / vn;
-        let mut both = Vec::new();
-        for sign in [1.0, -1.0] {
-            let vars = as_vars(&axpy(&thetas[j], sign * eps, &v)?)?;
-            let vt: Vec<Tensor> = vars.iter().map(|v| v.as_tensor().clone()).collect();
-            let (pv, plist) = phi_tensors(s, phi, dev, true)?;
-            let l = train_loss(s, net, &vt, &pv, &b.x, &b.y, &b.ys)?;
-            let mut wrt: Vec<&Tensor> = vt.iter().collect();
-            let ptens: Vec<Tensor> = plist.iter().map(|v| v.as_tensor().clone()).collect();
-            wrt.extend(ptens.iter());
-            both.push(grads_of(&l, &wrt)?);
-        }
-        let (gp, gm) = (&both[0], &both[1]);
-        let dphi_p = flat(&gp[k..])?;
-        let dphi_m = flat(&gm[k..])?;
-        for (hi, (p, q)) in h.iter_mut().zip(dphi_p.iter().zip(&dphi_m)) {
-            *hi -= eta * (p - q) / (2.0 * eps);
-        }
-        let mut nv = Vec::with_capacity(k);
-        for i in 0..k {
-            let hv = ((&gp[i] - &gm[i])? / (2.0 * eps))?;
-            nv.push((&v[i] - (hv * eta)?)?.detach());
-        }
-        v = nv;
+
+    /// φ from the learned tensors and the fixed values.
+    fn phi(&self, learned: &[Tensor]) -> PhiT {
+        let (rank, alpha) = if self.s.class_aware { (learned[1].clone(), learned[2].clone()) } else { (self.fixed.rank.clone(), self.fixed.alpha.clone()) };
+        PhiT { alpha_meta: learned[0].clone(), rank, alpha }
     }
-    Ok((value, h))
 }
 
-/// The outer objective after the inner steps at φ, without gradients (for finite differences).
-#[cfg(test)]
-fn unrolled_outer(s: &Setup, net: &VitBackbone, theta: &[Tensor], phi: &Phi, inner: &[Batch], meta: &Batch, eta: f64) -> candle_core::Result<f64> {
-    let dev = theta[0].device();
-    let (pt, _) = phi_tensors(s, phi, dev, false)?;
-    let mut cur: Vec<Tensor> = theta.iter().map(|t| t.detach()).collect();
-    for b in inner {
-        let vars = as_vars(&cur)?;
-        let vt: Vec<Tensor> = vars.iter().map(|v| v.as_tensor().clone()).collect();
-        let l = train_loss(s, net, &vt, &pt, &b.x, &b.y, &b.ys)?;
-        let g = grads_of(&l, &vt.iter().collect::<Vec<_>>())?;
-        cur = axpy(&cur, -eta, &g)?.into_iter().map(|t| t.detach()).collect();
+impl Problem for Bilevel<'_> {
+    fn inner_loss(&self, theta: &[Tensor], phi: &[Tensor], step: usize) -> candle_core::Result<Tensor> {
+        let b = &self.inner[step];
+        train_loss(self.s, self.net, theta, &self.phi(phi), &b.x, &b.y, &b.ys)
     }
-    outer(s, net, &cur, &pt, &meta.x, &meta.y, &meta.ys)?.to_dtype(DType::F64)?.to_scalar::<f64>()
+
+    fn outer(&self, theta: &[Tensor], phi: &[Tensor]) -> candle_core::Result<Tensor> {
+        outer(self.s, self.net, theta, &self.phi(phi), &self.meta.x, &self.meta.y, &self.meta.ys)
+    }
+
+    fn step_size(&self, _phi: &[Tensor]) -> candle_core::Result<StepSize> {
+        Ok(StepSize::Scalar(self.eta))
+    }
 }
 
 /// Area (box-filter) resampling of C×H×W pixels to C×nh×nw: each output pixel is the mean of the
@@ -935,7 +843,7 @@ fn run(p: &Params, seed: u64, inputs: &TrainInputs, progress: &dyn Progress) -> 
 
     let schedule = Schedule::new(p);
     let cx = RunContext { setup: &setup, net, data, side, dev: &dev };
-    let vars = as_vars(&initial_theta(net, &setup, seed, &dev)?)?;
+    let vars = initial_theta(net, &setup, seed, &dev)?.iter().map(|t| Var::from_tensor(&t.detach())).collect::<candle_core::Result<Vec<_>>>()?;
     let mut trainer = Trainer::new(cx, &meta, &schedule, vars, initial_phi(&setup, &groups, &factors), &train_idx, seed)?;
     let evaluator = Evaluator { cx, test: &test, groups: &groups, imbalance_ratio: metrics::imbalance_ratio(&counts), gini: metrics::gini(&counts), source_accuracy: backbone.source_accuracy };
 
@@ -1203,17 +1111,18 @@ impl<'a> Trainer<'a> {
         self.opt.set_lr(self.schedule.lr * 0.5 * (1.0 + (std::f64::consts::PI * step as f64 / self.total_steps as f64).cos()));
         if step.is_multiple_of(self.schedule.meta_every) {
             let inner = self.inner.next(self.schedule.inner_steps, self.schedule.batch_size, &cx)?;
-            let (value, h) = hypergradient(cx.setup, cx.net, &self.theta(), &self.phi, &inner, self.meta, Unroll { eta: self.schedule.inner_lr, hvp_eps: HVP_EPS })?;
-            if !value.is_finite() || h.iter().any(|x| !x.is_finite()) {
+            let (problem, phi) = Bilevel::new(cx.setup, cx.net, &self.phi, self.schedule.inner_lr, &inner, self.meta, cx.dev)?;
+            let hg = meta::hypergradient(&problem, &self.theta(), &phi, Unroll { steps: inner.len(), hvp_eps: HVP_EPS })?;
+            if !hg.value.is_finite() || hg.phi.iter().any(|x| !x.is_finite()) {
                 return Ok(Step::Diverged(format!("the meta objective or its hypergradient became non-finite at epoch {epoch}, step {step}")));
             }
-            self.update_phi(&h);
-            sums.meta += value;
-            sums.hypergradient_norm += h.iter().map(|x| x * x).sum::<f64>().sqrt();
+            self.update_phi(&hg.phi);
+            sums.meta += hg.value;
+            sums.hypergradient_norm += hg.norm();
             sums.meta_steps += 1;
         }
         let b = gather(cx.data, chunk, cx.side, cx.setup.dtype, cx.dev)?;
-        let (pt, _) = phi_tensors(cx.setup, &self.phi, cx.dev, false)?;
+        let pt = phi_tensors(cx.setup, &self.phi, cx.dev)?;
         let l = train_loss(cx.setup, cx.net, &self.theta(), &pt, &b.x, &b.y, &b.ys)?;
         let lv = l.to_dtype(DType::F64)?.to_scalar::<f64>()?;
         if !lv.is_finite() {
@@ -1311,7 +1220,7 @@ impl Evaluator<'_> {
     /// The predicted class of every test image, with the inference gates, in batches of 500.
     fn predictions(&self, theta: &[Tensor], phi: &Phi) -> Result<Vec<u32>, MethodError> {
         let (setup, net) = (self.cx.setup, self.cx.net);
-        let (pt, _) = phi_tensors(setup, phi, self.cx.dev, false)?;
+        let pt = phi_tensors(setup, phi, self.cx.dev)?;
         let g = gate(setup, &pt, None)?;
         let mut preds = Vec::with_capacity(self.test.ys.len());
         let n = self.test.ys.len();
@@ -1442,13 +1351,23 @@ mod tests {
         let inner: Vec<Batch> = (0..inner_steps).map(|j| tiny_batch(6, 20 + j as u64, 3)).collect();
         let meta = tiny_batch(6, 99, 3);
         let eta = 0.5;
+        let dev = Device::Cpu;
+        let hypergradient = |inner: &[Batch], hvp_eps: f64| {
+            let (problem, learned) = Bilevel::new(s, &net, &phi, eta, inner, &meta, &dev).unwrap();
+            let hg = meta::hypergradient(&problem, &th, &learned, Unroll { steps: inner.len(), hvp_eps }).unwrap();
+            (hg.value, hg.phi)
+        };
+        let unrolled_outer = |phi: &Phi| {
+            let (problem, learned) = Bilevel::new(s, &net, phi, eta, &inner, &meta, &dev).unwrap();
+            meta::unrolled_value(&problem, &th, &learned, inner.len()).unwrap()
+        };
         // In f64 a small difference step makes the finite-difference Hessian products exact to
         // ~1e-8; the training default (1e-2, for f32) is checked to 2% below.
-        let (value, h) = hypergradient(s, &net, &th, &phi, &inner, &meta, Unroll { eta, hvp_eps: 1e-5 }).unwrap();
-        let (_, h_default) = hypergradient(s, &net, &th, &phi, &inner, &meta, Unroll { eta, hvp_eps: HVP_EPS }).unwrap();
+        let (value, h) = hypergradient(&inner, 1e-5);
+        let (_, h_default) = hypergradient(&inner, HVP_EPS);
         let n = Phi::learned(3, s.class_aware);
         assert_eq!(h.len(), n);
-        let base = unrolled_outer(s, &net, &th, &phi, &inner, &meta, eta).unwrap();
+        let base = unrolled_outer(&phi);
         assert!((value - base).abs() < 1e-12);
         let step = 1e-5;
         let mut worst: f64 = 0.0;
@@ -1457,9 +1376,9 @@ mod tests {
         for i in 0..n {
             let mut fl = phi.flat();
             fl[i] += step;
-            let up = unrolled_outer(s, &net, &th, &Phi::from_flat(&fl, 3, s.class_aware), &inner, &meta, eta).unwrap();
+            let up = unrolled_outer(&Phi::from_flat(&fl, 3, s.class_aware));
             fl[i] -= 2.0 * step;
-            let down = unrolled_outer(s, &net, &th, &Phi::from_flat(&fl, 3, s.class_aware), &inner, &meta, eta).unwrap();
+            let down = unrolled_outer(&Phi::from_flat(&fl, 3, s.class_aware));
             let fd = (up - down) / (2.0 * step);
             worst = worst.max((fd - h[i]).abs());
         }
@@ -1467,7 +1386,7 @@ mod tests {
         let off = h.iter().zip(&h_default).fold(0.0f64, |a, (x, y)| a.max((x - y).abs()));
         assert!(off < 2e-2 * scale.max(1.0), "the default difference step is off by {off}");
         // The indirect part (through the inner steps) is nonzero: dropping it changes h.
-        let (_, direct) = hypergradient(s, &net, &th, &phi, &[], &meta, Unroll { eta, hvp_eps: 1e-5 }).unwrap();
+        let (_, direct) = hypergradient(&[], 1e-5);
         assert!(h.iter().zip(&direct).any(|(a, b)| (a - b).abs() > 1e-4 * scale), "no gradient flows through the inner steps");
     }
 
@@ -1483,7 +1402,7 @@ mod tests {
     fn gates_apply_class_factors_in_training_and_their_mean_at_inference() {
         let s = setup(true, Objective::Balanced, Loss::Ce);
         let phi = Phi { alpha_meta: 1.0, rank: vec![0.5, 1.0, 2.0], alpha: vec![0.5, 1.0, 2.0] };
-        let (pt, _) = phi_tensors(&s, &phi, &Device::Cpu, false).unwrap();
+        let pt = phi_tensors(&s, &phi, &Device::Cpu).unwrap();
         let y = Tensor::new(&[2u32, 0], &Device::Cpu).unwrap();
         let g = gate(&s, &pt, Some(&y)).unwrap().to_vec2::<f64>().unwrap();
         let sig = |x: f64| 1.0 / (1.0 + (-x).exp());
@@ -1497,7 +1416,7 @@ mod tests {
         let (rm, am) = (3.5 / 3.0, 3.5 / 3.0);
         assert!((gi[0][1] - am * sig((rm * 2.0 - 1.5) / 0.5)).abs() < 1e-12);
         let b = setup(false, Objective::Overall, Loss::Ce);
-        let (pt, _) = phi_tensors(&b, &Phi { alpha_meta: 0.7, rank: vec![1.0; 3], alpha: vec![1.0; 3] }, &Device::Cpu, false).unwrap();
+        let pt = phi_tensors(&b, &Phi { alpha_meta: 0.7, rank: vec![1.0; 3], alpha: vec![1.0; 3] }, &Device::Cpu).unwrap();
         assert_eq!(gate(&b, &pt, Some(&y)).unwrap().to_vec2::<f64>().unwrap(), vec![vec![0.7, 0.7]]);
     }
 
