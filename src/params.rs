@@ -19,6 +19,8 @@ pub enum ParamValue {
     Int(i64),
     Float(f64),
     Str(String),
+    /// A list of integers (class lists, per-class counts): `[0,1,2]` in keys.
+    IntList(Vec<i64>),
 }
 
 impl ParamValue {
@@ -31,6 +33,14 @@ impl ParamValue {
             ParamValue::Int(i) => i.to_string(),
             ParamValue::Float(f) => canonical_float(*f),
             ParamValue::Str(s) => s.clone(),
+            ParamValue::IntList(v) => format!("[{}]", v.iter().map(i64::to_string).collect::<Vec<_>>().join(",")),
+        }
+    }
+
+    pub fn as_int_list(&self) -> Option<&[i64]> {
+        match self {
+            ParamValue::IntList(v) => Some(v),
+            _ => None,
         }
     }
 
@@ -70,6 +80,7 @@ impl ParamValue {
             ParamValue::Int(_) => "an integer",
             ParamValue::Float(_) => "a float",
             ParamValue::Str(_) => "a string",
+            ParamValue::IntList(_) => "a list of integers",
         }
     }
 }
@@ -115,6 +126,13 @@ pub enum ParamKind {
     /// The name of a data set declared in the spec's `[data]` section.
     DataName,
     Bool,
+    /// A list of `min_len..=max_len` integers, each in `[min, max]`.
+    IntList {
+        min: i64,
+        max: i64,
+        min_len: usize,
+        max_len: usize,
+    },
 }
 
 /// One parameter of a method: its name, type, default and what it means.
@@ -133,6 +151,7 @@ pub enum DefaultValue {
     Int(i64),
     Float(f64),
     Str(&'static str),
+    IntList(&'static [i64]),
 }
 
 impl DefaultValue {
@@ -142,6 +161,7 @@ impl DefaultValue {
             DefaultValue::Int(i) => ParamValue::Int(i),
             DefaultValue::Float(f) => ParamValue::Float(f),
             DefaultValue::Str(s) => ParamValue::Str(s.to_string()),
+            DefaultValue::IntList(v) => ParamValue::IntList(v.to_vec()),
         }
     }
 }
@@ -189,6 +209,18 @@ impl ParamDef {
                     let names: Vec<String> = choices.iter().map(|c| c.to_string()).collect();
                     Err((format!("unknown {} `{s}`", self.name), Some(suggest(s, &names))))
                 }
+            }
+            ParamKind::IntList { min, max, min_len, max_len } => {
+                let list = v
+                    .as_int_list()
+                    .ok_or_else(|| (format!("`{}` must be a list of integers, found {}", self.name, v.type_name()), Some(format!("write `{} = [0, 1, 2]`: {}", self.name, self.doc))))?;
+                if list.len() < *min_len || list.len() > *max_len {
+                    return Err((format!("`{}` has {} entries", self.name, list.len()), Some(format!("{} takes {min_len} to {max_len} entries: {}", self.name, self.doc))));
+                }
+                if let Some((i, x)) = list.iter().enumerate().find(|(_, x)| **x < *min || **x > *max) {
+                    return Err((format!("`{}`: entry {i} = {x} is out of range", self.name), Some(format!("each entry of {} must lie in [{min}, {max}]: {}", self.name, self.doc))));
+                }
+                Ok(v.clone())
             }
             ParamKind::DataName => {
                 let s = v.as_str().ok_or_else(|| (format!("`{}` must be a string, found {}", self.name, v.type_name()), None))?;
@@ -280,6 +312,7 @@ impl Schema {
                 ParamKind::Choice(cs) => cs.iter().map(|c| ParamValue::Str(c.to_string())).collect(),
                 ParamKind::Bool => vec![ParamValue::Bool(false), ParamValue::Bool(true)],
                 ParamKind::DataName => vec![ParamValue::Str("any_data_set".into())],
+                ParamKind::IntList { min, max, min_len, max_len } => vec![ParamValue::IntList(vec![*min; *min_len]), ParamValue::IntList(vec![*max; (*max_len).min(64)])],
             };
             for v in admissible {
                 let mut p = defaults.clone();
@@ -317,6 +350,7 @@ fn to_json(v: &ParamValue) -> serde_json::Value {
         // Non-finite floats never pass the schema; null makes the decode fail if one did.
         ParamValue::Float(f) => serde_json::Number::from_f64(*f).map(serde_json::Value::Number).unwrap_or(serde_json::Value::Null),
         ParamValue::Str(s) => serde_json::Value::String(s.clone()),
+        ParamValue::IntList(v) => serde_json::Value::Array(v.iter().map(|x| serde_json::Value::from(*x)).collect()),
     }
 }
 
@@ -373,9 +407,11 @@ pub fn levenshtein(a: &str, b: &str) -> usize {
     prev[b.len()]
 }
 
-/// Convert a TOML value to a parameter value; arrays and tables are not parameters.
+/// Convert a TOML value to a parameter value: a plain value, or a list of integers; other
+/// arrays and tables are not parameters.
 pub fn from_toml(v: &toml::Value) -> Option<ParamValue> {
     match v {
+        toml::Value::Array(items) => items.iter().map(toml::Value::as_integer).collect::<Option<Vec<i64>>>().map(ParamValue::IntList),
         toml::Value::Boolean(b) => Some(ParamValue::Bool(*b)),
         toml::Value::Integer(i) => Some(ParamValue::Int(*i)),
         toml::Value::Float(f) => Some(ParamValue::Float(*f)),
@@ -475,6 +511,33 @@ mod tests {
         assert!(e.contains("`epochs` = -1 is admissible but does not decode"), "{e}");
         assert!(e.contains("default of `lr`: `lr` = 2.0 is out of range"), "{e}");
         assert!(e.contains("the defaults do not decode"), "{e}");
+    }
+
+    #[test]
+    fn integer_lists_have_canonical_text_and_are_checked_entry_by_entry() {
+        let v = from_toml(&toml::Value::Array(vec![toml::Value::Integer(3), toml::Value::Integer(0)])).unwrap();
+        assert_eq!(v.canonical(), "[3,0]");
+        assert_eq!(ParamValue::IntList(vec![]).canonical(), "[]");
+        assert_eq!(from_toml(&toml::Value::Array(vec![toml::Value::Integer(1), toml::Value::Float(2.0)])), None);
+        let def = ParamDef { name: "classes", kind: ParamKind::IntList { min: 0, max: 9, min_len: 1, max_len: 10 }, default: DefaultValue::IntList(&[0, 1]), doc: "class list" };
+        assert_eq!(def.check(&v, &[]).unwrap(), v);
+        let (m, _) = def.check(&ParamValue::IntList(vec![1, 12, 3]), &[]).unwrap_err();
+        assert_eq!(m, "`classes`: entry 1 = 12 is out of range");
+        let (m, _) = def.check(&ParamValue::IntList(vec![]), &[]).unwrap_err();
+        assert_eq!(m, "`classes` has 0 entries");
+        let (m, h) = def.check(&ParamValue::Int(3), &[]).unwrap_err();
+        assert_eq!(m, "`classes` must be a list of integers, found an integer");
+        assert!(h.unwrap().contains("classes = [0, 1, 2]"));
+        // A list decodes into a Vec field.
+        #[derive(serde::Deserialize)]
+        struct L {
+            classes: Vec<u32>,
+        }
+        impl ParamStruct for L {
+            const SCHEMA: &'static [ParamDef] = &[ParamDef { name: "classes", kind: ParamKind::IntList { min: 0, max: 9, min_len: 1, max_len: 10 }, default: DefaultValue::IntList(&[0, 1]), doc: "" }];
+        }
+        Schema::of::<L>().check().unwrap();
+        assert_eq!(decode::<L>(&Params::from([("classes".to_string(), v)])).unwrap().classes, vec![3, 0]);
     }
 
     #[test]

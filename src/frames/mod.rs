@@ -171,6 +171,16 @@ fn metrics_of(store: &dyn Store, record: &CellRecord, cell: &str) -> Result<Vec<
     Err(missing(detail))
 }
 
+/// A parameter read back from its text: a list of integers is written `[0,1,2]` (no name or
+/// choice starts with `[`), anything else is a string.
+fn text_param(v: &str) -> ParamValue {
+    let list = v.strip_prefix('[').and_then(|r| r.strip_suffix(']')).and_then(|inner| if inner.is_empty() { Some(Vec::new()) } else { inner.split(',').map(|x| x.parse::<i64>().ok()).collect() });
+    match list {
+        Some(l) => ParamValue::IntList(l),
+        None => ParamValue::Str(v.to_string()),
+    }
+}
+
 /// One parameter's column; a run without the parameter has a null. Integers and floats in one
 /// column are floats.
 fn param_series(name: &str, values: &[Option<&ParamValue>]) -> Column {
@@ -319,7 +329,7 @@ impl Frames {
                 _ => {
                     for (i, v) in col.str()?.iter().enumerate() {
                         if let Some(v) = v {
-                            params[i].insert(pname.to_string(), ParamValue::Str(v.to_string()));
+                            params[i].insert(pname.to_string(), text_param(v));
                         }
                     }
                 }
@@ -455,11 +465,11 @@ mod tests {
             params,
             metrics: BTreeMap::from([("accuracy".to_string(), Some(50.0))]),
         };
-        let sgd = Params::from([("optimizer".to_string(), ParamValue::Str("sgd".into())), ("momentum".to_string(), ParamValue::Float(0.9))]);
+        let sgd = Params::from([("optimizer".to_string(), ParamValue::Str("sgd".into())), ("momentum".to_string(), ParamValue::Float(0.9)), ("classes".to_string(), ParamValue::IntList(vec![3, 1]))]);
         let adam = Params::from([("optimizer".to_string(), ParamValue::Str("adam".into()))]);
         let frames = Frames {
             results: vec![row("adam", adam.clone()), row("sgd", sgd.clone())],
-            param_names: vec!["momentum".into(), "optimizer".into()],
+            param_names: vec!["classes".into(), "momentum".into(), "optimizer".into()],
             metric_names: vec!["accuracy".into()],
             ..Default::default()
         };

@@ -849,6 +849,7 @@ impl<'t> Checker<'t> {
                     }
                     Err((m, h)) => self.err(path, false, m, h),
                 },
+                None if matches!(def.kind, params::ParamKind::IntList { .. }) => self.err(path, false, format!("`{k}` must be a list of integers"), Some(format!("write `{k} = [0, 1, 2]`"))),
                 None => self.err(path, false, format!("`{k}` must be a single value"), Some("lists of values belong in an experiment's `grid`".into())),
             }
         }
@@ -904,6 +905,9 @@ impl<'t> Checker<'t> {
                         Ok(ok) => vals.push(ok),
                         Err((m, h)) => self.err(path, false, m, h),
                     },
+                    None if matches!(def.kind, params::ParamKind::IntList { .. }) => {
+                        self.err(path, false, format!("grid values of `{k}` must be lists of integers"), Some(format!("a grid of lists: `{k} = [[0, 1], [2, 3]]`")))
+                    }
                     None => self.err(path, false, format!("grid values of `{k}` must be plain values"), None),
                 }
             }

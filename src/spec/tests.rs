@@ -391,3 +391,85 @@ fn a_bad_set_and_a_bad_value_in_the_file_are_both_reported() {
     assert!(msgs.iter().any(|m| m.contains("`imbalance` = 0.0 is out of range")), "{e}");
     assert!(msgs.iter().any(|m| m == "unknown parameter `learning_rate`"), "{e}");
 }
+
+/// A method with one list-valued parameter, for the tests of lists in specs.
+struct Lists;
+
+#[derive(serde::Deserialize)]
+#[allow(dead_code)]
+struct ListParams {
+    classes: Vec<u32>,
+}
+
+impl crate::params::ParamStruct for ListParams {
+    const SCHEMA: &'static [ParamDef] = &[ParamDef {
+        name: "classes",
+        kind: crate::params::ParamKind::IntList { min: 0, max: 9, min_len: 1, max_len: 10 },
+        default: crate::params::DefaultValue::IntList(&[0, 1]),
+        doc: "the classes of a task",
+    }];
+}
+
+impl crate::methods::Method for Lists {
+    fn name(&self) -> &'static str {
+        "lists"
+    }
+    fn version(&self) -> u32 {
+        1
+    }
+    fn schema(&self) -> crate::params::Schema {
+        crate::params::Schema::of::<ListParams>()
+    }
+    fn metrics(&self) -> &'static [&'static str] {
+        &[]
+    }
+    fn data_params(&self) -> &'static [&'static str] {
+        &[]
+    }
+    fn run(&self, _: &Params, _: u64, _: &crate::methods::TrainInputs, _: &dyn crate::methods::Progress) -> Result<crate::methods::Outcome, crate::methods::MethodError> {
+        Ok(crate::methods::Outcome::Done(BTreeMap::new()))
+    }
+}
+
+const LISTS: &str = r#"
+[report]
+id = "lists"
+title = "Lists"
+template = "t.md.j2"
+method = "lists"
+
+[defaults]
+classes = [3, 4]
+
+[experiments.e]
+title = "Tasks"
+grid = { classes = [[0, 1], [2, 3, 4]] }
+"#;
+
+fn parse_lists(text: &str, sets: &[&str]) -> Result<Spec, SpecError> {
+    let sets: Vec<String> = sets.iter().map(|s| s.to_string()).collect();
+    let registry = Registry::empty().with(Lists);
+    parse_with(text, Path::new("reports/lists.toml"), &root(), "quick", &sets, &registry)
+}
+
+#[test]
+fn list_parameters_in_defaults_grids_and_sets() {
+    let spec = parse_lists(LISTS, &[]).unwrap();
+    let labels: Vec<String> = spec.experiments[0].runs.iter().map(|r| r.label()).collect();
+    assert_eq!(labels, ["classes=[0,1] seed=0", "classes=[2,3,4] seed=0"]);
+    // A --set of a list replaces the default (a grid is not involved here).
+    let text = LISTS.replace("grid = { classes = [[0, 1], [2, 3, 4]] }", "");
+    let spec = parse_lists(&text, &["defaults.classes=[7,8,9]"]).unwrap();
+    assert_eq!(spec.experiments[0].runs[0].params["classes"], ParamValue::IntList(vec![7, 8, 9]));
+    // Bad lists are located: an entry out of range in the grid and a list of strings in the
+    // defaults, at once; an empty list from a --set.
+    let bad = LISTS.replace("[2, 3, 4]]", "[2, 30, 4]]").replace("classes = [3, 4]", "classes = [\"a\"]");
+    let e = parse_lists(&bad, &[]).unwrap_err();
+    let m = messages(&e);
+    assert!(m.iter().any(|m| m == "`classes`: entry 1 = 30 is out of range"), "{m:?}");
+    assert!(m.iter().any(|m| m == "`classes` must be a list of integers"), "{m:?}");
+    let m = messages(&parse_lists(&text, &["defaults.classes=[]"]).unwrap_err());
+    assert!(m.iter().any(|m| m.contains("`classes` has 0 entries")), "{m:?}");
+    let grid_line = bad.lines().position(|l| l.starts_with("grid")).unwrap() + 1;
+    assert!(e.diagnostics.iter().any(|d| d.message.contains("entry 1 = 30") && line_of(d) == grid_line), "{e}");
+}
