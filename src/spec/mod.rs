@@ -605,6 +605,19 @@ impl<'t> Source<'t> {
                 Err((message, hint)) => Err(Diagnostic { origin, message, hint: Some(hint) }),
             });
         }
+        // The method is resolved from the file before any override (its schema is what the
+        // overrides are checked against), so an override of it would be silently ignored.
+        for o in overrides.iter_mut() {
+            if let Ok(ov) = o {
+                if ov.path == segs("report.method") {
+                    *o = Err(Diagnostic {
+                        origin: ov.origin.clone(),
+                        message: "`report.method` cannot be overridden: the method's schema is what every other parameter is checked against".into(),
+                        hint: Some("copy the spec and change `report.method` in the copy".into()),
+                    });
+                }
+            }
+        }
         Ok(overrides)
     }
 }

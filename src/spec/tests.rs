@@ -473,3 +473,10 @@ fn list_parameters_in_defaults_grids_and_sets() {
     let grid_line = bad.lines().position(|l| l.starts_with("grid")).unwrap() + 1;
     assert!(e.diagnostics.iter().any(|d| d.message.contains("entry 1 = 30") && line_of(d) == grid_line), "{e}");
 }
+
+#[test]
+fn the_method_cannot_be_overridden() {
+    let e = parse_err(BASE, "quick", &["report.method=class_aware_lora"]);
+    let m = messages(&e);
+    assert!(m.iter().any(|m| m.contains("`report.method` cannot be overridden")), "{m:?}");
+}
