@@ -16,6 +16,7 @@
 
 pub mod cnn;
 pub mod conv4;
+pub mod functional;
 pub mod kernels;
 pub mod lora;
 pub mod mlp;
