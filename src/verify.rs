@@ -345,7 +345,7 @@ fn check_rendering(spec: &Spec, frames: &Frames, lock: &Lock, out: &Path, proble
         }
     }
     for c in render::claim_results(spec, frames) {
-        if c.gate && c.holds != Some(true) {
+        if c.gate && !c.holds() {
             problems.push(format!("claim {} ({}): {} — {}", c.id, c.text, c.verdict(), c.measured));
         }
     }

@@ -72,7 +72,7 @@ impl Report {
         let cells = self.cells();
         let failed = cells.iter().filter(|c| c.status != "cached").count();
         let claims = self.claims();
-        let holding = claims.0.iter().filter(|c| c.holds == Some(true)).count();
+        let holding = claims.0.iter().filter(|c| c.holds()).count();
         let overrides = if self.spec.overrides.is_empty() { "none".to_string() } else { self.spec.overrides.join(", ") };
         let facts = [
             ("report", self.id().to_string()),

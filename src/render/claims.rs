@@ -1,30 +1,76 @@
-//! Claims: a document's statements checked on our numbers, each shown as holding or not at
-//! this scale with the measured value.
+//! Claims: statements of the document, the literature or ours, checked on our numbers. A
+//! verdict is a measurement with its uncertainty: the measured value with a 95 % interval over
+//! seeds, and **holds** only when the whole interval lies on the claim's side of its threshold,
+//! **does not hold** when it lies wholly on the other side, **inconclusive** otherwise (with a
+//! note of the spread measured and the seeds that would separate the two sides).
+//!
+//! - `compare`: mean(a) − mean(b) of the final metric, Welch's interval over seeds.
+//! - `change`: the mean over runs of last − first analysis epoch, a t interval.
+//! - `trend`: Spearman's ρ between the parameter and the per-point mean, with a bootstrap
+//!   interval that resamples each point's seeds ([`stats::spearman_interval`]).
+//!
+//! One seed per side (or per point) gives no interval: such a claim is inconclusive, never
+//! holds or fails on a single draw.
 
+use super::stats::{self, Estimate};
 use super::summary::{self, fmt_value, Stat};
 use crate::frames::Frames;
 use crate::params::{self, ParamValue};
 use crate::spec::{ClaimDecl, ClaimKind};
 
+/// Bootstrap resamples of a trend's interval.
+const RESAMPLES: usize = 2000;
+
 /// The verdict on one claim.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Verdict {
+    Holds,
+    DoesNotHold,
+    Inconclusive,
+    /// Nothing to measure (e.g. every run failed).
+    NotMeasured,
+}
+
+impl Verdict {
+    pub fn name(self) -> &'static str {
+        match self {
+            Verdict::Holds => "holds",
+            Verdict::DoesNotHold => "does not hold",
+            Verdict::Inconclusive => "inconclusive",
+            Verdict::NotMeasured => "not measured",
+        }
+    }
+}
+
+/// One claim, measured.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ClaimResult {
     pub id: String,
     pub text: String,
-    /// None when there was nothing to measure (e.g. every run failed).
-    pub holds: Option<bool>,
+    /// `document`, `literature` or `ours`.
+    pub source: String,
+    /// The section, sentence or citation, if the spec gives one.
+    pub cite: Option<String>,
+    pub verdict: Verdict,
+    /// What was measured, in words (value, interval, n, threshold).
     pub measured: String,
     pub value: Option<f64>,
+    /// The 95 % interval of `value`.
+    pub interval: Option<(f64, f64)>,
+    /// Seeds per side or per point (the smallest).
+    pub n: usize,
+    /// For an inconclusive verdict: the spread measured and the seeds that would decide it.
+    pub power: Option<String>,
     pub gate: bool,
 }
 
 impl ClaimResult {
     pub fn verdict(&self) -> &'static str {
-        match self.holds {
-            Some(true) => "holds",
-            Some(false) => "does not hold",
-            None => "not measured",
-        }
+        self.verdict.name()
+    }
+
+    pub fn holds(&self) -> bool {
+        self.verdict == Verdict::Holds
     }
 }
 
@@ -47,29 +93,102 @@ fn bounds(c: &ClaimDecl) -> String {
     }
 }
 
-fn within(c: &ClaimDecl, v: f64) -> bool {
-    c.min.is_none_or(|a| v >= a) && c.max.is_none_or(|b| v <= b)
+/// Where an interval lies against the claim's bounds.
+fn decide(c: &ClaimDecl, lo: f64, hi: f64) -> Verdict {
+    let inside = c.min.is_none_or(|a| lo >= a) && c.max.is_none_or(|b| hi <= b);
+    let outside = c.min.is_some_and(|a| hi < a) || c.max.is_some_and(|b| lo > b);
+    if inside {
+        Verdict::Holds
+    } else if outside {
+        Verdict::DoesNotHold
+    } else {
+        Verdict::Inconclusive
+    }
+}
+
+/// The bound nearest to `v` (what an inconclusive difference must be told apart from).
+fn nearest_bound(c: &ClaimDecl, v: f64) -> Option<f64> {
+    [c.min, c.max].into_iter().flatten().min_by(|a, b| (a - v).abs().total_cmp(&(b - v).abs()))
+}
+
+fn interval_text(metric: &str, e: &Estimate) -> String {
+    format!("95 % interval [{}, {}]", signed(metric, e.lo), signed(metric, e.hi))
+}
+
+/// The power note of an inconclusive difference: its spread over seeds (`sd`), and the seeds
+/// per side a test would need to tell `value` from the nearest bound.
+fn power_note(c: &ClaimDecl, value: f64, sd: f64, n: usize) -> Option<String> {
+    let bound = nearest_bound(c, value)?;
+    let spread = format!("spread over seeds (sd) {}", fmt_value(&c.metric, sd));
+    match stats::seeds_needed(sd, value - bound) {
+        Some(k) if k > n => Some(format!("{spread}; about {k} seeds per side would tell {} from {}", signed(&c.metric, value), signed(&c.metric, bound))),
+        Some(_) => Some(format!("{spread}; the interval is wide for so few seeds (the t quantile): a few more seeds would decide it")),
+        None => Some(format!("{spread}; the difference sits on the bound {}", signed(&c.metric, bound))),
+    }
 }
 
 pub fn evaluate(c: &ClaimDecl, frames: &Frames) -> ClaimResult {
     let finals = summary::final_rows(frames, &c.experiment);
-    let mut r = ClaimResult { id: c.id.clone(), text: c.text.clone(), holds: None, measured: "no usable runs".into(), value: None, gate: c.gate };
+    let mut r = ClaimResult {
+        id: c.id.clone(),
+        text: c.text.clone(),
+        source: c.source.name().to_string(),
+        cite: c.cite.clone(),
+        verdict: Verdict::NotMeasured,
+        measured: "no usable runs".into(),
+        value: None,
+        interval: None,
+        n: 0,
+        power: None,
+        gate: c.gate,
+    };
+    let one_seed = "one seed: no interval, so no verdict; run more seeds";
     match c.kind {
         ClaimKind::Trend => {
             let x = c.x.clone().unwrap_or_default();
-            let pts: Vec<(f64, f64)> = finals
-                .iter()
-                .filter(|row| row.status == "ok")
-                .filter_map(|row| Some((row.params.get(&x).and_then(ParamValue::as_f64)?, row.metrics.get(&c.metric).copied().flatten()?)))
-                .filter(|(_, y)| y.is_finite())
-                .collect();
-            let (xs, ys): (Vec<f64>, Vec<f64>) = pts.iter().copied().unzip();
-            if let Some(rho) = summary::spearman(&xs, &ys) {
-                let strength = c.min_strength.unwrap_or(0.5);
-                let decreasing = c.direction.as_deref() == Some("decreasing");
-                r.holds = Some(if decreasing { rho <= -strength } else { rho >= strength });
-                r.value = Some(rho);
-                r.measured = format!("Spearman ρ({x}, {}) = {rho:+.2} over {} runs (expected {} with |ρ| ≥ {strength})", c.metric, xs.len(), c.direction.as_deref().unwrap_or("?"));
+            // The final values of each point (value of x), in x order.
+            let mut points: Vec<(f64, Vec<f64>)> = Vec::new();
+            for row in finals.iter().filter(|row| row.status == "ok") {
+                let (Some(xv), Some(Some(y))) = (row.params.get(&x).and_then(ParamValue::as_f64), row.metrics.get(&c.metric)) else { continue };
+                if !y.is_finite() {
+                    continue;
+                }
+                match points.iter_mut().find(|(px, _)| *px == xv) {
+                    Some((_, ys)) => ys.push(*y),
+                    None => points.push((xv, vec![*y])),
+                }
+            }
+            points.sort_by(|a, b| a.0.total_cmp(&b.0));
+            let xs: Vec<f64> = points.iter().map(|(x, _)| *x).collect();
+            let means: Vec<f64> = points.iter().map(|(_, ys)| ys.iter().sum::<f64>() / ys.len() as f64).collect();
+            let Some(rho) = summary::spearman(&xs, &means) else { return r };
+            let strength = c.min_strength.unwrap_or(0.5);
+            let decreasing = c.direction.as_deref() == Some("decreasing");
+            r.n = points.iter().map(|(_, ys)| ys.len()).min().unwrap_or(0);
+            r.value = Some(rho);
+            let expected = format!("expected {} with |ρ| ≥ {strength}", c.direction.as_deref().unwrap_or("?"));
+            let head = format!("Spearman ρ({x}, mean {}) = {rho:+.2} over {} points, n = {} per point", c.metric, points.len(), r.n);
+            match stats::spearman_interval(&points, RESAMPLES, seed_of(&c.id)) {
+                Some(e) => {
+                    r.interval = Some((e.lo, e.hi));
+                    // On the claim's side: ρ ≥ s (increasing) or ρ ≤ −s (decreasing).
+                    let (lo, hi) = if decreasing { (-e.hi, -e.lo) } else { (e.lo, e.hi) };
+                    r.verdict = if lo >= strength {
+                        Verdict::Holds
+                    } else if hi < strength {
+                        Verdict::DoesNotHold
+                    } else {
+                        Verdict::Inconclusive
+                    };
+                    r.measured = format!("{head}; bootstrap 95 % interval [{:+.2}, {:+.2}] ({expected})", e.lo, e.hi);
+                    if r.verdict == Verdict::Inconclusive {
+                        r.power = Some("the interval straddles the threshold: more seeds per point narrow it".into());
+                    }
+                }
+                None => {
+                    r.verdict = Verdict::Inconclusive;
+                    r.measured = format!("{head} ({expected}); {one_seed}");
+                }
             }
         }
         ClaimKind::Compare => {
@@ -79,12 +198,25 @@ pub fn evaluate(c: &ClaimDecl, frames: &Frames) -> ClaimResult {
                 summary::values(&rows, &c.metric)
             };
             let (va, vb) = (pick(a), pick(b));
-            if let (Some(sa), Some(sb)) = (Stat::of(&va), Stat::of(&vb)) {
-                let d = sa.mean - sb.mean;
-                r.holds = Some(within(c, d));
-                r.value = Some(d);
-                r.measured =
-                    format!("{} difference {} ({} vs {}; n = {} and {}; {})", c.metric, signed(&c.metric, d), fmt_value(&c.metric, sa.mean), fmt_value(&c.metric, sb.mean), sa.n, sb.n, bounds(c));
+            let (Some(sa), Some(sb)) = (Stat::of(&va), Stat::of(&vb)) else { return r };
+            let d = sa.mean - sb.mean;
+            r.n = sa.n.min(sb.n);
+            r.value = Some(d);
+            let head = format!("{} difference {} ({} vs {}; n = {} and {}; {})", c.metric, signed(&c.metric, d), fmt_value(&c.metric, sa.mean), fmt_value(&c.metric, sb.mean), sa.n, sb.n, bounds(c));
+            match stats::welch(&va, &vb) {
+                Some(e) => {
+                    r.interval = Some((e.lo, e.hi));
+                    r.verdict = decide(c, e.lo, e.hi);
+                    r.measured = format!("{head}; Welch {}", interval_text(&c.metric, &e));
+                    if r.verdict == Verdict::Inconclusive {
+                        let sd = ((sa.std * sa.std + sb.std * sb.std) / 2.0).sqrt();
+                        r.power = power_note(c, d, sd, r.n);
+                    }
+                }
+                None => {
+                    r.verdict = Verdict::Inconclusive;
+                    r.measured = format!("{head}; {one_seed}");
+                }
             }
         }
         ClaimKind::Change => {
@@ -97,14 +229,33 @@ pub fn evaluate(c: &ClaimDecl, frames: &Frames) -> ClaimResult {
                     }
                 }
             }
-            if let Some(s) = Stat::of(&diffs) {
-                r.holds = Some(within(c, s.mean));
-                r.value = Some(s.mean);
-                r.measured = format!("mean change of {} from the first to the last analysis epoch {} over {} runs ({})", c.metric, signed(&c.metric, s.mean), s.n, bounds(c));
+            let Some(s) = Stat::of(&diffs) else { return r };
+            r.n = s.n;
+            r.value = Some(s.mean);
+            let head = format!("mean change of {} from the first to the last analysis epoch {} over {} runs ({})", c.metric, signed(&c.metric, s.mean), s.n, bounds(c));
+            match stats::mean_interval(&diffs) {
+                Some(e) => {
+                    r.interval = Some((e.lo, e.hi));
+                    r.verdict = decide(c, e.lo, e.hi);
+                    r.measured = format!("{head}; t {}", interval_text(&c.metric, &e));
+                    if r.verdict == Verdict::Inconclusive {
+                        // One sample: twice the two-sample need is a safe overestimate halved.
+                        r.power = power_note(c, s.mean, s.std, r.n);
+                    }
+                }
+                None => {
+                    r.verdict = Verdict::Inconclusive;
+                    r.measured = format!("{head}; {one_seed}");
+                }
             }
         }
     }
     r
+}
+
+/// A fixed seed per claim, so that a report's bootstrap intervals render to the same text.
+fn seed_of(id: &str) -> u64 {
+    id.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3))
 }
 
 /// A value with an explicit sign.
@@ -117,22 +268,118 @@ fn signed(metric: &str, v: f64) -> String {
     }
 }
 
+/// "document (§3)", "literature (Papyan et al. 2020)", "ours".
+pub fn source_text(r: &ClaimResult) -> String {
+    match &r.cite {
+        Some(c) => format!("{} ({c})", r.source),
+        None => r.source.clone(),
+    }
+}
+
 pub fn markdown(r: &ClaimResult) -> String {
-    let mark = match r.holds {
-        Some(true) => "✅ **holds**",
-        Some(false) => "❌ **does not hold**",
-        None => "⚪ **not measured**",
+    let mark = match r.verdict {
+        Verdict::Holds => "✅ **holds**",
+        Verdict::DoesNotHold => "❌ **does not hold**",
+        Verdict::Inconclusive => "❔ **inconclusive**",
+        Verdict::NotMeasured => "⚪ **not measured**",
     };
-    format!("> {mark} at this scale: {}  \n> measured: {}\n", r.text, r.measured)
+    let power = r.power.as_ref().map(|p| format!("  \n> power: {p}")).unwrap_or_default();
+    format!("> {mark} at this scale: {}  \n> source: {}  \n> measured: {}{power}\n", r.text, source_text(r), r.measured)
 }
 
 pub fn html(r: &ClaimResult) -> String {
-    let class = match r.holds {
-        Some(true) => "holds",
-        Some(false) => "fails",
-        None => "unmeasured",
+    let class = match r.verdict {
+        Verdict::Holds => "holds",
+        Verdict::DoesNotHold => "fails",
+        Verdict::Inconclusive => "inconclusive",
+        Verdict::NotMeasured => "unmeasured",
     };
     // `esc` also escapes `"`, so an id cannot leave its `id="…"` attribute.
     let esc = super::table::esc;
-    format!("<div class=\"claim {class}\" id=\"claim-{}\"><b>{}</b> at this scale: {}<br><small>measured: {}</small></div>", esc(&r.id), r.verdict(), esc(&r.text), esc(&r.measured))
+    let power = r.power.as_ref().map(|p| format!("<br><small>power: {}</small>", esc(p))).unwrap_or_default();
+    format!(
+        "<div class=\"claim {class}\" id=\"claim-{}\"><b>{}</b> at this scale: {}<br><small>source: {}</small><br><small>measured: {}</small>{power}</div>",
+        esc(&r.id),
+        r.verdict(),
+        esc(&r.text),
+        esc(&source_text(r)),
+        esc(&r.measured)
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::frames::ResultRow;
+    use crate::params::Params;
+    use std::collections::BTreeMap;
+
+    /// Final rows of experiment `e`: `(variant, value of m)` per run, one seed each.
+    fn frames(rows: &[(&str, f64, f64)]) -> Frames {
+        let results = rows
+            .iter()
+            .enumerate()
+            .map(|(i, (variant, x, m))| ResultRow {
+                experiment: "e".into(),
+                run: format!("run{i}"),
+                key: format!("k{i}"),
+                seed: i as u64,
+                status: "ok".into(),
+                reason: None,
+                epoch: Some(1),
+                params: Params::from([("variant".to_string(), ParamValue::Str(variant.to_string())), ("x".to_string(), ParamValue::Float(*x))]),
+                metrics: BTreeMap::from([("m".to_string(), Some(*m))]),
+            })
+            .collect();
+        Frames { results, ..Default::default() }
+    }
+
+    fn compare(min: f64) -> ClaimDecl {
+        toml::from_str(&format!(
+            "id = \"c\"\ntext = \"a beats b\"\nsource = \"document\"\nexperiment = \"e\"\nkind = \"compare\"\nmetric = \"m\"\na = {{ variant = \"a\" }}\nb = {{ variant = \"b\" }}\nmin = {min:?}\n"
+        ))
+        .unwrap()
+    }
+
+    #[test]
+    fn a_difference_holds_fails_or_is_inconclusive_by_its_interval() {
+        // a: 10, 11, 12 (mean 11, var 1); b: 5, 6, 7 (mean 6, var 1). d = 5, se = √(2/3),
+        // df = 4, t = 2.7764: interval 5 ± 2.2670 = [2.733, 7.267].
+        let f = frames(&[("a", 0.0, 10.0), ("a", 0.0, 11.0), ("a", 0.0, 12.0), ("b", 0.0, 5.0), ("b", 0.0, 6.0), ("b", 0.0, 7.0)]);
+        let r = evaluate(&compare(2.0), &f);
+        assert_eq!(r.verdict, Verdict::Holds);
+        let (lo, hi) = r.interval.unwrap();
+        let half = 2.776_445_1 * (2.0f64 / 3.0).sqrt();
+        assert!((lo - (5.0 - half)).abs() < 1e-5 && (hi - (5.0 + half)).abs() < 1e-5, "{lo} {hi}");
+        assert_eq!((r.value, r.n, r.source.as_str()), (Some(5.0), 3, "document"));
+        // Threshold 8: the whole interval lies below it.
+        assert_eq!(evaluate(&compare(8.0), &f).verdict, Verdict::DoesNotHold);
+        // Threshold 4: inside the interval, so inconclusive, with a power note.
+        let r = evaluate(&compare(4.0), &f);
+        assert_eq!(r.verdict, Verdict::Inconclusive);
+        assert!(r.power.as_deref().unwrap().contains("spread over seeds (sd) 1"), "{:?}", r.power);
+        // One seed a side: no interval, never a verdict either way.
+        let one = frames(&[("a", 0.0, 100.0), ("b", 0.0, 0.0)]);
+        let r = evaluate(&compare(2.0), &one);
+        assert_eq!((r.verdict, r.interval), (Verdict::Inconclusive, None));
+        assert!(r.measured.contains("one seed"), "{}", r.measured);
+    }
+
+    #[test]
+    fn a_trend_needs_seeds_at_every_point() {
+        let trend: ClaimDecl = toml::from_str(
+            "id = \"t\"\ntext = \"m grows with x\"\nsource = \"ours\"\nexperiment = \"e\"\nkind = \"trend\"\nmetric = \"m\"\nx = \"x\"\ndirection = \"increasing\"\nmin_strength = 0.5\n",
+        )
+        .unwrap();
+        // A perfect trend with one seed per point: ρ = 1 but no interval.
+        let single = frames(&[("a", 1.0, 1.0), ("a", 2.0, 2.0), ("a", 3.0, 3.0), ("a", 4.0, 4.0)]);
+        let r = evaluate(&trend, &single);
+        assert_eq!((r.verdict, r.value, r.n), (Verdict::Inconclusive, Some(1.0), 1));
+        // Two tight seeds per point: every resample keeps the order, so it holds.
+        let rows: Vec<(&str, f64, f64)> = (1..=4).flat_map(|i| [("a", i as f64, i as f64 - 0.01), ("a", i as f64, i as f64 + 0.01)]).collect();
+        assert_eq!(evaluate(&trend, &frames(&rows)).verdict, Verdict::Holds);
+        // The opposite direction, equally tight: does not hold.
+        let rows: Vec<(&str, f64, f64)> = (1..=4).flat_map(|i| [("a", i as f64, -(i as f64) - 0.01), ("a", i as f64, -(i as f64) + 0.01)]).collect();
+        assert_eq!(evaluate(&trend, &frames(&rows)).verdict, Verdict::DoesNotHold);
+    }
 }

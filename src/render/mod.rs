@@ -12,6 +12,7 @@
 
 pub mod claims;
 pub mod figure;
+pub mod stats;
 pub mod summary;
 pub mod table;
 
@@ -62,7 +63,15 @@ pub struct Rendered {
 #[derive(Debug, Clone, Serialize, PartialEq)]
 pub struct ClaimSummary {
     pub id: String,
+    /// `document`, `literature` or `ours`.
+    pub source: String,
+    /// `holds`, `does not hold`, `inconclusive` or `not measured`.
     pub verdict: String,
+    /// Seeds per side or per point (the smallest).
+    pub n: usize,
+    pub value: Option<f64>,
+    /// The 95 % interval of `value`, [lo, hi].
+    pub interval: Option<[f64; 2]>,
     pub measured: String,
     pub gate: bool,
 }
@@ -273,7 +282,11 @@ pub fn check_template(spec: &Spec) -> Result<(), RenderError> {
     }
     let fail = |source| RenderError::Template { path: tpl_path.clone(), source };
     env.add_template_owned(spec.report.template.clone(), source.clone()).map_err(fail)?;
-    let claims: Vec<Value> = spec.claims.iter().map(|c| Value::from_serialize(serde_json::json!({"id": c.id, "text": c.text, "verdict": "not measured", "measured": ""}))).collect();
+    let claims: Vec<Value> = spec
+        .claims
+        .iter()
+        .map(|c| Value::from_serialize(serde_json::json!({"id": c.id, "text": c.text, "source": c.source.name(), "cite": c.cite, "verdict": "not measured", "n": 0, "measured": "", "power": null})))
+        .collect();
     env.get_template(&spec.report.template).and_then(|t| t.render(template_context(spec, claims))).map_err(fail)?;
 
     let mut found: Vec<(Call, String, Option<usize>)> = literal_calls(&source).into_iter().map(|(c, id, line)| (c, id, Some(line))).collect();
@@ -369,7 +382,15 @@ fn render_template(spec: &Spec, frames: &Frames, c: &Arc<Computed>, mode: Mode) 
     }
     env.add_template_owned(spec.report.template.clone(), source).map_err(|source| RenderError::Template { path: tpl_path.clone(), source })?;
     let tpl = env.get_template(&spec.report.template).map_err(|source| RenderError::Template { path: tpl_path.clone(), source })?;
-    let claims: Vec<Value> = c.claims.iter().map(|r| Value::from_serialize(serde_json::json!({"id": r.id, "text": r.text, "verdict": r.verdict(), "measured": r.measured}))).collect();
+    let claims: Vec<Value> = c
+        .claims
+        .iter()
+        .map(|r| {
+            Value::from_serialize(
+                serde_json::json!({"id": r.id, "text": r.text, "source": claims::source_text(r), "cite": r.cite, "verdict": r.verdict(), "n": r.n, "measured": r.measured, "power": r.power}),
+            )
+        })
+        .collect();
     let body = tpl.render(template_context(spec, claims)).map_err(|source| RenderError::Template { path: tpl_path.clone(), source })?;
     Ok(format!("{}\n{}", body.trim_end(), appendix(spec, frames, mode)))
 }
@@ -484,7 +505,20 @@ pub fn render(spec: &Spec, frames: &Frames, out_dir: &Path) -> Result<Rendered, 
     let p = out_dir.join("report.html");
     write_atomic(&p, html.as_bytes()).map_err(io(&p))?;
     rendered.html = p;
-    rendered.claims = computed.claims.iter().map(|r| ClaimSummary { id: r.id.clone(), verdict: r.verdict().to_string(), measured: r.measured.clone(), gate: r.gate }).collect();
+    rendered.claims = computed
+        .claims
+        .iter()
+        .map(|r| ClaimSummary {
+            id: r.id.clone(),
+            source: r.source.clone(),
+            verdict: r.verdict().to_string(),
+            n: r.n,
+            value: r.value,
+            interval: r.interval.map(|(lo, hi)| [lo, hi]),
+            measured: r.measured.clone(),
+            gate: r.gate,
+        })
+        .collect();
     Ok(rendered)
 }
 

@@ -59,6 +59,7 @@ y = "accuracy"
 [[claims]]
 id = "c1"
 text = "<script>alert('claim')</script> & [link](javascript:alert(2))"
+source = "ours"
 experiment = "e1"
 kind = "change"
 metric = "accuracy"
@@ -94,9 +95,22 @@ fn issue_20_spec_text_is_escaped_in_html_and_kept_in_markdown() {
 fn issue_20_ids_cannot_leave_their_attribute() {
     let fig = figure_html("a\" onload=\"alert(1)", "t", "<svg></svg>");
     assert!(fig.contains("id=\"figure-a&quot; onload=&quot;alert(1)\""), "{fig}");
-    let r = claims::ClaimResult { id: "c\"><script>".into(), text: "t".into(), holds: None, measured: "m".into(), value: None, gate: false };
+    let r = claims::ClaimResult {
+        id: "c\"><script>".into(),
+        text: "t".into(),
+        source: "ours".into(),
+        cite: Some("<b>".into()),
+        verdict: claims::Verdict::NotMeasured,
+        measured: "m".into(),
+        value: None,
+        interval: None,
+        n: 0,
+        power: None,
+        gate: false,
+    };
     let h = claims::html(&r);
     assert!(h.contains("id=\"claim-c&quot;&gt;&lt;script&gt;\""), "{h}");
+    assert!(h.contains("source: ours (&lt;b&gt;)"), "{h}");
 }
 
 #[test]
@@ -135,6 +149,7 @@ metrics = ["accuracy"]
 [[claims]]
 id = "drift"
 text = "T"
+source = "ours"
 experiment = "e1"
 kind = "change"
 metric = "accuracy"

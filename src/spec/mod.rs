@@ -242,6 +242,33 @@ pub struct ClaimDecl {
     /// are findings to report, not guarantees.
     #[serde(default)]
     pub gate: bool,
+    /// Where the claim comes from: the document, the literature, or ours.
+    pub source: ClaimSource,
+    /// The section or sentence of the document, or the citation (printed beside the claim).
+    #[serde(default)]
+    pub cite: Option<String>,
+}
+
+/// Where a claim comes from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ClaimSource {
+    /// The research document the report reproduces.
+    Document,
+    /// Published work other than the document.
+    Literature,
+    /// This report's own question.
+    Ours,
+}
+
+impl ClaimSource {
+    pub fn name(self) -> &'static str {
+        match self {
+            ClaimSource::Document => "document",
+            ClaimSource::Literature => "literature",
+            ClaimSource::Ours => "ours",
+        }
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]

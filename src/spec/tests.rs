@@ -205,6 +205,7 @@ y = "accuracy"
 [[claims]]
 id = "c\" onmouseover=\"x"
 text = "T"
+source = "ours"
 experiment = "e1"
 kind = "change"
 metric = "accuracy"
