@@ -149,7 +149,11 @@ pub fn svg(decl: &FigureDecl, exp: &Experiment, frames: &Frames) -> Result<Strin
     let metrics = decl.y.to_vec();
     let cols = metrics.len().clamp(1, 2);
     let rows_n = metrics.len().div_ceil(cols).max(1);
-    let (w, h) = (460 * cols as u32, 320 * rows_n as u32 + 40);
+    // With several lines, each panel gets a legend strip right of its plot (never over a line);
+    // the figure widens by the strip, so the plots keep their size.
+    let series: Vec<String> = metrics.first().map(|m| lines_for(decl, exp, frames, m).iter().map(|l| legend_name(&l.name)).collect()).unwrap_or_default();
+    let legend_w = if series.len() > 1 { series.iter().map(|n| n.chars().count()).max().unwrap_or(0) as u32 * 6 + 36 } else { 0 };
+    let (w, h) = ((460 + legend_w) * cols as u32, 320 * rows_n as u32 + 40);
     let mut out = String::new();
     {
         let root = SVGBackend::with_string(&mut out, (w, h)).into_drawing_area();
@@ -177,8 +181,11 @@ pub fn svg(decl: &FigureDecl, exp: &Experiment, frames: &Frames) -> Result<Strin
             let pad = ((y1 - y0) * 0.08).max(1e-9);
             y0 -= pad;
             y1 += pad;
+            let (panel_w, _) = panel.dim_in_pixel();
+            let names: Vec<String> = lines.iter().map(|l| legend_name(&l.name)).collect();
+            let (plot, legend) = panel.split_horizontally(panel_w.saturating_sub(legend_w));
             let mut chart =
-                ChartBuilder::on(panel).margin(12).caption(metric, ("sans-serif", 15)).x_label_area_size(36).y_label_area_size(56).build_cartesian_2d(x0..x1, y0..y1).map_err(|e| fail(&e))?;
+                ChartBuilder::on(&plot).margin(12).caption(metric, ("sans-serif", 15)).x_label_area_size(36).y_label_area_size(56).build_cartesian_2d(x0..x1, y0..y1).map_err(|e| fail(&e))?;
             let y_log = decl.y_log;
             chart
                 .configure_mesh()
@@ -191,11 +198,12 @@ pub fn svg(decl: &FigureDecl, exp: &Experiment, frames: &Frames) -> Result<Strin
             for (i, line) in lines.iter().enumerate() {
                 let color = line.color.unwrap_or(PALETTE[i % PALETTE.len()]);
                 let data: Vec<(f64, f64)> = line.points.iter().map(|p| (tr(p.0, x_log), tr(p.1, decl.y_log))).collect();
-                chart
-                    .draw_series(LineSeries::new(data.clone(), color.stroke_width(2)))
-                    .map_err(|e| fail(&e))?
-                    .label(line.name.clone())
-                    .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 18, y)], color.stroke_width(2)));
+                chart.draw_series(LineSeries::new(data.clone(), color.stroke_width(2))).map_err(|e| fail(&e))?;
+                if lines.len() > 1 && legend_w > 0 {
+                    let y = 44 + 16 * i as i32;
+                    legend.draw(&PathElement::new(vec![(4, y), (22, y)], color.stroke_width(2))).map_err(|e| fail(&e))?;
+                    legend.draw(&Text::new(names[i].clone(), (28, y - 6), ("sans-serif", 11))).map_err(|e| fail(&e))?;
+                }
                 chart.draw_series(data.iter().map(|p| Circle::new(*p, 3, color.filled()))).map_err(|e| fail(&e))?;
                 // Error bars: ± one standard deviation over seeds, where there are several.
                 for p in &line.points {
@@ -204,9 +212,6 @@ pub fn svg(decl: &FigureDecl, exp: &Experiment, frames: &Frames) -> Result<Strin
                         chart.draw_series(std::iter::once(PathElement::new(vec![(x, p.1 - p.2), (x, p.1 + p.2)], color.stroke_width(1)))).map_err(|e| fail(&e))?;
                     }
                 }
-            }
-            if lines.len() > 1 {
-                chart.configure_series_labels().background_style(WHITE.mix(0.85)).border_style(BLACK.mix(0.3)).label_font(("sans-serif", 11)).draw().map_err(|e| fail(&e))?;
             }
         }
         root.present().map_err(|e| fail(&e))?;
@@ -257,4 +262,13 @@ fn classes_svg(decl: &FigureDecl, exp: &Experiment, frames: &Frames) -> Result<S
         root.present().map_err(|e| e.to_string())?;
     }
     Ok(out)
+}
+
+/// A series name as the legend strip shows it: at most 28 characters.
+fn legend_name(name: &str) -> String {
+    if name.chars().count() <= 28 {
+        name.to_string()
+    } else {
+        format!("{}…", name.chars().take(27).collect::<String>())
+    }
 }
