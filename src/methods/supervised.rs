@@ -177,6 +177,8 @@ static METRICS: &[&str] = &[
     "nc4",
     "drift_abs",
     "drift_norm",
+    "drift_norm_etf",
+    "drift_excess",
     "minority_cosine",
 ];
 
@@ -254,7 +256,7 @@ impl Method for Supervised {
     fn version(&self) -> u32 {
         // Raised with every change to any bit of a run's results, a kernel's summation order
         // included; CHANGELOG.md says what each version changed.
-        8
+        10
     }
 
     fn schema(&self) -> Schema {
@@ -479,6 +481,13 @@ fn analyse(
     m.insert("nc4".into(), nc.nc4);
     m.insert("drift_abs".into(), nc.drift_abs);
     m.insert("drift_norm".into(), nc.drift_norm);
+    // What a perfect simplex with these class counts has already, and the excess over it.
+    if let Some(etf) = metrics::drift_norm_etf(counts) {
+        m.insert("drift_norm_etf".into(), etf);
+        if etf > 0.0 {
+            m.insert("drift_excess".into(), nc.drift_norm / etf);
+        }
+    }
     if let Some(mc) = nc.minority_cosine {
         m.insert("minority_cosine".into(), mc);
     }

@@ -35,6 +35,9 @@
 //!
 //! **Drift.** `drift_abs = ‖μ_G − μ_B‖` and `drift_norm = drift_abs / mean_c ‖μ_c − μ_B‖`
 //! (scale-free; the report's headline "drift norm"). Both are independent of [`Centering`].
+//! A perfect simplex with the same class counts already has `drift_norm_etf =
+//! √((C Σ p_c² − 1)/(C − 1))` ([`drift_norm_etf`]); `drift_excess = drift_norm / drift_norm_etf`
+//! (undefined when balanced) is what the features add beyond the class counts.
 //!
 //! **Minority collapse.** Given minority class indices (duplicates and empty classes ignored),
 //! `minority_cosine` is the mean over unordered pairs of the cosine between their classifier
@@ -63,7 +66,7 @@ mod linalg;
 mod nc;
 
 pub use accuracy::{accuracy, gini, groups_by_count, groups_by_rank, imbalance_ratio, try_accuracy, AccuracyReport, Group};
-pub use nc::{neural_collapse, Centering, NcInput, NcMetrics};
+pub use nc::{drift_norm_etf, neural_collapse, Centering, NcInput, NcMetrics};
 
 /// Why a metric could not be computed.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

@@ -116,6 +116,22 @@ fn mean_over_pairs(k: usize, f: impl Fn(usize, usize) -> f64) -> f64 {
     total / pairs as f64
 }
 
+/// The drift norm that a perfect simplex ETF already has with these class counts: class means
+/// μ_c of equal norm with cosines −1/(C−1) around μ_B give ‖μ_G − μ_B‖ / ‖μ_c − μ_B‖ =
+/// √((C Σ p_c² − 1)/(C − 1)), p_c = n_c / N over the C non-empty classes. 0 when balanced; `None`
+/// with fewer than two non-empty classes. Only `drift_norm` beyond this value says something
+/// about the features; below it, the features are closer to balanced than a collapsed network's.
+pub fn drift_norm_etf(counts: &[usize]) -> Option<f64> {
+    // In integers, so that balanced counts give exactly 0: (C Σ n_c² − N²) / ((C − 1) N²).
+    let present: Vec<u128> = counts.iter().filter(|&&k| k > 0).map(|&k| k as u128).collect();
+    if present.len() < 2 {
+        return None;
+    }
+    let (c, n) = (present.len() as u128, present.iter().sum::<u128>());
+    let num = c * present.iter().map(|k| k * k).sum::<u128>() - n * n;
+    Some((num as f64 / ((c - 1) as f64 * (n * n) as f64)).sqrt())
+}
+
 /// Computes NC1–NC4, drift and minority collapse as defined in [`crate::metrics`].
 pub fn neural_collapse(input: &NcInput) -> Result<NcMetrics, MetricsError> {
     validate(input)?;
@@ -351,6 +367,23 @@ mod tests {
             close(m.minority_cosine.unwrap(), -1.0 / 3.0, 1e-12, "minority_cosine");
             assert_eq!(m.empty_classes, 0);
         }
+    }
+
+    #[test]
+    fn a_perfect_simplex_has_the_closed_form_drift() {
+        for counts in [[8usize, 4, 2, 1], [5, 5, 5, 5], [20, 1, 1, 1]] {
+            let (h, y, w) = etf_case(&counts);
+            let m = neural_collapse(&input(&h, 4, &y, &y, &w, 4, &[], Centering::Balanced)).unwrap();
+            let etf = drift_norm_etf(&counts).unwrap();
+            close(m.drift_norm, etf, 1e-12, "drift_norm of a simplex");
+        }
+        // By hand: counts 8, 4, 2, 1 (N = 15): Σp² = (64 + 16 + 4 + 1)/225 = 85/225;
+        // (4 · 85/225 − 1)/3 = (340 − 225)/675 = 115/675.
+        close(drift_norm_etf(&[8, 4, 2, 1]).unwrap(), (115.0f64 / 675.0).sqrt(), 1e-15, "by hand");
+        assert_eq!(drift_norm_etf(&[5, 5, 5]), Some(0.0));
+        assert_eq!(drift_norm_etf(&[5, 0, 0]), None);
+        // Empty classes do not count.
+        assert_eq!(drift_norm_etf(&[8, 4, 0, 2, 1]), drift_norm_etf(&[8, 4, 2, 1]));
     }
 
     #[test]
