@@ -174,6 +174,10 @@ static METRICS: &[&str] = &[
     "nc2_equiangular_features",
     "nc2_equiangular_classifier",
     "nc3",
+    "nc1_balanced",
+    "nc2_equinorm_features_balanced",
+    "nc2_equiangular_features_balanced",
+    "nc3_balanced",
     "nc4",
     "drift_abs",
     "drift_norm",
@@ -256,7 +260,7 @@ impl Method for Supervised {
     fn version(&self) -> u32 {
         // Raised with every change to any bit of a run's results, a kernel's summation order
         // included; CHANGELOG.md says what each version changed.
-        10
+        11
     }
 
     fn schema(&self) -> Schema {
@@ -454,8 +458,14 @@ fn analyse(
     let w = model.classifier().to_dtype(DType::F32)?.to_device(&Device::Cpu)?;
     let d = model.feature_dim();
     let wv: Vec<f32> = w.flatten_all()?.to_vec1::<f32>()?;
-    let nc = metrics::neural_collapse(&NcInput { features: &feats, n: labels.len(), d, labels: &labels, predictions: &preds, classifier: &wv, num_classes: c, minority, centering: cfg.centering })
-        .map_err(|e| MethodError::Metrics(e.to_string()))?;
+    let nc_at = |centering: Centering| {
+        metrics::neural_collapse(&NcInput { features: &feats, n: labels.len(), d, labels: &labels, predictions: &preds, classifier: &wv, num_classes: c, minority, centering })
+            .map_err(|e| MethodError::Metrics(e.to_string()))
+    };
+    let nc = nc_at(cfg.centering)?;
+    // Beside them, always the class-balanced centring: under imbalance the sample mean folds the
+    // drift into NC1–NC3 of the features.
+    let balanced = if cfg.centering == Centering::Balanced { nc.clone() } else { nc_at(Centering::Balanced)? };
     let train_acc = metrics::accuracy(&labels, &preds, groups);
     let (_, test_preds) = evaluate(model, data, inputs.test, dev)?;
     let test_labels: Vec<u32> = inputs.test.iter().map(|&i| data.labels[i]).collect();
@@ -478,6 +488,10 @@ fn analyse(
     m.insert("nc2_equiangular_features".into(), nc.nc2_equiangular_features);
     m.insert("nc2_equiangular_classifier".into(), nc.nc2_equiangular_classifier);
     m.insert("nc3".into(), nc.nc3);
+    m.insert("nc1_balanced".into(), balanced.nc1);
+    m.insert("nc2_equinorm_features_balanced".into(), balanced.nc2_equinorm_features);
+    m.insert("nc2_equiangular_features_balanced".into(), balanced.nc2_equiangular_features);
+    m.insert("nc3_balanced".into(), balanced.nc3);
     m.insert("nc4".into(), nc.nc4);
     m.insert("drift_abs".into(), nc.drift_abs);
     m.insert("drift_norm".into(), nc.drift_norm);
