@@ -15,9 +15,9 @@
 
 pub mod derived;
 pub mod episodes;
-pub mod transform;
 pub mod formats;
 pub mod manifest;
+pub mod transform;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};

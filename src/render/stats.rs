@@ -160,7 +160,7 @@ pub fn spearman_interval(points: &[(f64, Vec<f64>)], resamples: usize, seed: u64
 /// apart from zero when the spread over seeds is `sd`: ⌈2 (1.96 + 0.84)² sd² / margin²⌉, at
 /// least 2 (normal approximation; with few seeds the t test needs a few more).
 pub fn seeds_needed(sd: f64, margin: f64) -> Option<usize> {
-    if !(margin.abs() > 0.0) || !sd.is_finite() {
+    if margin == 0.0 || margin.is_nan() || !sd.is_finite() {
         return None;
     }
     Some(((2.0 * (1.96f64 + 0.84).powi(2) * sd * sd / (margin * margin)).ceil() as usize).max(2))
