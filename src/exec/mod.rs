@@ -412,12 +412,6 @@ mod tests {
         fn schema(&self) -> Schema {
             Schema::of::<NoParams>()
         }
-        fn metrics(&self) -> &'static [&'static str] {
-            &[]
-        }
-        fn data_params(&self) -> &'static [&'static str] {
-            &[]
-        }
         fn run(&self, _: &Params, seed: u64, _: &TrainInputs, progress: &dyn Progress) -> Result<Outcome, MethodError> {
             progress.epoch(1, 2, "first");
             progress.epoch(2, 2, "");
@@ -505,12 +499,6 @@ mod tests {
         }
         fn schema(&self) -> Schema {
             Schema::of::<NoParams>()
-        }
-        fn metrics(&self) -> &'static [&'static str] {
-            &[]
-        }
-        fn data_params(&self) -> &'static [&'static str] {
-            &[]
         }
         fn inputs(&self, _: &Params) -> Result<Vec<crate::methods::InputDecl>, MethodError> {
             use crate::data::episodes::{EpisodeSpec, Shots};

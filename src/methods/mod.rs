@@ -293,8 +293,10 @@ pub trait Method: Send + Sync {
     fn version(&self) -> u32;
     /// The parameters: `Schema::of::<MyParams>()` for the method's [`ParamStruct`].
     fn schema(&self) -> Schema;
-    /// Metric columns this method records per analysis epoch.
-    fn metrics(&self) -> &'static [&'static str];
+    /// Metric columns this method records per analysis epoch. Default: none.
+    fn metrics(&self) -> &'static [&'static str] {
+        &[]
+    }
     /// Method-specific per-class values it records (`ClassRecord::extra`), which `class_epochs`
     /// figures can plot besides `test_accuracy` and `classifier_norm`.
     fn class_metrics(&self) -> &'static [&'static str] {
@@ -312,8 +314,11 @@ pub trait Method: Send + Sync {
         Vec::new()
     }
     /// Parameters that only shape the upstream data cells (or the device), left out of the
-    /// training key: they reach it through the upstream keys (and the device class).
-    fn data_params(&self) -> &'static [&'static str];
+    /// training key: they reach it through the upstream keys (and the device class). Default:
+    /// none (they then enter the training key twice, which is harmless).
+    fn data_params(&self) -> &'static [&'static str] {
+        &[]
+    }
     /// The data inputs a run needs, by name, in the order their cells go upstream of the
     /// training cell. Default: none (the run gets no data cells). An input may only read
     /// parameters of the method's schema, e.g. [`InputDecl::long_tail`].

@@ -367,12 +367,6 @@ mod tests {
         fn schema(&self) -> crate::params::Schema {
             crate::params::Schema::of::<NoParams>()
         }
-        fn metrics(&self) -> &'static [&'static str] {
-            &[]
-        }
-        fn data_params(&self) -> &'static [&'static str] {
-            &[]
-        }
         fn inputs(&self, params: &Params) -> Result<Vec<InputDecl>, crate::methods::MethodError> {
             (self.declare)(params)
         }

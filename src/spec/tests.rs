@@ -421,12 +421,6 @@ impl crate::methods::Method for Lists {
     fn schema(&self) -> crate::params::Schema {
         crate::params::Schema::of::<ListParams>()
     }
-    fn metrics(&self) -> &'static [&'static str] {
-        &[]
-    }
-    fn data_params(&self) -> &'static [&'static str] {
-        &[]
-    }
     fn run(&self, _: &Params, _: u64, _: &crate::methods::TrainInputs, _: &dyn crate::methods::Progress) -> Result<crate::methods::Outcome, crate::methods::MethodError> {
         Ok(crate::methods::Outcome::Done(BTreeMap::new()))
     }
