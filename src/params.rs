@@ -170,6 +170,9 @@ impl ParamDef {
     /// Check a value against this definition. Integers are accepted where floats are expected
     /// (`lr = 1` means 1.0). Returns the normalised value or a message and an optional hint.
     pub fn check(&self, v: &ParamValue, data_names: &[String]) -> Result<ParamValue, (String, Option<String>)> {
+        if matches!(v, ParamValue::IntList(_)) && !matches!(self.kind, ParamKind::IntList { .. }) {
+            return Err((format!("`{}` must be a single value", self.name), Some("lists of values belong in an experiment's `grid`".into())));
+        }
         match &self.kind {
             ParamKind::Float { min, max, min_exclusive } => {
                 let x = match v {

@@ -475,3 +475,10 @@ fn the_method_cannot_be_overridden() {
     let m = messages(&e);
     assert!(m.iter().any(|m| m.contains("`report.method` cannot be overridden")), "{m:?}");
 }
+
+#[test]
+fn a_list_where_a_single_value_belongs_points_to_the_grid() {
+    let text = BASE.replace("epochs = 3", "epochs = [3, 5]");
+    let e = parse_err(&text, "quick", &[]);
+    assert!(e.diagnostics.iter().any(|d| d.message == "`epochs` must be a single value" && d.hint.as_deref() == Some("lists of values belong in an experiment's `grid`")), "{e}");
+}
