@@ -9,6 +9,14 @@ src/methods/supervised.rs does; SGD lr 0.05 momentum 0.9, cross-entropy. Each st
 its own after the warm-up steps and the median is reported, which is robust to other processes
 sharing the machine.
 
+`conv4-maml` is a meta-learning step instead (src/models/functional.rs and `MamlLearner` in
+src/cli/bench.rs): the functional Conv-4 of Bayesian TAML (conv 3×3 with bias → BatchNorm on the
+batch's statistics, shift only, eps 1e-3 → ReLU → max-pool 2, ×4, then a linear head with bias),
+written with torch.nn.functional and parameters passed as tensors. Each batch is a task: support =
+its first half, query = its second half. One step: support loss at (body, zero head), its gradient
+by torch.autograd.grad (first order: no create_graph), fast weights θ − 0.5·g, query loss at them,
+backward to the body, SGD as above on the body (the head is not meta-learned).
+
 Usage: python3 bench/pytorch_reference.py [--model NAME]... [--threads N] [--steps N]
        [--warmup N] [--batch N] [--data PATH] [--clock wall|cpu] [--device cpu|cuda[:N]] [--json]
        python3 bench/pytorch_reference.py --serve [--threads N] [--batch N] [--data PATH]
@@ -185,6 +193,80 @@ class Conv4(nn.Module):
         return self.classifier(x.flatten(1))
 
 
+class FunctionalConv4:
+    """Bayesian TAML's learner with its parameters as arguments: 4 × [conv3×3 (hidden, with bias)
+    → BatchNorm with the batch's statistics, shift only, eps 1e-3 → ReLU → maxpool 2 (skipped
+    below 2×2)] → flatten → linear head with bias. Parameters: per block (weight, bias, shift),
+    then the head's (weight, bias)."""
+
+    def __init__(self, c, h, w, classes, hidden=32, eps=1e-3):
+        self.eps, self.classes = eps, classes
+        self.pools, self.body = [], []
+        cin = c
+        for _ in range(4):
+            pool = h >= 2 and w >= 2
+            if pool:
+                h, w = h // 2, w // 2
+            self.pools.append(pool)
+            conv = nn.Conv2d(cin, hidden, 3, padding=1)  # PyTorch's default initialisation
+            self.body += [conv.weight.detach().clone().requires_grad_(),
+                          conv.bias.detach().clone().requires_grad_(),
+                          torch.zeros(hidden, requires_grad=True)]
+            cin = hidden
+        self.dim = hidden * h * w
+
+    def zero_head(self, device):
+        return [torch.zeros(self.classes, self.dim, device=device, requires_grad=True),
+                torch.zeros(self.classes, device=device, requires_grad=True)]
+
+    def forward(self, params, x):
+        for b, pool in enumerate(self.pools):
+            weight, bias, shift = params[3 * b:3 * b + 3]
+            x = F.conv2d(x, weight, bias, padding=1)
+            x = F.relu(F.batch_norm(x, None, None, None, shift, training=True, eps=self.eps))
+            if pool:
+                x = F.max_pool2d(x, 2)
+        return F.linear(x.flatten(1), params[-2], params[-1])
+
+
+class MamlTrainer:
+    """`conv4-maml`: one first-order MAML step per batch (see the module docstring)."""
+
+    INNER_LR = 0.5
+
+    def __init__(self, name, batches, clock=time.perf_counter, device="cpu"):
+        torch.manual_seed(0)
+        self.net = FunctionalConv4(1, 28, 28, 10)
+        for p in self.net.body:
+            p.data = p.data.to(device)
+        self.device = device
+        self.sync = torch.cuda.synchronize if torch.device(device).type == "cuda" else (lambda: None)
+        self.opt = torch.optim.SGD(self.net.body, lr=0.05, momentum=0.9)
+        self.batches = batches
+        self.clock = clock
+        self.step = 0
+
+    def run(self, steps):
+        """Train `steps` steps; the wall time of each."""
+        times = []
+        for _ in range(steps):
+            x, y = self.batches[self.step % len(self.batches)]
+            self.step += 1
+            half = len(y) // 2
+            self.sync()
+            t0 = self.clock()
+            self.opt.zero_grad(set_to_none=True)
+            theta = self.net.body + self.net.zero_head(self.device)
+            support = F.cross_entropy(self.net.forward(theta, x[:half]), y[:half])
+            grads = torch.autograd.grad(support, theta)
+            fast = [p - self.INNER_LR * g for p, g in zip(theta, grads)]
+            F.cross_entropy(self.net.forward(fast, x[half:]), y[half:]).backward()
+            self.opt.step()
+            self.sync()
+            times.append(self.clock() - t0)
+        return times
+
+
 # name → (class, width multiplier); the names `reprise bench` uses.
 MODELS = {
     "mlp-512": (Mlp, 2),  # 784-512-256-10
@@ -194,6 +276,8 @@ MODELS = {
     "vit": (Vit, 1),
     "conv4": (Conv4, 1),
 }
+# Meta-learning steps: name → trainer class.
+META = {"conv4-maml": MamlTrainer}
 
 
 def load_batches(path, batch):
@@ -238,8 +322,12 @@ class Trainer:
         return times
 
 
+def make_trainer(name, batches, clock=time.perf_counter, device="cpu"):
+    return META.get(name, Trainer)(name, batches, clock, device)
+
+
 def bench(name, batches, steps, warmup, clock=time.perf_counter, device="cpu"):
-    trainer = Trainer(name, batches, clock, device)
+    trainer = make_trainer(name, batches, clock, device)
     trainer.run(warmup)
     times = trainer.run(steps)
     med = sorted(times)[len(times) // 2]
@@ -274,7 +362,7 @@ def device_problem(device, clock):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--model", action="append", choices=sorted(MODELS))
+    ap.add_argument("--model", action="append", choices=sorted(MODELS) + sorted(META))
     ap.add_argument("--threads", type=int, default=os.cpu_count())
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--warmup", type=int, default=3)
@@ -304,15 +392,15 @@ def main():
         trainers = {}
         for line in sys.stdin:
             parts = line.split()
-            if len(parts) != 2 or parts[0] not in MODELS:
+            if len(parts) != 2 or (parts[0] not in MODELS and parts[0] not in META):
                 print(json.dumps({"error": f"bad request {line.strip()!r}"}), flush=True)
                 continue
             name, steps = parts[0], int(parts[1])
             if name not in trainers:
-                trainers[name] = Trainer(name, batches, clock, a.device)
+                trainers[name] = make_trainer(name, batches, clock, a.device)
             print(json.dumps({"model": name, "step_s": trainers[name].run(steps)}), flush=True)
         return 0
-    for name in a.model or list(MODELS):
+    for name in a.model or list(MODELS) + list(META):
         r = bench(name, batches, a.steps, a.warmup, clock, a.device)
         if a.json:
             print(json.dumps(r), flush=True)

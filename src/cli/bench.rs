@@ -11,7 +11,9 @@
 //! the range of the per-round ratios, and flags a model where a side's speed changed between
 //! rounds. With more than one thread PyTorch runs twice, with `OMP_WAIT_POLICY=active` and
 //! `passive` (one process each, stopped between its turns), and each model is compared with the
-//! faster: which is faster depends on the model, by up to 10× (see [`OmpWait`]).
+//! faster: which is faster depends on the model, by up to 10× (see [`OmpWait`]). `conv4-maml`
+//! times a meta-learning step instead of a supervised one: the functional Conv-4 of
+//! `models::functional`, one first-order MAML step per batch ([`MamlLearner`]).
 //! Run it from the project root (it reads `data-manifests/mnist-5k.toml`). `bench/README.md`
 //! records the latest figures.
 
@@ -21,7 +23,7 @@ use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
-use candle_core::{Device, Tensor};
+use candle_core::{Device, Tensor, Var};
 use candle_nn::{VarBuilder, VarMap};
 use clap::Args;
 use serde_json::json;
@@ -29,6 +31,7 @@ use serde_json::json;
 use super::{UsageError, EXIT_OK};
 use crate::data::{ImageSet, Manifest};
 use crate::exec::install_awake;
+use crate::models::functional::{sgd_fast_weights, FunctionalConv4, Init};
 use crate::models::{self, ModelConfig, ModelKind, MODEL_DTYPE};
 use crate::train::{OptimConfig, Optimizer};
 
@@ -60,7 +63,8 @@ pub struct BenchArgs {
     /// and flags a side whose speed changed between rounds.
     #[arg(long, default_value_t = 4)]
     pub rounds: usize,
-    /// Models to time, comma-separated (default: all of mlp-512, mlp, cnn, resnet, vit, conv4).
+    /// Models to time, comma-separated (default: all of mlp-512, mlp, cnn, resnet, vit, conv4,
+    /// conv4-maml).
     #[arg(long, value_delimiter = ',')]
     pub models: Vec<String>,
     /// Skip the PyTorch reference.
@@ -183,20 +187,35 @@ fn process_cpu_seconds() -> f64 {
     ts.tv_sec as f64 + ts.tv_nsec as f64 * 1e-9
 }
 
-/// A model of the benchmark: its name (shared with the PyTorch script), a description and the
-/// config it is built from (28×28×1 input, 10 classes).
-fn model_config(name: &str) -> Option<(&'static str, ModelConfig)> {
-    let cfg = |kind| ModelConfig::new(kind, 1, 28, 28, 10);
+/// What a benchmark model's step trains: one of the engine's classifiers (a supervised step), or
+/// the functional Conv-4 of meta-learning (a first-order MAML step, [`MamlLearner`]).
+#[derive(Debug, Clone)]
+enum BenchModel {
+    Classifier(ModelConfig),
+    Conv4Maml,
+}
+
+/// A model of the benchmark: its name (shared with the PyTorch script), a description and what
+/// it is built from (28×28×1 input, 10 classes).
+fn bench_model(name: &str) -> Option<(&'static str, BenchModel)> {
+    let cfg = |kind| BenchModel::Classifier(ModelConfig::new(kind, 1, 28, 28, 10));
     Some(match name {
-        "mlp-512" => ("MLP 784-512-256-10", ModelConfig { width_mult: 2, ..cfg(ModelKind::Mlp) }),
+        "mlp-512" => ("MLP 784-512-256-10", BenchModel::Classifier(ModelConfig { width_mult: 2, ..ModelConfig::new(ModelKind::Mlp, 1, 28, 28, 10) })),
         "mlp" => ("MLP 784-256-128-10 (report)", cfg(ModelKind::Mlp)),
         "cnn" => ("CNN conv32-pool-conv64-pool-fc128", cfg(ModelKind::Cnn)),
         "resnet" => ("small ResNet (16/32/64)", cfg(ModelKind::Resnet)),
         "vit" => ("tiny ViT (dim 64, 2 blocks)", cfg(ModelKind::Vit)),
         "conv4" => ("Conv-4 (32 channels)", cfg(ModelKind::Conv4)),
+        "conv4-maml" => ("functional Conv-4, first-order MAML step", BenchModel::Conv4Maml),
         _ => return None,
     })
 }
+
+/// The meta step of `conv4-maml`: each batch of [`BATCH`] is one task, its first half the support
+/// set and its second half the query set.
+const SUPPORT: usize = BATCH / 2;
+/// Inner (fast-weight) learning rate of `conv4-maml`: MAML's 0.5 in Bayesian TAML's run files.
+const INNER_LR: f64 = 0.5;
 
 /// Pause before each side's round (see the loop in [`bench`]).
 const SETTLE: std::time::Duration = std::time::Duration::from_millis(300);
@@ -218,7 +237,7 @@ fn rewarm(mut step: impl FnMut() -> anyhow::Result<()>) -> anyhow::Result<()> {
     }
 }
 
-const ALL_MODELS: &[&str] = &["mlp-512", "mlp", "cnn", "resnet", "vit", "conv4"];
+const ALL_MODELS: &[&str] = &["mlp-512", "mlp", "cnn", "resnet", "vit", "conv4", "conv4-maml"];
 
 /// One model's timing on one side.
 #[derive(Debug, Clone)]
@@ -316,7 +335,7 @@ pub fn bench(a: &BenchArgs) -> anyhow::Result<i32> {
     let threads = set_threads(a.threads)?;
     let names: Vec<String> = if a.models.is_empty() { ALL_MODELS.iter().map(|s| s.to_string()).collect() } else { a.models.clone() };
     for n in &names {
-        if model_config(n).is_none() {
+        if bench_model(n).is_none() {
             return Err(UsageError(format!("unknown model {n:?}; known: {}", ALL_MODELS.join(", "))).into());
         }
     }
@@ -376,8 +395,16 @@ pub fn bench(a: &BenchArgs) -> anyhow::Result<i32> {
         a.rounds,
         a.warmup
     );
+    if names.iter().any(|n| n == "conv4-maml") {
+        println!(
+            "conv4-maml: each batch of {BATCH} is a task, support = its first {SUPPORT}, query = the other {}; one step = \
+             forward/backward on the support set from a zero head, fast weights θ' = θ − {INNER_LR}·g (first order: g \
+             is a constant), forward/backward of the query loss at θ' to θ, SGD as above on θ (not the head)\n",
+            BATCH - SUPPORT
+        );
+    }
     println!(
-        "{:<8} {:<36} {:>6} {:>12} {:>12} {:>7} {:>13}  {}",
+        "{:<10} {:<41} {:>6} {:>12} {:>12} {:>7} {:>13}  {}",
         "model",
         "",
         "steps",
@@ -395,8 +422,8 @@ pub fn bench(a: &BenchArgs) -> anyhow::Result<i32> {
     let mut notes = Vec::new();
     let mut measured: Vec<(String, f64)> = Vec::new();
     for name in &names {
-        let Some((desc, cfg)) = model_config(name) else { continue };
-        let mut ours = Trainer::new(&cfg, a.clock, &device).with_context(|| format!("building {name}"))?;
+        let Some((desc, model)) = bench_model(name) else { continue };
+        let mut ours = Trainer::new(&model, a.clock, &device).with_context(|| format!("building {name}"))?;
         let warm = ours.run(&pool, &batches, a.warmup).with_context(|| format!("training {name}"))?;
         let per_round = a.steps.unwrap_or_else(|| auto_steps(warm.iter().copied().reduce(f64::min), a.seconds)).div_ceil(a.rounds);
         for r in torch.iter_mut() {
@@ -439,7 +466,7 @@ pub fn bench(a: &BenchArgs) -> anyhow::Result<i32> {
         let phased = theirs.as_ref().is_some_and(|t| t.round_spread().max(ours.round_spread()) > PHASE_SPREAD);
         let others: Vec<String> = references.iter().filter(|r| Some(r.0) != best.map(|b| b.0)).map(|(p, t)| format!("{} {:.0}", p.label(), t.samples_per_s)).collect();
         println!(
-            "{:<8} {:<36} {:>6} {:>12.0} {:>12} {:>7} {:>13}  {}",
+            "{:<10} {:<41} {:>6} {:>12.0} {:>12} {:>7} {:>13}  {}",
             name,
             desc,
             per_round * a.rounds,
@@ -611,23 +638,74 @@ fn make_batches(data: &ImageSet, device: &Device) -> anyhow::Result<Vec<(Tensor,
         .collect()
 }
 
+/// What our side trains.
+enum Learner {
+    /// An engine classifier, a supervised step.
+    Supervised {
+        model: Box<dyn models::Classifier>,
+        _varmap: VarMap,
+    },
+    Maml(MamlLearner),
+}
+
+/// `conv4-maml`: the functional Conv-4 (Bayesian TAML's learner, 32 channels), its body
+/// parameters meta-learned (the optimiser's variables), a zero head per task.
+struct MamlLearner {
+    net: FunctionalConv4,
+    body: Vec<Var>,
+}
+
+impl MamlLearner {
+    fn new(device: &Device) -> anyhow::Result<Self> {
+        let net = FunctionalConv4::new(1, 28, 28, 32, 10)?;
+        let body = net.init_body(0, Init::PytorchDefault, device, MODEL_DTYPE)?.iter().map(Var::from_tensor).collect::<candle_core::Result<Vec<_>>>()?;
+        Ok(MamlLearner { net, body })
+    }
+
+    /// The query loss of one first-order MAML step on the task (x, y), to be backpropagated to
+    /// the body: support loss at θ = (body, zero head), its gradient g, query loss at θ − α·g.
+    fn query_loss(&self, x: &Tensor, y: &Tensor) -> candle_core::Result<Tensor> {
+        let n = x.dim(0)?;
+        let (xs, ys) = (x.narrow(0, 0, SUPPORT)?, y.narrow(0, 0, SUPPORT)?);
+        let (xq, yq) = (x.narrow(0, SUPPORT, n - SUPPORT)?, y.narrow(0, SUPPORT, n - SUPPORT)?);
+        let mut theta: Vec<Tensor> = self.body.iter().map(|v| v.as_tensor().clone()).collect();
+        // The head is a variable too, so that the support loss has a gradient with respect to it.
+        for h in self.net.zero_head(x.device(), MODEL_DTYPE)? {
+            theta.push(Var::from_tensor(&h)?.as_tensor().clone());
+        }
+        let support = candle_nn::loss::cross_entropy(&self.net.forward(&theta, &xs)?, &ys)?;
+        let fast = sgd_fast_weights(&theta, &support.backward()?, INNER_LR)?;
+        candle_nn::loss::cross_entropy(&self.net.forward(&fast, &xq)?, &yq)
+    }
+}
+
 /// Our side: one model, its optimiser and its position in the batch sequence.
 struct Trainer {
-    model: Box<dyn models::Classifier>,
+    learner: Learner,
     opt: Optimizer,
     step: usize,
     clock: Clock,
     device: Device,
-    _varmap: VarMap,
 }
 
 impl Trainer {
-    fn new(cfg: &ModelConfig, clock: Clock, device: &Device) -> anyhow::Result<Self> {
-        let varmap = VarMap::new();
-        let model = models::build(cfg, VarBuilder::from_varmap(&varmap, MODEL_DTYPE, device))?;
-        models::seeded_init(&varmap, 0)?;
-        let opt = Optimizer::new(varmap.all_vars(), &OptimConfig::sgd(LR))?;
-        Ok(Trainer { model, opt, step: 0, clock, device: device.clone(), _varmap: varmap })
+    fn new(model: &BenchModel, clock: Clock, device: &Device) -> anyhow::Result<Self> {
+        let (learner, vars) = match model {
+            BenchModel::Classifier(cfg) => {
+                let varmap = VarMap::new();
+                let model = models::build(cfg, VarBuilder::from_varmap(&varmap, MODEL_DTYPE, device))?;
+                models::seeded_init(&varmap, 0)?;
+                let vars = varmap.all_vars();
+                (Learner::Supervised { model, _varmap: varmap }, vars)
+            }
+            BenchModel::Conv4Maml => {
+                let m = MamlLearner::new(device)?;
+                let vars = m.body.clone();
+                (Learner::Maml(m), vars)
+            }
+        };
+        let opt = Optimizer::new(vars, &OptimConfig::sgd(LR))?;
+        Ok(Trainer { learner, opt, step: 0, clock, device: device.clone() })
     }
 
     /// Train `steps` steps in `pool`; the wall time of each, in seconds (on a GPU, up to the end
@@ -645,8 +723,10 @@ impl Trainer {
             self.step += 1;
             let origin = Instant::now();
             let t0 = self.clock.now(origin);
-            let (_, logits) = self.model.forward(x, true)?;
-            let loss = candle_nn::loss::cross_entropy(&logits, y)?;
+            let loss = match &self.learner {
+                Learner::Supervised { model, .. } => candle_nn::loss::cross_entropy(&model.forward(x, true)?.1, y)?,
+                Learner::Maml(m) => m.query_loss(x, y)?,
+            };
             self.opt.backward_step(&loss)?;
             self.device.synchronize()?;
             times.push(self.clock.now(origin) - t0);
@@ -948,6 +1028,35 @@ mod tests {
             "targets (ours / PyTorch, this run): cnn, resnet ≥ 1.0: not met (resnet 0.98); mlp ≥ 2.0: not met (mlp 1.30)"
         );
         assert_eq!(target_summary(&m(&[("resnet", 1.0), ("mlp-512", 2.0)])).unwrap(), "targets (ours / PyTorch, this run): resnet ≥ 1.0: met; mlp-512 ≥ 2.0: met");
+    }
+
+    /// The MAML step trains the body: every body variable moves, nothing becomes NaN, and the
+    /// head is not among the optimiser's variables.
+    #[test]
+    fn maml_step_moves_the_body() {
+        let mut rng = crate::rng::Rng::new(1);
+        let batches: Vec<(Tensor, Tensor)> = (0..2)
+            .map(|_| {
+                let x: Vec<f32> = (0..BATCH * 28 * 28).map(|_| rng.normal() as f32).collect();
+                let y: Vec<u32> = (0..BATCH).map(|_| rng.below(10) as u32).collect();
+                (Tensor::from_vec(x, (BATCH, 1, 28, 28), &Device::Cpu).unwrap(), Tensor::from_vec(y, BATCH, &Device::Cpu).unwrap())
+            })
+            .collect();
+        let mut t = Trainer::new(&BenchModel::Conv4Maml, Clock::Wall, &Device::Cpu).unwrap();
+        let Learner::Maml(m) = &t.learner else { panic!("not the MAML learner") };
+        let before: Vec<Vec<f32>> = m.body.iter().map(|v| v.as_tensor().flatten_all().unwrap().to_vec1().unwrap()).collect();
+        assert_eq!(before.len(), FunctionalConv4::BODY_PARAMS);
+        let times = t.steps(&batches, 2).unwrap();
+        assert_eq!(times.len(), 2);
+        let Learner::Maml(m) = &t.learner else { unreachable!() };
+        for (k, (v, b)) in m.body.iter().zip(&before).enumerate() {
+            let a: Vec<f32> = v.as_tensor().flatten_all().unwrap().to_vec1().unwrap();
+            assert!(a.iter().all(|x| x.is_finite()), "body tensor {k}");
+            // The conv biases' gradients are rounding noise (BatchNorm cancels them): skip them.
+            if k % 3 != 1 {
+                assert_ne!(&a, b, "body tensor {k} did not move");
+            }
+        }
     }
 
     #[test]
