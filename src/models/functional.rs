@@ -405,18 +405,10 @@ struct ShiftBatchNorm {
 /// depend on the thread count.
 const LANES: usize = 16;
 
-/// Σ f(v) over a slice in [`LANES`] f32 lanes, combined in f64.
+/// Σ f(v) over a slice in [`LANES`] f32 lanes, combined in f64 (the kernels' own lane sum).
 #[inline(always)]
 fn lane_sum(v: &[f32], f: impl Fn(f32) -> f32) -> f64 {
-    let mut acc = [0f32; LANES];
-    let chunks = v.chunks_exact(LANES);
-    let tail = chunks.remainder();
-    for c in chunks {
-        for (a, &x) in acc.iter_mut().zip(c) {
-            *a += f(x);
-        }
-    }
-    acc.iter().map(|&a| f64::from(a)).sum::<f64>() + tail.iter().map(|&x| f64::from(f(x))).sum::<f64>()
+    crate::models::kernels::norm::lane_sum::<LANES>(v, f)
 }
 
 /// (Σ d, Σ d·(x − mean)) over one plane, d = g, or g masked by the ReLU (output r ≤ 0) when

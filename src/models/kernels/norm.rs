@@ -36,11 +36,12 @@ pub(super) struct Stats {
 /// wait for each other (one 8-lane accumulator ran at the latency of one add per 8 elements).
 const LANES: usize = 32;
 
-/// Sum of a slice in [`LANES`] independent f32 lanes (vectorisable), combined in f64.
+/// Σ f(v) over a slice in `N` independent f32 lanes (vectorisable; [`LANES`] here), combined in
+/// f64 in a fixed order, so the bits do not depend on the thread count.
 #[inline(always)]
-fn lane_sum(v: &[f32], f: impl Fn(f32) -> f32) -> f64 {
-    let mut acc = [0f32; LANES];
-    let chunks = v.chunks_exact(LANES);
+pub(crate) fn lane_sum<const N: usize>(v: &[f32], f: impl Fn(f32) -> f32) -> f64 {
+    let mut acc = [0f32; N];
+    let chunks = v.chunks_exact(N);
     let tail = chunks.remainder();
     for c in chunks {
         for (a, &x) in acc.iter_mut().zip(c) {
@@ -123,14 +124,14 @@ impl Dims {
 avx2_variant! {
     /// Σ v over one plane ([`lane_sum`]).
     fn plane_sum(p: &[f32]) -> f64 {
-        lane_sum(p, |v| v)
+        lane_sum::<LANES>(p, |v| v)
     }
 }
 
 avx2_variant! {
     /// Σ (v − mean)² over one plane ([`lane_sum`]).
     fn plane_sq_dev(p: &[f32], mean: f32) -> f64 {
-        lane_sum(p, |v| (v - mean) * (v - mean))
+        lane_sum::<LANES>(p, |v| (v - mean) * (v - mean))
     }
 }
 
