@@ -8,6 +8,7 @@
 //! [`Registry::with`] (or `Project::with_method`) without editing this one.
 
 pub mod class_aware_lora;
+pub mod group_dro;
 pub mod supervised;
 
 use std::collections::BTreeMap;
@@ -378,9 +379,9 @@ impl Registry {
         Registry { methods: BTreeMap::new() }
     }
 
-    /// The methods this crate ships: `supervised` and `class_aware_lora`.
+    /// The methods this crate ships: `supervised`, `class_aware_lora` and `group_dro`.
     pub fn builtin() -> Registry {
-        Registry::empty().with(supervised::Supervised).with(class_aware_lora::ClassAwareLora)
+        Registry::empty().with(supervised::Supervised).with(class_aware_lora::ClassAwareLora).with(group_dro::GroupDro)
     }
 
     /// This registry with `method` added under its name (replacing a method of the same name).

@@ -62,7 +62,7 @@
 //! `Σ_i Σ_j |n_i − n_j| / (2 C² · mean)`; 0 for balanced counts.
 
 mod accuracy;
-mod linalg;
+pub(crate) mod linalg;
 mod nc;
 
 pub use accuracy::{accuracy, gini, groups_by_count, groups_by_rank, imbalance_ratio, try_accuracy, AccuracyReport, Group};

@@ -397,6 +397,7 @@ mod tests {
             claims: vec![],
             method: std::sync::Arc::new(method),
             profiles: vec![],
+            profile_params: vec![],
         }
     }
 

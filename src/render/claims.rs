@@ -8,6 +8,7 @@
 //! - `change`: the mean over runs of last − first analysis epoch, a t interval.
 //! - `trend`: Spearman's ρ between the parameter and the per-point mean, with a bootstrap
 //!   interval that resamples each point's seeds ([`stats::spearman_interval`]).
+//! - `level`: the mean over runs (those matching `a`) of the final metric, a t interval.
 //!
 //! One seed per side (or per point) gives no interval: such a claim is inconclusive, never
 //! holds or fails on a single draw.
@@ -249,6 +250,28 @@ pub fn evaluate(c: &ClaimDecl, frames: &Frames) -> ClaimResult {
                 }
             }
         }
+        ClaimKind::Level => {
+            let rows: Vec<_> = finals.iter().copied().filter(|row| c.a.as_ref().is_none_or(|sel| matches(sel, &row.params))).collect();
+            let values = summary::values(&rows, &c.metric);
+            let Some(s) = Stat::of(&values) else { return r };
+            r.n = s.n;
+            r.value = Some(s.mean);
+            let head = format!("mean final {} {} over {} runs ({})", c.metric, fmt_value(&c.metric, s.mean), s.n, bounds(c));
+            match stats::mean_interval(&values) {
+                Some(e) => {
+                    r.interval = Some((e.lo, e.hi));
+                    r.verdict = decide(c, e.lo, e.hi);
+                    r.measured = format!("{head}; t 95 % interval [{}, {}]", fmt_value(&c.metric, e.lo), fmt_value(&c.metric, e.hi));
+                    if r.verdict == Verdict::Inconclusive {
+                        r.power = power_note(c, s.mean, s.std, r.n);
+                    }
+                }
+                None => {
+                    r.verdict = Verdict::Inconclusive;
+                    r.measured = format!("{head}; {one_seed}");
+                }
+            }
+        }
     }
     r
 }
@@ -363,6 +386,25 @@ mod tests {
         let r = evaluate(&compare(2.0), &one);
         assert_eq!((r.verdict, r.interval), (Verdict::Inconclusive, None));
         assert!(r.measured.contains("one seed"), "{}", r.measured);
+    }
+
+    #[test]
+    fn a_level_holds_inside_its_range_and_fails_outside() {
+        // a: 0.2, 0.3, 0.4 (mean 0.3, sd 0.1, df 2, t = 4.3027): interval 0.3 ± 0.2484.
+        let f = frames(&[("a", 0.0, 0.2), ("a", 0.0, 0.3), ("a", 0.0, 0.4), ("b", 0.0, 9.0)]);
+        let level = |min: f64, max: f64| -> ClaimDecl {
+            toml::from_str(&format!(
+                "id = \"l\"\ntext = \"m stays in range\"\nsource = \"ours\"\nexperiment = \"e\"\nkind = \"level\"\nmetric = \"m\"\na = {{ variant = \"a\" }}\nmin = {min:?}\nmax = {max:?}\n"
+            ))
+            .unwrap()
+        };
+        let r = evaluate(&level(0.0, 1.0), &f);
+        assert_eq!((r.verdict, r.n), (Verdict::Holds, 3));
+        let (lo, hi) = r.interval.unwrap();
+        let half = 4.302_652_7 * 0.1 / 3f64.sqrt();
+        assert!((lo - (0.3 - half)).abs() < 1e-6 && (hi - (0.3 + half)).abs() < 1e-6, "{lo} {hi}");
+        assert_eq!(evaluate(&level(1.0, 2.0), &f).verdict, Verdict::DoesNotHold);
+        assert_eq!(evaluate(&level(0.25, 1.0), &f).verdict, Verdict::Inconclusive);
     }
 
     #[test]

@@ -98,6 +98,9 @@ fn compute(spec: &Spec, frames: &Frames) -> Result<Computed, RenderError> {
 
 fn build_table(spec: &Spec, t: &TableDecl, frames: &Frames) -> Result<table::Table, RenderError> {
     let exp = spec.experiment(&t.experiment).ok_or_else(|| RenderError::Unknown(format!("table `{}`: unknown experiment `{}`", t.id, t.experiment)))?;
+    if !t.params.is_empty() {
+        return Ok(table::build_params(t, &spec.profile_params));
+    }
     Ok(table::build(t, exp, frames))
 }
 

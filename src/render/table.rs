@@ -3,6 +3,9 @@
 
 use super::summary::{self, fmt_stat, Stat};
 use crate::frames::Frames;
+use std::collections::BTreeMap;
+
+use crate::params::Params;
 use crate::spec::{Experiment, RefValue, TableDecl};
 
 /// A computed table.
@@ -63,6 +66,46 @@ pub fn build(decl: &TableDecl, exp: &Experiment, frames: &Frames) -> Table {
     }
 }
 
+/// The values a parameter takes over `runs`, each once in run order, joined by ", " (`–` where
+/// no run has it: the profile does not run the experiment, or no configuration reads it).
+fn param_values(runs: &[Params], p: &str) -> String {
+    let mut seen: Vec<String> = Vec::new();
+    for v in runs.iter().filter_map(|r| r.get(p)) {
+        let v = v.to_string();
+        if !seen.contains(&v) {
+            seen.push(v);
+        }
+    }
+    if seen.is_empty() {
+        "–".to_string()
+    } else {
+        seen.join(", ")
+    }
+}
+
+/// A parameter table ([`TableDecl::params`]): one row per parameter, the document's value, then
+/// the values the experiment's runs take in each profile ([`param_values`]).
+pub fn build_params(decl: &TableDecl, profiles: &[(String, BTreeMap<String, Vec<Params>>)]) -> Table {
+    let mut row_params = vec!["parameter".to_string()];
+    if !decl.document.is_empty() {
+        row_params.push("document".to_string());
+    }
+    row_params.extend(profiles.iter().map(|(name, _)| name.clone()));
+    let rows = decl
+        .params
+        .iter()
+        .map(|p| {
+            let mut labels = vec![p.clone()];
+            if !decl.document.is_empty() {
+                labels.push(decl.document.get(p).cloned().unwrap_or_else(|| "–".into()));
+            }
+            labels.extend(profiles.iter().map(|(_, exps)| param_values(exps.get(&decl.experiment).map_or(&[][..], Vec::as_slice), p)));
+            TableRow { labels, stats: Vec::new(), reference: None, metric_refs: BTreeMap::new(), keys: Vec::new(), seeds: Vec::new(), failures: Vec::new() }
+        })
+        .collect();
+    Table { id: decl.id.clone(), title: decl.title.clone(), caption: decl.caption.clone(), row_params, metrics: Vec::new(), reference_label: None, reference_note: None, rows }
+}
+
 fn cell_text(t: &Table, row: &TableRow, j: usize) -> String {
     let ours = match &row.stats[j] {
         Some(s) => fmt_stat(&t.metrics[j], s),
@@ -98,8 +141,12 @@ pub fn markdown(t: &Table) -> String {
     if t.rows.is_empty() {
         return format!("**Table {}: {}** — no runs in this profile.\n", t.id, t.title);
     }
+    // A parameter table comes from no cell.
+    let cells_column = !t.metrics.is_empty();
     let mut h = headers(t);
-    h.push("cells".into());
+    if cells_column {
+        h.push("cells".into());
+    }
     let mut out = format!("**Table {}: {}**\n\n| {} |\n|{}|\n", t.id, t.title, h.join(" | "), vec!["---"; h.len()].join("|"));
     for row in &t.rows {
         let mut cells = row.labels.clone();
@@ -107,7 +154,9 @@ pub fn markdown(t: &Table) -> String {
         if has_ref_column(t) {
             cells.push(row.reference.clone().unwrap_or_else(|| "–".into()));
         }
-        cells.push(row.keys.iter().map(|k| format!("`{}`", short(k))).collect::<Vec<_>>().join(" "));
+        if cells_column {
+            cells.push(row.keys.iter().map(|k| format!("`{}`", short(k))).collect::<Vec<_>>().join(" "));
+        }
         out.push_str(&format!("| {} |\n", cells.join(" | ")));
     }
     if let Some(c) = &t.caption {

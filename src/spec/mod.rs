@@ -138,7 +138,8 @@ pub enum RefValue {
 }
 
 /// `[[tables]]`: final-epoch metrics of one experiment, one row per grid point, mean ± std over
-/// seeds.
+/// seeds; or, with `params` instead of `metrics`, a parameter table: one row per parameter, the
+/// document's value (`document`) beside the value the experiment's runs take in each profile.
 #[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct TableDecl {
@@ -148,7 +149,14 @@ pub struct TableDecl {
     /// Parameters that label the rows. Default: the experiment's grid axes.
     #[serde(default)]
     pub rows: Vec<String>,
+    #[serde(default)]
     pub metrics: Vec<String>,
+    /// A parameter table's rows (instead of `metrics`).
+    #[serde(default)]
+    pub params: Vec<String>,
+    /// A parameter table's document column: parameter → the document's value, as it prints it.
+    #[serde(default)]
+    pub document: BTreeMap<String, String>,
     #[serde(default)]
     pub reference: Option<ReferenceDecl>,
     #[serde(default)]
@@ -210,6 +218,9 @@ pub enum ClaimKind {
     /// metric at the last analysis epoch − metric at the first, averaged over the runs, lies in
     /// [min, max].
     Change,
+    /// The final metric, averaged over the runs (those matching `a`, if given), lies in
+    /// [min, max].
+    Level,
 }
 
 /// `[[claims]]`: a statement of the document checked on our numbers.
@@ -344,6 +355,10 @@ pub struct Spec {
     pub method: MethodRef,
     /// Every profile the spec declares (`[profiles.NAME]`), sorted.
     pub profiles: Vec<String>,
+    /// The parameters of each experiment's runs in each profile that loads: the default profile
+    /// first, then the declared ones (parameter tables show them side by side). The selected
+    /// profile's entry includes the `--set` overrides.
+    pub profile_params: Vec<(String, BTreeMap<String, Vec<Params>>)>,
 }
 
 impl Spec {
@@ -460,9 +475,29 @@ pub fn parse_with(text: &str, path: &Path, root: &Path, profile: &str, sets: &[S
         }
     }
     match outer {
-        Ok(spec) if diags.is_empty() => Ok(spec),
+        Ok(mut spec) if diags.is_empty() => {
+            spec.profile_params = profile_params(&spec, text, path, root, registry);
+            Ok(spec)
+        }
         _ => Err(SpecError { diagnostics: diags }),
     }
+}
+
+/// [`Spec::profile_params`]: the parameters of every experiment's runs, per profile.
+fn profile_params(spec: &Spec, text: &str, path: &Path, root: &Path, registry: &Registry) -> Vec<(String, BTreeMap<String, Vec<Params>>)> {
+    let first_runs = |s: &Spec| s.experiments.iter().map(|e| (e.id.clone(), e.runs.iter().map(|r| r.params.clone()).collect())).collect::<BTreeMap<_, _>>();
+    let mut names = vec![DEFAULT_PROFILE.to_string()];
+    names.extend(spec.profiles.iter().filter(|n| n.as_str() != DEFAULT_PROFILE).cloned());
+    names
+        .into_iter()
+        .filter_map(|name| {
+            if name == spec.profile {
+                return Some((name, first_runs(spec)));
+            }
+            let selected = (name != DEFAULT_PROFILE).then_some(name.as_str());
+            parse_one(text, path, root, selected, &[], registry).ok().map(|s| (name.clone(), first_runs(&s)))
+        })
+        .collect()
 }
 
 /// Re-blame on a `--set` the problems that appear only with the `--set`s but are placed at a line
@@ -538,6 +573,7 @@ fn parse_one(text: &str, path: &Path, root: &Path, profile: Option<&str>, sets: 
         claims: file.claims,
         method,
         profiles: file.profiles.keys().cloned().collect(),
+        profile_params: Vec::new(),
     })
 }
 
@@ -1016,8 +1052,23 @@ impl<'t> Checker<'t> {
                 self.err(at("id"), false, format!("duplicate table id `{}`", t.id), None);
             }
             self.check_known(at("experiment"), &t.experiment, &known.experiments, "experiment");
-            if t.metrics.is_empty() {
-                self.err(at("metrics"), false, format!("table `{}` lists no metrics", t.id), None);
+            match (t.metrics.is_empty(), t.params.is_empty()) {
+                (true, true) => self.err(at("metrics"), false, format!("table `{}` lists no metrics (or `params`, for a parameter table)", t.id), None),
+                (false, false) => self.err(
+                    at("params"),
+                    false,
+                    format!("table `{}` lists both metrics and parameters", t.id),
+                    Some("a table shows either measured metrics or the runs' parameters: split it in two".into()),
+                ),
+                _ => {}
+            }
+            for (j, p) in t.params.iter().enumerate() {
+                self.check_known(at(&format!("params.{j}")), p, &known.params, "parameter");
+            }
+            for p in t.document.keys() {
+                if !t.params.contains(p) {
+                    self.err(at(&format!("document.{p}")), false, format!("table `{}` gives the document's value of `{p}`, which is not one of its `params`", t.id), None);
+                }
             }
             for (j, m) in t.metrics.iter().enumerate() {
                 self.check_known(at(&format!("metrics.{j}")), m, &known.metrics, "metric");
@@ -1096,6 +1147,11 @@ impl<'t> Checker<'t> {
                     }
                 }
                 ClaimKind::Change => {}
+                ClaimKind::Level => {
+                    for k in c.a.iter().flat_map(|t| t.keys()) {
+                        self.check_known(at(&format!("a.{k}")), k, &known.params, "parameter");
+                    }
+                }
             }
             if c.min.is_none() && c.max.is_none() && c.kind != ClaimKind::Trend {
                 self.err(at("kind"), false, format!("claim `{}` needs `min` and/or `max`", c.id), None);

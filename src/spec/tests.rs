@@ -482,3 +482,41 @@ fn a_list_where_a_single_value_belongs_points_to_the_grid() {
     let e = parse_err(&text, "quick", &[]);
     assert!(e.diagnostics.iter().any(|d| d.message == "`epochs` must be a single value" && d.hint.as_deref() == Some("lists of values belong in an experiment's `grid`")), "{e}");
 }
+
+/// A parameter table: the document's column, then each profile's values of the experiment's
+/// runs (every distinct value once; `–` where no run has the parameter).
+#[test]
+fn a_parameter_table_shows_each_profile_beside_the_document() {
+    let text = format!(
+        "{BASE}\n[[tables]]\nid = \"cfg\"\nexperiment = \"e1\"\ntitle = \"Configuration\"\nparams = [\"epochs\", \"imbalance\", \"lr\", \"momentum\"]\n[tables.document]\nepochs = \"200\"\n\n[profiles.paper]\n\"defaults.epochs\" = 50\n\"defaults.optimizer\" = \"adam\"\n"
+    );
+    let s = parse_ok(&text, &[]);
+    let names: Vec<&str> = s.profile_params.iter().map(|(n, _)| n.as_str()).collect();
+    assert_eq!(names, ["quick", "paper"]);
+    let t = crate::render::table(&s, &crate::frames::Frames::default(), "cfg").unwrap();
+    assert_eq!(t.row_params, ["parameter", "document", "quick", "paper"]);
+    let rows: Vec<Vec<&str>> = t.rows.iter().map(|r| r.labels.iter().map(String::as_str).collect()).collect();
+    assert_eq!(rows[0], ["epochs", "200", "3", "50"]);
+    assert_eq!(rows[1], ["imbalance", "–", "1.0, 0.1", "1.0, 0.1"]);
+    // Adam does not read SGD's momentum: the paper profile's runs leave it out.
+    assert_eq!(rows[3], ["momentum", "–", "0.9", "–"]);
+    let md = crate::render::table::markdown(&t);
+    assert!(md.contains("| epochs | 200 | 3 | 50 |") && !md.contains("cells"), "{md}");
+
+    // Both metrics and parameters, or a document value of a parameter it does not list: errors.
+    let both = format!("{BASE}\n[[tables]]\nid = \"cfg\"\nexperiment = \"e1\"\ntitle = \"x\"\nmetrics = [\"accuracy\"]\nparams = [\"epochs\"]\n");
+    assert!(parse_err(&both, "quick", &[]).to_string().contains("both metrics and parameters"));
+    let stray = format!("{BASE}\n[[tables]]\nid = \"cfg\"\nexperiment = \"e1\"\ntitle = \"x\"\nparams = [\"epochs\"]\n[tables.document]\nlr = \"1\"\n");
+    assert!(parse_err(&stray, "quick", &[]).to_string().contains("not one of its `params`"));
+    let unknown = format!("{BASE}\n[[tables]]\nid = \"cfg\"\nexperiment = \"e1\"\ntitle = \"x\"\nparams = [\"epochz\"]\n");
+    assert!(parse_err(&unknown, "quick", &[]).to_string().contains("epochz"));
+}
+
+/// A `level` claim needs bounds; its selection names known parameters.
+#[test]
+fn a_level_claim_is_checked_like_the_others() {
+    let claim = |rest: &str| format!("{BASE}\n[[claims]]\nid = \"l\"\ntext = \"x\"\nsource = \"ours\"\nexperiment = \"e1\"\nkind = \"level\"\nmetric = \"accuracy\"\n{rest}");
+    parse_ok(&claim("a = { imbalance = 0.1 }\nmin = 0.0\nmax = 100.0\n"), &[]);
+    assert!(parse_err(&claim("a = { imbalance = 0.1 }\n"), "quick", &[]).to_string().contains("needs `min` and/or `max`"));
+    assert!(parse_err(&claim("a = { imbalanse = 0.1 }\nmin = 0.0\n"), "quick", &[]).to_string().contains("imbalanse"));
+}
