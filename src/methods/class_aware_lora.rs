@@ -67,9 +67,9 @@
 //! accuracies) and worst class; IR, Gini; `train_loss` (the epoch's mean training loss, as the
 //! optimiser saw it: training forward pass, tail weights), `meta_loss` (mean cross-entropy of the
 //! meta split with the inference forward pass, after the epoch: a model that reads labels in
-//! training shows a low `train_loss` beside a `meta_loss` above chance), `outer_objective` and
-//! the hypergradient's norm (means over the epoch's meta steps), the meta-alpha; per class the
-//! factors (`rank_factor`, `alpha_factor`; 1 for the baseline).
+//! training shows a low `train_loss` beside a `meta_loss` above a uniform guess's, ln C),
+//! `outer_objective` and the hypergradient's norm (means over the epoch's meta steps), the
+//! meta-alpha; per class the factors (`rank_factor`, `alpha_factor`; 1 for the baseline).
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -1391,8 +1391,8 @@ impl Evaluator<'_> {
         Ok(preds)
     }
 
-    /// The mean cross-entropy of the meta split with the inference forward pass (ln C is
-    /// chance).
+    /// The mean cross-entropy of the meta split with the inference forward pass (a uniform
+    /// guess scores ln C).
     fn meta_loss(&self, theta: &[Tensor], phi: &Phi) -> Result<f64, MethodError> {
         let (setup, net) = (self.cx.setup, self.cx.net);
         let pt = phi_tensors(setup, phi, self.cx.dev)?;
