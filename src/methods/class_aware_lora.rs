@@ -14,45 +14,62 @@
 //! as in [`crate::metrics::gini`].
 //!
 //! **Meta-parameters φ and the gate.** Every adapter's low-rank update is multiplied per sample
-//! by a gate g ∈ ℝ^R (see `models::lora`). `baseline` (MetaLoRA): φ = {α_m}, one scalar
-//! meta-alpha; R = r and g = (alpha/r)·α_m·1 in training and inference. `class_aware`: φ = {α_m,
-//! ρ_c, a_c}, per-class rank and alpha factors initialised by group (`head_factor`,
-//! `medium_factor`, `tail_factor`); R = ⌈1.5·r·max factor⌉ components are allocated and sample i
-//! of class y gets g_k = (alpha/r)·α_m·a_y·σ((ρ_y·r − k − ½)/τ), k = 0..R−1, τ = ½: a soft rank
-//! mask that keeps about ρ_y·r components (ρ = 1 is rank r, 2 is rank 2r). At inference (no label)
-//! the factors are uniform: ρ̄ = mean_c ρ_c and ā = mean_c a_c for every sample. Factors are
-//! clamped to [0.1, R/r] (rank) and [0.05, 10] (alpha, α_m) after each meta step.
+//! by a gate g ∈ ℝ^R (see `models::lora`). A rank factor ρ and an alpha factor a make the gate
+//! g_k(ρ, a) = (alpha/r)·α_m·a·σ((ρ·r − k − ½)/τ), k = 0..R−1, τ = ½: a soft rank mask that keeps
+//! about ρ·r of R = ⌈1.5·r·max initial factor⌉ allocated components (ρ = 1 is rank r, 2 is rank
+//! 2r). The variants (`variant`):
+//! - `baseline` (MetaLoRA): φ = {α_m}, one scalar meta-alpha; R = r and g = (alpha/r)·α_m·1.
+//! - `shared`: φ = {α_m, ρ, a}, one rank and one alpha factor for every class (initialised at the
+//!   class mean of the class-aware initial factors), with the class-aware variant's R, tail loss
+//!   weight and meta objective: the control that has everything but the per-class factors.
+//! - `class_aware`: φ = {α_m, ρ_c, a_c}, per-class factors initialised by group (`head_factor`,
+//!   `medium_factor`, `tail_factor`), routed by prediction: the network first runs with the gate
+//!   of the class-mean factors g(ρ̄, ā), its class probabilities p_i = softmax(z⁰_i) mix the per-class gates,
+//!   g_i = Σ_c p_ic·g(ρ_c, a_c), and the network runs again with g_i; the same rule in training
+//!   and at inference, so the forward pass never reads a label (p is not detached: the routing
+//!   is part of the model, and the hypergradient stays exact).
+//! - `class_aware_frozen`: the same with the factors kept at their initial values (only α_m is
+//!   learned): the control for what meta-learning the factors adds.
+//! - `class_aware_label`: the literal reading of the document, kept as an ablation: sample i of
+//!   class y_i gets g(ρ_{y_i}, a_{y_i}) in training and every sample g(ρ̄, ā) at inference; the
+//!   training forward pass reads the label it should predict.
+//!
+//! Factors are clamped to [0.1, R/r] (rank) and [0.05, 10] (alpha, α_m) after each meta step.
 //!
 //! **Training loss.** Cross-entropy on z = f·Wᵀ (`ce`), on z + log n_c (`balanced_softmax`), or
 //! LDAM: z = s·(cos(f, w_c) − Δ_y·[c = y]) with Δ_c ∝ n_c^(−1/4), max Δ = 0.5, s = 30 (`ldam`;
-//! then predictions use the cosines). `class_aware` weights tail samples by `tail_loss_weight`
-//! (weighted mean Σ w_i ℓ_i / Σ w_i).
+//! then predictions and routing use s·cos). All variants but the baseline weight tail samples by
+//! `tail_loss_weight` (weighted mean Σ w_i ℓ_i / Σ w_i).
 //!
-//! **Outer objective** on the meta split, with inference gates. `baseline`: mean cross-entropy
-//! (MetaLoRA's validation loss). `class_aware`, by `meta_objective` (each a differentiable
-//! surrogate of the named metric): `balanced_accuracy` → mean over classes of the class-mean
-//! cross-entropy L_c; `gmean` → −mean_c log p̄_c, p̄_c the class-mean probability of the true
-//! class (log of a soft geometric mean of per-class accuracies); `worst_class` → τ·log Σ_c
-//! exp(L_c/τ), τ = ¼ (a soft maximum). Plus `rank_divergence`·Var_c(ρ_c) + `alpha_smoothness`·
-//! Σ_k (a_{σ(k+1)} − a_{σ(k)})², σ the classes by descending count.
+//! **Outer objective** on the meta split, with the inference forward pass. `baseline`: mean
+//! cross-entropy (MetaLoRA's validation loss). The others, by `meta_objective`
+//! (each a differentiable surrogate of the named metric): `balanced_accuracy` → mean over
+//! classes of the class-mean cross-entropy L_c; `gmean` → −mean_c log p̄_c, p̄_c the class-mean
+//! probability of the true class (log of a soft geometric mean of per-class accuracies);
+//! `worst_class` → τ·log Σ_c exp(L_c/τ), τ = ¼ (a soft maximum). Plus `rank_divergence`·
+//! Var_c(ρ_c) + `alpha_smoothness`·Σ_k (a_{σ(k+1)} − a_{σ(k)})², σ the classes by descending count.
 //!
-//! **Hypergradient.** Every `meta_every` training steps: from the current adapters and head θ₀,
-//! `meta_inner_steps` SGD steps θ_{j+1} = θ_j − η ∇_θ L_train(θ_j, φ; B_j) (η = `meta_inner_lr`,
-//! B_j batches of the training split) are taken on a copy; the outer objective M(θ_K, φ) is
-//! differentiated exactly by reverse mode through the unrolled steps:
-//! v_K = ∇_θ M, h = ∂_φ M; for j = K−1..0: h −= η ∂_φ⟨∇_θ L_train(θ_j, φ), v_{j+1}⟩ and
-//! v_j = v_{j+1} − η ∇²_θ L_train(θ_j, φ) v_{j+1}. Both second-order products come from one
+//! **Hypergradient.** At the start of every `meta_update_freq`-th epoch (the document's unit):
+//! from the current adapters and head θ₀, `meta_inner_steps` SGD steps θ_{j+1} = θ_j − η
+//! ∇_θ L_train(θ_j, φ; B_j) (η = `meta_inner_lr`, B_j batches of the training split) are taken on a
+//! copy; the outer objective M(θ_K, φ) is differentiated exactly by reverse mode through the
+//! unrolled steps: v_K = ∇_θ M, h = ∂_φ M; for j = K−1..0: h −= η ∂_φ⟨∇_θ L_train(θ_j, φ), v_{j+1}⟩
+//! and v_j = v_{j+1} − η ∇²_θ L_train(θ_j, φ) v_{j+1}. Both second-order products come from one
 //! central difference of first-order gradients, (∇L(θ_j + εv) − ∇L(θ_j − εv))/(2ε) with
 //! ε = 10⁻²/‖v‖ (as in DARTS), taken with respect to θ and φ at once — O(ε²) accurate (the shared
 //! [`crate::meta::hypergradient()`], with one scalar step size η). φ then takes an Adam step
 //! (`meta_lr`). The lookahead is discarded: θ itself moves only by the main optimiser (AdamW,
 //! cosine schedule). A test compares h with central finite differences of M(θ_K(φ), φ) on a
-//! small network.
+//! small network, for every variant.
 //!
 //! **Records.** Every epoch (and epoch 0, before training): test accuracies (percent, balanced
 //! test set) overall, balanced, per group, head−tail gap, G-mean (geometric mean of per-class
-//! accuracies) and worst class; IR, Gini; the meta-alpha, the outer objective, the mean norm of
-//! the hypergradient; per class the factors (`rank_factor`, `alpha_factor`; 1 for the baseline).
+//! accuracies) and worst class; IR, Gini; `train_loss` (the epoch's mean training loss, as the
+//! optimiser saw it: training forward pass, tail weights), `meta_loss` (mean cross-entropy of the
+//! meta split with the inference forward pass, after the epoch: a model that reads labels in
+//! training shows a low `train_loss` beside a `meta_loss` above a uniform guess's, ln C),
+//! `outer_objective` and the hypergradient's norm (means over the epoch's meta steps), the
+//! meta-alpha; per class the factors (`rank_factor`, `alpha_factor`; 1 for the baseline).
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -75,7 +92,7 @@ use crate::train::{self, LossKind, OptimConfig, Optimizer, OptimizerKind};
 /// The method.
 pub struct ClassAwareLora;
 
-const VARIANTS: &[&str] = &["baseline", "class_aware"];
+const VARIANTS: &[&str] = &["baseline", "shared", "class_aware", "class_aware_frozen", "class_aware_label"];
 const OBJECTIVES: &[&str] = &["balanced_accuracy", "gmean", "worst_class"];
 const LOSSES: &[&str] = &["ce", "ldam", "balanced_softmax"];
 const BACKBONES: &[&str] = &["pretrain", "vit-b16-clip"];
@@ -100,18 +117,20 @@ struct P {
     variant: Variant,
     lora_rank: usize,
     lora_alpha: f64,
-    meta_objective: MetaObjective,
+    /// This and the six below: the variants with factors only ([`FACTORS_ONLY`]); `None` for
+    /// the baseline, which reads none of them.
+    meta_objective: Option<MetaObjective>,
     meta_data_ratio: f64,
     meta_inner_steps: usize,
     meta_inner_lr: f64,
     meta_lr: f64,
-    meta_every: usize,
-    tail_loss_weight: f64,
-    rank_divergence: f64,
-    alpha_smoothness: f64,
-    head_factor: f64,
-    medium_factor: f64,
-    tail_factor: f64,
+    meta_update_freq: usize,
+    tail_loss_weight: Option<f64>,
+    rank_divergence: Option<f64>,
+    alpha_smoothness: Option<f64>,
+    head_factor: Option<f64>,
+    medium_factor: Option<f64>,
+    tail_factor: Option<f64>,
     head_min: usize,
     tail_max: usize,
     loss: LossName,
@@ -162,7 +181,10 @@ enum Dev {
 #[serde(rename_all = "snake_case")]
 enum Variant {
     Baseline,
+    Shared,
     ClassAware,
+    ClassAwareFrozen,
+    ClassAwareLabel,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Deserialize)]
@@ -190,22 +212,29 @@ enum ActivationName {
 
 /// Parameters only pretraining the engine's ViT reads (`backbone = "pretrain"`).
 const PRETRAIN_ONLY: &[&str] = &["vit_width", "pretrain_epochs", "pretrain_lr"];
+/// Parameters only the variants with rank and alpha factors read (all but the baseline).
+const FACTORS_ONLY: &[&str] = &["meta_objective", "tail_loss_weight", "rank_divergence", "alpha_smoothness", "head_factor", "medium_factor", "tail_factor"];
 
 static SCHEMA: &[ParamDef] = &[
     ParamDef { name: "dataset", kind: K::DataName, default: Dv::Str("mnist"), doc: "the long-tailed target data set, declared under [data]" },
     ParamDef { name: "imbalance", kind: fx(0.0, 1.0), default: Dv::Float(0.01), doc: "imbalance factor n_min/n_max of the target subset (0.01 is IR 100)" },
     ParamDef { name: "data_seed", kind: K::Int { min: 0, max: i64::MAX }, default: Dv::Int(0), doc: "seed of the long-tailed subset" },
     ParamDef { name: "device", kind: K::Choice(DEVICES), default: Dv::Str("cpu"), doc: "cpu, or cuda (a build with --features cuda)" },
-    ParamDef { name: "variant", kind: K::Choice(VARIANTS), default: Dv::Str("class_aware"), doc: "baseline (MetaLoRA: one meta-learned alpha) or class_aware (per-class rank and alpha factors)" },
+    ParamDef {
+        name: "variant",
+        kind: K::Choice(VARIANTS),
+        default: Dv::Str("class_aware"),
+        doc: "baseline (MetaLoRA: one meta-learned alpha); shared (one rank and alpha factor for all classes); class_aware (per-class factors routed by the model's prediction); class_aware_frozen (the same, factors kept at their initial values); class_aware_label (per-class factors routed by the true label in training, the class mean at inference: the ablation that leaks the label)",
+    },
     ParamDef { name: "lora_rank", kind: K::Int { min: 1, max: 256 }, default: Dv::Int(8), doc: "LoRA rank r" },
     ParamDef { name: "lora_alpha", kind: fx(0.0, 1024.0), default: Dv::Float(8.0), doc: "LoRA alpha; the update is scaled by alpha/r" },
-    ParamDef { name: "meta_objective", kind: K::Choice(OBJECTIVES), default: Dv::Str("balanced_accuracy"), doc: "what the outer step optimises (class_aware), through a differentiable surrogate" },
+    ParamDef { name: "meta_objective", kind: K::Choice(OBJECTIVES), default: Dv::Str("balanced_accuracy"), doc: "what the outer step optimises (shared, class_aware), through a differentiable surrogate" },
     ParamDef { name: "meta_data_ratio", kind: fx(0.0, 0.5), default: Dv::Float(0.2), doc: "share of each class's training images held out as the meta split" },
     ParamDef { name: "meta_inner_steps", kind: K::Int { min: 1, max: 20 }, default: Dv::Int(3), doc: "unrolled inner SGD steps per meta-update" },
     ParamDef { name: "meta_inner_lr", kind: fx(0.0, 10.0), default: Dv::Float(0.1), doc: "learning rate η of the unrolled inner steps" },
     ParamDef { name: "meta_lr", kind: fx(0.0, 10.0), default: Dv::Float(0.001), doc: "Adam learning rate of the meta-parameters" },
-    ParamDef { name: "meta_every", kind: K::Int { min: 1, max: 100_000 }, default: Dv::Int(4), doc: "training steps between meta-updates" },
-    ParamDef { name: "tail_loss_weight", kind: f(0.0, 100.0), default: Dv::Float(2.0), doc: "loss weight of tail samples (class_aware)" },
+    ParamDef { name: "meta_update_freq", kind: K::Int { min: 1, max: 100_000 }, default: Dv::Int(1), doc: "a meta-update at the start of every this many epochs (the document's unit)" },
+    ParamDef { name: "tail_loss_weight", kind: f(0.0, 100.0), default: Dv::Float(2.0), doc: "loss weight of tail samples (shared, class_aware)" },
     ParamDef { name: "rank_divergence", kind: f(0.0, 100.0), default: Dv::Float(0.01), doc: "weight of Var_c(rank factor)" },
     ParamDef { name: "alpha_smoothness", kind: f(0.0, 100.0), default: Dv::Float(0.005), doc: "weight of the squared differences of alpha factors of count-adjacent classes" },
     ParamDef { name: "head_factor", kind: fx(0.0, 10.0), default: Dv::Float(0.5), doc: "initial rank and alpha factor of head classes" },
@@ -240,6 +269,7 @@ const TARGET: &str = "target";
 static METRICS: &[&str] = &[
     "train_loss",
     "meta_loss",
+    "outer_objective",
     "accuracy",
     "balanced_accuracy",
     "head_accuracy",
@@ -281,10 +311,34 @@ enum Objective {
     Worst,
 }
 
+/// Which rank and alpha factors a run has.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Kind {
+    /// MetaLoRA: no factors, R = r, one meta-alpha.
+    Baseline,
+    /// One rank and one alpha factor for every class.
+    Shared,
+    /// A rank and an alpha factor per class.
+    ClassAware,
+}
+
+/// How a class-aware sample finds its class's factors.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Routing {
+    /// The model's own class probabilities mix the per-class gates, in training and at inference.
+    Predicted,
+    /// The true label in training, the class-mean factors at inference (the ablation that leaks
+    /// the label into the training forward pass).
+    Label,
+}
+
 /// Everything the differentiable pieces need, fixed for one run.
 #[derive(Debug, Clone)]
 struct Setup {
-    class_aware: bool,
+    kind: Kind,
+    routing: Routing,
+    /// Whether the outer step moves the rank and alpha factors (α_m is always learned).
+    learn_factors: bool,
     rank: usize,
     /// Allocated adapter components R.
     alloc: usize,
@@ -303,7 +357,15 @@ struct Setup {
     dtype: DType,
 }
 
-/// Meta-parameter values.
+impl Setup {
+    /// Whether the run has rank and alpha factors (and the tail weight and meta objective).
+    fn has_factors(&self) -> bool {
+        self.kind != Kind::Baseline
+    }
+}
+
+/// Meta-parameter values: α_m and every class's rank and alpha factor (1 for the baseline; all
+/// equal for `shared`).
 #[derive(Debug, Clone, PartialEq)]
 struct Phi {
     alpha_meta: f64,
@@ -312,30 +374,48 @@ struct Phi {
 }
 
 impl Phi {
+    /// The values the outer step learns: [α_m], then [ρ, a] (`shared`) or [ρ_1..ρ_C, a_1..a_C]
+    /// (`class_aware`) when the factors are learned.
+    fn learned(&self, s: &Setup) -> Vec<f64> {
+        let mut v = vec![self.alpha_meta];
+        if s.learn_factors {
+            match s.kind {
+                Kind::Baseline => {}
+                Kind::Shared => v.extend([self.rank[0], self.alpha[0]]),
+                Kind::ClassAware => {
+                    v.extend(&self.rank);
+                    v.extend(&self.alpha);
+                }
+            }
+        }
+        v
+    }
+
+    /// φ with its learned values replaced by `v` (as [`Phi::learned`] orders them).
+    fn with_learned(&self, s: &Setup, v: &[f64]) -> Phi {
+        let c = s.classes;
+        let mut phi = self.clone();
+        phi.alpha_meta = v[0];
+        if s.learn_factors {
+            match s.kind {
+                Kind::Baseline => {}
+                Kind::Shared => (phi.rank, phi.alpha) = (vec![v[1]; c], vec![v[2]; c]),
+                Kind::ClassAware => (phi.rank, phi.alpha) = (v[1..1 + c].to_vec(), v[1 + c..1 + 2 * c].to_vec()),
+            }
+        }
+        phi
+    }
+
+    /// [α_m, ρ_1..ρ_C, a_1..a_C], as the run's output stores φ.
     fn flat(&self) -> Vec<f64> {
         let mut v = vec![self.alpha_meta];
         v.extend(&self.rank);
         v.extend(&self.alpha);
         v
     }
-    fn from_flat(v: &[f64], c: usize, class_aware: bool) -> Phi {
-        if class_aware {
-            Phi { alpha_meta: v[0], rank: v[1..1 + c].to_vec(), alpha: v[1 + c..1 + 2 * c].to_vec() }
-        } else {
-            Phi { alpha_meta: v[0], rank: vec![1.0; c], alpha: vec![1.0; c] }
-        }
-    }
-    /// Number of learned values: 1 (baseline) or 1 + 2C.
-    fn learned(c: usize, class_aware: bool) -> usize {
-        if class_aware {
-            1 + 2 * c
-        } else {
-            1
-        }
-    }
 }
 
-/// φ as tensors.
+/// φ as tensors: α_m [1], ρ and a [C].
 struct PhiT {
     alpha_meta: Tensor,
     rank: Tensor,
@@ -347,22 +427,25 @@ fn phi_tensors(s: &Setup, phi: &Phi, dev: &Device) -> candle_core::Result<PhiT> 
     Ok(PhiT { alpha_meta: mk(&[phi.alpha_meta])?, rank: mk(&phi.rank)?, alpha: mk(&phi.alpha)? })
 }
 
-/// The gate, N×R with labels (training) or 1×R without (inference).
-fn gate(s: &Setup, phi: &PhiT, labels: Option<&Tensor>) -> candle_core::Result<Tensor> {
+/// Gates n×R for n pairs of factors `rho`, `a` (each [n]):
+/// g_k = (alpha/r)·α_m·a·σ((ρ·r − k − ½)/τ).
+fn masked_gates(s: &Setup, phi: &PhiT, rho: &Tensor, a: &Tensor) -> candle_core::Result<Tensor> {
     let dev = phi.alpha_meta.device();
-    let base = (&phi.alpha_meta * s.scale)?; // [1]
-    if !s.class_aware {
-        return Tensor::ones((1, s.alloc), s.dtype, dev)?.broadcast_mul(&base.unsqueeze(0)?);
-    }
-    let (rho, a) = match labels {
-        Some(y) => (phi.rank.index_select(y, 0)?, phi.alpha.index_select(y, 0)?),
-        None => (phi.rank.mean_keepdim(0)?, phi.alpha.mean_keepdim(0)?),
-    };
     let k: Vec<f64> = (0..s.alloc).map(|k| k as f64 + 0.5).collect();
     let k = Tensor::from_vec(k, (1, s.alloc), dev)?.to_dtype(s.dtype)?;
     let arg = ((rho.unsqueeze(1)? * s.rank as f64)?.broadcast_sub(&k)? / MASK_TAU)?;
     let mask = crate::models::lora::sigmoid(&arg)?;
     mask.broadcast_mul(&(a * s.scale)?.unsqueeze(1)?)?.broadcast_mul(&phi.alpha_meta.unsqueeze(0)?)
+}
+
+/// The gate every sample shares, 1×R: (alpha/r)·α_m·1 for the baseline, the gate of the
+/// class-mean factors ρ̄, ā otherwise.
+fn uniform_gate(s: &Setup, phi: &PhiT) -> candle_core::Result<Tensor> {
+    if !s.has_factors() {
+        let base = (&phi.alpha_meta * s.scale)?;
+        return Tensor::ones((1, s.alloc), s.dtype, phi.alpha_meta.device())?.broadcast_mul(&base.unsqueeze(0)?);
+    }
+    masked_gates(s, phi, &phi.rank.mean_keepdim(0)?, &phi.alpha.mean_keepdim(0)?)
 }
 
 /// Scores N×C: f·Wᵀ, or cos(f, w_c) for LDAM. `theta` = adapters…, head.
@@ -378,6 +461,35 @@ fn scores(s: &Setup, net: &VitBackbone, theta: &[Tensor], x: &Tensor, g: &Tensor
     }
 }
 
+/// The logits a prediction reads from scores: the scores, or s·cos for LDAM.
+fn prediction_logits(s: &Setup, z: Tensor) -> candle_core::Result<Tensor> {
+    if s.loss == Loss::Ldam {
+        z * LDAM_SCALE
+    } else {
+        Ok(z)
+    }
+}
+
+/// The network's scores N×C for images `x`: in training `labels` are the batch's labels, at
+/// inference `None`. Only label routing (`class_aware_label`) reads them; every other variant computes
+/// the same function of `x`, θ and φ in both modes (the test
+/// `training_logits_never_read_the_labels` holds it to that).
+fn forward(s: &Setup, net: &VitBackbone, theta: &[Tensor], phi: &PhiT, x: &Tensor, labels: Option<&Tensor>) -> candle_core::Result<Tensor> {
+    if s.kind != Kind::ClassAware {
+        return scores(s, net, theta, x, &uniform_gate(s, phi)?);
+    }
+    match (s.routing, labels) {
+        (Routing::Label, Some(y)) => scores(s, net, theta, x, &masked_gates(s, phi, &phi.rank.index_select(y, 0)?, &phi.alpha.index_select(y, 0)?)?),
+        (Routing::Label, None) => scores(s, net, theta, x, &uniform_gate(s, phi)?),
+        (Routing::Predicted, _) => {
+            let z0 = prediction_logits(s, scores(s, net, theta, x, &uniform_gate(s, phi)?)?)?;
+            let p = candle_nn::ops::softmax(&z0, D::Minus1)?;
+            let g = p.matmul(&masked_gates(s, phi, &phi.rank, &phi.alpha)?)?;
+            scores(s, net, theta, x, &g)
+        }
+    }
+}
+
 fn row(v: Vec<f64>, like: &Tensor) -> candle_core::Result<Tensor> {
     let n = v.len();
     Tensor::from_vec(v, (1, n), like.device())?.to_dtype(like.dtype())
@@ -388,10 +500,10 @@ fn ce_per_sample(z: &Tensor, y: &Tensor) -> candle_core::Result<Tensor> {
     candle_nn::ops::log_softmax(z, D::Minus1)?.gather(&y.unsqueeze(1)?, 1)?.squeeze(1)?.neg()
 }
 
-/// The training loss on one batch (mean, tail-weighted for class_aware).
+/// The training loss on one batch (mean, tail-weighted for `shared` and `class_aware`), on the
+/// training forward pass.
 fn train_loss(s: &Setup, net: &VitBackbone, theta: &[Tensor], phi: &PhiT, x: &Tensor, y: &Tensor, ys: &[u32]) -> candle_core::Result<Tensor> {
-    let g = gate(s, phi, Some(y))?;
-    let z = scores(s, net, theta, x, &g)?;
+    let z = forward(s, net, theta, phi, x, Some(y))?;
     let z = match s.loss {
         Loss::Ce => z,
         Loss::BalancedSoftmax => z.broadcast_add(&row(s.counts.iter().map(|&n| (n.max(1) as f64).ln()).collect(), &z)?)?,
@@ -407,7 +519,7 @@ fn train_loss(s: &Setup, net: &VitBackbone, theta: &[Tensor], phi: &PhiT, x: &Te
         }
     };
     let l = ce_per_sample(&z, y)?;
-    if s.class_aware && s.tail_weight != 1.0 {
+    if s.has_factors() && s.tail_weight != 1.0 {
         let w: Vec<f64> = ys.iter().map(|&c| if s.tail[c as usize] { s.tail_weight } else { 1.0 }).collect();
         let total: f64 = w.iter().sum();
         let w = Tensor::from_vec(w, ys.len(), l.device())?.to_dtype(l.dtype())?;
@@ -417,13 +529,9 @@ fn train_loss(s: &Setup, net: &VitBackbone, theta: &[Tensor], phi: &PhiT, x: &Te
     }
 }
 
-/// The outer objective on the meta split (inference gates) plus the φ regularisers.
+/// The outer objective on the meta split (inference forward pass) plus the φ regularisers.
 fn outer(s: &Setup, net: &VitBackbone, theta: &[Tensor], phi: &PhiT, x: &Tensor, y: &Tensor, ys: &[u32]) -> candle_core::Result<Tensor> {
-    let g = gate(s, phi, None)?;
-    let mut z = scores(s, net, theta, x, &g)?;
-    if s.loss == Loss::Ldam {
-        z = (z * LDAM_SCALE)?;
-    }
+    let z = prediction_logits(s, forward(s, net, theta, phi, x, None)?)?;
     let l = ce_per_sample(&z, y)?;
     // Class-averaging matrix over the classes present: row c = 1/n_c on the samples of c.
     let mut n = vec![0usize; s.classes];
@@ -447,7 +555,7 @@ fn outer(s: &Setup, net: &VitBackbone, theta: &[Tensor], phi: &PhiT, x: &Tensor,
         Objective::Gmean => class_mean(&l.neg()?.exp()?)?.log()?.mean_all()?.neg()?,
         Objective::Worst => ((class_mean(&l)? / WORST_TAU)?.exp()?.sum_all()?.log()? * WORST_TAU)?,
     };
-    if s.class_aware {
+    if s.has_factors() {
         if s.rank_divergence > 0.0 {
             let mean = phi.rank.mean_keepdim(0)?;
             m = (m + (phi.rank.broadcast_sub(&mean)?.sqr()?.mean_all()? * s.rank_divergence)?)?;
@@ -472,8 +580,8 @@ struct Batch {
 
 /// One meta step's bilevel problem (see the module doc): the training loss on the inner batches
 /// (inner step j reads `inner[j]`), the outer objective on the meta split, SGD steps of size η.
-/// The learned φ tensors are [α_m] (baseline) or [α_m, ρ, a] (class_aware); the rest of φ stays
-/// at its values.
+/// The learned φ tensors are [α_m], then [ρ], [a] when the factors are learned (one element each
+/// for `shared`, C for `class_aware`); the rest of φ stays at its values.
 struct Bilevel<'a> {
     s: &'a Setup,
     net: &'a VitBackbone,
@@ -488,25 +596,38 @@ impl<'a> Bilevel<'a> {
     /// The problem at `phi`, and the learned φ tensors to pass to [`meta::hypergradient()`].
     fn new(s: &'a Setup, net: &'a VitBackbone, phi: &Phi, eta: f64, inner: &'a [Batch], meta: &'a Batch, dev: &Device) -> candle_core::Result<(Bilevel<'a>, Vec<Tensor>)> {
         let fixed = phi_tensors(s, phi, dev)?;
-        let learned = if s.class_aware { vec![fixed.alpha_meta.clone(), fixed.rank.clone(), fixed.alpha.clone()] } else { vec![fixed.alpha_meta.clone()] };
+        let mut learned = vec![fixed.alpha_meta.clone()];
+        if s.learn_factors {
+            match s.kind {
+                Kind::Baseline => {}
+                Kind::Shared => learned.extend([fixed.rank.narrow(0, 0, 1)?, fixed.alpha.narrow(0, 0, 1)?]),
+                Kind::ClassAware => learned.extend([fixed.rank.clone(), fixed.alpha.clone()]),
+            }
+        }
         Ok((Bilevel { s, net, fixed, eta, inner, meta }, learned))
     }
 
-    /// φ from the learned tensors and the fixed values.
-    fn phi(&self, learned: &[Tensor]) -> PhiT {
-        let (rank, alpha) = if self.s.class_aware { (learned[1].clone(), learned[2].clone()) } else { (self.fixed.rank.clone(), self.fixed.alpha.clone()) };
-        PhiT { alpha_meta: learned[0].clone(), rank, alpha }
+    /// φ from the learned tensors and the fixed values (`shared`'s one factor stands for every
+    /// class).
+    fn phi(&self, learned: &[Tensor]) -> candle_core::Result<PhiT> {
+        let c = self.s.classes;
+        let (rank, alpha) = match (self.s.learn_factors, self.s.kind) {
+            (false, _) | (_, Kind::Baseline) => (self.fixed.rank.clone(), self.fixed.alpha.clone()),
+            (true, Kind::Shared) => (learned[1].broadcast_as(c)?.contiguous()?, learned[2].broadcast_as(c)?.contiguous()?),
+            (true, Kind::ClassAware) => (learned[1].clone(), learned[2].clone()),
+        };
+        Ok(PhiT { alpha_meta: learned[0].clone(), rank, alpha })
     }
 }
 
 impl Problem for Bilevel<'_> {
     fn inner_loss(&self, theta: &[Tensor], phi: &[Tensor], step: usize) -> candle_core::Result<Tensor> {
         let b = &self.inner[step];
-        train_loss(self.s, self.net, theta, &self.phi(phi), &b.x, &b.y, &b.ys)
+        train_loss(self.s, self.net, theta, &self.phi(phi)?, &b.x, &b.y, &b.ys)
     }
 
     fn outer(&self, theta: &[Tensor], phi: &[Tensor]) -> candle_core::Result<Tensor> {
-        outer(self.s, self.net, theta, &self.phi(phi), &self.meta.x, &self.meta.y, &self.meta.ys)
+        outer(self.s, self.net, theta, &self.phi(phi)?, &self.meta.x, &self.meta.y, &self.meta.ys)
     }
 
     fn step_size(&self, _phi: &[Tensor]) -> candle_core::Result<StepSize> {
@@ -680,7 +801,7 @@ impl Method for ClassAwareLora {
     fn version(&self) -> u32 {
         // Raised with every change to any bit of a run's results, a kernel's summation order
         // included; CHANGELOG.md says what each version changed.
-        4
+        5
     }
     fn schema(&self) -> Schema {
         Schema::of::<P>()
@@ -711,10 +832,14 @@ impl Method for ClassAwareLora {
     }
 
     fn inactive(&self, p: &Params) -> Vec<&'static str> {
-        match p.get("backbone").and_then(ParamValue::as_str) {
+        let mut off = match p.get("backbone").and_then(ParamValue::as_str) {
             Some("pretrain") | None => Vec::new(),
             Some(_) => PRETRAIN_ONLY.to_vec(),
+        };
+        if p.get("variant").and_then(ParamValue::as_str) == Some("baseline") {
+            off.extend(FACTORS_ONLY);
         }
+        off
     }
 
     fn pretraining(&self, p: &Params, root: &Path) -> Result<Option<Pretraining>, MethodError> {
@@ -834,7 +959,8 @@ fn run(p: &Params, seed: u64, inputs: &TrainInputs, progress: &dyn Progress) -> 
 
     let counts = class_counts(data, target.train);
     let groups = metrics::groups_by_count(&counts, p.head_min, p.tail_max);
-    let factors = GroupFactors { head: p.head_factor, medium: p.medium_factor, tail: p.tail_factor };
+    // The baseline reads no factors; 1 stands for them (its φ is all ones).
+    let factors = GroupFactors { head: p.head_factor.unwrap_or(1.0), medium: p.medium_factor.unwrap_or(1.0), tail: p.tail_factor.unwrap_or(1.0) };
     let setup = Setup::new(p, &counts, &groups, &factors, dtype);
 
     let (train_idx, meta_idx) = meta_split(data, target.train, p.meta_data_ratio, seed);
@@ -845,7 +971,8 @@ fn run(p: &Params, seed: u64, inputs: &TrainInputs, progress: &dyn Progress) -> 
     let cx = RunContext { setup: &setup, net, data, side, dev: &dev };
     let vars = initial_theta(net, &setup, seed, &dev)?.iter().map(|t| Var::from_tensor(&t.detach())).collect::<candle_core::Result<Vec<_>>>()?;
     let mut trainer = Trainer::new(cx, &meta, &schedule, vars, initial_phi(&setup, &groups, &factors), &train_idx, seed)?;
-    let evaluator = Evaluator { cx, test: &test, groups: &groups, imbalance_ratio: metrics::imbalance_ratio(&counts), gini: metrics::gini(&counts), source_accuracy: backbone.source_accuracy };
+    let evaluator =
+        Evaluator { cx, test: &test, meta: &meta, groups: &groups, imbalance_ratio: metrics::imbalance_ratio(&counts), gini: metrics::gini(&counts), source_accuracy: backbone.source_accuracy };
 
     let mut order = train_idx.clone();
     let mut order_rng = Rng::derive(seed, "batch-order");
@@ -854,6 +981,11 @@ fn run(p: &Params, seed: u64, inputs: &TrainInputs, progress: &dyn Progress) -> 
     for epoch in 1..=schedule.epochs {
         order_rng.shuffle(&mut order);
         let mut sums = EpochSums::default();
+        if trainer.meta_epoch(epoch) {
+            if let Step::Diverged(reason) = trainer.meta_step(epoch, &mut sums)? {
+                return failed(record, reason);
+            }
+        }
         for chunk in order.chunks(schedule.batch_size) {
             if let Step::Diverged(reason) = trainer.step(epoch, chunk, &mut sums)? {
                 return failed(record, reason);
@@ -919,16 +1051,23 @@ impl GroupFactors {
 
 impl Setup {
     /// The setup of a run from its parameters and the class counts and groups of its training
-    /// subset. The class-aware variant allocates R = ⌈1.5·r·largest factor⌉ components, so that a
-    /// rank factor can grow to R/r; the baseline allocates r.
+    /// subset. The variants with factors allocate R = ⌈1.5·r·largest factor⌉ components, so that
+    /// a rank factor can grow to R/r; the baseline allocates r.
     fn new(p: &P, counts: &[usize], groups: &[Group], factors: &GroupFactors, dtype: DType) -> Setup {
-        let class_aware = p.variant == Variant::ClassAware;
+        let kind = match p.variant {
+            Variant::Baseline => Kind::Baseline,
+            Variant::Shared => Kind::Shared,
+            Variant::ClassAware | Variant::ClassAwareFrozen | Variant::ClassAwareLabel => Kind::ClassAware,
+        };
+        let has_factors = kind != Kind::Baseline;
         let rank = p.lora_rank;
-        let alloc = if class_aware { (1.5 * rank as f64 * factors.largest()).ceil() as usize } else { rank };
+        let alloc = if has_factors { (1.5 * rank as f64 * factors.largest()).ceil() as usize } else { rank };
         let mut order: Vec<usize> = (0..counts.len()).collect();
         order.sort_by(|&a, &b| counts[b].cmp(&counts[a]).then(a.cmp(&b)));
         Setup {
-            class_aware,
+            kind,
+            routing: if p.variant == Variant::ClassAwareLabel { Routing::Label } else { Routing::Predicted },
+            learn_factors: p.variant != Variant::ClassAwareFrozen,
             rank,
             alloc,
             scale: p.lora_alpha / rank as f64,
@@ -938,18 +1077,19 @@ impl Setup {
                 LossName::BalancedSoftmax => Loss::BalancedSoftmax,
                 LossName::Ce => Loss::Ce,
             },
-            objective: if !class_aware {
+            objective: if !has_factors {
                 Objective::Overall
             } else {
                 match p.meta_objective {
-                    MetaObjective::Gmean => Objective::Gmean,
-                    MetaObjective::WorstClass => Objective::Worst,
-                    MetaObjective::BalancedAccuracy => Objective::Balanced,
+                    Some(MetaObjective::Gmean) => Objective::Gmean,
+                    Some(MetaObjective::WorstClass) => Objective::Worst,
+                    Some(MetaObjective::BalancedAccuracy) | None => Objective::Balanced,
                 }
             },
-            tail_weight: p.tail_loss_weight,
-            rank_divergence: p.rank_divergence,
-            alpha_smoothness: p.alpha_smoothness,
+            // Neutral values where the baseline leaves them out (it reads none of them).
+            tail_weight: p.tail_loss_weight.unwrap_or(1.0),
+            rank_divergence: p.rank_divergence.unwrap_or(0.0),
+            alpha_smoothness: p.alpha_smoothness.unwrap_or(0.0),
             tail: groups.iter().map(|g| *g == Group::Tail).collect(),
             counts: counts.to_vec(),
             order,
@@ -959,10 +1099,17 @@ impl Setup {
 }
 
 /// φ before the first meta step: α_m = 1 and each class's rank and alpha factors at its group's
-/// initial factor (all 1 for the baseline).
+/// initial factor (`class_aware`), all at the class mean of those (`shared`: the same starting
+/// gate as the class-aware variant's uniform one), or all 1 (baseline).
 fn initial_phi(setup: &Setup, groups: &[Group], factors: &GroupFactors) -> Phi {
-    let per_class = |g: Group| if setup.class_aware { factors.of(g) } else { 1.0 };
-    Phi { alpha_meta: 1.0, rank: groups.iter().map(|&g| per_class(g)).collect(), alpha: groups.iter().map(|&g| per_class(g)).collect() }
+    let per_class: Vec<f64> = groups.iter().map(|&g| factors.of(g)).collect();
+    let mean = per_class.iter().sum::<f64>() / per_class.len().max(1) as f64;
+    let values = match setup.kind {
+        Kind::Baseline => vec![1.0; groups.len()],
+        Kind::Shared => vec![mean; groups.len()],
+        Kind::ClassAware => per_class,
+    };
+    Phi { alpha_meta: 1.0, rank: values.clone(), alpha: values }
 }
 
 /// θ before training: the backbone's adapters with R components (seeded), then a new head C×D
@@ -987,8 +1134,8 @@ struct Schedule {
     epochs: usize,
     /// At least 1.
     batch_size: usize,
-    /// A meta step every this many training steps (at least 1).
-    meta_every: usize,
+    /// A meta step at the start of every this many epochs (at least 1).
+    meta_update_freq: usize,
     /// Unrolled SGD steps of the hypergradient, and their step size η.
     inner_steps: usize,
     inner_lr: f64,
@@ -1002,7 +1149,7 @@ impl Schedule {
             meta_lr: p.meta_lr,
             epochs: p.epochs,
             batch_size: p.batch_size.max(1),
-            meta_every: p.meta_every.max(1),
+            meta_update_freq: p.meta_update_freq.max(1),
             inner_steps: p.meta_inner_steps,
             inner_lr: p.meta_inner_lr,
         }
@@ -1092,7 +1239,7 @@ impl<'a> Trainer<'a> {
     /// θ = `vars` and φ = `phi` before the first step, on the training split `train_idx`.
     fn new(cx: RunContext<'a>, meta: &'a Batch, schedule: &'a Schedule, vars: Vec<Var>, phi: Phi, train_idx: &[usize], seed: u64) -> Result<Trainer<'a>, MethodError> {
         let opt = Optimizer::new(vars.clone(), &OptimConfig { weight_decay: schedule.weight_decay, ..OptimConfig::new(OptimizerKind::Adamw, schedule.lr) })?;
-        let n_learned = Phi::learned(cx.setup.classes, cx.setup.class_aware);
+        let n_learned = phi.learned(cx.setup).len();
         let meta_opt = Adam { lr: schedule.meta_lr, m: vec![0.0; n_learned], v: vec![0.0; n_learned], t: 0 };
         let total_steps = (train_idx.len().div_ceil(schedule.batch_size) * schedule.epochs).max(1);
         Ok(Trainer { cx, meta, schedule, vars, opt, phi, meta_opt, inner: InnerBatches::new(train_idx, seed), steps_taken: 0, total_steps })
@@ -1103,24 +1250,34 @@ impl<'a> Trainer<'a> {
         self.vars.iter().map(|v| v.as_tensor().clone()).collect()
     }
 
-    /// One step on the batch `chunk`: a meta step first when the step count is a multiple of
-    /// `meta_every`, then one AdamW step of θ on the training loss (learning rate on the cosine
+    /// Whether `epoch` (from 1) opens with a meta step: epochs 1, 1 + f, 1 + 2f, … for
+    /// f = `meta_update_freq`.
+    fn meta_epoch(&self, epoch: usize) -> bool {
+        (epoch - 1).is_multiple_of(self.schedule.meta_update_freq)
+    }
+
+    /// One meta step: the hypergradient of the outer objective through `meta_inner_steps`
+    /// unrolled steps from the current θ, then an Adam step of φ's learned values.
+    fn meta_step(&mut self, epoch: usize, sums: &mut EpochSums) -> Result<Step, MethodError> {
+        let cx = self.cx;
+        let inner = self.inner.next(self.schedule.inner_steps, self.schedule.batch_size, &cx)?;
+        let (problem, phi) = Bilevel::new(cx.setup, cx.net, &self.phi, self.schedule.inner_lr, &inner, self.meta, cx.dev)?;
+        let hg = meta::hypergradient(&problem, &self.theta(), &phi, Unroll { steps: inner.len(), hvp_eps: HVP_EPS })?;
+        if !hg.value.is_finite() || hg.phi.iter().any(|x| !x.is_finite()) {
+            return Ok(Step::Diverged(format!("the meta objective or its hypergradient became non-finite at the start of epoch {epoch}")));
+        }
+        self.update_phi(&hg.phi);
+        sums.meta += hg.value;
+        sums.hypergradient_norm += hg.norm();
+        sums.meta_steps += 1;
+        Ok(Step::Taken)
+    }
+
+    /// One AdamW step of θ on the training loss of the batch `chunk` (learning rate on the cosine
     /// schedule).
     fn step(&mut self, epoch: usize, chunk: &[usize], sums: &mut EpochSums) -> Result<Step, MethodError> {
         let (cx, step) = (self.cx, self.steps_taken);
         self.opt.set_lr(self.schedule.lr * 0.5 * (1.0 + (std::f64::consts::PI * step as f64 / self.total_steps as f64).cos()));
-        if step.is_multiple_of(self.schedule.meta_every) {
-            let inner = self.inner.next(self.schedule.inner_steps, self.schedule.batch_size, &cx)?;
-            let (problem, phi) = Bilevel::new(cx.setup, cx.net, &self.phi, self.schedule.inner_lr, &inner, self.meta, cx.dev)?;
-            let hg = meta::hypergradient(&problem, &self.theta(), &phi, Unroll { steps: inner.len(), hvp_eps: HVP_EPS })?;
-            if !hg.value.is_finite() || hg.phi.iter().any(|x| !x.is_finite()) {
-                return Ok(Step::Diverged(format!("the meta objective or its hypergradient became non-finite at epoch {epoch}, step {step}")));
-            }
-            self.update_phi(&hg.phi);
-            sums.meta += hg.value;
-            sums.hypergradient_norm += hg.norm();
-            sums.meta_steps += 1;
-        }
         let b = gather(cx.data, chunk, cx.side, cx.setup.dtype, cx.dev)?;
         let pt = phi_tensors(cx.setup, &self.phi, cx.dev)?;
         let l = train_loss(cx.setup, cx.net, &self.theta(), &pt, &b.x, &b.y, &b.ys)?;
@@ -1139,16 +1296,12 @@ impl<'a> Trainer<'a> {
     /// and the alpha factors to [0.05, 10], the rank factors to [0.1, R/r].
     fn update_phi(&mut self, h: &[f64]) {
         let setup = self.cx.setup;
-        let (c, class_aware) = (setup.classes, setup.class_aware);
-        let n_learned = Phi::learned(c, class_aware);
         let rank_max = setup.alloc as f64 / setup.rank as f64;
-        let mut learned = self.phi.flat()[..n_learned].to_vec();
+        let mut learned = self.phi.learned(setup);
         self.meta_opt.step(&mut learned, h);
-        let mut full = self.phi.flat();
-        full[..n_learned].copy_from_slice(&learned);
-        let mut phi = Phi::from_flat(&full, c, class_aware);
+        let mut phi = self.phi.with_learned(setup, &learned);
         phi.alpha_meta = phi.alpha_meta.clamp(0.05, 10.0);
-        if class_aware {
+        if setup.has_factors() {
             phi.rank.iter_mut().for_each(|r| *r = r.clamp(0.1, rank_max));
             phi.alpha.iter_mut().for_each(|a| *a = a.clamp(0.05, 10.0));
         }
@@ -1161,6 +1314,8 @@ impl<'a> Trainer<'a> {
 struct Evaluator<'a> {
     cx: RunContext<'a>,
     test: &'a Batch,
+    /// The meta split, whose cross-entropy is `meta_loss`.
+    meta: &'a Batch,
     groups: &'a [Group],
     imbalance_ratio: Option<f64>,
     gini: Option<f64>,
@@ -1171,6 +1326,7 @@ impl Evaluator<'_> {
     /// The record of `epoch` for θ and φ, with the means of the epoch's `sums` (none at epoch 0).
     fn record(&self, theta: &[Tensor], phi: &Phi, epoch: usize, sums: &EpochSums) -> Result<EpochRecord, MethodError> {
         let preds = self.predictions(theta, phi)?;
+        let meta_loss = self.meta_loss(theta, phi)?;
         let acc = metrics::try_accuracy(&self.test.ys, &preds, self.groups).map_err(|e| MethodError::Metrics(e.to_string()))?;
         let avg = |s: f64, n: usize| (n > 0).then(|| s / n as f64);
         let pct = |x: f64| 100.0 * x;
@@ -1181,7 +1337,8 @@ impl Evaluator<'_> {
             }
         };
         put("train_loss", avg(sums.loss, sums.seen));
-        put("meta_loss", avg(sums.meta, sums.meta_steps));
+        put("meta_loss", Some(meta_loss));
+        put("outer_objective", avg(sums.meta, sums.meta_steps));
         put("hypergradient_norm", avg(sums.hypergradient_norm, sums.meta_steps));
         put("accuracy", Some(pct(acc.overall)));
         put("balanced_accuracy", Some(pct(acc.balanced)));
@@ -1217,21 +1374,30 @@ impl Evaluator<'_> {
         Ok(EpochRecord { epoch, metrics: m, per_class, analysis_object: String::new() })
     }
 
-    /// The predicted class of every test image, with the inference gates, in batches of 500.
+    /// The predicted class of every test image, with the inference forward pass, in batches of
+    /// 500.
     fn predictions(&self, theta: &[Tensor], phi: &Phi) -> Result<Vec<u32>, MethodError> {
         let (setup, net) = (self.cx.setup, self.cx.net);
         let pt = phi_tensors(setup, phi, self.cx.dev)?;
-        let g = gate(setup, &pt, None)?;
         let mut preds = Vec::with_capacity(self.test.ys.len());
         let n = self.test.ys.len();
         let mut start = 0;
         while start < n {
             let len = (n - start).min(500);
-            let z = scores(setup, net, theta, &self.test.x.narrow(0, start, len)?, &g)?;
+            let z = forward(setup, net, theta, &pt, &self.test.x.narrow(0, start, len)?, None)?;
             preds.extend(z.argmax(D::Minus1)?.to_vec1::<u32>()?);
             start += len;
         }
         Ok(preds)
+    }
+
+    /// The mean cross-entropy of the meta split with the inference forward pass (a uniform
+    /// guess scores ln C).
+    fn meta_loss(&self, theta: &[Tensor], phi: &Phi) -> Result<f64, MethodError> {
+        let (setup, net) = (self.cx.setup, self.cx.net);
+        let pt = phi_tensors(setup, phi, self.cx.dev)?;
+        let z = prediction_logits(setup, forward(setup, net, theta, &pt, &self.meta.x, None)?)?;
+        Ok(ce_per_sample(&z, &self.meta.y)?.mean_all()?.to_dtype(DType::F64)?.to_scalar::<f64>()?)
     }
 }
 
@@ -1243,7 +1409,7 @@ fn failed(mut record: RunRecord, reason: String) -> Result<Outcome, MethodError>
 
 /// The objects of a finished run: `metrics.json` and `adapters.safetensors`, which holds the
 /// adapters under the backbone's names, the head as `head.weight` and φ as `meta.phi`
-/// ([α_m, ρ_1..ρ_C, a_1..a_C]).
+/// ([α_m, ρ_1..ρ_C, a_1..a_C], [`Phi::flat`]).
 fn outputs(record: &RunRecord, net: &VitBackbone, vars: &[Var], phi: &Phi) -> Result<BTreeMap<String, Vec<u8>>, MethodError> {
     let mut objects = BTreeMap::new();
     objects.insert("metrics.json".to_string(), to_json(record)?);
@@ -1253,9 +1419,7 @@ fn outputs(record: &RunRecord, net: &VitBackbone, vars: &[Var], phi: &Phi) -> Re
         let name = net_names.get(i).cloned().unwrap_or_else(|| "head.weight".to_string());
         t.insert(name, v.as_tensor().to_device(&Device::Cpu)?);
     }
-    let mut phis = vec![phi.alpha_meta];
-    phis.extend(&phi.rank);
-    phis.extend(&phi.alpha);
+    let phis = phi.flat();
     let len = phis.len();
     t.insert("meta.phi".to_string(), Tensor::from_vec(phis, len, &Device::Cpu)?);
     objects.insert("adapters.safetensors".to_string(), safetensors_bytes(&t)?);
@@ -1272,6 +1436,16 @@ mod tests {
         assert!(ClassAwareLora.inactive(&p).is_empty());
         p.insert("backbone".into(), ParamValue::Str("vit-b16-clip".into()));
         assert_eq!(ClassAwareLora.inactive(&p), PRETRAIN_ONLY);
+        // The baseline reads no factors, tail weight or meta objective, and decodes without them.
+        let mut p = crate::params::Schema::of::<P>().defaults();
+        p.insert("variant".into(), ParamValue::Str("baseline".into()));
+        let off = ClassAwareLora.inactive(&p);
+        assert_eq!(off, FACTORS_ONLY);
+        for k in off {
+            p.remove(k);
+        }
+        let decoded: P = crate::methods::params(&p).unwrap();
+        assert!(decoded.tail_loss_weight.is_none() && decoded.meta_objective.is_none());
     }
 
     use super::*;
@@ -1312,11 +1486,13 @@ mod tests {
         Batch { x: Tensor::from_vec(xs, (n, 1, 4, 4), &Device::Cpu).unwrap(), y: Tensor::from_vec(ys.clone(), n, &Device::Cpu).unwrap(), ys }
     }
 
-    fn setup(class_aware: bool, objective: Objective, loss: Loss) -> Setup {
+    fn setup(kind: Kind, routing: Routing, objective: Objective, loss: Loss) -> Setup {
         Setup {
-            class_aware,
+            kind,
+            routing,
+            learn_factors: true,
             rank: 2,
-            alloc: if class_aware { 6 } else { 2 },
+            alloc: if kind == Kind::Baseline { 2 } else { 6 },
             scale: 1.0,
             classes: 3,
             loss,
@@ -1344,10 +1520,20 @@ mod tests {
         th
     }
 
+    /// φ as a run of `s` would hold it: per-class factors, the same factor for every class
+    /// (`shared`), or ones (baseline).
+    fn test_phi(s: &Setup) -> Phi {
+        match s.kind {
+            Kind::ClassAware => Phi { alpha_meta: 1.1, rank: vec![0.6, 1.1, 1.9], alpha: vec![0.5, 1.2, 1.8] },
+            Kind::Shared => Phi { alpha_meta: 1.1, rank: vec![1.3; 3], alpha: vec![0.9; 3] },
+            Kind::Baseline => Phi { alpha_meta: 1.1, rank: vec![1.0; 3], alpha: vec![1.0; 3] },
+        }
+    }
+
     fn check(s: &Setup, inner_steps: usize) {
         let net = tiny_vit(1);
         let th = theta(&net, s);
-        let phi = Phi { alpha_meta: 1.1, rank: vec![0.6, 1.1, 1.9], alpha: vec![0.5, 1.2, 1.8] };
+        let phi = test_phi(s);
         let inner: Vec<Batch> = (0..inner_steps).map(|j| tiny_batch(6, 20 + j as u64, 3)).collect();
         let meta = tiny_batch(6, 99, 3);
         let eta = 0.5;
@@ -1365,20 +1551,24 @@ mod tests {
         // ~1e-8; the training default (1e-2, for f32) is checked to 2% below.
         let (value, h) = hypergradient(&inner, 1e-5);
         let (_, h_default) = hypergradient(&inner, HVP_EPS);
-        let n = Phi::learned(3, s.class_aware);
-        assert_eq!(h.len(), n);
+        let expected_len = match (s.learn_factors, s.kind) {
+            (false, _) | (_, Kind::Baseline) => 1,
+            (true, Kind::Shared) => 3,
+            (true, Kind::ClassAware) => 7,
+        };
+        assert_eq!(h.len(), expected_len);
         let base = unrolled_outer(&phi);
         assert!((value - base).abs() < 1e-12);
         let step = 1e-5;
         let mut worst: f64 = 0.0;
         let scale = h.iter().fold(0.0f64, |a, x| a.max(x.abs()));
         assert!(scale > 1e-4, "the meta-parameters receive no gradient: {h:?}");
-        for i in 0..n {
-            let mut fl = phi.flat();
+        for i in 0..h.len() {
+            let mut fl = phi.learned(s);
             fl[i] += step;
-            let up = unrolled_outer(&Phi::from_flat(&fl, 3, s.class_aware));
+            let up = unrolled_outer(&phi.with_learned(s, &fl));
             fl[i] -= 2.0 * step;
-            let down = unrolled_outer(&Phi::from_flat(&fl, 3, s.class_aware));
+            let down = unrolled_outer(&phi.with_learned(s, &fl));
             let fd = (up - down) / (2.0 * step);
             worst = worst.max((fd - h[i]).abs());
         }
@@ -1392,32 +1582,112 @@ mod tests {
 
     #[test]
     fn hypergradient_matches_finite_differences() {
-        check(&setup(true, Objective::Balanced, Loss::Ce), 1);
-        check(&setup(true, Objective::Gmean, Loss::Ldam), 2);
-        check(&setup(true, Objective::Worst, Loss::BalancedSoftmax), 2);
-        check(&setup(false, Objective::Overall, Loss::Ce), 2);
+        use {Kind::*, Routing::*};
+        check(&setup(ClassAware, Predicted, Objective::Balanced, Loss::Ce), 1);
+        check(&setup(ClassAware, Predicted, Objective::Gmean, Loss::Ldam), 2);
+        check(&setup(ClassAware, Predicted, Objective::Worst, Loss::BalancedSoftmax), 2);
+        check(&setup(ClassAware, Label, Objective::Balanced, Loss::Ce), 2);
+        check(&setup(Shared, Predicted, Objective::Balanced, Loss::Ce), 2);
+        check(&setup(Baseline, Predicted, Objective::Overall, Loss::Ce), 2);
+        // Frozen factors: only α_m is learned, through the same problem.
+        check(&Setup { learn_factors: false, ..setup(ClassAware, Predicted, Objective::Balanced, Loss::Ce) }, 2);
     }
 
     #[test]
-    fn gates_apply_class_factors_in_training_and_their_mean_at_inference() {
-        let s = setup(true, Objective::Balanced, Loss::Ce);
+    fn gates_follow_the_factors_and_predicted_routing_mixes_them_by_probability() {
+        let s = setup(Kind::ClassAware, Routing::Predicted, Objective::Balanced, Loss::Ce);
         let phi = Phi { alpha_meta: 1.0, rank: vec![0.5, 1.0, 2.0], alpha: vec![0.5, 1.0, 2.0] };
         let pt = phi_tensors(&s, &phi, &Device::Cpu).unwrap();
-        let y = Tensor::new(&[2u32, 0], &Device::Cpu).unwrap();
-        let g = gate(&s, &pt, Some(&y)).unwrap().to_vec2::<f64>().unwrap();
         let sig = |x: f64| 1.0 / (1.0 + (-x).exp());
-        assert!(g[0].len() >= 6 && g[1].len() >= 6);
-        for (k, (g0, g1)) in g[0].iter().zip(&g[1]).take(6).enumerate() {
-            // class 2: ρ = 2, a = 2 → 2·σ((4 − k − ½)/½); class 0: ρ = ½, a = ½.
-            assert!((g0 - 2.0 * sig((4.0 - k as f64 - 0.5) / 0.5)).abs() < 1e-12);
-            assert!((g1 - 0.5 * sig((1.0 - k as f64 - 0.5) / 0.5)).abs() < 1e-12);
+        // g_k(ρ, a) = a·σ((2ρ − k − ½)/½) for r = 2, alpha/r = 1, α_m = 1.
+        let hand = |rho: f64, a: f64, k: usize| a * sig((2.0 * rho - k as f64 - 0.5) / 0.5);
+        let g = masked_gates(&s, &pt, &pt.rank, &pt.alpha).unwrap().to_vec2::<f64>().unwrap();
+        for (c, gc) in g.iter().enumerate() {
+            assert_eq!(gc.len(), 6);
+            for (k, v) in gc.iter().enumerate() {
+                assert!((v - hand(phi.rank[c], phi.alpha[c], k)).abs() < 1e-12);
+            }
         }
-        let gi = gate(&s, &pt, None).unwrap().to_vec2::<f64>().unwrap();
-        let (rm, am) = (3.5 / 3.0, 3.5 / 3.0);
-        assert!((gi[0][1] - am * sig((rm * 2.0 - 1.5) / 0.5)).abs() < 1e-12);
-        let b = setup(false, Objective::Overall, Loss::Ce);
-        let pt = phi_tensors(&b, &Phi { alpha_meta: 0.7, rank: vec![1.0; 3], alpha: vec![1.0; 3] }, &Device::Cpu).unwrap();
-        assert_eq!(gate(&b, &pt, Some(&y)).unwrap().to_vec2::<f64>().unwrap(), vec![vec![0.7, 0.7]]);
+        let gu = uniform_gate(&s, &pt).unwrap().to_vec2::<f64>().unwrap();
+        assert!((gu[0][1] - hand(3.5 / 3.0, 3.5 / 3.0, 1)).abs() < 1e-12);
+        // The routed forward pass: the uniform-gate pass's probabilities p, then g = Σ_c p_c g_c.
+        let net = tiny_vit(1);
+        let th = theta(&net, &s);
+        let b = tiny_batch(4, 5, 3);
+        let z0 = scores(&s, &net, &th, &b.x, &uniform_gate(&s, &pt).unwrap()).unwrap().to_vec2::<f64>().unwrap();
+        let mut mixed = Vec::new();
+        for z in &z0 {
+            let e: Vec<f64> = z.iter().map(|v| v.exp()).collect();
+            let sum: f64 = e.iter().sum();
+            mixed.extend((0..6).map(|k| (0..3).map(|c| e[c] / sum * hand(phi.rank[c], phi.alpha[c], k)).sum::<f64>()));
+        }
+        let g = Tensor::from_vec(mixed, (4, 6), &Device::Cpu).unwrap();
+        let by_hand = scores(&s, &net, &th, &b.x, &g).unwrap();
+        let routed = forward(&s, &net, &th, &pt, &b.x, None).unwrap();
+        assert!((routed - by_hand).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f64>().unwrap() < 1e-12);
+        // The baseline's gate is (alpha/r)·α_m on its r components.
+        let base = setup(Kind::Baseline, Routing::Predicted, Objective::Overall, Loss::Ce);
+        let pt = phi_tensors(&base, &Phi { alpha_meta: 0.7, rank: vec![1.0; 3], alpha: vec![1.0; 3] }, &Device::Cpu).unwrap();
+        assert_eq!(uniform_gate(&base, &pt).unwrap().to_vec2::<f64>().unwrap(), vec![vec![0.7, 0.7]]);
+    }
+
+    /// Issue 22: the label-routed variant gated each training image by its true label, so the
+    /// network could read the class it had to predict. The training forward pass must be the
+    /// inference one, bit for bit, whatever the labels; the test shows that it catches the leak
+    /// by running the same check on `routing = "label"`.
+    #[test]
+    fn training_logits_never_read_the_labels() {
+        let net = tiny_vit(1);
+        let b = tiny_batch(6, 7, 3);
+        let other = Tensor::new(&[2u32, 2, 0, 1, 0, 1], &Device::Cpu).unwrap();
+        let same = |a: &Tensor, b: &Tensor| a.to_vec2::<f64>().unwrap() == b.to_vec2::<f64>().unwrap();
+        let modes = |s: &Setup| {
+            let th = theta(&net, s);
+            let pt = phi_tensors(s, &test_phi(s), &Device::Cpu).unwrap();
+            let f = |y: Option<&Tensor>| forward(s, &net, &th, &pt, &b.x, y).unwrap();
+            (f(Some(&b.y)), f(Some(&other)), f(None))
+        };
+        for kind in [Kind::Baseline, Kind::Shared, Kind::ClassAware] {
+            for loss in [Loss::Ce, Loss::Ldam] {
+                let (train, relabelled, inference) = modes(&setup(kind, Routing::Predicted, Objective::Balanced, loss));
+                assert!(same(&train, &inference) && same(&relabelled, &inference), "{kind:?} {loss:?}: the training logits differ from the inference logits");
+            }
+        }
+        let (train, relabelled, inference) = modes(&setup(Kind::ClassAware, Routing::Label, Objective::Balanced, Loss::Ce));
+        assert!(!same(&train, &inference) && !same(&train, &relabelled), "the check no longer sees the label-routed leak");
+    }
+
+    /// The leak as a training run sees it: images of pure noise, a fresh batch at every step, so
+    /// no function of the image predicts its label and no training loss can fall below ln C on
+    /// average (the loss is taken before the step that sees the batch). Label routing drives it
+    /// far below; predicted routing cannot.
+    #[test]
+    fn only_label_routing_fits_labels_that_the_images_do_not_carry() {
+        let net = tiny_vit(1);
+        let chance = (3f64).ln();
+        let late_loss = |routing: Routing| {
+            let s = Setup { tail_weight: 1.0, ..setup(Kind::ClassAware, routing, Objective::Balanced, Loss::Ce) };
+            let vars: Vec<Var> = theta(&net, &s).iter().map(|t| Var::from_tensor(t).unwrap()).collect();
+            let mut opt = Optimizer::new(vars.clone(), &OptimConfig::new(OptimizerKind::Adamw, 0.02)).unwrap();
+            let pt = phi_tensors(&s, &Phi { alpha_meta: 1.0, rank: vec![0.5, 1.0, 2.0], alpha: vec![0.5, 1.0, 2.0] }, &Device::Cpu).unwrap();
+            let mut late = Vec::new();
+            for step in 0..150u64 {
+                let mut rng = Rng::derive(step, "noise-labels");
+                let ys: Vec<u32> = (0..24).map(|_| rng.below(3) as u32).collect();
+                let x: Vec<f64> = (0..24 * 16).map(|_| rng.normal()).collect();
+                let (x, y) = (Tensor::from_vec(x, (24, 1, 4, 4), &Device::Cpu).unwrap(), Tensor::from_vec(ys.clone(), 24, &Device::Cpu).unwrap());
+                let th: Vec<Tensor> = vars.iter().map(|v| v.as_tensor().clone()).collect();
+                let l = train_loss(&s, &net, &th, &pt, &x, &y, &ys).unwrap();
+                if step >= 100 {
+                    late.push(l.to_scalar::<f64>().unwrap());
+                }
+                opt.backward_step(&l).unwrap();
+            }
+            late.iter().sum::<f64>() / late.len() as f64
+        };
+        let (honest, leaking) = (late_loss(Routing::Predicted), late_loss(Routing::Label));
+        assert!(honest > 0.95 * chance, "predicted routing fits noise: {honest} against ln 3 = {chance}");
+        assert!(leaking < 0.6 * chance, "label routing no longer reads the label: {leaking} against ln 3 = {chance}");
     }
 
     #[test]
