@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 
 use clap::{Args, Parser, Subcommand};
 
-use crate::cache::LocalStore;
+use crate::cache::Store;
 use crate::driver::{self, DriverError, Options, Project};
 use crate::spec::{self, Spec, DEFAULT_PROFILE};
 
@@ -67,8 +67,9 @@ pub struct SpecOpts {
     /// `--set defaults.epochs=5`; repeatable, validated like the file.
     #[arg(long = "set", value_name = "KEY.PATH=VALUE")]
     pub sets: Vec<String>,
-    /// Cache directory (default: `artifacts/store` of the project, or $REPRISE_CACHE).
-    #[arg(long, value_name = "DIR")]
+    /// Cache directory, or `s3://bucket/prefix` for S3-compatible storage (default:
+    /// `artifacts/store` of the project, or $REPRISE_CACHE).
+    #[arg(long, value_name = "DIR|URL")]
     pub cache: Option<PathBuf>,
 }
 
@@ -187,7 +188,7 @@ impl SpecOpts {
 }
 
 /// The store of [`Project::store_dir`], opened (created when missing).
-pub fn open_store(spec_root: &Path, opts: &SpecOpts) -> anyhow::Result<LocalStore> {
+pub fn open_store(spec_root: &Path, opts: &SpecOpts) -> anyhow::Result<Box<dyn Store>> {
     // A cache that cannot be created or written is the user's to fix (exit 2).
     Project::at(spec_root).open_store(opts.cache.as_deref()).map_err(|e| UsageError(e.to_string()).into())
 }
