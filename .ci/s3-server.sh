@@ -7,7 +7,7 @@ set -euo pipefail
 port=${1:-5057}
 endpoint="http://127.0.0.1:$port"
 
-python3 -c "import moto.server, flask, flask_cors" 2>/dev/null || python3 -m pip install --quiet 'moto[server]'
+python3 -c "import moto.server, flask, flask_cors" 2>/dev/null || python3 -m pip install --quiet 'moto[server]' >&2
 
 up() {
     python3 - "$endpoint" <<'PY'

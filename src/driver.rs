@@ -15,7 +15,7 @@ use std::path::{Path, PathBuf};
 
 use crate::artifacts::{Lock, LockError};
 use crate::cache::{LocalStore, Location, S3Options, S3Store, S3Url, Store, StoreError, CACHE_ENV};
-use crate::exec::{self, CellOutcome, ExecError, ExecOptions, Execution};
+use crate::exec::{self, CellOutcome, ExecError, ExecOptions, Execution, Executor, LocalThreads};
 use crate::frames::{self, FrameError, Frames};
 use crate::methods::{Method, Registry};
 use crate::plan::{self, Plan, PlanError};
@@ -324,12 +324,18 @@ impl Report {
     /// Plan a loaded spec and execute it against the store: look every cell up and, unless
     /// `exec_opts.cache_only`, compute what is missing.
     pub fn execute(spec: Spec, opts: &Options, exec_opts: &ExecOptions) -> Result<Report, DriverError> {
+        Report::execute_with(spec, opts, exec_opts, &LocalThreads)
+    }
+
+    /// [`Report::execute`] with the missing cells computed by `executor` (local threads, or
+    /// SLURM job arrays).
+    pub fn execute_with(spec: Spec, opts: &Options, exec_opts: &ExecOptions, executor: &dyn Executor) -> Result<Report, DriverError> {
         let plan = plan::plan(&spec).map_err(|source| DriverError::Plan { spec: spec.path.clone(), source: Box::new(source) })?;
         let store = Project::at(&spec.root).open_store(opts.cache.as_deref())?;
         if !exec_opts.cache_only {
             store.clean_tmp();
         }
-        let exec = exec::execute(&plan, store.as_ref(), exec_opts)?;
+        let exec = executor.execute(&plan, store.as_ref(), exec_opts)?;
         let collected = frames::collect(&plan, &exec, store.as_ref(), plan.method.metrics())?;
         let frames = collected.round_trip()?;
         Ok(Report { spec, plan, store, exec, opts: opts.clone(), frames, collected })
@@ -472,6 +478,23 @@ impl Staging {
         let out = out.to_path_buf();
         Ok(move |p: &Path| out.join(p.strip_prefix(self.path()).unwrap_or(p)))
     }
+}
+
+/// Look up or compute the one cell of `spec_path` whose key is `key` (what a SLURM task runs),
+/// with `threads` threads; its upstream cells must already be in the store.
+pub fn compute_cell(project: &Project, spec_path: &Path, opts: &Options, key: &str, threads: usize) -> Result<(String, CellOutcome), DriverError> {
+    let spec = project.load(spec_path, opts)?;
+    let plan = plan::plan(&spec).map_err(|source| DriverError::Plan { spec: spec.path.clone(), source: Box::new(source) })?;
+    let Some(i) = plan.cells.iter().position(|c| c.key == key) else {
+        let message = format!("no cell with key {key} in this plan (the spec, profile or overrides differ from the submitting run's)");
+        return Err(DriverError::Layout { path: spec_path.to_path_buf(), message });
+    };
+    let store = project.open_store(opts.cache.as_deref())?;
+    let outcome = exec::execute_one(&plan, i, store.as_ref(), threads)?;
+    for c in store.take_corruptions() {
+        eprintln!("warning: {c}; it was removed and recomputed");
+    }
+    Ok((plan.cells[i].name.clone(), outcome))
 }
 
 /// A path relative to the current directory when it lies below it (for messages and JSON).

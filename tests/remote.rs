@@ -1,7 +1,8 @@
-//! The remote store against a real service on loopback (issue 26): an S3-compatible server
-//! (`REPRISE_TEST_S3=http://127.0.0.1:PORT`, with a bucket `reprise-test`; `.ci/s3-server.sh`
-//! starts moto's). Without the variable a test says what it skipped and passes; with it, an
-//! unreachable service is a failure.
+//! The remote store and the SLURM executor against real services on loopback (issue 26): an
+//! S3-compatible server (`REPRISE_TEST_S3=http://127.0.0.1:PORT`, with a bucket `reprise-test`;
+//! `.ci/s3-server.sh` starts moto's) and a single-node SLURM cluster (`REPRISE_TEST_SLURM=1`;
+//! `.ci/slurm-cluster.sh` starts one). Without the variable a test says what it skipped and
+//! passes; with it, an unreachable service is a failure.
 
 mod common;
 
@@ -34,6 +35,16 @@ fn s3_endpoint(test: &str) -> Option<String> {
             None
         }
     }
+}
+
+fn slurm_enabled(test: &str) -> bool {
+    let on = std::env::var("REPRISE_TEST_SLURM").is_ok_and(|v| !v.is_empty());
+    if !on {
+        skipped(&format!(
+            "{test}: set REPRISE_TEST_SLURM=1 with a SLURM cluster whose sbatch, squeue and scontrol are on PATH and whose node sees this folder (`.ci/slurm-cluster.sh` starts one on loopback)"
+        ));
+    }
+    on
 }
 
 /// The variables the binary reads to reach the test server.
@@ -323,4 +334,65 @@ fn issue26_two_runs_on_one_s3_store_at_once_agree_and_a_killed_run_resumes() {
     assert_eq!(cells(&v).3, 0, "{v}");
     assert!(start.elapsed() < Duration::from_secs(100), "the killed runs' leases were taken over, not waited out");
     assert_same_report(local.path(), q.path());
+}
+
+/// The tiny report with `--executor slurm` into `cache`: the same files as a local run, then a
+/// rerun that submits nothing.
+fn slurm_run_matches_local(cache_of: impl Fn(&Path) -> String, vars: &[(&str, &str)]) {
+    let local = project("slurm-local");
+    run_json(local.path(), &[]);
+    let p = project("slurm-run");
+    let cache = cache_of(p.path());
+    let mut all: Vec<(&str, &str)> = vec![("REPRISE_SLURM_POLL", "0.5"), ("REPRISE_SLURM_GPUS", "0")];
+    all.extend_from_slice(vars);
+    let out = reprise_env(p.path(), &["run", "reports/tiny.toml", "--json", "--executor", "slurm", "--cache", &cache, "--time", "10"], &all);
+    let v = ok(&out);
+    let (planned, cached, ran, failed) = cells(&v);
+    assert_eq!((cached, ran, failed), (0, planned, 0), "{v}\n{}", String::from_utf8_lossy(&out.stderr));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("slurm: submitted job"), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_same_report(local.path(), p.path());
+    let out = reprise_env(p.path(), &["run", "reports/tiny.toml", "--json", "--executor", "slurm", "--cache", &cache], &all);
+    let v = ok(&out);
+    assert_eq!(cells(&v).1, planned, "{v}");
+    assert!(!String::from_utf8_lossy(&out.stderr).contains("submitted"), "a rerun submits nothing: {}", String::from_utf8_lossy(&out.stderr));
+}
+
+#[test]
+fn issue26_slurm_runs_a_report_into_a_shared_folder_as_a_local_run_does() {
+    if !slurm_enabled("issue26_slurm_runs_a_report_into_a_shared_folder_as_a_local_run_does") {
+        return;
+    }
+    slurm_run_matches_local(|p| p.join("shared-store").display().to_string(), &[]);
+}
+
+#[test]
+fn issue26_slurm_runs_a_report_into_s3_as_a_local_run_does() {
+    if !slurm_enabled("issue26_slurm_runs_a_report_into_s3_as_a_local_run_does") {
+        return;
+    }
+    let Some(endpoint) = s3_endpoint("issue26_slurm_runs_a_report_into_s3_as_a_local_run_does") else { return };
+    let vars = s3_vars(&endpoint);
+    let vars: Vec<(&str, &str)> = vars.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    slurm_run_matches_local(|_| fresh_url("slurm"), &vars);
+}
+
+#[test]
+fn issue26_a_failed_slurm_task_is_named_with_its_job_and_log() {
+    if !slurm_enabled("issue26_a_failed_slurm_task_is_named_with_its_job_and_log") {
+        return;
+    }
+    let p = project("slurm-fail");
+    // The data file the data cell reads is damaged: its task fails and leaves no record.
+    let data = p.path().join("data/optdigits_8x8.csv.gz");
+    let mut bytes = std::fs::read(&data).unwrap();
+    let mid = bytes.len() / 2;
+    bytes[mid] ^= 0xff;
+    std::fs::write(&data, bytes).unwrap();
+    let cache = p.path().join("shared-store").display().to_string();
+    let out = reprise_env(p.path(), &["run", "reports/tiny.toml", "--executor", "slurm", "--cache", &cache], &[("REPRISE_SLURM_POLL", "0.5")]);
+    let err = String::from_utf8_lossy(&out.stderr).to_string();
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(err.contains("SLURM task ") && err.contains("left no record in the store; see its log ") && err.contains("artifacts/.slurm/tiny/"), "{err}");
+    let log = err.split("see its log ").nth(1).unwrap().split_whitespace().next().unwrap();
+    assert!(Path::new(log).is_file(), "{log}");
 }

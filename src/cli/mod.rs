@@ -3,6 +3,7 @@
 //! output folder, exit codes).
 
 pub mod bench;
+pub mod cell;
 pub mod gc;
 pub mod notebook;
 pub mod run;
@@ -55,6 +56,9 @@ pub enum Command {
     Bench(bench::BenchArgs),
     /// Write the report's Jupyter notebook (evcxr Rust kernel) from the cache; prints its path.
     Notebook(notebook::NotebookArgs),
+    /// Compute one cell by key into the store (what a SLURM task of `run --executor slurm` runs).
+    #[command(hide = true)]
+    Cell(cell::CellArgs),
 }
 
 /// Options every command that reads a spec shares.
@@ -101,6 +105,7 @@ pub fn run_cli(cli: Cli, project: &Project) -> i32 {
         Command::Gc(a) => gc::gc(&a),
         Command::Bench(a) => bench::bench(&a),
         Command::Notebook(a) => notebook::notebook(&a, project),
+        Command::Cell(a) => cell::cell(&a, project),
     };
     match result {
         Ok(code) => code,
