@@ -233,6 +233,11 @@ fn issue26_s3_cell_leases_exclude_each_other_and_a_dead_holders_is_taken_over() 
     child.wait().unwrap();
     let note = format!("{{\"host\": {:?}, \"pid\": {dead}, \"expires\": 99999999999}}", hostname());
     let lease = ObjPath::from(format!("{}/locks/{key}.lock", url.prefix));
+    rt.block_on(raw.put(&lease, PutPayload::from(note.clone().into_bytes()))).unwrap();
+    // A run's start (and gc) removes it...
+    assert_eq!(s.clean_tmp(), 1);
+    assert!(rt.block_on(raw.head(&lease)).is_err());
+    // ...and a run that meets it takes it over.
     rt.block_on(raw.put(&lease, PutPayload::from(note.into_bytes()))).unwrap();
     let start = Instant::now();
     drop(s.lock(&key).unwrap());

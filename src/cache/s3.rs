@@ -614,8 +614,12 @@ impl Store for S3Store {
         Ok((keys, objs))
     }
 
+    /// The mirror's leftovers, and the cell leases of runs that stopped without releasing
+    /// them (stale by [`Inner::stale`], whatever `age`).
     fn clean_tmp_older_than(&self, age: Duration) -> usize {
-        self.mirror.clean_tmp_older_than(age)
+        let before = self.inner.list("locks").map_or(0, |l| l.len());
+        let live = self.inner.live_leases("locks", "").map_or(before, |l| l.len());
+        self.mirror.clean_tmp_older_than(age) + before.saturating_sub(live)
     }
 
     fn local_root(&self) -> Option<&Path> {
