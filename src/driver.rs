@@ -3,7 +3,8 @@
 //! through the command line.
 //!
 //! A [`Project`] is a folder with `reports/`, `templates/`, `data-manifests/` and `artifacts/`;
-//! it resolves the store once (a named folder, else `$REPRISE_CACHE`, else `artifacts/store`)
+//! it resolves the store once (a named folder or `s3://bucket/prefix`, else `$REPRISE_CACHE`,
+//! else `artifacts/store`)
 //! and a report's output folder (`artifacts/<id>` for the default profile, else
 //! `artifacts/<id>-<profile>`). A [`Report`] is a spec loaded with [`Options`], planned, and
 //! executed against the store (running what is missing, or looking it up only); it then
@@ -13,8 +14,8 @@
 use std::path::{Path, PathBuf};
 
 use crate::artifacts::{Lock, LockError};
-use crate::cache::{LocalStore, Store, StoreError, CACHE_ENV};
-use crate::exec::{self, CellOutcome, ExecError, ExecOptions, Execution};
+use crate::cache::{LocalStore, Location, S3Options, S3Store, S3Url, Store, StoreError, CACHE_ENV};
+use crate::exec::{self, CellOutcome, ExecError, ExecOptions, Execution, Executor, LocalThreads};
 use crate::frames::{self, FrameError, Frames};
 use crate::methods::{Method, Registry};
 use crate::plan::{self, Plan, PlanError};
@@ -225,9 +226,54 @@ impl Project {
         }
     }
 
-    /// The store at [`Project::store_dir`], opened (created when missing).
-    pub fn open_store(&self, cache: Option<&Path>) -> Result<LocalStore, DriverError> {
-        LocalStore::open(&self.store_dir(cache)).map_err(|e| DriverError::StoreOpen(Box::new(e)))
+    /// Where the store lives: [`Project::store_dir`], a remote store when it reads
+    /// `s3://bucket/prefix`.
+    pub fn store_location(&self, cache: Option<&Path>) -> Result<Location, DriverError> {
+        Location::parse(&self.store_dir(cache)).map_err(|e| DriverError::StoreOpen(Box::new(e)))
+    }
+
+    /// How a remote store at `url` is opened from this project: its objects are mirrored under
+    /// `$REPRISE_REMOTE_CACHE/<bucket>/<prefix>` when that is set, else under the project's
+    /// `artifacts/remote-cache/<bucket>/<prefix>` (the URL's parts are checked to be plain
+    /// names, so the mirror stays inside that folder).
+    pub fn s3_options(&self, url: &S3Url) -> S3Options {
+        let base = match std::env::var_os(REMOTE_CACHE_ENV) {
+            Some(d) if !d.is_empty() => PathBuf::from(d),
+            _ => self.artifacts_dir().join("remote-cache"),
+        };
+        let mut mirror = base.join(&url.bucket);
+        for seg in url.prefix.split('/').filter(|s| !s.is_empty()) {
+            mirror.push(seg);
+        }
+        S3Options::with_mirror(mirror)
+    }
+
+    /// The store at [`Project::store_location`], opened (created when missing).
+    pub fn open_store(&self, cache: Option<&Path>) -> Result<Box<dyn Store>, DriverError> {
+        let opened: Result<Box<dyn Store>, StoreError> = match self.store_location(cache)? {
+            Location::Local(dir) => LocalStore::open(&dir).map(|s| Box::new(s) as Box<dyn Store>),
+            Location::S3(url) => S3Store::open(&url, &self.s3_options(&url)).map(|s| Box::new(s) as Box<dyn Store>),
+        };
+        opened.map_err(|e| DriverError::StoreOpen(Box::new(e)))
+    }
+
+    /// The store at [`Project::store_location`] if it already exists (nothing is created).
+    pub fn open_existing_store(&self, cache: Option<&Path>) -> Result<Option<Box<dyn Store>>, DriverError> {
+        let opened: Result<Option<Box<dyn Store>>, StoreError> = match self.store_location(cache)? {
+            Location::Local(dir) if !dir.join("cells").is_dir() => Ok(None),
+            Location::Local(dir) => LocalStore::open(&dir).map(|s| Some(Box::new(s) as Box<dyn Store>)),
+            Location::S3(url) => S3Store::open_existing(&url, &self.s3_options(&url)).map(|s| s.map(|s| Box::new(s) as Box<dyn Store>)),
+        };
+        opened.map_err(|e| DriverError::StoreOpen(Box::new(e)))
+    }
+
+    /// The store opened for `gc`: nothing else may have it open ([`StoreError::InUse`]
+    /// otherwise). Errors are returned as the store gives them.
+    pub fn open_store_exclusive(&self, cache: Option<&Path>) -> Result<Box<dyn Store>, StoreError> {
+        match Location::parse(&self.store_dir(cache))? {
+            Location::Local(dir) => LocalStore::open_exclusive(&dir).map(|s| Box::new(s) as Box<dyn Store>),
+            Location::S3(url) => S3Store::open_exclusive(&url, &self.s3_options(&url)).map(|s| Box::new(s) as Box<dyn Store>),
+        }
     }
 
     /// Where a report's outputs go: `artifacts/<id>` for the default profile, else
@@ -237,6 +283,9 @@ impl Project {
         self.artifacts_dir().join(name)
     }
 }
+
+/// The environment variable naming where a remote store's objects are mirrored locally.
+pub const REMOTE_CACHE_ENV: &str = "REPRISE_REMOTE_CACHE";
 
 /// [`Project::load`] with the built-in methods.
 pub fn load(spec_path: &Path, opts: &Options) -> Result<Spec, DriverError> {
@@ -252,7 +301,7 @@ pub fn out_dir(spec: &Spec) -> PathBuf {
 pub struct Report {
     pub spec: Spec,
     pub plan: Plan,
-    pub store: LocalStore,
+    pub store: Box<dyn Store>,
     pub exec: Execution,
     /// The options it was opened with.
     pub opts: Options,
@@ -275,13 +324,19 @@ impl Report {
     /// Plan a loaded spec and execute it against the store: look every cell up and, unless
     /// `exec_opts.cache_only`, compute what is missing.
     pub fn execute(spec: Spec, opts: &Options, exec_opts: &ExecOptions) -> Result<Report, DriverError> {
+        Report::execute_with(spec, opts, exec_opts, &LocalThreads)
+    }
+
+    /// [`Report::execute`] with the missing cells computed by `executor` (local threads, or
+    /// SLURM job arrays).
+    pub fn execute_with(spec: Spec, opts: &Options, exec_opts: &ExecOptions, executor: &dyn Executor) -> Result<Report, DriverError> {
         let plan = plan::plan(&spec).map_err(|source| DriverError::Plan { spec: spec.path.clone(), source: Box::new(source) })?;
         let store = Project::at(&spec.root).open_store(opts.cache.as_deref())?;
         if !exec_opts.cache_only {
             store.clean_tmp();
         }
-        let exec = exec::execute(&plan, &store, exec_opts)?;
-        let collected = frames::collect(&plan, &exec, &store, plan.method.metrics())?;
+        let exec = executor.execute(&plan, store.as_ref(), exec_opts)?;
+        let collected = frames::collect(&plan, &exec, store.as_ref(), plan.method.metrics())?;
         let frames = collected.round_trip()?;
         Ok(Report { spec, plan, store, exec, opts: opts.clone(), frames, collected })
     }
@@ -423,6 +478,23 @@ impl Staging {
         let out = out.to_path_buf();
         Ok(move |p: &Path| out.join(p.strip_prefix(self.path()).unwrap_or(p)))
     }
+}
+
+/// Look up or compute the one cell of `spec_path` whose key is `key` (what a SLURM task runs),
+/// with `threads` threads; its upstream cells must already be in the store.
+pub fn compute_cell(project: &Project, spec_path: &Path, opts: &Options, key: &str, threads: usize) -> Result<(String, CellOutcome), DriverError> {
+    let spec = project.load(spec_path, opts)?;
+    let plan = plan::plan(&spec).map_err(|source| DriverError::Plan { spec: spec.path.clone(), source: Box::new(source) })?;
+    let Some(i) = plan.cells.iter().position(|c| c.key == key) else {
+        let message = format!("no cell with key {key} in this plan (the spec, profile or overrides differ from the submitting run's)");
+        return Err(DriverError::Layout { path: spec_path.to_path_buf(), message });
+    };
+    let store = project.open_store(opts.cache.as_deref())?;
+    let outcome = exec::execute_one(&plan, i, store.as_ref(), threads)?;
+    for c in store.take_corruptions() {
+        eprintln!("warning: {c}; it was removed and recomputed");
+    }
+    Ok((plan.cells[i].name.clone(), outcome))
 }
 
 /// A path relative to the current directory when it lies below it (for messages and JSON).

@@ -27,7 +27,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 
 use crate::artifacts::{Lock, LockedCell};
-use crate::cache::{sha256_file, CellStatus, LocalStore, RecordCheck, Store};
+use crate::cache::{sha256_file, CellStatus, LocalStore, RecordCheck};
 use crate::driver::{out_dir, DriverError, Options, Project};
 use crate::exec::{self, ExecOptions};
 use crate::frames::Frames;
@@ -176,11 +176,7 @@ fn check_cells(plan: &Plan, lock: &Lock, problems: &mut Vec<String>) {
 /// Where the store (as `run` would resolve it) already holds a record of a locked key, the
 /// record must agree with the lock. A store that does not exist is not created.
 fn check_against_store(spec: &Spec, opts: &Options, lock: &Lock, problems: &mut Vec<String>) {
-    let dir = Project::at(&spec.root).store_dir(opts.cache.as_deref());
-    if !dir.join("cells").is_dir() {
-        return;
-    }
-    let Ok(store) = LocalStore::open(&dir) else { return };
+    let Ok(Some(store)) = Project::at(&spec.root).open_existing_store(opts.cache.as_deref()) else { return };
     for l in &lock.cells {
         // Read-only: a damaged record is named, not removed (`run` removes and recomputes it).
         let r = match store.check_record(&l.key) {

@@ -26,8 +26,10 @@
 //! recomputed), never used. The store deletes only names it makes itself (a 64-hex object
 //! under its two-letter folder, a `<64 hex>.json` record, a temporary file of the pattern
 //! above) and follows no symbolic link inside the store: a linked subfolder is an error. The
-//! root itself may be a link (a cache on another disk). The [`Store`] trait is what a remote
-//! backend would implement.
+//! root itself may be a link (a cache on another disk).
+//!
+//! The [`Store`] trait is the seam between the cells and where they are kept: [`LocalStore`]
+//! here, and [`S3Store`] (`s3.rs`) in S3-compatible object storage, chosen by [`Location`].
 
 use std::collections::BTreeMap;
 use std::fs::{self, File, TryLockError};
@@ -39,6 +41,10 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
+
+mod s3;
+
+pub use s3::{S3Options, S3Store, S3Url, S3_SCHEME};
 
 /// The environment variable that points the store elsewhere.
 pub const CACHE_ENV: &str = "REPRISE_CACHE";
@@ -71,6 +77,12 @@ pub enum StoreError {
     InUse { path: PathBuf },
     #[error("damaged run note {path}: {message}; gc removes nothing while a note cannot be read, since it names objects a report still needs. Run that report again to rewrite the note, or delete the file")]
     DamagedRunNote { path: PathBuf, message: String },
+    /// A remote store's request failed (after the client's retries).
+    #[error("remote store error at {location}: {message} (check the AWS_* variables and that the server is reachable)")]
+    Remote { location: String, message: String },
+    /// A store location that cannot be used as written.
+    #[error("store location `{location}`: {message}")]
+    BadLocation { location: String, message: String },
 }
 
 fn io_err(path: &Path) -> impl FnOnce(io::Error) -> StoreError + '_ {
@@ -128,7 +140,8 @@ pub enum RecordCheck {
     Corrupt(Vec<Corruption>),
 }
 
-/// Storage of objects and cell records. Local today; a remote object store can implement it.
+/// Storage of objects and cell records: a local folder ([`LocalStore`]) or a prefix of an
+/// S3-compatible bucket ([`S3Store`]), with the same guarantees (see the module docs).
 pub trait Store: Send + Sync {
     /// Store bytes; returns their sha256 (hex).
     fn put(&self, bytes: &[u8]) -> Result<String, StoreError>;
@@ -146,11 +159,73 @@ pub trait Store: Send + Sync {
     fn take_corruptions(&self) -> Vec<Corruption>;
     /// Where the store lives, for messages.
     fn location(&self) -> String;
+
+    /// What the store holds for `key`, every output re-hashed, without removing anything (what
+    /// `status` and `verify` report; [`Store::get_record`] is the lookup that removes what is
+    /// corrupt).
+    fn check_record(&self, key: &str) -> Result<RecordCheck, StoreError>;
+    /// Every object hash present (only names the store makes), sorted.
+    fn list_objects(&self) -> Result<Vec<String>, StoreError>;
+    /// Every cell key with a record, sorted.
+    fn list_records(&self) -> Result<Vec<String>, StoreError>;
+    /// Size in bytes of object `hash` (0 when absent).
+    fn object_size(&self, hash: &str) -> u64;
+    /// Remove object `hash`; returns the bytes freed.
+    fn remove_object(&self, hash: &str) -> Result<u64, StoreError>;
+    /// Remove the record of `key`.
+    fn remove_record(&self, key: &str) -> Result<(), StoreError>;
+    /// Remember the keys and objects a run used, so `gc` keeps them (one note per report).
+    fn note_run(&self, report: &str, keys: &[String], objects: &[String]) -> Result<(), StoreError>;
+    /// Keys and objects named by the run notes; a damaged note is an error.
+    fn recent_references(&self) -> Result<(Vec<String>, Vec<String>), StoreError>;
+    /// Remove leftovers of interrupted writes older than `age`; returns how many.
+    fn clean_tmp_older_than(&self, age: Duration) -> usize;
+    /// Remove leftovers of interrupted writes older than a minute (a live writer's temporary
+    /// file is younger).
+    fn clean_tmp(&self) -> usize {
+        self.clean_tmp_older_than(Duration::from_secs(60))
+    }
+    /// The folder of a local store; `None` for a remote one.
+    fn local_root(&self) -> Option<&Path>;
 }
 
-/// An advisory lock on one cell key.
+/// Where a store lives: a local folder, or `s3://bucket/prefix`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Location {
+    Local(PathBuf),
+    S3(S3Url),
+}
+
+impl Location {
+    /// `s3://…` is a remote store (checked here); anything else a local folder.
+    pub fn parse(path: &Path) -> Result<Location, StoreError> {
+        match path.to_str() {
+            Some(s) if s.starts_with(S3_SCHEME) => Ok(Location::S3(S3Url::parse(s)?)),
+            _ => Ok(Location::Local(path.to_path_buf())),
+        }
+    }
+}
+
+impl std::fmt::Display for Location {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Location::Local(p) => write!(f, "{}", p.display()),
+            Location::S3(u) => write!(f, "{u}"),
+        }
+    }
+}
+
+/// An advisory lock on one cell key, released on drop.
 pub struct CellLock {
     _file: Option<File>,
+    _guard: Option<Box<dyn Send>>,
+}
+
+impl CellLock {
+    /// A lock held by `guard` until it is dropped (a remote store's lease).
+    pub fn guard(guard: Box<dyn Send>) -> CellLock {
+        CellLock { _file: None, _guard: Some(guard) }
+    }
 }
 
 /// How an open store holds the store-wide lock.
@@ -435,7 +510,7 @@ impl LocalStore {
 
     /// Remember the keys and objects a run used, so `gc` keeps them. One file per report,
     /// replaced on each run.
-    pub fn note_run(&self, report: &str, keys: &[String], objects: &[String]) -> Result<(), StoreError> {
+    fn note_run_local(&self, report: &str, keys: &[String], objects: &[String]) -> Result<(), StoreError> {
         let body = serde_json::json!({ "report": report, "cells": keys, "objects": objects });
         let bytes = serde_json::to_vec_pretty(&body).unwrap_or_default();
         self.write_atomic(&self.root.join("runs").join(format!("{report}.json")), &bytes)
@@ -443,7 +518,7 @@ impl LocalStore {
 
     /// Keys and objects named by the `runs/` notes. A note that cannot be read or parsed, or
     /// anything in `runs/` that is not a note, is an error: what it would have kept is unknown.
-    pub fn recent_references(&self) -> Result<(Vec<String>, Vec<String>), StoreError> {
+    fn recent_references_local(&self) -> Result<(Vec<String>, Vec<String>), StoreError> {
         let dir = self.root.join("runs");
         let (mut keys, mut objs) = (Vec::new(), Vec::new());
         for e in fs::read_dir(&dir).map_err(io_err(&dir))? {
@@ -455,21 +530,11 @@ impl LocalStore {
                 return Err(damaged("not a run note (reprise writes only regular `<report>.json` files there)".into()));
             }
             let bytes = fs::read(&p).map_err(|e| damaged(e.to_string()))?;
-            let v: serde_json::Value = serde_json::from_slice(&bytes).map_err(|e| damaged(e.to_string()))?;
-            for (field, out) in [("cells", &mut keys), ("objects", &mut objs)] {
-                let list = v.get(field).and_then(|a| a.as_array()).ok_or_else(|| damaged(format!("no `{field}` list")))?;
-                for item in list {
-                    out.push(item.as_str().ok_or_else(|| damaged(format!("`{field}` holds {item}, not a hash")))?.to_string());
-                }
-            }
+            let (k, o) = parse_run_note(&p, &bytes)?;
+            keys.extend(k);
+            objs.extend(o);
         }
         Ok((keys, objs))
-    }
-
-    /// Remove leftovers of interrupted writes older than a minute (a live writer's temporary
-    /// file is younger); returns how many.
-    pub fn clean_tmp(&self) -> usize {
-        self.clean_tmp_older_than(Duration::from_secs(60))
     }
 
     /// Remove the store's own temporary files (by name, never through a link) older than
@@ -492,9 +557,8 @@ impl LocalStore {
         n
     }
 
-    /// What the store holds for `key`, every output re-hashed, without removing anything (what
-    /// `status` reports; [`Store::get_record`] is the lookup that removes what is corrupt).
-    pub fn check_record(&self, key: &str) -> Result<RecordCheck, StoreError> {
+    /// [`Store::check_record`] of a local store.
+    fn check_record_local(&self, key: &str) -> Result<RecordCheck, StoreError> {
         let p = self.record_path(key);
         let bytes = match fs::read(&p) {
             Ok(b) => b,
@@ -528,6 +592,29 @@ impl LocalStore {
             RecordCheck::Intact(record)
         })
     }
+}
+
+/// The keys and objects a run note names; a note that does not parse is a
+/// [`StoreError::DamagedRunNote`] naming `path`.
+fn parse_run_note(path: &Path, bytes: &[u8]) -> Result<(Vec<String>, Vec<String>), StoreError> {
+    let damaged = |message: String| StoreError::DamagedRunNote { path: path.to_path_buf(), message };
+    let v: serde_json::Value = serde_json::from_slice(bytes).map_err(|e| damaged(e.to_string()))?;
+    let (mut keys, mut objs) = (Vec::new(), Vec::new());
+    for (field, out) in [("cells", &mut keys), ("objects", &mut objs)] {
+        let list = v.get(field).and_then(|a| a.as_array()).ok_or_else(|| damaged(format!("no `{field}` list")))?;
+        for item in list {
+            out.push(item.as_str().ok_or_else(|| damaged(format!("`{field}` holds {item}, not a hash")))?.to_string());
+        }
+    }
+    Ok((keys, objs))
+}
+
+/// A record as stored: the sha256 of its JSON body on the first line, then the body.
+fn record_bytes(record: &CellRecord) -> Result<Vec<u8>, serde_json::Error> {
+    let body = serde_json::to_vec_pretty(record)?;
+    let mut bytes = format!("{}\n", sha256_hex(&body)).into_bytes();
+    bytes.extend_from_slice(&body);
+    Ok(bytes)
 }
 
 /// A sealed record's body for `key`, or (seal, actual hash) when it does not check out.
@@ -585,9 +672,7 @@ impl Store for LocalStore {
     }
 
     fn put_record(&self, record: &CellRecord) -> Result<(), StoreError> {
-        let body = serde_json::to_vec_pretty(record).map_err(|e| StoreError::Io { path: self.record_path(&record.key), source: io::Error::other(e) })?;
-        let mut bytes = format!("{}\n", sha256_hex(&body)).into_bytes();
-        bytes.extend_from_slice(&body);
+        let bytes = record_bytes(record).map_err(|e| StoreError::Io { path: self.record_path(&record.key), source: io::Error::other(e) })?;
         self.write_atomic(&self.record_path(&record.key), &bytes)
     }
 
@@ -616,7 +701,7 @@ impl Store for LocalStore {
         let p = self.root.join("locks").join(format!("{key}.lock"));
         let f = File::options().create(true).truncate(false).write(true).open(&p).map_err(io_err(&p))?;
         f.lock().map_err(io_err(&p))?;
-        Ok(CellLock { _file: Some(f) })
+        Ok(CellLock { _file: Some(f), _guard: None })
     }
 
     fn take_corruptions(&self) -> Vec<Corruption> {
@@ -625,6 +710,46 @@ impl Store for LocalStore {
 
     fn location(&self) -> String {
         self.root.display().to_string()
+    }
+
+    fn check_record(&self, key: &str) -> Result<RecordCheck, StoreError> {
+        self.check_record_local(key)
+    }
+
+    fn list_objects(&self) -> Result<Vec<String>, StoreError> {
+        LocalStore::list_objects(self)
+    }
+
+    fn list_records(&self) -> Result<Vec<String>, StoreError> {
+        LocalStore::list_records(self)
+    }
+
+    fn object_size(&self, hash: &str) -> u64 {
+        LocalStore::object_size(self, hash)
+    }
+
+    fn remove_object(&self, hash: &str) -> Result<u64, StoreError> {
+        LocalStore::remove_object(self, hash)
+    }
+
+    fn remove_record(&self, key: &str) -> Result<(), StoreError> {
+        LocalStore::remove_record(self, key)
+    }
+
+    fn note_run(&self, report: &str, keys: &[String], objects: &[String]) -> Result<(), StoreError> {
+        self.note_run_local(report, keys, objects)
+    }
+
+    fn recent_references(&self) -> Result<(Vec<String>, Vec<String>), StoreError> {
+        self.recent_references_local()
+    }
+
+    fn clean_tmp_older_than(&self, age: Duration) -> usize {
+        LocalStore::clean_tmp_older_than(self, age)
+    }
+
+    fn local_root(&self) -> Option<&Path> {
+        Some(&self.root)
     }
 }
 

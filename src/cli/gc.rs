@@ -17,12 +17,13 @@ use clap::Args;
 
 use super::{shown, UsageError, EXIT_OK};
 use crate::artifacts::Lock;
-use crate::cache::{LocalStore, StoreError, CACHE_ENV};
+use crate::cache::StoreError;
+use crate::driver::Project;
 
 #[derive(Args, Debug)]
 pub struct GcArgs {
-    /// Cache directory (default: `artifacts/store`, or $REPRISE_CACHE).
-    #[arg(long, value_name = "DIR")]
+    /// Cache directory or `s3://bucket/prefix` (default: `artifacts/store`, or $REPRISE_CACHE).
+    #[arg(long, value_name = "DIR|URL")]
     pub cache: Option<PathBuf>,
     /// List what would be removed without removing it.
     #[arg(long)]
@@ -69,20 +70,21 @@ fn locked_references(root: &Path) -> anyhow::Result<(Vec<String>, Vec<String>)> 
     Ok((keys, objects))
 }
 
+/// A store in use is a matter of waiting (exit 1); any other refusal is the user's to fix.
+fn gc_open_error(e: StoreError) -> anyhow::Error {
+    match e {
+        e @ StoreError::InUse { .. } => e.into(),
+        e => UsageError(e.to_string()).into(),
+    }
+}
+
 pub fn gc(args: &GcArgs) -> anyhow::Result<i32> {
     let root = project_root()?;
-    let dir = match (&args.cache, std::env::var_os(CACHE_ENV)) {
-        (Some(d), _) => d.clone(),
-        (None, Some(d)) if !d.is_empty() => PathBuf::from(d),
-        _ => root.join("artifacts").join("store"),
-    };
-    let opened = if args.dry_run { LocalStore::open(&dir) } else { LocalStore::open_exclusive(&dir) };
-    let store = match opened {
-        Ok(s) => s,
-        // A store in use is a matter of waiting (exit 1); any other refusal is the user's to fix.
-        Err(e @ StoreError::InUse { .. }) => return Err(e.into()),
-        Err(e) => return Err(UsageError(e.to_string()).into()),
-    };
+    let project = Project::at(&root);
+    let opened =
+        if args.dry_run { project.open_store(args.cache.as_deref()).map_err(|e| UsageError(e.to_string()).into()) } else { project.open_store_exclusive(args.cache.as_deref()).map_err(gc_open_error) };
+    let store = opened?;
+    let dir = store.location();
     let (mut keys, mut objects): (BTreeSet<String>, BTreeSet<String>) = Default::default();
     let (k, o) = store.recent_references()?;
     keys.extend(k);
@@ -111,6 +113,6 @@ pub fn gc(args: &GcArgs) -> anyhow::Result<i32> {
         store.clean_tmp_older_than(Duration::ZERO);
     }
     let verb = if args.dry_run { "would remove" } else { "removed" };
-    eprintln!("{verb} {n_obj} objects ({:.1} MB) and {n_rec} cell records from {}", bytes as f64 / 1e6, shown(&dir));
+    eprintln!("{verb} {n_obj} objects ({:.1} MB) and {n_rec} cell records from {}", bytes as f64 / 1e6, shown(Path::new(&dir)));
     Ok(EXIT_OK)
 }

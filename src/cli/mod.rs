@@ -3,6 +3,7 @@
 //! output folder, exit codes).
 
 pub mod bench;
+pub mod cell;
 pub mod gc;
 pub mod notebook;
 pub mod run;
@@ -13,7 +14,7 @@ use std::path::{Path, PathBuf};
 
 use clap::{Args, Parser, Subcommand};
 
-use crate::cache::LocalStore;
+use crate::cache::Store;
 use crate::driver::{self, DriverError, Options, Project};
 use crate::spec::{self, Spec, DEFAULT_PROFILE};
 
@@ -55,6 +56,9 @@ pub enum Command {
     Bench(bench::BenchArgs),
     /// Write the report's Jupyter notebook (evcxr Rust kernel) from the cache; prints its path.
     Notebook(notebook::NotebookArgs),
+    /// Compute one cell by key into the store (what a SLURM task of `run --executor slurm` runs).
+    #[command(hide = true)]
+    Cell(cell::CellArgs),
 }
 
 /// Options every command that reads a spec shares.
@@ -67,8 +71,9 @@ pub struct SpecOpts {
     /// `--set defaults.epochs=5`; repeatable, validated like the file.
     #[arg(long = "set", value_name = "KEY.PATH=VALUE")]
     pub sets: Vec<String>,
-    /// Cache directory (default: `artifacts/store` of the project, or $REPRISE_CACHE).
-    #[arg(long, value_name = "DIR")]
+    /// Cache directory, or `s3://bucket/prefix` for S3-compatible storage (default:
+    /// `artifacts/store` of the project, or $REPRISE_CACHE).
+    #[arg(long, value_name = "DIR|URL")]
     pub cache: Option<PathBuf>,
 }
 
@@ -100,6 +105,7 @@ pub fn run_cli(cli: Cli, project: &Project) -> i32 {
         Command::Gc(a) => gc::gc(&a),
         Command::Bench(a) => bench::bench(&a),
         Command::Notebook(a) => notebook::notebook(&a, project),
+        Command::Cell(a) => cell::cell(&a, project),
     };
     match result {
         Ok(code) => code,
@@ -187,7 +193,7 @@ impl SpecOpts {
 }
 
 /// The store of [`Project::store_dir`], opened (created when missing).
-pub fn open_store(spec_root: &Path, opts: &SpecOpts) -> anyhow::Result<LocalStore> {
+pub fn open_store(spec_root: &Path, opts: &SpecOpts) -> anyhow::Result<Box<dyn Store>> {
     // A cache that cannot be created or written is the user's to fix (exit 2).
     Project::at(spec_root).open_store(opts.cache.as_deref()).map_err(|e| UsageError(e.to_string()).into())
 }

@@ -5,12 +5,13 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use anyhow::Context;
-use clap::Args;
+use clap::{Args, ValueEnum};
 use serde_json::json;
 
 use super::{find_specs, load_spec, shown, SpecOpts, UsageError, EXIT_FAILED, EXIT_OK};
+use crate::cache::Location;
 use crate::driver::{Project, Report, Written};
-use crate::exec::{self, CellOutcome, ExecOptions, Execution};
+use crate::exec::{self, CellOutcome, ExecOptions, Execution, Executor, LocalThreads, Slurm, SlurmConfig, TaskCommand};
 use crate::spec::Spec;
 
 #[derive(Args, Debug)]
@@ -25,6 +26,73 @@ pub struct RunArgs {
     /// Print one JSON object with cell counts, output paths and seconds.
     #[arg(long)]
     pub json: bool,
+    /// Where missing cells run: `local` threads, or `slurm` job arrays on a cluster (each task
+    /// computes one cell into the shared store; see the README's cluster section).
+    #[arg(long, value_enum, default_value_t = ExecutorKind::Local)]
+    pub executor: ExecutorKind,
+    #[command(flatten)]
+    pub slurm: SlurmArgs,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum ExecutorKind {
+    Local,
+    Slurm,
+}
+
+/// `--executor slurm` settings; each overrides the settings file and the `REPRISE_SLURM_*`
+/// variables.
+#[derive(Args, Debug, Default)]
+#[command(next_help_heading = "SLURM (with --executor slurm)")]
+pub struct SlurmArgs {
+    /// A TOML file of settings: partition, time, gpus_per_cell, cpus_per_task, sbatch_args,
+    /// poll_seconds.
+    #[arg(long, value_name = "FILE")]
+    pub slurm_config: Option<PathBuf>,
+    /// `--partition` of every job.
+    #[arg(long)]
+    pub partition: Option<String>,
+    /// `--time` of every job, SLURM's format (e.g. 2:00:00).
+    #[arg(long, value_name = "LIMIT")]
+    pub time: Option<String>,
+    /// GPUs a cell that wants one asks for (`--gres=gpu:N`; default 1, 0 for none).
+    #[arg(long, value_name = "N")]
+    pub gpus_per_cell: Option<u32>,
+    /// A further `sbatch` argument (repeatable), e.g. `--sbatch-arg=--account=ml`.
+    #[arg(long = "sbatch-arg", value_name = "ARG", allow_hyphen_values = true)]
+    pub sbatch_args: Vec<String>,
+}
+
+impl SlurmArgs {
+    /// The settings: file, then environment, then these options.
+    fn config(&self) -> anyhow::Result<SlurmConfig> {
+        let mut c = SlurmConfig::load(self.slurm_config.as_deref()).map_err(|e| UsageError(e.to_string()))?;
+        if let Some(p) = &self.partition {
+            c.partition = Some(p.clone());
+        }
+        if let Some(t) = &self.time {
+            c.time = Some(t.clone());
+        }
+        if let Some(g) = self.gpus_per_cell {
+            c.gpus_per_cell = g;
+        }
+        c.sbatch_args.extend(self.sbatch_args.iter().cloned());
+        Ok(c)
+    }
+}
+
+/// The SLURM executor for `spec`: tasks run this binary in the project folder against the
+/// same store, named so that every node finds it (absolute paths).
+fn slurm_for(spec: &Spec, opts: &crate::driver::Options, config: SlurmConfig) -> anyhow::Result<Slurm> {
+    let here = |p: &Path| if p.as_os_str().is_empty() { Path::new(".").to_path_buf() } else { p.to_path_buf() };
+    let root = std::path::absolute(here(&spec.root)).with_context(|| format!("resolving {}", spec.root.display()))?;
+    let cache = match Project::at(&spec.root).store_location(opts.cache.as_deref())? {
+        Location::Local(dir) => std::path::absolute(&dir).with_context(|| format!("resolving {}", dir.display()))?.display().to_string(),
+        Location::S3(url) => url.to_string(),
+    };
+    let exe = std::env::current_exe().context("finding this program, which the tasks run")?;
+    let task = TaskCommand { exe, root: root.clone(), spec: PathBuf::from(spec.rel_path()), profile: spec.profile.clone(), sets: opts.sets.clone(), cache };
+    Ok(Slurm { config, task, log_dir: root.join("artifacts").join(".slurm").join(&spec.report.id) })
 }
 
 #[derive(Args, Debug)]
@@ -98,10 +166,18 @@ pub fn run(args: &RunArgs, project: &Project) -> anyhow::Result<i32> {
     let opts = args.opts.options();
     // Every spec and its template are checked before anything is computed.
     let loaded: Vec<Spec> = specs.iter().map(|p| load_spec(p, &args.opts, project)).collect::<anyhow::Result<_>>()?;
+    let slurm_config = match args.executor {
+        ExecutorKind::Slurm => Some(args.slurm.config()?),
+        ExecutorKind::Local => None,
+    };
     let mut runs = Vec::new();
     for spec in loaded {
         let path = spec.path.clone();
-        let report = Report::execute(spec, &opts, &ExecOptions::with_jobs(args.jobs)).with_context(|| format!("running {}", path.display()))?;
+        let executor: Box<dyn Executor> = match &slurm_config {
+            Some(c) => Box::new(slurm_for(&spec, &opts, c.clone())?),
+            None => Box::new(LocalThreads),
+        };
+        let report = Report::execute_with(spec, &opts, &ExecOptions::with_jobs(args.jobs), executor.as_ref()).with_context(|| format!("running {}", path.display()))?;
         report.exec.print_corruptions(true);
         // Bad input data (a missing file, a wrong hash, a malformed file) is the user's to fix
         // (exit 2), and a report rendered without its data would only overwrite the committed

@@ -8,7 +8,7 @@ use serde_json::json;
 
 use super::{load_spec, open_store, out_dir, SpecOpts, UsageError, EXIT_OK};
 use crate::artifacts::Lock;
-use crate::cache::{CellStatus, RecordCheck, Store};
+use crate::cache::{CellStatus, RecordCheck};
 use crate::driver::Project;
 use crate::plan;
 

@@ -67,7 +67,7 @@ fn json<T: Serialize>(v: &T) -> Result<Vec<u8>, CellFailure> {
 
 /// The record of `key` if every output it names reads back with its hash. A corrupt output is
 /// removed (and reported by the store), so the cell counts as missing and is recomputed.
-fn intact_record(store: &dyn Store, key: &str) -> Result<Option<CellRecord>, StoreError> {
+pub(super) fn intact_record(store: &dyn Store, key: &str) -> Result<Option<CellRecord>, StoreError> {
     let Some(r) = store.get_record(key)? else { return Ok(None) };
     for hash in r.outputs.values() {
         if store.get(hash)?.is_none() {

@@ -11,6 +11,8 @@
 
 mod awake;
 mod cells;
+mod executor;
+mod slurm;
 
 use std::collections::BTreeMap;
 use std::io::IsTerminal;
@@ -20,6 +22,8 @@ use std::time::{Duration, Instant};
 use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
 
 pub use awake::{install_awake, wait_policy, WaitPolicy, WAIT_ENV};
+pub use executor::{Executor, LocalThreads};
+pub use slurm::{batch_script, sbatch_args, Slurm, SlurmConfig, SlurmError, TaskCommand, SLURM_ENV_PREFIX};
 
 use crate::cache::{CellRecord, CellStatus, Corruption, Store, StoreError};
 use crate::methods::Progress;
@@ -195,6 +199,8 @@ impl Execution {
 pub enum ExecError {
     #[error(transparent)]
     Store(#[from] StoreError),
+    #[error(transparent)]
+    Slurm(#[from] SlurmError),
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -358,6 +364,36 @@ pub fn execute(plan: &Plan, store: &dyn Store, opts: &ExecOptions) -> Result<Exe
     }
     let outcomes = s.outcomes.into_iter().map(|o| o.unwrap_or_else(|| CellOutcome::Failed("not run".into()))).collect();
     Ok(Execution { outcomes, seconds: start.elapsed().as_secs_f64(), corruptions: store.take_corruptions() })
+}
+
+/// Look up or compute the one cell `i` of `plan` (a SLURM task's work), with every core of
+/// this process (`threads`) for its tensor operations; its upstream cells must be in the store.
+/// Epochs are printed on stderr, which a cluster keeps in the task's log.
+pub fn execute_one(plan: &Plan, i: usize, store: &dyn Store, threads: usize) -> Result<CellOutcome, ExecError> {
+    limit_tensor_threads(threads);
+    let cell = &plan.cells[i];
+    let mut inputs = Vec::new();
+    for &u in &cell.upstream {
+        match cells::intact_record(store, &plan.cells[u].key)? {
+            Some(r) if r.status == CellStatus::Ok => inputs.push(r),
+            Some(_) => return Ok(CellOutcome::Failed(format!("{UPSTREAM_FAILED}: {}", plan.cells[u].name))),
+            None => return Ok(CellOutcome::Failed(format!("upstream cell {} is not in the store {}; its task must finish first", plan.cells[u].name, store.location()))),
+        }
+    }
+    struct Log<'a>(&'a str);
+    impl Progress for Log<'_> {
+        fn epoch(&self, done: usize, total: usize, note: &str) {
+            eprintln!("{}: epoch {done}/{total} {note}", self.0);
+        }
+    }
+    let memo = cells::Memo::default();
+    let work = || cells::run_cell(plan, i, &inputs, store, &memo, &Log(&cell.name), false);
+    let pool = rayon::ThreadPoolBuilder::new().num_threads(threads.max(1)).build().ok();
+    let outcome = match &pool {
+        Some(p) => install_awake(p, work),
+        None => work(),
+    }?;
+    Ok(outcome)
 }
 
 /// candle sizes its CPU kernels' parallelism from `RAYON_NUM_THREADS` (read once); with several

@@ -98,7 +98,7 @@ fn notebook(report: &Report, crate_dir: &Path) -> Result<Value, NotebookError> {
     let crate_rel = slashed(&relative(&dir, &crate_abs));
     let sets: Vec<String> = report.opts.sets.iter().map(|s| format!("{s:?}")).collect();
     let cache = match report.named_store() {
-        Some(p) => format!("Some(std::path::Path::new({:?}))", slashed(p)),
+        Some(p) => format!("Some(std::path::Path::new({:?}))", slashed(&p)),
         None => "None".to_string(),
     };
     let shown_spec = spec.rel_path();

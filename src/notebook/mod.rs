@@ -86,15 +86,16 @@ impl Report {
         &self.plan
     }
 
-    /// The cache directory the cells were read from.
-    pub fn store_dir(&self) -> &Path {
-        self.store.root()
+    /// The cache the cells were read from: a folder, or `s3://bucket/prefix`.
+    pub fn store_dir(&self) -> PathBuf {
+        PathBuf::from(self.store.location())
     }
 
-    /// The cache directory when it is not the project's default one.
-    pub fn named_store(&self) -> Option<&Path> {
+    /// The cache when it is not the project's default one.
+    pub fn named_store(&self) -> Option<PathBuf> {
         let default = Project::at(&self.spec.root).artifacts_dir().join("store");
-        (self.store.root() != default).then(|| self.store.root())
+        let dir = self.store_dir();
+        (dir != default).then_some(dir)
     }
 
     /// The typed rows of the three frames.
