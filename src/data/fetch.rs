@@ -9,6 +9,11 @@
 //! is downloaded only when the caller asks to pin it, and its hash is then written into the
 //! manifest.
 //!
+//! Files that a data set publishes inside one tar archive (CIFAR's `.tar.gz`) share the archive's
+//! `url` and each name its `member`: the archive is downloaded once (and resumed like any
+//! download), the members are written to their files' temporary names and checked and renamed
+//! as above, and the archive is removed. Member names are only compared, never used as paths.
+//!
 //! Destinations are confined to the project root: the manifest's paths are relative without
 //! `..` (checked when it is parsed), and no folder on the way may be a symlink that leads out of
 //! the root, nor the file itself a symlink.
@@ -84,15 +89,17 @@ pub struct FetchOptions {
 /// file's path (relative to `root`) and outcome, in manifest order. Stops at the first error.
 pub fn fetch_manifest(root: &Path, manifest: &Manifest, opts: FetchOptions) -> Result<Vec<(PathBuf, Outcome)>, FetchError> {
     let root = std::fs::canonicalize(root).map_err(io(root))?;
-    let mut out = Vec::new();
+    let mut out: Vec<Option<Outcome>> = vec![None; manifest.files.len()];
     let mut pins: Vec<(usize, String)> = Vec::new();
     let mut fetcher: Option<Fetcher> = None;
+    // Files taken out of an archive, by the archive's url: (file index, destination).
+    let mut archives: Vec<(&str, Vec<(usize, PathBuf)>)> = Vec::new();
     for (i, f) in manifest.files.iter().enumerate() {
         let unpinned = f.sha256 == UNPINNED;
         let dest = destination(&root, &f.path)?;
         if dest.exists() {
             let actual = sha256_file(&dest).map_err(|e| FetchError::Manifest { path: dest.clone(), message: e.to_string() })?;
-            let outcome = if unpinned {
+            out[i] = Some(if unpinned {
                 if opts.pin {
                     pins.push((i, actual.clone()));
                     Outcome::Pinned(actual)
@@ -103,16 +110,22 @@ pub fn fetch_manifest(root: &Path, manifest: &Manifest, opts: FetchOptions) -> R
                 Outcome::Present
             } else {
                 return Err(FetchError::PresentMismatch { path: dest, manifest: manifest.path.clone(), expected: f.sha256.clone(), actual });
-            };
-            out.push((f.path.clone(), outcome));
+            });
             continue;
         }
         let Some(url) = &f.url else {
-            out.push((f.path.clone(), Outcome::NoUrl));
+            out[i] = Some(Outcome::NoUrl);
             continue;
         };
         if unpinned && !opts.pin {
-            out.push((f.path.clone(), Outcome::Unpinned));
+            out[i] = Some(Outcome::Unpinned);
+            continue;
+        }
+        if f.member.is_some() {
+            match archives.iter_mut().find(|(u, _)| *u == url.as_str()) {
+                Some((_, files)) => files.push((i, dest)),
+                None => archives.push((url, vec![(i, dest)])),
+            }
             continue;
         }
         if fetcher.is_none() {
@@ -121,23 +134,117 @@ pub fn fetch_manifest(root: &Path, manifest: &Manifest, opts: FetchOptions) -> R
         let fetcher = fetcher.as_ref().expect("created above");
         let part = part_path(&dest);
         fetcher.download(url, &part, &f.path)?;
-        let actual = sha256_file(&part).map_err(|e| FetchError::Manifest { path: part.clone(), message: e.to_string() })?;
-        if !unpinned && actual != f.sha256 {
-            let _ = std::fs::remove_file(&part);
-            return Err(FetchError::HashMismatch { url: url.clone(), path: dest, manifest: manifest.path.clone(), expected: f.sha256.clone(), actual });
+        out[i] = Some(place(manifest, i, url, &part, &dest, &mut pins)?);
+    }
+    for (url, files) in archives {
+        if fetcher.is_none() {
+            fetcher = Some(Fetcher::new(opts.progress)?);
         }
-        std::fs::rename(&part, &dest).map_err(io(&dest))?;
-        if unpinned {
-            pins.push((i, actual.clone()));
-            out.push((f.path.clone(), Outcome::Pinned(actual)));
-        } else {
-            out.push((f.path.clone(), Outcome::Fetched));
+        let fetcher = fetcher.as_ref().expect("created above");
+        // The archive is kept beside its first member until every member is in place.
+        let first = &files[0].1;
+        let name: String = url.rsplit('/').next().unwrap_or("").chars().filter(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '_')).collect();
+        let archive = first.with_file_name(format!(".{}.part", if name.trim_matches('.').is_empty() { "archive" } else { &name }));
+        fetcher.download(url, &archive, Path::new(url.rsplit('/').next().unwrap_or(url)))?;
+        let wanted: Vec<(&str, PathBuf)> = files.iter().map(|(i, dest)| (manifest.files[*i].member.as_deref().expect("grouped by member"), part_path(dest))).collect();
+        let unpack = extract(&archive, &wanted).map_err(|message| FetchError::Http { url: url.to_string(), message: format!("unpacking the download: {message}") });
+        if let Err(e) = unpack {
+            let _ = std::fs::remove_file(&archive);
+            wanted.iter().for_each(|(_, part)| drop(std::fs::remove_file(part)));
+            return Err(e);
         }
+        for (i, dest) in &files {
+            let placed = place(manifest, *i, url, &part_path(dest), dest, &mut pins);
+            if placed.is_err() {
+                // A member that does not match condemns the archive it came from.
+                let _ = std::fs::remove_file(&archive);
+                wanted.iter().for_each(|(_, part)| drop(std::fs::remove_file(part)));
+            }
+            out[*i] = Some(placed?);
+        }
+        let _ = std::fs::remove_file(&archive);
     }
     if !pins.is_empty() {
         pin_hashes(&manifest.path, &pins)?;
     }
-    Ok(out)
+    Ok(manifest.files.iter().zip(out).map(|(f, o)| (f.path.clone(), o.expect("every file has an outcome"))).collect())
+}
+
+/// Hashes the downloaded `part` of file `i` and renames it to `dest` when the hash is the
+/// pinned one (or, for an unpinned file, records the hash to pin); a mismatch removes `part`.
+fn place(manifest: &Manifest, i: usize, url: &str, part: &Path, dest: &Path, pins: &mut Vec<(usize, String)>) -> Result<Outcome, FetchError> {
+    let f = &manifest.files[i];
+    let actual = sha256_file(part).map_err(|e| FetchError::Manifest { path: part.to_path_buf(), message: e.to_string() })?;
+    if f.sha256 != UNPINNED && actual != f.sha256 {
+        let _ = std::fs::remove_file(part);
+        return Err(FetchError::HashMismatch { url: url.to_string(), path: dest.to_path_buf(), manifest: manifest.path.clone(), expected: f.sha256.clone(), actual });
+    }
+    std::fs::rename(part, dest).map_err(io(dest))?;
+    if f.sha256 == UNPINNED {
+        pins.push((i, actual.clone()));
+        return Ok(Outcome::Pinned(actual));
+    }
+    Ok(Outcome::Fetched)
+}
+
+/// Writes each `(member, to)` of the tar archive at `archive` (gzip-compressed or not) to the
+/// file `to`. Only regular files are read; member names are only compared, never used as paths.
+/// A member the archive lacks is an error naming it.
+fn extract(archive: &Path, wanted: &[(&str, PathBuf)]) -> Result<(), String> {
+    use std::io::Read;
+    let file = std::fs::File::open(archive).map_err(|e| format!("{}: {e}", archive.display()))?;
+    let mut magic = [0u8; 2];
+    let gz = std::fs::File::open(archive).and_then(|mut f| f.read_exact(&mut magic)).is_ok() && magic == [0x1f, 0x8b];
+    let mut reader: Box<dyn Read> = if gz { Box::new(flate2::read::GzDecoder::new(std::io::BufReader::new(file))) } else { Box::new(std::io::BufReader::new(file)) };
+    let mut found = vec![false; wanted.len()];
+    let mut long_name: Option<String> = None;
+    let mut header = [0u8; 512];
+    loop {
+        if let Err(e) = reader.read_exact(&mut header) {
+            return Err(format!("not a complete tar archive: {e}"));
+        }
+        if header.iter().all(|&b| b == 0) {
+            break;
+        }
+        let field = |from: usize, to: usize| -> String {
+            let bytes = &header[from..to];
+            String::from_utf8_lossy(&bytes[..bytes.iter().position(|&b| b == 0).unwrap_or(bytes.len())]).into_owned()
+        };
+        let size_text = field(124, 136);
+        let size = u64::from_str_radix(size_text.trim_matches(|c: char| c == ' ' || c == '\0'), 8).map_err(|_| format!("a tar header with the size {size_text:?}"))?;
+        let kind = header[156];
+        let name = match long_name.take() {
+            Some(n) => n,
+            None if &header[257..262] == b"ustar" && header[345] != 0 => format!("{}/{}", field(345, 500), field(0, 100)),
+            None => field(0, 100),
+        };
+        let padded = size.div_ceil(512) * 512;
+        let mut body = (&mut reader).take(padded);
+        if kind == b'L' {
+            let mut text = Vec::new();
+            body.read_to_end(&mut text).map_err(|e| format!("not a complete tar archive: {e}"))?;
+            text.truncate(size as usize);
+            long_name = Some(String::from_utf8_lossy(&text).trim_end_matches('\0').to_string());
+            continue;
+        }
+        let member = name.trim_start_matches("./");
+        let hit = if matches!(kind, b'0' | 0) { wanted.iter().position(|(m, _)| *m == member) } else { None };
+        if let Some(k) = hit {
+            let to = &wanted[k].1;
+            let mut out = std::fs::File::create(to).map_err(|e| format!("{}: {e}", to.display()))?;
+            let copied = std::io::copy(&mut (&mut body).take(size), &mut out).map_err(|e| format!("{member}: {e}"))?;
+            if copied != size {
+                return Err(format!("{member}: the archive ends inside it"));
+            }
+            out.sync_all().map_err(|e| format!("{}: {e}", to.display()))?;
+            found[k] = true;
+        }
+        std::io::copy(&mut body, &mut std::io::sink()).map_err(|e| format!("not a complete tar archive: {e}"))?;
+    }
+    match found.iter().position(|f| !f) {
+        Some(k) => Err(format!("the archive holds no file {:?}", wanted[k].0)),
+        None => Ok(()),
+    }
 }
 
 /// The temporary file a download of `dest` goes to: `.<name>.part` in the same folder, so that

@@ -92,6 +92,10 @@ pub struct FileEntry {
     /// id: a mirror serves the same bytes, and the sha256 checks that it does.
     #[serde(default)]
     pub url: Option<String>,
+    /// When `url` is a tar archive (gzip-compressed or not): the path of this file inside it.
+    /// Files of one archive share its `url`, and one download serves them all.
+    #[serde(default)]
+    pub member: Option<String>,
 }
 
 /// A parsed, validated data manifest.

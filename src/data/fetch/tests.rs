@@ -125,13 +125,21 @@ fn sha(bytes: &[u8]) -> String {
 
 /// A project folder with `data-manifests/test.toml` naming `files` as (path, sha256, url).
 fn project(files: &[(&str, &str, &str)]) -> (tempfile::TempDir, Manifest) {
+    project_with(files, &[])
+}
+
+/// As [`project`], with `members[k]` (when given) as file `k`'s archive member.
+fn project_with(files: &[(&str, &str, &str)], members: &[&str]) -> (tempfile::TempDir, Manifest) {
     let dir = tempfile::tempdir().unwrap();
     std::fs::create_dir_all(dir.path().join("data-manifests")).unwrap();
     let mut text = String::from(
         "# A test manifest; this comment must survive pinning.\nname = \"test\"\ndescription = \"d\"\nclasses = [\"a\", \"b\"]\nlicence = \"l\"\nsource = \"s\"\ncitation = \"c\"\n\n[format]\nkind = \"idx\"\n",
     );
-    for (path, hash, url) in files {
+    for (k, (path, hash, url)) in files.iter().enumerate() {
         text += &format!("\n[[files]]\npath = \"{path}\"\nsha256 = \"{hash}\"\nrole = \"r{}\"\nurl = \"{url}\"\n", path.len());
+        if let Some(member) = members.get(k) {
+            text += &format!("member = \"{member}\"\n");
+        }
     }
     let path = dir.path().join("data-manifests/test.toml");
     std::fs::write(&path, text).unwrap();
@@ -330,4 +338,109 @@ fn urls_must_be_http_or_https() {
         let e = Manifest::from_toml_str(&text.replace("https://example.org/a.bin", bad), &m.path).unwrap_err().to_string();
         assert!(e.contains("must be an http:// or https:// address"), "{bad}: {e}");
     }
+}
+
+/// A gzip-compressed tar archive of `(name, bytes)` regular files (ustar headers; a name over
+/// 100 bytes goes through a GNU long-name entry).
+fn tar_gz(files: &[(&str, &[u8])]) -> Vec<u8> {
+    fn header(name: &[u8], size: usize, kind: u8) -> [u8; 512] {
+        let mut h = [0u8; 512];
+        h[..name.len().min(100)].copy_from_slice(&name[..name.len().min(100)]);
+        h[100..108].copy_from_slice(b"0000644\0");
+        h[108..116].copy_from_slice(b"0000000\0");
+        h[116..124].copy_from_slice(b"0000000\0");
+        h[124..136].copy_from_slice(format!("{size:011o}\0").as_bytes());
+        h[136..148].copy_from_slice(b"00000000000\0");
+        h[156] = kind;
+        h[257..263].copy_from_slice(b"ustar\0");
+        h[263..265].copy_from_slice(b"00");
+        h[148..156].copy_from_slice(b"        ");
+        let sum: u32 = h.iter().map(|&b| b as u32).sum();
+        h[148..156].copy_from_slice(format!("{sum:06o}\0 ").as_bytes());
+        h
+    }
+    fn padded(out: &mut Vec<u8>, bytes: &[u8]) {
+        out.extend_from_slice(bytes);
+        out.resize(out.len().div_ceil(512) * 512, 0);
+    }
+    let mut tar = Vec::new();
+    for (name, bytes) in files {
+        if name.len() > 100 {
+            tar.extend_from_slice(&header(b"././@LongLink", name.len() + 1, b'L'));
+            padded(&mut tar, format!("{name}\0").as_bytes());
+        }
+        tar.extend_from_slice(&header(name.as_bytes(), bytes.len(), b'0'));
+        padded(&mut tar, bytes);
+    }
+    tar.resize(tar.len() + 1024, 0);
+    let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+    gz.write_all(&tar).unwrap();
+    gz.finish().unwrap()
+}
+
+#[test]
+fn files_inside_one_archive_come_from_one_download() {
+    let server = Server::start();
+    let (a, b) = (data(3_000, 10), data(70_000, 11));
+    let long = format!("set/{}/b.bin", "deep".repeat(30));
+    let archive = tar_gz(&[("set/readme.txt", b"hello"), ("set/a.bin", &a), (&long, &b)]);
+    let url = server.route("/set.tar.gz", Route { body: archive, ..Route::default() });
+    let (dir, m) = project_with(&[("data/set/a.bin", &sha(&a), &url), ("data/set/b.bin", &sha(&b), &url)], &["set/a.bin", &long]);
+    let out = fetch_manifest(dir.path(), &m, quiet()).unwrap();
+    assert_eq!(out, vec![(PathBuf::from("data/set/a.bin"), Outcome::Fetched), (PathBuf::from("data/set/b.bin"), Outcome::Fetched)]);
+    assert_eq!(std::fs::read(dir.path().join("data/set/a.bin")).unwrap(), a);
+    assert_eq!(std::fs::read(dir.path().join("data/set/b.bin")).unwrap(), b);
+    assert_eq!(files_under(&dir.path().join("data")), vec!["set/a.bin", "set/b.bin"], "the archive and parts are removed");
+    assert_eq!(server.requests().len(), 1);
+    // One member removed: fetched again from the archive, the other one left as it is.
+    std::fs::remove_file(dir.path().join("data/set/b.bin")).unwrap();
+    let out = fetch_manifest(dir.path(), &m, quiet()).unwrap();
+    assert_eq!(out[0].1, Outcome::Present);
+    assert_eq!(out[1].1, Outcome::Fetched);
+}
+
+#[test]
+fn a_corrupted_or_incomplete_archive_leaves_no_file() {
+    let server = Server::start();
+    let a = data(3_000, 12);
+    let archive = tar_gz(&[("set/a.bin", &a)]);
+    let url = server.route("/set.tar.gz", Route { body: archive.clone(), corrupt: true, ..Route::default() });
+    let (dir, m) = project_with(&[("data/set/a.bin", &sha(&a), &url)], &["set/a.bin"]);
+    let text = fetch_manifest(dir.path(), &m, quiet()).unwrap_err().to_string();
+    assert!(text.contains(&url), "{text}");
+    assert_eq!(files_under(&dir.path().join("data")), Vec::<String>::new());
+    // A member the archive does not hold is named.
+    server.route("/set.tar.gz", Route { body: archive.clone(), ..Route::default() });
+    let (dir, m) = project_with(&[("data/set/a.bin", &sha(&a), &url)], &["set/other.bin"]);
+    let text = fetch_manifest(dir.path(), &m, quiet()).unwrap_err().to_string();
+    assert!(text.contains(&url) && text.contains("no file \"set/other.bin\""), "{text}");
+    assert_eq!(files_under(&dir.path().join("data")), Vec::<String>::new());
+    // An archive member whose bytes are not the pinned ones.
+    let (dir, m) = project_with(&[("data/set/a.bin", &sha(b"other"), &url)], &["set/a.bin"]);
+    assert!(matches!(fetch_manifest(dir.path(), &m, quiet()), Err(FetchError::HashMismatch { .. })));
+    assert_eq!(files_under(&dir.path().join("data")), Vec::<String>::new());
+}
+
+/// The archive reader against what GNU tar writes (the CIFAR archives are GNU tar files), when
+/// `tar` is installed.
+#[test]
+fn members_of_an_archive_written_by_gnu_tar() {
+    let src = tempfile::tempdir().unwrap();
+    let a = data(12_345, 13);
+    let long = format!("batches-bin/{}", "x".repeat(120));
+    std::fs::create_dir_all(src.path().join("batches-bin")).unwrap();
+    std::fs::write(src.path().join("batches-bin/a.bin"), &a).unwrap();
+    std::fs::write(src.path().join(&long), b"long").unwrap();
+    let archive = src.path().join("set.tar.gz");
+    let made = std::process::Command::new("tar").args(["--format=gnu", "-czf"]).arg(&archive).arg("-C").arg(src.path()).arg("batches-bin").status();
+    if !made.is_ok_and(|s| s.success()) {
+        eprintln!("no GNU tar here; skipped");
+        return;
+    }
+    let server = Server::start();
+    let url = server.route("/set.tar.gz", Route { body: std::fs::read(&archive).unwrap(), ..Route::default() });
+    let (dir, m) = project_with(&[("data/a.bin", &sha(&a), &url), ("data/long.bin", &sha(b"long"), &url)], &["batches-bin/a.bin", &long]);
+    fetch_manifest(dir.path(), &m, quiet()).unwrap();
+    assert_eq!(std::fs::read(dir.path().join("data/a.bin")).unwrap(), a);
+    assert_eq!(std::fs::read(dir.path().join("data/long.bin")).unwrap(), b"long");
 }
