@@ -1,9 +1,10 @@
-//! The command line: `reprise run | status | render | verify | gc`. Each subcommand is a small
+//! The command line: `reprise run | status | render | verify | gc | fetch`. Each subcommand is a small
 //! file; this one holds the argument types and what they share (finding specs, the store, the
 //! output folder, exit codes).
 
 pub mod bench;
 pub mod cell;
+pub mod fetch;
 pub mod gc;
 pub mod notebook;
 pub mod run;
@@ -52,6 +53,8 @@ pub enum Command {
     Verify(verify::VerifyArgs),
     /// Remove store objects that no lock file or recent run refers to.
     Gc(gc::GcArgs),
+    /// Download the data files a profile's manifests name, checking each sha256.
+    Fetch(fetch::FetchArgs),
     /// Time training steps against PyTorch, the store's hashing and (optionally) a report.
     Bench(bench::BenchArgs),
     /// Write the report's Jupyter notebook (evcxr Rust kernel) from the cache; prints its path.
@@ -103,6 +106,7 @@ pub fn run_cli(cli: Cli, project: &Project) -> i32 {
         Command::Status(a) => status::status(&a, project),
         Command::Verify(a) => verify::verify(&a, project),
         Command::Gc(a) => gc::gc(&a),
+        Command::Fetch(a) => fetch::fetch(&a, project),
         Command::Bench(a) => bench::bench(&a),
         Command::Notebook(a) => notebook::notebook(&a, project),
         Command::Cell(a) => cell::cell(&a, project),

@@ -87,6 +87,15 @@ pub struct FileEntry {
     pub sha256: String,
     /// What the file holds, e.g. `all`, `train`, `test`, `images`, `labels`, `train-images`.
     pub role: String,
+    /// Where `reprise fetch` downloads the file from (`http://` or `https://`). Optional: a file
+    /// without one is obtained by hand from the manifest's `source`. Not part of the content
+    /// id: a mirror serves the same bytes, and the sha256 checks that it does.
+    #[serde(default)]
+    pub url: Option<String>,
+    /// When `url` is a tar archive (gzip-compressed or not): the path of this file inside it.
+    /// Files of one archive share its `url`, and one download serves them all.
+    #[serde(default)]
+    pub member: Option<String>,
 }
 
 /// A parsed, validated data manifest.
@@ -283,6 +292,15 @@ impl Manifest {
             if f.role.trim().is_empty() {
                 return Err(self.error(format!("files[{i}] ({shown}): `role` is empty"), None));
             }
+            if let Some(url) = &f.url {
+                let plain = url.strip_prefix("https://").or_else(|| url.strip_prefix("http://")).is_some_and(|rest| !rest.is_empty() && !rest.starts_with('/'));
+                if !plain || url.chars().any(|c| c.is_whitespace() || c.is_control()) {
+                    return Err(self.error(
+                        format!("files[{i}] ({shown}): url {url:?} must be an http:// or https:// address"),
+                        Some("write the file's download address, e.g. \"https://example.org/data/train.bin\"".into()),
+                    ));
+                }
+            }
         }
         match &self.format {
             FormatSpec::CsvGz { channels, height, width, max_value } => {
@@ -430,10 +448,11 @@ pub const UNPINNED: &str = "unpinned";
 fn verify_file(root: &Path, f: &FileEntry) -> Result<(), DataError> {
     let path = root.join(&f.path);
     if !path.is_file() {
-        return Err(DataError::Io {
-            path: path.clone(),
-            source: std::io::Error::new(std::io::ErrorKind::NotFound, "data file not found: obtain it from the manifest's `source` and place it at this path"),
-        });
+        let how = match &f.url {
+            Some(url) => format!("data file not found: download it from {url} with `reprise fetch SPEC --profile PROFILE`"),
+            None => "data file not found: obtain it from the manifest's `source` and place it at this path".to_string(),
+        };
+        return Err(DataError::Io { path: path.clone(), source: std::io::Error::new(std::io::ErrorKind::NotFound, how) });
     }
     let actual = sha256_file(&path)?;
     if f.sha256 == UNPINNED {

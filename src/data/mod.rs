@@ -15,6 +15,7 @@
 
 pub mod derived;
 pub mod episodes;
+pub mod fetch;
 pub mod formats;
 pub mod manifest;
 pub mod transform;
