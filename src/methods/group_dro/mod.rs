@@ -439,6 +439,23 @@ fn margin_loss(mean: &[f64], chol: &[f64], classes: usize, d: usize, eps: f64, m
     (value, gm, gl)
 }
 
+/// The accuracy metrics (%) from each group's (correct, total) test counts: per group, the
+/// worst, their mean (balanced), the gap between them, and overall pooled over both test sets
+/// (count-weighted).
+fn group_accuracies(groups: [(usize, usize); 2]) -> BTreeMap<String, f64> {
+    let pct = |c: usize, n: usize| 100.0 * c as f64 / n.max(1) as f64;
+    let [(c0, n0), (c1, n1)] = groups;
+    let (a0, a1) = (pct(c0, n0), pct(c1, n1));
+    BTreeMap::from([
+        ("accuracy".to_string(), pct(c0 + c1, n0 + n1)),
+        ("g0_accuracy".to_string(), a0),
+        ("g1_accuracy".to_string(), a1),
+        ("worst_accuracy".to_string(), a0.min(a1)),
+        ("balanced_accuracy".to_string(), 0.5 * (a0 + a1)),
+        ("gap_accuracy".to_string(), (a0 - a1).abs()),
+    ])
+}
+
 /// ⟨g, x⟩ with `g` a constant: a term whose gradient with respect to `x` is `g`.
 fn linear_term(x: &Tensor, g: Vec<f32>) -> candle_core::Result<Tensor> {
     (x * Tensor::from_vec(g, x.shape(), x.device())?)?.sum_all()
@@ -630,15 +647,8 @@ fn train_run(cfg: &Config, seed: u64, groups: &[&DataInput; 2], progress: &dyn P
         // Evaluation.
         let (c0, n0) = accuracy(&net, 0, groups[0], &dev)?;
         let (c1, n1) = accuracy(&net, 1, groups[1], &dev)?;
-        let pct = |c: usize, n: usize| 100.0 * c as f64 / n.max(1) as f64;
-        let (a0, a1) = (pct(c0, n0), pct(c1, n1));
-        let mut m = BTreeMap::new();
-        m.insert("accuracy".to_string(), pct(c0 + c1, n0 + n1));
-        m.insert("g0_accuracy".to_string(), a0);
-        m.insert("g1_accuracy".to_string(), a1);
-        m.insert("worst_accuracy".to_string(), a0.min(a1));
-        m.insert("balanced_accuracy".to_string(), 0.5 * (a0 + a1));
-        m.insert("gap_accuracy".to_string(), (a0 - a1).abs());
+        let mut m = group_accuracies([(c0, n0), (c1, n1)]);
+        let (a0, a1) = (m["g0_accuracy"], m["g1_accuracy"]);
         m.insert("train_loss".to_string(), ce_sum / seen.max(1) as f64);
         for g in 0..2 {
             if group_n[g] > 0 {
@@ -722,6 +732,15 @@ mod tests {
         assert_eq!(&fit.grad_z[4..6], &[0.0, 0.0]);
         assert!(fit.grad_mean[4..6].iter().chain(&fit.grad_chol[8..12]).all(|&g| g == 0.0));
         assert!(fit.grad_z[..4].iter().any(|&g| g != 0.0));
+    }
+
+    #[test]
+    fn worst_is_the_min_balanced_the_mean_and_overall_is_count_weighted() {
+        // 900 of 1,000 right in group 0, 30 of 50 in group 1.
+        let m = group_accuracies([(900, 1000), (30, 50)]);
+        assert_eq!((m["g0_accuracy"], m["g1_accuracy"]), (90.0, 60.0));
+        assert_eq!((m["worst_accuracy"], m["balanced_accuracy"], m["gap_accuracy"]), (60.0, 75.0, 30.0));
+        assert!((m["accuracy"] - 100.0 * 930.0 / 1050.0).abs() < 1e-12);
     }
 
     #[test]
