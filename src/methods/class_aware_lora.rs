@@ -79,7 +79,7 @@ use candle_nn::{VarBuilder, VarMap};
 use serde::{Deserialize, Serialize};
 
 use super::supervised::safetensors_bytes;
-use super::{ClassRecord, DataInput, EpochRecord, InputDecl, Method, MethodError, Outcome, Pretraining, Progress, RunProblem, RunRecord, TrainInputs, PRETRAIN_INPUT};
+use super::{to_json, ClassRecord, DataInput, EpochRecord, InputDecl, Method, MethodError, Outcome, Pretraining, Progress, RunProblem, RunRecord, TrainInputs, PRETRAIN_INPUT};
 use crate::data::ImageSet;
 use crate::meta::{self, Problem, StepSize, Unroll, HVP_EPS};
 use crate::metrics::{self, Group};
@@ -781,10 +781,6 @@ pub fn load_weights(root: &Path, name: &str) -> Result<Vec<u8>, MethodError> {
         return Err(MethodError::Invalid(format!("{}: sha256 mismatch: the manifest expects {} but the file hashes to {actual}", file.display(), m.sha256)));
     }
     std::fs::read(&file).map_err(|e| MethodError::Invalid(format!("cannot read {}: {e}", file.display())))
-}
-
-fn to_json<T: Serialize>(v: &T) -> Result<Vec<u8>, MethodError> {
-    serde_json::to_vec_pretty(v).map_err(|e| MethodError::Invalid(format!("cannot serialise: {e}")))
 }
 
 /// What a pretraining cell records besides the checkpoint.

@@ -231,6 +231,11 @@ pub fn params<T: ParamStruct>(p: &Params) -> Result<T, MethodError> {
     T::decode(p).map_err(MethodError::Invalid)
 }
 
+/// A record (e.g. a [`RunRecord`]) as the pretty JSON of a `metrics.json` object.
+pub(crate) fn to_json<T: Serialize>(v: &T) -> Result<Vec<u8>, MethodError> {
+    serde_json::to_vec_pretty(v).map_err(|e| MethodError::Invalid(format!("cannot serialise metrics: {e}")))
+}
+
 /// Errors that stop a cell without a recordable result (a bug, a resource problem).
 #[derive(Debug, thiserror::Error)]
 pub enum MethodError {

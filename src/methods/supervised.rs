@@ -10,9 +10,9 @@ use std::collections::BTreeMap;
 
 use candle_core::{DType, Device, Tensor, D};
 use candle_nn::{VarBuilder, VarMap};
-use serde::{Deserialize, Serialize};
+use serde::Deserialize;
 
-use super::{ClassRecord, DataInput, EpochRecord, InputDecl, Method, MethodError, Outcome, Progress, RunProblem, RunRecord, TrainInputs};
+use super::{to_json, ClassRecord, DataInput, EpochRecord, InputDecl, Method, MethodError, Outcome, Progress, RunProblem, RunRecord, TrainInputs};
 use crate::data::ImageSet;
 use crate::metrics::{self, Centering, NcInput};
 use crate::models::{self, Classifier, ModelConfig, ModelKind};
@@ -428,10 +428,6 @@ fn train_run(cfg: &Config, seed: u64, inputs: &DataInput, progress: &dyn Progres
         .collect::<Result<BTreeMap<_, _>, candle_core::Error>>()?;
     objects.insert("model.safetensors".to_string(), safetensors_bytes(&weights)?);
     Ok(Outcome::Done(objects))
-}
-
-fn to_json<T: Serialize>(v: &T) -> Result<Vec<u8>, MethodError> {
-    serde_json::to_vec_pretty(v).map_err(|e| MethodError::Invalid(format!("cannot serialise metrics: {e}")))
 }
 
 /// Serialise named tensors in sorted order (stable bytes for stable hashes).

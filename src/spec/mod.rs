@@ -461,8 +461,16 @@ pub fn parse_with(text: &str, path: &Path, root: &Path, profile: &str, sets: &[S
     // Problems of the other profiles: what each adds to the spec without any profile.
     let others: Vec<String> = toml::from_str::<SpecFile>(text).map(|f| f.profiles.into_keys().filter(|n| n != profile).collect()).unwrap_or_default();
     let mut baseline: Option<Vec<Diagnostic>> = None;
+    // What the other profiles run, kept for parameter tables ([`Spec::profile_params`]).
+    let mut other_runs = BTreeMap::new();
     for other in others.iter().filter(|n| confine::is_name(n)) {
-        let Err(e) = parse_one(text, path, root, Some(other), &[], registry) else { continue };
+        let e = match parse_one(text, path, root, Some(other), &[], registry) {
+            Ok(s) => {
+                other_runs.insert(other.clone(), runs_by_experiment(&s));
+                continue;
+            }
+            Err(e) => e,
+        };
         let base = baseline.get_or_insert_with(|| parse_one(text, path, root, None, &[], registry).err().map(|e| e.diagnostics).unwrap_or_default());
         for mut d in e.diagnostics {
             if base.contains(&d) || diags.contains(&d) {
@@ -476,26 +484,43 @@ pub fn parse_with(text: &str, path: &Path, root: &Path, profile: &str, sets: &[S
     }
     match outer {
         Ok(mut spec) if diags.is_empty() => {
-            spec.profile_params = profile_params(&spec, text, path, root, registry);
+            spec.profile_params = profile_params(&spec, other_runs, text, path, root, registry);
             Ok(spec)
         }
         _ => Err(SpecError { diagnostics: diags }),
     }
 }
 
-/// [`Spec::profile_params`]: the parameters of every experiment's runs, per profile.
-fn profile_params(spec: &Spec, text: &str, path: &Path, root: &Path, registry: &Registry) -> Vec<(String, BTreeMap<String, Vec<Params>>)> {
-    let first_runs = |s: &Spec| s.experiments.iter().map(|e| (e.id.clone(), e.runs.iter().map(|r| r.params.clone()).collect())).collect::<BTreeMap<_, _>>();
+/// The parameters of every run of each experiment of `s`.
+fn runs_by_experiment(s: &Spec) -> BTreeMap<String, Vec<Params>> {
+    s.experiments.iter().map(|e| (e.id.clone(), e.runs.iter().map(|r| r.params.clone()).collect())).collect()
+}
+
+/// [`Spec::profile_params`]: the parameters of every experiment's runs, per profile: the
+/// selected one from `spec`, the other declared ones from the parses that validated them
+/// (`other_runs`), the default one parsed here when it is neither.
+fn profile_params(
+    spec: &Spec,
+    mut other_runs: BTreeMap<String, BTreeMap<String, Vec<Params>>>,
+    text: &str,
+    path: &Path,
+    root: &Path,
+    registry: &Registry,
+) -> Vec<(String, BTreeMap<String, Vec<Params>>)> {
     let mut names = vec![DEFAULT_PROFILE.to_string()];
     names.extend(spec.profiles.iter().filter(|n| n.as_str() != DEFAULT_PROFILE).cloned());
     names
         .into_iter()
         .filter_map(|name| {
             if name == spec.profile {
-                return Some((name, first_runs(spec)));
+                return Some((name, runs_by_experiment(spec)));
             }
+            if let Some(runs) = other_runs.remove(&name) {
+                return Some((name, runs));
+            }
+            // The default profile, when the spec does not declare it: the spec as written.
             let selected = (name != DEFAULT_PROFILE).then_some(name.as_str());
-            parse_one(text, path, root, selected, &[], registry).ok().map(|s| (name.clone(), first_runs(&s)))
+            parse_one(text, path, root, selected, &[], registry).ok().map(|s| (name, runs_by_experiment(&s)))
         })
         .collect()
 }

@@ -32,7 +32,7 @@ use candle_core::{DType, Device, Tensor, Var, D};
 use candle_nn::{VarBuilder, VarMap};
 use serde::Deserialize;
 
-use super::{DataInput, EpochRecord, InputDecl, Method, MethodError, Outcome, Progress, RunRecord, TrainInputs};
+use super::{to_json, DataInput, EpochRecord, InputDecl, Method, MethodError, Outcome, Progress, RunRecord, TrainInputs};
 use crate::models::kernels::linear::Linear;
 use crate::models::{self, Classifier, ModelConfig, ModelKind};
 use crate::params::{DefaultValue as Dv, ParamDef, ParamKind as K, ParamStruct, Params, Schema};
@@ -492,7 +492,7 @@ fn train_run(cfg: &Config, seed: u64, groups: &[&DataInput; 2], progress: &dyn P
     let mut rng = Rng::derive(seed, "anchor-init");
     let mean0: Vec<f32> = (0..classes * d).map(|_| (0.1 * rng.normal()) as f32).collect();
     let eye: Vec<f32> = (0..classes * d * d).map(|k| if (k % (d * d)).is_multiple_of(d + 1) { 1.0 } else { 0.0 }).collect();
-    let (vars, by_name) = {
+    let vars = {
         let data = varmap.data().lock().map_err(|_| MethodError::Invalid("the model's variables are poisoned".into()))?;
         data["anchors.mean"].set(&Tensor::from_vec(mean0, (classes, d), &dev)?)?;
         data["anchors.chol"].set(&Tensor::from_vec(eye, (classes, d, d), &dev)?)?;
@@ -500,9 +500,7 @@ fn train_run(cfg: &Config, seed: u64, groups: &[&DataInput; 2], progress: &dyn P
         // norm sums in one order.
         let mut names: Vec<&String> = data.keys().filter(|n| !n.ends_with("classifier.weight")).collect();
         names.sort();
-        let vars: Vec<Var> = names.iter().map(|n| data[*n].clone()).collect();
-        let by_name: BTreeMap<String, Tensor> = data.iter().map(|(k, v)| (k.clone(), v.as_tensor().clone())).collect();
-        (vars, by_name)
+        names.iter().map(|n| data[*n].clone()).collect::<Vec<Var>>()
     };
     let optim = OptimConfig { kind: OptimizerKind::Adam, lr: cfg.lr, momentum: 0.0, weight_decay: cfg.weight_decay, beta1: 0.9, beta2: 0.999, eps: 1e-8, alpha: 0.99 };
     let mut opt = Optimizer::new(vars.clone(), &optim)?;
@@ -675,13 +673,12 @@ fn train_run(cfg: &Config, seed: u64, groups: &[&DataInput; 2], progress: &dyn P
         progress.epoch(epoch, cfg.epochs, &format!("worst-group {:.1} %", a0.min(a1)));
     }
     objects.insert("metrics.json".to_string(), to_json(&record)?);
-    let weights: BTreeMap<String, Tensor> = by_name.into_iter().filter(|(k, _)| !k.ends_with("classifier.weight")).collect();
+    let weights: BTreeMap<String, Tensor> = {
+        let data = varmap.data().lock().map_err(|_| MethodError::Invalid("the model's variables are poisoned".into()))?;
+        data.iter().filter(|(k, _)| !k.ends_with("classifier.weight")).map(|(k, v)| (k.clone(), v.as_tensor().clone())).collect()
+    };
     objects.insert("model.safetensors".to_string(), super::supervised::safetensors_bytes(&weights)?);
     Ok(Outcome::Done(objects))
-}
-
-fn to_json<T: serde::Serialize>(v: &T) -> Result<Vec<u8>, MethodError> {
-    serde_json::to_vec_pretty(v).map_err(|e| MethodError::Invalid(format!("cannot serialise metrics: {e}")))
 }
 
 #[cfg(test)]
