@@ -3,6 +3,8 @@
 //! One run trains a classifier (no bias) with the chosen loss and optimiser, and every
 //! `analyze_freq` epochs (and at the last epoch) measures test accuracy overall, per group and
 //! per class, and the neural-collapse metrics of the penultimate features of the training set.
+//! With `analyze_layers`, each analysis also measures the drift of every block's features
+//! ([`Classifier::layer_features`]), not only the last.
 //! The raw features, labels, predictions and classifier weights of each analysis epoch are kept
 //! as a safetensors object so that anyone can recompute the metrics independently.
 
@@ -56,6 +58,7 @@ struct P {
     epochs: usize,
     batch_size: usize,
     analyze_freq: usize,
+    analyze_layers: bool,
     device: Dev,
     centering: Centering,
 }
@@ -150,6 +153,9 @@ static SCHEMA: &[ParamDef] = &[
     ParamDef { name: "epochs", kind: K::Int { min: 1, max: 100_000 }, default: Dv::Int(30), doc: "training epochs" },
     ParamDef { name: "batch_size", kind: K::Int { min: 1, max: 1_000_000 }, default: Dv::Int(128), doc: "batch size" },
     ParamDef { name: "analyze_freq", kind: K::Int { min: 1, max: 100_000 }, default: Dv::Int(5), doc: "analyse every this many epochs (and at the last)" },
+    ParamDef {
+        name: "analyze_layers", kind: K::Bool, default: Dv::Bool(false), doc: "also measure the drift of every block's features at each analysis (drift_norm_layer1–4, drift_excess_layer1–4)"
+    },
     ParamDef { name: "device", kind: K::Choice(DEVICES), default: Dv::Str("cpu"), doc: "where to train: cpu, or cuda (needs a build with --features cuda)" },
     ParamDef { name: "centering", kind: K::Choice(CENTERINGS), default: Dv::Str("global"), doc: "mean that centres class means in NC1–NC3: sample mean (global) or class-balanced mean" },
 ];
@@ -184,7 +190,18 @@ static METRICS: &[&str] = &[
     "drift_norm_etf",
     "drift_excess",
     "minority_cosine",
+    "drift_norm_layer1",
+    "drift_norm_layer2",
+    "drift_norm_layer3",
+    "drift_norm_layer4",
+    "drift_excess_layer1",
+    "drift_excess_layer2",
+    "drift_excess_layer3",
+    "drift_excess_layer4",
 ];
+
+/// The most blocks `analyze_layers` reports (the ResNet's stem and three stages).
+const MAX_LAYERS: usize = 4;
 
 /// Resolved, typed parameters of one run.
 #[derive(Debug, Clone)]
@@ -199,6 +216,7 @@ struct Config {
     epochs: usize,
     batch_size: usize,
     analyze_freq: usize,
+    analyze_layers: bool,
     centering: Centering,
     cuda: bool,
 }
@@ -246,6 +264,7 @@ impl Config {
             epochs: p.epochs,
             batch_size: p.batch_size,
             analyze_freq: p.analyze_freq,
+            analyze_layers: p.analyze_layers,
             centering: p.centering,
             cuda: p.device == Dev::Cuda,
         })
@@ -332,6 +351,25 @@ fn evaluate(model: &dyn Classifier, data: &ImageSet, idx: &[usize], dev: &Device
         preds.extend(logits.argmax(D::Minus1)?.to_dtype(DType::U32)?.to_vec1::<u32>()?);
     }
     Ok((feats, preds))
+}
+
+/// Every block's features ([`Classifier::layer_features`]) on the samples `idx`, in eval mode:
+/// one (row-major N×D_l values, D_l) per block, at most [`MAX_LAYERS`].
+fn evaluate_layers(model: &dyn Classifier, data: &ImageSet, idx: &[usize], dev: &Device) -> Result<Vec<(Vec<f32>, usize)>, MethodError> {
+    let mut out: Vec<(Vec<f32>, usize)> = Vec::new();
+    for chunk in idx.chunks(512) {
+        let (x, _) = batch(data, chunk, dev)?;
+        let layers = model.layer_features(&x, false)?;
+        if layers.len() > MAX_LAYERS {
+            return Err(MethodError::Invalid(format!("the model has {} blocks; layer-wise analysis reports at most {MAX_LAYERS}", layers.len())));
+        }
+        out.resize_with(layers.len(), || (Vec::new(), 0));
+        for (slot, t) in out.iter_mut().zip(layers) {
+            slot.1 = t.dim(1)?;
+            slot.0.extend(t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?);
+        }
+    }
+    Ok(out)
 }
 
 /// The device a run asks for; CUDA needs a build with `--features cuda` and a GPU.
@@ -500,6 +538,16 @@ fn analyse(
     }
     if let Some(mc) = nc.minority_cosine {
         m.insert("minority_cosine".into(), mc);
+    }
+    if cfg.analyze_layers {
+        let etf = metrics::drift_norm_etf(counts).filter(|&e| e > 0.0);
+        for (l, (f, dl)) in evaluate_layers(model, data, inputs.train, dev)?.iter().enumerate() {
+            let (_, drift) = metrics::mean_drift(f, labels.len(), *dl, &labels, c).map_err(|e| MethodError::Metrics(format!("layer {}: {e}", l + 1)))?;
+            m.insert(format!("drift_norm_layer{}", l + 1), drift);
+            if let Some(e) = etf {
+                m.insert(format!("drift_excess_layer{}", l + 1), drift / e);
+            }
+        }
     }
     let per_class = (0..c)
         .map(|k| {

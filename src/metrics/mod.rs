@@ -66,7 +66,7 @@ pub(crate) mod linalg;
 mod nc;
 
 pub use accuracy::{accuracy, gini, groups_by_count, groups_by_rank, imbalance_ratio, try_accuracy, AccuracyReport, Group};
-pub use nc::{drift_norm_etf, neural_collapse, Centering, NcInput, NcMetrics};
+pub use nc::{drift_norm_etf, mean_drift, neural_collapse, Centering, NcInput, NcMetrics};
 
 /// Why a metric could not be computed.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

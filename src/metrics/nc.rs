@@ -132,13 +132,24 @@ pub fn drift_norm_etf(counts: &[usize]) -> Option<f64> {
     Some((num as f64 / ((c - 1) as f64 * (n * n) as f64)).sqrt())
 }
 
-/// Computes NC1–NC4, drift and minority collapse as defined in [`crate::metrics`].
-pub fn neural_collapse(input: &NcInput) -> Result<NcMetrics, MetricsError> {
-    validate(input)?;
-    let NcInput { features, n, d, labels, predictions, classifier, num_classes, minority, centering } = *input;
-    let row = |i: usize| &features[i * d..(i + 1) * d];
+/// Class counts and means over the classes that have samples, and the two centres.
+struct ClassMeans {
+    counts: Vec<usize>,
+    /// The non-empty classes, ascending.
+    present: Vec<usize>,
+    /// slot[c] = position of class c among the non-empty classes.
+    slot: Vec<usize>,
+    /// One mean per non-empty class, in `present` order.
+    means: Vec<Vec<f64>>,
+    /// μ_G = Σ_c n_c μ_c / N.
+    mu_g: Vec<f64>,
+    /// μ_B = (1/C') Σ_c μ_c.
+    mu_b: Vec<f64>,
+}
 
-    // Class counts and means, over the classes that have samples.
+/// The caller has validated the shapes and the labels.
+fn class_means(features: &[f32], n: usize, d: usize, labels: &[u32], num_classes: usize) -> Result<ClassMeans, MetricsError> {
+    let row = |i: usize| &features[i * d..(i + 1) * d];
     let mut counts = vec![0usize; num_classes];
     let mut sums = vec![0.0f64; num_classes * d];
     for (i, &y) in labels.iter().enumerate() {
@@ -153,7 +164,6 @@ pub fn neural_collapse(input: &NcInput) -> Result<NcMetrics, MetricsError> {
     if cp < 2 {
         return Err(MetricsError::TooFewClasses(cp));
     }
-    // slot[c] = position of class c among the non-empty classes.
     let mut slot = vec![usize::MAX; num_classes];
     for (k, &c) in present.iter().enumerate() {
         slot[c] = k;
@@ -167,6 +177,45 @@ pub fn neural_collapse(input: &NcInput) -> Result<NcMetrics, MetricsError> {
             mu_b[j] += means[k][j] / cp as f64;
         }
     }
+    Ok(ClassMeans { counts, present, slot, means, mu_g, mu_b })
+}
+
+/// (drift_abs, drift_norm) from the class means and the two centres; drift_norm is not finite
+/// when every class mean equals μ_B (the callers rule that out).
+fn drift(means: &[Vec<f64>], mu_g: &[f64], mu_b: &[f64]) -> (f64, f64) {
+    let drift_abs = norm(&mu_g.iter().zip(mu_b).map(|(g, b)| g - b).collect::<Vec<_>>());
+    let spread = means.iter().map(|m| norm(&m.iter().zip(mu_b).map(|(a, b)| a - b).collect::<Vec<_>>())).sum::<f64>() / means.len() as f64;
+    (drift_abs, drift_abs / spread)
+}
+
+/// `(drift_abs, drift_norm)` alone (the definitions of [`crate::metrics`]), for features
+/// without a classifier of their own, such as an inner layer's: the same numbers as
+/// [`neural_collapse`] gives for the same features and labels.
+pub fn mean_drift(features: &[f32], n: usize, d: usize, labels: &[u32], num_classes: usize) -> Result<(f64, f64), MetricsError> {
+    if n == 0 {
+        return Err(MetricsError::NoSamples);
+    }
+    let nd = n.checked_mul(d).ok_or(MetricsError::Shape { what: "features", expected: usize::MAX, got: features.len() })?;
+    check_len("features", features.len(), nd)?;
+    check_len("labels", labels.len(), n)?;
+    check_classes("labels", labels, num_classes)?;
+    check_finite("features", features)?;
+    let cm = class_means(features, n, d, labels, num_classes)?;
+    let (abs, norm) = drift(&cm.means, &cm.mu_g, &cm.mu_b);
+    if !norm.is_finite() {
+        return Err(MetricsError::DegenerateMeans);
+    }
+    Ok((abs, norm))
+}
+
+/// Computes NC1–NC4, drift and minority collapse as defined in [`crate::metrics`].
+pub fn neural_collapse(input: &NcInput) -> Result<NcMetrics, MetricsError> {
+    validate(input)?;
+    let NcInput { features, n, d, labels, predictions, classifier, num_classes, minority, centering } = *input;
+    let row = |i: usize| &features[i * d..(i + 1) * d];
+
+    let ClassMeans { counts, present, slot, means, mu_g, mu_b } = class_means(features, n, d, labels, num_classes)?;
+    let cp = present.len();
     let centre = match centering {
         Centering::Global => &mu_g,
         Centering::Balanced => &mu_b,
@@ -290,12 +339,9 @@ pub fn neural_collapse(input: &NcInput) -> Result<NcMetrics, MetricsError> {
         .sum();
     let nc4 = mismatches as f64 / n as f64;
 
-    // Drift of the global mean away from the class-balanced mean.
-    let drift_abs = norm(&mu_g.iter().zip(&mu_b).map(|(g, b)| g - b).collect::<Vec<_>>());
-    let spread = means.iter().map(|m| norm(&m.iter().zip(&mu_b).map(|(a, b)| a - b).collect::<Vec<_>>())).sum::<f64>() / cp as f64;
     // spread > 0: if every μ_c equalled μ_B, all means would coincide and so would μ_G, making
     // M = 0 under either centering, which was rejected above.
-    let drift_norm = drift_abs / spread;
+    let (drift_abs, drift_norm) = drift(&means, &mu_g, &mu_b);
 
     // Minority collapse among the non-empty minority classes.
     let mut mins: Vec<usize> = minority.iter().copied().filter(|&c| counts[c] > 0).collect();
@@ -404,6 +450,24 @@ mod tests {
         close(glo.drift_abs, 460f64.sqrt() / 60.0, 1e-12, "drift_abs");
         close(glo.drift_norm, (460f64.sqrt() / 60.0) / (3f64.sqrt() / 2.0), 1e-12, "drift_norm");
         assert_eq!((glo.drift_abs, glo.drift_norm), (bal.drift_abs, bal.drift_norm));
+    }
+
+    #[test]
+    fn mean_drift_alone_matches_the_full_metrics() {
+        // The imbalanced simplex above: drift_abs = √460/60, drift_norm = that / (√3/2).
+        let (h, y, w) = etf_case(&[8, 4, 2, 1]);
+        let (abs, nrm) = mean_drift(&h, y.len(), 4, &y, 4).unwrap();
+        close(abs, 460f64.sqrt() / 60.0, 1e-12, "drift_abs");
+        close(nrm, (460f64.sqrt() / 60.0) / (3f64.sqrt() / 2.0), 1e-12, "drift_norm");
+        let full = neural_collapse(&input(&h, 4, &y, &y, &w, 4, &[], Centering::Global)).unwrap();
+        assert_eq!((abs, nrm), (full.drift_abs, full.drift_norm));
+        // 1-D by hand: class 0 at 0, 1, 2 (μ = 1), class 2 at 5; μ_G = 2, μ_B = 3:
+        // drift_abs = 1, drift_norm = 1 / mean(2, 2) = ½. Class 1 is empty and ignored.
+        assert_eq!(mean_drift(&[0.0, 1.0, 2.0, 5.0], 4, 1, &[0, 0, 0, 2], 3).unwrap(), (1.0, 0.5));
+        // Degenerate inputs are errors, not NaN.
+        assert!(matches!(mean_drift(&[1.0, 1.0], 2, 1, &[0, 1], 2), Err(MetricsError::DegenerateMeans)));
+        assert!(matches!(mean_drift(&[1.0, 2.0], 2, 1, &[0, 0], 2), Err(MetricsError::TooFewClasses(1))));
+        assert!(mean_drift(&[1.0], 2, 1, &[0, 1], 2).is_err());
     }
 
     /// Two non-empty classes in 1-D plus an empty class 1 (its W row must be ignored).

@@ -50,6 +50,13 @@ impl Classifier for Cnn {
         self.fc.forward_relu(&h.flatten_from(1)?)
     }
 
+    fn layer_features(&self, x: &Tensor, _train: bool) -> candle_core::Result<Vec<Tensor>> {
+        let h1 = max_pool2d(&self.conv1.forward_relu(x)?, 2)?;
+        let h2 = max_pool2d(&self.conv2.forward_relu(&h1)?, 2)?;
+        let f = self.fc.forward_relu(&h2.flatten_from(1)?)?;
+        Ok(vec![super::channel_means(&h1)?, super::channel_means(&h2)?, f])
+    }
+
     fn classifier(&self) -> &Tensor {
         &self.classifier
     }

@@ -74,6 +74,20 @@ impl Classifier for Conv4 {
         h.flatten_from(1)
     }
 
+    fn layer_features(&self, x: &Tensor, train: bool) -> candle_core::Result<Vec<Tensor>> {
+        let mut h = x.clone();
+        let mut out = Vec::with_capacity(self.blocks.len());
+        for (i, b) in self.blocks.iter().enumerate() {
+            h = conv_bn(&b.conv, &b.bn, &h, train, true)?;
+            if b.pool {
+                h = max_pool2d(&h, 2)?;
+            }
+            // The last block's maps, flattened, are the features.
+            out.push(if i + 1 == self.blocks.len() { h.flatten_from(1)? } else { super::channel_means(&h)? });
+        }
+        Ok(out)
+    }
+
     fn classifier(&self) -> &Tensor {
         &self.classifier
     }

@@ -34,6 +34,12 @@ impl Classifier for Mlp {
         self.fc2.forward_relu(&h)
     }
 
+    fn layer_features(&self, x: &Tensor, _train: bool) -> candle_core::Result<Vec<Tensor>> {
+        let h = self.fc1.forward_relu(&x.flatten_from(1)?)?;
+        let f = self.fc2.forward_relu(&h)?;
+        Ok(vec![h, f])
+    }
+
     fn classifier(&self) -> &Tensor {
         &self.classifier
     }

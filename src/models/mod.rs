@@ -109,6 +109,13 @@ pub trait Classifier: Send + Sync {
     /// Classifier weights C×D (no bias).
     fn classifier(&self) -> &Tensor;
     fn feature_dim(&self) -> usize;
+    /// The features after each of the network's blocks, input side first, N×D_l each, the last
+    /// being [`Classifier::features`]. A convolutional block's maps are averaged over their
+    /// positions (one value per channel). For layer-wise analysis, not training; the default
+    /// gives the final features only.
+    fn layer_features(&self, x: &Tensor, train: bool) -> candle_core::Result<Vec<Tensor>> {
+        Ok(vec![self.features(x, train)?])
+    }
     /// (features, logits) in one pass; logits = features · classifierᵀ, N×C.
     fn forward(&self, x: &Tensor, train: bool) -> candle_core::Result<(Tensor, Tensor)> {
         let f = self.features(x, train)?;
@@ -259,6 +266,11 @@ pub(crate) fn softmax_last_reference(x: &Tensor) -> candle_core::Result<Tensor> 
 }
 
 /// The classifier weight, C×D, shared by all architectures under the name `classifier.weight`.
+/// N×C×H×W → N×C: each channel's mean over its positions.
+pub(crate) fn channel_means(h: &Tensor) -> candle_core::Result<Tensor> {
+    h.flatten_from(2)?.mean(2)
+}
+
 pub(crate) fn classifier_weight(num_classes: usize, dim: usize, vb: candle_nn::VarBuilder) -> candle_core::Result<Tensor> {
     let bound = 1.0 / (dim as f64).sqrt();
     vb.pp("classifier").get_with_hints((num_classes, dim), "weight", candle_nn::Init::Uniform { lo: -bound, up: bound })
@@ -376,6 +388,25 @@ mod tests {
             for threads in [2, 3] {
                 assert!(step(threads) == one, "{kind:?}: {threads} threads differ from 1");
             }
+        }
+    }
+
+    /// Each model's layer-wise features: one N×D_l matrix per block, the last bit-identical to
+    /// the features (eval mode, where BatchNorm reads its running statistics and no state moves),
+    /// the inner ones one value per channel for convolutional blocks.
+    #[test]
+    fn layer_features_end_with_the_features() {
+        let (x, _) = test_support::batch(6, 1, 28, 28, 10);
+        let expected: [(ModelKind, &[usize]); 5] =
+            [(ModelKind::Mlp, &[256, 128]), (ModelKind::Cnn, &[32, 64, 128]), (ModelKind::Resnet, &[16, 16, 32, 64]), (ModelKind::Vit, &[64, 64]), (ModelKind::Conv4, &[32, 32, 32, 32])];
+        for (kind, dims) in expected {
+            let (_vm, model) = test_support::build_seeded(&ModelConfig::new(kind, 1, 28, 28, 10), 2);
+            let layers = model.layer_features(&x, false).unwrap();
+            let got: Vec<usize> = layers.iter().map(|t| t.dim(1).unwrap()).collect();
+            assert_eq!(got, dims, "{kind:?}");
+            assert!(layers.iter().all(|t| t.dim(0).unwrap() == 6), "{kind:?}");
+            let bits = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap().iter().map(|f| f.to_bits()).collect::<Vec<_>>();
+            assert_eq!(bits(layers.last().unwrap()), bits(&model.features(&x, false).unwrap()), "{kind:?}");
         }
     }
 

@@ -111,7 +111,17 @@ impl Classifier for ResNet {
             h = block.forward(&h, train)?;
         }
         // Global average pool over H and W: N×D×H'×W' → N×D.
-        h.flatten_from(2)?.mean(2)
+        super::channel_means(&h)
+    }
+
+    fn layer_features(&self, x: &Tensor, train: bool) -> candle_core::Result<Vec<Tensor>> {
+        let mut h = self.stem.forward_relu(x, train)?;
+        let mut out = vec![super::channel_means(&h)?];
+        for block in &self.stages {
+            h = block.forward(&h, train)?;
+            out.push(super::channel_means(&h)?);
+        }
+        Ok(out)
     }
 
     fn classifier(&self) -> &Tensor {

@@ -100,22 +100,51 @@ impl Vit {
     }
 }
 
-impl Classifier for Vit {
-    fn features(&self, x: &Tensor, _train: bool) -> candle_core::Result<Tensor> {
+impl Vit {
+    /// The tokens entering the first block, N×T×D.
+    fn embed(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         let n = x.dim(0)?;
         // N×D×h×w → N×T×D
         let patches = self.patch_embed.forward(x)?.flatten_from(2)?.transpose(1, 2)?;
         let cls = self.cls_token.broadcast_as((n, 1, self.dim))?;
-        let mut h = Tensor::cat(&[&cls, &patches], 1)?.broadcast_add(&self.pos_embed)?;
-        for block in &self.blocks {
-            h = block.forward(&h)?;
-        }
-        // LayerNorm acts per token, so normalising only the cls token gives the same features.
-        let cls = h.narrow(1, 0, 1)?.squeeze(1)?;
+        Tensor::cat(&[&cls, &patches], 1)?.broadcast_add(&self.pos_embed)
+    }
+
+    /// The cls token of N×T×D tokens, N×D.
+    fn cls(h: &Tensor) -> candle_core::Result<Tensor> {
+        h.narrow(1, 0, 1)?.squeeze(1)
+    }
+
+    /// The features from the last block's tokens: LayerNorm acts per token, so normalising only
+    /// the cls token gives the same features.
+    fn finish(&self, h: &Tensor) -> candle_core::Result<Tensor> {
+        let cls = Self::cls(h)?;
         match &self.norm {
             Some(norm) => norm.forward(&cls),
             None => Ok(cls),
         }
+    }
+}
+
+impl Classifier for Vit {
+    fn features(&self, x: &Tensor, _train: bool) -> candle_core::Result<Tensor> {
+        let mut h = self.embed(x)?;
+        for block in &self.blocks {
+            h = block.forward(&h)?;
+        }
+        self.finish(&h)
+    }
+
+    /// The cls token after each block; after the last, the features (normalised if the model
+    /// has its final norm).
+    fn layer_features(&self, x: &Tensor, _train: bool) -> candle_core::Result<Vec<Tensor>> {
+        let mut h = self.embed(x)?;
+        let mut out = Vec::with_capacity(self.blocks.len());
+        for (i, block) in self.blocks.iter().enumerate() {
+            h = block.forward(&h)?;
+            out.push(if i + 1 == self.blocks.len() { self.finish(&h)? } else { Self::cls(&h)? });
+        }
+        Ok(out)
     }
 
     fn classifier(&self) -> &Tensor {

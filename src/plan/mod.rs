@@ -379,7 +379,7 @@ mod tests {
     /// (so any attempt to plan its cells fails).
     fn spec_with(method: Declares) -> Spec {
         use crate::spec::{DataDecl, Experiment, ReportSection, RunSpec};
-        let report = ReportSection { id: "t".into(), title: "T".into(), document: None, template: "t.md.j2".into(), method: "declares".into(), description: None };
+        let report = ReportSection { id: "t".into(), title: "T".into(), document: None, template: "t.md.j2".into(), method: "declares".into(), description: None, claim_seeds: None };
         let mut data = BTreeMap::new();
         data.insert("mnist".to_string(), DataDecl { manifest: "no-such-manifest".into(), test_per_class: 10, split_seed: 0, classes: None });
         let run = RunSpec { point: Params::new(), params: Params::new(), seed: 0 };

@@ -16,7 +16,7 @@
 use super::stats::{self, Estimate};
 use super::summary::{self, fmt_value, Stat};
 use crate::frames::Frames;
-use crate::params::{self, ParamValue};
+use crate::params::ParamValue;
 use crate::spec::{ClaimDecl, ClaimKind};
 
 /// Bootstrap resamples of a trend's interval.
@@ -73,16 +73,6 @@ impl ClaimResult {
     pub fn holds(&self) -> bool {
         self.verdict == Verdict::Holds
     }
-}
-
-fn matches(sel: &toml::Table, p: &crate::params::Params) -> bool {
-    sel.iter().all(|(k, v)| match (params::from_toml(v), p.get(k)) {
-        (Some(want), Some(have)) => match (want.as_f64(), have.as_f64()) {
-            (Some(a), Some(b)) => a == b,
-            _ => want.canonical() == have.canonical(),
-        },
-        _ => false,
-    })
 }
 
 fn bounds(c: &ClaimDecl) -> String {
@@ -195,7 +185,7 @@ pub fn evaluate(c: &ClaimDecl, frames: &Frames) -> ClaimResult {
         ClaimKind::Compare => {
             let (Some(a), Some(b)) = (&c.a, &c.b) else { return r };
             let pick = |sel: &toml::Table| -> Vec<f64> {
-                let rows: Vec<_> = finals.iter().copied().filter(|row| matches(sel, &row.params)).collect();
+                let rows: Vec<_> = finals.iter().copied().filter(|row| crate::spec::selects(sel, &row.params)).collect();
                 summary::values(&rows, &c.metric)
             };
             let (va, vb) = (pick(a), pick(b));
@@ -251,7 +241,7 @@ pub fn evaluate(c: &ClaimDecl, frames: &Frames) -> ClaimResult {
             }
         }
         ClaimKind::Level => {
-            let rows: Vec<_> = finals.iter().copied().filter(|row| c.a.as_ref().is_none_or(|sel| matches(sel, &row.params))).collect();
+            let rows: Vec<_> = finals.iter().copied().filter(|row| c.a.as_ref().is_none_or(|sel| crate::spec::selects(sel, &row.params))).collect();
             let values = summary::values(&rows, &c.metric);
             let Some(s) = Stat::of(&values) else { return r };
             r.n = s.n;

@@ -45,6 +45,10 @@ pub struct ReportSection {
     pub method: String,
     #[serde(default)]
     pub description: Option<String>,
+    /// The fewest seeds every run a claim reads gets, for claims without their own `seeds`:
+    /// the planner adds the missing seeds (0, 1, 2, … not yet there) to those runs.
+    #[serde(default)]
+    pub claim_seeds: Option<usize>,
 }
 
 fn default_method() -> String {
@@ -258,6 +262,61 @@ pub struct ClaimDecl {
     /// The section or sentence of the document, or the citation (printed beside the claim).
     #[serde(default)]
     pub cite: Option<String>,
+    /// The fewest seeds each run this claim reads gets (overrides `[report] claim_seeds`).
+    #[serde(default)]
+    pub seeds: Option<usize>,
+}
+
+impl ClaimDecl {
+    /// Whether the claim reads a run with these parameters: a comparison both of its sides, a
+    /// level its selection `a` (every run without one), a trend or change every run.
+    pub fn reads(&self, p: &Params) -> bool {
+        match self.kind {
+            ClaimKind::Compare => [&self.a, &self.b].iter().any(|sel| sel.as_ref().is_some_and(|t| selects(t, p))),
+            ClaimKind::Level => self.a.as_ref().is_none_or(|t| selects(t, p)),
+            ClaimKind::Trend | ClaimKind::Change => true,
+        }
+    }
+}
+
+/// Whether a selection such as `{ loss = "ce", lr = 0.1 }` picks a run with parameters `p`:
+/// every key present with an equal value (numbers compared as numbers).
+pub fn selects(sel: &toml::Table, p: &Params) -> bool {
+    sel.iter().all(|(k, v)| match (params::from_toml(v), p.get(k)) {
+        (Some(want), Some(have)) => match (want.as_f64(), have.as_f64()) {
+            (Some(a), Some(b)) => a == b,
+            _ => want.canonical() == have.canonical(),
+        },
+        _ => false,
+    })
+}
+
+/// The most seeds a claim may ask for.
+const MAX_CLAIM_SEEDS: usize = 1000;
+
+/// Adds seeds to the runs the claims read, so that each has at least the claim's `seeds` (or
+/// `[report] claim_seeds`): for every configuration a claim reads, the seeds 0, 1, 2, … it does
+/// not have yet, in that order, until it has enough. The new runs follow the experiment's own.
+fn add_claim_seeds(experiments: &mut [Experiment], claims: &[ClaimDecl], default: Option<usize>) {
+    for c in claims {
+        let Some(want) = c.seeds.or(default) else { continue };
+        let Some(e) = experiments.iter_mut().find(|e| e.id == c.experiment) else { continue };
+        let mut added = Vec::new();
+        for r in e.runs.iter().filter(|r| c.reads(&r.params)) {
+            if added.iter().chain(&e.runs).any(|o: &RunSpec| o.params == r.params && o.seed < r.seed) {
+                continue; // one pass per configuration, from its first run
+            }
+            let mut have: BTreeSet<u64> = e.runs.iter().chain(&added).filter(|o| o.params == r.params).map(|o| o.seed).collect();
+            let mut next = 0u64;
+            while have.len() < want {
+                if have.insert(next) {
+                    added.push(RunSpec { point: r.point.clone(), params: r.params.clone(), seed: next });
+                }
+                next += 1;
+            }
+        }
+        e.runs.extend(added);
+    }
 }
 
 /// Where a claim comes from.
@@ -583,6 +642,9 @@ fn parse_one(text: &str, path: &Path, root: &Path, profile: Option<&str>, sets: 
     cx.check_tables(&file.tables, &known);
     cx.check_figures(&file.figures, &known);
     cx.check_claims(&file.claims, &known);
+    cx.check_claim_seeds(&file);
+    let mut experiments = experiments;
+    add_claim_seeds(&mut experiments, &file.claims, file.report.claim_seeds);
     let overrides = cx.finish()?;
 
     Ok(Spec {
@@ -1137,6 +1199,22 @@ impl<'t> Checker<'t> {
         }
     }
 
+    /// `[report] claim_seeds` and each claim's `seeds`: between 1 and [`MAX_CLAIM_SEEDS`].
+    fn check_claim_seeds(&mut self, file: &SpecFile) {
+        let mut at = vec![(segs("report.claim_seeds"), file.report.claim_seeds)];
+        at.extend(file.claims.iter().enumerate().map(|(i, c)| (segs(&format!("claims.{i}.seeds")), c.seeds)));
+        for (path, n) in at {
+            if let Some(n) = n.filter(|&n| n == 0 || n > MAX_CLAIM_SEEDS) {
+                self.err(
+                    path,
+                    false,
+                    format!("{n} seeds per claim: give between 1 and {MAX_CLAIM_SEEDS}"),
+                    Some("3 seeds separate most effects from seed noise; the power note of an inconclusive claim says how many more".into()),
+                );
+            }
+        }
+    }
+
     /// `[[claims]]`: unique ids, a known experiment and metric, and what each kind needs (a
     /// known `x` and a `direction` for a trend, selections `a` and `b` of known parameters for a
     /// comparison, `min` and/or `max` but for a trend).
@@ -1393,7 +1471,7 @@ fn optional_fields(parents: &[String]) -> &'static [&'static str] {
     match parents.iter().map(String::as_str).collect::<Vec<_>>().as_slice() {
         ["experiments", _] => &["description", "params", "grid", "points", "seeds", "profiles"],
         ["data", _] => &["test_per_class", "split_seed", "classes"],
-        ["report"] => &["document", "method", "description"],
+        ["report"] => &["document", "method", "description", "claim_seeds"],
         _ => &[],
     }
 }

@@ -520,3 +520,34 @@ fn a_level_claim_is_checked_like_the_others() {
     assert!(parse_err(&claim("a = { imbalance = 0.1 }\n"), "quick", &[]).to_string().contains("needs `min` and/or `max`"));
     assert!(parse_err(&claim("a = { imbalanse = 0.1 }\nmin = 0.0\n"), "quick", &[]).to_string().contains("imbalanse"));
 }
+
+/// Issue 21: the planner adds seeds to the runs a claim reads, and only to those.
+#[test]
+fn claims_get_their_seeds() {
+    let compare = |extra: &str| {
+        format!("{BASE}\n[[claims]]\nid = \"c\"\ntext = \"x\"\nsource = \"ours\"\nexperiment = \"e1\"\nkind = \"compare\"\nmetric = \"accuracy\"\na = {{ imbalance = 0.1 }}\nb = {{ imbalance = 1.0 }}\nmin = 0.0\n{extra}")
+    };
+    let seeds_of = |s: &Spec, imb: f64| -> Vec<u64> {
+        let mut v: Vec<u64> = s.experiments[0].runs.iter().filter(|r| r.params["imbalance"] == ParamValue::Float(imb)).map(|r| r.seed).collect();
+        v.sort_unstable();
+        v
+    };
+    // Without `seeds` the experiment's own seeds (0, 1) stay.
+    let s = parse_ok(&compare(""), &[]);
+    assert_eq!(s.experiments[0].runs.len(), 4);
+    // Both sides of the comparison get seeds 2 and 3; the declared runs come first.
+    let s = parse_ok(&compare("seeds = 4\n"), &[]);
+    assert_eq!((seeds_of(&s, 0.1), seeds_of(&s, 1.0)), (vec![0, 1, 2, 3], vec![0, 1, 2, 3]));
+    assert_eq!(s.experiments[0].runs[..4].iter().map(|r| r.seed).collect::<Vec<_>>(), vec![0, 1, 0, 1]);
+    // A level claim on one point adds seeds to that point only; the report default applies to
+    // claims without their own `seeds`, and `--set report.claim_seeds` changes it.
+    let level = format!("{BASE}\n[[claims]]\nid = \"l\"\ntext = \"x\"\nsource = \"ours\"\nexperiment = \"e1\"\nkind = \"level\"\nmetric = \"accuracy\"\na = {{ imbalance = 0.1 }}\nmin = 0.0\n");
+    let s = parse_ok(&level, &["report.claim_seeds=3"]);
+    assert_eq!((seeds_of(&s, 0.1), seeds_of(&s, 1.0)), (vec![0, 1, 2], vec![0, 1]));
+    // Seeds already there count: declared seeds 5 and 7 with 3 wanted add seed 0 only.
+    let s = parse_ok(&compare("seeds = 3\n").replace("seeds = [0, 1]", "seeds = [5, 7]"), &[]);
+    assert_eq!(seeds_of(&s, 0.1), vec![0, 5, 7]);
+    // Zero seeds is an error at its place.
+    let e = parse_err(&compare("seeds = 0\n"), "quick", &[]);
+    assert!(e.to_string().contains("0 seeds per claim"), "{e}");
+}
