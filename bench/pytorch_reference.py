@@ -15,7 +15,9 @@ batch's statistics, shift only, eps 1e-3 → ReLU → max-pool 2, ×4, then a li
 written with torch.nn.functional and parameters passed as tensors. Each batch is a task: support =
 its first half, query = its second half. One step: support loss at (body, zero head), its gradient
 by torch.autograd.grad (first order: no create_graph), fast weights θ − 0.5·g, query loss at them,
-backward to the body, SGD as above on the body (the head is not meta-learned).
+backward to the body, SGD as above on the body (the head is not meta-learned). `mlp-maml` is the
+same step for the functional MLP 784-256-128-10 (biases, ReLU; no zero head: every parameter takes
+the inner step, lr 0.1, and is meta-learned).
 
 Usage: python3 bench/pytorch_reference.py [--model NAME]... [--threads N] [--steps N]
        [--warmup N] [--batch N] [--data PATH] [--clock wall|cpu] [--device cpu|cuda[:N]] [--json]
@@ -229,14 +231,42 @@ class FunctionalConv4:
         return F.linear(x.flatten(1), params[-2], params[-1])
 
 
-class MamlTrainer:
-    """`conv4-maml`: one first-order MAML step per batch (see the module docstring)."""
+class FunctionalMlp:
+    """`mlp-maml`'s network with its parameters as arguments: linear layers with biases and ReLU
+    between them (784-256-128-10, PyTorch's default initialisation). Parameters: per layer
+    (weight, bias). Every parameter is meta-learned, so there is no separate head."""
 
-    INNER_LR = 0.5
+    WIDTHS = (784, 256, 128, 10)
+
+    def __init__(self):
+        self.body = []
+        for fan_in, fan_out in zip(self.WIDTHS, self.WIDTHS[1:]):
+            layer = nn.Linear(fan_in, fan_out)
+            self.body += [layer.weight.detach().clone().requires_grad_(), layer.bias.detach().clone().requires_grad_()]
+
+    def zero_head(self, device):
+        return []
+
+    def forward(self, params, x):
+        h = x.flatten(1)
+        layers = len(params) // 2
+        for i in range(layers):
+            h = F.linear(h, params[2 * i], params[2 * i + 1])
+            if i + 1 < layers:
+                h = F.relu(h)
+        return h
+
+
+class MamlTrainer:
+    """`conv4-maml` and `mlp-maml`: one first-order MAML step per batch (see the module
+    docstring)."""
+
+    INNER_LR = {"conv4-maml": 0.5, "mlp-maml": 0.1}
 
     def __init__(self, name, batches, clock=time.perf_counter, device="cpu"):
         torch.manual_seed(0)
-        self.net = FunctionalConv4(1, 28, 28, 10)
+        self.net = FunctionalMlp() if name == "mlp-maml" else FunctionalConv4(1, 28, 28, 10)
+        self.inner_lr = self.INNER_LR[name]
         for p in self.net.body:
             p.data = p.data.to(device)
         self.device = device
@@ -259,7 +289,7 @@ class MamlTrainer:
             theta = self.net.body + self.net.zero_head(self.device)
             support = F.cross_entropy(self.net.forward(theta, x[:half]), y[:half])
             grads = torch.autograd.grad(support, theta)
-            fast = [p - self.INNER_LR * g for p, g in zip(theta, grads)]
+            fast = [p - self.inner_lr * g for p, g in zip(theta, grads)]
             F.cross_entropy(self.net.forward(fast, x[half:]), y[half:]).backward()
             self.opt.step()
             self.sync()
@@ -277,7 +307,7 @@ MODELS = {
     "conv4": (Conv4, 1),
 }
 # Meta-learning steps: name → trainer class.
-META = {"conv4-maml": MamlTrainer}
+META = {"conv4-maml": MamlTrainer, "mlp-maml": MamlTrainer}
 
 
 def load_batches(path, batch):

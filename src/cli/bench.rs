@@ -12,8 +12,8 @@
 //! rounds. With more than one thread PyTorch runs twice, with `OMP_WAIT_POLICY=active` and
 //! `passive` (one process each, stopped between its turns), and each model is compared with the
 //! faster: which is faster depends on the model, by up to 10× (see [`OmpWait`]). `conv4-maml`
-//! times a meta-learning step instead of a supervised one: the functional Conv-4 of
-//! `models::functional`, one first-order MAML step per batch ([`MamlLearner`]).
+//! and `mlp-maml` time a meta-learning step instead of a supervised one: the functional Conv-4
+//! or MLP of `models::functional`, one first-order MAML step per batch ([`MamlLearner`]).
 //! Run it from the project root (it reads `data-manifests/mnist-5k.toml`). `bench/README.md`
 //! records the latest figures.
 
@@ -31,7 +31,7 @@ use serde_json::json;
 use super::{UsageError, EXIT_OK};
 use crate::data::{ImageSet, Manifest};
 use crate::exec::install_awake;
-use crate::models::functional::{sgd_fast_weights, FunctionalConv4, Init};
+use crate::models::functional::{sgd_fast_weights, FunctionalConv4, FunctionalMlp, Init};
 use crate::models::{self, ModelConfig, ModelKind, MODEL_DTYPE};
 use crate::train::{OptimConfig, Optimizer};
 
@@ -64,7 +64,7 @@ pub struct BenchArgs {
     #[arg(long, default_value_t = 4)]
     pub rounds: usize,
     /// Models to time, comma-separated (default: all of mlp-512, mlp, cnn, resnet, vit, conv4,
-    /// conv4-maml).
+    /// conv4-maml, mlp-maml).
     #[arg(long, value_delimiter = ',')]
     pub models: Vec<String>,
     /// Skip the PyTorch reference.
@@ -188,11 +188,12 @@ fn process_cpu_seconds() -> f64 {
 }
 
 /// What a benchmark model's step trains: one of the engine's classifiers (a supervised step), or
-/// the functional Conv-4 of meta-learning (a first-order MAML step, [`MamlLearner`]).
+/// a functional network of meta-learning (a first-order MAML step, [`MamlLearner`]).
 #[derive(Debug, Clone)]
 enum BenchModel {
     Classifier(ModelConfig),
     Conv4Maml,
+    MlpMaml,
 }
 
 /// A model of the benchmark: its name (shared with the PyTorch script), a description and what
@@ -207,6 +208,7 @@ fn bench_model(name: &str) -> Option<(&'static str, BenchModel)> {
         "vit" => ("tiny ViT (dim 64, 2 blocks)", cfg(ModelKind::Vit)),
         "conv4" => ("Conv-4 (32 channels)", cfg(ModelKind::Conv4)),
         "conv4-maml" => ("functional Conv-4, first-order MAML step", BenchModel::Conv4Maml),
+        "mlp-maml" => ("functional MLP 784-256-128-10, MAML step", BenchModel::MlpMaml),
         _ => return None,
     })
 }
@@ -216,6 +218,10 @@ fn bench_model(name: &str) -> Option<(&'static str, BenchModel)> {
 const SUPPORT: usize = BATCH / 2;
 /// Inner (fast-weight) learning rate of `conv4-maml`: MAML's 0.5 in Bayesian TAML's run files.
 const INNER_LR: f64 = 0.5;
+/// Inner learning rate of `mlp-maml`, whose every parameter takes the inner step.
+const MLP_INNER_LR: f64 = 0.1;
+/// The widths of `mlp-maml`: the report MLP's, with biases and its classifier as the last layer.
+const MLP_WIDTHS: [usize; 4] = [784, 256, 128, 10];
 
 /// Pause before each side's round (see the loop in [`bench`]).
 const SETTLE: std::time::Duration = std::time::Duration::from_millis(300);
@@ -237,7 +243,7 @@ fn rewarm(mut step: impl FnMut() -> anyhow::Result<()>) -> anyhow::Result<()> {
     }
 }
 
-const ALL_MODELS: &[&str] = &["mlp-512", "mlp", "cnn", "resnet", "vit", "conv4", "conv4-maml"];
+const ALL_MODELS: &[&str] = &["mlp-512", "mlp", "cnn", "resnet", "vit", "conv4", "conv4-maml", "mlp-maml"];
 
 /// One model's timing on one side.
 #[derive(Debug, Clone)]
@@ -401,6 +407,12 @@ pub fn bench(a: &BenchArgs) -> anyhow::Result<i32> {
              forward/backward on the support set from a zero head, fast weights θ' = θ − {INNER_LR}·g (first order: g \
              is a constant), forward/backward of the query loss at θ' to θ, SGD as above on θ (not the head)\n",
             BATCH - SUPPORT
+        );
+    }
+    if names.iter().any(|n| n == "mlp-maml") {
+        println!(
+            "mlp-maml: the same task split; the functional MLP {MLP_WIDTHS:?} (biases, no zero head: every parameter \
+             takes the inner step θ' = θ − {MLP_INNER_LR}·g and is meta-learned), first order\n"
         );
     }
     println!(
@@ -648,34 +660,67 @@ enum Learner {
     Maml(MamlLearner),
 }
 
-/// `conv4-maml`: the functional Conv-4 (Bayesian TAML's learner, 32 channels), its body
-/// parameters meta-learned (the optimiser's variables), a zero head per task.
+/// The network of a first-order MAML step.
+enum MamlNet {
+    /// `conv4-maml`: Bayesian TAML's learner (32 channels); a zero head per task.
+    Conv4(FunctionalConv4),
+    /// `mlp-maml`: every parameter meta-learned.
+    Mlp(FunctionalMlp),
+}
+
+/// `conv4-maml` and `mlp-maml`: a functional network whose `body` (the optimiser's variables) is
+/// meta-learned; the Conv-4 adds a zero head per task.
 struct MamlLearner {
-    net: FunctionalConv4,
+    net: MamlNet,
     body: Vec<Var>,
 }
 
 impl MamlLearner {
-    fn new(device: &Device) -> anyhow::Result<Self> {
-        let net = FunctionalConv4::new(1, 28, 28, 32, 10)?;
-        let body = net.init_body(0, Init::PytorchDefault, device, MODEL_DTYPE)?.iter().map(Var::from_tensor).collect::<candle_core::Result<Vec<_>>>()?;
+    fn new(model: &BenchModel, device: &Device) -> anyhow::Result<Self> {
+        let (net, body) = match model {
+            BenchModel::MlpMaml => {
+                let net = FunctionalMlp::new(&MLP_WIDTHS)?;
+                let body = net.init(0, device, MODEL_DTYPE)?;
+                (MamlNet::Mlp(net), body)
+            }
+            _ => {
+                let net = FunctionalConv4::new(1, 28, 28, 32, 10)?;
+                let body = net.init_body(0, Init::PytorchDefault, device, MODEL_DTYPE)?;
+                (MamlNet::Conv4(net), body)
+            }
+        };
+        let body = body.iter().map(Var::from_tensor).collect::<candle_core::Result<Vec<_>>>()?;
         Ok(MamlLearner { net, body })
     }
 
+    fn forward(&self, params: &[Tensor], x: &Tensor) -> candle_core::Result<Tensor> {
+        match &self.net {
+            MamlNet::Conv4(net) => net.forward(params, x),
+            MamlNet::Mlp(net) => net.forward(params, x),
+        }
+    }
+
     /// The query loss of one first-order MAML step on the task (x, y), to be backpropagated to
-    /// the body: support loss at θ = (body, zero head), its gradient g, query loss at θ − α·g.
+    /// the body: support loss at θ (the body, and for the Conv-4 a zero head), its gradient g,
+    /// query loss at θ − α·g.
     fn query_loss(&self, x: &Tensor, y: &Tensor) -> candle_core::Result<Tensor> {
         let n = x.dim(0)?;
         let (xs, ys) = (x.narrow(0, 0, SUPPORT)?, y.narrow(0, 0, SUPPORT)?);
         let (xq, yq) = (x.narrow(0, SUPPORT, n - SUPPORT)?, y.narrow(0, SUPPORT, n - SUPPORT)?);
         let mut theta: Vec<Tensor> = self.body.iter().map(|v| v.as_tensor().clone()).collect();
-        // The head is a variable too, so that the support loss has a gradient with respect to it.
-        for h in self.net.zero_head(x.device(), MODEL_DTYPE)? {
-            theta.push(Var::from_tensor(&h)?.as_tensor().clone());
-        }
-        let support = candle_nn::loss::cross_entropy(&self.net.forward(&theta, &xs)?, &ys)?;
-        let fast = sgd_fast_weights(&theta, &support.backward()?, INNER_LR)?;
-        candle_nn::loss::cross_entropy(&self.net.forward(&fast, &xq)?, &yq)
+        let lr = match &self.net {
+            MamlNet::Conv4(net) => {
+                // The head is a variable too, so that the support loss has a gradient with respect to it.
+                for h in net.zero_head(x.device(), MODEL_DTYPE)? {
+                    theta.push(Var::from_tensor(&h)?.as_tensor().clone());
+                }
+                INNER_LR
+            }
+            MamlNet::Mlp(_) => MLP_INNER_LR,
+        };
+        let support = candle_nn::loss::cross_entropy(&self.forward(&theta, &xs)?, &ys)?;
+        let fast = sgd_fast_weights(&theta, &support.backward()?, lr)?;
+        candle_nn::loss::cross_entropy(&self.forward(&fast, &xq)?, &yq)
     }
 }
 
@@ -698,8 +743,8 @@ impl Trainer {
                 let vars = varmap.all_vars();
                 (Learner::Supervised { model, _varmap: varmap }, vars)
             }
-            BenchModel::Conv4Maml => {
-                let m = MamlLearner::new(device)?;
+            BenchModel::Conv4Maml | BenchModel::MlpMaml => {
+                let m = MamlLearner::new(model, device)?;
                 let vars = m.body.clone();
                 (Learner::Maml(m), vars)
             }
@@ -1056,6 +1101,17 @@ mod tests {
             if k % 3 != 1 {
                 assert_ne!(&a, b, "body tensor {k} did not move");
             }
+        }
+        // The MLP: every parameter is meta-learned and moves.
+        let mut t = Trainer::new(&BenchModel::MlpMaml, Clock::Wall, &Device::Cpu).unwrap();
+        let Learner::Maml(m) = &t.learner else { panic!("not the MAML learner") };
+        let before: Vec<Vec<f32>> = m.body.iter().map(|v| v.as_tensor().flatten_all().unwrap().to_vec1().unwrap()).collect();
+        assert_eq!(before.len(), 2 * (MLP_WIDTHS.len() - 1));
+        t.steps(&batches, 2).unwrap();
+        let Learner::Maml(m) = &t.learner else { unreachable!() };
+        for (k, (v, b)) in m.body.iter().zip(&before).enumerate() {
+            let a: Vec<f32> = v.as_tensor().flatten_all().unwrap().to_vec1().unwrap();
+            assert!(a.iter().all(|x| x.is_finite()) && &a != b, "MLP tensor {k}");
         }
     }
 

@@ -37,7 +37,7 @@ use candle_core::backprop::GradStore;
 use candle_core::{CpuStorage, CustomOp2, DType, Device, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
-use super::kernels::{self, alloc::par_zeroed, conv::conv2d, pool};
+use super::kernels::{self, alloc::par_zeroed, conv::conv2d, linear::linear, pool};
 use crate::rng::Rng;
 
 /// The name and shape of one parameter tensor of a functional network.
@@ -171,10 +171,9 @@ impl FunctionalMlp {
         let mut h = x.flatten_from(1)?;
         let layers = params.len() / 2;
         for (i, wb) in params.chunks_exact(2).enumerate() {
-            h = h.matmul(&wb[0].t()?)?.broadcast_add(&wb[1])?;
-            if i + 1 < layers {
-                h = h.relu()?;
-            }
+            // The engine's fused linear (bias and ReLU in the GEMM's output pass) on f32 CPU
+            // tensors; candle's operations otherwise.
+            h = linear(&h, &wb[0], &wb[1], i + 1 < layers)?;
         }
         Ok(h)
     }
@@ -638,6 +637,40 @@ mod tests {
         let y = labels(5, 3);
         let (rel, abs) = check_fd(&net.param_specs(), &params, 6, |p| ce(&net.forward(p, &x).unwrap(), &y));
         println!("MLP: largest relative error {rel:e}, largest absolute error {abs:e}");
+    }
+
+    /// In f32 on the CPU the MLP runs the fused linear kernel; its values and gradients (also
+    /// through fast weights θ − α·g, where the weights are computed tensors) agree with the f64
+    /// path of candle's own operations.
+    #[test]
+    fn mlp_fused_f32_path_matches_the_f64_path() {
+        let net = FunctionalMlp::new(&[20, 16, 8, 5]).unwrap();
+        let mut rng = Rng::new(9);
+        let x64 = randn(&mut rng, &[6, 20], DType::F64);
+        let y = labels(6, 5);
+        let run = |dtype: DType| -> (Vec<f64>, Vec<Vec<f64>>) {
+            let theta: Vec<Tensor> = net.init(1, &cpu(), DType::F64).unwrap().iter().map(|t| t.to_dtype(dtype).unwrap()).collect();
+            let vars: Vec<candle_core::Var> = theta.iter().map(|t| candle_core::Var::from_tensor(t).unwrap()).collect();
+            let tensors: Vec<Tensor> = vars.iter().map(|v| v.as_tensor().clone()).collect();
+            let x = x64.to_dtype(dtype).unwrap();
+            let loss = candle_nn::loss::cross_entropy(&net.forward(&tensors, &x).unwrap(), &y).unwrap();
+            let fast = sgd_fast_weights(&tensors, &loss.backward().unwrap(), 0.3).unwrap();
+            let out = net.forward(&fast, &x).unwrap();
+            let query = candle_nn::loss::cross_entropy(&out, &y).unwrap();
+            let grads = query.backward().unwrap();
+            let g = vars.iter().map(|v| grads.get(v.as_tensor()).unwrap().to_dtype(DType::F64).unwrap().flatten_all().unwrap().to_vec1::<f64>().unwrap()).collect();
+            (out.to_dtype(DType::F64).unwrap().flatten_all().unwrap().to_vec1::<f64>().unwrap(), g)
+        };
+        let ((o32, g32), (o64, g64)) = (run(DType::F32), run(DType::F64));
+        let close = |a: &[f64], b: &[f64], what: &str| {
+            let scale = b.iter().fold(1e-3f64, |m, v| m.max(v.abs()));
+            let err = a.iter().zip(b).fold(0f64, |m, (p, q)| m.max((p - q).abs())) / scale;
+            assert!(err < 1e-5, "{what}: relative error {err:e}");
+        };
+        close(&o32, &o64, "output at the fast weights");
+        for (k, (a, b)) in g32.iter().zip(&g64).enumerate() {
+            close(a, b, &format!("gradient of tensor {k}"));
+        }
     }
 
     /// The BatchNorm by hand on a 2-channel input, both paths, with and without the ReLU.

@@ -122,21 +122,31 @@ impl Linear {
     fn apply(&self, x: &Tensor, apply_relu: bool) -> candle_core::Result<Tensor> {
         let w = self.inner.weight();
         let Some(b) = self.inner.bias() else { candle_core::bail!("fused linear: the layer has no bias") };
-        let fast = super::fast_cpu(&[x, w, b]);
-        if !fast || x.rank() == 0 {
+        if !super::fast_cpu(&[x, w, b]) {
             let y = self.inner.forward(x)?;
             return if apply_relu { y.relu() } else { Ok(y) };
         }
-        let dims = x.dims().to_vec();
-        let k = dims[dims.len() - 1];
-        let rows = x.elem_count() / k.max(1);
-        let x2 = x.contiguous()?.reshape((rows, k))?;
-        let y = x2.apply_op3(w, b, LinearOp { relu: apply_relu })?;
-        let mut out_dims = dims;
-        let last = out_dims.len() - 1;
-        out_dims[last] = w.dim(0)?;
-        y.reshape(out_dims)
+        linear(x, w, b, apply_relu)
     }
+}
+
+/// relu?(x·Wᵀ + b) with the weight and bias passed as tensors (fast weights too): the fused op
+/// on f32 CPU tensors, candle's matmul, bias add and ReLU elsewhere (f64 included). x has any
+/// rank ≥ 1, its last dimension W's second.
+pub fn linear(x: &Tensor, w: &Tensor, b: &Tensor, apply_relu: bool) -> candle_core::Result<Tensor> {
+    if !super::fast_cpu(&[x, w, b]) || x.rank() == 0 {
+        let y = x.broadcast_matmul(&w.t()?)?.broadcast_add(b)?;
+        return if apply_relu { y.relu() } else { Ok(y) };
+    }
+    let dims = x.dims().to_vec();
+    let k = dims[dims.len() - 1];
+    let rows = x.elem_count() / k.max(1);
+    let x2 = x.contiguous()?.reshape((rows, k))?;
+    let y = x2.apply_op3(w, b, LinearOp { relu: apply_relu })?;
+    let mut out_dims = dims;
+    let last = out_dims.len() - 1;
+    out_dims[last] = w.dim(0)?;
+    y.reshape(out_dims)
 }
 
 #[cfg(test)]
