@@ -321,3 +321,22 @@ fn the_generator_never_reads_the_primary_label() {
     let l1 = scalar(&losses_of(Variant::Wamal).level1(&theta, &phi, &flipped).unwrap().primary);
     assert_eq!(l0.to_bits(), l1.to_bits());
 }
+
+#[test]
+fn cifar100_fine_to_coarse_map_matches_the_records_coarse_bytes() {
+    use crate::data::formats::{load_cifar, CifarVariant};
+    // Records (coarse byte, fine byte) whose pairs follow from the class names, not from the
+    // map under test: apple → fruit and vegetables (4), aquarium fish → fish (1), baby → people
+    // (14), bicycle → vehicles 1 (18), whale → aquatic mammals (0), worm → non-insect
+    // invertebrates (13).
+    let pairs: [(u8, u8); 6] = [(4, 0), (1, 1), (14, 2), (18, 8), (0, 95), (13, 99)];
+    let bytes: Vec<u8> = pairs.iter().flat_map(|&(c, f)| [vec![c, f], vec![0u8; 3 * 32 * 32]].concat()).collect();
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("train.bin");
+    std::fs::write(&path, bytes).unwrap();
+    let fine = load_cifar(std::slice::from_ref(&path), CifarVariant::Cifar100Fine).unwrap();
+    let coarse = load_cifar(std::slice::from_ref(&path), CifarVariant::Cifar100Coarse).unwrap();
+    let (relabelled, n) = crate::data::derived::relabel(&fine.labels, fine.num_classes, &Hierarchy::Cifar100Coarse.map()).unwrap();
+    assert_eq!(n, 20);
+    assert_eq!(relabelled, coarse.labels);
+}
