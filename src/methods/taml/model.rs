@@ -400,7 +400,7 @@ impl Draw {
         let omega = if v.omega { Some(post.omega.draw(rng.as_deref_mut())?) } else { None };
         let gamma = if v.gamma { Some(post.gamma.draw(rng.as_deref_mut())?) } else { None };
         let z = if v.z {
-            let z = post.z.draw(rng.as_deref_mut())?;
+            let z = post.z.draw(rng)?;
             Some((z.narrow(0, 0, Z_DIM / 2)?.reshape((4, HIDDEN))?, z.narrow(0, Z_DIM / 2, Z_DIM / 2)?.reshape((4, HIDDEN))?))
         } else {
             None
