@@ -221,6 +221,11 @@ pub enum ClaimKind {
     /// The final metric, averaged over the runs (those matching `a`, if given), lies in
     /// [min, max].
     Level,
+    /// (mean(metric | a) − mean(metric | b)) − (mean(metric2 | a) − mean(metric2 | b)) lies in
+    /// [min, max]: a difference of differences, e.g. "the gain is larger out of distribution".
+    /// Each run contributes metric − metric2 (both from its final row), so the interval is
+    /// Welch's on those per-run differences.
+    Interaction,
 }
 
 /// `[[claims]]`: a statement of the document checked on our numbers.
@@ -233,6 +238,9 @@ pub struct ClaimDecl {
     pub experiment: String,
     pub kind: ClaimKind,
     pub metric: String,
+    /// The second metric of an `interaction` claim.
+    #[serde(default)]
+    pub metric2: Option<String>,
     #[serde(default)]
     pub x: Option<String>,
     /// `increasing` or `decreasing` (trend claims).
@@ -1159,7 +1167,13 @@ impl<'t> Checker<'t> {
                         self.err(at("direction"), false, format!("trend claim `{}` needs `direction = \"increasing\"` or `\"decreasing\"`", c.id), None);
                     }
                 }
-                ClaimKind::Compare => {
+                ClaimKind::Compare | ClaimKind::Interaction => {
+                    if c.kind == ClaimKind::Interaction {
+                        match &c.metric2 {
+                            Some(m) => self.check_known(at("metric2"), m, &known.metrics, "metric"),
+                            None => self.err(at("kind"), false, format!("interaction claim `{}` needs `metric2`, the metric the difference is compared with", c.id), None),
+                        }
+                    }
                     for (side, sel) in [("a", &c.a), ("b", &c.b)] {
                         match sel {
                             None => self.err(at("kind"), false, format!("compare claim `{}` needs `{side}`, a selection such as `{{ loss = \"ce\" }}`", c.id), None),
