@@ -1176,7 +1176,10 @@ impl<'t> Checker<'t> {
                     }
                     for (side, sel) in [("a", &c.a), ("b", &c.b)] {
                         match sel {
-                            None => self.err(at("kind"), false, format!("compare claim `{}` needs `{side}`, a selection such as `{{ loss = \"ce\" }}`", c.id), None),
+                            None => {
+                                let kind = if c.kind == ClaimKind::Interaction { "interaction" } else { "compare" };
+                                self.err(at("kind"), false, format!("{kind} claim `{}` needs `{side}`, a selection such as `{{ loss = \"ce\" }}`", c.id), None)
+                            }
                             Some(t) => {
                                 for k in t.keys() {
                                     self.check_known(at(&format!("{side}.{k}")), k, &known.params, "parameter");

@@ -529,5 +529,5 @@ fn an_interaction_claim_needs_a_second_metric_and_both_selections() {
     parse_ok(&claim(&format!("metric2 = \"tail_accuracy\"\n{sel}")), &[]);
     assert!(parse_err(&claim(sel), "quick", &[]).to_string().contains("needs `metric2`"));
     assert!(parse_err(&claim(&format!("metric2 = \"tail_acuracy\"\n{sel}")), "quick", &[]).to_string().contains("tail_acuracy"));
-    assert!(parse_err(&claim("metric2 = \"tail_accuracy\"\na = { imbalance = 0.1 }\nmin = 0.0\n"), "quick", &[]).to_string().contains("needs `b`"));
+    assert!(parse_err(&claim("metric2 = \"tail_accuracy\"\na = { imbalance = 0.1 }\nmin = 0.0\n"), "quick", &[]).to_string().contains("interaction claim `i` needs `b`"));
 }
