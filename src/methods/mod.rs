@@ -10,6 +10,7 @@
 pub mod class_aware_lora;
 pub mod group_dro;
 pub mod supervised;
+pub mod taml;
 pub mod wamal;
 
 use std::collections::BTreeMap;
@@ -385,9 +386,9 @@ impl Registry {
         Registry { methods: BTreeMap::new() }
     }
 
-    /// The methods this crate ships: `supervised`, `class_aware_lora`, `group_dro` and `wamal`.
+    /// The methods this crate ships: `supervised`, `class_aware_lora`, `group_dro`, `wamal` and `taml`.
     pub fn builtin() -> Registry {
-        Registry::empty().with(supervised::Supervised).with(class_aware_lora::ClassAwareLora).with(group_dro::GroupDro).with(wamal::Wamal)
+        Registry::empty().with(supervised::Supervised).with(class_aware_lora::ClassAwareLora).with(group_dro::GroupDro).with(wamal::Wamal).with(taml::Taml)
     }
 
     /// This registry with `method` added under its name (replacing a method of the same name).

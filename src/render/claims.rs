@@ -240,6 +240,7 @@ pub fn evaluate(c: &ClaimDecl, frames: &Frames) -> ClaimResult {
                 }
             }
         }
+        ClaimKind::Interaction => interaction(c, &finals, &mut r),
         ClaimKind::Level => {
             let rows: Vec<_> = finals.iter().copied().filter(|row| c.a.as_ref().is_none_or(|sel| crate::spec::selects(sel, &row.params))).collect();
             let values = summary::values(&rows, &c.metric);
@@ -264,6 +265,53 @@ pub fn evaluate(c: &ClaimDecl, frames: &Frames) -> ClaimResult {
         }
     }
     r
+}
+
+/// An `interaction` claim: per run d = metric − metric2 (final row), then (mean d | a) −
+/// (mean d | b) with Welch's interval, which equals (a − b) on metric − (a − b) on metric2.
+fn interaction(c: &ClaimDecl, finals: &[&crate::frames::ResultRow], r: &mut ClaimResult) {
+    let (Some(a), Some(b), Some(m2)) = (&c.a, &c.b, &c.metric2) else { return };
+    let diffs = |sel: &toml::Table| -> Vec<f64> {
+        finals
+            .iter()
+            .filter(|row| row.status == "ok" && crate::spec::selects(sel, &row.params))
+            .filter_map(|row| match (row.metrics.get(&c.metric).copied().flatten(), row.metrics.get(m2).copied().flatten()) {
+                (Some(x), Some(y)) if x.is_finite() && y.is_finite() => Some(x - y),
+                _ => None,
+            })
+            .collect()
+    };
+    let (va, vb) = (diffs(a), diffs(b));
+    let (Some(sa), Some(sb)) = (Stat::of(&va), Stat::of(&vb)) else { return };
+    let d = sa.mean - sb.mean;
+    r.n = sa.n.min(sb.n);
+    r.value = Some(d);
+    let head = format!(
+        "(a − b) on {} − (a − b) on {m2} = {} ({} − {m2}: {} vs {}; n = {} and {}; {})",
+        c.metric,
+        signed(&c.metric, d),
+        c.metric,
+        fmt_value(&c.metric, sa.mean),
+        fmt_value(&c.metric, sb.mean),
+        sa.n,
+        sb.n,
+        bounds(c)
+    );
+    match stats::welch(&va, &vb) {
+        Some(e) => {
+            r.interval = Some((e.lo, e.hi));
+            r.verdict = decide(c, e.lo, e.hi);
+            r.measured = format!("{head}; Welch {}", interval_text(&c.metric, &e));
+            if r.verdict == Verdict::Inconclusive {
+                let sd = ((sa.std * sa.std + sb.std * sb.std) / 2.0).sqrt();
+                r.power = power_note(c, d, sd, r.n);
+            }
+        }
+        None => {
+            r.verdict = Verdict::Inconclusive;
+            r.measured = format!("{head}; one seed: no interval, so no verdict; run more seeds");
+        }
+    }
 }
 
 /// A fixed seed per claim, so that a report's bootstrap intervals render to the same text.
@@ -395,6 +443,43 @@ mod tests {
         assert!((lo - (0.3 - half)).abs() < 1e-6 && (hi - (0.3 + half)).abs() < 1e-6, "{lo} {hi}");
         assert_eq!(evaluate(&level(1.0, 2.0), &f).verdict, Verdict::DoesNotHold);
         assert_eq!(evaluate(&level(0.25, 1.0), &f).verdict, Verdict::Inconclusive);
+    }
+
+    #[test]
+    fn an_interaction_is_a_difference_of_differences_with_welch_on_per_run_differences() {
+        // Runs (m, m2): a (10, 4), (12, 5), (11, 4) → d = 6, 7, 7; b (8, 6), (9, 5), (8, 5) →
+        // d = 2, 4, 3. (a − b) on m = 11 − 8.333 = 2.667, on m2 = 4.333 − 5.333 = −1: 3.667.
+        let row = |i: usize, v: &str, m: f64, m2: f64| crate::frames::ResultRow {
+            experiment: "e".into(),
+            run: format!("run{i}"),
+            key: format!("k{i}"),
+            seed: i as u64,
+            status: "ok".into(),
+            reason: None,
+            epoch: Some(1),
+            params: Params::from([("variant".to_string(), ParamValue::Str(v.to_string()))]),
+            metrics: BTreeMap::from([("m".to_string(), Some(m)), ("m2".to_string(), Some(m2))]),
+        };
+        let data = [("a", 10.0, 4.0), ("a", 12.0, 5.0), ("a", 11.0, 4.0), ("b", 8.0, 6.0), ("b", 9.0, 5.0), ("b", 8.0, 5.0)];
+        let f = Frames { results: data.iter().enumerate().map(|(i, &(v, m, m2))| row(i, v, m, m2)).collect(), ..Default::default() };
+        let claim = |min: f64| -> ClaimDecl {
+            toml::from_str(&format!(
+                "id = \"i\"\ntext = \"the gain is larger on m\"\nsource = \"ours\"\nexperiment = \"e\"\nkind = \"interaction\"\nmetric = \"m\"\nmetric2 = \"m2\"\na = {{ variant = \"a\" }}\nb = {{ variant = \"b\" }}\nmin = {min:?}\n"
+            ))
+            .unwrap()
+        };
+        let r = evaluate(&claim(0.0), &f);
+        assert!((r.value.unwrap() - 11.0 / 3.0).abs() < 1e-12, "{:?}", r.value);
+        // d_a: mean 6.667, var 1/3; d_b: mean 3, var 1. se = √(1/9 + 1/3) = 0.6667,
+        // df = (4/9)² / ((1/9)²/2 + (1/3)²/2) = 3.2: t(0.975, 3.2) ≈ 3.0: interval ≈ [1.6, 5.7].
+        let (lo, hi) = r.interval.unwrap();
+        let e = stats::welch(&[6.0, 7.0, 7.0], &[2.0, 4.0, 3.0]).unwrap();
+        assert!((lo - e.lo).abs() < 1e-12 && (hi - e.hi).abs() < 1e-12);
+        assert!(lo > 1.0 && lo < 2.0 && hi > 5.0 && hi < 6.5, "{lo} {hi}");
+        assert_eq!((r.verdict, r.n), (Verdict::Holds, 3));
+        // A threshold inside the interval: inconclusive; above it: does not hold.
+        assert_eq!(evaluate(&claim(3.0), &f).verdict, Verdict::Inconclusive);
+        assert_eq!(evaluate(&claim(8.0), &f).verdict, Verdict::DoesNotHold);
     }
 
     #[test]

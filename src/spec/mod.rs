@@ -225,6 +225,11 @@ pub enum ClaimKind {
     /// The final metric, averaged over the runs (those matching `a`, if given), lies in
     /// [min, max].
     Level,
+    /// (mean(metric | a) − mean(metric | b)) − (mean(metric2 | a) − mean(metric2 | b)) lies in
+    /// [min, max]: a difference of differences, e.g. "the gain is larger out of distribution".
+    /// Each run contributes metric − metric2 (both from its final row), so the interval is
+    /// Welch's on those per-run differences.
+    Interaction,
 }
 
 /// `[[claims]]`: a statement of the document checked on our numbers.
@@ -237,6 +242,9 @@ pub struct ClaimDecl {
     pub experiment: String,
     pub kind: ClaimKind,
     pub metric: String,
+    /// The second metric of an `interaction` claim.
+    #[serde(default)]
+    pub metric2: Option<String>,
     #[serde(default)]
     pub x: Option<String>,
     /// `increasing` or `decreasing` (trend claims).
@@ -268,11 +276,11 @@ pub struct ClaimDecl {
 }
 
 impl ClaimDecl {
-    /// Whether the claim reads a run with these parameters: a comparison both of its sides, a
+    /// Whether the claim reads a run with these parameters: a comparison or an interaction both of its sides, a
     /// level its selection `a` (every run without one), a trend or change every run.
     pub fn reads(&self, p: &Params) -> bool {
         match self.kind {
-            ClaimKind::Compare => [&self.a, &self.b].iter().any(|sel| sel.as_ref().is_some_and(|t| selects(t, p))),
+            ClaimKind::Compare | ClaimKind::Interaction => [&self.a, &self.b].iter().any(|sel| sel.as_ref().is_some_and(|t| selects(t, p))),
             ClaimKind::Level => self.a.as_ref().is_none_or(|t| selects(t, p)),
             ClaimKind::Trend | ClaimKind::Change => true,
         }
@@ -1237,10 +1245,19 @@ impl<'t> Checker<'t> {
                         self.err(at("direction"), false, format!("trend claim `{}` needs `direction = \"increasing\"` or `\"decreasing\"`", c.id), None);
                     }
                 }
-                ClaimKind::Compare => {
+                ClaimKind::Compare | ClaimKind::Interaction => {
+                    if c.kind == ClaimKind::Interaction {
+                        match &c.metric2 {
+                            Some(m) => self.check_known(at("metric2"), m, &known.metrics, "metric"),
+                            None => self.err(at("kind"), false, format!("interaction claim `{}` needs `metric2`, the metric the difference is compared with", c.id), None),
+                        }
+                    }
                     for (side, sel) in [("a", &c.a), ("b", &c.b)] {
                         match sel {
-                            None => self.err(at("kind"), false, format!("compare claim `{}` needs `{side}`, a selection such as `{{ loss = \"ce\" }}`", c.id), None),
+                            None => {
+                                let kind = if c.kind == ClaimKind::Interaction { "interaction" } else { "compare" };
+                                self.err(at("kind"), false, format!("{kind} claim `{}` needs `{side}`, a selection such as `{{ loss = \"ce\" }}`", c.id), None)
+                            }
                             Some(t) => {
                                 for k in t.keys() {
                                     self.check_known(at(&format!("{side}.{k}")), k, &known.params, "parameter");

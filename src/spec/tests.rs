@@ -551,3 +551,14 @@ fn claims_get_their_seeds() {
     let e = parse_err(&compare("seeds = 0\n"), "quick", &[]);
     assert!(e.to_string().contains("0 seeds per claim"), "{e}");
 }
+
+/// An `interaction` claim needs a known `metric2`, both selections and a bound.
+#[test]
+fn an_interaction_claim_needs_a_second_metric_and_both_selections() {
+    let claim = |rest: &str| format!("{BASE}\n[[claims]]\nid = \"i\"\ntext = \"x\"\nsource = \"ours\"\nexperiment = \"e1\"\nkind = \"interaction\"\nmetric = \"accuracy\"\n{rest}");
+    let sel = "a = { imbalance = 0.1 }\nb = { imbalance = 0.01 }\nmin = 0.0\n";
+    parse_ok(&claim(&format!("metric2 = \"tail_accuracy\"\n{sel}")), &[]);
+    assert!(parse_err(&claim(sel), "quick", &[]).to_string().contains("needs `metric2`"));
+    assert!(parse_err(&claim(&format!("metric2 = \"tail_acuracy\"\n{sel}")), "quick", &[]).to_string().contains("tail_acuracy"));
+    assert!(parse_err(&claim("metric2 = \"tail_accuracy\"\na = { imbalance = 0.1 }\nmin = 0.0\n"), "quick", &[]).to_string().contains("interaction claim `i` needs `b`"));
+}
