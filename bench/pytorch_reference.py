@@ -17,7 +17,8 @@ its first half, query = its second half. One step: support loss at (body, zero h
 by torch.autograd.grad (first order: no create_graph), fast weights θ − 0.5·g, query loss at them,
 backward to the body, SGD as above on the body (the head is not meta-learned). `mlp-maml` is the
 same step for the functional MLP 784-256-128-10 (biases, ReLU; no zero head: every parameter takes
-the inner step, lr 0.1, and is meta-learned).
+the inner step, lr 0.1, and is meta-learned). `wamal` is report 002's training step (see
+`WamalTrainer`).
 
 Usage: python3 bench/pytorch_reference.py [--model NAME]... [--threads N] [--steps N]
        [--warmup N] [--batch N] [--data PATH] [--clock wall|cpu] [--device cpu|cuda[:N]] [--json]
@@ -297,6 +298,101 @@ class MamlTrainer:
         return times
 
 
+class WamalTrainer:
+    """`wamal`: report 002's training step (src/methods/wamal, `WamalLearner` in src/cli/bench.rs).
+
+    Two networks of the same shape, parameters as tensors: a backbone 784 → 128 → 64 (ReLU after
+    both layers) and two heads Lin(64, 64)-ReLU-Lin(64, k). The multi-task network θ1 has a primary
+    head (k = 5: the digit mod 5) and an auxiliary head (k = 10 = Σψ, ψ = 2); the generator θ2 a
+    label head (k = 10), masked to the primary class's block, and a weight head (k = 1) → sigmoid
+    s, w = 2^(2·15·s − 15). Loss: the focal loss on probabilities, γ = 2. Per batch: level 1,
+    θ1 ← SGD(lr 0.01, momentum 0.9) on L1 = mean ℓ(p, y) + mean w·ℓ(q, ŷ) with θ2 fixed; level 2,
+    θ1⁺ = θ1 − 0.01·∇L1 (create_graph), M = mean ℓ(p(θ1⁺), y) + 0.2 Σ ȳ log ȳ, θ2 ← SGD(lr 1e-3,
+    weight decay 5e-4) on ∇θ2 M (second order through the unrolled step)."""
+
+    PSI, PRIMARY, RANGE, GAMMA = 2, 5, 15.0, 2.0
+
+    def __init__(self, name, batches, clock=time.perf_counter, device="cpu"):
+        torch.manual_seed(0)
+
+        def part(widths):
+            out = []
+            for fan_in, fan_out in zip(widths, widths[1:]):
+                layer = nn.Linear(fan_in, fan_out)
+                out += [layer.weight.detach().clone().to(device).requires_grad_(), layer.bias.detach().clone().to(device).requires_grad_()]
+            return out
+
+        k = self.PSI * self.PRIMARY
+        self.theta = part([784, 128, 64]) + part([64, 64, self.PRIMARY]) + part([64, 64, k])
+        self.phi = part([784, 128, 64]) + part([64, 64, k]) + part([64, 64, 1])
+        self.opt = torch.optim.SGD(self.theta, lr=0.01, momentum=0.9)
+        self.gen_opt = torch.optim.SGD(self.phi, lr=1e-3, weight_decay=5e-4)
+        self.blocks = torch.arange(k, device=device) // self.PSI
+        self.device = device
+        self.sync = torch.cuda.synchronize if torch.device(device).type == "cuda" else (lambda: None)
+        self.batches = batches
+        self.clock = clock
+        self.step = 0
+
+    @staticmethod
+    def two_layer(p, x, relu_last):
+        o = F.linear(F.relu(F.linear(x, p[0], p[1])), p[2], p[3])
+        return F.relu(o) if relu_last else o
+
+    def learner(self, theta, x):
+        f = self.two_layer(theta[0:4], x, True)
+        return self.two_layer(theta[4:8], f, False), self.two_layer(theta[8:12], f, False)
+
+    def generator(self, x, mask):
+        f = self.two_layer(self.phi[0:4], x, True)
+        a = self.two_layer(self.phi[4:8], f, False)
+        e = torch.exp(a - a.masked_fill(mask == 0, float("-inf")).amax(1, keepdim=True)) * mask
+        labels = e / (e.sum(1, keepdim=True) + 1e-12)
+        s = torch.sigmoid(self.two_layer(self.phi[8:12], f, False).squeeze(1))
+        return labels, torch.exp2(2 * self.RANGE * s - self.RANGE)
+
+    def focal(self, logits, targets):
+        p = F.softmax(logits, dim=1)
+        return -(targets * (1 - p) ** self.GAMMA * torch.log(p + 1e-20)).sum(1)
+
+    def run(self, steps):
+        """Train `steps` steps; the wall time of each."""
+        times = []
+        for _ in range(steps):
+            x, y = self.batches[self.step % len(self.batches)]
+            self.step += 1
+            self.sync()
+            t0 = self.clock()
+            x = x.flatten(1)
+            primary = y % self.PRIMARY
+            onehot = F.one_hot(primary, self.PRIMARY).to(x.dtype)
+            mask = (self.blocks[None, :] == primary[:, None]).to(x.dtype)
+            # Level 1: θ1 on L1, the generator's outputs fixed.
+            self.opt.zero_grad(set_to_none=True)
+            with torch.no_grad():
+                target, w = self.generator(x, mask)
+            p, q = self.learner(self.theta, x)
+            (self.focal(p, onehot).mean() + (w * self.focal(q, target)).mean()).backward()
+            self.opt.step()
+            # Level 2: θ2 through one unrolled step of θ1.
+            self.gen_opt.zero_grad(set_to_none=True)
+            target, w = self.generator(x, mask)
+            p, q = self.learner(self.theta, x)
+            l1 = self.focal(p, onehot).mean() + (w * self.focal(q, target)).mean()
+            grads = torch.autograd.grad(l1, self.theta, create_graph=True)
+            fast = [t - 0.01 * g for t, g in zip(self.theta, grads)]
+            p_fast, _ = self.learner(fast, x)
+            mean_label = target.mean(0)
+            meta = self.focal(p_fast, onehot).mean() + 0.2 * (mean_label * torch.log(mean_label + 1e-20)).sum()
+            self.phi_grads = torch.autograd.grad(meta, self.phi)
+            for t, g in zip(self.phi, self.phi_grads):
+                t.grad = g
+            self.gen_opt.step()
+            self.sync()
+            times.append(self.clock() - t0)
+        return times
+
+
 # name → (class, width multiplier); the names `reprise bench` uses.
 MODELS = {
     "mlp-512": (Mlp, 2),  # 784-512-256-10
@@ -307,7 +403,7 @@ MODELS = {
     "conv4": (Conv4, 1),
 }
 # Meta-learning steps: name → trainer class.
-META = {"conv4-maml": MamlTrainer, "mlp-maml": MamlTrainer}
+META = {"conv4-maml": MamlTrainer, "mlp-maml": MamlTrainer, "wamal": WamalTrainer}
 
 
 def load_batches(path, batch):

@@ -31,6 +31,7 @@ use serde_json::json;
 use super::{UsageError, EXIT_OK};
 use crate::data::{ImageSet, Manifest};
 use crate::exec::install_awake;
+use crate::methods::wamal;
 use crate::models::functional::{sgd_fast_weights, FunctionalConv4, FunctionalMlp, Init};
 use crate::models::{self, ModelConfig, ModelKind, MODEL_DTYPE};
 use crate::train::{OptimConfig, Optimizer};
@@ -194,6 +195,8 @@ enum BenchModel {
     Classifier(ModelConfig),
     Conv4Maml,
     MlpMaml,
+    /// Report 002's WAMAL training step ([`WamalLearner`]).
+    Wamal,
 }
 
 /// A model of the benchmark: its name (shared with the PyTorch script), a description and what
@@ -209,6 +212,7 @@ fn bench_model(name: &str) -> Option<(&'static str, BenchModel)> {
         "conv4" => ("Conv-4 (32 channels)", cfg(ModelKind::Conv4)),
         "conv4-maml" => ("functional Conv-4, first-order MAML step", BenchModel::Conv4Maml),
         "mlp-maml" => ("functional MLP 784-256-128-10, MAML step", BenchModel::MlpMaml),
+        "wamal" => ("WAMAL step (MLP 784-128-64 ×2, both levels)", BenchModel::Wamal),
         _ => return None,
     })
 }
@@ -243,7 +247,7 @@ fn rewarm(mut step: impl FnMut() -> anyhow::Result<()>) -> anyhow::Result<()> {
     }
 }
 
-const ALL_MODELS: &[&str] = &["mlp-512", "mlp", "cnn", "resnet", "vit", "conv4", "conv4-maml", "mlp-maml"];
+const ALL_MODELS: &[&str] = &["mlp-512", "mlp", "cnn", "resnet", "vit", "conv4", "conv4-maml", "mlp-maml", "wamal"];
 
 /// One model's timing on one side.
 #[derive(Debug, Clone)]
@@ -413,6 +417,13 @@ pub fn bench(a: &BenchArgs) -> anyhow::Result<i32> {
         println!(
             "mlp-maml: the same task split; the functional MLP {MLP_WIDTHS:?} (biases, no zero head: every parameter \
              takes the inner step θ' = θ − {MLP_INNER_LR}·g and is meta-learned), first order\n"
+        );
+    }
+    if names.iter().any(|n| n == "wamal") {
+        println!(
+            "wamal: report 002's step on the batch (primary task = digit mod 5, ψ = 2): a level-1 SGD step of the \
+             multi-task network on L1, then a level-2 step of the generator through one unrolled step (second order: \
+             ours by finite-difference Hessian-vector products, PyTorch by create_graph)\n"
         );
     }
     println!(
@@ -658,6 +669,43 @@ enum Learner {
         _varmap: VarMap,
     },
     Maml(MamlLearner),
+    Wamal(WamalLearner),
+}
+
+/// `wamal`: report 002's training step as its method runs it (`methods::wamal::State`), one
+/// level-1 step (θ1 by SGD on L1) and one level-2 step (θ2 by the hypergradient through one
+/// unrolled step) per batch, the document's interleaved order. The primary task is the digit
+/// mod 5 with ψ = 2 auxiliary classes per primary class, as in the report.
+struct WamalLearner {
+    cfg: wamal::Config,
+    state: wamal::State,
+}
+
+/// The widths of the report's WAMAL backbones (`reports/wamal.toml`).
+const WAMAL_HIDDEN: usize = 128;
+const WAMAL_FEATURES: usize = 64;
+
+impl WamalLearner {
+    fn new(device: &Device) -> anyhow::Result<Self> {
+        let cfg = wamal::bench_config(WAMAL_HIDDEN, WAMAL_FEATURES)?;
+        let meta = cfg.meta.as_ref().context("the WAMAL configuration has no generator settings")?;
+        let generated = meta.psi.iter().sum();
+        let arch = wamal::nets::Arch { input: 28 * 28, hidden: WAMAL_HIDDEN, features: WAMAL_FEATURES, primary: meta.psi.len(), aux: generated, generated };
+        let state = wamal::State::new(arch.init_learner(0, device, MODEL_DTYPE)?, arch.init_generator(0, device, MODEL_DTYPE)?);
+        Ok(WamalLearner { cfg, state })
+    }
+
+    fn step(&mut self, x: &Tensor, y: &Tensor) -> anyhow::Result<()> {
+        let meta = self.cfg.meta.clone().context("the WAMAL configuration has no generator settings")?;
+        let primary: Vec<u32> = y.to_vec1::<u32>()?.iter().map(|d| d % meta.psi.len() as u32).collect();
+        let x = x.flatten_from(1)?;
+        let k: usize = meta.psi.iter().sum();
+        let aux = Tensor::from_vec(wamal::hierarchy::masks(&meta.psi, &primary), (primary.len(), k), x.device())?.to_dtype(x.dtype())?;
+        let batch = wamal::nets::Batch { primary: wamal::losses::one_hot(&primary, meta.psi.len(), &x)?, aux, x };
+        self.state.level1(&self.cfg, &batch, self.cfg.lr)?;
+        self.state.level2(&self.cfg, &meta, &batch, meta.inner_lr, meta.gen_lr)?;
+        Ok(())
+    }
 }
 
 /// The network of a first-order MAML step.
@@ -748,6 +796,8 @@ impl Trainer {
                 let vars = m.body.clone();
                 (Learner::Maml(m), vars)
             }
+            // Its state updates itself; the optimiser below has nothing to do.
+            BenchModel::Wamal => (Learner::Wamal(WamalLearner::new(device)?), Vec::new()),
         };
         let opt = Optimizer::new(vars, &OptimConfig::sgd(LR))?;
         Ok(Trainer { learner, opt, step: 0, clock, device: device.clone() })
@@ -768,11 +818,17 @@ impl Trainer {
             self.step += 1;
             let origin = Instant::now();
             let t0 = self.clock.now(origin);
-            let loss = match &self.learner {
-                Learner::Supervised { model, .. } => candle_nn::loss::cross_entropy(&model.forward(x, true)?.1, y)?,
-                Learner::Maml(m) => m.query_loss(x, y)?,
+            let loss = match &mut self.learner {
+                Learner::Supervised { model, .. } => Some(candle_nn::loss::cross_entropy(&model.forward(x, true)?.1, y)?),
+                Learner::Maml(m) => Some(m.query_loss(x, y)?),
+                Learner::Wamal(w) => {
+                    w.step(x, y)?;
+                    None
+                }
             };
-            self.opt.backward_step(&loss)?;
+            if let Some(loss) = loss {
+                self.opt.backward_step(&loss)?;
+            }
             self.device.synchronize()?;
             times.push(self.clock.now(origin) - t0);
         }
@@ -1102,6 +1158,17 @@ mod tests {
                 assert_ne!(&a, b, "body tensor {k} did not move");
             }
         }
+        // WAMAL: both networks move, and stay finite.
+        let mut t = Trainer::new(&BenchModel::Wamal, Clock::Wall, &Device::Cpu).unwrap();
+        let Learner::Wamal(w) = &t.learner else { panic!("not the WAMAL learner") };
+        let flat = |v: &[Tensor]| -> Vec<Vec<f32>> { v.iter().map(|t| t.flatten_all().unwrap().to_vec1().unwrap()).collect() };
+        let (theta0, phi0) = (flat(&w.state.theta), flat(&w.state.phi));
+        t.steps(&batches, 2).unwrap();
+        let Learner::Wamal(w) = &t.learner else { unreachable!() };
+        let (theta1, phi1) = (flat(&w.state.theta), flat(&w.state.phi));
+        assert!(theta1.iter().chain(&phi1).flatten().all(|v| v.is_finite()));
+        assert_ne!(theta0, theta1, "θ1 did not move");
+        assert_ne!(phi0, phi1, "θ2 did not move");
         // The MLP: every parameter is meta-learned and moves.
         let mut t = Trainer::new(&BenchModel::MlpMaml, Clock::Wall, &Device::Cpu).unwrap();
         let Learner::Maml(m) = &t.learner else { panic!("not the MAML learner") };

@@ -21,11 +21,13 @@ pub const LOG_EPS: f64 = 1e-20;
 /// are shifted by each row's largest in-block logit (a constant of the graph), which changes
 /// nothing but the scale of that 1e-12.
 pub fn masked_softmax(logits: &Tensor, mask: &Tensor) -> Result<Tensor> {
-    let a = logits.detach().to_dtype(candle_core::DType::F64)?.to_vec2::<f64>()?;
-    let m = mask.to_dtype(candle_core::DType::F64)?.to_vec2::<f64>()?;
-    let shift: Vec<f64> =
-        a.iter().zip(&m).map(|(r, mr)| r.iter().zip(mr).filter(|(_, &k)| k > 0.0).map(|(&v, _)| v).fold(f64::NEG_INFINITY, f64::max)).map(|v| if v.is_finite() { v } else { 0.0 }).collect();
-    let shift = Tensor::from_vec(shift, (a.len(), 1), logits.device())?.to_dtype(logits.dtype())?;
+    // Each row's largest in-block logit, on the device: off-block entries are pushed far below
+    // (a row without a block gets a shift of 0, as before).
+    let detached = logits.detach();
+    let off = (mask.affine(-1.0, 1.0)? * 1e30)?;
+    let masked_max = (&detached - &off)?.max_keepdim(D::Minus1)?;
+    let any = mask.max_keepdim(D::Minus1)?;
+    let shift = (masked_max * &any)?;
     let e = (logits.broadcast_sub(&shift)?.exp()? * mask)?;
     let denom = (e.sum_keepdim(D::Minus1)? + 1e-12)?;
     e.broadcast_div(&denom)

@@ -195,7 +195,8 @@ impl Method for Wamal {
     }
 
     fn version(&self) -> u32 {
-        1
+        // 2: the MLP layers run the fused linear kernel (other summation order, other bits).
+        2
     }
 
     fn schema(&self) -> Schema {
@@ -453,6 +454,18 @@ impl State {
         }
         Ok(h.value)
     }
+}
+
+/// The report's WAMAL step for `reprise bench`: the schema's defaults with `variant = wamal`,
+/// the quick profile's backbone widths and θ1's momentum (0.9), and `schedule = interleaved`
+/// (a level-1 and a level-2 step per batch).
+pub fn bench_config(hidden: usize, features: usize) -> Result<Config, MethodError> {
+    let mut p = Wamal.schema().defaults();
+    p.insert("hidden".into(), ParamValue::Int(hidden as i64));
+    p.insert("features".into(), ParamValue::Int(features as i64));
+    p.insert("momentum".into(), ParamValue::Float(0.9));
+    p.insert("schedule".into(), ParamValue::Str("interleaved".into()));
+    Config::from(&super::params::<P>(&p)?)
 }
 
 /// The sizes of both networks for this data and configuration.

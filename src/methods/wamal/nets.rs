@@ -16,6 +16,7 @@ use candle_core::{DType, Device, Result, Tensor};
 use super::losses::{focal, masked_softmax, neg_entropy, weight};
 use crate::meta::{Problem, StepSize};
 use crate::models::functional::FunctionalMlp;
+use crate::models::kernels::linear::linear;
 use crate::rng::Rng;
 
 /// Tensors per two-layer part (two weights, two biases).
@@ -60,15 +61,11 @@ fn part(widths: &[usize], seed: u64, what: &str, dev: &Device, dtype: DType) -> 
     FunctionalMlp::new(widths)?.init(Rng::derive(seed, what).next_u64(), dev, dtype)
 }
 
-/// x W1ᵀ + b1 → ReLU → · W2ᵀ + b2, ReLU after it too when `relu_last`.
+/// x W1ᵀ + b1 → ReLU → · W2ᵀ + b2, ReLU after it too when `relu_last`: the engine's fused
+/// linear kernel on f32 CPU tensors (fast weights included), candle's operations otherwise.
 fn two_layer(p: &[Tensor], x: &Tensor, relu_last: bool) -> Result<Tensor> {
-    let h = x.matmul(&p[0].t()?)?.broadcast_add(&p[1])?.relu()?;
-    let o = h.matmul(&p[2].t()?)?.broadcast_add(&p[3])?;
-    if relu_last {
-        o.relu()
-    } else {
-        Ok(o)
-    }
+    let h = linear(x, &p[0], &p[1], true)?;
+    linear(&h, &p[2], &p[3], relu_last)
 }
 
 impl Arch {
