@@ -19,6 +19,9 @@ use crate::frames::Frames;
 use crate::params::ParamValue;
 use crate::spec::{ClaimDecl, ClaimKind};
 
+/// What a claim says when a side or point has one seed.
+const ONE_SEED: &str = "one seed: no interval, so no verdict; run more seeds";
+
 /// Bootstrap resamples of a trend's interval.
 const RESAMPLES: usize = 2000;
 
@@ -133,7 +136,7 @@ pub fn evaluate(c: &ClaimDecl, frames: &Frames) -> ClaimResult {
         power: None,
         gate: c.gate,
     };
-    let one_seed = "one seed: no interval, so no verdict; run more seeds";
+    let one_seed = ONE_SEED;
     match c.kind {
         ClaimKind::Trend => {
             let x = c.x.clone().unwrap_or_default();
@@ -194,21 +197,7 @@ pub fn evaluate(c: &ClaimDecl, frames: &Frames) -> ClaimResult {
             r.n = sa.n.min(sb.n);
             r.value = Some(d);
             let head = format!("{} difference {} ({} vs {}; n = {} and {}; {})", c.metric, signed(&c.metric, d), fmt_value(&c.metric, sa.mean), fmt_value(&c.metric, sb.mean), sa.n, sb.n, bounds(c));
-            match stats::welch(&va, &vb) {
-                Some(e) => {
-                    r.interval = Some((e.lo, e.hi));
-                    r.verdict = decide(c, e.lo, e.hi);
-                    r.measured = format!("{head}; Welch {}", interval_text(&c.metric, &e));
-                    if r.verdict == Verdict::Inconclusive {
-                        let sd = ((sa.std * sa.std + sb.std * sb.std) / 2.0).sqrt();
-                        r.power = power_note(c, d, sd, r.n);
-                    }
-                }
-                None => {
-                    r.verdict = Verdict::Inconclusive;
-                    r.measured = format!("{head}; {one_seed}");
-                }
-            }
+            welch_verdict(c, &va, &vb, (&sa, &sb), head, &mut r);
         }
         ClaimKind::Change => {
             let mut diffs = Vec::new();
@@ -297,19 +286,25 @@ fn interaction(c: &ClaimDecl, finals: &[&crate::frames::ResultRow], r: &mut Clai
         sb.n,
         bounds(c)
     );
-    match stats::welch(&va, &vb) {
+    welch_verdict(c, &va, &vb, (&sa, &sb), head, r);
+}
+
+/// The verdict of a difference of means d = mean(va) − mean(vb) (`r.value`, `r.n` already set),
+/// by Welch's interval, with the power note of an inconclusive one; `head` begins the text.
+fn welch_verdict(c: &ClaimDecl, va: &[f64], vb: &[f64], (sa, sb): (&Stat, &Stat), head: String, r: &mut ClaimResult) {
+    match stats::welch(va, vb) {
         Some(e) => {
             r.interval = Some((e.lo, e.hi));
             r.verdict = decide(c, e.lo, e.hi);
             r.measured = format!("{head}; Welch {}", interval_text(&c.metric, &e));
             if r.verdict == Verdict::Inconclusive {
                 let sd = ((sa.std * sa.std + sb.std * sb.std) / 2.0).sqrt();
-                r.power = power_note(c, d, sd, r.n);
+                r.power = power_note(c, sa.mean - sb.mean, sd, r.n);
             }
         }
         None => {
             r.verdict = Verdict::Inconclusive;
-            r.measured = format!("{head}; one seed: no interval, so no verdict; run more seeds");
+            r.measured = format!("{head}; {ONE_SEED}");
         }
     }
 }
