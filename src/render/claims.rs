@@ -213,21 +213,7 @@ pub fn evaluate(c: &ClaimDecl, frames: &Frames) -> ClaimResult {
             r.n = s.n;
             r.value = Some(s.mean);
             let head = format!("mean change of {} from the first to the last analysis epoch {} over {} runs ({})", c.metric, signed(&c.metric, s.mean), s.n, bounds(c));
-            match stats::mean_interval(&diffs) {
-                Some(e) => {
-                    r.interval = Some((e.lo, e.hi));
-                    r.verdict = decide(c, e.lo, e.hi);
-                    r.measured = format!("{head}; t {}", interval_text(&c.metric, &e));
-                    if r.verdict == Verdict::Inconclusive {
-                        // One sample: twice the two-sample need is a safe overestimate halved.
-                        r.power = power_note(c, s.mean, s.std, r.n);
-                    }
-                }
-                None => {
-                    r.verdict = Verdict::Inconclusive;
-                    r.measured = format!("{head}; {one_seed}");
-                }
-            }
+            t_verdict(c, &diffs, &s, head, |e| format!("t {}", interval_text(&c.metric, e)), &mut r);
         }
         ClaimKind::Interaction => interaction(c, &finals, &mut r),
         ClaimKind::Level => {
@@ -237,20 +223,7 @@ pub fn evaluate(c: &ClaimDecl, frames: &Frames) -> ClaimResult {
             r.n = s.n;
             r.value = Some(s.mean);
             let head = format!("mean final {} {} over {} runs ({})", c.metric, fmt_value(&c.metric, s.mean), s.n, bounds(c));
-            match stats::mean_interval(&values) {
-                Some(e) => {
-                    r.interval = Some((e.lo, e.hi));
-                    r.verdict = decide(c, e.lo, e.hi);
-                    r.measured = format!("{head}; t 95 % interval [{}, {}]", fmt_value(&c.metric, e.lo), fmt_value(&c.metric, e.hi));
-                    if r.verdict == Verdict::Inconclusive {
-                        r.power = power_note(c, s.mean, s.std, r.n);
-                    }
-                }
-                None => {
-                    r.verdict = Verdict::Inconclusive;
-                    r.measured = format!("{head}; {one_seed}");
-                }
-            }
+            t_verdict(c, &values, &s, head, |e| format!("t 95 % interval [{}, {}]", fmt_value(&c.metric, e.lo), fmt_value(&c.metric, e.hi)), &mut r);
         }
     }
     r
@@ -287,6 +260,26 @@ fn interaction(c: &ClaimDecl, finals: &[&crate::frames::ResultRow], r: &mut Clai
         bounds(c)
     );
     welch_verdict(c, &va, &vb, (&sa, &sb), head, r);
+}
+
+/// The verdict of a mean (`r.value`, `r.n` already set; `s` summarises `values`) by its t
+/// interval, with the power note of an inconclusive one; `head` begins the text and `interval`
+/// words the interval.
+fn t_verdict(c: &ClaimDecl, values: &[f64], s: &Stat, head: String, interval: impl Fn(&Estimate) -> String, r: &mut ClaimResult) {
+    match stats::mean_interval(values) {
+        Some(e) => {
+            r.interval = Some((e.lo, e.hi));
+            r.verdict = decide(c, e.lo, e.hi);
+            r.measured = format!("{head}; {}", interval(&e));
+            if r.verdict == Verdict::Inconclusive {
+                r.power = power_note(c, s.mean, s.std, r.n);
+            }
+        }
+        None => {
+            r.verdict = Verdict::Inconclusive;
+            r.measured = format!("{head}; {ONE_SEED}");
+        }
+    }
 }
 
 /// The verdict of a difference of means d = mean(va) − mean(vb) (`r.value`, `r.n` already set),
