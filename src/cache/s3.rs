@@ -421,11 +421,16 @@ fn check_marker(inner: &Inner, create: bool) -> Result<(), StoreError> {
     let listed = inner.rt.block_on(inner.s3.list_with_delimiter(base.as_ref())).map_err(|e| inner.err("", e))?;
     let mut found: Vec<String> = listed.common_prefixes.iter().chain(listed.objects.iter().map(|m| &m.location)).map(|p| p.filename().unwrap_or("").to_string()).collect();
     found.sort();
+    // Another run may have written the marker between the check above and the listing.
+    if found.iter().any(|n| n == MARKER) && inner.size(MARKER)?.is_some() {
+        return Ok(());
+    }
     if !found.is_empty() || !create {
         let shown: Vec<String> = found.iter().take(5).map(|n| format!("`{n}`")).collect();
         let found = if shown.is_empty() { "nothing".to_string() } else { shown.join(", ") };
         return Err(StoreError::NotAStore { path: PathBuf::from(inner.url.to_string()), found });
     }
+    // `false`: another run created it first, which is as good.
     inner.create(MARKER, MARKER_TEXT.as_bytes().to_vec())?;
     Ok(())
 }
