@@ -37,9 +37,9 @@ use crate::spec::Spec;
 
 pub use scratch::remove_stale as remove_stale_scratch;
 
-/// The frame files a report writes, relative to its folder.
-fn frame_files() -> Vec<String> {
-    ["results", "per_class", "objects"].iter().flat_map(|n| [format!("frames/{n}.parquet"), format!("frames/{n}.csv")]).collect()
+/// The frame files a report with these frames writes, relative to its folder.
+fn frame_files(frames: &Frames) -> Vec<String> {
+    frames.names().iter().flat_map(|n| [format!("frames/{n}.parquet"), format!("frames/{n}.csv")]).collect()
 }
 
 /// What [`verify`] found for one report.
@@ -217,7 +217,7 @@ fn check_frames(spec: &Spec, plan: &Plan, lock: &Lock, out: &Path, problems: &mu
     let scratch = scratch::dir().map_err(scratch_error)?;
     match frames.write(scratch.path()) {
         Ok(_) => {
-            for n in ["results", "per_class", "objects"] {
+            for n in frames.names() {
                 let rel = format!("{n}.csv");
                 let committed = std::fs::read(out.join("frames").join(&rel));
                 let fresh = std::fs::read(scratch.path().join(&rel));
@@ -294,7 +294,7 @@ fn check_rendering(spec: &Spec, frames: &Frames, lock: &Lock, out: &Path, proble
     let mut produced: BTreeSet<String> = [&rendered.markdown, &rendered.html].into_iter().map(|p| rel(p)).collect();
     produced.extend(rendered.figures.iter().chain(&rendered.tables).map(|p| rel(p)));
     let mut expected = produced.clone();
-    expected.extend(frame_files());
+    expected.extend(frame_files(frames));
     for f in &expected {
         let committed = out.join(f);
         match (lock.files.get(f), sha256_file(&committed)) {

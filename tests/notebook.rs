@@ -186,7 +186,7 @@ fn the_library_shows_what_the_html_report_shows() {
     // Unknown ids name what exists.
     let e = report.table("nope").unwrap_err().to_string();
     assert!(e.contains("no table `nope`") && e.contains("imb") && e.contains("tiny.toml"), "{e}");
-    assert!(report.frame("nope").unwrap_err().to_string().contains("results, per_class and objects"));
+    assert!(report.frame("nope").unwrap_err().to_string().contains("results, per_class, objects and per_task"));
 
     // Re-rendering from the cache gives the committed bytes again.
     let md = std::fs::read(out.join("report.md")).unwrap();

@@ -31,6 +31,20 @@ pub fn rotate(images: &ImageSet, degrees: f64) -> ImageSet {
     })
 }
 
+/// One copy of every image per angle of `degrees` ([`rotate`]d; 0° leaves the pixels as they
+/// are), the j-th angle's copies after the (j−1)-th's; class c of the j-th copy becomes class
+/// j·C + c, so every (class, angle) pair is a class of its own.
+pub fn angle_classes(images: &ImageSet, degrees: &[f64]) -> ImageSet {
+    let c = images.num_classes;
+    let mut out = ImageSet { channels: images.channels, height: images.height, width: images.width, pixels: Vec::new(), labels: Vec::new(), num_classes: c * degrees.len() };
+    for (j, &d) in degrees.iter().enumerate() {
+        let copy = if d == 0.0 { images.clone() } else { rotate(images, d) };
+        out.pixels.extend_from_slice(&copy.pixels);
+        out.labels.extend(copy.labels.iter().map(|&l| (j * c) as u32 + l));
+    }
+    out
+}
+
 /// The value at fractional (row, column) of an `h`×`w` plane, 0 outside.
 fn bilinear(plane: &[f32], h: usize, w: usize, row: f64, col: f64) -> f64 {
     let (r0, c0) = (row.floor(), col.floor());

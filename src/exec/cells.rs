@@ -10,7 +10,7 @@ use super::CellOutcome;
 use crate::cache::{CellRecord, CellStatus, Store, StoreError};
 use crate::data::episodes::Episode;
 use crate::data::{self, ImageSet};
-use crate::methods::{DataInput, Derive, Outcome, Progress, TrainInputs, PRETRAIN_INPUT};
+use crate::methods::{DataInput, Derive, EpisodePool, Outcome, Progress, TrainInputs, PRETRAIN_INPUT};
 use crate::plan::{self, CellKind, Plan};
 
 /// Decoded data sets by object hash, so that many training cells share one copy.
@@ -189,12 +189,28 @@ fn derive(step: &Derive, view: &View) -> Result<BTreeMap<String, Vec<u8>>, CellF
             set.num_classes = classes.len();
             compact(set, train.len(), &mut objects)?;
         }
-        Derive::Episodes { spec, test } => {
-            let pool = if *test { &view.test } else { &view.train };
+        Derive::Episodes { spec, from } => {
+            let pool = match from {
+                EpisodePool::Train => &view.train,
+                EpisodePool::Test => &view.test,
+                EpisodePool::All => &both,
+            };
             let episodes = data::episodes::sample(&images.labels, pool, images.num_classes, spec).map_err(|e| CellFailure(e.to_string()))?;
             objects.insert("episodes.json".to_string(), json(&episodes)?);
         }
         Derive::Rotate { degrees } => compact(data::transform::rotate(&images.subset(&both), *degrees), view.train.len(), &mut objects)?,
+        Derive::Angles { degrees } => {
+            if degrees.is_empty() {
+                return Err(CellFailure("rotated copies need at least one angle".into()));
+            }
+            let set = data::transform::angle_classes(&images.subset(&both), degrees);
+            // Copy j holds the input's training images, then its test images, at j·n.
+            let (n, n_train) = (both.len(), view.train.len());
+            let train = (0..degrees.len()).flat_map(|j| j * n..j * n + n_train).collect();
+            let test = (0..degrees.len()).flat_map(|j| j * n + n_train..(j + 1) * n).collect();
+            objects.insert("images.safetensors".to_string(), set.to_safetensors_bytes());
+            put_view(&mut objects, train, test)?;
+        }
         Derive::Resize { height, width } => {
             if *height == 0 || *width == 0 {
                 return Err(CellFailure(format!("cannot resize to {height}×{width}: both sides must be at least 1")));

@@ -539,8 +539,9 @@ mod tests {
         fn inputs(&self, _: &Params) -> Result<Vec<crate::methods::InputDecl>, MethodError> {
             use crate::data::episodes::{EpisodeSpec, Shots};
             let spec = EpisodeSpec { count: 20, ways: 3, max_shot: 5, queries: 3, shots: Shots::Mixed, seed: 2 };
-            let eps =
-                crate::methods::InputDecl::new("eps", "digits").then(crate::methods::Derive::Classes { classes: vec![0, 2, 4, 5, 6, 8] }).then(crate::methods::Derive::Episodes { spec, test: true });
+            let eps = crate::methods::InputDecl::new("eps", "digits")
+                .then(crate::methods::Derive::Classes { classes: vec![0, 2, 4, 5, 6, 8] })
+                .then(crate::methods::Derive::Episodes { spec, from: crate::methods::EpisodePool::Test });
             Ok(vec![chain(self.cap), crate::methods::InputDecl::long_tail_of("plain", "digits", 0.1, 0), eps])
         }
         fn run(&self, _: &Params, _: u64, inputs: &TrainInputs, _: &dyn Progress) -> Result<Outcome, MethodError> {
@@ -627,5 +628,92 @@ mod tests {
         let plan21 = crate::plan::plan(&crate::spec::parse_with(text, &root.join("reports/p.toml"), root, "quick", &[], &Registry::empty().with(Peek { cap: 21 })).unwrap()).unwrap();
         let same: Vec<bool> = plan.cells.iter().zip(&plan21.cells).map(|(a, b)| a.key == b.key).collect();
         assert_eq!(same, [true, true, true, false, false, false, true, true, true, false]);
+    }
+
+    /// A method that reads one input through `Angles` and `Episodes` over all of its images.
+    struct AnglePeek;
+
+    #[derive(serde::Serialize, serde::Deserialize)]
+    struct AngleSeen {
+        num_classes: usize,
+        labels: Vec<u32>,
+        pixels: Vec<f32>,
+        train: Vec<usize>,
+        test: Vec<usize>,
+        episodes: Vec<crate::data::episodes::Episode>,
+    }
+
+    impl Method for AnglePeek {
+        fn name(&self) -> &'static str {
+            "angle-peek"
+        }
+        fn version(&self) -> u32 {
+            1
+        }
+        fn schema(&self) -> Schema {
+            Schema::of::<NoParams>()
+        }
+        fn inputs(&self, _: &Params) -> Result<Vec<crate::methods::InputDecl>, MethodError> {
+            use crate::data::episodes::{EpisodeSpec, Shots};
+            use crate::methods::{Derive, EpisodePool, InputDecl};
+            let spec = EpisodeSpec { count: 30, ways: 4, max_shot: 3, queries: 2, shots: Shots::Mixed, seed: 5 };
+            Ok(vec![InputDecl::new("set", "digits")
+                .then(Derive::Classes { classes: vec![1, 7] })
+                .then(Derive::Angles { degrees: vec![0.0, 90.0] })
+                .then(Derive::Episodes { spec, from: EpisodePool::All })])
+        }
+        fn run(&self, _: &Params, _: u64, inputs: &TrainInputs, _: &dyn Progress) -> Result<Outcome, MethodError> {
+            let c = inputs.input("set")?;
+            let seen = AngleSeen {
+                num_classes: c.data.num_classes,
+                labels: c.data.labels.clone(),
+                pixels: c.data.pixels.clone(),
+                train: c.train.to_vec(),
+                test: c.test.to_vec(),
+                episodes: c.episodes.to_vec(),
+            };
+            Ok(Outcome::Done(BTreeMap::from([("seen.json".to_string(), serde_json::to_vec(&seen).unwrap())])))
+        }
+    }
+
+    #[test]
+    fn rotated_copies_make_a_class_per_angle_and_episodes_can_draw_from_every_image() {
+        let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+        let text = "[report]\nid = \"p\"\ntitle = \"P\"\ntemplate = \"neural-collapse.md.j2\"\nmethod = \"angle-peek\"\n\n[data.digits]\nmanifest = \"optdigits-8x8\"\ntest_per_class = 10\n\n[experiments.e]\ntitle = \"E\"\n";
+        let spec = crate::spec::parse_with(text, &root.join("reports/p.toml"), root, "quick", &[], &Registry::empty().with(AnglePeek)).unwrap();
+        let plan = crate::plan::plan(&spec).unwrap();
+        let names: Vec<&str> = plan.cells.iter().map(|c| c.name.as_str()).collect();
+        assert_eq!(names[3], "angles/digits/classes=[1,7]/degrees=[0.0,90.0]");
+        let dir = tempfile::tempdir().unwrap();
+        let store = LocalStore::open(dir.path()).unwrap();
+        let exec = execute(&plan, &store, &ExecOptions { progress: false, ..ExecOptions::with_jobs(Some(1)) }).unwrap();
+        let train = exec.outcomes.last().and_then(|o| o.record()).unwrap_or_else(|| panic!("{:?}", exec.outcomes));
+        let seen: AngleSeen = serde_json::from_slice(&store.get(&train.outputs["seen.json"]).unwrap().unwrap()).unwrap();
+        // The class selection's images (its training images, then its test images), computed
+        // here from the data set and split alone.
+        let ds = exec.outcomes[0].record().unwrap();
+        let images = crate::data::ImageSet::from_safetensors_bytes(&store.get(&ds.outputs["images.safetensors"]).unwrap().unwrap()).unwrap();
+        let split: cells::SplitOutput = serde_json::from_slice(&store.get(&exec.outcomes[1].record().unwrap().outputs["split.json"]).unwrap().unwrap()).unwrap();
+        let (tr, tr_l) = crate::data::derived::keep_classes(&images.labels, &split.train, images.num_classes, &[1, 7]).unwrap();
+        let (te, te_l) = crate::data::derived::keep_classes(&images.labels, &split.test, images.num_classes, &[1, 7]).unwrap();
+        let mut base = images.subset(&[tr.as_slice(), te.as_slice()].concat());
+        base.labels = [tr_l, te_l].concat();
+        base.num_classes = 2;
+        let n = base.len();
+        // Copy 0 is the images as they are, labels 0, 1; copy 1 the 90° rotation, labels 2, 3.
+        assert_eq!(seen.num_classes, 4);
+        assert_eq!(seen.pixels[..base.pixels.len()], base.pixels[..]);
+        assert_eq!(seen.pixels[base.pixels.len()..], crate::data::transform::rotate(&base, 90.0).pixels[..]);
+        assert_eq!(seen.labels[..n], base.labels[..]);
+        assert!(seen.labels[n..].iter().zip(&base.labels).all(|(a, b)| *a == b + 2));
+        // Training images stay training images in both copies.
+        let expect_train: Vec<usize> = (0..tr.len()).chain(n..n + tr.len()).collect();
+        assert_eq!(seen.train, expect_train);
+        assert_eq!(seen.test.len(), 2 * te.len());
+        // The episodes are those drawn from every image, and some use test images.
+        let all: Vec<usize> = (0..2 * n).collect();
+        let spec = crate::data::episodes::EpisodeSpec { count: 30, ways: 4, max_shot: 3, queries: 2, shots: crate::data::episodes::Shots::Mixed, seed: 5 };
+        assert_eq!(seen.episodes, crate::data::episodes::sample(&seen.labels, &all, 4, &spec).unwrap());
+        assert!(seen.episodes.iter().flat_map(|e| e.support.iter().chain(&e.query).flatten()).any(|i| seen.test.contains(i)));
     }
 }

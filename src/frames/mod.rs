@@ -5,7 +5,10 @@
 //!   status, every resolved parameter, every metric (null where not measured);
 //! - `per_class`: one row per run, analysis epoch and class: training count, group, test
 //!   accuracy, classifier-row norm;
-//! - `objects`: the raw tensors kept per analysis epoch (safetensors in the store), by hash.
+//! - `objects`: the raw tensors kept per analysis epoch (safetensors in the store), by hash;
+//! - `per_task`: one row per run, analysis epoch, set and task (e.g. a few-shot test episode),
+//!   and one per class of a task, with every value a method records there (null where absent).
+//!   Written only when some run records tasks.
 //!
 //! Frames are built from cell records only; rendering reads frames only.
 
@@ -79,12 +82,38 @@ pub struct ObjectRow {
     pub sha256: String,
 }
 
+/// One row of `per_task`: a task's values, or (with `class`) one class of a task.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TaskRow {
+    pub experiment: String,
+    pub run: String,
+    pub key: String,
+    pub seed: u64,
+    pub epoch: i64,
+    pub set: String,
+    pub task: i64,
+    pub class: Option<i64>,
+    pub values: BTreeMap<String, Option<f64>>,
+}
+
+impl TaskRow {
+    /// A value by name (`task` and `class` too); `None` where the row has none.
+    pub fn value(&self, name: &str) -> Option<f64> {
+        match name {
+            "task" => Some(self.task as f64),
+            "class" => self.class.map(|c| c as f64),
+            other => self.values.get(other).copied().flatten(),
+        }
+    }
+}
+
 /// Everything the renderer needs.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Frames {
     pub results: Vec<ResultRow>,
     pub per_class: Vec<ClassRow>,
     pub objects: Vec<ObjectRow>,
+    pub per_task: Vec<TaskRow>,
     /// Names of the parameter columns, sorted.
     pub param_names: Vec<String>,
     pub metric_names: Vec<String>,
@@ -141,6 +170,19 @@ pub fn collect(plan: &Plan, exec: &Execution, store: &dyn Store, metric_names: &
                     test_accuracy: c.test_accuracy,
                     classifier_norm: c.classifier_norm,
                     extra: c.extra.iter().map(|(k, v)| (k.clone(), Some(*v))).collect(),
+                });
+            }
+            for t in &e.per_task {
+                f.per_task.push(TaskRow {
+                    experiment: run.experiment.clone(),
+                    run: run.label.clone(),
+                    key: cell.key.clone(),
+                    seed: run.seed,
+                    epoch: e.epoch as i64,
+                    set: t.set.clone(),
+                    task: t.task as i64,
+                    class: t.class.map(|c| c as i64),
+                    values: t.values.iter().map(|(k, v)| (k.clone(), Some(*v))).collect(),
                 });
             }
             if seen_objects.insert((cell.key.clone(), e.epoch)) {
@@ -251,11 +293,50 @@ impl Frames {
         ])?)
     }
 
-    /// Write the three frames as parquet and CSV into `dir`; returns the paths written.
+    pub fn per_task_frame(&self) -> Result<DataFrame, FrameError> {
+        let r = &self.per_task;
+        let names: std::collections::BTreeSet<&String> = r.iter().flat_map(|x| x.values.keys()).collect();
+        let mut cols = vec![
+            Column::new("experiment".into(), r.iter().map(|x| x.experiment.clone()).collect::<Vec<_>>()),
+            Column::new("run".into(), r.iter().map(|x| x.run.clone()).collect::<Vec<_>>()),
+            Column::new("key".into(), r.iter().map(|x| x.key.clone()).collect::<Vec<_>>()),
+            Column::new("seed".into(), r.iter().map(|x| x.seed as i64).collect::<Vec<_>>()),
+            Column::new("epoch".into(), r.iter().map(|x| x.epoch).collect::<Vec<_>>()),
+            Column::new("set".into(), r.iter().map(|x| x.set.clone()).collect::<Vec<_>>()),
+            Column::new("task".into(), r.iter().map(|x| x.task).collect::<Vec<_>>()),
+            Column::new("class".into(), r.iter().map(|x| x.class).collect::<Vec<_>>()),
+        ];
+        for n in names {
+            cols.push(Column::new(n.as_str().into(), r.iter().map(|x| x.values.get(n).copied().flatten()).collect::<Vec<_>>()));
+        }
+        Ok(DataFrame::new_infer_height(cols)?)
+    }
+
+    /// The names of the frames these frames write: `per_task` only when some run recorded tasks.
+    pub fn names(&self) -> Vec<&'static str> {
+        let mut n = vec!["results", "per_class", "objects"];
+        if !self.per_task.is_empty() {
+            n.push("per_task");
+        }
+        n
+    }
+
+    fn frame(&self, name: &str) -> Result<DataFrame, FrameError> {
+        match name {
+            "results" => self.results_frame(),
+            "per_class" => self.per_class_frame(),
+            "objects" => self.objects_frame(),
+            _ => self.per_task_frame(),
+        }
+    }
+
+    /// Write the frames ([`Frames::names`]) as parquet and CSV into `dir`; returns the paths
+    /// written.
     pub fn write(&self, dir: &Path) -> Result<Vec<PathBuf>, FrameError> {
         std::fs::create_dir_all(dir).map_err(|source| FrameError::Io { path: dir.to_path_buf(), source })?;
         let mut out = Vec::new();
-        for (name, mut df) in [("results", self.results_frame()?), ("per_class", self.per_class_frame()?), ("objects", self.objects_frame()?)] {
+        for name in self.names() {
+            let mut df = self.frame(name)?;
             let pq = dir.join(format!("{name}.parquet"));
             let mut buf = Vec::new();
             ParquetWriter::new(&mut buf).finish(&mut df)?;
@@ -278,18 +359,21 @@ impl Frames {
             // polars can panic on a damaged footer; a tampered frame must be an error.
             std::panic::catch_unwind(|| ParquetReader::new(file).finish()).map_err(|_| FrameError::Shape { path: p.clone(), message: "malformed Parquet file".into() })?.map_err(FrameError::from)
         };
-        Frames::from_dataframes(&read("results")?, &read("per_class")?, &read("objects")?, metric_names, &dir.join("results.parquet"))
+        // A report whose runs record no tasks has no `per_task` frame.
+        let tasks = if dir.join("per_task.parquet").exists() { Some(read("per_task")?) } else { None };
+        Frames::from_dataframes(&read("results")?, &read("per_class")?, &read("objects")?, tasks.as_ref(), metric_names, &dir.join("results.parquet"))
     }
 
     /// These frames as reading them back from their files gives them (parameter columns
     /// keep one type each, for instance), without writing files: what a report renders from.
     pub fn round_trip(&self) -> Result<Frames, FrameError> {
         let names: Vec<&str> = self.metric_names.iter().map(String::as_str).collect();
-        Frames::from_dataframes(&self.results_frame()?, &self.per_class_frame()?, &self.objects_frame()?, &names, Path::new("results (in memory)"))
+        let tasks = if self.per_task.is_empty() { None } else { Some(self.per_task_frame()?) };
+        Frames::from_dataframes(&self.results_frame()?, &self.per_class_frame()?, &self.objects_frame()?, tasks.as_ref(), &names, Path::new("results (in memory)"))
     }
 
-    /// Frames from the three DataFrames; `path` names the results frame in errors.
-    fn from_dataframes(res: &DataFrame, pc: &DataFrame, ob: &DataFrame, metric_names: &[&str], path: &Path) -> Result<Frames, FrameError> {
+    /// Frames from the DataFrames; `path` names the results frame in errors.
+    fn from_dataframes(res: &DataFrame, pc: &DataFrame, ob: &DataFrame, pt: Option<&DataFrame>, metric_names: &[&str], path: &Path) -> Result<Frames, FrameError> {
         let p = path.to_path_buf();
         let shape = |m: String| FrameError::Shape { path: p.clone(), message: m };
         let strs = |df: &DataFrame, c: &str| -> Result<Vec<Option<String>>, FrameError> { Ok(df.column(c)?.str()?.iter().map(|o| o.map(String::from)).collect()) };
@@ -381,6 +465,31 @@ impl Frames {
         let ep = ints(ob, "epoch")?;
         for i in 0..ob.height() {
             frames.objects.push(ObjectRow { key: k[i].clone().unwrap_or_default(), epoch: ep[i].unwrap_or(0), name: nm[i].clone().unwrap_or_default(), sha256: h[i].clone().unwrap_or_default() });
+        }
+        if let Some(pt) = pt {
+            let (e, r, k, st) = (strs(pt, "experiment")?, strs(pt, "run")?, strs(pt, "key")?, strs(pt, "set")?);
+            let (sd, ep, tk, cl) = (ints(pt, "seed")?, ints(pt, "epoch")?, ints(pt, "task")?, ints(pt, "class")?);
+            const FIXED: [&str; 8] = ["experiment", "run", "key", "seed", "epoch", "set", "task", "class"];
+            let mut value_cols = Vec::new();
+            for col in pt.columns() {
+                if !FIXED.contains(&col.name().as_str()) {
+                    value_cols.push((col.name().to_string(), floats(pt, col.name().as_str())?));
+                }
+            }
+            for i in 0..pt.height() {
+                frames.per_task.push(TaskRow {
+                    experiment: e[i].clone().unwrap_or_default(),
+                    run: r[i].clone().unwrap_or_default(),
+                    key: k[i].clone().unwrap_or_default(),
+                    seed: sd[i].unwrap_or(0).max(0) as u64,
+                    epoch: ep[i].unwrap_or(0),
+                    set: st[i].clone().unwrap_or_default(),
+                    task: tk[i].unwrap_or(0),
+                    class: cl[i],
+                    // A row has the values it recorded; a null is a value of other rows only.
+                    values: value_cols.iter().filter_map(|(k, v)| v[i].map(|x| (k.clone(), Some(x)))).collect(),
+                });
+            }
         }
         Ok(frames)
     }

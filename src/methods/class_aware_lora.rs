@@ -1367,7 +1367,7 @@ impl Evaluator<'_> {
                 }
             })
             .collect();
-        Ok(EpochRecord { epoch, metrics: m, per_class, analysis_object: String::new() })
+        Ok(EpochRecord { epoch, metrics: m, per_class, analysis_object: String::new(), per_task: Vec::new() })
     }
 
     /// The predicted class of every test image, with the inference forward pass, in batches of

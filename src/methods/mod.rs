@@ -95,11 +95,34 @@ pub enum Derive {
     Rotate { degrees: f64 },
     /// Every image resampled to `height`×`width` by area averaging (down or up).
     Resize { height: usize, width: usize },
-    /// Few-shot episodes drawn once from the input's training images (`test: false`) or test
-    /// images (`test: true`); images and indices pass through unchanged and the run gets the
-    /// episodes as [`DataInput::episodes`]. Only as an input's last step (planning refuses
-    /// others). See [`crate::data::episodes`].
-    Episodes { spec: EpisodeSpec, test: bool },
+    /// One copy of every image per angle, rotated as [`Derive::Rotate`] does: class c of the
+    /// j-th angle's copy becomes class j·C + c, so each (class, angle) pair is a class (C·|angles|
+    /// classes). Training and test images stay training and test images in every copy.
+    Angles { degrees: Vec<f64> },
+    /// Few-shot episodes drawn once from the input's training images, test images or both
+    /// (`from`); images and indices pass through unchanged and the run gets the episodes as
+    /// [`DataInput::episodes`]. Only as an input's last step (planning refuses others). See
+    /// [`crate::data::episodes`].
+    Episodes { spec: EpisodeSpec, from: EpisodePool },
+}
+
+/// The images an [`Derive::Episodes`] step draws from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EpisodePool {
+    Train,
+    Test,
+    /// Training and test images alike (a class set used only for meta-testing).
+    All,
+}
+
+impl EpisodePool {
+    pub fn name(self) -> &'static str {
+        match self {
+            EpisodePool::Train => "train",
+            EpisodePool::Test => "test",
+            EpisodePool::All => "all",
+        }
+    }
 }
 
 impl Derive {
@@ -112,6 +135,7 @@ impl Derive {
             Derive::Classes { .. } => "classes",
             Derive::Rotate { .. } => "rotate",
             Derive::Resize { .. } => "resize",
+            Derive::Angles { .. } => "angles",
             Derive::Episodes { .. } => "episodes",
         }
     }
@@ -128,14 +152,15 @@ impl Derive {
             Derive::Classes { classes } => (one("classes", list(classes)), None),
             Derive::Rotate { degrees } => (one("degrees", ParamValue::Float(*degrees).canonical()), None),
             Derive::Resize { height, width } => (BTreeMap::from([("height".to_string(), height.to_string()), ("width".to_string(), width.to_string())]), None),
-            Derive::Episodes { spec, test } => {
+            Derive::Angles { degrees } => (one("degrees", format!("[{}]", degrees.iter().map(|d| ParamValue::Float(*d).canonical()).collect::<Vec<_>>().join(","))), None),
+            Derive::Episodes { spec, from } => {
                 let m = [
                     ("count", spec.count.to_string()),
                     ("ways", spec.ways.to_string()),
                     ("max_shot", spec.max_shot.to_string()),
                     ("queries", spec.queries.to_string()),
                     ("shots", spec.shots.name().to_string()),
-                    ("from", if *test { "test" } else { "train" }.to_string()),
+                    ("from", from.name().to_string()),
                 ];
                 (m.into_iter().map(|(k, v)| (k.to_string(), v)).collect(), Some(spec.seed))
             }
@@ -250,8 +275,9 @@ pub enum MethodError {
 }
 
 /// One analysis epoch's measurements. Every method writes its `metrics.json` as a
-/// [`RunRecord`], which the frames stage reads.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+/// [`RunRecord`], which the frames stage reads. Build it with `..Default::default()` for the
+/// parts a method does not record, so that fields added later need no change.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
 pub struct EpochRecord {
     pub epoch: usize,
     /// Metric name → value (absent metrics, e.g. minority cosine with one tail class, are left out).
@@ -261,6 +287,23 @@ pub struct EpochRecord {
     /// Name of the safetensors object with this epoch's raw tensors (empty if none).
     #[serde(default)]
     pub analysis_object: String,
+    /// Per task (e.g. each few-shot test episode) and per class of a task: values by name.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub per_task: Vec<TaskRecord>,
+}
+
+/// One task's values (e.g. a test episode's size, accuracy and learned per-layer scales), or one
+/// class of a task (`class` set: its shots, its learned weight). The frames stage puts them in
+/// the `per_task` frame, which `association` claims, `scatter` figures and `tasks` tables read.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct TaskRecord {
+    /// The set of tasks it belongs to (e.g. `id`, `ood`).
+    pub set: String,
+    pub task: usize,
+    /// The class within the task, for a per-class row; `None` for the task's own row.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub class: Option<usize>,
+    pub values: BTreeMap<String, f64>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -308,6 +351,11 @@ pub trait Method: Send + Sync {
     /// Method-specific per-class values it records (`ClassRecord::extra`), which `class_epochs`
     /// figures can plot besides `test_accuracy` and `classifier_norm`.
     fn class_metrics(&self) -> &'static [&'static str] {
+        &[]
+    }
+    /// The values it records per task and per class of a task ([`TaskRecord::values`]), which
+    /// `association` claims, `scatter` figures and `tasks` tables read. Default: none.
+    fn task_values(&self) -> &'static [&'static str] {
         &[]
     }
     /// Checks that involve several parameters of one run, each problem blamed on one parameter.

@@ -570,7 +570,7 @@ fn analyse(
     t.insert("predictions".to_string(), Tensor::from_vec(preds, labels.len(), &cpu)?);
     t.insert("classifier".to_string(), w);
     let bytes = safetensors_bytes(&t)?;
-    Ok((EpochRecord { epoch, metrics: m, per_class, analysis_object: name }, bytes))
+    Ok((EpochRecord { epoch, metrics: m, per_class, analysis_object: name, per_task: Vec::new() }, bytes))
 }
 
 fn group_name(g: metrics::Group) -> &'static str {

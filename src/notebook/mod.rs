@@ -40,14 +40,14 @@ pub enum NotebookError {
     Frames(#[from] FrameError),
     #[error(transparent)]
     Render(#[from] RenderError),
-    #[error("{spec}: no frame `{name}` (the frames are results, per_class and objects)")]
+    #[error("{spec}: no frame `{name}` (the frames are results, per_class, objects and per_task)")]
     UnknownFrame { spec: PathBuf, name: String },
     #[error("{path}: {message}")]
     Write { path: PathBuf, message: String },
 }
 
 /// The frames a report has, by name (as written to `frames/<name>.parquet`).
-pub const FRAME_NAMES: [&str; 3] = ["results", "per_class", "objects"];
+pub const FRAME_NAMES: [&str; 4] = ["results", "per_class", "objects", "per_task"];
 
 /// What a notebook does with a report opened from the cache (see the module doc).
 impl Report {
@@ -123,12 +123,13 @@ impl Report {
         Cells(rows)
     }
 
-    /// A metric frame (`results`, `per_class` or `objects`) as a polars DataFrame.
+    /// A metric frame (`results`, `per_class`, `objects` or `per_task`) as a polars DataFrame.
     pub fn frame(&self, name: &str) -> Result<Frame, NotebookError> {
         let df = match name {
             "results" => self.frames.results_frame()?,
             "per_class" => self.frames.per_class_frame()?,
             "objects" => self.frames.objects_frame()?,
+            "per_task" => self.frames.per_task_frame()?,
             _ => return Err(NotebookError::UnknownFrame { spec: self.spec.path.clone(), name: name.to_string() }),
         };
         Ok(Frame { name: name.to_string(), df })

@@ -427,7 +427,7 @@ mod tests {
         use crate::data::episodes::{EpisodeSpec, Shots};
         let declare = |_: &Params| {
             let spec = EpisodeSpec { count: 1, ways: 2, max_shot: 1, queries: 1, shots: Shots::Fixed, seed: 0 };
-            Ok(vec![InputDecl::new("tasks", "mnist").then(Derive::Episodes { spec, test: false }).then(Derive::Rotate { degrees: 90.0 })])
+            Ok(vec![InputDecl::new("tasks", "mnist").then(Derive::Episodes { spec, from: crate::methods::EpisodePool::Train }).then(Derive::Rotate { degrees: 90.0 })])
         };
         let err = plan(&spec_with(Declares { declare })).expect_err("episodes are not last");
         assert!(err.to_string().contains("input `tasks`: episodes must be its last step"), "{err}");

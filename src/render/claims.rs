@@ -9,6 +9,8 @@
 //! - `trend`: Spearman's ρ between the parameter and the per-point mean, with a bootstrap
 //!   interval that resamples each point's seeds ([`stats::spearman_interval`]).
 //! - `level`: the mean over runs (those matching `a`) of the final metric, a t interval.
+//! - `association`: Spearman's ρ between two per-task values within each run (those matching
+//!   `a`), the mean over runs with a t interval ([`summary::task_association`]).
 //!
 //! One seed per side (or per point) gives no interval: such a claim is inconclusive, never
 //! holds or fails on a single draw.
@@ -225,8 +227,30 @@ pub fn evaluate(c: &ClaimDecl, frames: &Frames) -> ClaimResult {
             let head = format!("mean final {} {} over {} runs ({})", c.metric, fmt_value(&c.metric, s.mean), s.n, bounds(c));
             t_verdict(c, &values, &s, head, |e| format!("t 95 % interval [{}, {}]", fmt_value(&c.metric, e.lo), fmt_value(&c.metric, e.hi)), &mut r);
         }
+        ClaimKind::Association => association(c, frames, &mut r),
     }
     r
+}
+
+/// An `association` claim: per run, Spearman's ρ between the per-task values `x` and `metric`
+/// ([`summary::task_association`]); the mean over runs with a t interval.
+fn association(c: &ClaimDecl, frames: &Frames, r: &mut ClaimResult) {
+    let Some(x) = &c.x else { return };
+    let within = c.within.as_deref() == Some("task");
+    let runs = summary::task_runs(frames, &c.experiment, c.a.as_ref(), c.set.as_deref());
+    let values: Vec<f64> = runs.iter().filter_map(|t| summary::task_association(&t.tasks, x, &c.metric, within)).collect();
+    let Some(s) = Stat::of(&values) else {
+        if !runs.is_empty() {
+            r.measured = format!("no run has a defined ρ({x}, {}) (too few tasks, or a constant value)", c.metric);
+        }
+        return;
+    };
+    r.n = s.n;
+    r.value = Some(s.mean);
+    let over = if within { "within each task over its classes, averaged over tasks, then" } else { "over tasks," };
+    let set = c.set.as_ref().map(|s| format!(" (task set `{s}`)")).unwrap_or_default();
+    let head = format!("Spearman ρ({x}, {}){set} {over} mean {:+.3} over {} runs ({})", c.metric, s.mean, s.n, bounds(c));
+    t_verdict(c, &values, &s, head, |e| format!("t 95 % interval [{:+.3}, {:+.3}]", e.lo, e.hi), r);
 }
 
 /// An `interaction` claim: per run d = metric − metric2 (final row), then (mean d | a) −

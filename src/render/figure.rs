@@ -1,5 +1,6 @@
 //! Figures drawn with plotters as SVG: a metric against a parameter (`line`), metrics across
-//! epochs (`epochs`), and the class distribution coloured by group (`classes`).
+//! epochs (`epochs`), the class distribution coloured by group (`classes`), and per-task values
+//! against each other (`scatter`).
 //!
 //! Log axes are drawn by plotting log10 of the values on a linear axis and labelling ticks
 //! with the original values, which keeps one code path for every combination of axes.
@@ -99,7 +100,7 @@ fn lines_for(decl: &FigureDecl, exp: &Experiment, frames: &Frames, metric: &str)
                 })
                 .collect()
         }
-        FigureKind::Epochs | FigureKind::Classes => {
+        FigureKind::Epochs | FigureKind::Classes | FigureKind::Scatter => {
             let rows: Vec<_> = frames.results.iter().filter(|r| r.experiment == exp.id && r.status == "ok").collect();
             summary::group_by(&rows, &series)
                 .into_iter()
@@ -145,6 +146,9 @@ pub fn svg(decl: &FigureDecl, exp: &Experiment, frames: &Frames) -> Result<Strin
     let fail = |e: &dyn std::fmt::Display| FigureError { id: decl.id.clone(), message: e.to_string() };
     if decl.kind == FigureKind::Classes {
         return classes_svg(decl, exp, frames).map_err(|e| fail(&e));
+    }
+    if decl.kind == FigureKind::Scatter {
+        return scatter_svg(decl, exp, frames).map_err(|e| fail(&e));
     }
     let metrics = decl.y.to_vec();
     let cols = metrics.len().clamp(1, 2);
@@ -257,6 +261,70 @@ fn classes_svg(decl: &FigureDecl, exp: &Experiment, frames: &Frames) -> Result<S
                 .map_err(|e| e.to_string())?
                 .label(name)
                 .legend(move |(x, y)| Rectangle::new([(x, y - 5), (x + 12, y + 5)], color.filled()));
+        }
+        chart.configure_series_labels().background_style(WHITE.mix(0.85)).border_style(BLACK.mix(0.3)).draw().map_err(|e| e.to_string())?;
+        root.present().map_err(|e| e.to_string())?;
+    }
+    Ok(out)
+}
+
+/// The (x, y) points of a `scatter` figure, one series per `y`: every task row (or class row)
+/// of the selected runs' final epoch that has both values.
+fn scatter_points(decl: &FigureDecl, exp: &Experiment, frames: &Frames) -> Vec<(String, Vec<(f64, f64)>)> {
+    let x = decl.x.clone().unwrap_or_default();
+    let runs = summary::task_runs(frames, &exp.id, decl.select.as_ref(), decl.set.as_deref());
+    decl.y
+        .to_vec()
+        .into_iter()
+        .map(|y| {
+            let pts = runs
+                .iter()
+                .flat_map(|r| r.tasks.iter())
+                .filter_map(|t| match (t.value(&x), t.value(&y)) {
+                    (Some(a), Some(b)) if a.is_finite() && b.is_finite() && (!decl.x_log || a > 0.0) && (!decl.y_log || b > 0.0) => Some((a, b)),
+                    _ => None,
+                })
+                .collect();
+            (y, pts)
+        })
+        .collect()
+}
+
+/// A `scatter` figure: one panel, a series per `y`, every selected task a point.
+fn scatter_svg(decl: &FigureDecl, exp: &Experiment, frames: &Frames) -> Result<String, String> {
+    let series = scatter_points(decl, exp, frames);
+    let all: Vec<(f64, f64)> = series.iter().flat_map(|(_, p)| p.iter().map(|&(a, b)| (tr(a, decl.x_log), tr(b, decl.y_log)))).collect();
+    if all.is_empty() {
+        return no_data(&decl.title);
+    }
+    let (mut x0, mut x1) = all.iter().fold((f64::MAX, f64::MIN), |(a, b), p| (a.min(p.0), b.max(p.0)));
+    let (mut y0, mut y1) = all.iter().fold((f64::MAX, f64::MIN), |(a, b), p| (a.min(p.1), b.max(p.1)));
+    let (xp, yp) = (((x1 - x0) * 0.04).max(0.5), ((y1 - y0) * 0.06).max(1e-6));
+    (x0, x1, y0, y1) = (x0 - xp, x1 + xp, y0 - yp, y1 + yp);
+    let x_name = decl.x.clone().unwrap_or_default();
+    let (x_log, y_log) = (decl.x_log, decl.y_log);
+    let mut out = String::new();
+    {
+        let root = SVGBackend::with_string(&mut out, (700, 420)).into_drawing_area();
+        root.fill(&WHITE).map_err(|e| e.to_string())?;
+        let mut chart =
+            ChartBuilder::on(&root).margin(12).caption(&decl.title, ("sans-serif", 16)).x_label_area_size(36).y_label_area_size(56).build_cartesian_2d(x0..x1, y0..y1).map_err(|e| e.to_string())?;
+        chart
+            .configure_mesh()
+            .x_desc(if x_log { format!("{x_name} (log scale)") } else { x_name.clone() })
+            .y_desc(if y_log { "value (log scale)" } else { "value" })
+            .x_label_formatter(&|v| fmt_tick(*v, x_log))
+            .y_label_formatter(&|v| fmt_tick(*v, y_log))
+            .light_line_style(WHITE.mix(0.0))
+            .draw()
+            .map_err(|e| e.to_string())?;
+        for (i, (name, pts)) in series.iter().enumerate() {
+            let color = PALETTE[i % PALETTE.len()];
+            chart
+                .draw_series(pts.iter().map(|&(a, b)| Circle::new((tr(a, x_log), tr(b, y_log)), 3, color.mix(0.6).filled())))
+                .map_err(|e| e.to_string())?
+                .label(format!("{} ({} points)", legend_name(name), pts.len()))
+                .legend(move |(x, y)| Circle::new((x + 6, y), 4, color.filled()));
         }
         chart.configure_series_labels().background_style(WHITE.mix(0.85)).border_style(BLACK.mix(0.3)).draw().map_err(|e| e.to_string())?;
         root.present().map_err(|e| e.to_string())?;

@@ -101,6 +101,9 @@ fn build_table(spec: &Spec, t: &TableDecl, frames: &Frames) -> Result<table::Tab
     if !t.params.is_empty() {
         return Ok(table::build_params(t, &spec.profile_params));
     }
+    if t.kind == crate::spec::TableKind::Tasks {
+        return Ok(table::build_tasks(t, exp, frames));
+    }
     Ok(table::build(t, exp, frames))
 }
 
@@ -525,5 +528,7 @@ pub fn render(spec: &Spec, frames: &Frames, out_dir: &Path) -> Result<Rendered, 
     Ok(rendered)
 }
 
+#[cfg(test)]
+mod task_tests;
 #[cfg(test)]
 mod tests;

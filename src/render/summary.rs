@@ -3,7 +3,7 @@
 
 use std::collections::BTreeMap;
 
-use crate::frames::{Frames, ResultRow};
+use crate::frames::{Frames, ResultRow, TaskRow};
 use crate::params::ParamValue;
 
 /// Mean, sample standard deviation (n − 1; 0 for one value) and count.
@@ -45,6 +45,59 @@ pub fn final_rows<'a>(frames: &'a Frames, experiment: &str) -> Vec<&'a ResultRow
         }
     }
     order.into_iter().filter_map(|k| last.get(&k).copied()).collect()
+}
+
+/// One run's `per_task` rows at its final analysis epoch.
+pub struct TaskRun<'a> {
+    pub run: &'a ResultRow,
+    pub tasks: Vec<&'a TaskRow>,
+}
+
+/// The runs of `experiment` with a usable result that `select` picks (all when `None`), in
+/// frame order, each with its `per_task` rows of its final analysis epoch (of task set `set`
+/// only, when given). A run without task rows is left out.
+pub fn task_runs<'a>(frames: &'a Frames, experiment: &str, select: Option<&toml::Table>, set: Option<&str>) -> Vec<TaskRun<'a>> {
+    let mut by_key: BTreeMap<(&str, i64), Vec<&TaskRow>> = BTreeMap::new();
+    for t in frames.per_task.iter().filter(|t| t.experiment == experiment && set.is_none_or(|s| t.set == s)) {
+        by_key.entry((t.key.as_str(), t.epoch)).or_default().push(t);
+    }
+    final_rows(frames, experiment)
+        .into_iter()
+        .filter(|r| r.status == "ok" && select.is_none_or(|sel| crate::spec::selects(sel, &r.params)))
+        .filter_map(|r| {
+            let tasks = by_key.get(&(r.key.as_str(), r.epoch?))?.clone();
+            Some(TaskRun { run: r, tasks })
+        })
+        .collect()
+}
+
+/// Spearman's ρ between per-task values `x` and `y` over one run's rows: over its tasks' own
+/// rows, or (`within_task`) over each task's class rows, then averaged over the tasks where it
+/// is defined. `None` where no ρ is defined (fewer than 3 points, a constant value).
+pub fn task_association(tasks: &[&TaskRow], x: &str, y: &str, within_task: bool) -> Option<f64> {
+    let pairs = |rows: &mut dyn Iterator<Item = &&TaskRow>| -> (Vec<f64>, Vec<f64>) {
+        rows.filter_map(|t| match (t.value(x), t.value(y)) {
+            (Some(a), Some(b)) if a.is_finite() && b.is_finite() => Some((a, b)),
+            _ => None,
+        })
+        .unzip()
+    };
+    if !within_task {
+        let (xs, ys) = pairs(&mut tasks.iter().filter(|t| t.class.is_none()));
+        return spearman(&xs, &ys);
+    }
+    let mut groups: BTreeMap<(&str, i64), Vec<&TaskRow>> = BTreeMap::new();
+    for t in tasks.iter().filter(|t| t.class.is_some()) {
+        groups.entry((t.set.as_str(), t.task)).or_default().push(t);
+    }
+    let rhos: Vec<f64> = groups
+        .values()
+        .filter_map(|g| {
+            let (xs, ys) = pairs(&mut g.iter());
+            spearman(&xs, &ys)
+        })
+        .collect();
+    (!rhos.is_empty()).then(|| rhos.iter().sum::<f64>() / rhos.len() as f64)
 }
 
 /// Group rows by the canonical values of `params`, keeping first-appearance order.

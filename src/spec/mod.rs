@@ -165,6 +165,37 @@ pub struct TableDecl {
     pub reference: Option<ReferenceDecl>,
     #[serde(default)]
     pub caption: Option<String>,
+    /// `runs` (the default): one row per grid point. `tasks`: one row per task of one run (the
+    /// first seed of the runs `select` picks), its `metrics` read from the `per_task` frame: a
+    /// task's own value, or its classes' values in class order.
+    #[serde(default)]
+    pub kind: TableKind,
+    /// The runs a `tasks` table reads (the first seed of them is shown).
+    #[serde(default)]
+    pub select: Option<toml::Table>,
+    /// The task set a `tasks` table reads (e.g. `id`); default: every set.
+    #[serde(default)]
+    pub set: Option<String>,
+    /// The task value a `tasks` table sorts by (ascending); default: task order.
+    #[serde(default)]
+    pub sort: Option<String>,
+    /// The most tasks a `tasks` table shows.
+    #[serde(default)]
+    pub limit: Option<usize>,
+    /// Metric → the metric holding its interval half-width per run (e.g. a 95 % interval over
+    /// test episodes): the table prints the mean over seeds ± the mean half-width, and the spread
+    /// over seeds beside it.
+    #[serde(default)]
+    pub intervals: BTreeMap<String, String>,
+}
+
+/// Kinds of table.
+#[derive(Debug, Clone, Copy, Default, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum TableKind {
+    #[default]
+    Runs,
+    Tasks,
 }
 
 /// Kinds of figure.
@@ -180,6 +211,9 @@ pub enum FigureKind {
     /// A per-class value (`y`) across epochs, one line per class, coloured by group.
     #[serde(rename = "class_epochs")]
     ClassEpochs,
+    /// Per-task values (the `per_task` frame) of the runs `select` picks: `y` against `x`, one
+    /// series per `y`, every task of every seed a point.
+    Scatter,
 }
 
 /// `[[figures]]`.
@@ -204,6 +238,12 @@ pub struct FigureDecl {
     pub series: Option<OneOrMany>,
     #[serde(default)]
     pub caption: Option<String>,
+    /// The runs a `scatter` figure reads (default: every run of the experiment).
+    #[serde(default)]
+    pub select: Option<toml::Table>,
+    /// The task set a `scatter` figure reads (e.g. `id`); default: every set.
+    #[serde(default)]
+    pub set: Option<String>,
 }
 
 fn default_y() -> OneOrMany {
@@ -230,6 +270,11 @@ pub enum ClaimKind {
     /// Each run contributes metric − metric2 (both from its final row), so the interval is
     /// Welch's on those per-run differences.
     Interaction,
+    /// Spearman's ρ between two per-task values (`x` and `metric`, from the `per_task` frame)
+    /// within each run (those matching `a`), averaged over the runs, lies in [min, max]. With
+    /// `within = "task"`, ρ is taken over the classes of each task and averaged over the tasks
+    /// first (tasks where either value is constant are left out).
+    Association,
 }
 
 /// `[[claims]]`: a statement of the document checked on our numbers.
@@ -273,6 +318,12 @@ pub struct ClaimDecl {
     /// The fewest seeds each run this claim reads gets (overrides `[report] claim_seeds`).
     #[serde(default)]
     pub seeds: Option<usize>,
+    /// The task set an `association` claim reads (e.g. `id`); default: every set.
+    #[serde(default)]
+    pub set: Option<String>,
+    /// `task`: an `association` claim's ρ is taken over the classes of each task.
+    #[serde(default)]
+    pub within: Option<String>,
 }
 
 impl ClaimDecl {
@@ -281,7 +332,7 @@ impl ClaimDecl {
     pub fn reads(&self, p: &Params) -> bool {
         match self.kind {
             ClaimKind::Compare | ClaimKind::Interaction => [&self.a, &self.b].iter().any(|sel| sel.as_ref().is_some_and(|t| selects(t, p))),
-            ClaimKind::Level => self.a.as_ref().is_none_or(|t| selects(t, p)),
+            ClaimKind::Level | ClaimKind::Association => self.a.as_ref().is_none_or(|t| selects(t, p)),
             ClaimKind::Trend | ClaimKind::Change => true,
         }
     }
@@ -1165,11 +1216,31 @@ impl<'t> Checker<'t> {
                     self.err(at(&format!("document.{p}")), false, format!("table `{}` gives the document's value of `{p}`, which is not one of its `params`", t.id), None);
                 }
             }
+            let tasks = t.kind == TableKind::Tasks;
             for (j, m) in t.metrics.iter().enumerate() {
-                self.check_known(at(&format!("metrics.{j}")), m, &known.metrics, "metric");
+                if tasks {
+                    self.check_known(at(&format!("metrics.{j}")), m, &known.task_values, "per-task value");
+                } else {
+                    self.check_known(at(&format!("metrics.{j}")), m, &known.metrics, "metric");
+                }
             }
             for (j, r) in t.rows.iter().enumerate() {
                 self.check_known(at(&format!("rows.{j}")), r, &known.params, "parameter");
+            }
+            if !tasks && (t.select.is_some() || t.set.is_some() || t.sort.is_some() || t.limit.is_some()) {
+                self.err(at("kind"), false, format!("table `{}`: `select`, `set`, `sort` and `limit` belong to `tasks` tables", t.id), Some("add `kind = \"tasks\"`, or remove them".into()));
+            }
+            if let Some(sort) = &t.sort {
+                self.check_known(at("sort"), sort, &known.task_values, "per-task value");
+            }
+            for k in t.select.iter().flat_map(|t| t.keys()) {
+                self.check_known(at(&format!("select.{k}")), k, &known.params, "parameter");
+            }
+            for (m, ci) in &t.intervals {
+                if tasks || !t.metrics.contains(m) {
+                    self.err(at(&format!("intervals.{m}")), false, format!("table `{}` gives an interval for `{m}`, which is not one of its metrics", t.id), None);
+                }
+                self.check_known(at(&format!("intervals.{m}")), ci, &known.metrics, "metric");
             }
         }
     }
@@ -1188,6 +1259,8 @@ impl<'t> Checker<'t> {
             for (j, m) in f.y.to_vec().iter().enumerate() {
                 if f.kind == FigureKind::ClassEpochs {
                     self.check_known(at(&format!("y.{j}")), m, &known.class_metrics, "per-class value");
+                } else if f.kind == FigureKind::Scatter {
+                    self.check_known(at(&format!("y.{j}")), m, &known.task_values, "per-task value");
                 } else {
                     self.check_known(at(&format!("y.{j}")), m, &known.metrics, "metric");
                 }
@@ -1195,11 +1268,20 @@ impl<'t> Checker<'t> {
             if f.kind != FigureKind::Classes && f.y.to_vec().is_empty() {
                 self.err(at("kind"), false, format!("figure `{}` needs `y`, the metric(s) to plot", f.id), None);
             }
-            if f.kind == FigureKind::Line && f.x.is_none() {
-                self.err(at("kind"), false, format!("line figure `{}` needs `x`, the parameter on the horizontal axis", f.id), None);
+            if matches!(f.kind, FigureKind::Line | FigureKind::Scatter) && f.x.is_none() {
+                let what = if f.kind == FigureKind::Line { "parameter" } else { "per-task value" };
+                self.err(at("kind"), false, format!("{} figure `{}` needs `x`, the {what} on the horizontal axis", if f.kind == FigureKind::Line { "line" } else { "scatter" }, f.id), None);
             }
-            if let Some(x) = &f.x {
-                self.check_known(at("x"), x, &known.params, "parameter");
+            match (&f.x, f.kind) {
+                (Some(x), FigureKind::Scatter) => self.check_known(at("x"), x, &known.task_values, "per-task value"),
+                (Some(x), _) => self.check_known(at("x"), x, &known.params, "parameter"),
+                (None, _) => {}
+            }
+            if f.kind != FigureKind::Scatter && (f.select.is_some() || f.set.is_some()) {
+                self.err(at("select"), false, format!("figure `{}`: `select` and `set` belong to `scatter` figures", f.id), None);
+            }
+            for k in f.select.iter().flat_map(|t| t.keys()) {
+                self.check_known(at(&format!("select.{k}")), k, &known.params, "parameter");
             }
             for (j, s) in f.series.as_ref().map(OneOrMany::to_vec).unwrap_or_default().iter().enumerate() {
                 self.check_known(at(&format!("series.{j}")), s, &known.params, "parameter");
@@ -1234,7 +1316,16 @@ impl<'t> Checker<'t> {
                 self.err(at("id"), false, format!("duplicate claim id `{}`", c.id), None);
             }
             self.check_known(at("experiment"), &c.experiment, &known.experiments, "experiment");
-            self.check_known(at("metric"), &c.metric, &known.metrics, "metric");
+            if c.kind == ClaimKind::Association {
+                self.check_known(at("metric"), &c.metric, &known.task_values, "per-task value");
+            } else {
+                self.check_known(at("metric"), &c.metric, &known.metrics, "metric");
+                for (field, set) in [("set", c.set.is_some()), ("within", c.within.is_some())] {
+                    if set {
+                        self.err(at(field), false, format!("claim `{}`: `{field}` belongs to `association` claims", c.id), None);
+                    }
+                }
+            }
             match c.kind {
                 ClaimKind::Trend => {
                     match &c.x {
@@ -1267,6 +1358,18 @@ impl<'t> Checker<'t> {
                     }
                 }
                 ClaimKind::Change => {}
+                ClaimKind::Association => {
+                    match &c.x {
+                        Some(x) => self.check_known(at("x"), x, &known.task_values, "per-task value"),
+                        None => self.err(at("kind"), false, format!("association claim `{}` needs `x`, the per-task value `metric` is ranked against", c.id), None),
+                    }
+                    if c.within.as_deref().is_some_and(|w| w != "task") {
+                        self.err(at("within"), false, format!("association claim `{}`: `within` can only be \"task\" (ρ over each task's classes)", c.id), None);
+                    }
+                    for k in c.a.iter().flat_map(|t| t.keys()) {
+                        self.check_known(at(&format!("a.{k}")), k, &known.params, "parameter");
+                    }
+                }
                 ClaimKind::Level => {
                     for k in c.a.iter().flat_map(|t| t.keys()) {
                         self.check_known(at(&format!("a.{k}")), k, &known.params, "parameter");
@@ -1287,6 +1390,8 @@ struct Known {
     params: Vec<String>,
     /// The per-class values a `class_epochs` figure may plot.
     class_metrics: Vec<String>,
+    /// The per-task values of the `per_task` frame (`task` and `class` too).
+    task_values: Vec<String>,
 }
 
 impl Known {
@@ -1296,6 +1401,7 @@ impl Known {
             metrics: method.metrics().iter().map(|s| s.to_string()).collect(),
             params: schema_names(schema),
             class_metrics: methods::class_metrics(method),
+            task_values: ["task", "class"].iter().chain(method.task_values()).map(|s| s.to_string()).collect(),
         }
     }
 }

@@ -562,3 +562,26 @@ fn an_interaction_claim_needs_a_second_metric_and_both_selections() {
     assert!(parse_err(&claim(&format!("metric2 = \"tail_acuracy\"\n{sel}")), "quick", &[]).to_string().contains("tail_acuracy"));
     assert!(parse_err(&claim("metric2 = \"tail_accuracy\"\na = { imbalance = 0.1 }\nmin = 0.0\n"), "quick", &[]).to_string().contains("interaction claim `i` needs `b`"));
 }
+
+/// Per-task names are checked against the method's `task_values`, and the per-task fields belong
+/// to their kinds.
+#[test]
+fn per_task_claims_figures_and_tables_are_checked() {
+    let claim = |rest: &str| format!("{BASE}\n[[claims]]\nid = \"a\"\ntext = \"x\"\nsource = \"ours\"\nexperiment = \"e1\"\n{rest}");
+    // `supervised` records no per-task values.
+    let e = parse_err(&claim("kind = \"association\"\nx = \"n\"\nmetric = \"gamma\"\nmin = 0.5\n"), "quick", &[]).to_string();
+    assert!(e.contains("unknown per-task value `gamma`") && e.contains("unknown per-task value `n`"), "{e}");
+    let e = parse_err(&claim("kind = \"association\"\nmetric = \"task\"\nwithin = \"run\"\nmin = 0.5\n"), "quick", &[]).to_string();
+    assert!(e.contains("needs `x`") && e.contains("`within` can only be \"task\""), "{e}");
+    let e = parse_err(&claim("kind = \"level\"\nmetric = \"accuracy\"\nset = \"id\"\nmin = 0.5\n"), "quick", &[]).to_string();
+    assert!(e.contains("`set` belongs to `association` claims"), "{e}");
+    let fig = format!("{BASE}\n[[figures]]\nid = \"f\"\nexperiment = \"e1\"\ntitle = \"t\"\nkind = \"epochs\"\ny = \"accuracy\"\nselect = {{ imbalance = 0.1 }}\n");
+    assert!(parse_err(&fig, "quick", &[]).to_string().contains("belong to `scatter` figures"));
+    let fig = format!("{BASE}\n[[figures]]\nid = \"f\"\nexperiment = \"e1\"\ntitle = \"t\"\nkind = \"scatter\"\ny = \"task\"\n");
+    assert!(parse_err(&fig, "quick", &[]).to_string().contains("scatter figure `f` needs `x`"));
+    let table = format!("{BASE}\n[[tables]]\nid = \"t\"\nexperiment = \"e1\"\ntitle = \"t\"\nmetrics = [\"accuracy\"]\nsort = \"task\"\nintervals = {{ tail_accuracy = \"accuracy\" }}\n");
+    let e = parse_err(&table, "quick", &[]).to_string();
+    assert!(e.contains("belong to `tasks` tables") && e.contains("gives an interval for `tail_accuracy`"), "{e}");
+    let table = format!("{BASE}\n[[tables]]\nid = \"t\"\nexperiment = \"e1\"\ntitle = \"t\"\nkind = \"tasks\"\nmetrics = [\"task\", \"class\"]\nsort = \"task\"\nlimit = 3\n");
+    parse_ok(&table, &[]);
+}

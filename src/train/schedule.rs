@@ -178,7 +178,7 @@ mod tests {
 
     #[test]
     fn an_iteration_loop_evaluates_on_its_schedule_and_stops_on_request() {
-        let record = |i: usize| Ok::<_, String>(EpochRecord { epoch: i, metrics: BTreeMap::new(), per_class: Vec::new(), analysis_object: String::new() });
+        let record = |i: usize| Ok::<_, String>(EpochRecord { epoch: i, metrics: BTreeMap::new(), per_class: Vec::new(), analysis_object: String::new(), per_task: Vec::new() });
         let progress = Count(Default::default());
         let looped = Iterations { total: 25, every: 10 };
         assert_eq!(looped.evaluated(), vec![10, 20, 25]);

@@ -164,7 +164,7 @@ fn outputs(counts: &[usize], right: &[usize], seen: &[usize]) -> Result<BTreeMap
             extra: BTreeMap::new(),
         })
         .collect();
-    let record = RunRecord { epochs: vec![EpochRecord { epoch: 1, metrics, per_class, analysis_object: String::new() }], train_counts: counts.to_vec(), failure: None };
+    let record = RunRecord { epochs: vec![EpochRecord { epoch: 1, metrics, per_class, ..Default::default() }], train_counts: counts.to_vec(), failure: None };
     let bytes = serde_json::to_vec_pretty(&record).map_err(|e| MethodError::Metrics(e.to_string()))?;
     Ok(BTreeMap::from([("metrics.json".to_string(), bytes)]))
 }

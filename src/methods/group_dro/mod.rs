@@ -669,7 +669,7 @@ fn train_run(cfg: &Config, seed: u64, groups: &[&DataInput; 2], progress: &dyn P
         m.insert("fit_loss".to_string(), fit_sum / steps.max(1) as f64);
         m.insert("sep_loss".to_string(), sep_sum / steps.max(1) as f64);
         m.insert("anchor_sep".to_string(), anchor_separation(&to_f64(&net.anchor_mean)?, classes, d));
-        record.epochs.push(EpochRecord { epoch, metrics: m, per_class: Vec::new(), analysis_object: String::new() });
+        record.epochs.push(EpochRecord { epoch, metrics: m, per_class: Vec::new(), analysis_object: String::new(), per_task: Vec::new() });
         progress.epoch(epoch, cfg.epochs, &format!("worst-group {:.1} %", a0.min(a1)));
     }
     objects.insert("metrics.json".to_string(), to_json(&record)?);

@@ -3,12 +3,12 @@
 //!
 //! Few-shot classification with imbalanced episodes ([`crate::data::episodes`], `Mixed`: a fair
 //! coin per episode between class and task imbalance). Classes are (digit, rotation) pairs: each
-//! rotation of a data set's classes is one input ([`Derive::Classes`] → [`Derive::Resize`] →
-//! [`Derive::Rotate`]), and rotation r's class c becomes class r·|classes| + c. Meta-training
-//! draws fresh episodes from the training classes; the in-distribution (ID) and
-//! out-of-distribution (OOD) test episodes are drawn once from the test classes with the seed
-//! `episode_seed`, which no method or run seed enters, so every run meets the same episodes and
-//! differences between methods are paired.
+//! role's input is [`Derive::Classes`] → [`Derive::Resize`] → [`Derive::Angles`], which turns
+//! class c of the j-th rotation into class j·|classes| + c. Meta-training draws fresh episodes
+//! from the training classes in the run; the in-distribution (ID) and out-of-distribution (OOD)
+//! test episodes are derived-data cells of their own ([`Derive::Episodes`] over every image of
+//! the test classes), drawn once with the seed `episode_seed`, which no method or run seed
+//! enters: every run reads the same cells, so differences between methods are paired.
 //!
 //! The learner is l2b's Conv-4 ([`model::Learner`]): conv with bias, batch-statistics BatchNorm
 //! with a learned shift, ReLU, max-pooling; a zero head in every task. A task's K inner steps are
@@ -29,7 +29,10 @@
 //! element clipped to [−3, 3] first (l2b's `misc.py`). Each logged iteration records the
 //! meta-training loss; the last record holds the test accuracies, their 95 % intervals over the
 //! test episodes (1.96·std/√n, std with ddof 0, as l2b), and for the balancing variables the
-//! statistics of the probe tasks (see [`probe`]).
+//! statistics of the probe tasks (see [`probe`]). The same record lists every test episode as a
+//! task (`per_task`, sets `id` and `ood`: its support size `n` and `accuracy`, and for the probe
+//! tasks exp(γ_l) per layer as `gamma_conv1`…`gamma_dense` and one row per class with its `shots`
+//! and softmax(ω) as `omega`); set `init` holds the probe tasks before meta-training.
 
 pub mod model;
 #[cfg(test)]
@@ -40,7 +43,7 @@ use std::collections::BTreeMap;
 use candle_core::{DType, Device, Tensor};
 use serde::Deserialize;
 
-use super::{to_json, DataInput, Derive, EpochRecord, InputDecl, Method, MethodError, Outcome, Progress, RunRecord, TrainInputs};
+use super::{to_json, DataInput, Derive, EpisodePool, EpochRecord, InputDecl, Method, MethodError, Outcome, Progress, RunRecord, TaskRecord, TrainInputs};
 use crate::data::episodes::{self, Episode, EpisodeSpec, Shots};
 use crate::meta::hypergradient::{hypergradient, unroll, Unroll, HVP_EPS};
 use crate::params::{DefaultValue as Dv, ParamDef, ParamKind as K, ParamStruct, Params, Schema};
@@ -61,6 +64,7 @@ struct P {
     ood_dataset: String,
     train_classes: Vec<u32>,
     test_classes: Vec<u32>,
+    ood_classes: Vec<u32>,
     rotations: Vec<i64>,
     image_size: usize,
     way: usize,
@@ -106,7 +110,13 @@ static SCHEMA: &[ParamDef] = &[
     ParamDef { name: "dataset", kind: K::DataName, default: Dv::Str("mnist"), doc: "the in-distribution data set (meta-training and ID meta-test classes)" },
     ParamDef { name: "ood_dataset", kind: K::DataName, default: Dv::Str("optdigits"), doc: "the out-of-distribution data set (its test classes are the OOD meta-test classes)" },
     ParamDef { name: "train_classes", kind: K::IntList { min: 0, max: 9999, min_len: 1, max_len: 1000 }, default: Dv::IntList(&[0, 1, 2, 3, 4]), doc: "meta-training classes of `dataset`" },
-    ParamDef { name: "test_classes", kind: K::IntList { min: 0, max: 9999, min_len: 1, max_len: 1000 }, default: Dv::IntList(&[5, 6, 7, 8, 9]), doc: "meta-test classes of both data sets" },
+    ParamDef { name: "test_classes", kind: K::IntList { min: 0, max: 9999, min_len: 1, max_len: 1000 }, default: Dv::IntList(&[5, 6, 7, 8, 9]), doc: "in-distribution meta-test classes of `dataset`" },
+    ParamDef {
+        name: "ood_classes",
+        kind: K::IntList { min: 0, max: 9999, min_len: 1, max_len: 1000 },
+        default: Dv::IntList(&[5, 6, 7, 8, 9]),
+        doc: "out-of-distribution meta-test classes of `ood_dataset`",
+    },
     ParamDef {
         name: "rotations",
         kind: K::IntList { min: 0, max: 359, min_len: 1, max_len: 4 },
@@ -155,6 +165,7 @@ static METRICS: &[&str] = &[
     "init_rho_gamma_conv",
     "init_rho_gamma_dense",
     "init_omega_rho",
+    "init_omega_balanced_dev",
 ];
 
 /// The variant's switches.
@@ -172,18 +183,13 @@ pub fn variant(name: &str) -> Option<Variant> {
     })
 }
 
-/// Input names: `{role}_r{rotation}`.
-fn input_name(role: &str, rot: i64) -> String {
-    format!("{role}_r{rot}")
-}
-
 impl Method for Taml {
     fn name(&self) -> &'static str {
         "taml"
     }
 
     fn version(&self) -> u32 {
-        1
+        2
     }
 
     fn schema(&self) -> Schema {
@@ -194,8 +200,12 @@ impl Method for Taml {
         METRICS
     }
 
+    fn task_values(&self) -> &'static [&'static str] {
+        &["n", "accuracy", "gamma_conv1", "gamma_conv2", "gamma_conv3", "gamma_conv4", "gamma_dense", "shots", "omega"]
+    }
+
     fn data_params(&self) -> &'static [&'static str] {
-        &["dataset", "ood_dataset", "train_classes", "test_classes", "rotations", "image_size"]
+        &["dataset", "ood_dataset", "train_classes", "test_classes", "ood_classes", "rotations", "image_size"]
     }
 
     fn inactive(&self, p: &Params) -> Vec<&'static str> {
@@ -219,15 +229,14 @@ impl Method for Taml {
     fn inputs(&self, params: &Params) -> Result<Vec<InputDecl>, MethodError> {
         let p: P = super::params(params)?;
         let s = p.image_size;
+        let degrees: Vec<f64> = p.rotations.iter().map(|&r| r as f64).collect();
         let mut out = Vec::new();
-        for (role, data, classes) in [("train", &p.dataset, &p.train_classes), ("id", &p.dataset, &p.test_classes), ("ood", &p.ood_dataset, &p.test_classes)] {
-            for &r in &p.rotations {
-                let mut d = InputDecl::new(&input_name(role, r), data).then(Derive::Classes { classes: classes.clone() }).then(Derive::Resize { height: s, width: s });
-                if r != 0 {
-                    d = d.then(Derive::Rotate { degrees: r as f64 });
-                }
-                out.push(d);
+        for (role, data, classes, salt) in [("train", &p.dataset, &p.train_classes, None), ("id", &p.dataset, &p.test_classes, Some(1)), ("ood", &p.ood_dataset, &p.ood_classes, Some(2))] {
+            let mut d = InputDecl::new(role, data).then(Derive::Classes { classes: classes.clone() }).then(Derive::Resize { height: s, width: s }).then(Derive::Angles { degrees: degrees.clone() });
+            if let Some(salt) = salt {
+                d = d.then(Derive::Episodes { spec: test_episodes(&p, salt), from: EpisodePool::All });
             }
+            out.push(d);
         }
         Ok(out)
     }
@@ -235,14 +244,20 @@ impl Method for Taml {
     fn run(&self, params: &Params, seed: u64, inputs: &TrainInputs, progress: &dyn Progress) -> Result<Outcome, MethodError> {
         let p: P = super::params(params)?;
         let v = variant(&p.variant).ok_or_else(|| MethodError::Invalid(format!("unknown variant `{}`", p.variant)))?;
-        let pools = |role: &str| -> Result<Pool, MethodError> {
-            let ins: Vec<&DataInput> = p.rotations.iter().map(|&r| inputs.input(&input_name(role, r))).collect::<Result<_, _>>()?;
-            Pool::of(&ins)
+        let pools = |role: &str| -> Result<(Pool, &[Episode]), MethodError> {
+            let input = inputs.input(role)?;
+            Ok((Pool::of(&[input])?, input.episodes))
         };
         let cfg = Config::from(&p, v)?;
-        let (train, id, ood) = (pools("train")?, pools("id")?, pools("ood")?);
-        run(&cfg, seed, &train, &id, &ood, progress)
+        let ((train, _), id, ood) = (pools("train")?, pools("id")?, pools("ood")?);
+        run(&cfg, seed, &train, id, ood, progress)
     }
+}
+
+/// The shared test episodes of the ID (`salt` 1) or OOD (2) meta-test classes: drawn once by a
+/// derived-data cell from `episode_seed`, which no method or run seed enters.
+fn test_episodes(p: &P, salt: u64) -> EpisodeSpec {
+    EpisodeSpec { count: p.test_episodes, ways: p.way, max_shot: p.max_shot, queries: p.query, shots: Shots::Mixed, seed: p.episode_seed.wrapping_mul(1000).wrapping_add(salt) }
 }
 
 /// A run's resolved settings.
@@ -550,16 +565,16 @@ pub struct ProbeRow {
 /// The probe tasks' statistics: Spearman ρ(N, exp γ_l) per layer (conv1..4, dense, and the mean
 /// of the four conv ρ); over the imbalanced tasks (shots not all equal) the mean ρ(shots_c, ω_c)
 /// and the share whose largest ω is a class with the fewest shots; over the balanced tasks the
-/// largest |ω_c − 1/way|.
+/// largest |ω_c − 1/way| (not for the OOD set). The share of rarest-class maxima is recorded for
+/// the ID set only.
 pub fn probe(rows: &[ProbeRow], prefix: &str, out: &mut BTreeMap<String, f64>) {
     if rows.is_empty() {
         return;
     }
     let ns: Vec<f64> = rows.iter().map(|r| r.n as f64).collect();
     if rows[0].gamma.len() == LAYERS {
-        let names = ["conv1", "conv2", "conv3", "conv4", "dense"];
         let mut conv = Vec::new();
-        for (l, name) in names.iter().enumerate() {
+        for (l, name) in LAYER_NAMES.iter().enumerate() {
             let g: Vec<f64> = rows.iter().map(|r| r.gamma[l]).collect();
             if let Some(rho) = spearman(&ns, &g) {
                 if prefix.is_empty() || l == 4 {
@@ -601,14 +616,14 @@ pub fn probe(rows: &[ProbeRow], prefix: &str, out: &mut BTreeMap<String, f64>) {
         if imbalanced > 0 && prefix.is_empty() {
             out.insert("omega_rarest".into(), 100.0 * rarest as f64 / imbalanced as f64);
         }
-        if let (Some(d), true) = (dev, prefix.is_empty()) {
-            out.insert("omega_balanced_dev".into(), d);
+        if let (Some(d), true) = (dev, prefix != "ood_") {
+            out.insert(format!("{prefix}omega_balanced_dev"), d);
         }
     }
 }
 
 /// Every object a run writes, and the test accuracies of each episode.
-fn run(cfg: &Config, seed: u64, train: &Pool, id: &Pool, ood: &Pool, progress: &dyn Progress) -> Result<Outcome, MethodError> {
+fn run(cfg: &Config, seed: u64, train: &Pool, (id, id_eps): (Pool, &[Episode]), (ood, ood_eps): (Pool, &[Episode]), progress: &dyn Progress) -> Result<Outcome, MethodError> {
     let device = Device::Cpu;
     let dtype = DType::F32;
     let learner = Learner::new(train.channels, train.height, train.width, cfg.way)?;
@@ -616,13 +631,15 @@ fn run(cfg: &Config, seed: u64, train: &Pool, id: &Pool, ood: &Pool, progress: &
     // Control: the probe statistics of the untrained inference network (the encoder sees the
     // shots, so a trend present before training is not learned).
     let mut init_metrics = BTreeMap::new();
+    let mut tasks = Vec::new();
     if cfg.probe_tasks > 0 {
-        let eps = id.episodes(cfg.probe_tasks.min(cfg.test_episodes), cfg, cfg.episode_seed.wrapping_mul(1000).wrapping_add(1))?;
         let mut rows = Vec::new();
-        for e in &eps {
+        for (k, e) in id_eps.iter().take(cfg.probe_tasks).enumerate() {
             let (task, labels) = id.task(e, &device)?;
             if let Some(post) = meta.posterior(&task, &labels)? {
-                rows.push(probe_row(&post, meta.variant, e, labels.len())?);
+                let row = probe_row(&post, meta.variant, e, labels.len())?;
+                tasks.extend(task_records("init", k, None, &row));
+                rows.push(row);
             }
         }
         probe(&rows, "init_", &mut init_metrics);
@@ -667,7 +684,7 @@ fn run(cfg: &Config, seed: u64, train: &Pool, id: &Pool, ood: &Pool, progress: &
             if meta.variant.balancing() && meta.variant.bayesian {
                 m.insert("train_kl".into(), k / n);
             }
-            Ok(EpochRecord { epoch: i, metrics: m, per_class: Vec::new(), analysis_object: String::new() })
+            Ok(EpochRecord { epoch: i, metrics: m, per_class: Vec::new(), analysis_object: String::new(), per_task: Vec::new() })
         },
     )?;
     let counts = vec![0usize; train.classes];
@@ -679,38 +696,61 @@ fn run(cfg: &Config, seed: u64, train: &Pool, id: &Pool, ood: &Pool, progress: &
     }
     // Test: the shared episodes, ID and OOD.
     let mut test_rng = Rng::derive(seed, "taml-test-samples");
-    let mut per_episode = BTreeMap::new();
-    let mut probes = BTreeMap::new();
     let last = records.last_mut().ok_or_else(|| MethodError::Invalid("no iterations".into()))?;
-    for (name, pool, salt) in [("id", id, 1u64), ("ood", ood, 2u64)] {
-        let eps = pool.episodes(cfg.test_episodes, cfg, cfg.episode_seed.wrapping_mul(1000).wrapping_add(salt))?;
+    for (name, pool, eps) in [("id", &id, id_eps), ("ood", &ood, ood_eps)] {
+        if eps.is_empty() {
+            return Err(MethodError::Invalid(format!("the {name} input has no test episodes")));
+        }
         let mut accs = Vec::with_capacity(eps.len());
         let mut rows = Vec::new();
         for (k, e) in eps.iter().enumerate() {
             let (task, labels) = pool.task(e, &device)?;
             let probs = meta.predict(&task, &labels, cfg.test_inner_steps, cfg.mc_samples, &mut test_rng)?;
-            accs.push(accuracy(&probs, &task.yq)?);
-            if k < cfg.probe_tasks {
-                if let Some(post) = meta.posterior(&task, &labels)? {
-                    rows.push(probe_row(&post, meta.variant, e, labels.len())?);
-                }
+            let acc = accuracy(&probs, &task.yq)?;
+            accs.push(acc);
+            let post = if k < cfg.probe_tasks { meta.posterior(&task, &labels)? } else { None };
+            let row = match post {
+                Some(post) => probe_row(&post, meta.variant, e, labels.len())?,
+                None => ProbeRow { n: labels.len(), gamma: Vec::new(), shots: e.shots(), omega: Vec::new() },
+            };
+            tasks.extend(task_records(name, k, Some(acc), &row));
+            if k < cfg.probe_tasks && (!row.gamma.is_empty() || !row.omega.is_empty()) {
+                rows.push(row);
             }
         }
         let (mean, ci) = episode_ci(&accs);
         last.metrics.insert(format!("{name}_accuracy"), mean);
         last.metrics.insert(format!("{name}_ci"), ci);
         probe(&rows, if name == "id" { "" } else { "ood_" }, &mut last.metrics);
-        per_episode.insert(name.to_string(), accs);
-        probes.insert(name.to_string(), rows);
     }
     last.metrics.extend(init_metrics);
+    last.per_task = tasks;
     let gap = last.metrics["ood_accuracy"] - last.metrics["id_accuracy"];
     last.metrics.insert("ood_minus_id".into(), gap);
     let record = RunRecord { epochs: records, train_counts: counts, failure: None };
     objects.insert("metrics.json".to_string(), to_json(&record)?);
-    objects.insert("episodes.json".to_string(), to_json(&per_episode)?);
-    objects.insert("probes.json".to_string(), to_json(&probes)?);
     Ok(Outcome::Done(objects))
+}
+
+/// The names of the learner's layers, in γ's order.
+pub const LAYER_NAMES: [&str; LAYERS] = ["conv1", "conv2", "conv3", "conv4", "dense"];
+
+/// One task's rows for the `per_task` frame: the task (its support size `n`, its `accuracy` if
+/// measured, `gamma_<layer>` = exp(E γ_l) where the variant has γ), then, where the variant has
+/// ω, one row per class with its `shots` and `omega` = softmax(E ω)_c.
+pub fn task_records(set: &str, task: usize, accuracy: Option<f64>, row: &ProbeRow) -> Vec<TaskRecord> {
+    let mut values = BTreeMap::from([("n".to_string(), row.n as f64)]);
+    if let Some(a) = accuracy {
+        values.insert("accuracy".into(), a);
+    }
+    for (name, g) in LAYER_NAMES.iter().zip(&row.gamma) {
+        values.insert(format!("gamma_{name}"), *g);
+    }
+    let mut out = vec![TaskRecord { set: set.to_string(), task, class: None, values }];
+    for (c, (s, w)) in row.shots.iter().zip(&row.omega).enumerate() {
+        out.push(TaskRecord { set: set.to_string(), task, class: Some(c), values: BTreeMap::from([("shots".to_string(), *s as f64), ("omega".to_string(), *w)]) });
+    }
+    out
 }
 
 /// A probe row from a task's posterior means.

@@ -3,7 +3,7 @@
 use candle_core::{DType, Device, Result, Tensor, Var};
 
 use super::model::{self, Draw, Encoder, Gaussian, Layout, Learner, Posterior, Task, TaskProblem, LAYERS, THETA};
-use super::{episode_ci, probe, variant, Config, Meta, ProbeRow};
+use super::{episode_ci, probe, task_records, variant, Config, Meta, ProbeRow, LAYER_NAMES};
 use crate::meta::hypergradient::{hypergradient, unroll, unrolled_value, Problem, StepSize, Unroll};
 use crate::rng::Rng;
 
@@ -377,13 +377,18 @@ fn episode_intervals_use_the_population_standard_deviation() {
     assert!((ci - 1.96 * 500f64.sqrt() / 2.0).abs() < 1e-12);
 }
 
-#[test]
-fn probe_statistics_by_hand() {
-    let rows = vec![
+/// Three probe tasks: one of each kind of ω trend, one balanced task.
+fn probe_rows() -> Vec<ProbeRow> {
+    vec![
         ProbeRow { n: 10, gamma: vec![1.0, 1.0, 1.0, 1.0, 3.0], shots: vec![1, 2, 7], omega: vec![0.5, 0.3, 0.2] },
         ProbeRow { n: 20, gamma: vec![2.0, 1.5, 1.1, 2.0, 2.0], shots: vec![4, 4, 4], omega: vec![0.34, 0.33, 0.33] },
         ProbeRow { n: 30, gamma: vec![3.0, 1.7, 1.2, 0.5, 1.0], shots: vec![5, 1, 1], omega: vec![0.2, 0.5, 0.3] },
-    ];
+    ]
+}
+
+#[test]
+fn probe_statistics_by_hand() {
+    let rows = probe_rows();
     let mut out = std::collections::BTreeMap::new();
     probe(&rows, "", &mut out);
     assert_eq!(out["rho_gamma_conv1"], 1.0);
@@ -395,4 +400,42 @@ fn probe_statistics_by_hand() {
     assert!((out["omega_rho"] - (-1.0 + rho3) / 2.0).abs() < 1e-12);
     assert_eq!(out["omega_rarest"], 100.0);
     assert!((out["omega_balanced_dev"] - (0.34 - 1.0 / 3.0)).abs() < 1e-12);
+}
+
+#[test]
+fn task_records_give_the_engine_the_same_associations_as_the_probe_statistics() {
+    let rows = probe_rows();
+    let mut out = std::collections::BTreeMap::new();
+    probe(&rows, "init_", &mut out);
+    // Balanced-task deviation is kept for the untrained network too (the T7 control).
+    assert!((out["init_omega_balanced_dev"] - (0.34 - 1.0 / 3.0)).abs() < 1e-12);
+    let mut full = std::collections::BTreeMap::new();
+    probe(&rows, "", &mut full);
+    let records: Vec<crate::methods::TaskRecord> = rows.iter().enumerate().flat_map(|(k, r)| task_records("id", k, Some(50.0), r)).collect();
+    // One task row and three class rows per task.
+    assert_eq!(records.len(), 12);
+    assert_eq!(records[0].values["n"], 10.0);
+    assert_eq!(records[0].values["gamma_dense"], 3.0);
+    assert_eq!((records[1].class, records[1].values["shots"], records[1].values["omega"]), (Some(0), 1.0, 0.5));
+    let tasks: Vec<crate::frames::TaskRow> = records
+        .iter()
+        .map(|r| crate::frames::TaskRow {
+            experiment: "e".into(),
+            run: "r".into(),
+            key: "k".into(),
+            seed: 0,
+            epoch: 1,
+            set: r.set.clone(),
+            task: r.task as i64,
+            class: r.class.map(|c| c as i64),
+            values: r.values.iter().map(|(k, v)| (k.clone(), Some(*v))).collect(),
+        })
+        .collect();
+    let refs: Vec<&crate::frames::TaskRow> = tasks.iter().collect();
+    use crate::render::summary::task_association;
+    for (l, name) in LAYER_NAMES.iter().enumerate() {
+        let rho = task_association(&refs, "n", &format!("gamma_{name}"), false).unwrap();
+        assert!((rho - full[&format!("rho_gamma_{name}")]).abs() < 1e-12, "layer {l}");
+    }
+    assert!((task_association(&refs, "shots", "omega", true).unwrap() - full["omega_rho"]).abs() < 1e-12);
 }

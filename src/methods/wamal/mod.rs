@@ -557,7 +557,7 @@ fn train_run(cfg: &Config, seed: u64, primary: &DataInput, fine: &DataInput, pro
             m.extend(generator_stats(cfg, meta, &state, &data, &dev)?);
         }
         progress.epoch(epoch, cfg.epochs, &format!("acc {acc:.1}"));
-        record.epochs.push(EpochRecord { epoch, metrics: m, per_class: Vec::new(), analysis_object: String::new() });
+        record.epochs.push(EpochRecord { epoch, metrics: m, per_class: Vec::new(), analysis_object: String::new(), per_task: Vec::new() });
     }
     Ok(Outcome::Done(BTreeMap::from([("metrics.json".to_string(), to_json(&record)?)])))
 }
