@@ -611,6 +611,146 @@ fn read_parquet_images(path: &Path, image_column: &str, label_column: &str, size
     Ok(ImageSet { channels, height, width, pixels, num_classes: inferred_classes(&labels), labels })
 }
 
+/// A path written in a list file, checked to stay inside `dir`: relative, without `..`.
+fn inside(dir: &Path, written: &str) -> Option<PathBuf> {
+    let rel = Path::new(written);
+    let plain = !written.is_empty() && rel.components().all(|c| matches!(c, std::path::Component::Normal(_) | std::path::Component::CurDir));
+    plain.then(|| dir.join(rel))
+}
+
+/// Decodes the image files `items` (path, label, and where the path was written, for errors) to
+/// RGB (grey images are repeated over the three channels), resized to `size` by bilinear
+/// sampling, or all of the first image's size when `size` is `None`. Decoded in parallel; the
+/// first failure in list order is the error.
+fn load_image_files(list: &Path, items: Vec<(PathBuf, u32, String)>, size: Option<(usize, usize)>) -> Result<ImageSet, DataError> {
+    use rayon::prelude::*;
+    let bad = |m: String| DataError::format(list, m);
+    if items.is_empty() {
+        return Err(bad("the list names no images".into()));
+    }
+    let decode = |(path, _, at): &(PathBuf, u32, String)| -> Result<Raster, DataError> {
+        let bytes = std::fs::read(path).map_err(|e| bad(format!("{at}: cannot read image {}: {e}; the images must be unpacked beside the list (see the manifest's header)", path.display())))?;
+        decode_image(&bytes).map_err(|m| bad(format!("{at}: {}: {m}", path.display())))
+    };
+    let (height, width) = match size {
+        Some((h, w)) if h == 0 || w == 0 => return Err(bad(format!("requested image size {h}×{w} must be positive"))),
+        Some(s) => s,
+        None => {
+            let r = decode(&items[0])?;
+            (r.height, r.width)
+        }
+    };
+    let planes: Vec<Vec<f32>> = items
+        .par_iter()
+        .map(|item| {
+            let r = decode(item)?;
+            let chw = to_chw(&r, 3);
+            if (r.height, r.width) == (height, width) {
+                Ok(chw)
+            } else if size.is_some() {
+                Ok(resize_bilinear(&chw, 3, (r.height, r.width), (height, width)))
+            } else {
+                Err(bad(format!("{}: {}: image is {}×{} but the first image is {height}×{width}; set `size` to resize all images to one size", item.2, item.0.display(), r.height, r.width)))
+            }
+        })
+        .collect::<Result<_, _>>()?;
+    let labels: Vec<u32> = items.iter().map(|i| i.1).collect();
+    Ok(ImageSet { channels: 3, height, width, pixels: planes.concat(), num_classes: inferred_classes(&labels), labels })
+}
+
+/// The non-blank lines of a text file, with their 1-based line numbers.
+fn text_lines(path: &Path) -> Result<Vec<(usize, String)>, DataError> {
+    let bytes = std::fs::read(path).map_err(|e| DataError::io(path, e))?;
+    let text = String::from_utf8(bytes).map_err(|e| DataError::format(path, format!("byte offset {}: not valid UTF-8", e.utf8_error().valid_up_to())))?;
+    Ok(text.lines().enumerate().filter(|(_, l)| !l.trim().is_empty()).map(|(i, l)| (i + 1, l.trim().to_string())).collect())
+}
+
+/// Reads CUB-200-2011 from its own metadata: `images_txt` (`images.txt`, lines "id
+/// relative/path.jpg") and `labels_txt` (`image_class_labels.txt`, lines "id label", labels
+/// 1..200, which become 0..199), with the images under `images/` beside `images.txt`. Images are
+/// in `images.txt` order, RGB, resized to `size`.
+pub fn load_cub(images_txt: &Path, labels_txt: &Path, size: Option<(usize, usize)>) -> Result<ImageSet, DataError> {
+    let pairs = |path: &Path, what: &str| -> Result<Vec<(u64, String, usize)>, DataError> {
+        text_lines(path)?
+            .into_iter()
+            .map(|(line, l)| match l.split_once(char::is_whitespace) {
+                Some((id, rest)) if id.parse::<u64>().is_ok() && !rest.trim().is_empty() => Ok((id.parse().unwrap_or(0), rest.trim().to_string(), line)),
+                _ => Err(DataError::format(path, format!("line {line}: expected \"<image id> <{what}>\", found {l:?}"))),
+            })
+            .collect()
+    };
+    let images = pairs(images_txt, "relative path")?;
+    let labels = pairs(labels_txt, "class label")?;
+    let mut label_of = std::collections::HashMap::new();
+    for (id, label, line) in &labels {
+        let l = label.parse::<u32>().ok().filter(|&l| l >= 1).ok_or_else(|| DataError::format(labels_txt, format!("line {line}: label {label:?} is not a class number (1 or more)")))?;
+        if label_of.insert(*id, l - 1).is_some() {
+            return Err(DataError::format(labels_txt, format!("line {line}: image id {id} has a second label")));
+        }
+    }
+    let dir = images_txt.parent().unwrap_or(Path::new(".")).join("images");
+    let mut items = Vec::with_capacity(images.len());
+    for (id, rel, line) in images {
+        let at = format!("{} line {line}", images_txt.display());
+        let path = inside(&dir, &rel).ok_or_else(|| DataError::format(images_txt, format!("line {line}: image path {rel:?} must be relative, without `..`")))?;
+        let label = *label_of
+            .get(&id)
+            .ok_or_else(|| DataError::format(labels_txt, format!("no label for image id {id} (line {line} of {}); both files must come from the same archive", images_txt.display())))?;
+        items.push((path, label, at));
+    }
+    load_image_files(images_txt, items, size)
+}
+
+/// How a CSV list of images is read (the manifest's `image-list` format).
+#[derive(Debug, Clone, PartialEq)]
+pub struct ImageListLayout {
+    /// The folder holding the images, relative to the list file's folder.
+    pub image_dir: String,
+    /// The header names of the file-name and label columns.
+    pub path_column: String,
+    pub label_column: String,
+    pub size: Option<(usize, usize)>,
+}
+
+/// The `(file name, label text, line)` rows of an image list: a CSV whose first line names its
+/// columns. Fields are not quoted (file names and class ids hold no commas).
+pub fn read_image_list(list: &Path, layout: &ImageListLayout) -> Result<Vec<(String, String, usize)>, DataError> {
+    let bad = |m: String| DataError::format(list, m);
+    let lines = text_lines(list)?;
+    let Some((_, header)) = lines.first() else {
+        return Err(bad("the list is empty; expected a header line, then one line per image".into()));
+    };
+    let names: Vec<&str> = header.split(',').map(str::trim).collect();
+    let col = |name: &str| {
+        names.iter().position(|n| *n == name).ok_or_else(|| bad(format!("line 1: no column {name:?} in the header {names:?}; set `path_column` and `label_column` in the manifest's [format] table")))
+    };
+    let (pc, lc) = (col(&layout.path_column)?, col(&layout.label_column)?);
+    lines[1..]
+        .iter()
+        .map(|(line, l)| {
+            let fields: Vec<&str> = l.split(',').map(str::trim).collect();
+            if fields.len() != names.len() {
+                return Err(bad(format!("line {line}: expected {} comma-separated fields, found {}", names.len(), fields.len())));
+            }
+            Ok((fields[pc].to_string(), fields[lc].to_string(), *line))
+        })
+        .collect()
+}
+
+/// Reads the images a CSV list names (see [`read_image_list`]) from `image_dir` beside the list,
+/// RGB, resized to `size`; `class_of` maps a label text (e.g. a WordNet id) to its class index.
+pub fn load_image_list(list: &Path, layout: &ImageListLayout, class_of: &dyn Fn(&str) -> Option<u32>) -> Result<ImageSet, DataError> {
+    let bad = |m: String| DataError::format(list, m);
+    let dir = inside(list.parent().unwrap_or(Path::new(".")), &layout.image_dir).ok_or_else(|| bad(format!("image_dir {:?} must be relative, without `..`", layout.image_dir)))?;
+    let mut items = Vec::new();
+    for (file, label, line) in read_image_list(list, layout)? {
+        let path = inside(&dir, &file).ok_or_else(|| bad(format!("line {line}: image path {file:?} must be relative, without `..`")))?;
+        let class = class_of(&label).ok_or_else(|| bad(format!("line {line}: label {label:?} is not one of the manifest's classes; list it in `classes`")))?;
+        items.push((path, class, format!("{} line {line}", list.display())));
+    }
+    load_image_files(list, items, layout.size)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -18,6 +18,7 @@ use serde::Deserialize;
 use sha2::{Digest, Sha256};
 
 use super::formats::{self, CifarVariant, CsvLayout};
+use super::mat;
 use super::{DataError, ImageSet};
 
 /// How the files of a data set are stored. `kind` selects the variant; the other keys of the
@@ -39,6 +40,53 @@ pub enum FormatSpec {
         #[serde(default)]
         size: Option<[usize; 2]>,
     },
+    /// MATLAB Level-5 MAT-file (`save -v7` or older, compressed or not; see [`mat`]): the image
+    /// variable `images` ([height, width, channels, N] or [height, width, N], values 0..255) and
+    /// the label variable `labels` (N values). Each label has `label_offset` subtracted, then is
+    /// taken modulo `label_modulo` when given (SVHN: `label_modulo = 10`, its digit 0 is 10).
+    #[serde(rename = "mat-v5")]
+    MatV5 {
+        images: String,
+        labels: String,
+        #[serde(default)]
+        label_offset: i64,
+        #[serde(default)]
+        label_modulo: Option<u32>,
+    },
+    /// CUB-200-2011 as its archive unpacks: a file with role `images` (`images.txt`) and one with
+    /// role `labels` (`image_class_labels.txt`), or `<split>-images` and `<split>-labels`; the
+    /// images under `images/` beside `images.txt`, read as RGB and resized to `size`.
+    #[serde(rename = "cub-200")]
+    Cub200 {
+        #[serde(default)]
+        size: Option<[usize; 2]>,
+    },
+    /// CSV lists of images (a header line, then one image a line), one file per role; the images
+    /// are in `image_dir` beside the list, read as RGB and resized to `size`. Labels are class
+    /// names looked up in `classes`; a manifest that only numbers its classes (`num_classes`)
+    /// numbers the labels by first appearance over all its lists, in manifest order.
+    ImageList {
+        #[serde(default = "default_image_dir")]
+        image_dir: String,
+        #[serde(default = "default_path_column")]
+        path_column: String,
+        #[serde(default = "default_label_column")]
+        label_column: String,
+        #[serde(default)]
+        size: Option<[usize; 2]>,
+    },
+}
+
+fn default_image_dir() -> String {
+    "images".into()
+}
+
+fn default_path_column() -> String {
+    "filename".into()
+}
+
+fn default_label_column() -> String {
+    "label".into()
 }
 
 impl FormatSpec {
@@ -49,6 +97,9 @@ impl FormatSpec {
             FormatSpec::Idx {} => "idx",
             FormatSpec::CifarBinary { .. } => "cifar-binary",
             FormatSpec::ParquetImages { .. } => "parquet-images",
+            FormatSpec::MatV5 { .. } => "mat-v5",
+            FormatSpec::Cub200 { .. } => "cub-200",
+            FormatSpec::ImageList { .. } => "image-list",
         }
     }
 
@@ -68,6 +119,23 @@ impl FormatSpec {
             }
             FormatSpec::ParquetImages { image_column, label_column, size } => {
                 s += &format!("format.image_column={image_column:?}\nformat.label_column={label_column:?}\n");
+                if let Some([h, w]) = size {
+                    s += &format!("format.size={h}x{w}\n");
+                }
+            }
+            FormatSpec::MatV5 { images, labels, label_offset, label_modulo } => {
+                s += &format!("format.images={images:?}\nformat.labels={labels:?}\nformat.label_offset={label_offset}\n");
+                if let Some(m) = label_modulo {
+                    s += &format!("format.label_modulo={m}\n");
+                }
+            }
+            FormatSpec::Cub200 { size } => {
+                if let Some([h, w]) = size {
+                    s += &format!("format.size={h}x{w}\n");
+                }
+            }
+            FormatSpec::ImageList { image_dir, path_column, label_column, size } => {
+                s += &format!("format.image_dir={image_dir:?}\nformat.path_column={path_column:?}\nformat.label_column={label_column:?}\n");
                 if let Some([h, w]) = size {
                     s += &format!("format.size={h}x{w}\n");
                 }
@@ -317,7 +385,28 @@ impl Manifest {
                     return Err(self.error(format!("{} has {} classes but `classes` lists {}", variant.name(), variant.num_classes(), self.classes.len()), None));
                 }
             }
-            FormatSpec::ParquetImages { size, .. } => {
+            FormatSpec::ParquetImages { size, .. } | FormatSpec::Cub200 { size } => {
+                if let Some([h, w]) = size {
+                    if *h == 0 || *w == 0 {
+                        return Err(self.error(format!("format: size must be positive, found [{h}, {w}]"), None));
+                    }
+                }
+            }
+            FormatSpec::MatV5 { images, labels, label_modulo, .. } => {
+                if images.is_empty() || labels.is_empty() {
+                    return Err(self.error("format: `images` and `labels` must name the MAT-file's variables".into(), Some("e.g. images = \"X\", labels = \"y\"".into())));
+                }
+                if *label_modulo == Some(0) {
+                    return Err(self.error("format: label_modulo must be positive".into(), Some("leave it out to keep the labels as they are".into())));
+                }
+            }
+            FormatSpec::ImageList { image_dir, size, .. } => {
+                let dir = Path::new(image_dir);
+                if image_dir.is_empty() || dir.components().any(|c| !matches!(c, Component::Normal(_) | Component::CurDir)) {
+                    return Err(
+                        self.error(format!("format: image_dir {image_dir:?} must be a relative folder without `..`"), Some("it is relative to the folder of each list file, e.g. \"images\"".into()))
+                    );
+                }
                 if let Some([h, w]) = size {
                     if *h == 0 || *w == 0 {
                         return Err(self.error(format!("format: size must be positive, found [{h}, {w}]"), None));
@@ -362,7 +451,7 @@ impl Manifest {
     /// Only the files read are hashed. Labels are checked against `classes`, and the result's
     /// `num_classes` is `classes.len()`.
     pub fn load_images(&self, root: &Path, role: Option<&str>) -> Result<ImageSet, DataError> {
-        if let FormatSpec::Idx {} = self.format {
+        if let FormatSpec::Idx {} | FormatSpec::Cub200 { .. } = self.format {
             let (ri, rl) = match role {
                 Some(split) => (format!("{split}-images"), format!("{split}-labels")),
                 None => ("images".to_string(), "labels".to_string()),
@@ -376,7 +465,10 @@ impl Manifest {
             let (fi, fl) = (one(&ri)?, one(&rl)?);
             verify_file(root, fi)?;
             verify_file(root, fl)?;
-            let set = formats::load_idx(&root.join(&fi.path), &root.join(&fl.path))?;
+            let set = match &self.format {
+                FormatSpec::Cub200 { size } => formats::load_cub(&root.join(&fi.path), &root.join(&fl.path), size.map(|[h, w]| (h, w)))?,
+                _ => formats::load_idx(&root.join(&fi.path), &root.join(&fl.path))?,
+            };
             return self.check_labels(set, &root.join(&fl.path));
         }
 
@@ -387,6 +479,7 @@ impl Manifest {
         for f in &selected {
             verify_file(root, f)?;
         }
+        let class_of = self.list_classes(root)?;
         let mut out: Option<ImageSet> = None;
         for f in selected {
             let path = root.join(&f.path);
@@ -394,9 +487,16 @@ impl Manifest {
                 FormatSpec::CsvGz { channels, height, width, max_value } => formats::load_csv(&path, &CsvLayout { channels: *channels, height: *height, width: *width, max_value: *max_value })?,
                 FormatSpec::ParquetImages { image_column, label_column, size } => formats::load_parquet_images(&path, image_column, label_column, size.map(|[h, w]| (h, w)))?,
                 FormatSpec::CifarBinary { variant } => formats::load_cifar(std::slice::from_ref(&path), *variant)?,
+                FormatSpec::MatV5 { images, labels, label_offset, label_modulo } => {
+                    mat::load_mat_images(&path, &mat::MatLayout { images: images.clone(), labels: labels.clone(), label_offset: *label_offset, label_modulo: *label_modulo })?
+                }
+                FormatSpec::ImageList { .. } => {
+                    let layout = self.list_layout().expect("an image-list format");
+                    formats::load_image_list(&path, &layout, &|l: &str| class_of.get(l).copied())?
+                }
                 // Read in image/label pairs above, before this loop; kept as an error rather
                 // than a panic should that branch ever change.
-                FormatSpec::Idx {} => return Err(self.error("idx files are read in pairs, not one by one".into(), None)),
+                FormatSpec::Idx {} | FormatSpec::Cub200 { .. } => return Err(self.error(format!("{} files are read in pairs, not one by one", self.format.kind()), None)),
             };
             let set = self.check_labels(set, &path)?;
             out = Some(match out {
@@ -407,6 +507,42 @@ impl Manifest {
         // `selected` is never empty: `files` is non-empty (validated) and a role with no file is
         // an error above.
         out.ok_or_else(|| self.error("no files selected".into(), None))
+    }
+
+    fn list_layout(&self) -> Option<formats::ImageListLayout> {
+        match &self.format {
+            FormatSpec::ImageList { image_dir, path_column, label_column, size } => {
+                Some(formats::ImageListLayout { image_dir: image_dir.clone(), path_column: path_column.clone(), label_column: label_column.clone(), size: size.map(|[h, w]| (h, w)) })
+            }
+            _ => None,
+        }
+    }
+
+    /// For `image-list` manifests, the class index of each label text: its position in
+    /// `classes`, or, when the manifest only numbers its classes (`num_classes`, names "0", "1",
+    /// …) and the labels are not those numbers, its order of first appearance over all the manifest's lists in manifest order (so a
+    /// split keeps its indices whichever role is loaded; every list is then verified and read).
+    /// Empty for other formats.
+    fn list_classes(&self, root: &Path) -> Result<std::collections::HashMap<String, u32>, DataError> {
+        let mut map = std::collections::HashMap::new();
+        let Some(layout) = self.list_layout() else {
+            return Ok(map);
+        };
+        map.extend(self.classes.iter().enumerate().map(|(i, c)| (c.clone(), i as u32)));
+        let numbered = self.classes.iter().enumerate().all(|(i, c)| *c == i.to_string());
+        if !numbered {
+            return Ok(map);
+        }
+        let mut first = std::collections::HashMap::new();
+        for f in &self.files {
+            verify_file(root, f)?;
+            for (_, label, _) in formats::read_image_list(&root.join(&f.path), &layout)? {
+                let next = first.len() as u32;
+                first.entry(label).or_insert(next);
+            }
+        }
+        // Labels that are the class numbers themselves keep them.
+        Ok(if first.keys().all(|l| map.contains_key(l)) { map } else { first })
     }
 
     /// Checks every label of `set` (read from `path`) against `classes` and sets `num_classes`.

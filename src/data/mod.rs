@@ -18,6 +18,7 @@ pub mod episodes;
 pub mod fetch;
 pub mod formats;
 pub mod manifest;
+pub mod mat;
 pub mod transform;
 
 use std::collections::HashMap;
