@@ -1130,4 +1130,122 @@ mod tests {
         let msg = format_message(load_parquet_images(&notparquet, "img", "label", None).unwrap_err());
         assert!(msg.contains("x.parquet"), "{msg}");
     }
+
+    // ---- Image folders: CUB-200-2011 and CSV image lists ----
+
+    /// Writes the fixture images under `dir`: `a.png` 2×2 RGB with a distinct value per pixel
+    /// and channel, `b.png` 1×1 grey 51, `c.png` 4×4 RGB made of four constant 2×2 blocks.
+    fn folder_images(dir: &Path) {
+        std::fs::create_dir_all(dir.join("001.A")).unwrap();
+        std::fs::create_dir_all(dir.join("002.B")).unwrap();
+        // Interleaved (row, column, channel): pixel (r, c) channel k holds 10·(2r + c) + k.
+        let a: Vec<u8> = (0..4u8).flat_map(|p| (0..3u8).map(move |k| 10 * p + k)).collect();
+        write(dir, "001.A/a.png", &png_bytes(2, 2, png::ColorType::Rgb, &a));
+        write(dir, "002.B/b.png", &png_bytes(1, 1, png::ColorType::Grayscale, &[51]));
+        let block = |r: usize, c: usize| -> [u8; 3] { [[0, 0, 0], [255, 255, 255], [102, 102, 102], [51, 153, 204]][2 * (r / 2) + c / 2] };
+        let c: Vec<u8> = (0..16).flat_map(|p| block(p / 4, p % 4)).collect();
+        write(dir, "001.A/c.png", &png_bytes(4, 4, png::ColorType::Rgb, &c));
+    }
+
+    /// The three fixture images at 2×2, N·C·H·W, worked out by hand: `a` as written, `b`'s grey
+    /// 51 = 0.2 repeated over 3 channels and 4 pixels, `c` sampled at source positions 0.5 and
+    /// 2.5 (the middle of each constant block) so each output pixel is its block's colour.
+    fn folder_expected() -> Vec<Vec<f32>> {
+        let a: Vec<f32> = (0..3).flat_map(|k| (0..4).map(move |p| (10 * p + k) as f32 / 255.0)).collect();
+        let b = vec![0.2f32; 12];
+        let c: Vec<f32> = [[0.0, 1.0, 0.4, 0.2], [0.0, 1.0, 0.4, 0.6], [0.0, 1.0, 0.4, 0.8]].concat();
+        vec![a, b, c]
+    }
+
+    fn assert_pixels_close(got: &[f32], want: &[f32]) {
+        assert_eq!(got.len(), want.len());
+        for (i, (g, w)) in got.iter().zip(want).enumerate() {
+            assert!((g - w).abs() < 1e-6, "value {i}: {g} != {w}");
+        }
+    }
+
+    /// A CUB-style folder: `images.txt`, `image_class_labels.txt` and `images/`.
+    fn cub_fixture(images_txt: &str, labels_txt: &str) -> (tempfile::TempDir, PathBuf, PathBuf) {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("CUB_200_2011");
+        folder_images(&root.join("images"));
+        let i = write(&root, "images.txt", images_txt.as_bytes());
+        let l = write(&root, "image_class_labels.txt", labels_txt.as_bytes());
+        (dir, i, l)
+    }
+
+    const CUB_IMAGES: &str = "1 001.A/a.png\n2 002.B/b.png\n3 001.A/c.png\n";
+    // Out of id order on purpose: labels are matched by id, not by line.
+    const CUB_LABELS: &str = "3 1\n1 1\n\n2 2\n";
+
+    #[test]
+    fn cub_reads_its_metadata_and_images() {
+        let (_d, i, l) = cub_fixture(CUB_IMAGES, CUB_LABELS);
+        let set = load_cub(&i, &l, Some((2, 2))).unwrap();
+        assert_eq!((set.len(), set.channels, set.height, set.width), (3, 3, 2, 2));
+        assert_eq!((set.labels.clone(), set.num_classes), (vec![0, 1, 0], 2));
+        assert_pixels_close(&set.pixels, &folder_expected().concat());
+        // Without a size, images of different sizes are an error naming the image and the fix.
+        let msg = format_message(load_cub(&i, &l, None).unwrap_err());
+        assert!(msg.contains("images.txt line 2") && msg.contains("b.png") && msg.contains("`size`"), "{msg}");
+    }
+
+    #[test]
+    fn cub_errors_name_the_file_and_line() {
+        let cases: &[(&str, &str, &str, &str)] = &[
+            ("1 001.A/a.png\n2 002.B/missing.png\n", "1 1\n2 2\n", "images.txt", "line 2: cannot read image"),
+            ("1 001.A/a.png\n", "1 0\n", "image_class_labels.txt", "line 1: label \"0\" is not a class number"),
+            ("1 001.A/a.png\n2 002.B/b.png\n", "1 1\n", "image_class_labels.txt", "no label for image id 2"),
+            ("1 001.A/a.png\n", "1 1\n1 2\n", "image_class_labels.txt", "line 2: image id 1 has a second label"),
+            ("1 ../a.png\n", "1 1\n", "images.txt", "line 1: image path \"../a.png\" must be relative"),
+            ("one 001.A/a.png\n", "1 1\n", "images.txt", "line 1: expected \"<image id> <relative path>\""),
+            ("", "", "images.txt", "the list names no images"),
+        ];
+        for (images, labels, file, needle) in cases {
+            let (_d, i, l) = cub_fixture(images, labels);
+            let msg = format_message(load_cub(&i, &l, Some((2, 2))).unwrap_err());
+            assert!(msg.contains(file) && msg.contains(needle), "{images:?}/{labels:?}: {msg}");
+        }
+        let (_d, i, l) = cub_fixture(CUB_IMAGES, CUB_LABELS);
+        std::fs::write(i.parent().unwrap().join("images/002.B/b.png"), b"not an image").unwrap();
+        let msg = format_message(load_cub(&i, &l, Some((2, 2))).unwrap_err());
+        assert!(msg.contains("line 2") && msg.contains("b.png") && msg.contains("neither PNG"), "{msg}");
+    }
+
+    fn list_layout() -> ImageListLayout {
+        ImageListLayout { image_dir: "pics".into(), path_column: "filename".into(), label_column: "label".into(), size: Some((2, 2)) }
+    }
+
+    #[test]
+    fn image_list_maps_labels_through_the_class_lookup() {
+        let dir = tempfile::tempdir().unwrap();
+        let pics = dir.path().join("pics");
+        folder_images(&pics);
+        let list = write(dir.path(), "train.csv", b"filename,label\n002.B/b.png,n02\n001.A/a.png,n01\n001.A/c.png,n02\n");
+        let class_of = |l: &str| ["n01", "n02"].iter().position(|c| *c == l).map(|i| i as u32);
+        let set = load_image_list(&list, &list_layout(), &class_of).unwrap();
+        assert_eq!((set.labels.clone(), set.channels, set.height, set.width), (vec![1, 0, 1], 3, 2, 2));
+        let e = folder_expected();
+        assert_pixels_close(&set.pixels, &[e[1].clone(), e[0].clone(), e[2].clone()].concat());
+        // Columns are found by their header names, in any order.
+        let swapped = write(dir.path(), "swapped.csv", b"label,filename\nn01,001.A/a.png\n");
+        assert_eq!(load_image_list(&swapped, &list_layout(), &class_of).unwrap().labels, vec![0]);
+
+        let cases: &[(&[u8], &str)] = &[
+            (b"file,label\na.png,n01\n", "line 1: no column \"filename\""),
+            (b"filename,label\n001.A/a.png,n09\n", "line 2: label \"n09\" is not one of the manifest's classes"),
+            (b"filename,label\n001.A/a.png\n", "line 2: expected 2 comma-separated fields, found 1"),
+            (b"filename,label\n/etc/passwd,n01\n", "line 2: image path \"/etc/passwd\" must be relative"),
+            (b"filename,label\n001.A/zzz.png,n01\n", "line 2: cannot read image"),
+            (b"", "the list is empty"),
+            (b"filename,label\n", "the list names no images"),
+        ];
+        for (i, (text, needle)) in cases.iter().enumerate() {
+            let p = write(dir.path(), &format!("bad{i}.csv"), text);
+            let msg = format_message(load_image_list(&p, &list_layout(), &class_of).unwrap_err());
+            assert!(msg.contains(&format!("bad{i}.csv")) && msg.contains(needle), "{msg}");
+        }
+        let up = ImageListLayout { image_dir: "../pics".into(), ..list_layout() };
+        assert!(format_message(load_image_list(&list, &up, &class_of).unwrap_err()).contains("image_dir \"../pics\" must be relative"));
+    }
 }
