@@ -752,7 +752,7 @@ pub fn load_image_list(list: &Path, layout: &ImageListLayout, class_of: &dyn Fn(
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use flate2::write::GzEncoder;
     use polars::prelude::{DataFrame, IntoSeries, NamedFrom, ParquetWriter, Series, StructChunked};
@@ -1135,7 +1135,7 @@ mod tests {
 
     /// Writes the fixture images under `dir`: `a.png` 2×2 RGB with a distinct value per pixel
     /// and channel, `b.png` 1×1 grey 51, `c.png` 4×4 RGB made of four constant 2×2 blocks.
-    fn folder_images(dir: &Path) {
+    pub(crate) fn folder_images(dir: &Path) {
         std::fs::create_dir_all(dir.join("001.A")).unwrap();
         std::fs::create_dir_all(dir.join("002.B")).unwrap();
         // Interleaved (row, column, channel): pixel (r, c) channel k holds 10·(2r + c) + k.
@@ -1150,14 +1150,14 @@ mod tests {
     /// The three fixture images at 2×2, N·C·H·W, worked out by hand: `a` as written, `b`'s grey
     /// 51 = 0.2 repeated over 3 channels and 4 pixels, `c` sampled at source positions 0.5 and
     /// 2.5 (the middle of each constant block) so each output pixel is its block's colour.
-    fn folder_expected() -> Vec<Vec<f32>> {
+    pub(crate) fn folder_expected() -> Vec<Vec<f32>> {
         let a: Vec<f32> = (0..3).flat_map(|k| (0..4).map(move |p| (10 * p + k) as f32 / 255.0)).collect();
         let b = vec![0.2f32; 12];
         let c: Vec<f32> = [[0.0, 1.0, 0.4, 0.2], [0.0, 1.0, 0.4, 0.6], [0.0, 1.0, 0.4, 0.8]].concat();
         vec![a, b, c]
     }
 
-    fn assert_pixels_close(got: &[f32], want: &[f32]) {
+    pub(crate) fn assert_pixels_close(got: &[f32], want: &[f32]) {
         assert_eq!(got.len(), want.len());
         for (i, (g, w)) in got.iter().zip(want).enumerate() {
             assert!((g - w).abs() < 1e-6, "value {i}: {g} != {w}");

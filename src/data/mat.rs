@@ -376,7 +376,7 @@ pub fn load_mat_images(path: &Path, layout: &MatLayout) -> Result<ImageSet, Data
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     //! Fixtures are written byte by byte from the published Level-5 layout, so the reader is
     //! checked against the format description, not against itself.
     use super::*;
@@ -384,7 +384,7 @@ mod tests {
 
     /// Byte order of a fixture.
     #[derive(Clone, Copy)]
-    struct Order {
+    pub(crate) struct Order {
         big: bool,
     }
 
@@ -398,7 +398,7 @@ mod tests {
         }
     }
 
-    const LE: Order = Order { big: false };
+    pub(crate) const LE: Order = Order { big: false };
     const BE: Order = Order { big: true };
 
     /// The 128-byte header: text padded with spaces to 116 bytes, 8 zero bytes of subsystem
@@ -418,7 +418,7 @@ mod tests {
         let mut e = o.u32(ty).to_vec();
         e.extend(o.u32(data.len() as u32));
         e.extend(data);
-        while e.len() % 8 != 0 {
+        while !e.len().is_multiple_of(8) {
             e.push(0);
         }
         e
@@ -498,11 +498,11 @@ mod tests {
         v.iter().flat_map(|x| if o.big { x.to_be_bytes() } else { x.to_le_bytes() }).collect()
     }
 
-    fn x_var(o: Order) -> Vec<u8> {
+    pub(crate) fn x_var(o: Order) -> Vec<u8> {
         matrix(o, &Var { name: "X", class: 9, complex: false, dims: &[2, 3, 3, 4], ty: 2, real: x_column_major() })
     }
 
-    fn y_var(o: Order) -> Vec<u8> {
+    pub(crate) fn y_var(o: Order) -> Vec<u8> {
         matrix(o, &Var { name: "y", class: 6, complex: false, dims: &[4, 1], ty: 9, real: doubles(o, &Y) })
     }
 
@@ -512,7 +512,7 @@ mod tests {
         matrix(o, &Var { name: "__note", class: 4, complex: false, dims: &[1, 2], ty: 4, real: text })
     }
 
-    fn file(o: Order, elements: &[Vec<u8>]) -> Vec<u8> {
+    pub(crate) fn file(o: Order, elements: &[Vec<u8>]) -> Vec<u8> {
         let mut f = header(o, "MATLAB 5.0 MAT-file, written by the reprise tests");
         for e in elements {
             f.extend(e);
@@ -520,7 +520,7 @@ mod tests {
         f
     }
 
-    fn svhn_layout() -> MatLayout {
+    pub(crate) fn svhn_layout() -> MatLayout {
         MatLayout { images: "X".into(), labels: "y".into(), label_offset: 0, label_modulo: Some(10) }
     }
 
@@ -674,5 +674,23 @@ mod tests {
         assert!(error(&file(LE, &[xd, y1]), &lay).contains("outside 0..255"));
         let short = matrix(LE, &Var { name: "X", class: 9, complex: false, dims: &[2, 3, 3, 5], ty: 2, real: x_column_major() });
         assert!(error(&file(LE, &[short, y_var(LE)]), &lay).contains("(90 values) but its data holds 72"));
+    }
+
+    /// Damaged files are errors, never panics: every truncation, and every byte flipped, of a
+    /// plain and a compressed fixture.
+    #[test]
+    fn damaged_bytes_never_panic() {
+        for bytes in [file(LE, &[x_var(LE), y_var(BE)]), file(BE, &[compressed(BE, &x_var(BE)), y_var(BE)])] {
+            for cut in 0..bytes.len() {
+                let _ = read_variables(&bytes[..cut], &["X", "y"]);
+            }
+            for i in 0..bytes.len() {
+                for flip in [0x01u8, 0x80, 0xff] {
+                    let mut b = bytes.clone();
+                    b[i] ^= flip;
+                    let _ = read_variables(&b, &["X", "y"]);
+                }
+            }
+        }
     }
 }
