@@ -640,22 +640,27 @@ fn load_image_files(list: &Path, items: Vec<(PathBuf, u32, String)>, size: Optio
             (r.height, r.width)
         }
     };
-    let planes: Vec<Vec<f32>> = items
-        .par_iter()
-        .map(|item| {
+    // Each image is written straight into its slot of the result (no second copy of the set).
+    let mut pixels = vec![0f32; items.len() * 3 * height * width];
+    let outcomes: Vec<Result<(), DataError>> = pixels
+        .par_chunks_mut(3 * height * width)
+        .zip(items.par_iter())
+        .map(|(slot, item)| {
             let r = decode(item)?;
             let chw = to_chw(&r, 3);
             if (r.height, r.width) == (height, width) {
-                Ok(chw)
+                slot.copy_from_slice(&chw);
             } else if size.is_some() {
-                Ok(resize_bilinear(&chw, 3, (r.height, r.width), (height, width)))
+                slot.copy_from_slice(&resize_bilinear(&chw, 3, (r.height, r.width), (height, width)));
             } else {
-                Err(bad(format!("{}: {}: image is {}×{} but the first image is {height}×{width}; set `size` to resize all images to one size", item.2, item.0.display(), r.height, r.width)))
+                return Err(bad(format!("{}: {}: image is {}×{} but the first image is {height}×{width}; set `size` to resize all images to one size", item.2, item.0.display(), r.height, r.width)));
             }
+            Ok(())
         })
-        .collect::<Result<_, _>>()?;
+        .collect();
+    outcomes.into_iter().collect::<Result<(), _>>()?;
     let labels: Vec<u32> = items.iter().map(|i| i.1).collect();
-    Ok(ImageSet { channels: 3, height, width, pixels: planes.concat(), num_classes: inferred_classes(&labels), labels })
+    Ok(ImageSet { channels: 3, height, width, pixels, num_classes: inferred_classes(&labels), labels })
 }
 
 /// The non-blank lines of a text file, with their 1-based line numbers.
