@@ -611,8 +611,153 @@ fn read_parquet_images(path: &Path, image_column: &str, label_column: &str, size
     Ok(ImageSet { channels, height, width, pixels, num_classes: inferred_classes(&labels), labels })
 }
 
+/// A path written in a list file, checked to stay inside `dir`: relative, without `..`.
+fn inside(dir: &Path, written: &str) -> Option<PathBuf> {
+    let rel = Path::new(written);
+    let plain = !written.is_empty() && rel.components().all(|c| matches!(c, std::path::Component::Normal(_) | std::path::Component::CurDir));
+    plain.then(|| dir.join(rel))
+}
+
+/// Decodes the image files `items` (path, label, and where the path was written, for errors) to
+/// RGB (grey images are repeated over the three channels), resized to `size` by bilinear
+/// sampling, or all of the first image's size when `size` is `None`. Decoded in parallel; the
+/// first failure in list order is the error.
+fn load_image_files(list: &Path, items: Vec<(PathBuf, u32, String)>, size: Option<(usize, usize)>) -> Result<ImageSet, DataError> {
+    use rayon::prelude::*;
+    let bad = |m: String| DataError::format(list, m);
+    if items.is_empty() {
+        return Err(bad("the list names no images".into()));
+    }
+    let decode = |(path, _, at): &(PathBuf, u32, String)| -> Result<Raster, DataError> {
+        let bytes = std::fs::read(path).map_err(|e| bad(format!("{at}: cannot read image {}: {e}; the images must be unpacked beside the list (see the manifest's header)", path.display())))?;
+        decode_image(&bytes).map_err(|m| bad(format!("{at}: {}: {m}", path.display())))
+    };
+    let (height, width) = match size {
+        Some((h, w)) if h == 0 || w == 0 => return Err(bad(format!("requested image size {h}×{w} must be positive"))),
+        Some(s) => s,
+        None => {
+            let r = decode(&items[0])?;
+            (r.height, r.width)
+        }
+    };
+    // Each image is written straight into its slot of the result (no second copy of the set).
+    let mut pixels = vec![0f32; items.len() * 3 * height * width];
+    let outcomes: Vec<Result<(), DataError>> = pixels
+        .par_chunks_mut(3 * height * width)
+        .zip(items.par_iter())
+        .map(|(slot, item)| {
+            let r = decode(item)?;
+            let chw = to_chw(&r, 3);
+            if (r.height, r.width) == (height, width) {
+                slot.copy_from_slice(&chw);
+            } else if size.is_some() {
+                slot.copy_from_slice(&resize_bilinear(&chw, 3, (r.height, r.width), (height, width)));
+            } else {
+                return Err(bad(format!("{}: {}: image is {}×{} but the first image is {height}×{width}; set `size` to resize all images to one size", item.2, item.0.display(), r.height, r.width)));
+            }
+            Ok(())
+        })
+        .collect();
+    outcomes.into_iter().collect::<Result<(), _>>()?;
+    let labels: Vec<u32> = items.iter().map(|i| i.1).collect();
+    Ok(ImageSet { channels: 3, height, width, pixels, num_classes: inferred_classes(&labels), labels })
+}
+
+/// The non-blank lines of a text file, with their 1-based line numbers.
+fn text_lines(path: &Path) -> Result<Vec<(usize, String)>, DataError> {
+    let bytes = std::fs::read(path).map_err(|e| DataError::io(path, e))?;
+    let text = String::from_utf8(bytes).map_err(|e| DataError::format(path, format!("byte offset {}: not valid UTF-8", e.utf8_error().valid_up_to())))?;
+    Ok(text.lines().enumerate().filter(|(_, l)| !l.trim().is_empty()).map(|(i, l)| (i + 1, l.trim().to_string())).collect())
+}
+
+/// Reads CUB-200-2011 from its own metadata: `images_txt` (`images.txt`, lines "id
+/// relative/path.jpg") and `labels_txt` (`image_class_labels.txt`, lines "id label", labels
+/// 1..200, which become 0..199), with the images under `images/` beside `images.txt`. Images are
+/// in `images.txt` order, RGB, resized to `size`.
+pub fn load_cub(images_txt: &Path, labels_txt: &Path, size: Option<(usize, usize)>) -> Result<ImageSet, DataError> {
+    let pairs = |path: &Path, what: &str| -> Result<Vec<(u64, String, usize)>, DataError> {
+        text_lines(path)?
+            .into_iter()
+            .map(|(line, l)| match l.split_once(char::is_whitespace) {
+                Some((id, rest)) if id.parse::<u64>().is_ok() && !rest.trim().is_empty() => Ok((id.parse().unwrap_or(0), rest.trim().to_string(), line)),
+                _ => Err(DataError::format(path, format!("line {line}: expected \"<image id> <{what}>\", found {l:?}"))),
+            })
+            .collect()
+    };
+    let images = pairs(images_txt, "relative path")?;
+    let labels = pairs(labels_txt, "class label")?;
+    let mut label_of = std::collections::HashMap::new();
+    for (id, label, line) in &labels {
+        let l = label.parse::<u32>().ok().filter(|&l| l >= 1).ok_or_else(|| DataError::format(labels_txt, format!("line {line}: label {label:?} is not a class number (1 or more)")))?;
+        if label_of.insert(*id, l - 1).is_some() {
+            return Err(DataError::format(labels_txt, format!("line {line}: image id {id} has a second label")));
+        }
+    }
+    let dir = images_txt.parent().unwrap_or(Path::new(".")).join("images");
+    let mut items = Vec::with_capacity(images.len());
+    for (id, rel, line) in images {
+        let at = format!("{} line {line}", images_txt.display());
+        let path = inside(&dir, &rel).ok_or_else(|| DataError::format(images_txt, format!("line {line}: image path {rel:?} must be relative, without `..`")))?;
+        let label = *label_of
+            .get(&id)
+            .ok_or_else(|| DataError::format(labels_txt, format!("no label for image id {id} (line {line} of {}); both files must come from the same archive", images_txt.display())))?;
+        items.push((path, label, at));
+    }
+    load_image_files(images_txt, items, size)
+}
+
+/// How a CSV list of images is read (the manifest's `image-list` format).
+#[derive(Debug, Clone, PartialEq)]
+pub struct ImageListLayout {
+    /// The folder holding the images, relative to the list file's folder.
+    pub image_dir: String,
+    /// The header names of the file-name and label columns.
+    pub path_column: String,
+    pub label_column: String,
+    pub size: Option<(usize, usize)>,
+}
+
+/// The `(file name, label text, line)` rows of an image list: a CSV whose first line names its
+/// columns. Fields are not quoted (file names and class ids hold no commas).
+pub fn read_image_list(list: &Path, layout: &ImageListLayout) -> Result<Vec<(String, String, usize)>, DataError> {
+    let bad = |m: String| DataError::format(list, m);
+    let lines = text_lines(list)?;
+    let Some((_, header)) = lines.first() else {
+        return Err(bad("the list is empty; expected a header line, then one line per image".into()));
+    };
+    let names: Vec<&str> = header.split(',').map(str::trim).collect();
+    let col = |name: &str| {
+        names.iter().position(|n| *n == name).ok_or_else(|| bad(format!("line 1: no column {name:?} in the header {names:?}; set `path_column` and `label_column` in the manifest's [format] table")))
+    };
+    let (pc, lc) = (col(&layout.path_column)?, col(&layout.label_column)?);
+    lines[1..]
+        .iter()
+        .map(|(line, l)| {
+            let fields: Vec<&str> = l.split(',').map(str::trim).collect();
+            if fields.len() != names.len() {
+                return Err(bad(format!("line {line}: expected {} comma-separated fields, found {}", names.len(), fields.len())));
+            }
+            Ok((fields[pc].to_string(), fields[lc].to_string(), *line))
+        })
+        .collect()
+}
+
+/// Reads the images a CSV list names (see [`read_image_list`]) from `image_dir` beside the list,
+/// RGB, resized to `size`; `class_of` maps a label text (e.g. a WordNet id) to its class index.
+pub fn load_image_list(list: &Path, layout: &ImageListLayout, class_of: &dyn Fn(&str) -> Option<u32>) -> Result<ImageSet, DataError> {
+    let bad = |m: String| DataError::format(list, m);
+    let dir = inside(list.parent().unwrap_or(Path::new(".")), &layout.image_dir).ok_or_else(|| bad(format!("image_dir {:?} must be relative, without `..`", layout.image_dir)))?;
+    let mut items = Vec::new();
+    for (file, label, line) in read_image_list(list, layout)? {
+        let path = inside(&dir, &file).ok_or_else(|| bad(format!("line {line}: image path {file:?} must be relative, without `..`")))?;
+        let class = class_of(&label).ok_or_else(|| bad(format!("line {line}: label {label:?} is not one of the manifest's classes; list it in `classes`")))?;
+        items.push((path, class, format!("{} line {line}", list.display())));
+    }
+    load_image_files(list, items, layout.size)
+}
+
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use flate2::write::GzEncoder;
     use polars::prelude::{DataFrame, IntoSeries, NamedFrom, ParquetWriter, Series, StructChunked};
@@ -989,5 +1134,123 @@ mod tests {
         let notparquet = write(dir.path(), "x.parquet", b"PAR1 but not really");
         let msg = format_message(load_parquet_images(&notparquet, "img", "label", None).unwrap_err());
         assert!(msg.contains("x.parquet"), "{msg}");
+    }
+
+    // ---- Image folders: CUB-200-2011 and CSV image lists ----
+
+    /// Writes the fixture images under `dir`: `a.png` 2×2 RGB with a distinct value per pixel
+    /// and channel, `b.png` 1×1 grey 51, `c.png` 4×4 RGB made of four constant 2×2 blocks.
+    pub(crate) fn folder_images(dir: &Path) {
+        std::fs::create_dir_all(dir.join("001.A")).unwrap();
+        std::fs::create_dir_all(dir.join("002.B")).unwrap();
+        // Interleaved (row, column, channel): pixel (r, c) channel k holds 10·(2r + c) + k.
+        let a: Vec<u8> = (0..4u8).flat_map(|p| (0..3u8).map(move |k| 10 * p + k)).collect();
+        write(dir, "001.A/a.png", &png_bytes(2, 2, png::ColorType::Rgb, &a));
+        write(dir, "002.B/b.png", &png_bytes(1, 1, png::ColorType::Grayscale, &[51]));
+        let block = |r: usize, c: usize| -> [u8; 3] { [[0, 0, 0], [255, 255, 255], [102, 102, 102], [51, 153, 204]][2 * (r / 2) + c / 2] };
+        let c: Vec<u8> = (0..16).flat_map(|p| block(p / 4, p % 4)).collect();
+        write(dir, "001.A/c.png", &png_bytes(4, 4, png::ColorType::Rgb, &c));
+    }
+
+    /// The three fixture images at 2×2, N·C·H·W, worked out by hand: `a` as written, `b`'s grey
+    /// 51 = 0.2 repeated over 3 channels and 4 pixels, `c` sampled at source positions 0.5 and
+    /// 2.5 (the middle of each constant block) so each output pixel is its block's colour.
+    pub(crate) fn folder_expected() -> Vec<Vec<f32>> {
+        let a: Vec<f32> = (0..3).flat_map(|k| (0..4).map(move |p| (10 * p + k) as f32 / 255.0)).collect();
+        let b = vec![0.2f32; 12];
+        let c: Vec<f32> = [[0.0, 1.0, 0.4, 0.2], [0.0, 1.0, 0.4, 0.6], [0.0, 1.0, 0.4, 0.8]].concat();
+        vec![a, b, c]
+    }
+
+    pub(crate) fn assert_pixels_close(got: &[f32], want: &[f32]) {
+        assert_eq!(got.len(), want.len());
+        for (i, (g, w)) in got.iter().zip(want).enumerate() {
+            assert!((g - w).abs() < 1e-6, "value {i}: {g} != {w}");
+        }
+    }
+
+    /// A CUB-style folder: `images.txt`, `image_class_labels.txt` and `images/`.
+    fn cub_fixture(images_txt: &str, labels_txt: &str) -> (tempfile::TempDir, PathBuf, PathBuf) {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("CUB_200_2011");
+        folder_images(&root.join("images"));
+        let i = write(&root, "images.txt", images_txt.as_bytes());
+        let l = write(&root, "image_class_labels.txt", labels_txt.as_bytes());
+        (dir, i, l)
+    }
+
+    const CUB_IMAGES: &str = "1 001.A/a.png\n2 002.B/b.png\n3 001.A/c.png\n";
+    // Out of id order on purpose: labels are matched by id, not by line.
+    const CUB_LABELS: &str = "3 1\n1 1\n\n2 2\n";
+
+    #[test]
+    fn cub_reads_its_metadata_and_images() {
+        let (_d, i, l) = cub_fixture(CUB_IMAGES, CUB_LABELS);
+        let set = load_cub(&i, &l, Some((2, 2))).unwrap();
+        assert_eq!((set.len(), set.channels, set.height, set.width), (3, 3, 2, 2));
+        assert_eq!((set.labels.clone(), set.num_classes), (vec![0, 1, 0], 2));
+        assert_pixels_close(&set.pixels, &folder_expected().concat());
+        // Without a size, images of different sizes are an error naming the image and the fix.
+        let msg = format_message(load_cub(&i, &l, None).unwrap_err());
+        assert!(msg.contains("images.txt line 2") && msg.contains("b.png") && msg.contains("`size`"), "{msg}");
+    }
+
+    #[test]
+    fn cub_errors_name_the_file_and_line() {
+        let cases: &[(&str, &str, &str, &str)] = &[
+            ("1 001.A/a.png\n2 002.B/missing.png\n", "1 1\n2 2\n", "images.txt", "line 2: cannot read image"),
+            ("1 001.A/a.png\n", "1 0\n", "image_class_labels.txt", "line 1: label \"0\" is not a class number"),
+            ("1 001.A/a.png\n2 002.B/b.png\n", "1 1\n", "image_class_labels.txt", "no label for image id 2"),
+            ("1 001.A/a.png\n", "1 1\n1 2\n", "image_class_labels.txt", "line 2: image id 1 has a second label"),
+            ("1 ../a.png\n", "1 1\n", "images.txt", "line 1: image path \"../a.png\" must be relative"),
+            ("one 001.A/a.png\n", "1 1\n", "images.txt", "line 1: expected \"<image id> <relative path>\""),
+            ("", "", "images.txt", "the list names no images"),
+        ];
+        for (images, labels, file, needle) in cases {
+            let (_d, i, l) = cub_fixture(images, labels);
+            let msg = format_message(load_cub(&i, &l, Some((2, 2))).unwrap_err());
+            assert!(msg.contains(file) && msg.contains(needle), "{images:?}/{labels:?}: {msg}");
+        }
+        let (_d, i, l) = cub_fixture(CUB_IMAGES, CUB_LABELS);
+        std::fs::write(i.parent().unwrap().join("images/002.B/b.png"), b"not an image").unwrap();
+        let msg = format_message(load_cub(&i, &l, Some((2, 2))).unwrap_err());
+        assert!(msg.contains("line 2") && msg.contains("b.png") && msg.contains("neither PNG"), "{msg}");
+    }
+
+    fn list_layout() -> ImageListLayout {
+        ImageListLayout { image_dir: "pics".into(), path_column: "filename".into(), label_column: "label".into(), size: Some((2, 2)) }
+    }
+
+    #[test]
+    fn image_list_maps_labels_through_the_class_lookup() {
+        let dir = tempfile::tempdir().unwrap();
+        let pics = dir.path().join("pics");
+        folder_images(&pics);
+        let list = write(dir.path(), "train.csv", b"filename,label\n002.B/b.png,n02\n001.A/a.png,n01\n001.A/c.png,n02\n");
+        let class_of = |l: &str| ["n01", "n02"].iter().position(|c| *c == l).map(|i| i as u32);
+        let set = load_image_list(&list, &list_layout(), &class_of).unwrap();
+        assert_eq!((set.labels.clone(), set.channels, set.height, set.width), (vec![1, 0, 1], 3, 2, 2));
+        let e = folder_expected();
+        assert_pixels_close(&set.pixels, &[e[1].clone(), e[0].clone(), e[2].clone()].concat());
+        // Columns are found by their header names, in any order.
+        let swapped = write(dir.path(), "swapped.csv", b"label,filename\nn01,001.A/a.png\n");
+        assert_eq!(load_image_list(&swapped, &list_layout(), &class_of).unwrap().labels, vec![0]);
+
+        let cases: &[(&[u8], &str)] = &[
+            (b"file,label\na.png,n01\n", "line 1: no column \"filename\""),
+            (b"filename,label\n001.A/a.png,n09\n", "line 2: label \"n09\" is not one of the manifest's classes"),
+            (b"filename,label\n001.A/a.png\n", "line 2: expected 2 comma-separated fields, found 1"),
+            (b"filename,label\n/etc/passwd,n01\n", "line 2: image path \"/etc/passwd\" must be relative"),
+            (b"filename,label\n001.A/zzz.png,n01\n", "line 2: cannot read image"),
+            (b"", "the list is empty"),
+            (b"filename,label\n", "the list names no images"),
+        ];
+        for (i, (text, needle)) in cases.iter().enumerate() {
+            let p = write(dir.path(), &format!("bad{i}.csv"), text);
+            let msg = format_message(load_image_list(&p, &list_layout(), &class_of).unwrap_err());
+            assert!(msg.contains(&format!("bad{i}.csv")) && msg.contains(needle), "{msg}");
+        }
+        let up = ImageListLayout { image_dir: "../pics".into(), ..list_layout() };
+        assert!(format_message(load_image_list(&list, &up, &class_of).unwrap_err()).contains("image_dir \"../pics\" must be relative"));
     }
 }

@@ -18,6 +18,7 @@ use serde::Deserialize;
 use sha2::{Digest, Sha256};
 
 use super::formats::{self, CifarVariant, CsvLayout};
+use super::mat;
 use super::{DataError, ImageSet};
 
 /// How the files of a data set are stored. `kind` selects the variant; the other keys of the
@@ -39,6 +40,53 @@ pub enum FormatSpec {
         #[serde(default)]
         size: Option<[usize; 2]>,
     },
+    /// MATLAB Level-5 MAT-file (`save -v7` or older, compressed or not; see [`mat`]): the image
+    /// variable `images` ([height, width, channels, N] or [height, width, N], values 0..255) and
+    /// the label variable `labels` (N values). Each label has `label_offset` subtracted, then is
+    /// taken modulo `label_modulo` when given (SVHN: `label_modulo = 10`, its digit 0 is 10).
+    #[serde(rename = "mat-v5")]
+    MatV5 {
+        images: String,
+        labels: String,
+        #[serde(default)]
+        label_offset: i64,
+        #[serde(default)]
+        label_modulo: Option<u32>,
+    },
+    /// CUB-200-2011 as its archive unpacks: a file with role `images` (`images.txt`) and one with
+    /// role `labels` (`image_class_labels.txt`), or `<split>-images` and `<split>-labels`; the
+    /// images under `images/` beside `images.txt`, read as RGB and resized to `size`.
+    #[serde(rename = "cub-200")]
+    Cub200 {
+        #[serde(default)]
+        size: Option<[usize; 2]>,
+    },
+    /// CSV lists of images (a header line, then one image a line), one file per role; the images
+    /// are in `image_dir` beside the list, read as RGB and resized to `size`. Labels are class
+    /// names looked up in `classes`; a manifest that only numbers its classes (`num_classes`)
+    /// numbers the labels by first appearance over all its lists, in manifest order.
+    ImageList {
+        #[serde(default = "default_image_dir")]
+        image_dir: String,
+        #[serde(default = "default_path_column")]
+        path_column: String,
+        #[serde(default = "default_label_column")]
+        label_column: String,
+        #[serde(default)]
+        size: Option<[usize; 2]>,
+    },
+}
+
+fn default_image_dir() -> String {
+    "images".into()
+}
+
+fn default_path_column() -> String {
+    "filename".into()
+}
+
+fn default_label_column() -> String {
+    "label".into()
 }
 
 impl FormatSpec {
@@ -49,6 +97,9 @@ impl FormatSpec {
             FormatSpec::Idx {} => "idx",
             FormatSpec::CifarBinary { .. } => "cifar-binary",
             FormatSpec::ParquetImages { .. } => "parquet-images",
+            FormatSpec::MatV5 { .. } => "mat-v5",
+            FormatSpec::Cub200 { .. } => "cub-200",
+            FormatSpec::ImageList { .. } => "image-list",
         }
     }
 
@@ -68,6 +119,23 @@ impl FormatSpec {
             }
             FormatSpec::ParquetImages { image_column, label_column, size } => {
                 s += &format!("format.image_column={image_column:?}\nformat.label_column={label_column:?}\n");
+                if let Some([h, w]) = size {
+                    s += &format!("format.size={h}x{w}\n");
+                }
+            }
+            FormatSpec::MatV5 { images, labels, label_offset, label_modulo } => {
+                s += &format!("format.images={images:?}\nformat.labels={labels:?}\nformat.label_offset={label_offset}\n");
+                if let Some(m) = label_modulo {
+                    s += &format!("format.label_modulo={m}\n");
+                }
+            }
+            FormatSpec::Cub200 { size } => {
+                if let Some([h, w]) = size {
+                    s += &format!("format.size={h}x{w}\n");
+                }
+            }
+            FormatSpec::ImageList { image_dir, path_column, label_column, size } => {
+                s += &format!("format.image_dir={image_dir:?}\nformat.path_column={path_column:?}\nformat.label_column={label_column:?}\n");
                 if let Some([h, w]) = size {
                     s += &format!("format.size={h}x{w}\n");
                 }
@@ -317,7 +385,28 @@ impl Manifest {
                     return Err(self.error(format!("{} has {} classes but `classes` lists {}", variant.name(), variant.num_classes(), self.classes.len()), None));
                 }
             }
-            FormatSpec::ParquetImages { size, .. } => {
+            FormatSpec::ParquetImages { size, .. } | FormatSpec::Cub200 { size } => {
+                if let Some([h, w]) = size {
+                    if *h == 0 || *w == 0 {
+                        return Err(self.error(format!("format: size must be positive, found [{h}, {w}]"), None));
+                    }
+                }
+            }
+            FormatSpec::MatV5 { images, labels, label_modulo, .. } => {
+                if images.is_empty() || labels.is_empty() {
+                    return Err(self.error("format: `images` and `labels` must name the MAT-file's variables".into(), Some("e.g. images = \"X\", labels = \"y\"".into())));
+                }
+                if *label_modulo == Some(0) {
+                    return Err(self.error("format: label_modulo must be positive".into(), Some("leave it out to keep the labels as they are".into())));
+                }
+            }
+            FormatSpec::ImageList { image_dir, size, .. } => {
+                let dir = Path::new(image_dir);
+                if image_dir.is_empty() || dir.components().any(|c| !matches!(c, Component::Normal(_) | Component::CurDir)) {
+                    return Err(
+                        self.error(format!("format: image_dir {image_dir:?} must be a relative folder without `..`"), Some("it is relative to the folder of each list file, e.g. \"images\"".into()))
+                    );
+                }
                 if let Some([h, w]) = size {
                     if *h == 0 || *w == 0 {
                         return Err(self.error(format!("format: size must be positive, found [{h}, {w}]"), None));
@@ -357,12 +446,13 @@ impl Manifest {
     /// Verifies and loads the data set's images (paths relative to `root`).
     ///
     /// `role` selects files: `None` reads every file, `Some(r)` the files whose role is `r`,
-    /// concatenated in manifest order. For `idx` manifests, `None` reads the files with roles
-    /// `images` and `labels`, and `Some(split)` those with `<split>-images` and `<split>-labels`.
+    /// concatenated in manifest order. For `idx` and `cub-200` manifests, `None` reads the files
+    /// with roles `images` and `labels`, and `Some(split)` those with `<split>-images` and
+    /// `<split>-labels`.
     /// Only the files read are hashed. Labels are checked against `classes`, and the result's
     /// `num_classes` is `classes.len()`.
     pub fn load_images(&self, root: &Path, role: Option<&str>) -> Result<ImageSet, DataError> {
-        if let FormatSpec::Idx {} = self.format {
+        if let FormatSpec::Idx {} | FormatSpec::Cub200 { .. } = self.format {
             let (ri, rl) = match role {
                 Some(split) => (format!("{split}-images"), format!("{split}-labels")),
                 None => ("images".to_string(), "labels".to_string()),
@@ -376,7 +466,10 @@ impl Manifest {
             let (fi, fl) = (one(&ri)?, one(&rl)?);
             verify_file(root, fi)?;
             verify_file(root, fl)?;
-            let set = formats::load_idx(&root.join(&fi.path), &root.join(&fl.path))?;
+            let set = match &self.format {
+                FormatSpec::Cub200 { size } => formats::load_cub(&root.join(&fi.path), &root.join(&fl.path), size.map(|[h, w]| (h, w)))?,
+                _ => formats::load_idx(&root.join(&fi.path), &root.join(&fl.path))?,
+            };
             return self.check_labels(set, &root.join(&fl.path));
         }
 
@@ -387,6 +480,7 @@ impl Manifest {
         for f in &selected {
             verify_file(root, f)?;
         }
+        let class_of = self.list_classes(root)?;
         let mut out: Option<ImageSet> = None;
         for f in selected {
             let path = root.join(&f.path);
@@ -394,9 +488,16 @@ impl Manifest {
                 FormatSpec::CsvGz { channels, height, width, max_value } => formats::load_csv(&path, &CsvLayout { channels: *channels, height: *height, width: *width, max_value: *max_value })?,
                 FormatSpec::ParquetImages { image_column, label_column, size } => formats::load_parquet_images(&path, image_column, label_column, size.map(|[h, w]| (h, w)))?,
                 FormatSpec::CifarBinary { variant } => formats::load_cifar(std::slice::from_ref(&path), *variant)?,
+                FormatSpec::MatV5 { images, labels, label_offset, label_modulo } => {
+                    mat::load_mat_images(&path, &mat::MatLayout { images: images.clone(), labels: labels.clone(), label_offset: *label_offset, label_modulo: *label_modulo })?
+                }
+                FormatSpec::ImageList { .. } => {
+                    let layout = self.list_layout().expect("an image-list format");
+                    formats::load_image_list(&path, &layout, &|l: &str| class_of.get(l).copied())?
+                }
                 // Read in image/label pairs above, before this loop; kept as an error rather
                 // than a panic should that branch ever change.
-                FormatSpec::Idx {} => return Err(self.error("idx files are read in pairs, not one by one".into(), None)),
+                FormatSpec::Idx {} | FormatSpec::Cub200 { .. } => return Err(self.error(format!("{} files are read in pairs, not one by one", self.format.kind()), None)),
             };
             let set = self.check_labels(set, &path)?;
             out = Some(match out {
@@ -407,6 +508,42 @@ impl Manifest {
         // `selected` is never empty: `files` is non-empty (validated) and a role with no file is
         // an error above.
         out.ok_or_else(|| self.error("no files selected".into(), None))
+    }
+
+    fn list_layout(&self) -> Option<formats::ImageListLayout> {
+        match &self.format {
+            FormatSpec::ImageList { image_dir, path_column, label_column, size } => {
+                Some(formats::ImageListLayout { image_dir: image_dir.clone(), path_column: path_column.clone(), label_column: label_column.clone(), size: size.map(|[h, w]| (h, w)) })
+            }
+            _ => None,
+        }
+    }
+
+    /// For `image-list` manifests, the class index of each label text: its position in
+    /// `classes`, or, when the manifest only numbers its classes (`num_classes`, names "0", "1",
+    /// …) and the labels are not those numbers, its order of first appearance over all the manifest's lists in manifest order (so a
+    /// split keeps its indices whichever role is loaded; every list is then verified and read).
+    /// Empty for other formats.
+    fn list_classes(&self, root: &Path) -> Result<std::collections::HashMap<String, u32>, DataError> {
+        let mut map = std::collections::HashMap::new();
+        let Some(layout) = self.list_layout() else {
+            return Ok(map);
+        };
+        map.extend(self.classes.iter().enumerate().map(|(i, c)| (c.clone(), i as u32)));
+        let numbered = self.classes.iter().enumerate().all(|(i, c)| *c == i.to_string());
+        if !numbered {
+            return Ok(map);
+        }
+        let mut first = std::collections::HashMap::new();
+        for f in &self.files {
+            verify_file(root, f)?;
+            for (_, label, _) in formats::read_image_list(&root.join(&f.path), &layout)? {
+                let next = first.len() as u32;
+                first.entry(label).or_insert(next);
+            }
+        }
+        // Labels that are the class numbers themselves keep them.
+        Ok(if first.keys().all(|l| map.contains_key(l)) { map } else { first })
     }
 
     /// Checks every label of `set` (read from `path`) against `classes` and sets `num_classes`.
@@ -782,5 +919,176 @@ files = [
         assert_eq!(edit_distance("same", "same"), 0);
         assert_eq!(closest("widht", ["width", "height"]), Some("width"));
         assert_eq!(closest("zzzzzz", ["width", "height"]), None);
+    }
+
+    // ---- The paper formats: mat-v5, cub-200, image-list ----
+
+    /// A manifest of `format` over `files` (path, role) in `dir`, each pinned to its sha256.
+    fn pinned_manifest(dir: &Path, classes: &str, format: &str, files: &[(&str, &str)]) -> Manifest {
+        let entries: Vec<String> = files.iter().map(|(p, r)| format!("{{ path = \"{p}\", sha256 = \"{}\", role = \"{r}\" }}", sha256_file(&dir.join(p)).unwrap())).collect();
+        let text = format!("name = \"t\"\ndescription = \"\"\n{classes}\nlicence = \"\"\nsource = \"\"\ncitation = \"\"\nformat = {format}\nfiles = [\n{}\n]\n", entries.join(",\n"));
+        Manifest::from_toml_str(&text, Path::new("t.toml")).unwrap()
+    }
+
+    #[test]
+    fn paper_manifests_parse_and_wait_for_their_files() {
+        let svhn = Manifest::load_named(crate_root(), "svhn").unwrap();
+        assert_eq!(svhn.format, FormatSpec::MatV5 { images: "X".into(), labels: "y".into(), label_offset: 0, label_modulo: Some(10) });
+        assert_eq!((svhn.classes.len(), svhn.roles()), (10, vec!["train", "test"]));
+        assert!(svhn.classes.iter().enumerate().all(|(i, c)| *c == i.to_string()));
+        let cub = Manifest::load_named(crate_root(), "cub-200").unwrap();
+        assert_eq!((cub.format.kind(), cub.classes.len(), cub.roles()), ("cub-200", 200, vec!["images", "labels"]));
+        assert_eq!(cub.format, FormatSpec::Cub200 { size: Some([84, 84]) });
+        let mini = Manifest::load_named(crate_root(), "mini-imagenet").unwrap();
+        assert_eq!((mini.format.kind(), mini.classes.len(), mini.roles()), ("image-list", 100, vec!["train", "valid", "test"]));
+        for m in [&svhn, &cub, &mini] {
+            assert!(m.files.iter().all(|f| f.sha256 == UNPINNED), "{}", m.name);
+            // Not shipped: loading says where the file is missing (and how to get it when it has a url).
+            let e = m.load_images(crate_root(), None).unwrap_err().to_string();
+            assert!(e.contains("data file not found") || e.contains("pins no sha256"), "{e}");
+        }
+        let e = svhn.load_images(crate_root(), Some("test")).unwrap_err().to_string();
+        assert!(e.contains("test_32x32.mat") && e.contains("reprise fetch"), "{e}");
+    }
+
+    #[test]
+    fn mat_manifest_reads_svhn_style_files() {
+        use super::super::mat::tests as fx;
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("a.mat"), fx::file(fx::LE, &[fx::x_var(fx::LE), fx::y_var(fx::LE)])).unwrap();
+        let classes: Vec<String> = (0..10).map(|i| format!("\"{i}\"")).collect();
+        let classes = format!("classes = [{}]", classes.join(", "));
+        let m = pinned_manifest(dir.path(), &classes, "{ kind = \"mat-v5\", images = \"X\", labels = \"y\", label_modulo = 10 }", &[("a.mat", "test")]);
+        let set = m.load_images(dir.path(), Some("test")).unwrap();
+        assert_eq!((set.labels.clone(), set.num_classes, set.channels, set.height, set.width), (vec![0, 3, 1, 0], 10, 3, 2, 3));
+        // Without the modulo, label 10 is out of range for 10 classes: an error, not a wrap.
+        let m = pinned_manifest(dir.path(), &classes, "{ kind = \"mat-v5\", images = \"X\", labels = \"y\" }", &[("a.mat", "test")]);
+        let e = m.load_images(dir.path(), None).unwrap_err().to_string();
+        assert!(e.contains("a.mat") && e.contains("label 10"), "{e}");
+        // A variable the file lacks.
+        let m = pinned_manifest(dir.path(), &classes, "{ kind = \"mat-v5\", images = \"images\", labels = \"y\" }", &[("a.mat", "test")]);
+        let e = m.load_images(dir.path(), None).unwrap_err().to_string();
+        assert!(e.contains("a.mat") && e.contains("no variable \"images\""), "{e}");
+    }
+
+    #[test]
+    fn cub_manifest_reads_the_list_pair() {
+        use super::super::formats::tests as fx;
+        let dir = tempfile::tempdir().unwrap();
+        let cub = dir.path().join("CUB_200_2011");
+        fx::folder_images(&cub.join("images"));
+        std::fs::write(cub.join("images.txt"), "1 001.A/a.png\n2 002.B/b.png\n3 001.A/c.png\n").unwrap();
+        std::fs::write(cub.join("image_class_labels.txt"), "1 1\n2 2\n3 1\n").unwrap();
+        let files = [("CUB_200_2011/images.txt", "images"), ("CUB_200_2011/image_class_labels.txt", "labels")];
+        let m = pinned_manifest(dir.path(), "num_classes = 200", "{ kind = \"cub-200\", size = [2, 2] }", &files);
+        let set = m.load_images(dir.path(), None).unwrap();
+        assert_eq!((set.labels.clone(), set.num_classes), (vec![0, 1, 0], 200));
+        fx::assert_pixels_close(&set.pixels, &fx::folder_expected().concat());
+        // Split pairs are `<split>-images` and `<split>-labels`, as for idx.
+        let split = [("CUB_200_2011/images.txt", "test-images"), ("CUB_200_2011/image_class_labels.txt", "test-labels")];
+        let m = pinned_manifest(dir.path(), "num_classes = 200", "{ kind = \"cub-200\", size = [2, 2] }", &split);
+        assert_eq!(m.load_images(dir.path(), Some("test")).unwrap().len(), 3);
+        assert!(m.load_images(dir.path(), None).unwrap_err().to_string().contains("no file with role \"images\""));
+        // Labels beyond the manifest's classes.
+        let m = pinned_manifest(dir.path(), "classes = [\"a\"]", "{ kind = \"cub-200\", size = [2, 2] }", &files);
+        let e = m.load_images(dir.path(), None).unwrap_err().to_string();
+        assert!(e.contains("image_class_labels.txt") && e.contains("label 1"), "{e}");
+    }
+
+    #[test]
+    fn image_list_manifest_numbers_classes_by_name_or_first_appearance() {
+        use super::super::formats::tests as fx;
+        let dir = tempfile::tempdir().unwrap();
+        fx::folder_images(&dir.path().join("lists/images"));
+        std::fs::write(dir.path().join("lists/train.csv"), "filename,label\n001.A/a.png,n05\n002.B/b.png,n03\n").unwrap();
+        std::fs::write(dir.path().join("lists/test.csv"), "filename,label\n001.A/c.png,n01\n001.A/a.png,n03\n").unwrap();
+        let files = [("lists/train.csv", "train"), ("lists/test.csv", "test")];
+        let format = "{ kind = \"image-list\", size = [2, 2] }";
+        // Numbered classes: first appearance over all lists in manifest order (n05 0, n03 1, n01 2),
+        // the same whichever role is loaded.
+        let m = pinned_manifest(dir.path(), "num_classes = 3", format, &files);
+        assert_eq!(m.load_images(dir.path(), Some("test")).unwrap().labels, vec![2, 1]);
+        let all = m.load_images(dir.path(), None).unwrap();
+        assert_eq!((all.labels.clone(), all.num_classes), (vec![0, 1, 2, 1], 3));
+        let e = fx::folder_expected();
+        fx::assert_pixels_close(&all.pixels, &[e[0].clone(), e[1].clone(), e[2].clone(), e[0].clone()].concat());
+        // Named classes: the position in `classes`.
+        let m = pinned_manifest(dir.path(), "classes = [\"n01\", \"n03\", \"n05\"]", format, &files);
+        assert_eq!(m.load_images(dir.path(), None).unwrap().labels, vec![2, 1, 0, 1]);
+        let m = pinned_manifest(dir.path(), "classes = [\"n01\", \"n05\"]", format, &files);
+        let e = m.load_images(dir.path(), Some("train")).unwrap_err().to_string();
+        assert!(e.contains("train.csv") && e.contains("line 3") && e.contains("\"n03\""), "{e}");
+        // Numbered labels keep their numbers.
+        std::fs::write(dir.path().join("lists/num.csv"), "filename,label\n001.A/a.png,2\n002.B/b.png,0\n").unwrap();
+        let m = pinned_manifest(dir.path(), "num_classes = 3", format, &[("lists/num.csv", "all")]);
+        assert_eq!(m.load_images(dir.path(), None).unwrap().labels, vec![2, 0]);
+        // Too few numbered classes for the labels found.
+        let m = pinned_manifest(dir.path(), "num_classes = 2", format, &files);
+        assert!(m.load_images(dir.path(), None).unwrap_err().to_string().contains("label 2"));
+    }
+
+    #[test]
+    fn paper_format_parameters_are_validated_and_keyed() {
+        let base = |format: &str| {
+            format!("name = \"t\"\ndescription = \"\"\nnum_classes = 10\nlicence = \"\"\nsource = \"\"\ncitation = \"\"\nformat = {format}\nfiles = [{{ path = \"a\", sha256 = \"unpinned\", role = \"all\" }}]\n")
+        };
+        let (msg, hint) = manifest_error(&base("{ kind = \"mat-v5\", images = \"X\", labels = \"y\", label_modulo = 0 }"));
+        assert!(msg.contains("label_modulo must be positive") && hint.is_some(), "{msg}");
+        let (msg, _) = manifest_error(&base("{ kind = \"mat-v5\", images = \"\", labels = \"y\" }"));
+        assert!(msg.contains("must name the MAT-file's variables"), "{msg}");
+        let (msg, _) = manifest_error(&base("{ kind = \"mat-v5\", images = \"X\" }"));
+        assert!(msg.contains("labels"), "{msg}");
+        let (msg, hint) = manifest_error(&base("{ kind = \"mat-v5\", images = \"X\", labels = \"y\", label_modulus = 10 }"));
+        assert!(msg.contains("label_modulus"), "{msg}");
+        assert_eq!(hint.as_deref(), Some("did you mean `label_modulo`?"));
+        let (_, hint) = manifest_error(&base("{ kind = \"mat-v7\", images = \"X\", labels = \"y\" }"));
+        assert_eq!(hint.as_deref(), Some("did you mean `mat-v5`?"));
+        let (msg, _) = manifest_error(&base("{ kind = \"cub-200\", size = [0, 84] }"));
+        assert!(msg.contains("size must be positive"), "{msg}");
+        let (msg, _) = manifest_error(&base("{ kind = \"image-list\", image_dir = \"../elsewhere\" }"));
+        assert!(msg.contains("image_dir \"../elsewhere\""), "{msg}");
+
+        let id = |format: &str| Manifest::from_toml_str(&base(format), Path::new("x.toml")).unwrap().content_id();
+        let svhn = id("{ kind = \"mat-v5\", images = \"X\", labels = \"y\", label_modulo = 10 }");
+        assert_ne!(svhn, id("{ kind = \"mat-v5\", images = \"X\", labels = \"y\" }"));
+        assert_ne!(svhn, id("{ kind = \"mat-v5\", images = \"X\", labels = \"y\", label_modulo = 10, label_offset = 1 }"));
+        assert_eq!(svhn, id("{ kind = \"mat-v5\", labels = \"y\", label_modulo = 10, images = \"X\", label_offset = 0 }"));
+        assert_ne!(id("{ kind = \"cub-200\", size = [84, 84] }"), id("{ kind = \"cub-200\" }"));
+        let list = id("{ kind = \"image-list\" }");
+        assert_eq!(list, id("{ kind = \"image-list\", image_dir = \"images\", path_column = \"filename\", label_column = \"label\" }"));
+        assert_ne!(list, id("{ kind = \"image-list\", image_dir = \"jpg\" }"));
+    }
+
+    /// CIFAR-FS's class lists: every name is the CIFAR-100 fine class at its index, and the
+    /// three lists are disjoint, 64 / 16 / 20 classes, all 100 together.
+    #[test]
+    fn cifar_fs_split_lists_match_cifar100() {
+        #[derive(Deserialize)]
+        #[serde(deny_unknown_fields)]
+        struct Split {
+            names: Vec<String>,
+            indices: Vec<usize>,
+        }
+        #[derive(Deserialize)]
+        #[serde(deny_unknown_fields)]
+        struct Splits {
+            train: Split,
+            valid: Split,
+            test: Split,
+        }
+        let text = std::fs::read_to_string(manifest_path("splits/cifar-fs.toml")).unwrap();
+        let splits: Splits = toml::from_str(&text).unwrap();
+        let cifar = Manifest::load_named(crate_root(), "cifar100").unwrap();
+        let mut seen = std::collections::BTreeSet::new();
+        for (split, size) in [(&splits.train, 64), (&splits.valid, 16), (&splits.test, 20)] {
+            assert_eq!((split.names.len(), split.indices.len()), (size, size));
+            for (name, &i) in split.names.iter().zip(&split.indices) {
+                assert_eq!(&cifar.classes[i], name, "index {i}");
+                assert!(seen.insert(i), "class {name} ({i}) is in two lists");
+            }
+        }
+        assert_eq!(seen.len(), 100);
+        // Spot checks against the published lists.
+        assert_eq!((splits.train.names[0].as_str(), splits.valid.names[0].as_str(), splits.test.names[19].as_str()), ("train", "otter", "worm"));
     }
 }

@@ -8,8 +8,9 @@
 //! splits, long-tailed subsets) are pure, seeded functions of the labels, so they need no files of
 //! their own and can be recomputed anywhere.
 //!
-//! - [`formats`]: loaders for CSV (optionally gzipped), MNIST IDX, CIFAR binary and Parquet
-//!   image tables.
+//! - [`formats`]: loaders for CSV (optionally gzipped), MNIST IDX, CIFAR binary, Parquet
+//!   image tables, and image folders with their lists (CUB-200-2011's metadata, CSV image lists).
+//! - [`mat`]: MATLAB Level-5 MAT-files (SVHN's `.mat`).
 //! - [`manifest`]: the TOML manifests, hash verification and the content id used in cache keys.
 //! - [`derived`]: seeded splits and long-tail subsets as index lists.
 
@@ -18,6 +19,7 @@ pub mod episodes;
 pub mod fetch;
 pub mod formats;
 pub mod manifest;
+pub mod mat;
 pub mod transform;
 
 use std::collections::HashMap;
