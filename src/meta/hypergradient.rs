@@ -36,6 +36,16 @@
 //! evaluations of L_in per step (θ and φ at once), plus one small backward pass each through P
 //! and T when they depend on φ. Memory: the K + 1 iterates θ_k (and the g_k for a learned P).
 //!
+//! **dM/dφ alone** ([`Unroll::phi_only`]). When dM/dθ is not wanted and T is the identity, the
+//! last reverse step (k = 0) needs no v₀, so only the φ-part of the difference is taken: by
+//! linearity, ∂_φ(L_in(θ₀ + εu, φ) − L_in(θ₀ − εu, φ)) / (2ε) is the same product up to rounding,
+//! one backward pass to φ of a scalar in which θ± are plain tensors
+//! ([`Problem::inner_loss_difference`]). That step then costs two evaluations of L_in, one
+//! backward pass through the parts that depend on φ, and nothing through those that depend on θ
+//! alone; a problem that overrides the difference also evaluates its φ-only parts (a network of
+//! φ) once instead of twice. Steps k > 0 still take the full pair, since they need v_k. With
+//! K = 1 (WAMAL's one unrolled step), every reverse pass is of this kind.
+//!
 //! **Usage.** Implement [`Problem`] for the method's bilevel problem (the batches it reads
 //! belong to the implementing type; `step` says which inner step asks), then call
 //! [`hypergradient`]. [`unrolled_value`] evaluates M(θ_K(φ), φ) alone, for finite-difference
@@ -67,6 +77,16 @@ pub trait Problem {
         let _ = (theta, phi);
         Ok(None)
     }
+
+    /// L_in(θ⁺, φ) − L_in(θ⁻, φ) at inner step `step`, a scalar (rank-0) tensor, of which only
+    /// the gradient with respect to φ is taken: θ⁺ and θ⁻ arrive as detached tensors. The
+    /// default evaluates [`Problem::inner_loss`] twice; a problem may override it to compute
+    /// the parts that depend on φ alone once for both (the same value up to rounding). `phi`
+    /// are the same variables [`Problem::outer`] received last, so a problem may also reuse
+    /// what it computed from them there.
+    fn inner_loss_difference(&self, plus: &[Tensor], minus: &[Tensor], phi: &[Tensor], step: usize) -> Result<Tensor> {
+        self.inner_loss(plus, phi, step)? - self.inner_loss(minus, phi, step)?
+    }
 }
 
 /// The step sizes of the inner steps.
@@ -79,12 +99,29 @@ pub enum StepSize {
     PerTensor(Vec<Tensor>),
 }
 
-/// How to unroll: the number of inner steps K and the relative step of the finite-difference
-/// Hessian-vector products (see the module doc).
+/// How to unroll: the number of inner steps K, the relative step of the finite-difference
+/// Hessian-vector products (see the module doc), and whether dM/dθ is wanted.
 #[derive(Debug, Clone, Copy)]
 pub struct Unroll {
     pub steps: usize,
     pub hvp_eps: f64,
+    /// Whether [`Hypergradient::theta`] is computed. Off ([`Unroll::phi_only`]), it is left empty,
+    /// and the last reverse step (k = 0) with the identity initialisation differentiates only
+    /// with respect to φ, with one gradient evaluation of L_in's difference instead of two full
+    /// ones (see "Costs" in the module doc).
+    pub theta_grad: bool,
+}
+
+impl Unroll {
+    /// K steps, dM/dφ and dM/dθ.
+    pub fn new(steps: usize, hvp_eps: f64) -> Unroll {
+        Unroll { steps, hvp_eps, theta_grad: true }
+    }
+
+    /// K steps, dM/dφ alone: [`Hypergradient::theta`] is empty.
+    pub fn phi_only(steps: usize, hvp_eps: f64) -> Unroll {
+        Unroll { steps, hvp_eps, theta_grad: false }
+    }
 }
 
 /// What [`hypergradient`] computes.
@@ -94,7 +131,8 @@ pub struct Hypergradient {
     pub value: f64,
     /// dM/dφ, every φ tensor flattened (row-major) in turn, accumulated in f64.
     pub phi: Vec<f64>,
-    /// dM/dθ through the unrolled steps and T, one tensor per θ tensor.
+    /// dM/dθ through the unrolled steps and T, one tensor per θ tensor; empty when
+    /// [`Unroll::theta_grad`] is off.
     pub theta: Vec<Tensor>,
 }
 
@@ -161,10 +199,10 @@ pub fn hypergradient<Q: Problem + ?Sized>(problem: &Q, theta: &[Tensor], phi: &[
     // The outer objective and its direct gradients.
     let vars = as_vars(&thetas[unroll.steps])?;
     let vt = values(&vars);
-    let pv = values(&as_vars(&phi0)?);
-    let m = problem.outer(&vt, &pv)?;
+    let outer_phi = values(&as_vars(&phi0)?);
+    let m = problem.outer(&vt, &outer_phi)?;
     let value = m.to_dtype(DType::F64)?.to_scalar::<f64>()?;
-    let g = grads_of(&m, &[vt, pv].concat())?;
+    let g = grads_of(&m, &[vt, outer_phi.clone()].concat())?;
     let mut v: Vec<Tensor> = g[..n].to_vec();
     let mut h = flat(&g[n..])?;
     // Σ_k g_k ⊙ v_{k+1}, for a learned P.
@@ -185,6 +223,19 @@ pub fn hypergradient<Q: Problem + ?Sized>(problem: &Q, theta: &[Tensor], phi: &[
             continue;
         }
         let eps = unroll.hvp_eps / un;
+        if k == 0 && !unroll.theta_grad && t_out.is_none() {
+            // v₀ is not needed (no dM/dθ, T the identity): only ∂_φ of the difference, as one
+            // backward pass of L_in(θ₀ + εu, φ) − L_in(θ₀ − εu, φ) to φ, θ± untracked.
+            let plus = detached(&axpy(&thetas[k], eps, &u)?);
+            let minus = detached(&axpy(&thetas[k], -eps, &u)?);
+            // φ: the outer objective's variables again (same values), so that a problem may
+            // reuse what it computed from them.
+            let d = problem.inner_loss_difference(&plus, &minus, &outer_phi, k)?;
+            for (hi, d) in h.iter_mut().zip(flat(&grads_of(&d, &outer_phi)?)?) {
+                *hi -= factor * d / (2.0 * eps);
+            }
+            continue;
+        }
         let mut both = Vec::with_capacity(2);
         for sign in [1.0, -1.0] {
             let vars = as_vars(&axpy(&thetas[k], sign * eps, &u)?)?;
@@ -231,7 +282,8 @@ pub fn hypergradient<Q: Problem + ?Sized>(problem: &Q, theta: &[Tensor], phi: &[
             g[..n].to_vec()
         }
     };
-    Ok(Hypergradient { value, phi: h, theta: theta_grad })
+    let theta = if unroll.theta_grad { theta_grad } else { Vec::new() };
+    Ok(Hypergradient { value, phi: h, theta })
 }
 
 /// θ_K: the end of `steps` inner steps from T(θ, φ), without gradients.

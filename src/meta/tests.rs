@@ -1,7 +1,7 @@
 //! The hypergradient against a closed form (a linear-quadratic problem) and against finite
 //! differences of the whole unrolled objective (a small network), in f64.
 
-use candle_core::{DType, Device, Result, Tensor, D};
+use candle_core::{DType, Device, Result, Tensor, Var, D};
 
 use super::*;
 use crate::rng::Rng;
@@ -225,7 +225,7 @@ fn hypergradient_of_a_linear_quadratic_problem_matches_its_closed_form() {
     for (name, step, with_init) in cases {
         let q = Quadratic::new(step, with_init);
         for steps in [1, 3] {
-            let hg = hypergradient(&q, &theta, &phi, Unroll { steps, hvp_eps: 1e-5 }).unwrap();
+            let hg = hypergradient(&q, &theta, &phi, Unroll::new(steps, 1e-5)).unwrap();
             let (value, dphi, dtheta) = q.reference(&th, &ph, steps);
             let e_phi = max_abs_diff(&hg.phi, &dphi);
             let e_theta = max_abs_diff(&values_of(&hg.theta), &dtheta);
@@ -340,7 +340,7 @@ impl Problem for Mlp {
 fn check_network(learned: bool, steps: usize) {
     let problem = Mlp::new(learned);
     let (theta, phi) = (Mlp::theta(), problem.phi());
-    let hg = hypergradient(&problem, &theta, &phi, Unroll { steps, hvp_eps: 1e-5 }).unwrap();
+    let hg = hypergradient(&problem, &theta, &phi, Unroll::new(steps, 1e-5)).unwrap();
     assert!((hg.value - unrolled_value(&problem, &theta, &phi, steps).unwrap()).abs() < 1e-12);
     let scale = hg.phi.iter().chain(&values_of(&hg.theta)).fold(0.0f64, |m, x| m.max(x.abs())).max(1.0);
     let delta = 1e-5;
@@ -358,9 +358,9 @@ fn check_network(learned: bool, steps: usize) {
     let fd_phi = fd(&phi, &|p| unrolled_value(&problem, &theta, &p, steps).unwrap());
     let fd_theta = fd(&theta, &|t| unrolled_value(&problem, &t, &phi, steps).unwrap());
     let (e_phi, e_theta) = (max_abs_diff(&hg.phi, &fd_phi), max_abs_diff(&values_of(&hg.theta), &fd_theta));
-    let coarse = hypergradient(&problem, &theta, &phi, Unroll { steps, hvp_eps: HVP_EPS }).unwrap();
+    let coarse = hypergradient(&problem, &theta, &phi, Unroll::new(steps, HVP_EPS)).unwrap();
     let e_coarse = max_abs_diff(&coarse.phi, &hg.phi);
-    let direct = hypergradient(&problem, &theta, &phi, Unroll { steps: 0, hvp_eps: 1e-5 }).unwrap();
+    let direct = hypergradient(&problem, &theta, &phi, Unroll::new(0, 1e-5)).unwrap();
     let indirect = max_abs_diff(&direct.phi, &hg.phi);
     eprintln!(
         "network (learned P and T: {learned}), K = {steps}: scale {scale:.3}, max |Δ dM/dφ| {e_phi:.1e}, max |Δ dM/dθ| {e_theta:.1e}, with ε‖u‖ = 10⁻² {e_coarse:.1e}; the unroll changes dM/dφ by up to {indirect:.2}"
@@ -385,13 +385,122 @@ fn hypergradient_of_a_small_network_matches_finite_differences() {
 fn hypergradient_in_f32_follows_f64() {
     let problem = Mlp::new(true);
     let (theta, phi) = (Mlp::theta(), problem.phi());
-    let hg = hypergradient(&problem, &theta, &phi, Unroll { steps: 2, hvp_eps: HVP_EPS }).unwrap();
+    let hg = hypergradient(&problem, &theta, &phi, Unroll::new(2, HVP_EPS)).unwrap();
     let f32s = |ts: &[Tensor]| ts.iter().map(|t| t.to_dtype(DType::F32).unwrap()).collect::<Vec<_>>();
     let single = Mlp { train_x: problem.train_x.to_dtype(DType::F32).unwrap(), meta_x: problem.meta_x.to_dtype(DType::F32).unwrap(), ..Mlp::new(true) };
-    let hs = hypergradient(&single, &f32s(&theta), &f32s(&phi), Unroll { steps: 2, hvp_eps: HVP_EPS }).unwrap();
+    let hs = hypergradient(&single, &f32s(&theta), &f32s(&phi), Unroll::new(2, HVP_EPS)).unwrap();
     assert!(hs.theta.iter().all(|t| t.dtype() == DType::F32));
     let scale = hg.phi.iter().fold(0.0f64, |m, x| m.max(x.abs())).max(1.0);
     let e = max_abs_diff(&hs.phi, &hg.phi);
     eprintln!("f32 against f64: max |Δ dM/dφ| {e:.1e} (scale {scale:.3})");
     assert!(e < 1e-3 * scale, "f32 {:?} against f64 {:?}", hs.phi, hg.phi);
+}
+
+// ---------------------------------------------------------------------------------------------
+// 3. dM/dφ alone (`Unroll::phi_only`): the last reverse step differentiates the difference of
+// the inner losses with respect to φ only. The same products by linearity, so the φ-only result
+// must equal the full one's φ part up to rounding (f64: rounding of O(1) gradients divided by
+// 2ε ~ 10⁻⁵/‖u‖, about 10⁻¹¹; the tolerance 10⁻⁹ of the scale leaves a margin and still catches
+// a product missing or mis-scaled by anything but rounding).
+// ---------------------------------------------------------------------------------------------
+
+fn assert_phi_only_matches_full<Q: Problem>(name: &str, problem: &Q, theta: &[Tensor], phi: &[Tensor], steps: usize) -> Hypergradient {
+    let full = hypergradient(problem, theta, phi, Unroll::new(steps, 1e-5)).unwrap();
+    let only = hypergradient(problem, theta, phi, Unroll::phi_only(steps, 1e-5)).unwrap();
+    let scale = full.phi.iter().fold(0.0f64, |m, x| m.max(x.abs())).max(1.0);
+    let e = max_abs_diff(&only.phi, &full.phi);
+    eprintln!("{name}, K = {steps}: φ-only against full, max |Δ dM/dφ| {e:.1e} (scale {scale:.3})");
+    assert!(e < 1e-9 * scale, "{name}, K = {steps}: φ-only {:?} against full {:?}", only.phi, full.phi);
+    assert_eq!(only.value.to_bits(), full.value.to_bits(), "{name}, K = {steps}: the value");
+    assert!(only.theta.is_empty(), "{name}: dM/dθ was not asked for");
+    assert!(!full.theta.is_empty());
+    only
+}
+
+#[test]
+fn phi_only_hypergradient_of_the_linear_quadratic_problem_matches_the_full_one_and_the_closed_form() {
+    let theta = vec![tensor(&[0.3, -0.2, 0.5], &[3]), tensor(&[-0.4, 0.1], &[1, 2])];
+    let phi = vec![tensor(&[0.2, -0.3], &[2]), tensor(&[0.15], &[1])];
+    let (th, ph) = (values_of(&theta), values_of(&phi));
+    let cases = [
+        ("scalar η", ToyStep::Scalar(0.15), false),
+        ("per-parameter P", ToyStep::PerParam([0.1, 0.2, 0.05], 0.12), false),
+        ("learned P(φ)", ToyStep::Learned([0.1, 0.2, 0.05], 0.12, 0.8), false),
+        // T depends on φ: v₀ is needed, no step takes the shortcut.
+        ("scalar η, T(θ, φ) = θ + Cφ", ToyStep::Scalar(0.15), true),
+        ("learned P(φ), T(θ, φ) = θ + Cφ", ToyStep::Learned([0.1, 0.2, 0.05], 0.12, 0.8), true),
+    ];
+    for (name, step, with_init) in cases {
+        let q = Quadratic::new(step, with_init);
+        // K = 1: the only reverse step takes the shortcut; K = 2: step 1 keeps the full pair.
+        for steps in [1, 2] {
+            let only = assert_phi_only_matches_full(name, &q, &theta, &phi, steps);
+            let (_, dphi, _) = q.reference(&th, &ph, steps);
+            assert!(max_abs_diff(&only.phi, &dphi) < 1e-6, "{name}, K = {steps}: dM/dφ {:?} against the closed form {dphi:?}", only.phi);
+        }
+    }
+}
+
+/// The small network: φ-only against the full hypergradient and against central differences
+/// of M(θ_K(φ), φ) (tolerance as in `check_network`).
+#[test]
+fn phi_only_hypergradient_of_a_small_network_matches_the_full_one_and_finite_differences() {
+    for (learned, steps) in [(false, 1), (false, 2), (true, 1), (true, 2)] {
+        let problem = Mlp::new(learned);
+        let (theta, phi) = (Mlp::theta(), problem.phi());
+        let only = assert_phi_only_matches_full(&format!("network (learned P and T: {learned})"), &problem, &theta, &phi, steps);
+        let delta = 1e-5;
+        let v = values_of(&phi);
+        let fd: Vec<f64> = (0..v.len())
+            .map(|i| {
+                let (mut up, mut down) = (v.clone(), v.clone());
+                up[i] += delta;
+                down[i] -= delta;
+                (unrolled_value(&problem, &theta, &shaped(&up, &phi), steps).unwrap() - unrolled_value(&problem, &theta, &shaped(&down, &phi), steps).unwrap()) / (2.0 * delta)
+            })
+            .collect();
+        let scale = only.phi.iter().fold(0.0f64, |m, x| m.max(x.abs())).max(1.0);
+        let e = max_abs_diff(&only.phi, &fd);
+        eprintln!("network (learned P and T: {learned}), K = {steps}: φ-only against finite differences {e:.1e}");
+        assert!(e < 1e-6 * scale, "dM/dφ {:?} against finite differences {fd:?}", only.phi);
+    }
+}
+
+/// A problem whose difference of inner losses is its own (a different but equal formula) is
+/// read through it: scaling the override's result scales the shortcut's product, and nothing
+/// else.
+#[test]
+fn phi_only_reads_the_problems_difference_of_inner_losses() {
+    struct Doubled(Mlp);
+    impl Problem for Doubled {
+        fn inner_loss(&self, theta: &[Tensor], phi: &[Tensor], step: usize) -> Result<Tensor> {
+            self.0.inner_loss(theta, phi, step)
+        }
+        fn outer(&self, theta: &[Tensor], phi: &[Tensor]) -> Result<Tensor> {
+            self.0.outer(theta, phi)
+        }
+        fn step_size(&self, phi: &[Tensor]) -> Result<StepSize> {
+            self.0.step_size(phi)
+        }
+        fn inner_loss_difference(&self, plus: &[Tensor], minus: &[Tensor], phi: &[Tensor], step: usize) -> Result<Tensor> {
+            (self.0.inner_loss(plus, phi, step)? - self.0.inner_loss(minus, phi, step)?)? * 2.0
+        }
+    }
+    let problem = Mlp::new(false);
+    let (theta, phi) = (Mlp::theta(), problem.phi());
+    let base = hypergradient(&problem, &theta, &phi, Unroll::phi_only(1, 1e-5)).unwrap();
+    let doubled = hypergradient(&Doubled(Mlp::new(false)), &theta, &phi, Unroll::phi_only(1, 1e-5)).unwrap();
+    // ∂_φ M(θ₁, φ) at the end point: dM/dφ = direct − product, so doubling the product gives
+    // direct − 2·(direct − base).
+    let end = unroll(&problem, &theta, &phi, 1).unwrap();
+    let vars: Vec<Var> = phi.iter().map(|p| Var::from_tensor(p).unwrap()).collect();
+    let pv: Vec<Tensor> = vars.iter().map(|v| v.as_tensor().clone()).collect();
+    let grads = problem.outer(&end, &pv).unwrap().backward().unwrap();
+    let direct = values_of(&pv.iter().map(|p| grads.get(p).unwrap().clone()).collect::<Vec<_>>());
+    let mut moved = 0.0f64;
+    for ((d, b), x) in doubled.phi.iter().zip(&base.phi).zip(&direct) {
+        assert!((d - (x - 2.0 * (x - b))).abs() < 1e-9, "{d} against {}", x - 2.0 * (x - b));
+        moved = moved.max((d - b).abs());
+    }
+    assert!(moved > 1e-3, "the product is not read from the override");
 }

@@ -1258,7 +1258,7 @@ impl<'a> Trainer<'a> {
         let cx = self.cx;
         let inner = self.inner.next(self.schedule.inner_steps, self.schedule.batch_size, &cx)?;
         let (problem, phi) = Bilevel::new(cx.setup, cx.net, &self.phi, self.schedule.inner_lr, &inner, self.meta, cx.dev)?;
-        let hg = meta::hypergradient(&problem, &self.theta(), &phi, Unroll { steps: inner.len(), hvp_eps: HVP_EPS })?;
+        let hg = meta::hypergradient(&problem, &self.theta(), &phi, Unroll::new(inner.len(), HVP_EPS))?;
         if !hg.value.is_finite() || hg.phi.iter().any(|x| !x.is_finite()) {
             return Ok(Step::Diverged(format!("the meta objective or its hypergradient became non-finite at the start of epoch {epoch}")));
         }
@@ -1536,7 +1536,7 @@ mod tests {
         let dev = Device::Cpu;
         let hypergradient = |inner: &[Batch], hvp_eps: f64| {
             let (problem, learned) = Bilevel::new(s, &net, &phi, eta, inner, &meta, &dev).unwrap();
-            let hg = meta::hypergradient(&problem, &th, &learned, Unroll { steps: inner.len(), hvp_eps }).unwrap();
+            let hg = meta::hypergradient(&problem, &th, &learned, Unroll::new(inner.len(), hvp_eps)).unwrap();
             (hg.value, hg.phi)
         };
         let unrolled_outer = |phi: &Phi| {

@@ -483,7 +483,7 @@ impl Meta {
         };
         let theta = self.theta()?;
         let phi = self.phi(draw.as_ref());
-        let hg = hypergradient(&self.problem(task), &theta, &phi, Unroll { steps, hvp_eps })?;
+        let hg = hypergradient(&self.problem(task), &theta, &phi, Unroll::new(steps, hvp_eps))?;
         let hp = hg.phi_tensors(&phi)?;
         let mut s = Tensor::zeros((), theta[0].dtype(), theta[0].device())?;
         for (var, g) in self.conv.iter().zip(&hg.theta) {

@@ -54,7 +54,7 @@ fn one_step_maml_matches_its_closed_form_on_a_quadratic() {
     let alpha = 0.1;
     let q = Quad { a: t(&a, &[3]), am: t(&am, &[3, 3]), b: t(&b, &[3]), alpha };
     let phi = [t(&[0.0], &[1])];
-    let hg = hypergradient(&q, &[t(&theta, &[3])], &phi, Unroll { steps: 1, hvp_eps: 1e-5 }).unwrap();
+    let hg = hypergradient(&q, &[t(&theta, &[3])], &phi, Unroll::new(1, 1e-5)).unwrap();
     // S = ½(A + Aᵀ); θ' = θ − αS(θ − a); ∇θ = (I − αS)ᵀ(θ' − b).
     let s = |i: usize, j: usize| 0.5 * (am[i * 3 + j] + am[j * 3 + i]);
     let tp: Vec<f64> = (0..3).map(|i| theta[i] - alpha * (0..3).map(|j| s(i, j) * (theta[j] - a[j])).sum::<f64>()).collect();
@@ -179,7 +179,7 @@ fn hypergradients_with_respect_to_omega_gamma_z_match_finite_differences() {
     let phi = m.phi(Some(&draw));
     let theta = m.theta().unwrap();
     let p = m.problem(&task);
-    let hg = hypergradient(&p, &theta, &phi, Unroll { steps: 3, hvp_eps: 1e-5 }).unwrap();
+    let hg = hypergradient(&p, &theta, &phi, Unroll::new(3, 1e-5)).unwrap();
     let hp = hg.phi_tensors(&phi).unwrap();
     let lay = Layout::of(m.variant);
     let mut rng = Rng::new(4);

@@ -8,6 +8,7 @@
 //! * [`focal`]: the loss both public codes train with everywhere, a focal loss on probabilities
 //!   with soft targets, ℓ(p, t) = −Σ_k t_k (1 − p_k)^γ log(p_k + 1e-20), γ = 2. It is not
 //!   cross-entropy (γ = 0 would be).
+//! * [`focal_difference`]: ℓ(p⁺, t) − ℓ(p⁻, t) of two sets of logits against the same targets.
 //! * [`neg_entropy`]: Σ_k ȳ_k log(ȳ_k + 1e-20) of the batch-mean generated label ȳ, the **negative**
 //!   entropy: minimising it spreads the generated labels over the auxiliary classes.
 
@@ -50,6 +51,19 @@ pub fn focal(logits: &Tensor, targets: &Tensor, gamma: f64) -> Result<Tensor> {
     let factor = if gamma == 2.0 { p.affine(-1.0, 1.0)?.sqr()? } else { p.affine(-1.0, 1.0)?.powf(gamma)? };
     let logp = (p + LOG_EPS)?.log()?;
     ((targets * factor)? * logp)?.sum(D::Minus1)?.neg()
+}
+
+/// ℓ(p⁺, t) − ℓ(p⁻, t) per sample (N) for the same targets, p± = softmax of `plus` and `minus`:
+/// −Σ_k t_ik ((1 − p⁺_ik)^γ log(p⁺_ik + 1e-20) − (1 − p⁻_ik)^γ log(p⁻_ik + 1e-20)). The focal loss
+/// is linear in the targets, so the targets enter once, multiplying the difference of the two
+/// logits' terms.
+pub fn focal_difference(plus: &Tensor, minus: &Tensor, targets: &Tensor, gamma: f64) -> Result<Tensor> {
+    let terms = |logits: &Tensor| -> Result<Tensor> {
+        let p = candle_nn::ops::softmax(logits, D::Minus1)?;
+        let factor = if gamma == 2.0 { p.affine(-1.0, 1.0)?.sqr()? } else { p.affine(-1.0, 1.0)?.powf(gamma)? };
+        factor * (p + LOG_EPS)?.log()?
+    };
+    (targets * (terms(plus)? - terms(minus)?)?)?.sum(D::Minus1)?.neg()
 }
 
 /// Σ_k ȳ_k log(ȳ_k + 1e-20), ȳ the mean of the rows of `labels` (N×K): −log K at a uniform ȳ, 0

@@ -16,7 +16,10 @@
 //! probabilities with γ = 2 that the public code trains with ([`losses`]). Level 2 (MAXL, WAMAL):
 //! θ1⁺ = θ1 − α∇θ1 L1, M(θ2) = mean ℓ(p(θ1⁺), y) + λ Σ ȳ log ȳ, θ2 ← SGD(θ2 − β(∇M + wd·θ2)); the
 //! hypergradient through the one unrolled step comes from [`crate::meta::hypergradient`]
-//! (finite-difference Hessian-vector products). The public code runs, per epoch, one pass of
+//! (finite-difference Hessian-vector products; dM/dθ2 alone, [`crate::meta::Unroll::phi_only`],
+//! so the product is one backward pass of L1(θ1 + εu) − L1(θ1 − εu) to θ2, the generator
+//! evaluated once for the meta objective and that difference, and once for a level-1 step and
+//! the level-2 step after it on the same batch). The public code runs, per epoch, one pass of
 //! level 1 and then one pass of level 2 (`schedule = alternate_passes`); the document's sample
 //! interleaves them per batch (`interleaved`). Learning rates follow PyTorch's StepLR; the inner
 //! α is halved one epoch earlier than StepLR in the public code (`inner_lr_rule = repo`:
@@ -45,7 +48,7 @@ use crate::params::{DefaultValue as Dv, ParamDef, ParamKind as K, ParamStruct, P
 use crate::rng::Rng;
 use crate::train::schedule::Schedule;
 use hierarchy::Hierarchy;
-use nets::{Arch, Batch, Losses, MetaProblem, Variant, PART};
+use nets::{Arch, Batch, Generated, Losses, MetaProblem, Variant, PART};
 
 /// The method.
 pub struct Wamal;
@@ -196,7 +199,9 @@ impl Method for Wamal {
 
     fn version(&self) -> u32 {
         // 2: the MLP layers run the fused linear kernel (other summation order, other bits).
-        2
+        // 3: the meta step's finite difference is taken with respect to θ2 alone, one backward
+        // pass of the difference of the inner losses (the same product, other rounding).
+        3
     }
 
     fn schema(&self) -> Schema {
@@ -402,6 +407,10 @@ pub struct State {
     pub theta: Vec<Tensor>,
     pub phi: Vec<Tensor>,
     momentum: Vec<Option<Tensor>>,
+    /// The generator's outputs of the last level-1 step (MAXL, WAMAL), which a level-2 step on
+    /// the same batch at the same θ2 (the interleaved order) reads instead of computing them
+    /// again.
+    generated: Option<Box<Generated>>,
 }
 
 /// What one level-1 step measured.
@@ -414,7 +423,7 @@ pub struct StepLosses {
 impl State {
     pub fn new(theta: Vec<Tensor>, phi: Vec<Tensor>) -> State {
         let n = theta.len();
-        State { theta, phi, momentum: vec![None; n] }
+        State { theta, phi, momentum: vec![None; n], generated: None }
     }
 
     /// θ1 ← SGD(lr, momentum, weight decay) on L1; θ2 held fixed. PyTorch's SGD: g + wd·θ, the
@@ -423,7 +432,8 @@ impl State {
     pub fn level1(&mut self, cfg: &Config, b: &Batch, lr: f64) -> Result<StepLosses, MethodError> {
         let vars = self.theta.iter().map(Var::from_tensor).collect::<candle_core::Result<Vec<_>>>()?;
         let vt: Vec<Tensor> = vars.iter().map(|v| v.as_tensor().clone()).collect();
-        let l = cfg.losses.level1(&vt, &self.phi, b)?;
+        self.generated = if cfg.losses.variant.generates() { Some(Box::new(Generated::of(&self.phi, &b.x)?)) } else { None };
+        let l = cfg.losses.level1_at(&vt, self.generated.as_deref(), &self.phi, b)?;
         let grads = l.total.backward()?;
         for (i, v) in vt.iter().enumerate() {
             let Some(g) = grads.get(v) else { continue };
@@ -444,8 +454,8 @@ impl State {
     /// θ2 ← θ2 − β(dM/dθ2 + wd·θ2) through one unrolled step of size α; returns M. MAXL's weight
     /// head (which it never reads) and a frozen one stay as they are.
     pub fn level2(&mut self, cfg: &Config, meta: &MetaConfig, b: &Batch, inner_lr: f64, gen_lr: f64) -> Result<f64, MethodError> {
-        let problem = MetaProblem { losses: cfg.losses, batch: b, inner_lr };
-        let h = hypergradient(&problem, &self.theta, &self.phi, Unroll { steps: 1, hvp_eps: meta.hvp_eps })?;
+        let problem = MetaProblem::new(cfg.losses, b, inner_lr).reusing(self.generated.take().map(|g| *g));
+        let h = hypergradient(&problem, &self.theta, &self.phi, Unroll::phi_only(1, meta.hvp_eps))?;
         let grads = h.phi_tensors(&self.phi)?;
         let trained = if cfg.losses.variant == Variant::Wamal && !meta.freeze_weight_head { 3 * PART } else { 2 * PART };
         for (p, g) in self.phi.iter_mut().zip(&grads).take(trained) {

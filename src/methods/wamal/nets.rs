@@ -11,9 +11,11 @@
 //! Neither network sees the primary label: the generator meets it only through the mask of its
 //! block, applied after its last layer.
 
-use candle_core::{DType, Device, Result, Tensor};
+use std::cell::RefCell;
 
-use super::losses::{focal, masked_softmax, neg_entropy, weight};
+use candle_core::{DType, Device, Result, Tensor, TensorId};
+
+use super::losses::{focal, focal_difference, masked_softmax, neg_entropy, weight};
 use crate::meta::{Problem, StepSize};
 use crate::models::functional::FunctionalMlp;
 use crate::models::kernels::linear::linear;
@@ -134,13 +136,26 @@ pub struct Level1 {
 impl Losses {
     /// L1(θ1, θ2) on `b` (θ2 unread by STL and the human task).
     pub fn level1(&self, theta: &[Tensor], phi: &[Tensor], b: &Batch) -> Result<Level1> {
+        self.level1_from(theta, b, || generator(phi, &b.x))
+    }
+
+    /// L1 at the generator's outputs `known` (from the same φ and batch).
+    pub fn level1_at(&self, theta: &[Tensor], known: Option<&Generated>, phi: &[Tensor], b: &Batch) -> Result<Level1> {
+        self.level1_from(theta, b, || match known.filter(|g| g.matches(phi, &b.x)) {
+            Some(g) => Ok(g.outputs()),
+            None => generator(phi, &b.x),
+        })
+    }
+
+    /// L1 with the generator's outputs from `generated` (called only when they are read).
+    fn level1_from(&self, theta: &[Tensor], b: &Batch, generated: impl FnOnce() -> Result<(Tensor, Tensor)>) -> Result<Level1> {
         let (p, q) = learner(theta, &b.x)?;
         let primary = focal(&p, &b.primary, self.focal_gamma)?.mean(0)?;
         let aux = match self.variant {
             Variant::Stl => None,
             Variant::Human => Some(focal(&q, &b.aux, self.focal_gamma)?.mean(0)?),
             Variant::Maxl | Variant::Wamal => {
-                let (a, s) = generator(phi, &b.x)?;
+                let (a, s) = generated()?;
                 let target = masked_softmax(&a, &b.aux)?;
                 // MAXL: w ≡ 1, as a tensor, so that it and WAMAL at s = ½ compute the same numbers.
                 let w = if self.variant == Variant::Wamal { weight(&s, self.range)? } else { s.ones_like()? };
@@ -154,10 +169,64 @@ impl Losses {
         Ok(Level1 { total, primary, aux })
     }
 
+    /// L1(θ⁺, θ2) − L1(θ⁻, θ2) on `b`, the generator evaluated once for both (the same value
+    /// as two calls of [`Losses::level1`] up to rounding). The meta step differentiates it with
+    /// respect to θ2 alone.
+    pub fn level1_difference(&self, plus: &[Tensor], minus: &[Tensor], phi: &[Tensor], b: &Batch) -> Result<Tensor> {
+        self.level1_difference_from(plus, minus, b, || generator(phi, &b.x))
+    }
+
+    fn level1_difference_from(&self, plus: &[Tensor], minus: &[Tensor], b: &Batch, generated: impl FnOnce() -> Result<(Tensor, Tensor)>) -> Result<Tensor> {
+        let ((pp, qp), (pm, qm)) = (learner(plus, &b.x)?, learner(minus, &b.x)?);
+        let primary = focal_difference(&pp, &pm, &b.primary, self.focal_gamma)?.mean(0)?;
+        let aux = match self.variant {
+            Variant::Stl => return Ok(primary),
+            Variant::Human => focal_difference(&qp, &qm, &b.aux, self.focal_gamma)?.mean(0)?,
+            Variant::Maxl | Variant::Wamal => {
+                let (a, s) = generated()?;
+                let target = masked_softmax(&a, &b.aux)?;
+                let w = if self.variant == Variant::Wamal { weight(&s, self.range)? } else { s.ones_like()? };
+                (w * focal_difference(&qp, &qm, &target, self.focal_gamma)?)?.mean(0)?
+            }
+        };
+        primary + aux
+    }
+
     /// The meta objective's regulariser: λ · Σ ȳ log ȳ of the batch's generated labels.
     pub fn entropy_term(&self, phi: &[Tensor], b: &Batch) -> Result<Tensor> {
-        let (a, _) = generator(phi, &b.x)?;
-        neg_entropy(&masked_softmax(&a, &b.aux)?)? * self.entropy_weight
+        self.entropy_of(&generator(phi, &b.x)?.0, b)
+    }
+
+    /// The regulariser from the generator's label logits `a`.
+    fn entropy_of(&self, a: &Tensor, b: &Batch) -> Result<Tensor> {
+        neg_entropy(&masked_softmax(a, &b.aux)?)? * self.entropy_weight
+    }
+}
+
+/// The generator's outputs on one batch for one φ: label logits (N×Σψ) and s (N), with the ids
+/// of the φ tensors and of the batch's images they were computed from. Tensors never change
+/// value, so equal ids mean equal outputs.
+#[derive(Clone)]
+pub struct Generated {
+    phi: Vec<TensorId>,
+    x: TensorId,
+    logits: Tensor,
+    s: Tensor,
+}
+
+impl Generated {
+    /// [`generator`] at `phi` on `x`.
+    pub fn of(phi: &[Tensor], x: &Tensor) -> Result<Generated> {
+        let (logits, s) = generator(phi, x)?;
+        Ok(Generated { phi: phi.iter().map(Tensor::id).collect(), x: x.id(), logits, s })
+    }
+
+    fn matches(&self, phi: &[Tensor], x: &Tensor) -> bool {
+        self.x == x.id() && self.phi.len() == phi.len() && self.phi.iter().zip(phi).all(|(id, p)| *id == p.id())
+    }
+
+    fn outputs(&self) -> (Tensor, Tensor) {
+        (self.logits.clone(), self.s.clone())
     }
 }
 
@@ -167,16 +236,51 @@ pub struct MetaProblem<'a> {
     pub losses: Losses,
     pub batch: &'a Batch,
     pub inner_lr: f64,
+    /// The generator's outputs for the φ tensors of the last call: the hypergradient passes
+    /// the meta objective's φ variables again to the difference of the inner losses, which then
+    /// shares the objective's forward pass of the generator; a level-1 step just taken on the
+    /// same batch at the same φ lends its own ([`MetaProblem::reusing`]) to the first inner step.
+    generated: RefCell<Option<Generated>>,
+}
+
+impl<'a> MetaProblem<'a> {
+    pub fn new(losses: Losses, batch: &'a Batch, inner_lr: f64) -> MetaProblem<'a> {
+        MetaProblem { losses, batch, inner_lr, generated: RefCell::new(None) }
+    }
+
+    /// Starts from the generator's outputs `known` (used only where φ and the batch's images
+    /// are the very tensors they were computed from).
+    pub fn reusing(self, known: Option<Generated>) -> MetaProblem<'a> {
+        *self.generated.borrow_mut() = known;
+        self
+    }
+
+    /// `generator(phi, x)`, computed once per set of φ tensors.
+    fn generated(&self, phi: &[Tensor]) -> Result<(Tensor, Tensor)> {
+        let mut cache = self.generated.borrow_mut();
+        if let Some(g) = cache.as_ref().filter(|g| g.matches(phi, &self.batch.x)) {
+            return Ok(g.outputs());
+        }
+        let g = Generated::of(phi, &self.batch.x)?;
+        let out = g.outputs();
+        *cache = Some(g);
+        Ok(out)
+    }
 }
 
 impl Problem for MetaProblem<'_> {
     fn inner_loss(&self, theta: &[Tensor], phi: &[Tensor], _step: usize) -> Result<Tensor> {
-        Ok(self.losses.level1(theta, phi, self.batch)?.total)
+        Ok(self.losses.level1_from(theta, self.batch, || self.generated(phi))?.total)
+    }
+
+    fn inner_loss_difference(&self, plus: &[Tensor], minus: &[Tensor], phi: &[Tensor], _step: usize) -> Result<Tensor> {
+        self.losses.level1_difference_from(plus, minus, self.batch, || self.generated(phi))
     }
 
     fn outer(&self, theta: &[Tensor], phi: &[Tensor]) -> Result<Tensor> {
         let (p, _) = learner(theta, &self.batch.x)?;
-        focal(&p, &self.batch.primary, self.losses.focal_gamma)?.mean(0)? + self.losses.entropy_term(phi, self.batch)?
+        let (a, _) = self.generated(phi)?;
+        focal(&p, &self.batch.primary, self.losses.focal_gamma)?.mean(0)? + self.losses.entropy_of(&a, self.batch)?
     }
 
     fn step_size(&self, _phi: &[Tensor]) -> Result<StepSize> {

@@ -129,7 +129,7 @@ fn hypergradient_matches_the_linear_quadratic_closed_form() {
     let a = [[1.0, 0.5], [-0.3, 2.0], [0.7, -1.1]];
     let (th1, th2, b, alpha) = ([0.4, -0.2, 1.3], [0.9, -0.6], [0.1, 0.2, -0.5], 0.3);
     let p = LinearQuadratic { a: t(&a.concat(), &[3, 2]), b: t(&b, &[3]), alpha };
-    let h = hypergradient(&p, &[t(&th1, &[3])], &[t(&th2, &[2])], Unroll { steps: 1, hvp_eps: 1e-5 }).unwrap();
+    let h = hypergradient(&p, &[t(&th1, &[3])], &[t(&th2, &[2])], Unroll::new(1, 1e-5)).unwrap();
     let plus: Vec<f64> = (0..3).map(|i| th1[i] - alpha * (th1[i] - (a[i][0] * th2[0] + a[i][1] * th2[1]))).collect();
     let want: Vec<f64> = (0..2).map(|j| alpha * (0..3).map(|i| a[i][j] * (plus[i] - b[i])).sum::<f64>()).collect();
     close(&h.phi, &want, 1e-9);
@@ -164,8 +164,8 @@ fn hypergradient_of_the_meta_objective_matches_finite_differences() {
     let mut phi = arch.init_generator(2, &Device::Cpu, DType::F64).unwrap();
     // Weights of order 1 (s near ½ gives w near 1 at R = 15 otherwise hardly varies).
     phi[2 * PART + 2] = (&phi[2 * PART + 2] * 0.1).unwrap();
-    let problem = MetaProblem { losses: losses_of(Variant::Wamal), batch: &b, inner_lr: 0.5 };
-    let h = hypergradient(&problem, &theta, &phi, Unroll { steps: 1, hvp_eps: 1e-5 }).unwrap();
+    let problem = MetaProblem::new(losses_of(Variant::Wamal), &b, 0.5);
+    let h = hypergradient(&problem, &theta, &phi, Unroll::new(1, 1e-5)).unwrap();
     let flat: Vec<f64> = phi.iter().flat_map(|p| p.flatten_all().unwrap().to_vec1::<f64>().unwrap()).collect();
     let rebuild = |v: &[f64]| {
         let mut start = 0;
@@ -181,6 +181,10 @@ fn hypergradient_of_the_meta_objective_matches_finite_differences() {
     let want = fd(&flat, 1e-6, |v| unrolled_value(&problem, &theta, &rebuild(v), 1).unwrap());
     let err = h.phi.iter().zip(&want).map(|(a, b)| (a - b).powi(2)).sum::<f64>().sqrt() / want.iter().map(|b| b * b).sum::<f64>().sqrt();
     assert!(err < 1e-4, "relative error {err}");
+    // dM/dφ alone, as the level-2 step takes it (the generator once per difference).
+    let only = hypergradient(&problem, &theta, &phi, Unroll::phi_only(1, 1e-5)).unwrap();
+    let err = only.phi.iter().zip(&want).map(|(a, b)| (a - b).powi(2)).sum::<f64>().sqrt() / want.iter().map(|b| b * b).sum::<f64>().sqrt();
+    assert!(err < 1e-4, "φ-only: relative error {err}");
     // The weight head's gradient is not zero: the meta objective reaches w.
     assert!(h.phi[flat.len() - 1].abs() > 0.0);
 }
@@ -339,4 +343,83 @@ fn cifar100_fine_to_coarse_map_matches_the_records_coarse_bytes() {
     let (relabelled, n) = crate::data::derived::relabel(&fine.labels, fine.num_classes, &Hierarchy::Cifar100Coarse.map()).unwrap();
     assert_eq!(n, 20);
     assert_eq!(relabelled, coarse.labels);
+}
+
+/// The meta step's own difference of the inner losses (the generator once, the focal loss's
+/// targets once) is L1(θ⁺) − L1(θ⁻), for every variant.
+#[test]
+fn level1_difference_is_the_difference_of_the_level1_losses() {
+    let arch = tiny_arch();
+    let b = tiny_batch(&arch, &[2, 2]);
+    let plus = arch.init_learner(7, &Device::Cpu, DType::F64).unwrap();
+    let minus = arch.init_learner(8, &Device::Cpu, DType::F64).unwrap();
+    let phi = arch.init_generator(9, &Device::Cpu, DType::F64).unwrap();
+    for variant in [Variant::Stl, Variant::Human, Variant::Maxl, Variant::Wamal] {
+        let l = losses_of(variant);
+        let want = (l.level1(&plus, &phi, &b).unwrap().total - l.level1(&minus, &phi, &b).unwrap().total).unwrap().to_scalar::<f64>().unwrap();
+        let got = l.level1_difference(&plus, &minus, &phi, &b).unwrap().to_scalar::<f64>().unwrap();
+        assert!(want.abs() > 1e-6, "{variant:?}: the two points give the same loss");
+        assert!((got - want).abs() < 1e-12 * want.abs().max(1.0), "{variant:?}: {got} against {want}");
+    }
+}
+
+/// The level-2 step reads dM/dθ2 alone (`Unroll::phi_only`): its update equals the one from
+/// the full hypergradient (both routes' products, in f64, agree to rounding), for WAMAL and
+/// MAXL.
+#[test]
+fn level2_follows_the_full_hypergradient() {
+    let arch = tiny_arch();
+    let b = tiny_batch(&arch, &[2, 2]);
+    for variant in [Variant::Maxl, Variant::Wamal] {
+        let cfg = tiny_config(variant, &[2, 2]);
+        let meta = cfg.meta.clone().unwrap();
+        let theta = arch.init_learner(10, &Device::Cpu, DType::F64).unwrap();
+        let mut phi = arch.init_generator(11, &Device::Cpu, DType::F64).unwrap();
+        phi[2 * PART + 2] = (&phi[2 * PART + 2] * 0.1).unwrap();
+        let full = hypergradient(&MetaProblem::new(cfg.losses, &b, 0.1), &theta, &phi, Unroll::new(1, meta.hvp_eps)).unwrap();
+        let mut state = State::new(theta, phi.clone());
+        let m = state.level2(&cfg, &meta, &b, 0.1, 0.05).unwrap();
+        assert!((m - full.value).abs() < 1e-12);
+        let trained = if variant == Variant::Wamal { 3 * PART } else { 2 * PART };
+        let (mut err, mut scale) = (0.0f64, 0.0f64);
+        for (i, (p, g)) in phi.iter().zip(full.phi_tensors(&phi).unwrap()).enumerate() {
+            let want = if i < trained { (p - ((&g + (p * meta.gen_weight_decay).unwrap()).unwrap() * 0.05).unwrap()).unwrap() } else { p.clone() };
+            let d = (&state.phi[i] - &want).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f64>().unwrap();
+            err = err.max(d);
+            scale = scale.max(g.abs().unwrap().max_all().unwrap().to_scalar::<f64>().unwrap() * 0.05);
+        }
+        assert!(scale > 1e-6, "{variant:?}: the step moves nothing");
+        assert!(err < 1e-9 * scale.max(1.0), "{variant:?}: level 2 is off the full hypergradient's step by {err}");
+    }
+}
+
+/// A level-2 step right after a level-1 step on the same batch reads the generator's outputs
+/// that level 1 computed: the same bits as computing them again.
+#[test]
+fn level2_reuses_level1s_generator_outputs_bit_for_bit() {
+    let arch = tiny_arch();
+    let b = tiny_batch(&arch, &[2, 2]);
+    let cfg = tiny_config(Variant::Wamal, &[2, 2]);
+    let meta = cfg.meta.clone().unwrap();
+    let theta = arch.init_learner(12, &Device::Cpu, DType::F64).unwrap();
+    let phi = arch.init_generator(13, &Device::Cpu, DType::F64).unwrap();
+    let (mut a, mut c) = (State::new(theta.clone(), phi.clone()), State::new(theta, phi));
+    for _ in 0..3 {
+        a.level1(&cfg, &b, 0.1).unwrap();
+        c.level1(&cfg, &b, 0.1).unwrap();
+        assert!(a.generated.is_some());
+        c.generated = None;
+        let (ma, mc) = (a.level2(&cfg, &meta, &b, 0.1, 0.05).unwrap(), c.level2(&cfg, &meta, &b, 0.1, 0.05).unwrap());
+        assert_eq!(ma.to_bits(), mc.to_bits());
+        assert_eq!(bits(&a.phi), bits(&c.phi));
+    }
+    assert_eq!(bits(&a.theta), bits(&c.theta));
+    // Another batch's outputs are not read: level 2 on a batch of other images recomputes them.
+    let other = Batch { x: (&b.x * 0.5).unwrap(), primary: b.primary.clone(), aux: b.aux.clone() };
+    a.level1(&cfg, &b, 0.1).unwrap();
+    c.level1(&cfg, &b, 0.1).unwrap();
+    c.generated = None;
+    a.level2(&cfg, &meta, &other, 0.1, 0.05).unwrap();
+    c.level2(&cfg, &meta, &other, 0.1, 0.05).unwrap();
+    assert_eq!(bits(&a.phi), bits(&c.phi));
 }
