@@ -696,14 +696,14 @@ impl WamalLearner {
     }
 
     fn step(&mut self, x: &Tensor, y: &Tensor) -> anyhow::Result<()> {
-        let meta = self.cfg.meta.clone().context("the WAMAL configuration has no generator settings")?;
+        let meta = self.cfg.meta.as_ref().context("the WAMAL configuration has no generator settings")?;
         let primary: Vec<u32> = y.to_vec1::<u32>()?.iter().map(|d| d % meta.psi.len() as u32).collect();
         let x = x.flatten_from(1)?;
         let k: usize = meta.psi.iter().sum();
         let aux = Tensor::from_vec(wamal::hierarchy::masks(&meta.psi, &primary), (primary.len(), k), x.device())?.to_dtype(x.dtype())?;
-        let batch = wamal::nets::Batch { primary: wamal::losses::one_hot(&primary, meta.psi.len(), &x)?, aux, x };
+        let batch = wamal::nets::Batch { primary: crate::train::loss::one_hot(&primary, meta.psi.len(), x.device(), x.dtype())?, aux, x };
         self.state.level1(&self.cfg, &batch, self.cfg.lr)?;
-        self.state.level2(&self.cfg, &meta, &batch, meta.inner_lr, meta.gen_lr)?;
+        self.state.level2(&self.cfg, meta, &batch, meta.inner_lr, meta.gen_lr)?;
         Ok(())
     }
 }

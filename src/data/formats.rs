@@ -71,7 +71,7 @@ fn hex_prefix(bytes: &[u8]) -> String {
 }
 
 /// `num_classes` for labels whose class count the format does not state: the largest label + 1.
-fn inferred_classes(labels: &[u32]) -> usize {
+pub(super) fn inferred_classes(labels: &[u32]) -> usize {
     labels.iter().max().map_or(0, |&m| m as usize + 1)
 }
 

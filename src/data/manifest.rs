@@ -117,11 +117,8 @@ impl FormatSpec {
             FormatSpec::CifarBinary { variant } => {
                 s += &format!("format.variant={}\n", variant.name());
             }
-            FormatSpec::ParquetImages { image_column, label_column, size } => {
+            FormatSpec::ParquetImages { image_column, label_column, .. } => {
                 s += &format!("format.image_column={image_column:?}\nformat.label_column={label_column:?}\n");
-                if let Some([h, w]) = size {
-                    s += &format!("format.size={h}x{w}\n");
-                }
             }
             FormatSpec::MatV5 { images, labels, label_offset, label_modulo } => {
                 s += &format!("format.images={images:?}\nformat.labels={labels:?}\nformat.label_offset={label_offset}\n");
@@ -129,19 +126,23 @@ impl FormatSpec {
                     s += &format!("format.label_modulo={m}\n");
                 }
             }
-            FormatSpec::Cub200 { size } => {
-                if let Some([h, w]) = size {
-                    s += &format!("format.size={h}x{w}\n");
-                }
-            }
-            FormatSpec::ImageList { image_dir, path_column, label_column, size } => {
+            FormatSpec::Cub200 { .. } => {}
+            FormatSpec::ImageList { image_dir, path_column, label_column, .. } => {
                 s += &format!("format.image_dir={image_dir:?}\nformat.path_column={path_column:?}\nformat.label_column={label_column:?}\n");
-                if let Some([h, w]) = size {
-                    s += &format!("format.size={h}x{w}\n");
-                }
             }
         }
+        if let Some((h, w)) = self.size() {
+            s += &format!("format.size={h}x{w}\n");
+        }
         s
+    }
+
+    /// The size every image is resized to, for the formats that decode image files.
+    pub fn size(&self) -> Option<(usize, usize)> {
+        match self {
+            FormatSpec::ParquetImages { size, .. } | FormatSpec::Cub200 { size } | FormatSpec::ImageList { size, .. } => size.map(|[h, w]| (h, w)),
+            _ => None,
+        }
     }
 }
 
@@ -385,13 +386,7 @@ impl Manifest {
                     return Err(self.error(format!("{} has {} classes but `classes` lists {}", variant.name(), variant.num_classes(), self.classes.len()), None));
                 }
             }
-            FormatSpec::ParquetImages { size, .. } | FormatSpec::Cub200 { size } => {
-                if let Some([h, w]) = size {
-                    if *h == 0 || *w == 0 {
-                        return Err(self.error(format!("format: size must be positive, found [{h}, {w}]"), None));
-                    }
-                }
-            }
+            FormatSpec::ParquetImages { .. } | FormatSpec::Cub200 { .. } => {}
             FormatSpec::MatV5 { images, labels, label_modulo, .. } => {
                 if images.is_empty() || labels.is_empty() {
                     return Err(self.error("format: `images` and `labels` must name the MAT-file's variables".into(), Some("e.g. images = \"X\", labels = \"y\"".into())));
@@ -400,19 +395,17 @@ impl Manifest {
                     return Err(self.error("format: label_modulo must be positive".into(), Some("leave it out to keep the labels as they are".into())));
                 }
             }
-            FormatSpec::ImageList { image_dir, size, .. } => {
+            FormatSpec::ImageList { image_dir, .. } => {
                 let dir = Path::new(image_dir);
                 if image_dir.is_empty() || dir.components().any(|c| !matches!(c, Component::Normal(_) | Component::CurDir)) {
                     return Err(
                         self.error(format!("format: image_dir {image_dir:?} must be a relative folder without `..`"), Some("it is relative to the folder of each list file, e.g. \"images\"".into()))
                     );
                 }
-                if let Some([h, w]) = size {
-                    if *h == 0 || *w == 0 {
-                        return Err(self.error(format!("format: size must be positive, found [{h}, {w}]"), None));
-                    }
-                }
             }
+        }
+        if let Some((h, w)) = self.format.size().filter(|&(h, w)| h == 0 || w == 0) {
+            return Err(self.error(format!("format: size must be positive, found [{h}, {w}]"), None));
         }
         Ok(())
     }
@@ -467,7 +460,7 @@ impl Manifest {
             verify_file(root, fi)?;
             verify_file(root, fl)?;
             let set = match &self.format {
-                FormatSpec::Cub200 { size } => formats::load_cub(&root.join(&fi.path), &root.join(&fl.path), size.map(|[h, w]| (h, w)))?,
+                FormatSpec::Cub200 { .. } => formats::load_cub(&root.join(&fi.path), &root.join(&fl.path), self.format.size())?,
                 _ => formats::load_idx(&root.join(&fi.path), &root.join(&fl.path))?,
             };
             return self.check_labels(set, &root.join(&fl.path));
@@ -486,7 +479,7 @@ impl Manifest {
             let path = root.join(&f.path);
             let set = match &self.format {
                 FormatSpec::CsvGz { channels, height, width, max_value } => formats::load_csv(&path, &CsvLayout { channels: *channels, height: *height, width: *width, max_value: *max_value })?,
-                FormatSpec::ParquetImages { image_column, label_column, size } => formats::load_parquet_images(&path, image_column, label_column, size.map(|[h, w]| (h, w)))?,
+                FormatSpec::ParquetImages { image_column, label_column, .. } => formats::load_parquet_images(&path, image_column, label_column, self.format.size())?,
                 FormatSpec::CifarBinary { variant } => formats::load_cifar(std::slice::from_ref(&path), *variant)?,
                 FormatSpec::MatV5 { images, labels, label_offset, label_modulo } => {
                     mat::load_mat_images(&path, &mat::MatLayout { images: images.clone(), labels: labels.clone(), label_offset: *label_offset, label_modulo: *label_modulo })?
@@ -512,8 +505,8 @@ impl Manifest {
 
     fn list_layout(&self) -> Option<formats::ImageListLayout> {
         match &self.format {
-            FormatSpec::ImageList { image_dir, path_column, label_column, size } => {
-                Some(formats::ImageListLayout { image_dir: image_dir.clone(), path_column: path_column.clone(), label_column: label_column.clone(), size: size.map(|[h, w]| (h, w)) })
+            FormatSpec::ImageList { image_dir, path_column, label_column, .. } => {
+                Some(formats::ImageListLayout { image_dir: image_dir.clone(), path_column: path_column.clone(), label_column: label_column.clone(), size: self.format.size() })
             }
             _ => None,
         }

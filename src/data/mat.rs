@@ -70,15 +70,11 @@ pub enum MatValues {
 }
 
 impl MatValues {
-    pub fn len(&self) -> usize {
+    fn len(&self) -> usize {
         match self {
             MatValues::U8(v) => v.len(),
             MatValues::F64(v) => v.len(),
         }
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
     }
 
     fn get(&self, i: usize) -> f64 {
@@ -93,8 +89,6 @@ impl MatValues {
 #[derive(Debug, Clone, PartialEq)]
 pub struct MatArray {
     pub name: String,
-    /// The MATLAB class, e.g. "uint8" or "double".
-    pub class: &'static str,
     /// MATLAB's dimensions (at least 2), first index fastest in `values`.
     pub dims: Vec<usize>,
     pub values: MatValues,
@@ -242,7 +236,7 @@ fn parse_matrix(data: &[u8], big_endian: bool, origin: &str) -> Result<Variable,
     if values.len() != count {
         return Err(format!("{}: variable {name:?} has dimensions {dims:?} ({count} values) but its data holds {}", c.where_(at), values.len()));
     }
-    Ok(Variable { name: name.clone(), array: Ok(MatArray { name, class: class_name(class), dims, values }) })
+    Ok(Variable { name: name.clone(), array: Ok(MatArray { name, dims, values }) })
 }
 
 /// Checks the 128-byte header; returns whether the file is big-endian.
@@ -371,8 +365,7 @@ pub fn load_mat_images(path: &Path, layout: &MatLayout) -> Result<ImageSet, Data
             }
         }
     }
-    let num_classes = labels.iter().max().map_or(0, |&m| m as usize + 1);
-    Ok(ImageSet { channels: c, height: h, width: w, pixels, labels, num_classes })
+    Ok(ImageSet { channels: c, height: h, width: w, pixels, num_classes: super::formats::inferred_classes(&labels), labels })
 }
 
 #[cfg(test)]

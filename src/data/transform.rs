@@ -36,11 +36,23 @@ pub fn rotate(images: &ImageSet, degrees: f64) -> ImageSet {
 /// j·C + c, so every (class, angle) pair is a class of its own.
 pub fn angle_classes(images: &ImageSet, degrees: &[f64]) -> ImageSet {
     let c = images.num_classes;
-    let mut out = ImageSet { channels: images.channels, height: images.height, width: images.width, pixels: Vec::new(), labels: Vec::new(), num_classes: c * degrees.len() };
+    let n = degrees.len();
+    let mut out = ImageSet {
+        channels: images.channels,
+        height: images.height,
+        width: images.width,
+        pixels: Vec::with_capacity(n * images.pixels.len()),
+        labels: Vec::with_capacity(n * images.len()),
+        num_classes: c * n,
+    };
     for (j, &d) in degrees.iter().enumerate() {
-        let copy = if d == 0.0 { images.clone() } else { rotate(images, d) };
-        out.pixels.extend_from_slice(&copy.pixels);
-        out.labels.extend(copy.labels.iter().map(|&l| (j * c) as u32 + l));
+        if d == 0.0 {
+            out.pixels.extend_from_slice(&images.pixels);
+        } else {
+            out.pixels.extend(rotate(images, d).pixels);
+        }
+        // A rotation keeps every image's label.
+        out.labels.extend(images.labels.iter().map(|&l| (j * c) as u32 + l));
     }
     out
 }

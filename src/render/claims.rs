@@ -138,7 +138,6 @@ pub fn evaluate(c: &ClaimDecl, frames: &Frames) -> ClaimResult {
         power: None,
         gate: c.gate,
     };
-    let one_seed = ONE_SEED;
     match c.kind {
         ClaimKind::Trend => {
             let x = c.x.clone().unwrap_or_default();
@@ -183,7 +182,7 @@ pub fn evaluate(c: &ClaimDecl, frames: &Frames) -> ClaimResult {
                 }
                 None => {
                     r.verdict = Verdict::Inconclusive;
-                    r.measured = format!("{head} ({expected}); {one_seed}");
+                    r.measured = format!("{head} ({expected}); {ONE_SEED}");
                 }
             }
         }

@@ -110,6 +110,15 @@ pub fn drift_penalty(features: &Tensor, targets: &[u32], num_classes: usize) -> 
     w.matmul(features)?.sqr()?.sum_all()
 }
 
+/// One-hot rows (labels.len() × classes) of `labels`, in `dtype` on `device`.
+pub fn one_hot(labels: &[u32], classes: usize, device: &candle_core::Device, dtype: candle_core::DType) -> candle_core::Result<Tensor> {
+    let mut v = vec![0f64; labels.len() * classes];
+    for (i, &c) in labels.iter().enumerate() {
+        v[i * classes + c as usize] = 1.0;
+    }
+    Tensor::from_vec(v, (labels.len(), classes), device)?.to_dtype(dtype)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

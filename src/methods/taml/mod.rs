@@ -49,6 +49,7 @@ use crate::meta::hypergradient::{hypergradient, unroll, Unroll, HVP_EPS};
 use crate::params::{DefaultValue as Dv, ParamDef, ParamKind as K, ParamStruct, Params, Schema};
 use crate::render::summary::spearman;
 use crate::rng::Rng;
+use crate::train::loss::one_hot;
 use crate::train::schedule::{clip_grad_value, Iterations, Step};
 use crate::train::{OptimConfig, Optimizer};
 use model::{Draw, Encoder, Layout, Learner, Task, TaskProblem, Variant, LAYERS};
@@ -246,7 +247,7 @@ impl Method for Taml {
         let v = variant(&p.variant).ok_or_else(|| MethodError::Invalid(format!("unknown variant `{}`", p.variant)))?;
         let pools = |role: &str| -> Result<(Pool, &[Episode]), MethodError> {
             let input = inputs.input(role)?;
-            Ok((Pool::of(&[input])?, input.episodes))
+            Ok((Pool::of(input), input.episodes))
         };
         let cfg = Config::from(&p, v)?;
         let ((train, _), id, ood) = (pools("train")?, pools("id")?, pools("ood")?);
@@ -257,7 +258,12 @@ impl Method for Taml {
 /// The shared test episodes of the ID (`salt` 1) or OOD (2) meta-test classes: drawn once by a
 /// derived-data cell from `episode_seed`, which no method or run seed enters.
 fn test_episodes(p: &P, salt: u64) -> EpisodeSpec {
-    EpisodeSpec { count: p.test_episodes, ways: p.way, max_shot: p.max_shot, queries: p.query, shots: Shots::Mixed, seed: p.episode_seed.wrapping_mul(1000).wrapping_add(salt) }
+    imbalanced(p.test_episodes, (p.way, p.max_shot, p.query), p.episode_seed.wrapping_mul(1000).wrapping_add(salt))
+}
+
+/// `count` imbalanced episodes as l2b draws them (`Mixed`), of (way, max_shot, query).
+fn imbalanced(count: usize, (ways, max_shot, queries): (usize, usize, usize), seed: u64) -> EpisodeSpec {
+    EpisodeSpec { count, ways, max_shot, queries, shots: Shots::Mixed, seed }
 }
 
 /// A run's resolved settings.
@@ -276,10 +282,8 @@ pub struct Config {
     pub grad_clip: f64,
     pub iterations: usize,
     pub log_every: usize,
-    pub test_episodes: usize,
     pub mc_samples: usize,
     pub probe_tasks: usize,
-    pub episode_seed: u64,
 }
 
 impl Config {
@@ -299,10 +303,8 @@ impl Config {
             grad_clip: p.grad_clip,
             iterations: p.iterations,
             log_every: p.log_every,
-            test_episodes: p.test_episodes,
             mc_samples: if v.balancing() && v.bayesian { p.mc_samples.ok_or_else(|| needs("mc_samples"))? } else { 1 },
             probe_tasks: if v.omega || v.gamma { p.probe_tasks.ok_or_else(|| needs("probe_tasks"))? } else { 0 },
-            episode_seed: p.episode_seed,
         })
     }
 }
@@ -318,24 +320,19 @@ pub struct Pool {
 }
 
 impl Pool {
-    fn of(inputs: &[&DataInput]) -> Result<Pool, MethodError> {
-        let first = inputs.first().ok_or_else(|| MethodError::Invalid("no inputs".into()))?.data;
-        let mut pool = Pool { channels: first.channels, height: first.height, width: first.width, pixels: Vec::new(), labels: Vec::new(), classes: 0 };
-        for d in inputs {
-            let set = d.data;
-            if (set.channels, set.height, set.width) != (pool.channels, pool.height, pool.width) {
-                return Err(MethodError::Invalid(format!("input `{}` has images of another shape", d.name)));
-            }
-            let mut idx: Vec<usize> = d.train.iter().chain(d.test).copied().collect();
-            idx.sort_unstable();
-            idx.dedup();
-            for i in idx {
-                pool.pixels.extend_from_slice(set.image(i));
-                pool.labels.push(pool.classes as u32 + set.labels[i]);
-            }
-            pool.classes += set.num_classes;
+    /// Every image of an input, training and test alike, in index order.
+    fn of(d: &DataInput) -> Pool {
+        let set = d.data;
+        let mut idx: Vec<usize> = d.train.iter().chain(d.test).copied().collect();
+        idx.sort_unstable();
+        idx.dedup();
+        let mut pool =
+            Pool { channels: set.channels, height: set.height, width: set.width, pixels: Vec::with_capacity(idx.len() * set.dim()), labels: Vec::with_capacity(idx.len()), classes: set.num_classes };
+        for i in idx {
+            pool.pixels.extend_from_slice(set.image(i));
+            pool.labels.push(set.labels[i]);
         }
-        Ok(pool)
+        pool
     }
 
     /// Built directly (tests).
@@ -360,7 +357,7 @@ impl Pool {
     /// Episodes drawn from every image of the pool.
     pub fn episodes(&self, count: usize, cfg: &Config, seed: u64) -> Result<Vec<Episode>, MethodError> {
         let all: Vec<usize> = (0..self.labels.len()).collect();
-        let spec = EpisodeSpec { count, ways: cfg.way, max_shot: cfg.max_shot, queries: cfg.query, shots: Shots::Mixed, seed };
+        let spec = imbalanced(count, (cfg.way, cfg.max_shot, cfg.query), seed);
         episodes::sample(&self.labels, &all, self.classes, &spec).map_err(|e| MethodError::Invalid(e.to_string()))
     }
 
@@ -379,18 +376,10 @@ impl Pool {
         };
         let (si, sl) = flat(&e.support);
         let (qi, ql) = flat(&e.query);
-        let task = Task { xs: self.batch(&si, device)?, ys: onehot(&sl, way, device)?, xq: self.batch(&qi, device)?, yq: onehot(&ql, way, device)? };
+        let onehot = |labels: &[usize]| one_hot(&labels.iter().map(|&l| l as u32).collect::<Vec<_>>(), way, device, DType::F32);
+        let task = Task { xs: self.batch(&si, device)?, ys: onehot(&sl)?, xq: self.batch(&qi, device)?, yq: onehot(&ql)? };
         Ok((task, sl))
     }
-}
-
-/// One-hot rows (f32).
-pub fn onehot(labels: &[usize], way: usize, device: &Device) -> candle_core::Result<Tensor> {
-    let mut v = vec![0f32; labels.len() * way];
-    for (i, &l) in labels.iter().enumerate() {
-        v[i * way + l] = 1.0;
-    }
-    Tensor::from_vec(v, (labels.len(), way), device)
 }
 
 /// The meta-learned state of a run.
@@ -419,13 +408,13 @@ pub struct TaskGrad {
 }
 
 impl Meta {
-    pub fn new(learner: Learner, cfg: &Config, seed: u64, max_shot: usize, device: &Device, dtype: DType) -> Result<Meta, MethodError> {
+    pub fn new(learner: Learner, cfg: &Config, seed: u64, device: &Device, dtype: DType) -> Result<Meta, MethodError> {
         let (conv, shifts) = learner.init(seed, device, dtype)?;
         let v = cfg.variant;
         let alpha = if v.alpha { model::vars(&model::alpha_init(&learner, cfg.alpha_init, device, dtype)?)? } else { Vec::new() };
         let (encoder, encoder_vars) = if v.balancing() {
             let (c, h, w) = learner.shape;
-            let enc = Encoder::init(c, h, w, max_shot, seed, device, dtype)?;
+            let enc = Encoder::init(c, h, w, cfg.max_shot, seed, device, dtype)?;
             let vs = model::vars(&enc.params)?;
             (Some(enc.with_params(vs.iter().map(|v| v.as_tensor().clone()).collect())), vs)
         } else {
@@ -510,8 +499,12 @@ impl Meta {
     /// Softmax predictions (query × way) of a task after `steps` inner steps: the mean over
     /// `samples` posterior draws (Bayesian variants, from `rng`), else at the posterior means.
     pub fn predict(&self, task: &Task, labels: &[usize], steps: usize, samples: usize, rng: &mut Rng) -> candle_core::Result<Tensor> {
+        self.predict_with(task, self.posterior(task, labels)?.as_ref(), steps, samples, rng)
+    }
+
+    /// [`Meta::predict`] with the task's posterior (from [`Meta::posterior`]) given.
+    pub fn predict_with(&self, task: &Task, post: Option<&model::Posterior>, steps: usize, samples: usize, rng: &mut Rng) -> candle_core::Result<Tensor> {
         let v = self.variant;
-        let post = self.posterior(task, labels)?;
         let theta = self.theta()?;
         let draws = if post.is_some() && v.bayesian { samples.max(1) } else { 1 };
         let mut acc: Option<Tensor> = None;
@@ -627,7 +620,7 @@ fn run(cfg: &Config, seed: u64, train: &Pool, (id, id_eps): (Pool, &[Episode]), 
     let device = Device::Cpu;
     let dtype = DType::F32;
     let learner = Learner::new(train.channels, train.height, train.width, cfg.way)?;
-    let meta = Meta::new(learner, cfg, seed, cfg.max_shot, &device, dtype)?;
+    let meta = Meta::new(learner, cfg, seed, &device, dtype)?;
     // Control: the probe statistics of the untrained inference network (the encoder sees the
     // shots, so a trend present before training is not learned).
     let mut init_metrics = BTreeMap::new();
@@ -705,11 +698,11 @@ fn run(cfg: &Config, seed: u64, train: &Pool, (id, id_eps): (Pool, &[Episode]), 
         let mut rows = Vec::new();
         for (k, e) in eps.iter().enumerate() {
             let (task, labels) = pool.task(e, &device)?;
-            let probs = meta.predict(&task, &labels, cfg.test_inner_steps, cfg.mc_samples, &mut test_rng)?;
+            let post = meta.posterior(&task, &labels)?;
+            let probs = meta.predict_with(&task, post.as_ref(), cfg.test_inner_steps, cfg.mc_samples, &mut test_rng)?;
             let acc = accuracy(&probs, &task.yq)?;
             accs.push(acc);
-            let post = if k < cfg.probe_tasks { meta.posterior(&task, &labels)? } else { None };
-            let row = match post {
+            let row = match post.filter(|_| k < cfg.probe_tasks) {
                 Some(post) => probe_row(&post, meta.variant, e, labels.len())?,
                 None => ProbeRow { n: labels.len(), gamma: Vec::new(), shots: e.shots(), omega: Vec::new() },
             };

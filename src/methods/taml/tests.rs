@@ -101,17 +101,15 @@ fn cfg(v: &str) -> Config {
         grad_clip: 3.0,
         iterations: 1,
         log_every: 1,
-        test_episodes: 1,
         mc_samples: 3,
         probe_tasks: 1,
-        episode_seed: 0,
     }
 }
 
 fn meta(v: &str, seed: u64) -> Meta {
     let c = cfg(v);
     let learner = Learner::new(1, 6, 6, 3).unwrap();
-    let m = Meta::new(learner, &c, seed, c.max_shot, &DEV, DType::F64).unwrap();
+    let m = Meta::new(learner, &c, seed, &DEV, DType::F64).unwrap();
     // Larger initial weights than l2b's 0.02, so that every path carries a visible gradient.
     for (v, f) in m.conv.iter().map(|v| (v, 20.0)).chain(m.encoder_vars.iter().map(|v| (v, 4.0))) {
         let x = v.as_tensor().copy().unwrap();

@@ -72,12 +72,3 @@ pub fn neg_entropy(labels: &Tensor) -> Result<Tensor> {
     let mean = labels.mean(0)?;
     (&mean * (&mean + LOG_EPS)?.log()?)?.sum_all()
 }
-
-/// One-hot rows (N×K) of `labels`, in `like`'s dtype and device.
-pub fn one_hot(labels: &[u32], classes: usize, like: &Tensor) -> Result<Tensor> {
-    let mut v = vec![0f64; labels.len() * classes];
-    for (i, &c) in labels.iter().enumerate() {
-        v[i * classes + c as usize] = 1.0;
-    }
-    Tensor::from_vec(v, (labels.len(), classes), like.device())?.to_dtype(like.dtype())
-}

@@ -46,6 +46,7 @@ use super::{to_json, DataInput, Derive, EpochRecord, InputDecl, Method, MethodEr
 use crate::meta::{hypergradient, Unroll};
 use crate::params::{DefaultValue as Dv, ParamDef, ParamKind as K, ParamStruct, ParamValue, Params, Schema};
 use crate::rng::Rng;
+use crate::train::loss::one_hot;
 use crate::train::schedule::Schedule;
 use hierarchy::Hierarchy;
 use nets::{Arch, Batch, Generated, Losses, MetaProblem, Variant, PART};
@@ -386,11 +387,11 @@ impl Data<'_> {
     pub fn batch(&self, cfg: &Config, idx: &[usize], dev: &Device) -> Result<Batch, MethodError> {
         let x = images(self.primary, idx, dev)?;
         let labels: Vec<u32> = idx.iter().map(|&i| self.primary.data.labels[i]).collect();
-        let primary = losses::one_hot(&labels, self.primary.data.num_classes, &x)?;
+        let primary = one_hot(&labels, self.primary.data.num_classes, x.device(), x.dtype())?;
         let aux = match (&cfg.meta, cfg.losses.variant) {
             (_, Variant::Human) => {
                 let fine: Vec<u32> = idx.iter().map(|&i| self.fine_labels[i]).collect();
-                losses::one_hot(&fine, self.fine_classes, &x)?
+                one_hot(&fine, self.fine_classes, x.device(), x.dtype())?
             }
             (Some(m), _) => {
                 let k: usize = m.psi.iter().sum();

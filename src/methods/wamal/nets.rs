@@ -192,11 +192,6 @@ impl Losses {
         primary + aux
     }
 
-    /// The meta objective's regulariser: λ · Σ ȳ log ȳ of the batch's generated labels.
-    pub fn entropy_term(&self, phi: &[Tensor], b: &Batch) -> Result<Tensor> {
-        self.entropy_of(&generator(phi, &b.x)?.0, b)
-    }
-
     /// The regulariser from the generator's label logits `a`.
     fn entropy_of(&self, a: &Tensor, b: &Batch) -> Result<Tensor> {
         neg_entropy(&masked_softmax(a, &b.aux)?)? * self.entropy_weight
@@ -206,7 +201,6 @@ impl Losses {
 /// The generator's outputs on one batch for one φ: label logits (N×Σψ) and s (N), with the ids
 /// of the φ tensors and of the batch's images they were computed from. Tensors never change
 /// value, so equal ids mean equal outputs.
-#[derive(Clone)]
 pub struct Generated {
     phi: Vec<TensorId>,
     x: TensorId,

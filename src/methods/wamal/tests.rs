@@ -147,7 +147,7 @@ fn tiny_batch(arch: &Arch, psi: &[usize]) -> Batch {
     let x: Vec<f64> = (0..n * arch.input).map(|_| rng.normal()).collect();
     let labels: Vec<u32> = (0..n as u32).map(|i| i % 2).collect();
     let x = t(&x, &[n, arch.input]);
-    let primary = losses::one_hot(&labels, arch.primary, &x).unwrap();
+    let primary = crate::train::loss::one_hot(&labels, arch.primary, x.device(), x.dtype()).unwrap();
     let aux = t(&masks(psi, &labels), &[n, psi.iter().sum()]);
     Batch { x, primary, aux }
 }
